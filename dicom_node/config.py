@@ -1,0 +1,253 @@
+"""The one settings model for ``config.yaml``.
+
+Loaded once by the CLI and passed down explicitly; no module reads the file itself.
+Units are in the key names (``quiet_period_s``, ``min_free_disk_mb``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dicom_node.errors import ConfigError
+
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+
+
+def _check_ae_title(value: str) -> str:
+    if not AE_TITLE_RE.match(value) or not value.strip():
+        raise ValueError(
+            f"AE title {value!r} is invalid: use 1-16 printable ASCII characters, no backslash"
+        )
+    return value.strip()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TLSSettings(_Strict):
+    enabled: bool = False
+    port: int = Field(2762, ge=1, le=65535)
+    certificate: Path | None = None
+    key: Path | None = None
+    ca_certificate: Path | None = None
+    require_client_certificate: bool = True
+
+    @model_validator(mode="after")
+    def _files_given(self) -> TLSSettings:
+        if self.enabled and (self.certificate is None or self.key is None):
+            raise ValueError("tls.enabled needs tls.certificate and tls.key (PEM files)")
+        if self.enabled and self.require_client_certificate and self.ca_certificate is None:
+            raise ValueError(
+                "tls.require_client_certificate needs tls.ca_certificate "
+                "(or set require_client_certificate: false)"
+            )
+        return self
+
+
+class NodeSettings(_Strict):
+    ae_title: str = "DICOMNODE"
+    bind_address: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    max_associations: int = Field(16, ge=1, le=1000)
+    max_pdu_bytes: int = Field(262144, ge=0)
+    accept_unknown_callers: bool = False
+    network_timeout_s: float = Field(60.0, gt=0)
+    receiver_processes: int = Field(1, ge=1, le=64)
+    tls: TLSSettings = TLSSettings()
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+
+class PeerSettings(_Strict):
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+
+class StorageSettings(_Strict):
+    data_dir: Path = Path("var")
+    database_url: str | None = None  # None: SQLite at <data_dir>/index.sqlite
+    min_free_disk_mb: int = Field(1024, ge=0)
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
+
+
+class CompletionSettings(_Strict):
+    quiet_period_s: float = Field(30.0, ge=0.0)
+    check_interval_s: float = Field(1.0, gt=0.0)
+    complete_on_release_when_count_matches: bool = True
+
+
+class InferenceSettings(_Strict):
+    models_dir: Path | None = None  # None: <data_dir>/models
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    tile_step_size: float | None = Field(None, gt=0.0, le=1.0)  # None: the model's descriptor
+    use_mirroring: bool | None = None  # None: the model's descriptor
+    perform_everything_on_device: bool = True
+    cpu_threads: int = Field(0, ge=0)  # 0: all cores
+
+
+class OutputProfile(_Strict):
+    format: Literal["binary", "labelmap"] = "binary"
+    compression: Literal["none", "rle", "jpegls", "jpeg2000", "explicit"] = "none"
+    fallback_to_binary: bool = True  # destinations refusing Label Map SEG get BINARY
+
+
+class RuleMatch(_Strict):
+    modality: list[str] | None = None
+    series_description: str | None = None  # regular expression, searched
+    protocol_name: str | None = None
+    image_type_contains: list[str] | None = None
+    body_part_examined: list[str] | None = None
+    calling_ae_title: list[str] | None = None
+    min_images: int | None = Field(None, ge=1)
+    max_images: int | None = Field(None, ge=1)
+
+    @field_validator("series_description", "protocol_name")
+    @classmethod
+    def _valid_regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {value!r}: {exc}") from exc
+        return value
+
+
+class RuleSettings(_Strict):
+    name: str
+    match: RuleMatch = RuleMatch()
+    model: str
+    profile: OutputProfile = OutputProfile()
+    destinations: list[str] = ["origin"]
+
+
+class DicomWebDestination(_Strict):
+    name: str
+    url: str
+    headers: dict[str, str] = {}
+
+
+class WorkerSettings(_Strict):
+    processes: int = Field(1, ge=0, le=64)
+    job_timeout_s: float = Field(3600.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    poll_interval_s: float = Field(1.0, gt=0)
+
+
+class OutboxSettings(_Strict):
+    max_attempts: int = Field(10, ge=1)
+    backoff_initial_s: float = Field(10.0, gt=0)
+    backoff_max_s: float = Field(3600.0, gt=0)
+    poll_interval_s: float = Field(1.0, gt=0)
+
+
+class LoggingSettings(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    file: Path | None = None  # None: stderr only
+    json_lines: bool = False
+
+
+class Settings(_Strict):
+    node: NodeSettings = NodeSettings()
+    peers: list[PeerSettings] = []
+    dicomweb: list[DicomWebDestination] = []
+    storage: StorageSettings = StorageSettings()
+    completion: CompletionSettings = CompletionSettings()
+    inference: InferenceSettings = InferenceSettings()
+    rules: list[RuleSettings] = []
+    workers: WorkerSettings = WorkerSettings()
+    outbox: OutboxSettings = OutboxSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        names = [p.name for p in self.peers] + [d.name for d in self.dicomweb]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes or "origin" in names:
+            raise ValueError(
+                f"peer/dicomweb names must be unique and not 'origin': {sorted(dupes | ({'origin'} & set(names)))}"
+            )
+        known = set(names) | {"origin"}
+        for rule in self.rules:
+            unknown = [d for d in rule.destinations if d not in known]
+            if unknown:
+                raise ValueError(
+                    f"rule {rule.name!r} names unknown destinations {unknown}: "
+                    "add them under peers or dicomweb, or use 'origin'"
+                )
+        return self
+
+    @property
+    def models_dir(self) -> Path:
+        return self.inference.models_dir or self.storage.data_dir / "models"
+
+    def peer_by_ae(self, ae_title: str) -> PeerSettings | None:
+        for peer in self.peers:
+            if peer.ae_title == ae_title.strip():
+                return peer
+        return None
+
+    def peer_by_name(self, name: str) -> PeerSettings | None:
+        for peer in self.peers:
+            if peer.name == name:
+                return peer
+        return None
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read and validate ``config.yaml``; relative paths are taken from the file's folder."""
+    if path is None:
+        return Settings()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"configuration {path} is not valid YAML: {exc}") from exc
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"configuration {path} is invalid:\n{exc}") from exc
+    base = path.resolve().parent
+    return _resolve_paths(settings, base)
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    def fix(p: Path | None) -> Path | None:
+        return None if p is None or p.is_absolute() else base / p
+
+    storage = settings.storage.model_copy(update={"data_dir": fix(settings.storage.data_dir)})
+    inference = settings.inference.model_copy(
+        update={"models_dir": fix(settings.inference.models_dir)}
+    )
+    tls = settings.node.tls.model_copy(
+        update={
+            "certificate": fix(settings.node.tls.certificate),
+            "key": fix(settings.node.tls.key),
+            "ca_certificate": fix(settings.node.tls.ca_certificate),
+        }
+    )
+    node = settings.node.model_copy(update={"tls": tls})
+    logging_ = settings.logging.model_copy(update={"file": fix(settings.logging.file)})
+    return settings.model_copy(
+        update={"storage": storage, "inference": inference, "node": node, "logging": logging_}
+    )

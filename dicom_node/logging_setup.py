@@ -1,0 +1,44 @@
+"""Logging, configured once by the CLI: one line per event, to stderr and optionally a file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import sys
+
+from dicom_node.config import LoggingSettings
+
+FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "time": self.formatTime(record),
+                "level": record.levelname,
+                "process": record.processName,
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+        )
+
+
+def configure_logging(settings: LoggingSettings) -> None:
+    formatter: logging.Formatter = _JsonFormatter() if settings.json_lines else logging.Formatter(FORMAT)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if settings.file is not None:
+        settings.file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(
+            logging.handlers.WatchedFileHandler(settings.file)  # logrotate-friendly
+        )
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(settings.level)
+    # pynetdicom logs every PDU at INFO; keep its association summaries only.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,1 @@
+"""Storage: the SQLAlchemy index and the file store. Rows and files; no networking."""
