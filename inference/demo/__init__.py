@@ -1,0 +1,1 @@
+"""Demo model: synthetic phantoms, its training and evaluation scripts."""
