@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dicom_node.errors import ConfigError
 
-AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+AE_TITLE_RE = re.compile(
+    r"^[\x20-\x5b\x5d-\x7e]{1,16}$"
+)  # default character repertoire, no backslash
 
 
 def _check_ae_title(value: str) -> str:

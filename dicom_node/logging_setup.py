@@ -26,7 +26,9 @@ class _JsonFormatter(logging.Formatter):
 
 
 def configure_logging(settings: LoggingSettings) -> None:
-    formatter: logging.Formatter = _JsonFormatter() if settings.json_lines else logging.Formatter(FORMAT)
+    formatter: logging.Formatter = (
+        _JsonFormatter() if settings.json_lines else logging.Formatter(FORMAT)
+    )
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if settings.file is not None:
         settings.file.parent.mkdir(parents=True, exist_ok=True)
@@ -42,3 +44,4 @@ def configure_logging(settings: LoggingSettings) -> None:
     root.setLevel(settings.level)
     # pynetdicom logs every PDU at INFO; keep its association summaries only.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))

@@ -196,11 +196,14 @@ def _record(session: Session, rec: InstanceRecord) -> Recorded:
         for key, value in fields.items():
             setattr(existing, key, value)
     session.flush()
-    version.instance_count = session.scalar(
-        select(func.count(Instance.id)).where(
-            Instance.series_pk == series.id, Instance.version == version.version
+    version.instance_count = (
+        session.scalar(
+            select(func.count(Instance.id)).where(
+                Instance.series_pk == series.id, Instance.version == version.version
+            )
         )
-    ) or 0
+        or 0
+    )
     version.last_received_at = now
     version.last_association_id = rec.association_id
     version.association_released = False
@@ -236,7 +239,9 @@ class CompletedSeries:
     series_version_pk: int
 
 
-def complete_due_series(index: Index, quiet_period_s: float, *, on_release: bool) -> list[CompletedSeries]:
+def complete_due_series(
+    index: Index, quiet_period_s: float, *, on_release: bool
+) -> list[CompletedSeries]:
     """Mark receiving versions complete when quiet long enough, or released with the count met."""
     now = utcnow()
     cutoff = now - dt.timedelta(seconds=quiet_period_s)

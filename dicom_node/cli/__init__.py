@@ -1,0 +1,74 @@
+"""The ``dicom-node`` command line: one typer app, one sub-app per noun."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dicom_node.config import Settings, load_settings
+from dicom_node.errors import DicomNodeError
+from dicom_node.logging_setup import configure_logging
+
+app = typer.Typer(
+    name="dicom-node",
+    help="DICOM node: receive series, segment them with nnU-Net v2, return DICOM-SEG.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+DEFAULT_CONFIG = Path("config.yaml")
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            envvar="DICOM_NODE_CONFIG",
+            help="config.yaml to use (default: ./config.yaml when present, else built-in defaults)",
+        ),
+    ] = None,
+) -> None:
+    if config is None and DEFAULT_CONFIG.exists():
+        config = DEFAULT_CONFIG
+    settings = load_settings(config)
+    configure_logging(settings.logging)
+    ctx.obj = settings
+
+
+def settings_of(ctx: typer.Context) -> Settings:
+    settings = ctx.obj
+    if not isinstance(settings, Settings):  # pragma: no cover - set by the callback
+        raise RuntimeError("settings not loaded")
+    return settings
+
+
+def print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def _register() -> None:
+    # Imported here so `dicom-node --help` stays fast and each noun lives in its own module.
+    from dicom_node.cli import node_commands, series_commands
+
+    node_commands.register(app)
+    series_commands.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        app()
+    except DicomNodeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from exc

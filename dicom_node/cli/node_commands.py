@@ -1,0 +1,104 @@
+"""``serve``, ``echo`` and ``store prune``."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import typer
+
+from dicom_node.cli import print_json, settings_of
+from dicom_node.config import PeerSettings
+from dicom_node.errors import ConfigError
+
+_ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d+)$")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    app.command("echo")(echo)
+    store_app = typer.Typer(help="The file store and index.", no_args_is_help=True)
+    store_app.command("prune")(prune)
+    app.add_typer(store_app, name="store")
+
+
+def serve(ctx: typer.Context) -> None:
+    """Run the node: Storage SCP, series completion, jobs, workers and the outbox."""
+    from dicom_node.service import Service, default_components
+
+    settings = settings_of(ctx)
+    listeners, components = default_components(settings)
+    Service(settings, completion_listeners=listeners, components=components).run_until_signal()
+
+
+def _resolve_peer(ctx: typer.Context, peer: str) -> PeerSettings:
+    settings = settings_of(ctx)
+    found = settings.peer_by_name(peer) or settings.peer_by_ae(peer)
+    if found is not None:
+        return found
+    match = _ADDRESS.match(peer)
+    if match:
+        return PeerSettings(
+            name=peer, ae_title=match["ae"], host=match["host"], port=int(match["port"])
+        )
+    known = ", ".join(p.name for p in settings.peers) or "none configured"
+    raise ConfigError(
+        f"unknown peer {peer!r}: use a configured peer name ({known}) or AE@host:port"
+    )
+
+
+def echo(
+    ctx: typer.Context,
+    peer: Annotated[str, typer.Argument(help="a configured peer name, or AE@host:port")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Send a C-ECHO to a peer and report whether it answered."""
+    from dicom_node.send import echo_peer
+
+    settings = settings_of(ctx)
+    target = _resolve_peer(ctx, peer)
+    result = echo_peer(settings, target)
+    if as_json:
+        print_json(result)
+    else:
+        state = "OK" if result["ok"] else "FAILED"
+        typer.echo(
+            f"C-ECHO {target.ae_title}@{target.host}:{target.port}: {state} "
+            f"({result['detail']}, {result['seconds']:.3f} s)"
+        )
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
+def prune(
+    ctx: typer.Context,
+    older_than: Annotated[str, typer.Option("--older-than", help="e.g. 30d, 12h, 90m")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would go")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Remove files and index rows of finished series older than DURATION."""
+    from dicom_node.service import open_store
+    from storage.retention import parse_duration
+    from storage.retention import prune as prune_store
+
+    try:
+        age = parse_duration(older_than)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    index, store = open_store(settings_of(ctx))
+    result = prune_store(index, store, age, dry_run=dry_run)
+    if as_json:
+        print_json(
+            {
+                "series": result.series,
+                "instances": result.instances,
+                "bytes_freed": result.bytes_freed,
+                "dry_run": dry_run,
+            }
+        )
+    else:
+        verb = "would remove" if dry_run else "removed"
+        typer.echo(
+            f"{verb} {len(result.series)} series, {result.instances} instances, "
+            f"{result.bytes_freed / 1e6:.1f} MB"
+        )

@@ -1,0 +1,143 @@
+"""``series list`` and ``series show``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import select
+
+from dicom_node.cli import print_json, settings_of
+from dicom_node.errors import DicomNodeError
+from storage.models import Instance, Series, SeriesVersion, Study
+
+
+def register(app: typer.Typer) -> None:
+    series_app = typer.Typer(help="Received series and their completion.", no_args_is_help=True)
+    series_app.command("list")(list_series)
+    series_app.command("show")(show_series)
+    app.add_typer(series_app, name="series")
+
+
+def _summary(series: Series, study: Study, version: SeriesVersion) -> dict[str, Any]:
+    return {
+        "series_instance_uid": series.series_instance_uid,
+        "study_instance_uid": study.study_instance_uid,
+        "patient_id": study.patient.patient_id,
+        "modality": series.modality,
+        "series_description": series.series_description,
+        "calling_ae_title": series.calling_ae_title,
+        "version": version.version,
+        "state": version.state.value,
+        "instances": version.instance_count,
+        "expected": version.expected_count,
+        "last_received_at": version.last_received_at,
+        "completed_at": version.completed_at,
+        "completion_reason": version.completion_reason,
+    }
+
+
+def list_series(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    limit: Annotated[int, typer.Option(help="newest N series")] = 100,
+) -> None:
+    """List series with the state of their newest version."""
+    from dicom_node.service import open_store
+
+    index, _ = open_store(settings_of(ctx))
+    with index.session() as session:
+        rows = session.execute(
+            select(Series, Study, SeriesVersion)
+            .join(Study, Series.study_pk == Study.id)
+            .join(
+                SeriesVersion,
+                (SeriesVersion.series_pk == Series.id)
+                & (SeriesVersion.version == Series.current_version),
+            )
+            .order_by(SeriesVersion.last_received_at.desc())
+            .limit(limit)
+        ).all()
+        items = [_summary(s, st, v) for s, st, v in rows]
+    if as_json:
+        print_json(items)
+        return
+    table = Table("series UID", "modality", "description", "from AE", "ver", "state", "images")
+    for item in items:
+        table.add_row(
+            item["series_instance_uid"],
+            item["modality"],
+            item["series_description"],
+            item["calling_ae_title"],
+            str(item["version"]),
+            item["state"],
+            str(item["instances"]),
+        )
+    Console(width=200).print(table)
+
+
+def show_series(
+    ctx: typer.Context,
+    uid: Annotated[str, typer.Argument(help="Series Instance UID")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show one series: its versions and instances."""
+    from dicom_node.service import open_store
+
+    index, store = open_store(settings_of(ctx))
+    with index.session() as session:
+        series = session.scalar(select(Series).where(Series.series_instance_uid == uid))
+        if series is None:
+            raise DicomNodeError(f"no series {uid} in the index (see `dicom-node series list`)")
+        study = series.study
+        versions = [_summary(series, study, v) for v in series.versions]
+        instances = [
+            {
+                "sop_instance_uid": i.sop_instance_uid,
+                "version": i.version,
+                "instance_number": i.instance_number,
+                "sop_class_uid": i.sop_class_uid,
+                "transfer_syntax_uid": i.transfer_syntax_uid,
+                "path": str(store.absolute(i.path)),
+                "calling_ae_title": i.calling_ae_title,
+                "received_at": i.received_at,
+            }
+            for i in session.scalars(
+                select(Instance)
+                .where(Instance.series_pk == series.id)
+                .order_by(Instance.version, Instance.instance_number)
+            )
+        ]
+    data = {
+        "series_instance_uid": uid,
+        "study_instance_uid": study.study_instance_uid,
+        "modality": series.modality,
+        "series_description": series.series_description,
+        "protocol_name": series.protocol_name,
+        "body_part_examined": series.body_part_examined,
+        "image_type": series.image_type,
+        "frame_of_reference_uid": series.frame_of_reference_uid,
+        "calling_ae_title": series.calling_ae_title,
+        "versions": versions,
+        "instances": instances,
+    }
+    if as_json:
+        print_json(data)
+        return
+    for key in (
+        "series_instance_uid",
+        "study_instance_uid",
+        "modality",
+        "series_description",
+        "protocol_name",
+        "calling_ae_title",
+    ):
+        typer.echo(f"{key}: {data[key]}")
+    for v in versions:
+        typer.echo(
+            f"version {v['version']}: {v['state']}, {v['instances']} instances"
+            f"{', ' + v['completion_reason'] if v['completion_reason'] else ''}"
+        )
+    typer.echo(f"{len(instances)} instances under {store.root}")

@@ -1,0 +1,73 @@
+"""Series completion: a persisted quiet period, or the sender's release with the count met.
+
+All state lives in the index, so a restarted node resumes every pending series.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from dicom_node.config import CompletionSettings
+from storage.database import Index
+from storage.instances import CompletedSeries, complete_due_series
+
+logger = logging.getLogger(__name__)
+
+CompletionListener = Callable[[CompletedSeries], None]
+
+
+class CompletionMonitor:
+    def __init__(
+        self,
+        index: Index,
+        settings: CompletionSettings,
+        listeners: list[CompletionListener] | None = None,
+    ) -> None:
+        self.index = index
+        self.settings = settings
+        self.listeners = list(listeners or [])
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check_once(self) -> list[CompletedSeries]:
+        done = complete_due_series(
+            self.index,
+            self.settings.quiet_period_s,
+            on_release=self.settings.complete_on_release_when_count_matches,
+        )
+        for item in done:
+            logger.info(
+                "series %s (study %s) version %d complete: %d instances, %s",
+                item.series_instance_uid,
+                item.study_instance_uid,
+                item.version,
+                item.instance_count,
+                item.reason,
+            )
+            for listener in self.listeners:
+                try:
+                    listener(item)
+                except Exception:  # one listener's fault must not stop completion
+                    logger.exception(
+                        "completion listener failed for series %s", item.series_instance_uid
+                    )
+        return done
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.check_once()
+            except Exception:  # the index may be briefly unavailable; try again
+                logger.exception("series completion check failed")
+            self._stop.wait(self.settings.check_interval_s)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="completion", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)

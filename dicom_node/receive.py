@@ -1,0 +1,334 @@
+"""Receive: the C-STORE and C-ECHO handlers of the Storage SCP.
+
+A handler never raises: every failure becomes a DICOM status and a log line naming the
+cause. Success (0x0000) goes out only after the file and its index row are durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.multival import MultiValue
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+
+from dicom_node.errors import StorageError
+from storage.database import Index
+from storage.filestore import FileStore, sanitise_uid
+from storage.instances import InstanceRecord, mark_association_released, record_instance
+
+logger = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+
+REQUIRED_UIDS = (
+    ("SOPInstanceUID", 0x00080018),
+    ("SeriesInstanceUID", 0x0020000E),
+    ("StudyInstanceUID", 0x0020000D),
+)
+
+
+@dataclass
+class _AssociationStats:
+    association_id: str
+    calling_ae_title: str
+    address: str
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    failed: int = 0
+    series: set[str] = field(default_factory=set)
+
+
+class Receiver:
+    """Holds what the handlers need; passed to them explicitly (no globals)."""
+
+    def __init__(self, store: FileStore, index: Index) -> None:
+        self.store = store
+        self.index = index
+        self._lock = threading.Lock()
+        self._associations: weakref.WeakKeyDictionary[Association, _AssociationStats] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._in_flight = 0
+        self._idle = threading.Condition(self._lock)
+
+    # -- association bookkeeping ---------------------------------------------------------
+    def _stats(self, assoc: Association) -> _AssociationStats:
+        with self._lock:
+            stats = self._associations.get(assoc)
+            if stats is None:
+                requestor = assoc.requestor
+                stats = _AssociationStats(
+                    association_id=uuid.uuid4().hex,
+                    calling_ae_title=str(requestor.ae_title).strip(),
+                    address=f"{requestor.address}:{requestor.port}",
+                )
+                self._associations[assoc] = stats
+            return stats
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no C-STORE is being written (for a graceful SIGTERM)."""
+        deadline = time.monotonic() + timeout_s
+        with self._idle:
+            while self._in_flight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    # -- event handlers --------------------------------------------------------------------
+    def on_accepted(self, event: Event) -> None:
+        stats = self._stats(event.assoc)
+        logger.info(
+            "association %s accepted from AE %s at %s",
+            stats.association_id,
+            stats.calling_ae_title,
+            stats.address,
+        )
+
+    def on_rejected(self, event: Event) -> None:
+        requestor = event.assoc.requestor
+        rq = requestor.primitive
+        called = str(getattr(rq, "called_ae_title", "")).strip()
+        logger.warning(
+            "association rejected: calling AE %r at %s:%s, called AE %r "
+            "(unknown calling AE titles are refused unless node.accept_unknown_callers is "
+            "set; the called AE title must be this node's node.ae_title)",
+            str(requestor.ae_title).strip(),
+            requestor.address,
+            requestor.port,
+            called,
+        )
+
+    def on_released(self, event: Event) -> None:
+        self._finish_association(event.assoc, "released")
+
+    def on_aborted(self, event: Event) -> None:
+        self._finish_association(event.assoc, "aborted")
+
+    def _finish_association(self, assoc: Association, how: str) -> None:
+        with self._lock:
+            stats = self._associations.pop(assoc, None)
+        if stats is None:
+            return
+        elapsed = time.monotonic() - stats.started
+        logger.info(
+            "association %s from AE %s %s: %d stored, %d failed, series %s, %.2f s",
+            stats.association_id,
+            stats.calling_ae_title,
+            how,
+            stats.stored,
+            stats.failed,
+            ",".join(sorted(stats.series)) or "-",
+            elapsed,
+        )
+        if how == "released" and stats.stored:
+            try:
+                mark_association_released(self.index, stats.association_id)
+            except Exception:  # the quiet period still completes the series
+                logger.exception("could not record release of association %s", stats.association_id)
+
+    def on_echo(self, event: Event) -> int:
+        logger.info("C-ECHO from AE %s", str(event.assoc.requestor.ae_title).strip())
+        return SUCCESS
+
+    def on_store(self, event: Event) -> int | Dataset:
+        with self._lock:
+            self._in_flight += 1
+        try:
+            return self._store(event)
+        except Exception as exc:  # a handler never raises: answer and keep serving
+            logger.exception("C-STORE failed unexpectedly: %s", exc)
+            return _failure(OUT_OF_RESOURCES, f"internal error: {exc}")
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def _store(self, event: Event) -> int | Dataset:
+        stats = self._stats(event.assoc)
+        who = f"AE {stats.calling_ae_title} ({stats.address})"
+        raw = event.encoded_dataset(include_meta=False)
+        if not raw:
+            stats.failed += 1
+            logger.warning("C-STORE from %s refused: the dataset is empty (0xC210)", who)
+            return _failure(CANNOT_UNDERSTAND, "empty dataset")
+        try:
+            self.store.check_free_space(len(raw))
+        except StorageError as exc:
+            stats.failed += 1
+            logger.error("C-STORE from %s refused (0xA700): %s", who, exc)
+            return _failure(OUT_OF_RESOURCES, "out of disk space")
+        try:
+            ds = event.dataset
+            uids = {name: _text(ds.get(name, "")) for name, _ in REQUIRED_UIDS}
+        except Exception as exc:
+            stats.failed += 1
+            logger.warning(
+                "C-STORE from %s refused: dataset cannot be decoded (0xC210): %s", who, exc
+            )
+            return _failure(CANNOT_UNDERSTAND, f"cannot decode dataset: {exc}")
+        for name, tag in REQUIRED_UIDS:
+            if not uids[name]:
+                stats.failed += 1
+                logger.warning(
+                    "C-STORE from %s refused: %s is missing or empty (0xA900)", who, name
+                )
+                return _failure(
+                    DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{name} is missing or empty", tag
+                )
+        try:
+            message = self._record(event, ds, uids, stats)
+        except StorageError as exc:
+            stats.failed += 1
+            logger.error(
+                "C-STORE of %s from %s refused (0xA700): %s", uids["SOPInstanceUID"], who, exc
+            )
+            return _failure(OUT_OF_RESOURCES, str(exc)[:64])
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            stats.failed += 1
+            logger.warning(
+                "C-STORE of %s from %s refused: unreadable attribute (0xC210): %s",
+                uids["SOPInstanceUID"],
+                who,
+                exc,
+            )
+            return _failure(CANNOT_UNDERSTAND, f"cannot decode dataset: {exc}")
+        stats.stored += 1
+        stats.series.add(uids["SeriesInstanceUID"])
+        if message:
+            logger.info("%s", message)
+        return SUCCESS
+
+    def _record(
+        self,
+        event: Event,
+        ds: Dataset,
+        uids: dict[str, str],
+        stats: _AssociationStats,
+    ) -> str | None:
+        study_uid, series_uid, sop_uid = (
+            uids["StudyInstanceUID"],
+            uids["SeriesInstanceUID"],
+            uids["SOPInstanceUID"],
+        )
+        relative = self.store.relative_path(study_uid, series_uid, sop_uid)
+        existed = self.store.absolute(relative).exists()
+        data = event.encoded_dataset(include_meta=True)
+        self.store.write_atomic(relative, data)
+        record = _instance_record(ds, event, uids, relative, len(data), stats)
+        try:
+            recorded = record_instance(self.index, record)
+        except Exception:
+            if not existed:  # keep store and index in step: no unindexed new file
+                self.store.remove(relative)
+            raise
+        if recorded.replaced_path:
+            self.store.remove(recorded.replaced_path)
+        message = None
+        if recorded.replaced:
+            message = (
+                f"duplicate SOP Instance UID {sop_uid} from AE {stats.calling_ae_title}: "
+                f"file and index row replaced (series {series_uid})"
+            )
+        if recorded.new_version_opened:
+            logger.info(
+                "series %s: instance %s arrived after completion; version %d opened",
+                series_uid,
+                sop_uid,
+                recorded.version,
+            )
+        return message
+
+
+def _failure(status: int, comment: str, offending_tag: int | None = None) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = status
+    rsp.ErrorComment = comment[:64]
+    if offending_tag is not None:
+        rsp.OffendingElement = [offending_tag]
+    return rsp
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(_text(v) for v in value)
+    return str(value).strip().rstrip("\x00")
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _expected_count(ds: Dataset) -> int | None:
+    # Only trust announcements that describe the whole series.
+    for keyword in ("NumberOfSeriesRelatedInstances", "ImagesInAcquisition"):
+        count = _int(ds.get(keyword))
+        if count:
+            return count
+    return None
+
+
+def _instance_record(
+    ds: Dataset,
+    event: Event,
+    uids: dict[str, str],
+    relative: str,
+    size: int,
+    stats: _AssociationStats,
+) -> InstanceRecord:
+    position = ds.get("ImagePositionPatient")
+    orientation = ds.get("ImageOrientationPatient")
+    return InstanceRecord(
+        sop_instance_uid=uids["SOPInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        sop_class_uid=_text(ds.get("SOPClassUID", event.context.abstract_syntax)),
+        transfer_syntax_uid=str(event.context.transfer_syntax),
+        path=relative,
+        size_bytes=size,
+        patient_id=_text(ds.get("PatientID")),
+        patient_name=_text(ds.get("PatientName")),
+        patient_birth_date=_text(ds.get("PatientBirthDate")),
+        patient_sex=_text(ds.get("PatientSex")),
+        study_date=_text(ds.get("StudyDate")),
+        study_time=_text(ds.get("StudyTime")),
+        accession_number=_text(ds.get("AccessionNumber")),
+        study_description=_text(ds.get("StudyDescription")),
+        modality=_text(ds.get("Modality")),
+        series_number=_int(ds.get("SeriesNumber")),
+        series_description=_text(ds.get("SeriesDescription")),
+        protocol_name=_text(ds.get("ProtocolName")),
+        body_part_examined=_text(ds.get("BodyPartExamined")),
+        image_type=_text(ds.get("ImageType")),
+        frame_of_reference_uid=_text(ds.get("FrameOfReferenceUID")),
+        image_orientation=_text(orientation),
+        image_position=_text(position),
+        instance_number=_int(ds.get("InstanceNumber")),
+        rows=_int(ds.get("Rows")),
+        columns=_int(ds.get("Columns")),
+        number_of_frames=_int(ds.get("NumberOfFrames")) or 1,
+        expected_count=_expected_count(ds),
+        calling_ae_title=stats.calling_ae_title,
+        peer_address=stats.address,
+        association_id=stats.association_id,
+    )
+
+
+__all__ = ["Receiver", "sanitise_uid"]

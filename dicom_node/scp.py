@@ -1,0 +1,178 @@
+"""The Storage SCP's application entity: presentation contexts, access control, TLS, sockets."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+
+from pynetdicom import AE, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.config import Settings
+from dicom_node.errors import ConfigError
+from dicom_node.receive import Receiver
+
+logger = logging.getLogger(__name__)
+
+LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+
+# Accepted as sent: uncompressed, deflated, and the common compressed syntaxes.
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old devices)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+
+
+class _NodeServer(ThreadedAssociationServer):
+    """pynetdicom's server with TCP_NODELAY on every accepted socket.
+
+    Without TCP_NODELAY, Nagle's algorithm and delayed ACKs add ~40 ms to each C-STORE
+    response exchange (see PEERS.md).
+    """
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = super().get_request()
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        return client, address
+
+
+class _ReusePortServer(_NodeServer):
+    """Several receiver processes listen on one port; the kernel spreads connections."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def build_ae(settings: Settings, *, max_associations: int | None = None) -> AE:
+    node = settings.node
+    ae = AE(ae_title=node.ae_title)
+    ae.maximum_associations = max_associations or node.max_associations
+    ae.maximum_pdu_size = node.max_pdu_bytes
+    ae.network_timeout = node.network_timeout_s
+    ae.acse_timeout = min(30.0, node.network_timeout_s)
+    ae.dimse_timeout = node.network_timeout_s
+    ae.require_called_aet = True
+    if not node.accept_unknown_callers:
+        titles = [peer.ae_title for peer in settings.peers]
+        if not titles:
+            logger.warning(
+                "no peers configured and node.accept_unknown_callers is false: "
+                "every association will be rejected; add the scanner/PACS under peers"
+            )
+            # pynetdicom treats an empty list as "anyone"; a title no peer can send
+            # (17 characters would be invalid, so use a reserved-looking one) closes it.
+            titles = ["NO-PEERS-CONFIGD"]
+        ae.require_calling_aet = titles
+    ae.add_supported_context(Verification)
+    storage_classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+    if LABEL_MAP_SEGMENTATION_STORAGE not in storage_classes:
+        storage_classes.append(LABEL_MAP_SEGMENTATION_STORAGE)
+    for uid in storage_classes:
+        ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+    return ae
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    tls = settings.node.tls
+    if tls.certificate is None or tls.key is None:
+        raise ConfigError("node.tls needs certificate and key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.key))
+        if tls.ca_certificate is not None:
+            context.load_verify_locations(cafile=str(tls.ca_certificate))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS certificate/key/CA: {exc}") from exc
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
+    return context
+
+
+@dataclass
+class RunningSCP:
+    ae: AE
+    servers: list[ThreadedAssociationServer]
+    threads: list[threading.Thread]
+
+    def stop_accepting(self) -> None:
+        for server in self.servers:
+            server.shutdown()
+
+    def abort_remaining(self) -> None:
+        for assoc in self.ae.active_associations:
+            assoc.abort()
+
+
+def start_scp(
+    settings: Settings,
+    receiver: Receiver,
+    *,
+    reuse_port: bool = False,
+    max_associations: int | None = None,
+) -> RunningSCP:
+    """Start listening (plain port, and the TLS port when enabled); returns at once."""
+    ae = build_ae(settings, max_associations=max_associations)
+    handlers = [
+        (evt.EVT_C_STORE, receiver.on_store),
+        (evt.EVT_C_ECHO, receiver.on_echo),
+        (evt.EVT_ACCEPTED, receiver.on_accepted),
+        (evt.EVT_REJECTED, receiver.on_rejected),
+        (evt.EVT_RELEASED, receiver.on_released),
+        (evt.EVT_ABORTED, receiver.on_aborted),
+    ]
+    server_class = _ReusePortServer if reuse_port else _NodeServer
+    node = settings.node
+    listeners: list[tuple[int, ssl.SSLContext | None]] = [(node.port, None)]
+    if node.tls.enabled:
+        listeners.append((node.tls.port, tls_context(settings)))
+    servers: list[ThreadedAssociationServer] = []
+    threads: list[threading.Thread] = []
+    for port, context in listeners:
+        try:
+            server = ae.make_server(
+                (node.bind_address, port),
+                ssl_context=context,
+                evt_handlers=handlers,
+                server_class=server_class,
+            )
+        except OSError as exc:
+            for started in servers:
+                started.shutdown()
+            raise ConfigError(
+                f"cannot listen on {node.bind_address}:{port}: {exc.strerror or exc} "
+                "(is another node or PACS using the port?)"
+            ) from exc
+        thread = threading.Thread(target=server.serve_forever, name=f"scp-{port}", daemon=True)
+        thread.start()
+        ae._servers.append(server)  # so ae.shutdown() finds it, as start_server does
+        servers.append(server)
+        threads.append(thread)
+        logger.info(
+            "listening as AE %s on %s:%d%s",
+            node.ae_title,
+            node.bind_address,
+            port,
+            " (DICOM TLS)" if context else "",
+        )
+    return RunningSCP(ae=ae, servers=servers, threads=threads)

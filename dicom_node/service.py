@@ -1,0 +1,162 @@
+"""The service behind ``dicom-node serve``: receiver, completion and the job pipeline as one.
+
+SIGTERM (or Ctrl-C): stop accepting associations, let in-flight C-STOREs finish and be
+acknowledged, stop the background parts, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Protocol
+
+from dicom_node.completion import CompletionListener, CompletionMonitor
+from dicom_node.config import Settings
+from dicom_node.logging_setup import configure_logging
+from dicom_node.receive import Receiver
+from dicom_node.scp import RunningSCP, start_scp
+from storage.database import Index
+from storage.filestore import FileStore
+
+logger = logging.getLogger(__name__)
+
+STORE_DRAIN_TIMEOUT_S = 30.0
+
+
+class Component(Protocol):
+    """A background part of the service (scheduler, workers, outbox)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+ComponentFactory = Callable[["Service"], Component]
+
+
+def open_store(settings: Settings) -> tuple[Index, FileStore]:
+    index = Index(settings.storage.effective_database_url)
+    store = FileStore(settings.storage.store_dir, settings.storage.min_free_disk_mb)
+    return index, store
+
+
+class Service:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        completion_listeners: list[CompletionListener] | None = None,
+        components: list[ComponentFactory] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.index, self.store = open_store(settings)
+        swept = self.store.sweep_temporaries()
+        if swept:
+            logger.info("removed %d partial files left by an earlier crash", swept)
+        self.receiver = Receiver(self.store, self.index)
+        self.completion = CompletionMonitor(self.index, settings.completion, completion_listeners)
+        self._component_factories = list(components or [])
+        self.components: list[Component] = []
+        self._scp: RunningSCP | None = None
+        self._children: list[multiprocessing.process.BaseProcess] = []
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        processes = self.settings.node.receiver_processes
+        per_process = max(1, -(-self.settings.node.max_associations // processes))
+        self._scp = start_scp(
+            self.settings,
+            self.receiver,
+            reuse_port=processes > 1,
+            max_associations=per_process,
+        )
+        if processes > 1:
+            context = multiprocessing.get_context("spawn")
+            for number in range(1, processes):
+                child = context.Process(
+                    target=_receiver_process,
+                    args=(self.settings.model_dump_json(), per_process),
+                    name=f"receiver-{number}",
+                    daemon=False,
+                )
+                child.start()
+                self._children.append(child)
+            logger.info("%d receiver processes share port %d", processes, self.settings.node.port)
+        self.completion.start()
+        for factory in self._component_factories:
+            component = factory(self)
+            component.start()
+            self.components.append(component)
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        logger.info("stopping: no new associations; finishing in-flight stores")
+        if self._scp is not None:
+            self._scp.stop_accepting()
+        for child in self._children:
+            if child.pid is not None and child.is_alive():
+                try:
+                    os.kill(child.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        if not self.receiver.wait_idle(STORE_DRAIN_TIMEOUT_S):
+            logger.warning("in-flight stores did not finish within %.0f s", STORE_DRAIN_TIMEOUT_S)
+        if self._scp is not None:
+            self._scp.abort_remaining()
+        for child in self._children:
+            child.join(timeout=STORE_DRAIN_TIMEOUT_S + 5)
+        for component in reversed(self.components):
+            try:
+                component.stop()
+            except Exception:
+                logger.exception("error while stopping %s", type(component).__name__)
+        self.completion.stop()
+        self.index.dispose()
+        logger.info("stopped")
+
+    def run_until_signal(self) -> None:
+        """Block until SIGTERM/SIGINT, then stop gracefully."""
+        wake = threading.Event()
+
+        def _on_signal(signum: int, _frame: FrameType | None) -> None:
+            logger.info("received %s", signal.Signals(signum).name)
+            wake.set()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        self.start()
+        while not wake.wait(1.0):
+            pass
+        self.stop()
+
+
+def _receiver_process(settings_json: str, max_associations: int) -> None:
+    """An extra receiving process: same port (SO_REUSEPORT), same store and index."""
+    settings = Settings.model_validate_json(settings_json)
+    configure_logging(settings.logging)
+    index, store = open_store(settings)
+    receiver = Receiver(store, index)
+    scp = start_scp(settings, receiver, reuse_port=True, max_associations=max_associations)
+    wake = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: wake.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    while not wake.wait(1.0):
+        pass
+    scp.stop_accepting()
+    receiver.wait_idle(STORE_DRAIN_TIMEOUT_S)
+    scp.abort_remaining()
+    index.dispose()
+
+
+def default_components(
+    settings: Settings,
+) -> tuple[list[CompletionListener], list[ComponentFactory]]:
+    """What ``serve`` runs besides the receiver: the job pipeline once routing rules exist."""
+    return [], []

@@ -1,0 +1,126 @@
+"""Retention: remove files and rows of finished series older than a cut-off."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+from dataclasses import dataclass
+
+from sqlalchemy import delete, func, select
+
+from storage.database import Index
+from storage.filestore import FileStore
+from storage.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Patient,
+    Series,
+    SeriesState,
+    SeriesVersion,
+    Study,
+    utcnow,
+)
+
+logger = logging.getLogger(__name__)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """'90s', '15m', '12h', '30d', '2w' -> timedelta."""
+    match = _DURATION.match(text.lower())
+    if not match:
+        raise ValueError(
+            f"duration {text!r} not understood: use a number and s, m, h, d or w (30d)"
+        )
+    return dt.timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2)])
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    series: list[str]
+    instances: int
+    bytes_freed: int
+
+
+_UNFINISHED_JOBS = (JobState.QUEUED, JobState.RUNNING, JobState.RETRY_WAIT)
+_UNFINISHED_DELIVERIES = (DeliveryState.PENDING, DeliveryState.SENDING)
+
+
+def prune(
+    index: Index, store: FileStore, older_than: dt.timedelta, *, dry_run: bool = False
+) -> PruneResult:
+    """Remove series whose every version completed before the cut-off and whose jobs and
+    deliveries are finished (succeeded, failed, delivered or dead)."""
+    cutoff = utcnow() - older_than
+    pruned: list[str] = []
+    count = 0
+    freed = 0
+    with index.session() as session, session.begin():
+        for series in session.scalars(select(Series)).all():
+            versions = session.scalars(
+                select(SeriesVersion).where(SeriesVersion.series_pk == series.id)
+            ).all()
+            if not versions or any(
+                v.state != SeriesState.COMPLETE or v.completed_at is None or v.completed_at > cutoff
+                for v in versions
+            ):
+                continue
+            version_ids = [v.id for v in versions]
+            busy_jobs = session.scalar(
+                select(func.count(Job.id)).where(
+                    Job.series_version_pk.in_(version_ids), Job.state.in_(_UNFINISHED_JOBS)
+                )
+            )
+            job_ids = session.scalars(
+                select(Job.id).where(Job.series_version_pk.in_(version_ids))
+            ).all()
+            busy_deliveries = session.scalar(
+                select(func.count(Delivery.id)).where(
+                    Delivery.job_pk.in_(job_ids), Delivery.state.in_(_UNFINISHED_DELIVERIES)
+                )
+            )
+            if busy_jobs or busy_deliveries:
+                continue
+            instances = session.scalars(
+                select(Instance).where(Instance.series_pk == series.id)
+            ).all()
+            pruned.append(series.series_instance_uid)
+            count += len(instances)
+            freed += sum(i.size_bytes for i in instances)
+            if dry_run:
+                continue
+            seg_paths = session.scalars(select(Job.seg_path).where(Job.id.in_(job_ids))).all()
+            for instance in instances:
+                store.remove(instance.path)
+            for seg_path in seg_paths:
+                if seg_path:
+                    store.remove(seg_path)
+            session.execute(delete(Delivery).where(Delivery.job_pk.in_(job_ids)))
+            session.execute(delete(Job).where(Job.id.in_(job_ids)))
+            session.execute(delete(Instance).where(Instance.series_pk == series.id))
+            session.execute(delete(SeriesVersion).where(SeriesVersion.series_pk == series.id))
+            study_pk = series.study_pk
+            session.delete(series)
+            session.flush()
+            if not session.scalar(select(func.count(Series.id)).where(Series.study_pk == study_pk)):
+                study = session.get(Study, study_pk)
+                if study is not None:
+                    patient_pk = study.patient_pk
+                    session.delete(study)
+                    session.flush()
+                    if not session.scalar(
+                        select(func.count(Study.id)).where(Study.patient_pk == patient_pk)
+                    ):
+                        patient = session.get(Patient, patient_pk)
+                        if patient is not None:
+                            session.delete(patient)
+            logger.info(
+                "pruned series %s: %d instances", series.series_instance_uid, len(instances)
+            )
+    return PruneResult(series=pruned, instances=count, bytes_freed=freed)
