@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -42,10 +43,8 @@ def set_nodelay(assoc: Association) -> None:
     """Nagle's algorithm costs ~40 ms per C-STORE on loopback and LAN (PEERS.md)."""
     sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 def associate(ae: AE, settings: Settings, peer: PeerSettings) -> Association:

@@ -6,6 +6,7 @@ acknowledged, stop the background parts, exit 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -102,10 +103,8 @@ class Service:
             self._scp.stop_accepting()
         for child in self._children:
             if child.pid is not None and child.is_alive():
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
         if not self.receiver.wait_idle(STORE_DRAIN_TIMEOUT_S):
             logger.warning("in-flight stores did not finish within %.0f s", STORE_DRAIN_TIMEOUT_S)
         if self._scp is not None:
