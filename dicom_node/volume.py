@@ -1,0 +1,663 @@
+"""Series -> volume: sort, check and stack the images of one DICOM series.
+
+Geometry comes only from Image Position/Orientation (Patient), so patient position
+(HFS, FFS, HFDL, ...) needs no special case. Slices are ordered by their position along
+the slice normal (row cosines x column cosines), never by InstanceNumber, and index z of
+the volume always runs along +normal.
+
+Conventions: ``Volume.array`` is float32 shaped (z, y, x) = (slice, row, column), and
+``Volume.affine`` maps (x=column, y=row, z=slice, 1) to LPS millimetres, the DICOM
+patient coordinate system.
+
+Headers are read first with ``stop_before_pixels`` to group, filter and sort; pixel data
+is read only for the frames kept.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from dicom_node.errors import SeriesError
+
+logger = logging.getLogger(__name__)
+
+PathOrDataset = str | Path | Dataset
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+# Tolerances. Positions come as decimal strings (DS) rounded by scanners to ~1e-3..1e-5 mm.
+_ORIENTATION_TOL = 1e-3  # difference of direction cosines meaning "same plane"
+_SPACING_REL_TOL = 0.15  # a step this much off the median step is a gap or overlap
+_IN_PLANE_TOL_PIXELS = 0.1  # drift off the normal, in pixels, before refusing as tilt
+_MAX_SCOUTS = 3  # other-plane images dropped silently; more means a mixed series
+
+
+@dataclass(frozen=True)
+class FrameRef:
+    """Where slice z came from: a source instance, and its frame for multi-frame."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    frame_number: int | None = None  # 1-based; None for single-frame instances
+
+
+@dataclass
+class Volume:
+    """One series as a 3D array with its position in patient space."""
+
+    array: np.ndarray  # float32, (z, y, x), rescale applied
+    affine: np.ndarray  # 4x4: (x=column, y=row, z=slice, 1) -> LPS mm
+    frames: list[FrameRef]  # one per z
+    source_datasets: list[Dataset]  # headers without pixel data, one per source instance
+    frame_of_reference_uid: str
+    modality: str
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """Voxel size in mm: (slice step, row spacing, column spacing)."""
+        norms = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return float(norms[2]), float(norms[1]), float(norms[0])
+
+    @property
+    def direction(self) -> np.ndarray:
+        """3x3 unit vectors of the x, y, z index axes as columns (SimpleITK's layout)."""
+        result: np.ndarray = self.affine[:3, :3] / np.linalg.norm(self.affine[:3, :3], axis=0)
+        return result
+
+    @property
+    def origin(self) -> np.ndarray:
+        """LPS mm of the centre of voxel (0, 0, 0)."""
+        result: np.ndarray = self.affine[:3, 3].copy()
+        return result
+
+    @property
+    def study_instance_uid(self) -> str:
+        return str(self.source_datasets[0].StudyInstanceUID)
+
+    @property
+    def series_instance_uid(self) -> str:
+        return str(self.source_datasets[0].SeriesInstanceUID)
+
+
+@dataclass
+class _Frame:
+    """One 2D image of the series: a single-frame instance or one frame of a multi-frame."""
+
+    source: int  # index into the list of instances
+    frame_number: int | None
+    position: np.ndarray
+    row_cosines: np.ndarray
+    column_cosines: np.ndarray
+    pixel_spacing: tuple[float, float]  # (between rows, between columns)
+    rows: int
+    columns: int
+    slope: float
+    intercept: float
+    localizer: bool
+
+
+@dataclass
+class _Instance:
+    header: Dataset
+    path: Path | None
+    dataset: Dataset | None  # the caller's dataset, pixels included, when given one
+    name: str
+    frames: list[_Frame] = field(default_factory=list)
+
+
+def volume_from_series(items: Sequence[PathOrDataset]) -> Volume:
+    """Build a ``Volume`` from the files (or datasets) of one series.
+
+    Raises ``SeriesError`` with a message for a human when the series cannot be a volume:
+    missing UIDs or pixel data, several series, mixed orientations, a gap or duplicate
+    positions, a tilted or sheared grid, fewer than two slices.
+    """
+    if not items:
+        raise SeriesError("no images were given for the series")
+    return _build_volume([_read_header(item) for item in items])
+
+
+def _build_volume(instances: list[_Instance]) -> Volume:
+    _check_identity(instances)
+    for index, instance in enumerate(instances):
+        instance.frames = _frames_of(instance, index)
+    frames = _select_frames(instances)
+    frames, affine = _sort_and_check_geometry(frames)
+    array = _read_pixels(instances, frames)
+
+    used: list[int] = []
+    for frame in frames:
+        if frame.source not in used:
+            used.append(frame.source)
+    refs = [
+        FrameRef(
+            str(instances[f.source].header.SOPInstanceUID),
+            str(instances[f.source].header.SOPClassUID),
+            f.frame_number,
+        )
+        for f in frames
+    ]
+    first = instances[frames[0].source].header
+    volume = Volume(
+        array=array,
+        affine=affine,
+        frames=refs,
+        source_datasets=[instances[i].header for i in used],
+        frame_of_reference_uid=str(first.FrameOfReferenceUID),
+        modality=str(first.get("Modality", "")),
+    )
+    logger.info(
+        "series %s: volume %s (z, y, x), spacing %s mm, from %d instance(s)",
+        volume.series_instance_uid,
+        array.shape,
+        tuple(round(s, 4) for s in volume.spacing_zyx),
+        len(used),
+    )
+    return volume
+
+
+def volume_from_folder(folder: str | Path, series_instance_uid: str | None = None) -> Volume:
+    """Read every DICOM file under ``folder`` (recursively) and build one ``Volume``.
+
+    Non-DICOM files are ignored. When the folder holds several series, give
+    ``series_instance_uid``; otherwise ``SeriesError`` lists the series found.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SeriesError(f"{folder} is not a folder")
+    by_series: dict[str, list[_Instance]] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError, ValueError):
+            logger.debug("ignoring %s: not a DICOM file", path)
+            continue
+        if "SOPClassUID" not in header:
+            continue  # DICOMDIR and other non-image files
+        instance = _Instance(header, path, None, path.name)
+        by_series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append(instance)
+    if not by_series:
+        raise SeriesError(f"no DICOM files found under {folder}")
+    if series_instance_uid is not None:
+        if series_instance_uid not in by_series:
+            raise SeriesError(
+                f"series {series_instance_uid} is not under {folder}; found: "
+                + ", ".join(_describe_series(uid, h) for uid, h in by_series.items())
+            )
+        chosen = by_series[series_instance_uid]
+    elif len(by_series) > 1:
+        raise SeriesError(
+            f"{folder} holds {len(by_series)} series; choose one by Series Instance UID: "
+            + "; ".join(_describe_series(uid, h) for uid, h in by_series.items())
+        )
+    else:
+        chosen = next(iter(by_series.values()))
+    return _build_volume(chosen)
+
+
+def _describe_series(uid: str, instances: list[_Instance]) -> str:
+    first = instances[0].header
+    description = first.get("SeriesDescription", "")
+    modality = first.get("Modality", "?")
+    return f"{uid or '(empty UID)'} ({modality} '{description}', {len(instances)} files)"
+
+
+# ---- headers ------------------------------------------------------------------------
+
+
+def _read_header(item: PathOrDataset) -> _Instance:
+    if isinstance(item, Dataset):
+        header = Dataset()
+        for element in item:
+            if element.keyword not in _PIXEL_KEYWORDS:
+                header.add(element)
+        if hasattr(item, "file_meta"):
+            header.file_meta = item.file_meta
+        name = str(item.get("SOPInstanceUID", "") or getattr(item, "filename", "") or "dataset")
+        has_pixels = any(k in item for k in _PIXEL_KEYWORDS)
+        if not has_pixels:
+            raise SeriesError(f"image {name} has no pixel data")
+        return _Instance(header, None, item, name)
+    path = Path(item)
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, ValueError) as exc:
+        raise SeriesError(f"{path.name} is not a readable DICOM file: {exc}") from exc
+    except OSError as exc:
+        raise SeriesError(f"cannot read {path}: {exc}") from exc
+    return _Instance(header, path, None, path.name)
+
+
+def _check_identity(instances: list[_Instance]) -> None:
+    for instance in instances:
+        missing = [k for k in _REQUIRED_UIDS if not str(instance.header.get(k, "") or "").strip()]
+        if missing:
+            raise SeriesError(
+                f"{instance.name}: {', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} missing or empty; an image without "
+                "its UIDs cannot be referenced by a segmentation. Fix the export "
+                "(anonymisers must replace UIDs, not blank them)"
+            )
+    series = {str(i.header.SeriesInstanceUID) for i in instances}
+    if len(series) > 1:
+        raise SeriesError(
+            f"the images belong to {len(series)} series ({', '.join(sorted(series))}); "
+            "give the images of one series"
+        )
+    sop_uids = Counter(str(i.header.SOPInstanceUID) for i in instances)
+    repeated = [uid for uid, n in sop_uids.items() if n > 1]
+    if repeated:
+        raise SeriesError(f"SOP Instance UID {repeated[0]} occurs {sop_uids[repeated[0]]} times")
+    frames_of_ref = {str(i.header.get("FrameOfReferenceUID", "") or "") for i in instances}
+    if "" in frames_of_ref:
+        raise SeriesError(
+            "FrameOfReferenceUID is missing or empty; without it image positions cannot "
+            "be related to a segmentation"
+        )
+    if len(frames_of_ref) > 1:
+        raise SeriesError("the images of the series have different Frame of Reference UIDs")
+
+
+def _floats(value: object, count: int, what: str, name: str) -> list[float]:
+    try:
+        numbers = [float(v) for v in value]  # type: ignore[attr-defined]
+    except (TypeError, ValueError) as exc:
+        raise SeriesError(f"{name}: {what} is not numeric ({value!r})") from exc
+    if len(numbers) != count:
+        raise SeriesError(f"{name}: {what} has {len(numbers)} values, expected {count}")
+    return numbers
+
+
+def _group_value(header: Dataset, per_frame: Dataset | None, sequence: str, keyword: str) -> Any:
+    """An attribute from a functional group, per-frame first, then shared."""
+    shared = header.get("SharedFunctionalGroupsSequence")
+    for groups in (per_frame, shared[0] if shared else None):
+        if groups is None or sequence not in groups or not groups[sequence].value:
+            continue
+        item = groups[sequence][0]
+        if keyword in item and item[keyword].value not in (None, ""):
+            return item[keyword].value
+    return None
+
+
+def _upper_values(value: Any) -> list[str]:
+    """A CS attribute's values, upper case; a single value comes as a plain str."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value.upper()]
+    return [str(v).upper() for v in value]
+
+
+def _frames_of(instance: _Instance, index: int) -> list[_Frame]:
+    header, name = instance.header, instance.name
+    if int(header.get("SamplesPerPixel", 1) or 1) != 1:
+        raise SeriesError(
+            f"{name}: colour images ({header.SamplesPerPixel} samples) are not supported"
+        )
+    if "Rows" not in header or "Columns" not in header:
+        raise SeriesError(f"{name} has no pixel data (Rows/Columns absent)")
+    rows, columns = int(header.Rows), int(header.Columns)
+    image_type = _upper_values(header.get("ImageType"))
+    localizer = "LOCALIZER" in image_type
+
+    if "PerFrameFunctionalGroupsSequence" in header:
+        per_frames = header.PerFrameFunctionalGroupsSequence
+        count = int(header.get("NumberOfFrames", len(per_frames)) or len(per_frames))
+        if len(per_frames) != count:
+            raise SeriesError(
+                f"{name}: {count} frames but {len(per_frames)} per-frame functional groups"
+            )
+        frames = []
+        for number, groups in enumerate(per_frames, start=1):
+            where = f"{name} frame {number}"
+            position = _group_value(header, groups, "PlanePositionSequence", "ImagePositionPatient")
+            orientation = _group_value(
+                header, groups, "PlaneOrientationSequence", "ImageOrientationPatient"
+            )
+            spacing = _group_value(header, groups, "PixelMeasuresSequence", "PixelSpacing")
+            if position is None or orientation is None or spacing is None:
+                raise SeriesError(
+                    f"{where} lacks Plane Position, Plane Orientation or Pixel Measures; "
+                    "its place in space is unknown"
+                )
+            slope = _group_value(header, groups, "PixelValueTransformationSequence", "RescaleSlope")
+            intercept = _group_value(
+                header, groups, "PixelValueTransformationSequence", "RescaleIntercept"
+            )
+            frame_type = _upper_values(
+                _group_value(header, groups, "MRImageFrameTypeSequence", "FrameType")
+                or _group_value(header, groups, "CTImageFrameTypeSequence", "FrameType")
+            )
+            frames.append(
+                _make_frame(
+                    index,
+                    number,
+                    position,
+                    orientation,
+                    spacing,
+                    rows,
+                    columns,
+                    slope,
+                    intercept,
+                    localizer or "LOCALIZER" in frame_type,
+                    where,
+                )
+            )
+        return frames
+
+    if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
+        raise SeriesError(
+            f"{name} lacks Image Position/Orientation (Patient); its place in space is unknown"
+        )
+    if "PixelSpacing" not in header:
+        raise SeriesError(f"{name} lacks Pixel Spacing; voxel size is unknown")
+    if int(header.get("NumberOfFrames", 1) or 1) != 1:
+        raise SeriesError(
+            f"{name}: multi-frame image without per-frame functional groups is not supported"
+        )
+    return [
+        _make_frame(
+            index,
+            None,
+            header.ImagePositionPatient,
+            header.ImageOrientationPatient,
+            header.PixelSpacing,
+            rows,
+            columns,
+            header.get("RescaleSlope"),
+            header.get("RescaleIntercept"),
+            localizer,
+            name,
+        )
+    ]
+
+
+def _make_frame(
+    index: int,
+    number: int | None,
+    position: object,
+    orientation: object,
+    spacing: object,
+    rows: int,
+    columns: int,
+    slope: object,
+    intercept: object,
+    localizer: bool,
+    where: str,
+) -> _Frame:
+    iop = np.array(_floats(orientation, 6, "Image Orientation (Patient)", where))
+    row, col = iop[:3], iop[3:]
+    if not (
+        abs(np.linalg.norm(row) - 1) < 1e-2
+        and abs(np.linalg.norm(col) - 1) < 1e-2
+        and abs(float(np.dot(row, col))) < 1e-2
+    ):
+        raise SeriesError(
+            f"{where}: Image Orientation (Patient) is not two orthogonal unit vectors"
+        )
+    # Re-orthonormalise: DS rounding leaves the cosines slightly off unit length.
+    row = row / np.linalg.norm(row)
+    col = col - np.dot(col, row) * row
+    col = col / np.linalg.norm(col)
+    pixel_spacing = _floats(spacing, 2, "Pixel Spacing", where)
+    if min(pixel_spacing) <= 0:
+        raise SeriesError(f"{where}: Pixel Spacing {pixel_spacing} is not positive")
+    return _Frame(
+        source=index,
+        frame_number=number,
+        position=np.array(_floats(position, 3, "Image Position (Patient)", where)),
+        row_cosines=row,
+        column_cosines=col,
+        pixel_spacing=(pixel_spacing[0], pixel_spacing[1]),
+        rows=rows,
+        columns=columns,
+        slope=1.0 if slope in (None, "") else float(slope),  # type: ignore[arg-type]
+        intercept=0.0 if intercept in (None, "") else float(intercept),  # type: ignore[arg-type]
+        localizer=localizer,
+    )
+
+
+# ---- selection and geometry ---------------------------------------------------------
+
+
+def _select_frames(instances: list[_Instance]) -> list[_Frame]:
+    """Drop localizers and a few other-plane scouts; refuse genuinely mixed series."""
+    frames = [f for inst in instances for f in inst.frames]
+    localizers = [f for f in frames if f.localizer]
+    if localizers:
+        logger.info("dropping %d localizer image(s)", len(localizers))
+    frames = [f for f in frames if not f.localizer]
+    if not frames:
+        raise SeriesError("the series holds only localizer images")
+
+    groups: list[list[_Frame]] = []
+    for frame in frames:
+        for group in groups:
+            ref = group[0]
+            if (
+                (frame.rows, frame.columns) == (ref.rows, ref.columns)
+                and np.abs(frame.row_cosines - ref.row_cosines).max() < _ORIENTATION_TOL
+                and np.abs(frame.column_cosines - ref.column_cosines).max() < _ORIENTATION_TOL
+            ):
+                group.append(frame)
+                break
+        else:
+            groups.append([frame])
+    groups.sort(key=len, reverse=True)
+    kept, others = groups[0], [f for g in groups[1:] for f in g]
+    if others:
+        if len(others) > _MAX_SCOUTS or len(others) >= len(kept):
+            raise SeriesError(
+                f"mixed orientations or image sizes in one series: {len(groups)} groups of "
+                f"{', '.join(str(len(g)) for g in groups)} images; the series must be one "
+                "stack of parallel slices"
+            )
+        logger.info(
+            "dropping %d image(s) of another plane or size (scouts); keeping %d",
+            len(others),
+            len(kept),
+        )
+    spacings = {f.pixel_spacing for f in kept}
+    if (
+        max(abs(a - b) for s in spacings for a, b in zip(s, kept[0].pixel_spacing, strict=True))
+        > 1e-4
+    ):
+        raise SeriesError(f"the slices have different Pixel Spacing: {sorted(spacings)}")
+    return kept
+
+
+def _sort_and_check_geometry(frames: list[_Frame]) -> tuple[list[_Frame], np.ndarray]:
+    if len(frames) < 2:
+        raise SeriesError(
+            "the series has a single image; a 2D image cannot be segmented in 3D "
+            "(send the whole stack of slices)"
+        )
+    row, col = frames[0].row_cosines, frames[0].column_cosines
+    normal = np.cross(row, col)
+    frames = sorted(frames, key=lambda f: float(np.dot(f.position, normal)))
+    positions = np.array([f.position for f in frames])
+    distance = positions @ normal
+    steps = np.diff(distance)
+    if steps.min() < 1e-3:
+        raise SeriesError(
+            f"{int((steps < 1e-3).sum()) + 1} images share a position along the slice normal; "
+            "several echoes, phases or time points in one series cannot form one volume"
+        )
+    median = float(np.median(steps))
+    bad = np.flatnonzero(np.abs(steps - median) > _SPACING_REL_TOL * median)
+    if bad.size:
+        i = int(bad[0])
+        raise SeriesError(
+            f"uneven slice spacing: step {steps[i]:.3f} mm between slices {i} and {i + 1} "
+            f"(of {len(frames)}) where the usual step is {median:.3f} mm; slices are missing "
+            "or the series is incomplete"
+        )
+    # Every position must lie on the line through the first one along the normal;
+    # otherwise the stack is tilted (CT gantry tilt) or sheared and not a regular grid.
+    offsets = positions - positions[0]
+    in_plane = offsets - np.outer(offsets @ normal, normal)
+    drift = float(np.linalg.norm(in_plane, axis=1).max())
+    tolerance = _IN_PLANE_TOL_PIXELS * min(frames[0].pixel_spacing)
+    if drift > tolerance:
+        angle = float(np.degrees(np.arctan2(drift, distance[-1] - distance[0])))
+        raise SeriesError(
+            f"slice positions are not along the slice normal (drift {drift:.2f} mm, about "
+            f"{angle:.1f} degrees): a gantry-tilted or sheared stack is not supported; "
+            "resample it on the scanner or send an untilted reconstruction"
+        )
+    step = float(distance[-1] - distance[0]) / (len(frames) - 1)
+    spacing_between_rows, spacing_between_columns = frames[0].pixel_spacing
+    affine = np.eye(4)
+    affine[:3, 0] = row * spacing_between_columns
+    affine[:3, 1] = col * spacing_between_rows
+    affine[:3, 2] = normal * step
+    affine[:3, 3] = positions[0]
+    return frames, affine
+
+
+# ---- pixels -------------------------------------------------------------------------
+
+
+def _read_pixels(instances: list[_Instance], frames: list[_Frame]) -> np.ndarray:
+    rows, columns = frames[0].rows, frames[0].columns
+    array = np.empty((len(frames), rows, columns), dtype=np.float32)
+    by_source: dict[int, list[tuple[int, _Frame]]] = {}
+    for z, frame in enumerate(frames):
+        by_source.setdefault(frame.source, []).append((z, frame))
+    for source, members in by_source.items():
+        pixels = _decode(instances[source])
+        if pixels.ndim == 2:
+            pixels = pixels[np.newaxis]
+        for z, frame in members:
+            index = 0 if frame.frame_number is None else frame.frame_number - 1
+            if index >= pixels.shape[0] or pixels.shape[1:] != (rows, columns):
+                raise SeriesError(
+                    f"{instances[source].name}: pixel data shape {pixels.shape} does not match "
+                    f"Rows/Columns/NumberOfFrames"
+                )
+            plane = pixels[index].astype(np.float64)
+            if frame.slope != 1.0 or frame.intercept != 0.0:
+                plane = plane * frame.slope + frame.intercept
+            array[z] = plane
+    return array
+
+
+def _decode(instance: _Instance) -> np.ndarray:
+    dataset = instance.dataset
+    if dataset is None:
+        try:
+            dataset = pydicom.dcmread(str(instance.path))
+        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+            raise SeriesError(f"cannot read {instance.name}: {exc}") from exc
+        if not any(k in dataset for k in _PIXEL_KEYWORDS):
+            raise SeriesError(f"image {instance.name} has no pixel data")
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        pixels: np.ndarray = dataset.pixel_array
+    except Exception as exc:  # decoders raise many types; all mean "cannot decode"
+        syntax_name = getattr(syntax, "name", syntax) or "unknown transfer syntax"
+        raise SeriesError(
+            f"cannot decode the pixel data of {instance.name} ({syntax_name}): {exc}"
+        ) from exc
+    return pixels
+
+
+# ---- reorientation ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AxisReorientation:
+    """An exact permutation/flip of index axes (no resampling) and its inverse.
+
+    ``permutation[j]`` is the source index axis (0=x, 1=y, 2=z) that becomes output index
+    axis j; ``flips[j]`` says whether it is reversed. ``source_shape`` is (z, y, x).
+    """
+
+    permutation: tuple[int, int, int]
+    flips: tuple[bool, bool, bool]
+    source_shape: tuple[int, int, int]
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        """Source-grid array (z, y, x, ...) -> canonical-grid array."""
+        # Array axis a holds index axis 2 - a; output array axis 2 - j takes source 2 - perm[j].
+        axes = [2 - self.permutation[2 - a] for a in range(3)] + list(range(3, array.ndim))
+        out = np.transpose(array, axes)
+        flip_axes = [2 - j for j in range(3) if self.flips[j]]
+        return np.ascontiguousarray(np.flip(out, axis=tuple(flip_axes)) if flip_axes else out)
+
+    def invert(self, array: np.ndarray) -> np.ndarray:
+        """Canonical-grid array (e.g. a predicted label map) -> the source grid, exactly."""
+        flip_axes = [2 - j for j in range(3) if self.flips[j]]
+        out = np.flip(array, axis=tuple(flip_axes)) if flip_axes else array
+        forward = [2 - self.permutation[2 - a] for a in range(3)]
+        axes = [forward.index(a) for a in range(3)] + list(range(3, array.ndim))
+        result = np.ascontiguousarray(np.transpose(out, axes))
+        if result.shape[:3] != self.source_shape:
+            raise ValueError(
+                f"array shape {array.shape[:3]} is not the canonical shape of this volume"
+            )
+        return result
+
+    def transform(self) -> np.ndarray:
+        """4x4 mapping canonical (x, y, z, 1) indices to source (x, y, z, 1) indices."""
+        sizes = (self.source_shape[2], self.source_shape[1], self.source_shape[0])
+        t = np.zeros((4, 4))
+        t[3, 3] = 1.0
+        for j in range(3):
+            i = self.permutation[j]
+            if self.flips[j]:
+                t[i, j] = -1.0
+                t[i, 3] = sizes[i] - 1
+            else:
+                t[i, j] = 1.0
+        return t
+
+
+def closest_canonical_reorientation(
+    affine: np.ndarray, shape_zyx: Sequence[int]
+) -> AxisReorientation:
+    """The axis permutation/flip making index axes x, y, z point closest to L, P, S."""
+    direction = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    best: tuple[float, tuple[int, int, int]] | None = None
+    # Try all 6 assignments; the best maximises the summed |cosine| (unique for any
+    # grid less than 45 degrees oblique; ties broken by the first found).
+    for perm in itertools.permutations(range(3)):
+        score = sum(abs(direction[j, perm[j]]) for j in range(3))
+        if best is None or score > best[0] + 1e-9:
+            best = (score, (perm[0], perm[1], perm[2]))
+    permutation = best[1] if best is not None else (0, 1, 2)
+    flips = (
+        bool(direction[0, permutation[0]] < 0),
+        bool(direction[1, permutation[1]] < 0),
+        bool(direction[2, permutation[2]] < 0),
+    )
+    z, y, x = (int(n) for n in shape_zyx)
+    return AxisReorientation(permutation, flips, (z, y, x))
+
+
+def reorient_to_closest_canonical(
+    volume_array: np.ndarray, affine: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """Permute/flip a (z, y, x) array so x -> L, y -> P, z -> S as closely as possible.
+
+    Returns the canonical array, its affine, and a function mapping an array on the
+    canonical grid (a predicted label map) back onto the source grid exactly.
+    No resampling: an oblique grid stays oblique, only its axes are reordered.
+    """
+    reorientation = closest_canonical_reorientation(affine, volume_array.shape[:3])
+    canonical = reorientation.apply(volume_array)
+    canonical_affine = affine @ reorientation.transform()
+    return canonical, canonical_affine, reorientation.invert
