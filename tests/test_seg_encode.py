@@ -1,0 +1,464 @@
+"""dicom_node.seg_encode against highdicom's reader and the independent validators/readers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom import Dataset
+from seg_fixtures import (
+    CATALOGUE,
+    OTHER_SHA256,
+    PRESENT_IDS,
+    WEIGHTS_SHA256,
+    enhanced_mr,
+    mr_series,
+    small_label_map,
+    write_series,
+)
+
+from dicom_node.errors import DicomNodeError
+from dicom_node.seg_encode import (
+    ALLOWED_COMPRESSIONS,
+    EmptySegmentationError,
+    SegCompression,
+    SegFormat,
+    encode_seg,
+    label_volumes_ml,
+    segment_mapping,
+)
+from inference.catalogue import load_catalogue
+
+COMBINATIONS = [(fmt, comp) for fmt, comps in ALLOWED_COMPRESSIONS.items() for comp in comps]
+LABELMAP_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.7"
+BINARY_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def _encode(
+    label_map: np.ndarray, sources: list[Dataset] | Dataset, **kwargs: object
+) -> hd.seg.Segmentation:
+    args: dict[str, object] = {
+        "model_name": "demo",
+        "model_version": "1.0",
+        "weights_sha256": WEIGHTS_SHA256,
+    }
+    args.update(kwargs)
+    return encode_seg(label_map, sources, CATALOGUE, **args)  # type: ignore[arg-type]
+
+
+def _expected_segments(label_map: np.ndarray) -> np.ndarray:
+    """The label map with catalogue ids replaced by segment numbers 1..N."""
+    expected = np.zeros_like(label_map)
+    for number, label_id in enumerate(PRESENT_IDS, start=1):
+        expected[label_map == label_id] = number
+    return expected
+
+
+@pytest.fixture(scope="module")
+def series() -> list[Dataset]:
+    return mr_series()
+
+
+@pytest.fixture(scope="module")
+def multiframe(series: list[Dataset]) -> Dataset:
+    return enhanced_mr(series)
+
+
+@pytest.fixture(scope="module")
+def label_map() -> np.ndarray:
+    return small_label_map()
+
+
+@pytest.fixture(scope="module")
+def series_dir(tmp_path_factory: pytest.TempPathFactory, series: list[Dataset]) -> list[Path]:
+    return write_series(series, tmp_path_factory.mktemp("source"))
+
+
+def _errors(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("Error")]
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fmt", "comp"), COMBINATIONS, ids=lambda v: v.value)
+def test_every_supported_compression_decodes_to_the_label_map(
+    tmp_path: Path,
+    series: list[Dataset],
+    label_map: np.ndarray,
+    fmt: SegFormat,
+    comp: SegCompression,
+) -> None:
+    seg = _encode(label_map, series, format=fmt, compression=comp)
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path)
+    back = hd.seg.segread(path)
+    decoded = back.get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in series], combine_segments=True, relabel=True
+    )
+    np.testing.assert_array_equal(decoded, _expected_segments(label_map))
+    assert back.SOPClassUID == (
+        LABELMAP_SOP_CLASS if fmt is SegFormat.LABELMAP else BINARY_SOP_CLASS
+    )
+
+
+def test_multiframe_source_decodes_and_references_frames(
+    tmp_path: Path, multiframe: Dataset, label_map: np.ndarray
+) -> None:
+    seg = _encode(label_map, multiframe)
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path)
+    back = hd.seg.segread(path)
+    decoded = back.get_pixels_by_source_frame(
+        multiframe.SOPInstanceUID,
+        source_frame_numbers=range(1, label_map.shape[0] + 1),
+        combine_segments=True,
+        relabel=True,
+        # Empty planes have no frame, so the last source frames are never referenced.
+        assert_missing_frames_are_empty=True,
+    )
+    np.testing.assert_array_equal(decoded, _expected_segments(label_map))
+    referenced_frames = {
+        int(item.ReferencedFrameNumber)
+        for frame in back.PerFrameFunctionalGroupsSequence
+        for derivation in frame.DerivationImageSequence
+        for item in derivation.SourceImageSequence
+    }
+    assert referenced_frames == {z + 1 for z in range(label_map.shape[0]) if label_map[z].any()}
+
+
+def test_get_volume_matches_for_labelmap(series: list[Dataset], label_map: np.ndarray) -> None:
+    seg = _encode(label_map, series, format="labelmap", compression="rle")
+    volume = seg.get_volume(combine_segments=True, relabel=True)
+    # Our arrays are (z, y, x) of an axial LPS series: superior, posterior, left increasing.
+    volume = volume.to_patient_orientation("SPL")
+    # The volume spans the non-empty slices only; compare that extent.
+    non_empty = [z for z in range(label_map.shape[0]) if label_map[z].any()]
+    expected = _expected_segments(label_map)[non_empty[0] : non_empty[-1] + 1]
+    np.testing.assert_array_equal(volume.array, expected)
+
+
+# --- metadata ---------------------------------------------------------------------------------
+
+
+def test_segments_carry_catalogue_codes_colours_and_algorithm(
+    series: list[Dataset], label_map: np.ndarray
+) -> None:
+    seg = _encode(label_map, series)
+    labels = {label.id: label for label in CATALOGUE.labels}
+    assert [int(s.SegmentNumber) for s in seg.SegmentSequence] == [1, 2, 3]
+    for item, label_id in zip(seg.SegmentSequence, PRESENT_IDS, strict=True):
+        label = labels[label_id]
+        assert item.SegmentLabel == label.name
+        assert item.SegmentDescription == f"{label.name} (label {label_id})"
+        assert item.TrackingID == label.name
+        assert item.TrackingUID.startswith("2.25.")
+        category = item.SegmentedPropertyCategoryCodeSequence[0]
+        assert (category.CodingSchemeDesignator, category.CodeValue) == (
+            label.category.scheme,
+            label.category.code,
+        )
+        prop = item.SegmentedPropertyTypeCodeSequence[0]
+        assert (prop.CodingSchemeDesignator, prop.CodeValue, prop.CodeMeaning) == (
+            label.type.scheme,
+            label.type.code,
+            label.type.meaning,
+        )
+        modifiers = prop.get("SegmentedPropertyTypeModifierCodeSequence", [])
+        if label.modifier is None:
+            assert not modifiers
+        else:
+            assert [m.CodeValue for m in modifiers] == [label.modifier.code]
+        lab = hd.color.CIELabColor.from_dicom_value(tuple(item.RecommendedDisplayCIELabValue))
+        assert lab.to_rgb() == label.color
+        assert item.SegmentAlgorithmType == "AUTOMATIC"
+        algorithm = item.SegmentationAlgorithmIdentificationSequence[0]
+        assert algorithm.AlgorithmName == "demo"
+        assert algorithm.AlgorithmVersion == f"1.0 sha256:{WEIGHTS_SHA256[:16]}"
+        assert f"weights_sha256={WEIGHTS_SHA256}" in algorithm.AlgorithmParameters
+        family = algorithm.AlgorithmFamilyCodeSequence[0]
+        assert (family.CodingSchemeDesignator, family.CodeValue) == ("DCM", "123110")
+    assert seg.SeriesDescription == "SEG demo 1.0"
+    assert seg.ContentLabel == "DEMO"
+    assert str(seg.ContentCreatorName) == "dicom-node^"
+    assert seg.SeriesNumber == 9901
+    assert seg.StudyInstanceUID == series[0].StudyInstanceUID
+    assert seg.FrameOfReferenceUID == series[0].FrameOfReferenceUID
+
+
+def test_labelmap_adds_background_segment_zero(
+    series: list[Dataset], label_map: np.ndarray
+) -> None:
+    seg = _encode(label_map, series, format="labelmap")
+    numbers = [int(s.SegmentNumber) for s in seg.SegmentSequence]
+    assert numbers == [0, 1, 2, 3]
+    assert seg.SegmentSequence[0].SegmentLabel == "Background"
+
+
+def test_absent_label_is_not_a_segment(series: list[Dataset], label_map: np.ndarray) -> None:
+    for fmt in SegFormat:
+        seg = _encode(label_map, series, format=fmt)
+        assert "spleen" not in {s.SegmentLabel for s in seg.SegmentSequence}
+    assert segment_mapping(label_map, CATALOGUE) == {1: 1, 5: 2, 6: 3}
+
+
+def test_binary_omits_empty_frames(series: list[Dataset], label_map: np.ndarray) -> None:
+    seg = _encode(label_map, series)
+    expected_frames = sum(
+        int((label_map[z] == label_id).any())
+        for label_id in PRESENT_IDS
+        for z in range(label_map.shape[0])
+    )
+    assert seg.NumberOfFrames == expected_frames
+
+
+def test_every_source_instance_is_referenced(series: list[Dataset], label_map: np.ndarray) -> None:
+    seg = _encode(label_map, series)
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for ref_series in seg.ReferencedSeriesSequence
+        for item in ref_series.ReferencedInstanceSequence
+    }
+    assert referenced == {ds.SOPInstanceUID for ds in series}
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series[0].SeriesInstanceUID
+
+
+def test_uids_are_deterministic(series: list[Dataset], label_map: np.ndarray) -> None:
+    first = _encode(label_map, series)
+    again = _encode(label_map, series)
+    recompressed = _encode(label_map, series, compression="jpeg2000")
+    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (
+        again.SOPInstanceUID,
+        again.SeriesInstanceUID,
+    )
+    assert first.SOPInstanceUID == recompressed.SOPInstanceUID
+    labelmap = _encode(label_map, series, format="labelmap")
+    other_weights = _encode(label_map, series, weights_sha256=OTHER_SHA256)
+    other_model = _encode(label_map, series, model_name="vibe")
+    for other in (labelmap, other_weights, other_model):
+        assert other.SOPInstanceUID != first.SOPInstanceUID
+        assert other.SeriesInstanceUID != first.SeriesInstanceUID
+    assert first.SOPInstanceUID != first.SeriesInstanceUID
+    # Tracking UIDs identify the structure, not the weights.
+    assert [s.TrackingUID for s in first.SegmentSequence] == [
+        s.TrackingUID for s in other_weights.SegmentSequence
+    ]
+    for uid in (first.SOPInstanceUID, first.SeriesInstanceUID):
+        assert len(uid) <= 64
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+
+def test_empty_label_map_raises_dedicated_error(
+    series: list[Dataset], label_map: np.ndarray
+) -> None:
+    with pytest.raises(EmptySegmentationError) as info:
+        _encode(np.zeros_like(label_map), series)
+    assert isinstance(info.value, DicomNodeError)
+
+
+@pytest.mark.parametrize("comp", ["rle", "jpegls"])
+def test_binary_refuses_unsupported_compression(
+    series: list[Dataset], label_map: np.ndarray, comp: str
+) -> None:
+    with pytest.raises(ValueError, match="use one of: none, jpeg2000"):
+        _encode(label_map, series, compression=comp)
+
+
+def test_refuses_unknown_names(series: list[Dataset], label_map: np.ndarray) -> None:
+    with pytest.raises(ValueError):
+        _encode(label_map, series, format="fractional")
+    with pytest.raises(ValueError):
+        _encode(label_map, series, compression="jpeg")
+
+
+def test_refuses_mismatched_shape(series: list[Dataset], label_map: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="does not match the sources"):
+        _encode(label_map[1:], series)
+    with pytest.raises(ValueError, match="does not match the sources"):
+        _encode(label_map[:, 1:], series)
+
+
+def test_refuses_undescribed_label(series: list[Dataset], label_map: np.ndarray) -> None:
+    bad = label_map.copy()
+    bad[3, 0, 0] = 9
+    with pytest.raises(ValueError, match=r"values \[9\]"):
+        _encode(bad, series)
+
+
+def test_refuses_bad_hash_and_dtype(series: list[Dataset], label_map: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="64 hexadecimal"):
+        _encode(label_map, series, weights_sha256="abc")
+    with pytest.raises(TypeError, match="unsigned"):
+        _encode(label_map.astype(np.int16), series)
+
+
+def test_label_volumes_ml_lists_every_label(label_map: np.ndarray) -> None:
+    volumes = label_volumes_ml(label_map, 1.5 * 1.25 * 3.0, CATALOGUE)
+    counts = np.bincount(label_map.ravel(), minlength=7)
+    assert [(i, n) for i, n, _ in volumes] == [(lab.id, lab.name) for lab in CATALOGUE.labels]
+    for label_id, _, ml in volumes:
+        assert ml == pytest.approx(counts[label_id] * 5.625 / 1000.0)
+    assert dict((i, ml) for i, _, ml in volumes)[2] == 0.0
+
+
+# --- independent validators and readers -------------------------------------------------------
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("source", ["single-frame", "multi-frame"])
+def test_binary_seg_passes_dciodvfy(
+    tmp_path: Path,
+    series: list[Dataset],
+    multiframe: Dataset,
+    label_map: np.ndarray,
+    source: str,
+) -> None:
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy not installed (Debian package dicom3tools)")
+    seg = _encode(label_map, series if source == "single-frame" else multiframe)
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path)
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    output = run.stdout + run.stderr
+    assert _errors(output) == [], output
+    assert "Warning" not in output, output
+
+
+@pytest.mark.peers
+def test_dcentvfy_finds_seg_consistent_with_sources(
+    tmp_path: Path, series: list[Dataset], series_dir: list[Path], label_map: np.ndarray
+) -> None:
+    if shutil.which("dcentvfy") is None:
+        pytest.skip("dcentvfy not installed (Debian package dicom3tools)")
+    path = tmp_path / "seg.dcm"
+    _encode(label_map, series).save_as(path)
+    run = subprocess.run(
+        ["dcentvfy", str(path), *map(str, series_dir)], capture_output=True, text=True, timeout=120
+    )
+    output = run.stdout + run.stderr
+    assert _errors(output) == [], output
+
+
+def _segimage2itkimage() -> str:
+    exe = shutil.which("segimage2itkimage") or str(
+        Path(__file__).resolve().parents[1] / ".venv" / "bin" / "segimage2itkimage"
+    )
+    if not Path(exe).exists():
+        pytest.skip("segimage2itkimage not installed (PyPI package dcmqi)")
+    return exe
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize(
+    ("fmt", "comp"),
+    [("binary", "none"), ("labelmap", "none"), ("labelmap", "rle")],
+)
+def test_dcmqi_reads_same_voxel_counts(
+    tmp_path: Path, series: list[Dataset], label_map: np.ndarray, fmt: str, comp: str
+) -> None:
+    sitk = pytest.importorskip("SimpleITK")
+    exe = _segimage2itkimage()
+    path = tmp_path / "seg.dcm"
+    _encode(label_map, series, format=fmt, compression=comp).save_as(path)
+    out = tmp_path / "dcmqi"
+    out.mkdir()
+    run = subprocess.run(
+        [exe, "--inputDICOM", str(path), "--outputDirectory", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "ContentCreatorName" not in run.stdout + run.stderr  # no "absent" warning
+    counts: dict[int, int] = {}
+    for nrrd in sorted(out.glob("*.nrrd")):
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(nrrd)))
+        values, n = np.unique(array[array > 0], return_counts=True)
+        if fmt == "binary":
+            # One file per segment, named by segment number, voxels set to that number or 1.
+            counts[int(nrrd.stem)] = int(n.sum())
+        else:
+            counts.update({int(v): int(c) for v, c in zip(values, n, strict=True)})
+    expected = {
+        number: int((label_map == label_id).sum())
+        for number, label_id in enumerate(PRESENT_IDS, start=1)
+    }
+    assert counts == expected
+    meta = json.loads((out / "meta.json").read_text())
+    labels = [seg["SegmentLabel"] for group in meta["segmentAttributes"] for seg in group]
+    assert labels == ["liver", "kidney_right", "kidney_left"]
+
+
+@pytest.mark.peers
+def test_dcmqi_cannot_decode_jpegls_or_jpeg2000(
+    tmp_path: Path, series: list[Dataset], label_map: np.ndarray
+) -> None:
+    """Documents a reader limit: dcmqi 1.5.7 (DCMTK) takes JPEG-LS/JPEG 2000 SEGs for lossy.
+
+    If this starts failing, dcmqi learnt to read them: update docs/seg_output.md.
+    """
+    exe = _segimage2itkimage()
+    for fmt, comp in [("labelmap", "jpegls"), ("binary", "jpeg2000")]:
+        path = tmp_path / f"{fmt}-{comp}.dcm"
+        _encode(label_map, series, format=fmt, compression=comp).save_as(path)
+        out = tmp_path / f"out-{fmt}-{comp}"
+        out.mkdir()
+        run = subprocess.run(
+            [exe, "--inputDICOM", str(path), "--outputDirectory", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode != 0
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("name", ["demo", "vibe", "total", "total_mr"])
+def test_shipped_catalogue_with_every_label_passes_dciodvfy(
+    tmp_path: Path, series: list[Dataset], name: str
+) -> None:
+    """Every shipped label's name, codes and colour make a valid segment."""
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy not installed (Debian package dicom3tools)")
+    catalogue = load_catalogue(name)
+    label_map = np.zeros((8, 32, 32), dtype=np.uint8)
+    flat = label_map.reshape(-1)
+    for k, label in enumerate(catalogue.labels):
+        flat[k * 60 : k * 60 + 40] = label.id
+    seg = encode_seg(
+        label_map,
+        series,
+        catalogue,
+        model_name=name,
+        model_version="2.0",
+        weights_sha256=WEIGHTS_SHA256,
+    )
+    assert len(seg.SegmentSequence) == len(catalogue.labels)
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path)
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    output = run.stdout + run.stderr
+    assert _errors(output) == [], output
+    by_label = {item.SegmentLabel: item for item in seg.SegmentSequence}
+    if name == "total":
+        region = by_label["kidney_cyst_left"].AnatomicRegionSequence[0]
+        assert region.CodeValue == "64033007"
+        assert region.AnatomicRegionModifierSequence[0].CodeValue == "7771000"
+
+
+def test_saved_file_reads_back_with_pydicom(
+    tmp_path: Path, series: list[Dataset], label_map: np.ndarray
+) -> None:
+    path = tmp_path / "seg.dcm"
+    _encode(label_map, series, format="labelmap", compression="jpegls").save_as(path)
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLSLossless
+    assert ds.Modality == "SEG"
