@@ -1,0 +1,431 @@
+"""dicom_node.volume: synthetic round trips, real scanner data against dcm2niix, refusals."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.uid import JPEGLSLossless, RLELossless, generate_uid
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dicom_phantoms as dp
+
+from dicom_node.errors import SeriesError
+from dicom_node.volume import (
+    Volume,
+    reorient_to_closest_canonical,
+    volume_from_folder,
+    volume_from_series,
+)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DATA = SHARED / "data"
+PHANTOM = dp.SimplePhantom()
+RESCALE = (2.0, -100.0)
+# Rescale quantisation (slope / 2) plus the sampler's own integer rounding.
+SAMPLE_TOLERANCE = RESCALE[0] / 2 + 1.0
+
+
+def voxel_points(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return dp.grid_points(affine, shape[:3])
+
+
+def write(tmp_path: Path, name: str = "s", **kw: object) -> dp.WrittenSeries:
+    kw.setdefault("rescale", RESCALE)
+    return dp.write_series(tmp_path / name, PHANTOM, **kw)  # type: ignore[arg-type]
+
+
+# ---- (a) synthetic round trips ------------------------------------------------------
+
+ROUND_TRIPS = list(
+    itertools.product(dp.ORIENTATIONS, (False, True), ("HFS", "FFS", "HFP"), (False, True))
+)
+
+
+@pytest.mark.parametrize(
+    ("orientation", "reverse", "position", "enhanced"),
+    ROUND_TRIPS,
+    ids=[
+        f"{o}-{'rev' if r else 'fwd'}-{p}-{'enh' if e else 'single'}" for o, r, p, e in ROUND_TRIPS
+    ],
+)
+def test_round_trip_geometry_and_values(
+    tmp_path: Path, orientation: str, reverse: bool, position: str, enhanced: bool
+) -> None:
+    written = write(
+        tmp_path,
+        orientation=orientation,
+        reverse_order=reverse,
+        patient_position=position,
+        enhanced=enhanced,
+    )
+    volume = volume_from_series(written.paths)
+
+    assert volume.array.dtype == np.float32
+    assert volume.array.shape == written.shape
+    np.testing.assert_allclose(volume.affine, written.affine, atol=1e-4)
+    np.testing.assert_array_equal(volume.array, written.array)
+    # The phantom sampled at our voxel centres reproduces what we read.
+    sampled = PHANTOM(voxel_points(volume.affine, volume.array.shape).reshape(-1, 3))
+    assert np.abs(sampled.reshape(volume.array.shape) - volume.array).max() <= SAMPLE_TOLERANCE
+
+    assert volume.spacing_zyx == pytest.approx((5.0, 5.5, 5.0), abs=1e-6)
+    np.testing.assert_allclose(volume.direction @ volume.direction.T, np.eye(3), atol=1e-9)
+    np.testing.assert_allclose(volume.origin, written.affine[:3, 3], atol=1e-4)
+    assert volume.modality == "MR"
+    assert volume.frame_of_reference_uid == written.uids.frame_of_reference_uid
+    assert volume.series_instance_uid == written.uids.series_instance_uid
+    assert all("PixelData" not in ds for ds in volume.source_datasets)
+    assert volume.source_datasets[0].PatientID == written.uids.patient_id
+    assert len(volume.frames) == written.shape[0]
+    _check_frame_refs(volume, written, enhanced)
+
+
+def _check_frame_refs(volume: Volume, written: dp.WrittenSeries, enhanced: bool) -> None:
+    if not enhanced:
+        assert [f.sop_instance_uid for f in volume.frames] == written.sop_instance_uids
+        assert all(f.frame_number is None for f in volume.frames)
+        assert len(volume.source_datasets) == len(written.paths)
+        return
+    assert len(volume.source_datasets) == 1
+    assert {f.sop_instance_uid for f in volume.frames} == set(written.sop_instance_uids)
+    assert {f.sop_class_uid for f in volume.frames} == {dp.EnhancedMRImageStorage}
+    # Frame number k (1-based) of the file must lie where slice z says it does.
+    per_frame = pydicom.dcmread(written.paths[0]).PerFrameFunctionalGroupsSequence
+    for z, ref in enumerate(volume.frames):
+        assert ref.frame_number is not None
+        position = per_frame[ref.frame_number - 1].PlanePositionSequence[0].ImagePositionPatient
+        expected = volume.affine @ np.array([0.0, 0.0, z, 1.0])
+        np.testing.assert_allclose([float(v) for v in position], expected[:3], atol=1e-4)
+
+
+def test_instance_numbers_are_ignored(tmp_path: Path) -> None:
+    """Datasets given in InstanceNumber order with shuffled numbers still sort by position."""
+    written = write(tmp_path, shuffle_instance_numbers=True, seed=5)
+    datasets = sorted(
+        (pydicom.dcmread(p) for p in written.paths), key=lambda ds: int(ds.InstanceNumber)
+    )
+    assert [ds.SOPInstanceUID for ds in datasets] != written.sop_instance_uids
+    volume = volume_from_series(datasets)
+    np.testing.assert_array_equal(volume.array, written.array)
+    assert [f.sop_instance_uid for f in volume.frames] == written.sop_instance_uids
+
+
+ORIENT_CASES = list(itertools.product(dp.ORIENTATIONS, ("HFS", "FFS", "HFP", "HFDL")))
+
+
+@pytest.mark.parametrize(
+    ("orientation", "position"), ORIENT_CASES, ids=[f"{o}-{p}" for o, p in ORIENT_CASES]
+)
+def test_reorient_to_closest_canonical(tmp_path: Path, orientation: str, position: str) -> None:
+    written = write(tmp_path, orientation=orientation, patient_position=position)
+    volume = volume_from_series(written.paths)
+    canonical, affine, inverse = reorient_to_closest_canonical(volume.array, volume.affine)
+
+    # Axes now point L, P, S: each index axis' strongest LPS component is its own, positive.
+    direction = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    for axis in range(3):
+        assert int(np.argmax(np.abs(direction[:, axis]))) == axis
+        assert direction[axis, axis] > 0.8  # oblique20 keeps its two 20-degree tilts
+    # Same voxels, same places: only the indexing changed.
+    sampled = PHANTOM(voxel_points(affine, canonical.shape).reshape(-1, 3))
+    assert np.abs(sampled.reshape(canonical.shape) - canonical).max() <= SAMPLE_TOLERANCE
+    assert sorted(canonical.shape) == sorted(volume.array.shape)
+    # Exact inverse, for intensities and for a label map predicted on the canonical grid.
+    np.testing.assert_array_equal(inverse(canonical), volume.array)
+    labels_canonical = PHANTOM.labels(voxel_points(affine, canonical.shape).reshape(-1, 3))
+    labels_source = PHANTOM.labels(voxel_points(volume.affine, volume.array.shape).reshape(-1, 3))
+    back = inverse(labels_canonical.reshape(canonical.shape))
+    assert back.dtype == np.uint8
+    np.testing.assert_array_equal(back, labels_source.reshape(volume.array.shape))
+    assert set(np.unique(back)) >= {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("orientation", ["axial", "sagittal", "coronal"])
+def test_canonical_matches_simpleitk_dicomorient(tmp_path: Path, orientation: str) -> None:
+    """An independent implementation gives the same array and origin for orthogonal grids."""
+    written = write(tmp_path, orientation=orientation, patient_position="HFDR")
+    volume = volume_from_series(written.paths)
+    canonical, affine, _ = reorient_to_closest_canonical(volume.array, volume.affine)
+
+    image = sitk.GetImageFromArray(volume.array)
+    image.SetSpacing(volume.spacing_zyx[::-1])
+    image.SetOrigin(tuple(volume.origin))
+    image.SetDirection(tuple(volume.direction.flatten()))
+    oriented = sitk.DICOMOrient(image, "LPS")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(oriented), canonical)
+    np.testing.assert_allclose(oriented.GetOrigin(), affine[:3, 3], atol=1e-6)
+    np.testing.assert_allclose(
+        np.array(oriented.GetDirection()).reshape(3, 3), np.eye(3), atol=1e-9
+    )
+
+
+def test_canonical_is_identity_for_axial_hfs(tmp_path: Path) -> None:
+    volume = volume_from_series(write(tmp_path).paths)
+    canonical, affine, _ = reorient_to_closest_canonical(volume.array, volume.affine)
+    np.testing.assert_array_equal(canonical, volume.array)
+    np.testing.assert_array_equal(affine, volume.affine)
+
+
+def test_inverse_refuses_wrong_shape(tmp_path: Path) -> None:
+    volume = volume_from_series(write(tmp_path, orientation="sagittal").paths)
+    _, _, inverse = reorient_to_closest_canonical(volume.array, volume.affine)
+    with pytest.raises(ValueError, match="canonical shape"):
+        inverse(volume.array[:, :, :-1])
+
+
+# ---- compressed transfer syntaxes ----------------------------------------------------
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless], ids=["rle", "jpeg-ls"])
+@pytest.mark.parametrize("enhanced", [False, True], ids=["single", "enhanced"])
+def test_compressed_reads_equal_to_uncompressed(
+    tmp_path: Path, syntax: str, enhanced: bool
+) -> None:
+    plain = volume_from_series(write(tmp_path, "plain", enhanced=enhanced).paths)
+    written = write(tmp_path, "packed", enhanced=enhanced, transfer_syntax=syntax)
+    assert pydicom.dcmread(written.paths[0]).file_meta.TransferSyntaxUID == syntax
+    packed = volume_from_series(written.paths)
+    np.testing.assert_array_equal(packed.array, plain.array)
+    np.testing.assert_allclose(packed.affine, plain.affine, atol=1e-9)
+
+
+# ---- (b) real scanner data against dcm2niix -----------------------------------------
+
+REAL_SERIES = [
+    "mr_siemens_t1_fl2d_sag_HFS",
+    "mr_siemens_t1_fl2d_sag_HFDL",
+    "mr_siemens_xa30_enhanced_t1w",
+]
+
+
+def _dcm2niix() -> str:
+    local = Path(sys.executable).parent / "dcm2niix"
+    found = str(local) if local.exists() else shutil.which("dcm2niix")
+    if found is None:
+        pytest.skip("dcm2niix is not installed (pip install dcm2niix)")
+    return found
+
+
+@pytest.mark.parametrize("name", REAL_SERIES)
+def test_real_series_matches_dcm2niix(tmp_path: Path, name: str) -> None:
+    folder = DATA / name
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent (shared test data is not part of a checkout)")
+    nib = pytest.importorskip("nibabel")
+    result = subprocess.run(
+        [_dcm2niix(), "-z", "n", "-b", "n", "-f", "ref", "-o", str(tmp_path), str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    niftis = sorted(tmp_path.glob("*.nii"))
+    assert len(niftis) == 1, [p.name for p in niftis]
+
+    volume = volume_from_folder(folder)
+    image = nib.load(niftis[0])
+    reference = np.asarray(image.get_fdata(dtype=np.float64))  # scl_slope/inter applied
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    nifti_lps = ras_to_lps @ image.affine
+    assert reference.size == volume.array.size
+
+    # Map each of our voxel centres into the NIfTI's index space: it must land on a voxel
+    # centre (dcm2niix may flip or permute axes), within 1e-3 mm, and hold the same value.
+    ours = voxel_points(volume.affine, volume.array.shape).reshape(-1, 3)
+    ijk = (np.c_[ours, np.ones(len(ours))] @ np.linalg.inv(nifti_lps).T)[:, :3]
+    ijk_round = np.rint(ijk)
+    theirs = np.c_[ijk_round, np.ones(len(ours))] @ nifti_lps.T
+    assert np.abs(theirs[:, :3] - ours).max() < 1e-3
+    index = ijk_round.astype(int)
+    for axis in range(3):
+        assert index[:, axis].min() == 0
+        assert index[:, axis].max() == reference.shape[axis] - 1
+    values = reference[index[:, 0], index[:, 1], index[:, 2]]
+    np.testing.assert_array_equal(values, volume.array.reshape(-1).astype(np.float64))
+    assert len(np.unique(index, axis=0)) == len(index)  # one to one
+
+
+def test_real_hfs_and_hfdl_series_are_sorted_and_described() -> None:
+    folder = DATA / "mr_siemens_t1_fl2d_sag_HFDL"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent (shared test data is not part of a checkout)")
+    volume = volume_from_folder(folder)
+    assert volume.array.shape == (35, 256, 256)
+    assert volume.spacing_zyx == pytest.approx((4.8, 1.015625, 1.015625), abs=1e-5)
+    assert volume.source_datasets[0].PatientPosition == "HFDL"
+    # Sagittal: slices along the L-R axis, +normal points to the patient's right.
+    np.testing.assert_allclose(volume.direction[:, 2], [-1.0, 0.0, 0.0], atol=1e-6)
+
+
+def test_real_enhanced_frame_refs() -> None:
+    folder = DATA / "mr_siemens_xa30_enhanced_t1w"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent (shared test data is not part of a checkout)")
+    volume = volume_from_folder(folder)
+    assert volume.array.shape == (96, 128, 128)
+    assert sorted(f.frame_number or 0 for f in volume.frames) == list(range(1, 97))
+    assert {f.sop_class_uid for f in volume.frames} == {"1.2.840.10008.5.1.4.1.1.4.1"}
+
+
+# ---- (c) the JPEG 2000 CT with empty UIDs -------------------------------------------
+
+CT = DATA / "ct_siemens_example_jpeg2000_no_uids"
+
+
+def test_ct_with_empty_uids_is_refused_by_name() -> None:
+    if not CT.is_dir():
+        pytest.skip(f"{CT} is absent (shared test data is not part of a checkout)")
+    with pytest.raises(SeriesError) as caught:
+        volume_from_folder(CT)
+    message = str(caught.value)
+    for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+        assert keyword in message
+    with pytest.raises(SeriesError, match="SOPInstanceUID"):
+        volume_from_series(sorted(CT.iterdir()))
+
+
+def test_ct_jpeg2000_decodes_once_uids_are_filled() -> None:
+    if not CT.is_dir():
+        pytest.skip(f"{CT} is absent (shared test data is not part of a checkout)")
+    study, series = generate_uid(), generate_uid()
+    datasets = []
+    for path in sorted(CT.iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = generate_uid()
+        datasets.append(ds)
+    volume = volume_from_series(datasets)
+    assert volume.array.shape == (20, 512, 512)
+    assert volume.modality == "CT"
+    # Rescale applied: air about -1000 HU, and bone well above water.
+    assert volume.array.min() <= -900
+    assert volume.array.max() >= 500
+    reference = sitk.GetArrayFromImage(sitk.ReadImage([str(p) for p in _sitk_sorted(CT)]))
+    np.testing.assert_array_equal(volume.array, reference.astype(np.float32))
+
+
+def _sitk_sorted(folder: Path) -> list[str]:
+    reader = sitk.ImageSeriesReader()
+    return list(reader.GetGDCMSeriesFileNames(str(folder)))
+
+
+# ---- (d) refusals and filtering ------------------------------------------------------
+
+
+def test_mixed_orientations_are_refused(tmp_path: Path) -> None:
+    written = dp.write_mixed_orientation_series(tmp_path / "mixed", PHANTOM)
+    with pytest.raises(SeriesError, match="mixed orientations"):
+        volume_from_folder(tmp_path / "mixed")
+    assert written.paths
+
+
+def test_gap_is_refused(tmp_path: Path) -> None:
+    dp.write_gap_series(tmp_path / "gap", PHANTOM, missing=7)
+    with pytest.raises(SeriesError, match="slices are missing"):
+        volume_from_folder(tmp_path / "gap")
+
+
+def test_duplicate_positions_are_refused(tmp_path: Path) -> None:
+    written = write(tmp_path)
+    copy = pydicom.dcmread(written.paths[0])
+    copy.SOPInstanceUID = generate_uid()
+    copy.save_as(tmp_path / "s" / "duplicate.dcm")
+    with pytest.raises(SeriesError, match="share a position"):
+        volume_from_folder(tmp_path / "s")
+
+
+@pytest.mark.parametrize("tilt", [12.0, 2.0])
+def test_tilted_or_sheared_stack_is_refused(tmp_path: Path, tilt: float) -> None:
+    dp.write_sheared_series(tmp_path / "tilt", PHANTOM, tilt_degrees=tilt)
+    with pytest.raises(SeriesError, match="gantry-tilted or sheared"):
+        volume_from_folder(tmp_path / "tilt")
+
+
+def test_shear_along_rows_is_refused(tmp_path: Path) -> None:
+    dp.write_series(tmp_path / "shear", PHANTOM, orientation="coronal", shear_mm_per_slice=(1.0, 0))
+    with pytest.raises(SeriesError, match="not along the slice normal"):
+        volume_from_folder(tmp_path / "shear")
+
+
+def test_single_image_is_refused(tmp_path: Path) -> None:
+    written = write(tmp_path, shape=(1, 24, 28))
+    with pytest.raises(SeriesError, match="single image"):
+        volume_from_series(written.paths)
+
+
+def test_missing_pixel_data_is_refused(tmp_path: Path) -> None:
+    written = write(tmp_path)
+    stripped = pydicom.dcmread(written.paths[3])
+    del stripped.PixelData
+    stripped.save_as(written.paths[3])
+    with pytest.raises(SeriesError, match="no pixel data"):
+        volume_from_series(written.paths)
+    datasets = [pydicom.dcmread(p) for p in written.paths]
+    with pytest.raises(SeriesError, match="no pixel data"):
+        volume_from_series(datasets)
+
+
+@pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"])
+def test_one_missing_uid_is_named(tmp_path: Path, keyword: str) -> None:
+    datasets = [pydicom.dcmread(p) for p in write(tmp_path).paths]
+    setattr(datasets[4], keyword, "")
+    with pytest.raises(SeriesError) as caught:
+        volume_from_series(datasets)
+    assert keyword in str(caught.value)
+    others = {"SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"} - {keyword}
+    assert not any(other in str(caught.value) for other in others)
+
+
+def test_localizers_are_dropped(tmp_path: Path) -> None:
+    written = write(tmp_path)
+    dp.add_localizers(tmp_path / "s", written, PHANTOM, count=3, mark_localizer=True)
+    dp.add_localizers(tmp_path / "s", written, PHANTOM, count=2, orientation="coronal",
+                      mark_localizer=False)  # fmt: skip
+    (tmp_path / "s" / "notes.txt").write_text("not DICOM")
+    volume = volume_from_folder(tmp_path / "s")
+    np.testing.assert_array_equal(volume.array, written.array)
+    assert [f.sop_instance_uid for f in volume.frames] == written.sop_instance_uids
+
+
+def test_many_localizer_marked_images_are_dropped(tmp_path: Path) -> None:
+    written = write(tmp_path)
+    dp.add_localizers(tmp_path / "s", written, PHANTOM, count=6, mark_localizer=True)
+    volume = volume_from_folder(tmp_path / "s")
+    assert volume.array.shape == written.shape
+
+
+def test_images_of_another_size_are_dropped_like_scouts(tmp_path: Path) -> None:
+    written = write(tmp_path)
+    dp.add_localizers(tmp_path / "s", written, PHANTOM, count=2, orientation="axial",
+                      mark_localizer=False)  # fmt: skip
+    volume = volume_from_folder(tmp_path / "s")
+    assert volume.array.shape == written.shape
+
+
+def test_folder_with_two_series_lists_them(tmp_path: Path) -> None:
+    first = dp.write_series(tmp_path / "a", PHANTOM)
+    dp.write_series(tmp_path / "b", PHANTOM, orientation="sagittal")
+    with pytest.raises(SeriesError, match="holds 2 series") as caught:
+        volume_from_folder(tmp_path)
+    assert first.uids.series_instance_uid in str(caught.value)
+    chosen = volume_from_folder(tmp_path, series_instance_uid=first.uids.series_instance_uid)
+    np.testing.assert_array_equal(chosen.array, first.array)
+    with pytest.raises(SeriesError, match="belong to 2 series"):
+        volume_from_series([*first.paths, *sorted((tmp_path / "b").iterdir())])
+
+
+def test_empty_inputs_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(SeriesError):
+        volume_from_series([])
+    (tmp_path / "readme.txt").write_text("nothing here")
+    with pytest.raises(SeriesError, match="no DICOM files"):
+        volume_from_folder(tmp_path)
