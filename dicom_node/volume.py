@@ -438,7 +438,11 @@ def _select_frames(instances: list[_Instance]) -> list[_Frame]:
     frames = [f for inst in instances for f in inst.frames]
     localizers = [f for f in frames if f.localizer]
     if localizers:
-        logger.info("dropping %d localizer image(s)", len(localizers))
+        logger.info(
+            "series %s: dropping %d localizer image(s)",
+            instances[0].header.SeriesInstanceUID,
+            len(localizers),
+        )
     frames = [f for f in frames if not f.localizer]
     if not frames:
         raise SeriesError("the series holds only localizer images")
@@ -466,7 +470,8 @@ def _select_frames(instances: list[_Instance]) -> list[_Frame]:
                 "stack of parallel slices"
             )
         logger.info(
-            "dropping %d image(s) of another plane or size (scouts); keeping %d",
+            "series %s: dropping %d image(s) of another plane or size (scouts); keeping %d",
+            instances[0].header.SeriesInstanceUID,
             len(others),
             len(kept),
         )

@@ -429,3 +429,10 @@ def test_empty_inputs_are_refused(tmp_path: Path) -> None:
     (tmp_path / "readme.txt").write_text("nothing here")
     with pytest.raises(SeriesError, match="no DICOM files"):
         volume_from_folder(tmp_path)
+
+
+def test_enhanced_phantom_is_readable_by_highdicom(tmp_path: Path) -> None:
+    hd = pytest.importorskip("highdicom")
+    written = write(tmp_path, enhanced=True, orientation="coronal")
+    image = hd.Image.from_dataset(pydicom.dcmread(written.paths[0]))
+    assert image.number_of_frames == written.shape[0]
