@@ -152,6 +152,8 @@ class WorkerSettings(_Strict):
     processes: int = Field(1, ge=0, le=64)
     job_timeout_s: float = Field(3600.0, gt=0)
     max_attempts: int = Field(3, ge=1)
+    retry_delay_s: float = Field(30.0, ge=0)
+    heartbeat_timeout_s: float = Field(60.0, gt=0)
     poll_interval_s: float = Field(1.0, gt=0)
 
 
@@ -159,6 +161,7 @@ class OutboxSettings(_Strict):
     max_attempts: int = Field(10, ge=1)
     backoff_initial_s: float = Field(10.0, gt=0)
     backoff_max_s: float = Field(3600.0, gt=0)
+    lease_s: float = Field(300.0, gt=0)
     poll_interval_s: float = Field(1.0, gt=0)
 
 

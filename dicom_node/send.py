@@ -7,13 +7,16 @@ import logging
 import socket
 import ssl
 import time
+from pathlib import Path
 from typing import Any
 
+from pydicom import Dataset, dcmread
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
-from dicom_node.config import PeerSettings, Settings
+from dicom_node.config import DicomWebDestination, PeerSettings, Settings
+from dicom_node.errors import DeliveryError
 
 logger = logging.getLogger(__name__)
 
@@ -80,3 +83,90 @@ def echo_peer(settings: Settings, peer: PeerSettings) -> dict[str, Any]:
     ok = code == 0
     detail = f"status 0x{code:04X}" if code is not None else "no response"
     return {"ok": ok, "detail": detail, "seconds": time.monotonic() - started}
+
+
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+
+
+def store_seg(
+    settings: Settings, peer: PeerSettings, path: Path, fallback: Path | None = None
+) -> str:
+    """C-STORE one SEG file to a peer; a peer refusing its SOP class gets ``fallback``.
+
+    Returns a note for the delivery record; raises DeliveryError on failure.
+    """
+    header = dcmread(path, stop_before_pixels=True)
+    sop_class = str(header.SOPClassUID)
+    syntax = str(header.file_meta.TransferSyntaxUID)
+    ae = scu_ae(settings)
+    ae.add_requested_context(sop_class, _unique([syntax, EXPLICIT_VR_LE]))
+    fallback_syntax = None
+    if fallback is not None and fallback.exists():
+        fallback_header = dcmread(fallback, stop_before_pixels=True)
+        fallback_syntax = str(fallback_header.file_meta.TransferSyntaxUID)
+        ae.add_requested_context(SEGMENTATION_STORAGE, _unique([fallback_syntax, EXPLICIT_VR_LE]))
+    assoc = associate(ae, settings, peer)
+    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
+    if not assoc.is_established:
+        why = "rejected the association" if assoc.is_rejected else "is unreachable"
+        raise DeliveryError(f"{where} {why}", retryable=True)
+    note = ""
+    try:
+        accepted = {
+            str(cx.abstract_syntax)
+            for cx in assoc.accepted_contexts
+            if str(cx.transfer_syntax) in (syntax, EXPLICIT_VR_LE, fallback_syntax)
+        }
+        send: Path | Dataset = path
+        if sop_class not in accepted:
+            if fallback_syntax is not None and SEGMENTATION_STORAGE in accepted:
+                send = fallback
+                note = f"{where} refuses SOP class {sop_class}; sent the BINARY SEG instead"
+                logger.info("%s", note)
+            else:
+                raise DeliveryError(
+                    f"{where} does not accept SOP class {sop_class} (nor a fallback)",
+                    retryable=False,
+                )
+        if isinstance(send, Path) and syntax not in {
+            str(cx.transfer_syntax) for cx in assoc.accepted_contexts
+        }:
+            send = dcmread(send)  # pynetdicom re-encodes to the accepted syntax
+        status = assoc.send_c_store(send)
+        if not status or "Status" not in status:
+            raise DeliveryError(f"{where} sent no C-STORE response (connection lost)")
+        code = int(status.Status)
+        if code != 0 and not (0xB000 <= code <= 0xBFFF):
+            comment = str(status.get("ErrorComment", ""))
+            raise DeliveryError(f"{where} answered C-STORE with 0x{code:04X} {comment}".strip())
+        if code:
+            note = (note + f"; warning status 0x{code:04X}").lstrip("; ")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return note
+
+
+def stow_seg(destination: DicomWebDestination, path: Path) -> str:
+    """STOW-RS one SEG file to a DICOMweb endpoint."""
+    from dicomweb_client.api import DICOMwebClient
+    from requests import HTTPError, RequestException
+
+    client = DICOMwebClient(url=destination.url, headers=dict(destination.headers))
+    try:
+        client.store_instances(datasets=[dcmread(path)])
+    except HTTPError as exc:
+        code = exc.response.status_code if exc.response is not None else 0
+        # Client errors other than timeouts and throttling will not improve by waiting.
+        retryable = code >= 500 or code in (0, 408, 429)
+        raise DeliveryError(
+            f"STOW-RS to {destination.url} failed: HTTP {code}", retryable=retryable
+        ) from exc
+    except RequestException as exc:
+        raise DeliveryError(f"STOW-RS to {destination.url} failed: {exc}") from exc
+    return ""
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))

@@ -23,6 +23,7 @@ from dicom_node.receive import Receiver
 from dicom_node.scp import RunningSCP, start_scp
 from storage.database import Index
 from storage.filestore import FileStore
+from storage.instances import CompletedSeries
 
 logger = logging.getLogger(__name__)
 
@@ -157,5 +158,28 @@ def _receiver_process(settings_json: str, max_associations: int) -> None:
 def default_components(
     settings: Settings,
 ) -> tuple[list[CompletionListener], list[ComponentFactory]]:
-    """What ``serve`` runs besides the receiver: the job pipeline once routing rules exist."""
-    return [], []
+    """What ``serve`` runs besides the receiver: scheduler, worker processes, outbox."""
+    from dicom_node.outbox import Outbox
+    from dicom_node.scheduler import Scheduler
+    from dicom_node.worker import WorkerPool
+
+    holder: dict[str, Scheduler] = {}
+
+    def scheduler(service: Service) -> Component:
+        holder["scheduler"] = Scheduler(service.settings, service.index)
+        return holder["scheduler"]
+
+    def wake_scheduler(_: CompletedSeries) -> None:
+        if "scheduler" in holder:
+            holder["scheduler"].wake()
+
+    def workers(service: Service) -> Component:
+        return WorkerPool(service.settings, service.index, service.settings.workers.processes)
+
+    def outbox(service: Service) -> Component:
+        return Outbox(service.settings, service.index, service.store)
+
+    factories: list[ComponentFactory] = [scheduler, outbox]
+    if settings.workers.processes:
+        factories.insert(1, workers)
+    return [wake_scheduler], factories

@@ -1,0 +1,143 @@
+"""Outbox: deliver each SEG to each destination, with backoff, surviving restarts.
+
+Exactly once at the PACS: a SEG's SOP Instance UID is derived from its inputs, so a send
+repeated after a crash replaces rather than duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from sqlalchemy import update
+
+from dicom_node.config import Settings
+from dicom_node.errors import DeliveryError
+from dicom_node.send import store_seg, stow_seg
+from storage.database import Index
+from storage.filestore import FileStore
+from storage.models import Delivery, DeliveryState, Job, utcnow
+from storage.queue import claim_delivery, delivery_done, delivery_failed
+
+logger = logging.getLogger(__name__)
+
+
+def release_interrupted(index: Index) -> int:
+    """Sends cut off by a crash are due again now (one outbox per index: `serve`)."""
+    with index.session() as session, session.begin():
+        result = session.execute(
+            update(Delivery)
+            .where(Delivery.state == DeliveryState.SENDING)
+            .values(state=DeliveryState.PENDING, next_attempt_at=utcnow())
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+class Outbox:
+    def __init__(self, settings: Settings, index: Index, store: FileStore) -> None:
+        self.settings = settings
+        self.index = index
+        self.store = store
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def send(self, delivery: Delivery) -> str:
+        path = self.store.absolute(delivery.seg_path)
+        if not path.exists():
+            raise DeliveryError(f"SEG file {path} is missing", retryable=False)
+        name = delivery.resolved_peer or delivery.destination
+        peer = self.settings.peer_by_name(name)
+        if peer is not None:
+            fallback = path.parent / "fallback-binary.dcm"
+            return store_seg(self.settings, peer, path, fallback if fallback.exists() else None)
+        for web in self.settings.dicomweb:
+            if web.name == name:
+                return stow_seg(web, path)
+        raise DeliveryError(f"destination {name!r} is no longer configured", retryable=False)
+
+    def deliver_one(self) -> bool:
+        delivery = claim_delivery(self.index, self.settings.outbox.lease_s)
+        if delivery is None:
+            return False
+        with self.index.session() as session:
+            job = session.get(Job, delivery.job_pk)
+            version = job.series_version if job else None
+            series = version.series if version else None
+            study_uid = series.study.study_instance_uid if series else "?"
+            series_uid = series.series_instance_uid if series else "?"
+        tag = (
+            f"delivery {delivery.id} job {delivery.job_pk} study {study_uid} series {series_uid} "
+            f"-> {delivery.resolved_peer or delivery.destination}"
+        )
+        started = time.monotonic()
+        try:
+            note = self.send(delivery)
+        except DeliveryError as exc:
+            outbox = self.settings.outbox
+            state, delay = delivery_failed(
+                self.index,
+                delivery.id,
+                str(exc),
+                retryable=exc.retryable,
+                max_attempts=outbox.max_attempts,
+                backoff_initial_s=outbox.backoff_initial_s,
+                backoff_max_s=outbox.backoff_max_s,
+            )
+            if state == DeliveryState.DEAD:
+                logger.error(
+                    "%s: attempt %d failed, dead-lettered: %s", tag, delivery.attempts, exc
+                )
+            else:
+                logger.warning(
+                    "%s: attempt %d failed, retry in %.0f s: %s",
+                    tag,
+                    delivery.attempts,
+                    delay or 0,
+                    exc,
+                )
+            return True
+        except Exception as exc:  # unexpected: keep the outbox alive, retry later
+            logger.exception("%s: unexpected error", tag)
+            delivery_failed(
+                self.index,
+                delivery.id,
+                f"{type(exc).__name__}: {exc}",
+                retryable=True,
+                max_attempts=self.settings.outbox.max_attempts,
+                backoff_initial_s=self.settings.outbox.backoff_initial_s,
+                backoff_max_s=self.settings.outbox.backoff_max_s,
+            )
+            return True
+        elapsed = time.monotonic() - started
+        delivery_done(self.index, delivery.id, elapsed, note)
+        logger.info(
+            "%s: SEG %s delivered in %.2f s%s",
+            tag,
+            delivery.sop_instance_uid,
+            elapsed,
+            f" ({note})" if note else "",
+        )
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.deliver_one()
+            except Exception:
+                logger.exception("outbox loop error")
+                busy = False
+            if not busy:
+                self._stop.wait(self.settings.outbox.poll_interval_s)
+
+    def start(self) -> None:
+        released = release_interrupted(self.index)
+        if released:
+            logger.info("%d deliveries interrupted by a restart are due again", released)
+        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)

@@ -1,0 +1,158 @@
+"""Routing: which rule (model, output profile, destinations) a completed series gets.
+
+First match wins. Every rule is evaluated with its reasons, so ``dicom-node rules test``
+can show why a rule fired or did not.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dicom_node.config import RuleMatch, RuleSettings
+
+
+@dataclass(frozen=True)
+class SeriesFacts:
+    """What rules can match on, taken from the index or from the files' headers."""
+
+    series_instance_uid: str
+    modality: str = ""
+    series_description: str = ""
+    protocol_name: str = ""
+    image_type: tuple[str, ...] = ()
+    body_part_examined: str = ""
+    calling_ae_title: str = ""
+    image_count: int = 0
+
+
+@dataclass
+class RuleVerdict:
+    rule: str
+    matched: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RoutingDecision:
+    rule: RuleSettings | None
+    verdicts: list[RuleVerdict]
+
+    def explain(self) -> str:
+        lines = []
+        for verdict in self.verdicts:
+            mark = "MATCH" if verdict.matched else "no"
+            lines.append(f"{mark:5} {verdict.rule}: " + "; ".join(verdict.reasons))
+        lines.append(
+            f"-> {self.rule.name if self.rule else 'no rule matches: kept, not processed'}"
+        )
+        return "\n".join(lines)
+
+
+def _check(match: RuleMatch, facts: SeriesFacts) -> tuple[bool, list[str]]:
+    ok = True
+    reasons: list[str] = []
+
+    def note(passed: bool, text: str) -> None:
+        nonlocal ok
+        ok = ok and passed
+        reasons.append(("" if passed else "NOT ") + text)
+
+    if match.modality is not None:
+        note(
+            facts.modality.upper() in {m.upper() for m in match.modality},
+            f"modality {facts.modality!r} in {match.modality}",
+        )
+    if match.series_description is not None:
+        note(
+            re.search(match.series_description, facts.series_description) is not None,
+            f"series description {facts.series_description!r} ~ /{match.series_description}/",
+        )
+    if match.protocol_name is not None:
+        note(
+            re.search(match.protocol_name, facts.protocol_name) is not None,
+            f"protocol name {facts.protocol_name!r} ~ /{match.protocol_name}/",
+        )
+    if match.image_type_contains is not None:
+        have = {v.upper() for v in facts.image_type}
+        want = [v.upper() for v in match.image_type_contains]
+        note(all(v in have for v in want), f"image type {list(facts.image_type)} has {want}")
+    if match.body_part_examined is not None:
+        note(
+            facts.body_part_examined.upper() in {b.upper() for b in match.body_part_examined},
+            f"body part {facts.body_part_examined!r} in {match.body_part_examined}",
+        )
+    if match.calling_ae_title is not None:
+        note(
+            facts.calling_ae_title in match.calling_ae_title,
+            f"calling AE {facts.calling_ae_title!r} in {match.calling_ae_title}",
+        )
+    if match.min_images is not None:
+        note(
+            facts.image_count >= match.min_images,
+            f"{facts.image_count} >= {match.min_images} images",
+        )
+    if match.max_images is not None:
+        note(
+            facts.image_count <= match.max_images,
+            f"{facts.image_count} <= {match.max_images} images",
+        )
+    if not reasons:
+        reasons.append("matches every series")
+    return ok, reasons
+
+
+def route(rules: list[RuleSettings], facts: SeriesFacts) -> RoutingDecision:
+    verdicts: list[RuleVerdict] = []
+    chosen: RuleSettings | None = None
+    for rule in rules:
+        if chosen is not None:
+            verdicts.append(
+                RuleVerdict(rule.name, False, ["not evaluated: an earlier rule matched"])
+            )
+            continue
+        matched, reasons = _check(rule.match, facts)
+        verdicts.append(RuleVerdict(rule.name, matched, reasons))
+        if matched:
+            chosen = rule
+    return RoutingDecision(chosen, verdicts)
+
+
+def facts_from_folder(path: Path, calling_ae_title: str = "") -> SeriesFacts:
+    """Facts of the one series in a folder of DICOM files (headers only)."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from dicom_node.errors import SeriesError
+
+    first = None
+    count = 0
+    series_uids: set[str] = set()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        try:
+            ds = dcmread(file, stop_before_pixels=True)
+        except (InvalidDicomError, OSError):
+            continue
+        if "SOPClassUID" not in ds:
+            continue
+        series_uids.add(str(ds.get("SeriesInstanceUID", "")))
+        count += 1
+        first = first or ds
+    if first is None:
+        raise SeriesError(f"no DICOM images under {path}")
+    if len(series_uids) > 1:
+        raise SeriesError(f"{path} holds {len(series_uids)} series; give one series' folder")
+    image_type = first.get("ImageType", [])
+    if isinstance(image_type, str):  # a single value is not a MultiValue
+        image_type = [image_type]
+    return SeriesFacts(
+        series_instance_uid=str(first.get("SeriesInstanceUID", "")),
+        modality=str(first.get("Modality", "")),
+        series_description=str(first.get("SeriesDescription", "")),
+        protocol_name=str(first.get("ProtocolName", "")),
+        image_type=tuple(str(v) for v in image_type),
+        body_part_examined=str(first.get("BodyPartExamined", "")),
+        calling_ae_title=calling_ae_title,
+        image_count=count,
+    )

@@ -1,0 +1,165 @@
+"""Segment: one series' files -> volume -> model -> label map on the source grid -> DICOM-SEG.
+
+The whole flow in one short function (:func:`segment_series`); each stage lives in its own
+module (``volume``, ``inference.predictor``, ``seg_encode``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom import Dataset
+
+from dicom_node.config import InferenceSettings
+from dicom_node.errors import ModelError, SeriesError
+from dicom_node.seg_encode import encode_seg, label_volumes_ml
+from dicom_node.volume import Volume, reorient_to_closest_canonical, volume_from_series
+from inference.model_folder import ModelInfo, load_model_info
+from inference.predictor import Segmenter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SegmentResult:
+    seg: Dataset
+    binary_fallback: Dataset | None
+    volumes_ml: list[tuple[int, str, float]]
+    study_instance_uid: str
+    series_instance_uid: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ModelCache:
+    """Models loaded once per worker process and kept (nnU-Net predictors are slow to build)."""
+
+    def __init__(self, models_dir: Path, settings: InferenceSettings) -> None:
+        self.models_dir = models_dir
+        self.settings = settings
+        self._loaded: dict[str, tuple[ModelInfo, Segmenter]] = {}
+
+    def get(self, name: str) -> tuple[ModelInfo, Segmenter]:
+        if name not in self._loaded:
+            info = load_model_info(name, self.models_dir)
+            started = time.monotonic()
+            segmenter = Segmenter(info, self.settings)
+            logger.info("model %s loaded in %.2f s", name, time.monotonic() - started)
+            self._loaded[name] = (info, segmenter)
+        return self._loaded[name]
+
+
+def _sources_in_slice_order(volume: Volume) -> Sequence[Dataset] | Dataset:
+    """The source datasets aligned with the volume's slices, as the SEG encoder wants them."""
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in volume.source_datasets}
+    if all(ref.frame_number is None for ref in volume.frames):
+        return [by_uid[ref.sop_instance_uid] for ref in volume.frames]
+    if len(volume.source_datasets) != 1:
+        raise SeriesError("a series of several multi-frame images cannot be segmented yet")
+    return volume.source_datasets[0]
+
+
+def _to_frame_order(label_map: np.ndarray, volume: Volume, source: Dataset) -> np.ndarray:
+    """Reorder planes from slice order (by position) to the multi-frame source's frame order."""
+    frames = int(source.get("NumberOfFrames", 1))
+    numbers = [ref.frame_number for ref in volume.frames]
+    if sorted(n for n in numbers if n is not None) != list(range(1, frames + 1)):
+        raise SeriesError(
+            "the multi-frame image has frames outside the segmented volume "
+            "(other planes or localizer frames); this is not supported yet"
+        )
+    out = np.empty_like(label_map)
+    for z, number in enumerate(numbers):
+        assert number is not None
+        out[number - 1] = label_map[z]
+    return out
+
+
+def segment_volume(
+    volume: Volume,
+    info: ModelInfo,
+    segmenter: Segmenter,
+    *,
+    format: str = "binary",
+    compression: str = "none",
+    binary_fallback: bool = False,
+    weights_sha256: str | None = None,
+) -> SegmentResult:
+    if volume.modality and volume.modality != info.descriptor.modality:
+        logger.warning(
+            "series %s is %s but model %s was trained on %s",
+            volume.series_instance_uid,
+            volume.modality,
+            info.name,
+            info.descriptor.modality,
+        )
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    canonical, canonical_affine, back = reorient_to_closest_canonical(volume.array, volume.affine)
+    spacing = tuple(float(s) for s in np.linalg.norm(canonical_affine[:3, :3], axis=0)[::-1])
+    labels = segmenter.predict(canonical, (spacing[0], spacing[1], spacing[2]))
+    label_map = back(labels)
+    timings["inference_s"] = time.monotonic() - started
+
+    started = time.monotonic()
+    sources = _sources_in_slice_order(volume)
+    if isinstance(sources, Dataset):
+        label_map_for_seg = _to_frame_order(label_map, volume, sources)
+    else:
+        label_map_for_seg = label_map
+    sha = weights_sha256 or info.weights_sha256
+    common = {
+        "model_name": info.name,
+        "model_version": info.descriptor.version,
+        "weights_sha256": sha,
+    }
+    seg = encode_seg(
+        label_map_for_seg,
+        sources,
+        info.catalogue,
+        format=format,
+        compression=compression,
+        **common,
+    )
+    fallback = None
+    if binary_fallback and format != "binary":
+        fallback = encode_seg(label_map_for_seg, sources, info.catalogue, **common)
+    timings["encode_s"] = time.monotonic() - started
+    spacing_zyx = volume.spacing_zyx
+    voxel_mm3 = float(spacing_zyx[0] * spacing_zyx[1] * spacing_zyx[2])
+    return SegmentResult(
+        seg=seg,
+        binary_fallback=fallback,
+        volumes_ml=[
+            (i, n, ml) for i, n, ml in label_volumes_ml(label_map, voxel_mm3, info.catalogue)
+        ],
+        study_instance_uid=volume.study_instance_uid,
+        series_instance_uid=volume.series_instance_uid,
+        timings=timings,
+    )
+
+
+def segment_series(
+    paths: Sequence[Path],
+    info: ModelInfo,
+    segmenter: Segmenter,
+    **options: object,
+) -> SegmentResult:
+    """The whole flow for one series' files."""
+    if not paths:
+        raise SeriesError("the series has no images")
+    started = time.monotonic()
+    volume = volume_from_series(list(paths))
+    load_s = time.monotonic() - started
+    if info.descriptor.input_channels and len(info.descriptor.input_channels) != 1:
+        raise ModelError(
+            f"model {info.name} needs {len(info.descriptor.input_channels)} input channels; "
+            "multi-channel series are not supported yet"
+        )
+    result = segment_volume(volume, info, segmenter, **options)  # type: ignore[arg-type]
+    result.timings["load_s"] = load_s
+    return result

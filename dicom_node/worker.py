@@ -1,0 +1,373 @@
+"""Workers: inference in processes separate from the receiver, so C-STORE never stalls.
+
+Each worker process keeps its models loaded, claims jobs from the index, heartbeats while
+it runs one, and writes the SEG into the store. A supervising pool restarts dead workers
+and kills a job that outruns ``workers.job_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.sharedctypes import Synchronized
+
+from sqlalchemy import select
+
+from dicom_node.config import Settings
+from dicom_node.errors import DicomNodeError, ModelError, SeriesError
+from dicom_node.logging_setup import configure_logging
+from storage.database import Index
+from storage.filestore import FileStore
+from storage.models import Instance, Job, JobState, Series, SeriesVersion, utcnow
+from storage.queue import claim_job, fail_job, finish_job, heartbeat
+
+logger = logging.getLogger(__name__)
+
+
+class PermanentJobError(DicomNodeError):
+    """Retrying cannot help (bad series, unknown origin, missing model)."""
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_orphaned_jobs(index: Index) -> int:
+    """Jobs left RUNNING by dead worker processes of this host become claimable at once."""
+    host = socket.gethostname()
+    released = 0
+    with index.session() as session, session.begin():
+        for job in session.scalars(select(Job).where(Job.state == JobState.RUNNING)):
+            name, _, pid = job.worker.rpartition(":")
+            if name == host and pid.isdigit() and not _pid_alive(int(pid)):
+                job.heartbeat_at = utcnow().replace(year=2000)
+                released += 1
+                logger.info(
+                    "job %d: its worker %s is gone; released for another", job.id, job.worker
+                )
+    return released
+
+
+@dataclass
+class JobContext:
+    settings: Settings
+    index: Index
+    store: FileStore
+    worker: str
+
+
+def resolve_destinations(
+    settings: Settings, series: Series, destinations: list[str]
+) -> list[tuple[str, str]]:
+    resolved: list[tuple[str, str]] = []
+    web = {d.name for d in settings.dicomweb}
+    for destination in destinations:
+        if destination == "origin":
+            peer = settings.peer_by_ae(series.calling_ae_title)
+            if peer is None:
+                raise PermanentJobError(
+                    f"origin AE title {series.calling_ae_title!r} (from {series.peer_address or '?'}) "
+                    "is not a configured peer: add it under peers, or name a destination in the rule"
+                )
+            resolved.append((destination, peer.name))
+        elif settings.peer_by_name(destination) is not None or destination in web:
+            resolved.append((destination, destination))
+        else:
+            raise PermanentJobError(f"destination {destination!r} is not configured")
+    return resolved
+
+
+def run_job(ctx: JobContext, job: Job, models: object) -> None:
+    """Segment one job's series version and queue its deliveries."""
+    from dicom_node.seg_encode import EmptySegmentationError
+    from dicom_node.segment import ModelCache, segment_series
+
+    assert isinstance(models, ModelCache)
+    started = time.monotonic()
+    with ctx.index.session() as session:
+        version = session.get(SeriesVersion, job.series_version_pk)
+        if version is None:
+            raise PermanentJobError("its series version is no longer in the index (pruned?)")
+        series = session.get(Series, version.series_pk)
+        assert series is not None
+        study_uid = series.study.study_instance_uid
+        paths = [
+            ctx.store.absolute(path)
+            for path in session.scalars(
+                select(Instance.path)
+                .where(Instance.series_pk == series.id, Instance.version <= version.version)
+                .order_by(Instance.id)
+            )
+        ]
+    tag = f"job {job.id} study {study_uid} series {series.series_instance_uid} v{version.version}"
+    logger.info(
+        "%s: started (model %s, rule %s, attempt %d, %d images)",
+        tag,
+        job.model_name,
+        job.rule_name,
+        job.attempts,
+        len(paths),
+    )
+    deliveries = resolve_destinations(ctx.settings, series, list(job.destinations))
+    timings: dict[str, float] = {
+        "queue_s": max(0.0, (job.started_at - job.created_at).total_seconds())
+        if job.started_at and job.created_at
+        else 0.0
+    }
+    load_started = time.monotonic()
+    try:
+        info, segmenter = models.get(job.model_name)
+    except ModelError as exc:
+        raise PermanentJobError(str(exc)) from exc
+    timings["model_s"] = time.monotonic() - load_started
+    profile = dict(job.profile)
+    fmt = str(profile.get("format", "binary"))
+    try:
+        result = segment_series(
+            paths,
+            info,
+            segmenter,
+            format=fmt,
+            compression=str(profile.get("compression", "none")),
+            binary_fallback=fmt != "binary" and bool(profile.get("fallback_to_binary", True)),
+        )
+    except EmptySegmentationError:
+        timings["total_s"] = time.monotonic() - started
+        finish_job(
+            ctx.index,
+            job.id,
+            seg_path="",
+            seg_sop_instance_uid="",
+            timings=timings,
+            reason="the model found none of its structures in this series: no SEG produced",
+        )
+        logger.warning("%s: no structure found; nothing to send (%.2f s)", tag, timings["total_s"])
+        return
+    except (SeriesError, ModelError, ValueError) as exc:
+        raise PermanentJobError(str(exc)) from exc
+    timings.update(result.timings)
+    seg_uid = str(result.seg.SOPInstanceUID)
+    seg_rel = f"results/{job.id}/{seg_uid}.dcm"
+    ctx.store.write_atomic(seg_rel, _encode(result.seg))
+    if result.binary_fallback is not None:
+        ctx.store.write_atomic(
+            f"results/{job.id}/fallback-binary.dcm", _encode(result.binary_fallback)
+        )
+    timings["total_s"] = time.monotonic() - started
+    finish_job(
+        ctx.index,
+        job.id,
+        seg_path=seg_rel,
+        seg_sop_instance_uid=seg_uid,
+        timings=timings,
+        deliveries=deliveries,
+    )
+    found = ", ".join(f"{name} {ml:.1f} ml" for _, name, ml in result.volumes_ml if ml > 0)
+    logger.info(
+        "%s: succeeded in %.2f s (load %.2f, inference %.2f, encode %.2f); SEG %s; %s",
+        tag,
+        timings["total_s"],
+        timings.get("load_s", 0.0),
+        timings.get("inference_s", 0.0),
+        timings.get("encode_s", 0.0),
+        seg_uid,
+        found or "no structures",
+    )
+
+
+def _encode(ds: object) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)  # type: ignore[attr-defined]
+    return buffer.getvalue()
+
+
+def process_one(ctx: JobContext, models: object, current: Synchronized[int] | None = None) -> bool:
+    """Claim and run one job; False when none was runnable."""
+    job = claim_job(ctx.index, ctx.worker, ctx.settings.workers.heartbeat_timeout_s)
+    if job is None:
+        return False
+    if current is not None:
+        current.value = job.id
+    beat_stop = threading.Event()
+    interval = max(0.5, ctx.settings.workers.heartbeat_timeout_s / 4)
+
+    def beat() -> None:
+        while not beat_stop.wait(interval):
+            with contextlib.suppress(Exception):
+                heartbeat(ctx.index, job.id, ctx.worker)
+
+    beater = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
+    beater.start()
+    started = time.monotonic()
+    try:
+        run_job(ctx, job, models)
+    except PermanentJobError as exc:
+        fail_job(ctx.index, job.id, str(exc), retry_in_s=None, max_attempts=0)
+        logger.error("job %d failed after %.2f s: %s", job.id, time.monotonic() - started, exc)
+    except Exception as exc:
+        state = fail_job(
+            ctx.index,
+            job.id,
+            f"{type(exc).__name__}: {exc}",
+            retry_in_s=ctx.settings.workers.retry_delay_s,
+            max_attempts=ctx.settings.workers.max_attempts,
+        )
+        logger.exception(
+            "job %d error after %.2f s (%s): %s",
+            job.id,
+            time.monotonic() - started,
+            "will retry" if state == JobState.RETRY_WAIT else "no attempts left",
+            exc,
+        )
+    finally:
+        beat_stop.set()
+        if current is not None:
+            current.value = 0
+    return True
+
+
+def _die_with_parent() -> None:
+    # A worker orphaned by `kill -9` of the service must not keep running a job the
+    # restarted service will run again.
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def worker_main(settings_json: str, current: Synchronized[int], stop: Synchronized[int]) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(stop, "value", 1))
+    settings = Settings.model_validate_json(settings_json)
+    configure_logging(settings.logging)
+    if settings.inference.cpu_threads:
+        import torch
+
+        torch.set_num_threads(settings.inference.cpu_threads)
+    from dicom_node.segment import ModelCache
+
+    index = Index(settings.storage.effective_database_url, migrate=False)
+    store = FileStore(settings.storage.store_dir, 0)
+    ctx = JobContext(settings, index, store, worker_id())
+    models = ModelCache(settings.models_dir, settings.inference)
+    logger.info("worker %s ready", ctx.worker)
+    while not stop.value:
+        try:
+            busy = process_one(ctx, models, current)
+        except Exception:  # the index may be briefly locked; keep the worker alive
+            logger.exception("worker %s: claiming a job failed", ctx.worker)
+            busy = False
+        if not busy:
+            time.sleep(settings.workers.poll_interval_s)
+    index.dispose()
+    logger.info("worker %s stopped", ctx.worker)
+
+
+@dataclass
+class _Slot:
+    process: multiprocessing.process.BaseProcess
+    current: Synchronized[int]
+    stop: Synchronized[int]
+    job_seen: int = 0
+    job_since: float = 0.0
+
+
+class WorkerPool:
+    """Starts and supervises worker processes (used by ``serve`` and ``worker``)."""
+
+    STOP_GRACE_S = 30.0
+
+    def __init__(self, settings: Settings, index: Index, processes: int) -> None:
+        self.settings = settings
+        self.index = index
+        self.processes = processes
+        self._context = multiprocessing.get_context("spawn")
+        self._slots: list[_Slot] = []
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _spawn(self, number: int) -> _Slot:
+        current = self._context.Value("i", 0)
+        stop = self._context.Value("i", 0)
+        process = self._context.Process(
+            target=worker_main,
+            args=(self.settings.model_dump_json(), current, stop),
+            name=f"worker-{number}",
+        )
+        process.start()
+        return _Slot(process, current, stop)  # type: ignore[arg-type]
+
+    def start(self) -> None:
+        released = release_orphaned_jobs(self.index)
+        if released:
+            logger.info("%d jobs of stopped workers will be run again", released)
+        self._slots = [self._spawn(n) for n in range(1, self.processes + 1)]
+        self._thread = threading.Thread(target=self._supervise, name="worker-pool", daemon=True)
+        self._thread.start()
+
+    def _supervise(self) -> None:
+        timeout = self.settings.workers.job_timeout_s
+        while not self._stopping.wait(1.0):
+            for number, slot in enumerate(self._slots, start=1):
+                job = slot.current.value
+                if job != slot.job_seen:
+                    slot.job_seen, slot.job_since = job, time.monotonic()
+                if job and time.monotonic() - slot.job_since > timeout:
+                    logger.error(
+                        "job %d exceeded workers.job_timeout_s=%.0f s; stopping it", job, timeout
+                    )
+                    slot.process.kill()
+                    slot.process.join(5)
+                    fail_job(
+                        self.index,
+                        job,
+                        f"timed out after {timeout:.0f} s (workers.job_timeout_s)",
+                        retry_in_s=None,
+                        max_attempts=0,
+                    )
+                if not slot.process.is_alive() and not self._stopping.is_set():
+                    logger.warning(
+                        "worker %s exited (code %s); starting a new one",
+                        slot.process.name,
+                        slot.process.exitcode,
+                    )
+                    release_orphaned_jobs(self.index)
+                    self._slots[number - 1] = self._spawn(number)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for slot in self._slots:
+            slot.stop.value = 1
+        deadline = time.monotonic() + self.STOP_GRACE_S
+        for slot in self._slots:
+            slot.process.join(max(0.1, deadline - time.monotonic()))
+            if slot.process.is_alive():
+                logger.warning(
+                    "worker %s still busy after %.0f s; killing it",
+                    slot.process.name,
+                    self.STOP_GRACE_S,
+                )
+                slot.process.kill()
+                slot.process.join(5)
+        release_orphaned_jobs(self.index)

@@ -1,0 +1,281 @@
+"""Jobs and deliveries as persisted state machines, claimed safely by several processes.
+
+A claim is an optimistic ``UPDATE ... WHERE state = <seen state>``: whoever changes the row
+first owns it, on SQLite and PostgreSQL alike, across processes and machines. A running job
+carries a heartbeat; a sending delivery carries a lease. When either lapses (its process
+was killed), the row can be claimed again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from storage.database import Index
+from storage.models import Delivery, DeliveryState, Job, JobState, utcnow
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    rule_name: str
+    model_name: str
+    profile: dict[str, object]
+    destinations: list[str]
+
+
+def create_job(index: Index, series_version_pk: int, spec: JobSpec) -> int | None:
+    """Queue one job per (series version, rule); returns its id, or None if it existed."""
+    try:
+        with index.session() as session, session.begin():
+            job = Job(
+                series_version_pk=series_version_pk,
+                rule_name=spec.rule_name,
+                model_name=spec.model_name,
+                profile=spec.profile,
+                destinations=spec.destinations,
+            )
+            session.add(job)
+            session.flush()
+            return job.id
+    except IntegrityError:
+        return None
+
+
+def claim_job(index: Index, worker: str, heartbeat_timeout_s: float) -> Job | None:
+    """Take the oldest runnable job: queued, due for retry, or running with a lapsed heartbeat."""
+    now = utcnow()
+    stale = now - dt.timedelta(seconds=heartbeat_timeout_s)
+    runnable = or_(
+        Job.state == JobState.QUEUED,
+        and_(Job.state == JobState.RETRY_WAIT, Job.next_attempt_at <= now),
+        and_(Job.state == JobState.RUNNING, Job.heartbeat_at < stale),
+    )
+    for _ in range(5):
+        with index.session() as session, session.begin():
+            candidate = session.scalar(select(Job).where(runnable).order_by(Job.id).limit(1))
+            if candidate is None:
+                return None
+            if candidate.state == JobState.RUNNING:
+                logger.warning(
+                    "job %d: worker %s stopped sending heartbeats; taking the job over",
+                    candidate.id,
+                    candidate.worker,
+                )
+            result = session.execute(
+                update(Job)
+                .where(
+                    Job.id == candidate.id,
+                    Job.state == candidate.state,
+                    Job.attempts == candidate.attempts,
+                )
+                .values(
+                    state=JobState.RUNNING,
+                    worker=worker,
+                    attempts=candidate.attempts + 1,
+                    started_at=now,
+                    heartbeat_at=now,
+                    next_attempt_at=None,
+                )
+            )
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                session.flush()
+                session.refresh(candidate)
+                return candidate
+    return None
+
+
+def heartbeat(index: Index, job_id: int, worker: str) -> bool:
+    """Refresh a running job's heartbeat; False when another worker took it over."""
+    with index.session() as session, session.begin():
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.worker == worker, Job.state == JobState.RUNNING)
+            .values(heartbeat_at=utcnow())
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def finish_job(
+    index: Index,
+    job_id: int,
+    *,
+    seg_path: str,
+    seg_sop_instance_uid: str,
+    timings: dict[str, float],
+    reason: str = "",
+    deliveries: list[tuple[str, str]] | None = None,
+) -> None:
+    """Mark a job succeeded and queue its deliveries (destination, resolved peer) at once."""
+    now = utcnow()
+    with index.session() as session, session.begin():
+        job = session.get(Job, job_id)
+        if job is None:
+            return
+        job.state = JobState.SUCCEEDED
+        job.finished_at = now
+        job.seg_path = seg_path
+        job.seg_sop_instance_uid = seg_sop_instance_uid
+        job.timings = timings
+        job.reason = reason
+        existing = {
+            d.destination
+            for d in session.scalars(select(Delivery).where(Delivery.job_pk == job_id))
+        }
+        for destination, resolved in deliveries or []:
+            if destination in existing:
+                # A re-run replaces the SEG (same UID); send it again.
+                session.execute(
+                    update(Delivery)
+                    .where(Delivery.job_pk == job_id, Delivery.destination == destination)
+                    .values(
+                        state=DeliveryState.PENDING,
+                        seg_path=seg_path,
+                        sop_instance_uid=seg_sop_instance_uid,
+                        resolved_peer=resolved,
+                        next_attempt_at=now,
+                        attempts=0,
+                        last_error="",
+                    )
+                )
+                continue
+            session.add(
+                Delivery(
+                    job_pk=job_id,
+                    destination=destination,
+                    resolved_peer=resolved,
+                    seg_path=seg_path,
+                    sop_instance_uid=seg_sop_instance_uid,
+                    next_attempt_at=now,
+                )
+            )
+
+
+def fail_job(
+    index: Index,
+    job_id: int,
+    reason: str,
+    *,
+    retry_in_s: float | None,
+    max_attempts: int,
+) -> JobState:
+    """Record a failure: wait and retry when allowed and attempts remain, else failed for good."""
+    now = utcnow()
+    with index.session() as session, session.begin():
+        job = session.get(Job, job_id)
+        if job is None:
+            return JobState.FAILED
+        job.reason = reason
+        job.finished_at = now
+        if retry_in_s is not None and job.attempts < max_attempts:
+            job.state = JobState.RETRY_WAIT
+            job.next_attempt_at = now + dt.timedelta(seconds=retry_in_s)
+        else:
+            job.state = JobState.FAILED
+            job.next_attempt_at = None
+        return job.state
+
+
+def retry_job(index: Index, job_id: int) -> bool:
+    """Operator's retry: queue a failed or succeeded job again with fresh attempts."""
+    with index.session() as session, session.begin():
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state.in_([JobState.FAILED, JobState.SUCCEEDED]))
+            .values(state=JobState.QUEUED, attempts=0, reason="", next_attempt_at=None)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+# -- deliveries ------------------------------------------------------------------------------
+
+
+def claim_delivery(index: Index, lease_s: float) -> Delivery | None:
+    """Take a due delivery: pending and due, or sending with a lapsed lease (sender killed)."""
+    now = utcnow()
+    due = and_(
+        Delivery.state.in_([DeliveryState.PENDING, DeliveryState.SENDING]),
+        Delivery.next_attempt_at <= now,
+    )
+    for _ in range(5):
+        with index.session() as session, session.begin():
+            candidate = session.scalar(
+                select(Delivery).where(due).order_by(Delivery.next_attempt_at).limit(1)
+            )
+            if candidate is None:
+                return None
+            result = session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.id == candidate.id,
+                    Delivery.state == candidate.state,
+                    Delivery.next_attempt_at == candidate.next_attempt_at,
+                )
+                .values(
+                    state=DeliveryState.SENDING,
+                    attempts=candidate.attempts + 1,
+                    next_attempt_at=now + dt.timedelta(seconds=lease_s),
+                )
+            )
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                session.flush()
+                session.refresh(candidate)
+                return candidate
+    return None
+
+
+def delivery_done(index: Index, delivery_id: int, duration_s: float, note: str = "") -> None:
+    with index.session() as session, session.begin():
+        delivery = session.get(Delivery, delivery_id)
+        if delivery is not None:
+            delivery.state = DeliveryState.DELIVERED
+            delivery.delivered_at = utcnow()
+            delivery.duration_s = duration_s
+            delivery.last_error = note
+
+
+def delivery_failed(
+    index: Index,
+    delivery_id: int,
+    error: str,
+    *,
+    retryable: bool,
+    max_attempts: int,
+    backoff_initial_s: float,
+    backoff_max_s: float,
+) -> tuple[DeliveryState, float | None]:
+    """Back off exponentially; dead-letter after ``max_attempts`` or a permanent error."""
+    with index.session() as session, session.begin():
+        delivery = session.get(Delivery, delivery_id)
+        if delivery is None:
+            return DeliveryState.DEAD, None
+        delivery.last_error = error
+        if not retryable or delivery.attempts >= max_attempts:
+            delivery.state = DeliveryState.DEAD
+            return delivery.state, None
+        delay = min(backoff_max_s, backoff_initial_s * 2 ** max(0, delivery.attempts - 1))
+        delivery.state = DeliveryState.PENDING
+        delivery.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
+        return delivery.state, delay
+
+
+def retry_delivery(index: Index, delivery_id: int | None = None) -> int:
+    """Operator's retry: dead (or all dead when no id) deliveries become pending now."""
+    with index.session() as session, session.begin():
+        query = update(Delivery).where(Delivery.state == DeliveryState.DEAD)
+        if delivery_id is not None:
+            query = update(Delivery).where(
+                Delivery.id == delivery_id,
+                Delivery.state.in_([DeliveryState.DEAD, DeliveryState.PENDING]),
+            )
+        result = session.execute(
+            query.values(
+                state=DeliveryState.PENDING, attempts=0, next_attempt_at=utcnow(), last_error=""
+            )
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
