@@ -57,10 +57,17 @@ def print_json(data: Any) -> None:
 
 def _register() -> None:
     # Imported here so `dicom-node --help` stays fast and each noun lives in its own module.
-    from dicom_node.cli import node_commands, series_commands
+    from dicom_node.cli import (
+        node_commands,
+        pipeline_commands,
+        segment_commands,
+        series_commands,
+    )
 
     node_commands.register(app)
     series_commands.register(app)
+    segment_commands.register(app)
+    pipeline_commands.register(app)
 
 
 _register()

@@ -1,0 +1,30 @@
+# dicom-node on a CUDA PyTorch base (GPU inference; falls back to CPU without a GPU).
+# Build: docker build -t dicom-node .   Run: docker run --gpus all -p 11112:11112 \
+#   -v /srv/dicom-node:/data -v /srv/dicom-node/config.yaml:/app/config.yaml dicom-node
+FROM pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    OMP_WAIT_POLICY=PASSIVE
+
+WORKDIR /app
+COPY pyproject.toml README.md config.yaml ./
+COPY dicom_node ./dicom_node
+COPY inference ./inference
+COPY storage ./storage
+
+# Pin the base image's torch so nnunetv2's dependencies cannot replace it.
+RUN python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > /tmp/constraints.txt \
+    && pip install --no-cache-dir -c /tmp/constraints.txt ".[postgres]"
+
+RUN useradd --system --uid 1000 --home /data dicomnode && mkdir -p /data \
+    && chown dicomnode /data
+USER dicomnode
+VOLUME ["/data"]
+EXPOSE 11112 2762
+
+# config.yaml's storage.data_dir is relative to the config file; point it at the volume.
+ENV DICOM_NODE_CONFIG=/app/config.yaml
+HEALTHCHECK --interval=60s --timeout=20s CMD dicom-node status --json > /dev/null || exit 1
+ENTRYPOINT ["dicom-node"]
+CMD ["serve"]

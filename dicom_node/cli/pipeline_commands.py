@@ -1,0 +1,280 @@
+"""``rules test``, ``jobs``, ``deliveries``, ``status``, ``worker``."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import func, select
+
+from dicom_node.cli import print_json, settings_of
+from dicom_node.errors import DicomNodeError
+from storage.models import Delivery, DeliveryState, Job, JobState, Series, SeriesVersion
+
+
+def register(app: typer.Typer) -> None:
+    rules_app = typer.Typer(help="Routing rules.", no_args_is_help=True)
+    rules_app.command("test")(rules_test)
+    app.add_typer(rules_app, name="rules")
+    jobs_app = typer.Typer(help="Segmentation jobs.", no_args_is_help=True)
+    jobs_app.command("list")(jobs_list)
+    jobs_app.command("show")(jobs_show)
+    jobs_app.command("retry")(jobs_retry)
+    app.add_typer(jobs_app, name="jobs")
+    deliveries_app = typer.Typer(help="SEG deliveries (the outbox).", no_args_is_help=True)
+    deliveries_app.command("list")(deliveries_list)
+    deliveries_app.command("retry")(deliveries_retry)
+    app.add_typer(deliveries_app, name="deliveries")
+    app.command("status")(status)
+    app.command("worker")(worker)
+
+
+def _index(ctx: typer.Context) -> Any:
+    from dicom_node.service import open_store
+
+    return open_store(settings_of(ctx))
+
+
+def rules_test(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Argument(help="a Series Instance UID in the index, or a folder")],
+    calling_ae: Annotated[str, typer.Option(help="calling AE to assume for a folder")] = "",
+) -> None:
+    """Show which routing rule fires for a series, and why."""
+    from dicom_node.routing import facts_from_folder, route
+    from dicom_node.scheduler import facts_from_index
+
+    settings = settings_of(ctx)
+    path = Path(target)
+    if path.is_dir():
+        facts = facts_from_folder(path, calling_ae)
+    else:
+        index, _ = _index(ctx)
+        with index.session() as session:
+            series = session.scalar(select(Series).where(Series.series_instance_uid == target))
+            if series is None:
+                raise DicomNodeError(f"{target} is neither a folder nor a series in the index")
+            version = session.scalar(
+                select(SeriesVersion).where(
+                    SeriesVersion.series_pk == series.id,
+                    SeriesVersion.version == series.current_version,
+                )
+            )
+            assert version is not None
+            facts = facts_from_index(series, version)
+    typer.echo(
+        f"series {facts.series_instance_uid}: modality {facts.modality!r}, "
+        f"description {facts.series_description!r}, protocol {facts.protocol_name!r}, "
+        f"image type {list(facts.image_type)}, body part {facts.body_part_examined!r}, "
+        f"calling AE {facts.calling_ae_title!r}, {facts.image_count} images"
+    )
+    typer.echo(route(settings.rules, facts).explain())
+
+
+def _job_dict(job: Job) -> dict[str, Any]:
+    version = job.series_version
+    return {
+        "id": job.id,
+        "state": job.state.value,
+        "series_instance_uid": version.series.series_instance_uid,
+        "study_instance_uid": version.series.study.study_instance_uid,
+        "version": version.version,
+        "rule": job.rule_name,
+        "model": job.model_name,
+        "attempts": job.attempts,
+        "reason": job.reason,
+        "worker": job.worker,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "next_attempt_at": job.next_attempt_at,
+        "seg_sop_instance_uid": job.seg_sop_instance_uid,
+        "seg_path": job.seg_path,
+        "timings": job.timings,
+        "destinations": job.destinations,
+    }
+
+
+def _delivery_dict(d: Delivery) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "job": d.job_pk,
+        "destination": d.destination,
+        "peer": d.resolved_peer,
+        "state": d.state.value,
+        "attempts": d.attempts,
+        "next_attempt_at": d.next_attempt_at,
+        "last_error": d.last_error,
+        "sop_instance_uid": d.sop_instance_uid,
+        "delivered_at": d.delivered_at,
+        "duration_s": d.duration_s,
+    }
+
+
+def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(str(row[c]) if row[c] is not None else "" for c in columns))
+    Console(width=220).print(table)
+
+
+def jobs_list(
+    ctx: typer.Context,
+    state: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed, retry_wait")] = None,
+    limit: Annotated[int, typer.Option()] = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List jobs, newest first."""
+    index, _ = _index(ctx)
+    with index.session() as session:
+        query = select(Job).order_by(Job.id.desc()).limit(limit)
+        if state:
+            query = query.where(Job.state == JobState(state))
+        rows = [_job_dict(j) for j in session.scalars(query)]
+    if as_json:
+        print_json(rows)
+    else:
+        _print_table(rows, ["id", "state", "series_instance_uid", "version", "rule", "model", "attempts", "reason"])
+
+
+def jobs_show(
+    ctx: typer.Context,
+    job_id: Annotated[int, typer.Argument()],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """One job with its deliveries."""
+    index, _ = _index(ctx)
+    with index.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise DicomNodeError(f"no job {job_id}")
+        data = _job_dict(job)
+        data["deliveries"] = [
+            _delivery_dict(d) for d in session.scalars(select(Delivery).where(Delivery.job_pk == job_id))
+        ]
+    if as_json:
+        print_json(data)
+        return
+    for key, value in data.items():
+        if key != "deliveries":
+            typer.echo(f"{key}: {value}")
+    for d in data["deliveries"]:
+        typer.echo(f"delivery {d['id']} -> {d['peer'] or d['destination']}: {d['state']} {d['last_error']}")
+
+
+def jobs_retry(ctx: typer.Context, job_id: Annotated[int, typer.Argument()]) -> None:
+    """Queue a failed (or finished) job again."""
+    from storage.queue import retry_job
+
+    index, _ = _index(ctx)
+    if not retry_job(index, job_id):
+        raise DicomNodeError(f"job {job_id} does not exist or is not finished")
+    typer.echo(f"job {job_id} queued again")
+
+
+def deliveries_list(
+    ctx: typer.Context,
+    state: Annotated[str | None, typer.Option(help="pending, sending, delivered, dead")] = None,
+    limit: Annotated[int, typer.Option()] = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List deliveries, newest first."""
+    index, _ = _index(ctx)
+    with index.session() as session:
+        query = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
+        if state:
+            query = query.where(Delivery.state == DeliveryState(state))
+        rows = [_delivery_dict(d) for d in session.scalars(query)]
+    if as_json:
+        print_json(rows)
+    else:
+        _print_table(rows, ["id", "job", "peer", "state", "attempts", "next_attempt_at", "last_error"])
+
+
+def deliveries_retry(
+    ctx: typer.Context,
+    delivery_id: Annotated[int | None, typer.Argument(help="one delivery; all dead ones if omitted")] = None,
+) -> None:
+    """Send dead-lettered deliveries again now."""
+    from storage.queue import retry_delivery
+
+    index, _ = _index(ctx)
+    count = retry_delivery(index, delivery_id)
+    typer.echo(f"{count} deliveries due again")
+
+
+def status(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Queue depth, failures and the last errors."""
+    index, store = _index(ctx)
+    since = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(hours=24)
+    with index.session() as session:
+        jobs = dict(session.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).all())
+        deliveries = dict(
+            session.execute(select(Delivery.state, func.count(Delivery.id)).group_by(Delivery.state)).all()
+        )
+        receiving = session.scalar(
+            select(func.count(SeriesVersion.id)).where(SeriesVersion.state == "receiving")
+        )
+        failed_jobs = [
+            {"job": j.id, "at": j.finished_at, "reason": j.reason}
+            for j in session.scalars(
+                select(Job).where(Job.state.in_([JobState.FAILED, JobState.RETRY_WAIT])).order_by(Job.id.desc()).limit(5)
+            )
+        ]
+        failed_deliveries = [
+            {"delivery": d.id, "state": d.state.value, "error": d.last_error}
+            for d in session.scalars(
+                select(Delivery).where(Delivery.last_error != "", Delivery.state != DeliveryState.DELIVERED)
+                .order_by(Delivery.id.desc()).limit(5)
+            )
+        ]
+        failures_24h = session.scalar(
+            select(func.count(Job.id)).where(Job.state == JobState.FAILED, Job.finished_at >= since)
+        )
+    data = {
+        "series_receiving": receiving,
+        "jobs": {s.value if hasattr(s, "value") else s: n for s, n in jobs.items()},
+        "deliveries": {s.value if hasattr(s, "value") else s: n for s, n in deliveries.items()},
+        "queue_depth": sum(n for s, n in jobs.items() if s in (JobState.QUEUED, JobState.RETRY_WAIT)),
+        "jobs_failed_24h": failures_24h,
+        "free_disk_mb": store.free_bytes() // (1024 * 1024),
+        "last_job_errors": failed_jobs,
+        "last_delivery_errors": failed_deliveries,
+    }
+    if as_json:
+        print_json(data)
+        return
+    for key, value in data.items():
+        if isinstance(value, list):
+            typer.echo(f"{key}:")
+            for item in value:
+                typer.echo(f"  {item}")
+        else:
+            typer.echo(f"{key}: {value}")
+
+
+def worker(
+    ctx: typer.Context,
+    processes: Annotated[int | None, typer.Option(help="default: workers.processes")] = None,
+) -> None:
+    """Run extra inference workers on the same index and store (another machine, or more GPUs)."""
+    import signal
+    import threading
+
+    from dicom_node.service import open_store
+    from dicom_node.worker import WorkerPool
+
+    settings = settings_of(ctx)
+    index, _ = open_store(settings)
+    pool = WorkerPool(settings, index, processes or max(1, settings.workers.processes))
+    wake = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: wake.set())
+    signal.signal(signal.SIGINT, lambda *_: wake.set())
+    pool.start()
+    while not wake.wait(1.0):
+        pass
+    pool.stop()

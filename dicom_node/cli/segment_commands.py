@@ -1,0 +1,80 @@
+"""``segment``: offline segmentation of a folder or zip of DICOM files."""
+
+from __future__ import annotations
+
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dicom_node.cli import print_json, settings_of
+from dicom_node.errors import DicomNodeError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("segment")(segment)
+
+
+def segment(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="folder or zip holding one DICOM series")],
+    model: Annotated[str, typer.Option("--model", "-m", help="installed model name")] = "demo",
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder to write the SEG into")] = Path("."),
+    format: Annotated[str, typer.Option("--format", help="binary or labelmap")] = "binary",
+    compression: Annotated[str, typer.Option(help="none, rle, jpegls, jpeg2000")] = "none",
+    series_uid: Annotated[str | None, typer.Option(help="which series, if several")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Segment one series offline and write its DICOM-SEG; prints the labels and volumes."""
+    from dicom_node.segment import ModelCache, segment_volume
+    from dicom_node.volume import volume_from_folder
+
+    if format not in ("binary", "labelmap"):
+        raise typer.BadParameter("--format must be binary or labelmap")
+    settings = settings_of(ctx)
+    if not path.exists():
+        raise DicomNodeError(f"{path} does not exist")
+    console = Console(stderr=True)
+    with tempfile.TemporaryDirectory() as tmp, Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+        disable=as_json,
+    ) as progress:
+        folder = path
+        if path.is_file() and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                archive.extractall(tmp)
+            folder = Path(tmp)
+        step = progress.add_task("reading the series", total=4)
+        volume = volume_from_folder(folder, series_uid)
+        progress.update(step, advance=1, description=f"loading model {model}")
+        info, segmenter = ModelCache(settings.models_dir, settings.inference).get(model)
+        progress.update(step, advance=1, description=f"segmenting {volume.array.shape} voxels")
+        result = segment_volume(volume, info, segmenter, format=format, compression=compression)
+        progress.update(step, advance=1, description="writing the SEG")
+        out.mkdir(parents=True, exist_ok=True)
+        target = out / f"SEG_{result.seg.SOPInstanceUID}.dcm"
+        result.seg.save_as(target, enforce_file_format=True)
+        progress.update(step, advance=1, description="done")
+    data = {
+        "seg": str(target),
+        "series_instance_uid": result.series_instance_uid,
+        "model": info.name,
+        "format": format,
+        "labels": [
+            {"id": i, "name": n, "ml": round(ml, 3)} for i, n, ml in result.volumes_ml
+        ],
+        "timings": result.timings,
+    }
+    if as_json:
+        print_json(data)
+        return
+    table = Table("id", "label", "volume (ml)")
+    for label in data["labels"]:
+        table.add_row(str(label["id"]), label["name"], f"{label['ml']:.2f}")
+    Console().print(table)
+    typer.echo(f"SEG written to {target}")
