@@ -1,0 +1,332 @@
+"""Model folders, install and the segmenter, on a tiny real nnU-Net v2 model with random weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dicom_node.errors import ModelError
+from inference.model_folder import (
+    compute_weights_sha256,
+    find_nnunet_folder,
+    install_model,
+    list_models,
+    load_model_info,
+)
+from inference.predictor import Segmenter
+
+TRAINER_DIR = "nnUNetTrainer__nnUNetPlans__3d_fullres"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    # The machine is shared: keep torch to one thread, as the worker's cpu_threads would.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _plans() -> dict[str, Any]:
+    arch = {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {
+            "n_stages": 3,
+            "features_per_stage": [4, 8, 16],
+            "conv_op": "torch.nn.modules.conv.Conv3d",
+            "kernel_sizes": [[3, 3, 3]] * 3,
+            "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+            "n_conv_per_stage": [2, 2, 2],
+            "n_conv_per_stage_decoder": [2, 2],
+            "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+    resample = "resample_data_or_seg_to_shape"
+    config = {
+        "data_identifier": "nnUNetPlans_3d_fullres",
+        "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": 2,
+        "patch_size": [16, 16, 16],
+        "median_image_size_in_voxels": [24, 24, 24],
+        "spacing": [2.0, 2.0, 2.0],
+        "normalization_schemes": ["ZScoreNormalization"],
+        "use_mask_for_norm": [False],
+        "resampling_fn_data": resample,
+        "resampling_fn_seg": resample,
+        "resampling_fn_probabilities": resample,
+        "resampling_fn_data_kwargs": {
+            "is_seg": False,
+            "order": 3,
+            "order_z": 0,
+            "force_separate_z": None,
+        },
+        "resampling_fn_seg_kwargs": {
+            "is_seg": True,
+            "order": 1,
+            "order_z": 0,
+            "force_separate_z": None,
+        },
+        "resampling_fn_probabilities_kwargs": {
+            "is_seg": False,
+            "order": 1,
+            "order_z": 0,
+            "force_separate_z": None,
+        },
+        "architecture": arch,
+        "batch_dice": False,
+    }
+    return {
+        "dataset_name": "Dataset999_Tiny",
+        "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": [2.0, 2.0, 2.0],
+        "original_median_shape_after_transp": [24, 24, 24],
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {"3d_fullres": config},
+        "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            "0": {
+                "max": 1000.0,
+                "mean": 300.0,
+                "median": 300.0,
+                "min": 0.0,
+                "percentile_00_5": 10.0,
+                "percentile_99_5": 900.0,
+                "std": 100.0,
+            }
+        },
+    }
+
+
+DATASET = {
+    "channel_names": {"0": "MRI"},
+    "labels": {"background": 0, "liver": 1, "spleen": 2},
+    "numTraining": 1,
+    "file_ending": ".nii.gz",
+}
+
+
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    torch.manual_seed(seed)
+    kw = _plans()["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    net = PlainConvUNet(
+        input_channels=1,
+        num_classes=3,
+        n_stages=3,
+        features_per_stage=kw["features_per_stage"],
+        conv_op=torch.nn.Conv3d,
+        kernel_sizes=kw["kernel_sizes"],
+        strides=kw["strides"],
+        n_conv_per_stage=kw["n_conv_per_stage"],
+        n_conv_per_stage_decoder=kw["n_conv_per_stage_decoder"],
+        conv_bias=True,
+        norm_op=torch.nn.InstanceNorm3d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        nonlin=torch.nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True},
+        deep_supervision=True,  # as trained; the keys are the same without it
+    )
+    return net.state_dict()
+
+
+def make_model(base: Path, folds: tuple[int, ...] = (0,), weights_only: bool = False) -> Path:
+    """Write Dataset999_Tiny/<trainer>__<plans>__3d_fullres under ``base``; return its parent."""
+    folder = base / "Dataset999_Tiny" / TRAINER_DIR
+    folder.mkdir(parents=True)
+    plans = _plans()
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(DATASET))
+    for fold in folds:
+        (folder / f"fold_{fold}").mkdir()
+        ckpt: dict[str, Any] = {
+            "network_weights": _weights(seed=fold),
+            "trainer_name": "nnUNetTrainer",
+            "inference_allowed_mirroring_axes": (0, 1, 2),
+            "init_args": {
+                "plans": plans,
+                "configuration": "3d_fullres",
+                "fold": fold,
+                "dataset_json": DATASET,
+            },
+        }
+        if not weights_only:
+            # nnU-Net's full checkpoints carry numpy values: these need weights_only=False.
+            ckpt.update(
+                {
+                    "optimizer_state": {},
+                    "grad_scaler_state": None,
+                    "current_epoch": 1,
+                    "logging": {"mean_fg_dice": [np.float64(0.5)]},
+                    "_best_ema": np.float64(0.5),
+                }
+            )
+        torch.save(ckpt, folder / f"fold_{fold}" / "checkpoint_final.pth")
+        (folder / f"fold_{fold}" / "progress.png").write_bytes(b"\x89PNG")
+    return folder.parent
+
+
+def export_zip(dataset_dir: Path, out: Path) -> Path:
+    """Zip as nnUNetv2_export_model_to_zip does: paths relative to nnUNet_results."""
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(dataset_dir.rglob("*")):
+            if f.is_file():
+                zf.write(f, f.relative_to(dataset_dir.parent).as_posix())
+    return out
+
+
+def test_install_from_folder(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "src")
+    info = install_model(src, tmp_path / "models")
+    assert info.name == "tiny"
+    assert info.folds == [0]
+    assert info.descriptor.configuration == "3d_fullres"
+    assert info.descriptor.trainer == "nnUNetTrainer"
+    assert info.descriptor.input_channels == ["MRI"]
+    assert info.descriptor.modality == "MR"
+    assert [lab.name for lab in info.catalogue.labels] == ["liver", "spleen"]
+    # Known names take the shipped SNOMED CT codes.
+    assert info.catalogue.label(1).type.code == "10200004"
+    written = yaml.safe_load((tmp_path / "models" / "tiny" / "model.yaml").read_text())
+    assert written["weights_sha256"] == info.weights_sha256
+    assert (tmp_path / "models" / "tiny" / "nnunet" / "fold_0" / "checkpoint_final.pth").is_file()
+    assert not (tmp_path / "models" / "tiny" / "nnunet" / "fold_0" / "progress.png").exists()
+    assert [m.name for m in list_models(tmp_path / "models") if not m.builtin] == ["tiny"]
+    assert load_model_info("tiny", tmp_path / "models").weights_sha256 == info.weights_sha256
+
+
+def test_install_from_zip_with_overrides(tmp_path: Path) -> None:
+    zipped = export_zip(make_model(tmp_path / "src"), tmp_path / "Dataset999_Tiny.zip")
+    info = install_model(
+        zipped, tmp_path / "models", "zipped", catalogue="demo", use_mirroring=True
+    )
+    assert info.name == "zipped"
+    assert info.descriptor.catalogue == "demo"
+    assert info.descriptor.use_mirroring is True
+    assert info.folds == [0]
+    direct = install_model(tmp_path / "src", tmp_path / "models", "direct")
+    assert info.weights_sha256 == direct.weights_sha256
+
+
+def test_unknown_labels_get_private_codes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    src = make_model(tmp_path / "src")
+    ds = json.loads((src / TRAINER_DIR / "dataset.json").read_text())
+    ds["labels"] = {"background": 0, "blob_left": 1, "thing": 2}
+    (src / TRAINER_DIR / "dataset.json").write_text(json.dumps(ds))
+    info = install_model(src, tmp_path / "models")
+    assert "no shipped catalogue" in caplog.text
+    blob = info.catalogue.label(1)
+    assert blob.category.code == "123037004"
+    assert blob.modifier is not None and blob.modifier.code == "7771000"
+    assert blob.type.scheme.startswith("99")
+
+
+def test_several_folds_make_an_ensemble(tmp_path: Path) -> None:
+    info = install_model(make_model(tmp_path / "src", folds=(0, 1)), tmp_path / "models")
+    assert info.folds == [0, 1]
+    expected = compute_weights_sha256(info.nnunet_dir, [0, 1], "checkpoint_final.pth")
+    assert info.weights_sha256 == expected
+    assert expected != compute_weights_sha256(info.nnunet_dir, [0], "checkpoint_final.pth")
+    seg = Segmenter(info, device="cpu").predict(np.random.rand(12, 20, 18), (3.0, 1.5, 1.5))
+    assert seg.shape == (12, 20, 18)
+
+
+def test_missing_checkpoint_is_named(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "src", folds=(0, 1))
+    (src / TRAINER_DIR / "fold_1" / "checkpoint_final.pth").unlink()
+    with pytest.raises(ModelError, match=r"fold_1/checkpoint_final\.pth"):
+        install_model(src, tmp_path / "models", folds=[0, 1])
+    (src / TRAINER_DIR / "fold_0" / "checkpoint_final.pth").unlink()
+    with pytest.raises(ModelError, match=r"checkpoint_final\.pth"):
+        find_nnunet_folder(src)
+    assert not (tmp_path / "models" / "tiny").exists()
+
+
+def test_missing_plans_is_named(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "src")
+    (src / TRAINER_DIR / "plans.json").unlink()
+    with pytest.raises(ModelError, match=r"plans\.json"):
+        install_model(src, tmp_path / "models")
+    zipped = export_zip(src, tmp_path / "m.zip")
+    with pytest.raises(ModelError, match=r"plans\.json"):
+        find_nnunet_folder(zipped)
+
+
+def test_unknown_model_is_a_model_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="not installed"):
+        load_model_info("nothing", tmp_path)
+
+
+def test_predict_returns_label_map_of_input_shape(tmp_path: Path) -> None:
+    info = install_model(make_model(tmp_path / "src"), tmp_path / "models")
+    segmenter = Segmenter(info, device="auto", cpu_threads=1)
+    volume = np.random.default_rng(0).normal(300, 100, size=(20, 24, 28)).astype(np.float32)
+    seg = segmenter.predict(volume, (2.5, 1.25, 1.5))
+    assert seg.shape == volume.shape
+    assert seg.dtype == np.uint8
+    assert set(np.unique(seg)) <= {0, 1, 2}
+    # (c, z, y, x) with one channel is the same input.
+    assert segmenter.predict(volume[np.newaxis], (2.5, 1.25, 1.5)).shape == volume.shape
+    with pytest.raises(ValueError, match="channel"):
+        segmenter.predict(np.zeros((2, 4, 4, 4)), (1.0, 1.0, 1.0))
+
+
+def test_weights_only_checkpoint_predicts(tmp_path: Path) -> None:
+    info = install_model(make_model(tmp_path / "src", weights_only=True), tmp_path / "models")
+    seg = Segmenter(info, device="cpu").predict(np.random.rand(16, 16, 16), (2.0, 2.0, 2.0))
+    assert seg.shape == (16, 16, 16)
+
+
+def test_sha256_is_stable(tmp_path: Path) -> None:
+    info = install_model(make_model(tmp_path / "src"), tmp_path / "models")
+    again = compute_weights_sha256(info.nnunet_dir, info.folds, "checkpoint_final.pth")
+    assert (
+        again == info.weights_sha256 == load_model_info("tiny", tmp_path / "models").weights_sha256
+    )
+    assert len(again) == 64
+
+
+def test_inference_never_imports_pydicom(tmp_path: Path) -> None:
+    install_model(make_model(tmp_path / "src"), tmp_path / "models")
+    code = f"""
+import sys
+import numpy as np
+import torch
+torch.set_num_threads(1)
+import inference.predictor, inference.model_folder, inference.catalogue
+bad = [m for m in ("pydicom", "pynetdicom") if m in sys.modules]
+assert not bad, ("after import", bad)
+from pathlib import Path
+info = inference.model_folder.load_model_info("tiny", Path({str(tmp_path / "models")!r}))
+segmenter = inference.predictor.Segmenter(info, device="cpu")
+seg = segmenter.predict(np.random.rand(8, 8, 8), (2.0, 2.0, 2.0))
+assert seg.shape == (8, 8, 8)
+bad = [m for m in ("pydicom", "pynetdicom", "torchvision", "timm") if m in sys.modules]
+assert not bad, ("after predict", bad)
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
