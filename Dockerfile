@@ -17,14 +17,16 @@ COPY storage ./storage
 RUN python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > /tmp/constraints.txt \
     && pip install --no-cache-dir -c /tmp/constraints.txt ".[postgres]"
 
+RUN sed -i 's|^  data_dir: var |  data_dir: /data|' /app/config.yaml \
+    && grep -q 'data_dir: /data' /app/config.yaml
+
 RUN useradd --system --uid 1000 --home /data dicomnode && mkdir -p /data \
     && chown dicomnode /data
-USER dicomnode
+USER 1000
 VOLUME ["/data"]
 EXPOSE 11112 2762
 
-# config.yaml's storage.data_dir is relative to the config file; point it at the volume.
 ENV DICOM_NODE_CONFIG=/app/config.yaml
-HEALTHCHECK --interval=60s --timeout=20s CMD dicom-node status --json > /dev/null || exit 1
+HEALTHCHECK --interval=60s --timeout=20s CMD ["dicom-node", "status", "--json"]
 ENTRYPOINT ["dicom-node"]
 CMD ["serve"]

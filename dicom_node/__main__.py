@@ -1,0 +1,5 @@
+"""``python -m dicom_node`` is the ``dicom-node`` command."""
+
+from dicom_node.cli import main
+
+main()
