@@ -45,3 +45,4 @@ def configure_logging(settings: LoggingSettings) -> None:
     # pynetdicom logs every PDU at INFO; keep its association summaries only.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))
