@@ -238,7 +238,9 @@ def load_settings(path: Path | None) -> Settings:
 
 def _resolve_paths(settings: Settings, base: Path) -> Settings:
     def fix(p: Path | None) -> Path | None:
-        return None if p is None or p.is_absolute() else base / p
+        if p is None or p.is_absolute():
+            return p
+        return base / p
 
     storage = settings.storage.model_copy(update={"data_dir": fix(settings.storage.data_dir)})
     inference = settings.inference.model_copy(
