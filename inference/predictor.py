@@ -107,23 +107,38 @@ class Segmenter:
     def __init__(
         self,
         model: ModelInfo,
+        settings: InferenceSettings | None = None,
         *,
-        device: DeviceChoice = "auto",
+        device: DeviceChoice | None = None,
         tile_step_size: float | None = None,
         use_mirroring: bool | None = None,
-        perform_everything_on_device: bool = True,
-        cpu_threads: int = 0,
+        perform_everything_on_device: bool | None = None,
+        cpu_threads: int | None = None,
     ) -> None:
+        """Options: keyword argument, else ``settings`` (config.yaml ``inference``), else the
+        model's descriptor (step size, mirroring), else nnU-Net's defaults."""
         self.model = model
-        if cpu_threads > 0:
-            torch.set_num_threads(cpu_threads)
+
+        def pick(explicit: Any, from_settings: str, default: Any) -> Any:
+            if explicit is not None:
+                return explicit
+            value = getattr(settings, from_settings, None) if settings is not None else None
+            return default if value is None else value
+
+        threads = int(pick(cpu_threads, "cpu_threads", 0))
+        if threads > 0:  # 0 leaves torch's default
+            torch.set_num_threads(threads)
         self.options = _Options(
-            device=pick_device(device),
-            tile_step_size=tile_step_size or model.descriptor.tile_step_size,
-            use_mirroring=(
-                model.descriptor.use_mirroring if use_mirroring is None else use_mirroring
+            device=pick_device(pick(device, "device", "auto")),
+            tile_step_size=float(
+                pick(tile_step_size, "tile_step_size", model.descriptor.tile_step_size)
             ),
-            perform_everything_on_device=perform_everything_on_device,
+            use_mirroring=bool(
+                pick(use_mirroring, "use_mirroring", model.descriptor.use_mirroring)
+            ),
+            perform_everything_on_device=bool(
+                pick(perform_everything_on_device, "perform_everything_on_device", True)
+            ),
         )
         started = time.perf_counter()
         self._predictor = self._build(self.options)
@@ -138,17 +153,6 @@ class Segmenter:
             model.folds,
             self.options.tile_step_size,
             self.options.use_mirroring,
-        )
-
-    @classmethod
-    def from_settings(cls, model: ModelInfo, settings: InferenceSettings) -> Segmenter:
-        return cls(
-            model,
-            device=settings.device,
-            tile_step_size=settings.tile_step_size,
-            use_mirroring=settings.use_mirroring,
-            perform_everything_on_device=settings.perform_everything_on_device,
-            cpu_threads=settings.cpu_threads,
         )
 
     @property
@@ -325,10 +329,3 @@ class Segmenter:
             predictor.perform_everything_on_device = saved
             predictor.network.to(self.device)
             torch.cuda.empty_cache()
-
-
-def segmenter_for(model: ModelInfo, settings: InferenceSettings | None = None) -> Segmenter:
-    """A ``Segmenter`` configured from ``config.yaml``'s ``inference`` section (or defaults)."""
-    if settings is None:
-        return Segmenter(model)
-    return Segmenter.from_settings(model, settings)

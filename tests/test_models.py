@@ -330,3 +330,37 @@ assert not bad, ("after predict", bad)
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_settings_and_overrides_pick_the_options(tmp_path: Path) -> None:
+    from dicom_node.config import InferenceSettings
+
+    info = install_model(make_model(tmp_path / "src"), tmp_path / "models")
+    settings = InferenceSettings(device="cpu", tile_step_size=0.8, cpu_threads=1)
+    segmenter = Segmenter(info, settings)
+    assert segmenter.options.tile_step_size == 0.8
+    assert segmenter.options.use_mirroring is False  # the descriptor's value
+    assert segmenter.device.type == "cpu"
+    assert Segmenter(info, settings, use_mirroring=True).options.use_mirroring is True
+
+
+def test_cli_add_list_check(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+
+    src = make_model(tmp_path / "src")
+    config = tmp_path / "config.yaml"
+    # Relative: taken from the config file's folder.
+    config.write_text("storage:\n  data_dir: var\ninference:\n  device: cpu\n  cpu_threads: 1\n")
+    runner = CliRunner()
+    base = ["--config", str(config), "models"]
+    added = runner.invoke(app, [*base, "add", str(src), "--name", "cli", "--catalogue", "demo"])
+    assert added.exit_code == 0, added.output
+    listed = runner.invoke(app, [*base, "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert "cli" in [m["name"] for m in json.loads(listed.stdout)]
+    checked = runner.invoke(app, [*base, "check", "cli", "--size", "16", "--json"])
+    assert checked.exit_code == 0, checked.output
+    result = json.loads(checked.stdout)
+    assert result["output_shape"] == [16, 16, 16] and result["weights_sha256_ok"] is True

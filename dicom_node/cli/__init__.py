@@ -58,6 +58,7 @@ def print_json(data: Any) -> None:
 def _register() -> None:
     # Imported here so `dicom-node --help` stays fast and each noun lives in its own module.
     from dicom_node.cli import (
+        models_commands,
         node_commands,
         pipeline_commands,
         segment_commands,
@@ -68,6 +69,7 @@ def _register() -> None:
     series_commands.register(app)
     segment_commands.register(app)
     pipeline_commands.register(app)
+    models_commands.register(app)
 
 
 _register()

@@ -1,0 +1,156 @@
+"""``models add``, ``models list`` and ``models check``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dicom_node.cli import print_json, settings_of
+
+
+def register(app: typer.Typer) -> None:
+    models_app = typer.Typer(help="nnU-Net v2 models: install, list, check.", no_args_is_help=True)
+    models_app.command("add")(add_model)
+    models_app.command("list")(list_models_command)
+    models_app.command("check")(check_model)
+    app.add_typer(models_app, name="models")
+
+
+def add_model(
+    ctx: typer.Context,
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="nnU-Net trained-model folder (<trainer>__<plans>__<configuration>, or a folder "
+            "holding it) or the zip from nnUNetv2_export_model_to_zip"
+        ),
+    ],
+    name: Annotated[str | None, typer.Option(help="model name (default: from the folder)")] = None,
+    catalogue: Annotated[
+        str | None,
+        typer.Option(help="label catalogue: a shipped name (vibe, total, total_mr) or a YAML file"),
+    ] = None,
+    modality: Annotated[
+        str | None, typer.Option(help="MR or CT (default: from dataset.json)")
+    ] = None,
+    folds: Annotated[
+        str | None, typer.Option(help="comma-separated folds, e.g. 0,1,2 (default: all present)")
+    ] = None,
+    replace: Annotated[bool, typer.Option(help="replace an installed model of that name")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Install a model into the models folder (copied; the source is left as it is)."""
+    from inference.model_folder import install_model
+
+    settings = settings_of(ctx)
+    if modality is not None and modality.upper() not in ("MR", "CT"):
+        raise typer.BadParameter("--modality must be MR or CT")
+    mod: Literal["MR", "CT"] | None = None
+    if modality is not None:
+        mod = "CT" if modality.upper() == "CT" else "MR"
+    fold_list: list[int | Literal["all"]] | None = None
+    if folds:
+        fold_list = []
+        for part in (p.strip() for p in folds.split(",") if p.strip()):
+            if part == "all":
+                fold_list.append("all")
+            elif part.isdigit():
+                fold_list.append(int(part))
+            else:
+                raise typer.BadParameter("--folds takes fold numbers separated by commas")
+    info = install_model(
+        path,
+        settings.models_dir,
+        name,
+        catalogue=catalogue,
+        modality=mod,
+        folds=fold_list,
+        overwrite=replace,
+    )
+    if as_json:
+        print_json(info.summary())
+        return
+    typer.echo(
+        f"installed {info.name} at {info.root}: {info.descriptor.modality}, folds {info.folds}, "
+        f"{len(info.catalogue.labels)} labels (catalogue {info.descriptor.catalogue}), "
+        f"weights sha256 {info.weights_sha256}"
+    )
+
+
+def list_models_command(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """List installed and built-in models."""
+    from inference.model_folder import list_models
+
+    settings = settings_of(ctx)
+    models = list_models(settings.models_dir)
+    if as_json:
+        print_json([m.summary() for m in models])
+        return
+    table = Table("name", "version", "modality", "folds", "labels", "catalogue", "sha256", "where")
+    for m in models:
+        table.add_row(
+            m.name,
+            m.descriptor.version,
+            m.descriptor.modality,
+            ",".join(map(str, m.folds)),
+            str(len(m.catalogue.labels)),
+            m.descriptor.catalogue,
+            m.weights_sha256[:12],
+            "built-in" if m.builtin else str(m.root),
+        )
+    Console().print(table)
+    if not models:
+        typer.echo(f"no models in {settings.models_dir}; add one with `dicom-node models add PATH`")
+
+
+def check_model(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="model name")],
+    size: Annotated[int, typer.Option(help="edge of the random test volume in voxels")] = 32,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Load a model and run a small random volume through it; print the times."""
+    import numpy as np
+
+    from inference.model_folder import compute_weights_sha256, load_model_info
+    from inference.predictor import Segmenter
+
+    settings = settings_of(ctx)
+    info = load_model_info(name, settings.models_dir)
+    sha = compute_weights_sha256(info.nnunet_dir, info.folds, info.descriptor.checkpoint)
+    started = time.perf_counter()
+    segmenter = Segmenter(info, settings.inference)
+    load_s = time.perf_counter() - started
+    channels = len(info.descriptor.input_channels)
+    rng = np.random.default_rng(0)
+    volume = rng.normal(0.0, 1.0, size=(channels, size, size, size)).astype(np.float32)
+    started = time.perf_counter()
+    seg = segmenter.predict(volume if channels > 1 else volume[0], (1.5, 1.5, 1.5))
+    predict_s = time.perf_counter() - started
+    result = {
+        "name": info.name,
+        "device": str(segmenter.device),
+        "load_s": round(load_s, 3),
+        "predict_s": round(predict_s, 3),
+        "input_shape": list(volume.shape[1:]),
+        "output_shape": list(seg.shape),
+        "labels_found": sorted(int(v) for v in np.unique(seg) if v),
+        "weights_sha256_ok": sha == info.weights_sha256,
+    }
+    if as_json:
+        print_json(result)
+    else:
+        typer.echo(
+            f"{info.name}: loaded in {load_s:.2f} s on {segmenter.device}, "
+            f"{size}^3 random volume segmented in {predict_s:.2f} s, "
+            f"weights sha256 {'ok' if result['weights_sha256_ok'] else 'MISMATCH'}"
+        )
+    if not result["weights_sha256_ok"]:
+        raise typer.Exit(1)
