@@ -309,6 +309,16 @@ def test_label_volumes_ml_lists_every_label(label_map: np.ndarray) -> None:
     assert dict((i, ml) for i, _, ml in volumes)[2] == 0.0
 
 
+def test_label_volumes_ml_counts_across_chunks() -> None:
+    # More voxels than one counting chunk (1 Mi), with labels in the first and last voxels.
+    label_map = np.zeros((17, 256, 256), dtype=np.uint16)
+    label_map[0, 0, 0] = 1
+    label_map[-1, -1, -2:] = 6
+    label_map[8] = 5
+    volumes = {i: ml for i, _, ml in label_volumes_ml(label_map, 1000.0, CATALOGUE)}
+    assert volumes == {1: 1.0, 2: 0.0, 5: 65536.0, 6: 2.0}
+
+
 # --- independent validators and readers -------------------------------------------------------
 
 
