@@ -1,0 +1,86 @@
+"""Fixtures that start real peers (the node, Orthanc) on free ports and stop them by PID."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from peers import SHARED_DATA, NodeProcess, Orthanc, PeerUnavailable
+
+NodeFactory = Callable[..., NodeProcess]
+OrthancFactory = Callable[..., Orthanc]
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
+    """``make(name="node", start=True, **NodeProcess kwargs)``: a node in ``tmp_path/name``;
+    every node made is stopped (SIGTERM, then SIGKILL) at teardown."""
+    made: list[NodeProcess] = []
+
+    def make(name: str = "node", *, start: bool = True, **kwargs: Any) -> NodeProcess:
+        node = NodeProcess(tmp_path / name, **kwargs)
+        made.append(node)
+        if start:
+            node.start()
+        return node
+
+    yield make
+    for node in reversed(made):
+        node.stop()
+
+
+@pytest.fixture
+def node(node_factory: NodeFactory) -> NodeProcess:
+    """A started node with the default test config (calling AE STORESCU allowed)."""
+    return node_factory()
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path) -> Iterator[OrthancFactory]:
+    """``make(name="orthanc", **Orthanc kwargs)``: a started Orthanc; skipped if not installed."""
+    made: list[Orthanc] = []
+
+    def make(name: str = "orthanc", **kwargs: Any) -> Orthanc:
+        orthanc = Orthanc(tmp_path / name, **kwargs)
+        made.append(orthanc)
+        try:
+            return orthanc.start()
+        except PeerUnavailable as exc:
+            pytest.skip(str(exc))
+
+    yield make
+    for orthanc in reversed(made):
+        orthanc.stop()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data`` (real DICOM series); skipped in a checkout without it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (shared test data is not part of the project)")
+    return SHARED_DATA
+
+
+def _skip_missing_peer() -> Iterator[None]:
+    try:
+        yield
+    except PeerUnavailable as exc:  # only where DCMTK/Orthanc/openssl are not installed
+        pytest.skip(str(exc))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    """A missing peer binary (``PeerUnavailable``) skips the test, with its reason."""
+    _ = item
+    with contextlib.contextmanager(_skip_missing_peer)():
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    _ = item
+    with contextlib.contextmanager(_skip_missing_peer)():
+        return (yield)

@@ -1,0 +1,637 @@
+"""Receive: the node as a Storage SCP, driven by real peers (DCMTK, Orthanc, pynetdicom).
+
+Every test starts ``dicom-node serve`` as a subprocess on a free port and talks DICOM to it
+over real sockets; state is checked on disk, in the SQLite index and with the CLI.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+import yaml
+from conftest import NodeFactory, OrthancFactory
+from peers import (
+    SCU_AET,
+    NodeProcess,
+    acknowledged_files,
+    dataset_bytes,
+    dcmtk_env,
+    echoscu,
+    free_port,
+    make_mr_series,
+    make_tls_files,
+    refused_files,
+    series_versions,
+    storescu,
+    storescu_command,
+    wait_series_complete,
+    wait_until,
+)
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    MRImageStorage,
+    generate_uid,
+)
+from pynetdicom import AE, _config
+from pynetdicom.association import Association
+
+pytestmark = pytest.mark.peers
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+
+REAL_MR_SERIES = (
+    "mr_siemens_t1_fl2d_sag_HFS",
+    "mr_siemens_t1_fl2d_sag_HFDL",
+    "mr_siemens_xa30_enhanced_t1w",
+)
+CT_NO_UIDS = "ct_siemens_example_jpeg2000_no_uids"
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def raw_send() -> Iterator[None]:
+    """pynetdicom sends a file path's dataset bytes as they are (no decode, no re-encode)."""
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    yield
+    _config.STORE_SEND_CHUNKED_DATASET = before
+
+
+def associate(node: NodeProcess, *, aet: str = SCU_AET) -> tuple[AE, Association]:
+    ae = AE(ae_title=aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(CTImageStorage, JPEG2000Lossless)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established, "association with the node was not established"
+    return ae, assoc
+
+
+def crafted_file(path: Path, body: bytes, *, sop_class: str = MRImageStorage) -> Path:
+    """A Part 10 file with valid File Meta Information and ``body`` as the dataset bytes."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = generate_uid()
+    buffer = io.BytesIO()
+    buffer.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    path.write_bytes(buffer.getvalue() + body)
+    return path
+
+
+def dcm_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def assert_nothing_indexed(node: NodeProcess) -> None:
+    assert node.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 0
+    assert node.query("SELECT COUNT(*) AS n FROM series")[0]["n"] == 0
+    assert node.stored_files() == []
+
+
+def assert_stored_as_sent(node: NodeProcess, sources: list[Path]) -> None:
+    """Each source is on disk under its UIDs, byte-identical after the File Meta or, where
+    the sender re-encoded it, equal once decoded."""
+    for source in sources:
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+        stored = (
+            node.store_dir
+            / str(ds.StudyInstanceUID)
+            / str(ds.SeriesInstanceUID)
+            / f"{ds.SOPInstanceUID}.dcm"
+        )
+        assert stored.is_file(), f"{source.name} not stored at {stored}"
+        stored_ds = pydicom.dcmread(stored)
+        same_syntax = stored_ds.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+        if not (same_syntax and dataset_bytes(stored) == dataset_bytes(source)):
+            # storescu re-encodes what it sends (e.g. sequences of undefined length get
+            # explicit lengths), so only the decoded content can be compared here.
+            assert stored_ds == pydicom.dcmread(source), f"{source.name} decodes differently"
+
+
+# -- echo, real data, generated series ---------------------------------------------------------
+
+
+def test_echoscu_succeeds(node: NodeProcess) -> None:
+    result = echoscu(node.port)
+    assert result.returncode == 0, result.stderr
+    node.wait_for_log(f"C-ECHO from AE {SCU_AET}")
+
+
+@pytest.mark.parametrize("name", REAL_MR_SERIES)
+def test_storescu_real_series_stored_as_sent(
+    node: NodeProcess, shared_data: Path, name: str
+) -> None:
+    folder = shared_data / name
+    sources = dcm_files(folder)
+    result = storescu(node.port, [folder], extra_args=["-v"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(acknowledged_files(result.stdout + result.stderr)) == len(sources)
+    assert_stored_as_sent(node, sources)
+    first = pydicom.dcmread(sources[0], stop_before_pixels=True)
+    rows = node.instance_rows(str(first.SeriesInstanceUID))
+    assert len(rows) == len(sources)
+    assert {r["sop_instance_uid"] for r in rows} == {
+        str(pydicom.dcmread(s, stop_before_pixels=True).SOPInstanceUID) for s in sources
+    }
+    assert {r["sop_class_uid"] for r in rows} == {str(first.SOPClassUID)}
+    assert {r["modality"] for r in rows} == {"MR"}
+    assert {r["calling_ae_title"] for r in rows} == {SCU_AET}
+
+
+def test_ct_with_empty_uids_is_refused(
+    node: NodeProcess, shared_data: Path, raw_send: None
+) -> None:
+    """The anonymised CT has empty SOP Instance/Series/Study UIDs (and SOP Class UID).
+
+    storescu cannot even propose it (empty SOP Class UID); a pynetdicom SCU sends the
+    file's dataset bytes under its File Meta's CT Image Storage: the node must answer
+    0xA900 naming SOPInstanceUID, log it, and store nothing."""
+    folder = shared_data / CT_NO_UIDS
+    dcmtk = storescu(node.port, [folder], extra_args=["-v", "-xv"])
+    assert dcmtk.returncode != 0 or refused_files(dcmtk.stdout + dcmtk.stderr), dcmtk.stdout
+    assert acknowledged_files(dcmtk.stdout + dcmtk.stderr) == []
+
+    ae, assoc = associate(node)
+    try:
+        for path in dcm_files(folder):
+            rsp = assoc.send_c_store(path)
+            assert rsp.Status == DATASET_DOES_NOT_MATCH_SOP_CLASS, (path.name, rsp)
+            assert "SOPInstanceUID" in str(rsp.ErrorComment)
+            assert rsp.OffendingElement == 0x00080018
+    finally:
+        assoc.release()
+        ae.shutdown()
+    node.wait_for_log("SOPInstanceUID is missing or empty (0xA900)")
+    assert_nothing_indexed(node)
+    assert node.running()
+
+
+def test_generated_series_stored_byte_identical_and_indexed(
+    node: NodeProcess, tmp_path: Path
+) -> None:
+    series = make_mr_series(tmp_path / "gen", 6, size=64, series_description="receive check")
+    result = storescu(node.port, [series.folder], extra_args=["-v"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(acknowledged_files(result.stdout + result.stderr)) == sorted(
+        str(p) for p in series.paths
+    )
+    for source in series.paths:  # sent in Explicit VR LE, stored in Explicit VR LE
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+        stored = (
+            node.store_dir
+            / series.study_instance_uid
+            / series.series_instance_uid
+            / f"{ds.SOPInstanceUID}.dcm"
+        )
+        assert pydicom.dcmread(stored).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert dataset_bytes(stored) == dataset_bytes(source)
+
+    shown = node.series_show(series.series_instance_uid)
+    assert shown["study_instance_uid"] == series.study_instance_uid
+    assert shown["modality"] == "MR"
+    assert shown["series_description"] == "receive check"
+    assert shown["calling_ae_title"] == SCU_AET
+    assert len(shown["instances"]) == 6
+    assert {i["sop_instance_uid"] for i in shown["instances"]} == set(series.sop_instance_uids)
+    for item in shown["instances"]:
+        assert item["sop_class_uid"] == MRImageStorage
+        assert item["transfer_syntax_uid"] == ExplicitVRLittleEndian
+        assert item["calling_ae_title"] == SCU_AET
+        assert Path(item["path"]).is_file()
+
+    rows = {r["instance_number"]: r for r in node.instance_rows(series.series_instance_uid)}
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    for number, row in rows.items():
+        assert (row["rows"], row["columns"]) == (64, 64)
+        assert row["image_orientation"] == "1.0\\0.0\\0.0\\0.0\\1.0\\0.0"
+        assert [float(v) for v in row["image_position"].split("\\")] == [
+            -64.0,
+            -64.0,
+            2.0 * (number - 1),
+        ]
+        assert row["size_bytes"] == (node.store_dir / row["path"]).stat().st_size
+
+    listed = node.series_json()
+    assert [s["series_instance_uid"] for s in listed] == [series.series_instance_uid]
+    assert listed[0]["instances"] == 6
+
+
+def test_series_list_json_parses(node: NodeProcess, tmp_path: Path) -> None:
+    assert node.series_json() == []
+    a = make_mr_series(tmp_path / "a", 2)
+    b = make_mr_series(tmp_path / "b", 3, study_instance_uid=a.study_instance_uid)
+    assert storescu(node.port, [a.folder, b.folder]).returncode == 0
+    listed = node.series_json()
+    assert {s["series_instance_uid"]: s["instances"] for s in listed} == {
+        a.series_instance_uid: 2,
+        b.series_instance_uid: 3,
+    }
+    for item in listed:
+        assert item["study_instance_uid"] == a.study_instance_uid
+        assert item["state"] in {"receiving", "complete"}
+        assert item["version"] == 1
+
+
+# -- Orthanc as the sender ---------------------------------------------------------------------
+
+
+def test_orthanc_pushes_study_to_node(
+    node_factory: NodeFactory, orthanc_factory: OrthancFactory, tmp_path: Path
+) -> None:
+    node = node_factory(
+        peers=[{"name": "pacs", "ae_title": "ORTHANCPACS", "host": "127.0.0.1", "port": 104}]
+    )
+    orthanc = orthanc_factory(
+        aet="ORTHANCPACS",
+        modalities={"NODE": {"AET": node.ae_title, "Host": "127.0.0.1", "Port": node.port}},
+    )
+    series = make_mr_series(tmp_path / "gen", 5)
+    for path in series.paths:
+        orthanc.upload(path)
+    studies = orthanc.get_json("/studies")
+    assert len(studies) == 1
+    orthanc.store_to_modality("NODE", studies)
+
+    rows = node.instance_rows(series.series_instance_uid)
+    assert {r["sop_instance_uid"] for r in rows} == set(series.sop_instance_uids)
+    assert {r["calling_ae_title"] for r in rows} == {"ORTHANCPACS"}
+    assert len(node.stored_files()) == 5
+    shown = node.series_show(series.series_instance_uid)
+    assert shown["calling_ae_title"] == "ORTHANCPACS"
+    for path in series.paths:
+        stored = pydicom.dcmread(
+            node.store_dir
+            / series.study_instance_uid
+            / series.series_instance_uid
+            / f"{pydicom.dcmread(path).SOPInstanceUID}.dcm"
+        )
+        assert stored.pixel_array.tobytes() == pydicom.dcmread(path).pixel_array.tobytes()
+
+
+# -- access control ----------------------------------------------------------------------------
+
+
+def test_unknown_calling_ae_is_rejected(node: NodeProcess) -> None:
+    result = echoscu(node.port, aet="UNKNOWN")
+    assert result.returncode != 0
+    assert "reject" in (result.stdout + result.stderr).lower()
+    line = node.wait_for_log("association rejected")
+    assert "'UNKNOWN'" in line
+
+
+def test_wrong_called_ae_is_rejected(node: NodeProcess) -> None:
+    result = echoscu(node.port, aec="NOTTHENODE")
+    assert result.returncode != 0
+    line = node.wait_for_log("association rejected")
+    assert "'NOTTHENODE'" in line
+
+
+def test_accept_unknown_callers(node_factory: NodeFactory) -> None:
+    node = node_factory(overrides={"node": {"accept_unknown_callers": True}})
+    result = echoscu(node.port, aet="UNKNOWN")
+    assert result.returncode == 0, result.stderr
+    node.wait_for_log("C-ECHO from AE UNKNOWN")
+
+
+# -- DICOM TLS ---------------------------------------------------------------------------------
+
+
+def test_tls_echo_and_store(node_factory: NodeFactory, tmp_path: Path) -> None:
+    tls = make_tls_files(tmp_path / "pki")
+    node = node_factory(start=False)
+    tls_port = free_port()
+    while tls_port == node.port:
+        tls_port = free_port()
+    node.config["node"]["tls"] = {
+        "enabled": True,
+        "port": tls_port,
+        "certificate": node.relative(tls.server_cert),
+        "key": node.relative(tls.server_key),
+        "ca_certificate": node.relative(tls.ca_cert),
+        "require_client_certificate": True,
+    }
+    node.config_path.write_text(yaml.safe_dump(node.config, sort_keys=False))
+    node.start()
+
+    client = ["+tls", str(tls.client_key), str(tls.client_cert), "+cf", str(tls.ca_cert)]
+    result = echoscu(tls_port, extra_args=client)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    series = make_mr_series(tmp_path / "gen", 2)
+    stored = storescu(tls_port, [series.folder], extra_args=[*client, "-v"])
+    assert stored.returncode == 0, stored.stdout + stored.stderr
+    assert len(acknowledged_files(stored.stdout + stored.stderr)) == 2
+    rows = node.instance_rows(series.series_instance_uid)
+    assert {r["sop_instance_uid"] for r in rows} == set(series.sop_instance_uids)
+
+    plain = echoscu(tls_port)  # no TLS to the TLS port
+    assert plain.returncode != 0
+    no_cert = echoscu(tls_port, extra_args=["+tla", "-ic"])  # TLS without a client cert
+    assert no_cert.returncode != 0
+    assert node.running()
+
+
+# -- crash safety, disk space, malformed input -------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill9_during_300_image_send(node: NodeProcess, tmp_path: Path) -> None:
+    series = make_mr_series(tmp_path / "gen", 300, size=64)
+    log_path = tmp_path / "storescu.log"
+    with open(log_path, "w") as log:
+        sender = subprocess.Popen(
+            storescu_command(node.port, [series.folder], extra_args=["-v"]),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dcmtk_env(),
+        )
+    try:
+        wait_until(lambda: len(node.stored_files()) >= 100, timeout_s=120, what="100 images stored")
+        node.kill9()
+        sender.wait(timeout=60)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+    acked = acknowledged_files(log_path.read_text())
+    assert 0 < len(acked) < 300, "the crash should interrupt the send"
+
+    node.start()  # sweeps temporaries left by the crash
+    assert node.temporary_files() == []
+    on_disk = node.stored_files()
+    for path in on_disk:
+        pydicom.dcmread(path)  # whole files only
+    indexed = {r["sop_instance_uid"]: r for r in node.instance_rows(series.series_instance_uid)}
+    for row in indexed.values():
+        assert (node.store_dir / row["path"]).is_file(), "indexed instance without its file"
+    sop_of = {str(p): u for p, u in zip(series.paths, series.sop_instance_uids, strict=True)}
+    for path in acked:
+        sop = sop_of[path]
+        assert sop in indexed, f"acknowledged {path} not indexed after the crash"
+        assert (node.store_dir / indexed[sop]["path"]).is_file()
+
+    rest = [p for p in series.paths if str(p) not in set(acked)]
+    resend = storescu(node.port, rest, extra_args=["-v"])
+    assert resend.returncode == 0, resend.stdout[-2000:] + resend.stderr[-2000:]
+    wait_series_complete(node, series.series_instance_uid, count=300)
+    listed = {s["series_instance_uid"]: s for s in node.series_json()}
+    assert listed[series.series_instance_uid]["state"] == "complete"
+    assert listed[series.series_instance_uid]["instances"] == 300
+    assert len(node.stored_files()) == 300
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs (needs root and mount permission); unmounted at teardown."""
+    mountpoint = tmp_path / "small_disk"
+    mountpoint.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
+
+
+def test_free_space_floor_refuses_with_a700(
+    node_factory: NodeFactory, small_tmpfs: Path, tmp_path: Path
+) -> None:
+    node = node_factory(start=False)
+    node.config["storage"] = {
+        "data_dir": node.relative(small_tmpfs / "data"),
+        "min_free_disk_mb": 8,
+    }
+    node.config_path.write_text(yaml.safe_dump(node.config, sort_keys=False))
+    node.start()
+    series = make_mr_series(tmp_path / "gen", 2, size=64)
+
+    filler = small_tmpfs / "filler.bin"
+    free = shutil.disk_usage(small_tmpfs).free
+    with open(filler, "wb") as fh:  # leave 4 MiB: below the 8 MiB floor, room for the index
+        fh.truncate(0)
+        fh.write(b"\0" * (free - 4 * 1024 * 1024))
+    assert shutil.disk_usage(small_tmpfs).free < 8 * 1024 * 1024
+
+    refused = storescu(node.port, [series.paths[0]], extra_args=["-v"])
+    output = refused.stdout + refused.stderr
+    assert acknowledged_files(output) == []
+    assert refused_files(output), output
+    assert "OutOfResources" in refused_files(output)[0][1]
+    line = node.wait_for_log("refused (0xA700)")
+    assert "min_free_disk_mb" in line
+    assert node.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 0
+    assert echoscu(node.port).returncode == 0  # still serving
+
+    filler.unlink()
+    accepted = storescu(node.port, series.paths, extra_args=["-v"])
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    assert len(acknowledged_files(accepted.stdout + accepted.stderr)) == 2
+    assert len(node.instance_rows(series.series_instance_uid)) == 2
+
+
+def test_malformed_input_is_refused(node: NodeProcess, tmp_path: Path, raw_send: None) -> None:
+    good = make_mr_series(tmp_path / "gen", 1, size=64)
+    body = dataset_bytes(good.paths[0])
+    no_sop = pydicom.dcmread(good.paths[0])
+    del no_sop.SOPInstanceUID
+    no_sop_path = tmp_path / "no_sop.dcm"
+    no_sop.save_as(no_sop_path, enforce_file_format=True)
+    cases: list[tuple[str, Path, int, str]] = [
+        # the dataset's last element (Pixel Data) is cut short: its UIDs are all readable
+        ("truncated", crafted_file(tmp_path / "truncated.dcm", body[:-100]), CANNOT_UNDERSTAND,
+         "cannot decode"),
+        ("garbage", crafted_file(tmp_path / "garbage.dcm", b"\xde\xad\xbe\xef" * 64),
+         CANNOT_UNDERSTAND, "cannot decode"),
+        ("empty", crafted_file(tmp_path / "empty.dcm", b""), CANNOT_UNDERSTAND, "empty"),
+        ("no SOPInstanceUID", no_sop_path, DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID"),
+    ]  # fmt: skip
+    ae, assoc = associate(node)
+    statuses: dict[str, tuple[int, str]] = {}
+    try:
+        for name, path, _, _ in cases:
+            rsp = assoc.send_c_store(path)
+            statuses[name] = (int(rsp.Status), str(rsp.get("ErrorComment", "")))
+    finally:
+        assoc.release()
+        ae.shutdown()
+    log = node.log_text()
+    assert "the dataset is empty (0xC210)" in log
+    assert "SOPInstanceUID is missing or empty (0xA900)" in log
+    assert_nothing_indexed(node)
+    assert echoscu(node.port).returncode == 0  # the node keeps serving
+    for name, _, status, comment in cases:
+        got_status, got_comment = statuses[name]
+        assert (hex(got_status), comment in got_comment) == (hex(status), True), (
+            f"{name}: expected {status:#06x} with {comment!r}, got {got_status:#06x} "
+            f"{got_comment!r}"
+        )
+    assert "dataset cannot be decoded (0xC210)" in log
+
+
+# -- duplicates, versions, shutdown, prune, multi-process --------------------------------------
+
+
+def test_duplicate_sop_instance_uid_is_replaced(node: NodeProcess, tmp_path: Path) -> None:
+    series = make_mr_series(tmp_path / "first", 1, size=64)
+    assert storescu(node.port, series.paths).returncode == 0
+    changed = pydicom.dcmread(series.paths[0])
+    changed.ImageComments = "second copy"
+    second = tmp_path / "second.dcm"
+    changed.save_as(second, enforce_file_format=True)
+    assert storescu(node.port, [second]).returncode == 0
+
+    sop = series.sop_instance_uids[0]
+    rows = node.query("SELECT * FROM instances WHERE sop_instance_uid = ?", (sop,))
+    assert len(rows) == 1
+    assert len(node.stored_files()) == 1
+    stored = pydicom.dcmread(node.store_dir / rows[0]["path"])
+    assert stored.ImageComments == "second copy"
+    line = node.wait_for_log(f"duplicate SOP Instance UID {sop}")
+    assert "replaced" in line
+
+
+def test_instances_after_completion_open_version_2(node: NodeProcess, tmp_path: Path) -> None:
+    first = make_mr_series(tmp_path / "v1", 3, size=64)
+    assert storescu(node.port, first.paths).returncode == 0
+    wait_series_complete(node, first.series_instance_uid, count=3)
+    late = make_mr_series(
+        tmp_path / "v2",
+        2,
+        size=64,
+        study_instance_uid=first.study_instance_uid,
+        series_instance_uid=first.series_instance_uid,
+        first_instance_number=4,
+    )
+    assert storescu(node.port, late.paths).returncode == 0
+    wait_series_complete(node, first.series_instance_uid, count=2, version=2)
+
+    shown = node.series_show(first.series_instance_uid)
+    assert [(v["version"], v["state"]) for v in shown["versions"]] == [
+        (1, "complete"),
+        (2, "complete"),
+    ]
+    by_version = {
+        v: {i["sop_instance_uid"] for i in shown["instances"] if i["version"] == v} for v in (1, 2)
+    }
+    assert by_version == {1: set(first.sop_instance_uids), 2: set(late.sop_instance_uids)}
+    assert len(node.stored_files()) == 5
+    node.wait_for_log("arrived after completion; version 2 opened")
+
+
+def test_sigterm_during_send_exits_0_and_keeps_acknowledged(
+    node: NodeProcess, tmp_path: Path
+) -> None:
+    series = make_mr_series(tmp_path / "gen", 150, size=64)
+    log_path = tmp_path / "storescu.log"
+    with open(log_path, "w") as log:
+        sender = subprocess.Popen(
+            storescu_command(node.port, [series.folder], extra_args=["-v"]),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dcmtk_env(),
+        )
+    try:
+        wait_until(lambda: len(node.stored_files()) >= 20, timeout_s=120, what="20 images")
+        node.signal(signal.SIGTERM)
+        assert node.wait(timeout_s=60) == 0, node.log_text()[-3000:]
+        sender.wait(timeout=60)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+    acked = acknowledged_files(log_path.read_text())
+    assert acked, "nothing acknowledged before SIGTERM"
+    sop_of = {str(p): u for p, u in zip(series.paths, series.sop_instance_uids, strict=True)}
+    indexed = {r["sop_instance_uid"]: r for r in node.instance_rows(series.series_instance_uid)}
+    for path in acked:
+        assert sop_of[path] in indexed, f"acknowledged {path} lost"
+        assert (node.store_dir / indexed[sop_of[path]]["path"]).is_file()
+    assert node.temporary_files() == []
+    assert "stopped" in node.log_text()
+
+
+def test_store_prune(node: NodeProcess, tmp_path: Path) -> None:
+    series = make_mr_series(tmp_path / "gen", 3, size=64)
+    assert storescu(node.port, series.paths).returncode == 0
+    wait_series_complete(node, series.series_instance_uid, count=3)
+    stored_bytes = sum(p.stat().st_size for p in node.stored_files())
+
+    dry = node.cli_json("store", "prune", "--older-than", "0s", "--dry-run")
+    assert dry["series"] == [series.series_instance_uid]
+    assert dry["instances"] == 3
+    assert dry["dry_run"] is True
+    assert len(node.stored_files()) == 3
+    assert len(node.instance_rows(series.series_instance_uid)) == 3
+
+    done = node.cli_json("store", "prune", "--older-than", "0s")
+    assert done["series"] == [series.series_instance_uid]
+    assert done["bytes_freed"] == stored_bytes
+    assert node.stored_files() == []
+    assert node.instance_rows() == []
+    assert series_versions(node, series.series_instance_uid) == []
+    assert node.series_json() == []
+
+
+def test_two_receiver_processes_concurrent_senders(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    node = node_factory(overrides={"node": {"receiver_processes": 2}})
+    a = make_mr_series(tmp_path / "a", 40, size=64, seed=1)
+    b = make_mr_series(tmp_path / "b", 40, size=64, seed=2)
+    senders = [
+        subprocess.Popen(
+            storescu_command(node.port, [s.folder], extra_args=["-v"]),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dcmtk_env(),
+        )
+        for s in (a, b)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in senders]
+    for proc, output in zip(senders, outputs, strict=True):
+        assert proc.returncode == 0, output[-2000:]
+        assert len(acknowledged_files(output)) == 40
+    for series in (a, b):
+        rows = node.instance_rows(series.series_instance_uid)
+        assert sorted(r["sop_instance_uid"] for r in rows) == sorted(series.sop_instance_uids)
+    total = node.query("SELECT COUNT(*) AS n, COUNT(DISTINCT sop_instance_uid) AS d FROM instances")
+    assert (total[0]["n"], total[0]["d"]) == (80, 80)
+    assert len(node.stored_files()) == 80
+    counts = {
+        r["series_instance_uid"]: r["instance_count"]
+        for r in node.query(
+            "SELECT s.series_instance_uid, v.instance_count FROM series_versions v "
+            "JOIN series s ON v.series_pk = s.id"
+        )
+    }
+    assert counts == {a.series_instance_uid: 40, b.series_instance_uid: 40}
+    assert node.stop() == 0
