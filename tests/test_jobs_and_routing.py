@@ -1,0 +1,269 @@
+"""Routing rules and the persisted job/delivery state machines (real SQLite, no network)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import update
+
+from dicom_node.config import RuleSettings, Settings
+from dicom_node.routing import SeriesFacts, facts_from_folder, route
+from dicom_node.scheduler import Scheduler
+from dicom_node.worker import PermanentJobError, resolve_destinations
+from storage.database import Index
+from storage.instances import InstanceRecord, complete_due_series, record_instance
+from storage.models import Delivery, DeliveryState, Job, JobState, Series, utcnow
+from storage.queue import (
+    JobSpec,
+    claim_delivery,
+    claim_job,
+    create_job,
+    delivery_failed,
+    fail_job,
+    finish_job,
+    heartbeat,
+    retry_delivery,
+    retry_job,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RULES = [
+    {
+        "name": "vibe",
+        "match": {
+            "modality": ["MR"],
+            "series_description": "(?i)vibe|dixon",
+            "image_type_contains": ["ORIGINAL"],
+            "min_images": 10,
+        },
+        "model": "vibe",
+    },
+    {
+        "name": "ct",
+        "match": {"modality": ["CT"], "body_part_examined": ["ABDOMEN"]},
+        "model": "total",
+    },
+    {"name": "from-ws", "match": {"calling_ae_title": ["WS1"]}, "model": "demo"},
+]
+
+
+def rules() -> list[RuleSettings]:
+    return [RuleSettings.model_validate(r) for r in RULES]
+
+
+def test_first_matching_rule_wins_with_reasons() -> None:
+    facts = SeriesFacts(
+        "1.2.3",
+        modality="MR",
+        series_description="t1_vibe_dixon_tra_W",
+        image_type=("ORIGINAL", "PRIMARY", "W"),
+        calling_ae_title="WS1",
+        image_count=120,
+    )
+    decision = route(rules(), facts)
+    assert decision.rule is not None and decision.rule.name == "vibe"
+    assert decision.verdicts[2].reasons == ["not evaluated: an earlier rule matched"]
+    text = decision.explain()
+    assert "MATCH vibe" in text and "-> vibe" in text
+
+
+def test_rule_reasons_name_what_failed() -> None:
+    facts = SeriesFacts("1.2.3", modality="MR", series_description="t2_haste", image_count=5)
+    decision = route(rules(), facts)
+    assert decision.rule is None
+    vibe = decision.verdicts[0]
+    assert not vibe.matched
+    assert any(r.startswith("NOT series description") for r in vibe.reasons)
+    assert any(r.startswith("NOT 5 >= 10 images") for r in vibe.reasons)
+    assert "no rule matches: kept, not processed" in decision.explain()
+
+
+def test_ct_and_calling_ae_rules() -> None:
+    ct = route(rules(), SeriesFacts("1", modality="CT", body_part_examined="abdomen"))
+    assert ct.rule is not None and ct.rule.name == "ct"
+    ws = route(rules(), SeriesFacts("2", modality="OT", calling_ae_title="WS1"))
+    assert ws.rule is not None and ws.rule.name == "from-ws"
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> Index:
+    return Index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+
+
+def _complete_series(index: Index, uid: str = "1.2.3", ae: str = "PACS", n: int = 3) -> int:
+    for i in range(n):
+        record_instance(
+            index,
+            InstanceRecord(
+                sop_instance_uid=f"{uid}.{i}",
+                series_instance_uid=uid,
+                study_instance_uid="1.2",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path=f"x/{i}.dcm",
+                size_bytes=1,
+                modality="MR",
+                series_description="t1_vibe",
+                image_type="ORIGINAL\\PRIMARY",
+                calling_ae_title=ae,
+            ),
+        )
+    done = complete_due_series(index, 0.0, on_release=False)
+    return done[0].series_version_pk
+
+
+def test_scheduler_queues_one_job_per_version_and_rule(index: Index) -> None:
+    version_pk = _complete_series(index, n=12)
+    settings = Settings(rules=rules())
+    scheduler = Scheduler(settings, index)
+    assert scheduler.route_pending() == 1
+    assert scheduler.route_pending() == 0  # routed once, even when asked again
+    spec = JobSpec("vibe", "vibe", {}, ["origin"])
+    assert create_job(index, version_pk, spec) is None  # one job per (version, rule)
+
+
+def test_unmatched_series_is_kept_and_logged(
+    index: Index, caplog: pytest.LogCaptureFixture
+) -> None:
+    _complete_series(index, n=2)  # too few images for the vibe rule
+    caplog.set_level("INFO")
+    assert Scheduler(Settings(rules=rules()), index).route_pending() == 0
+    assert "no routing rule matches; kept, not processed" in caplog.text
+
+
+def test_job_state_machine(index: Index) -> None:
+    version_pk = _complete_series(index)
+    job_id = create_job(index, version_pk, JobSpec("r", "demo", {}, ["origin"]))
+    assert job_id is not None
+    job = claim_job(index, "host:1", heartbeat_timeout_s=60)
+    assert job is not None and job.id == job_id and job.state == JobState.RUNNING
+    assert job.attempts == 1
+    assert claim_job(index, "host:2", heartbeat_timeout_s=60) is None  # owned by host:1
+    assert heartbeat(index, job_id, "host:1")
+    assert not heartbeat(index, job_id, "host:2")
+    # A transient error: waits, then is claimable again.
+    state = fail_job(index, job_id, "IOError: busy", retry_in_s=0.0, max_attempts=3)
+    assert state == JobState.RETRY_WAIT
+    again = claim_job(index, "host:2", heartbeat_timeout_s=60)
+    assert again is not None and again.attempts == 2 and again.worker == "host:2"
+    # A permanent error: failed with its reason, never retried automatically.
+    assert (
+        fail_job(index, job_id, "mixed orientations", retry_in_s=None, max_attempts=3)
+        == JobState.FAILED
+    )
+    assert claim_job(index, "host:3", heartbeat_timeout_s=60) is None
+    assert retry_job(index, job_id)
+    assert claim_job(index, "host:3", heartbeat_timeout_s=60) is not None
+
+
+def test_a_job_whose_worker_died_is_taken_over(index: Index) -> None:
+    version_pk = _complete_series(index)
+    job_id = create_job(index, version_pk, JobSpec("r", "demo", {}, []))
+    assert claim_job(index, "host:1", heartbeat_timeout_s=60) is not None
+    with index.session() as session, session.begin():
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(heartbeat_at=utcnow() - dt.timedelta(seconds=120))
+        )
+    taken = claim_job(index, "host:2", heartbeat_timeout_s=60)
+    assert taken is not None and taken.worker == "host:2" and taken.attempts == 2
+
+
+def test_deliveries_back_off_then_dead_letter_then_retry(index: Index) -> None:
+    version_pk = _complete_series(index)
+    job_id = create_job(index, version_pk, JobSpec("r", "demo", {}, ["origin"]))
+    assert job_id is not None
+    finish_job(index, job_id, seg_path="results/1/seg.dcm", seg_sop_instance_uid="2.25.1",
+               timings={}, deliveries=[("origin", "pacs")])  # fmt: skip
+    delays = []
+    for attempt in range(1, 4):
+        with index.session() as session, session.begin():  # make it due now
+            session.execute(update(Delivery).values(next_attempt_at=utcnow()))
+        delivery = claim_delivery(index, lease_s=60)
+        assert delivery is not None and delivery.attempts == attempt
+        assert claim_delivery(index, lease_s=60) is None  # leased
+        state, delay = delivery_failed(index, delivery.id, "refused", retryable=True,
+                                       max_attempts=3, backoff_initial_s=10, backoff_max_s=25)  # fmt: skip
+        delays.append(delay)
+    assert delays == [10, 20, None]  # exponential, capped, then dead
+    assert state == DeliveryState.DEAD
+    with index.session() as session:
+        dead = session.get(Delivery, delivery.id)
+        assert dead is not None and dead.last_error == "refused"
+    assert retry_delivery(index) == 1
+    again = claim_delivery(index, lease_s=60)
+    assert again is not None and again.attempts == 1
+
+
+def test_a_send_cut_off_by_a_crash_is_due_again(index: Index) -> None:
+    from dicom_node.outbox import release_interrupted
+
+    version_pk = _complete_series(index)
+    job_id = create_job(index, version_pk, JobSpec("r", "demo", {}, ["origin"]))
+    assert job_id is not None
+    finish_job(index, job_id, seg_path="s", seg_sop_instance_uid="2.25.1", timings={},
+               deliveries=[("origin", "pacs")])  # fmt: skip
+    assert claim_delivery(index, lease_s=3600) is not None
+    assert claim_delivery(index, lease_s=3600) is None
+    assert release_interrupted(index) == 1  # what `serve` does at start
+    assert claim_delivery(index, lease_s=3600) is not None
+
+
+def test_origin_is_resolved_by_calling_ae_or_refused(index: Index) -> None:
+    _complete_series(index, ae="ORTHANC")
+    settings = Settings.model_validate(
+        {"peers": [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}]}
+    )
+    with index.session() as session:
+        series = session.query(Series).one()
+        assert resolve_destinations(settings, series, ["origin"]) == [("origin", "pacs")]
+        series.calling_ae_title = "STRANGER"
+        with pytest.raises(PermanentJobError, match="STRANGER.*not a configured peer"):
+            resolve_destinations(settings, series, ["origin"])
+
+
+def test_rules_test_cli_on_a_folder(tmp_path: Path) -> None:
+    from dicom_phantoms import write_series
+
+    write_series(tmp_path / "series", lambda p: p[:, 0] * 0 + 100.0, shape=(4, 8, 8))
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"rules": [{"name": "mr", "match": {"modality": ["MR"]}, "model": "demo"}]})
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dicom_node",
+            "-c",
+            str(cfg),
+            "rules",
+            "test",
+            str(tmp_path / "series"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "MATCH mr" in result.stdout and "-> mr" in result.stdout
+    assert "4 images" in result.stdout
+
+
+def test_facts_from_folder_refuses_several_series(tmp_path: Path) -> None:
+    from dicom_phantoms import write_series
+
+    from dicom_node.errors import SeriesError
+
+    write_series(tmp_path / "a", lambda p: p[:, 0] * 0 + 1.0, shape=(2, 4, 4))
+    write_series(tmp_path / "b", lambda p: p[:, 0] * 0 + 1.0, shape=(2, 4, 4))
+    with pytest.raises(SeriesError, match="2 series"):
+        facts_from_folder(tmp_path)
