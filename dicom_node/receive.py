@@ -172,6 +172,7 @@ class Receiver:
             return _failure(OUT_OF_RESOURCES, "out of disk space")
         try:
             ds = event.dataset
+            _check_complete(ds)
             uids = {name: _text(ds.get(name, "")) for name, _ in REQUIRED_UIDS}
         except Exception as exc:
             stats.failed += 1
@@ -250,6 +251,25 @@ class Receiver:
                 recorded.version,
             )
         return message
+
+
+def _check_complete(ds: Dataset) -> None:
+    """Raise if an element's value is shorter than its declared length.
+
+    pydicom reads a truncated or garbled dataset without error (it warns and keeps the short
+    value), so a dataset cut inside its Pixel Data would otherwise be stored as a success.
+    """
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        length = getattr(elem, "length", None)
+        value = getattr(elem, "value", None)
+        if (
+            isinstance(length, int)
+            and length != 0xFFFFFFFF
+            and isinstance(value, bytes | bytearray)
+            and len(value) != length
+        ):
+            raise ValueError(f"element {tag} is truncated: {len(value)} of {length} bytes present")
 
 
 def _failure(status: int, comment: str, offending_tag: int | None = None) -> Dataset:
