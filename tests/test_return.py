@@ -1,0 +1,408 @@
+"""End to end: a series reaches the node, the demo model segments it, the SEG returns.
+
+Real peers only: Orthanc (Debian) as the PACS, DCMTK storescu as the scanner, the node as
+a subprocess with its worker processes, the real demo nnU-Net model on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pytest
+import yaml
+from dicom_phantoms import WrittenSeries, write_mixed_orientation_series, write_series
+from peers import NodeProcess, Orthanc, echoscu, storescu, wait_until
+
+from dicom_node.volume import volume_from_series
+from inference.catalogue import load_catalogue
+from inference.demo.phantoms import PhantomSpec, sample_phantom
+
+pytestmark = pytest.mark.peers
+
+STRUCTURES = ("liver", "spleen", "kidney_left", "kidney_right")
+SEG_TIMEOUT_S = 240.0
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def phantom_series(
+    folder: Path, seed: int, *, shape: tuple[int, int, int] = (48, 64, 64),
+    spacing: tuple[float, float, float] = (3.0, 2.0, 2.0), description: str = "phantom vibe",
+) -> WrittenSeries:  # fmt: skip
+    """A phantom on the demo model's training field of view, written as an axial MR series."""
+    spec = PhantomSpec.from_seed(seed)
+    written = write_series(
+        folder,
+        lambda points: sample_phantom(spec, points)[0],
+        orientation="axial",
+        shape=shape,
+        spacing=spacing,
+        seed=seed,
+    )
+    for path in written.paths:  # a description the routing rules can match on
+        from pydicom import dcmread
+
+        ds = dcmread(path)
+        ds.SeriesDescription = description
+        ds.save_as(path)
+    return written
+
+
+def dice_against_phantom(seg_path: Path, series: WrittenSeries, seed: int) -> dict[str, float]:
+    """Decode the SEG with highdicom on the source grid and score it against the truth."""
+    volume = volume_from_series(series.paths)
+    seg = hd.seg.segread(seg_path)
+    numbers = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[f.sop_instance_uid for f in volume.frames],
+        combine_segments=True,
+        relabel=False,
+    )
+    ids = {label.name: label.id for label in load_catalogue("demo").labels}
+    predicted = np.zeros(pixels.shape, dtype=np.uint8)
+    for number, name in numbers.items():
+        predicted[pixels == number] = ids[name]
+    z, y, x = np.meshgrid(*(np.arange(n) for n in volume.array.shape), indexing="ij")
+    index = np.stack([x.ravel(), y.ravel(), z.ravel(), np.ones(x.size)], axis=1)
+    points = (index @ volume.affine.T)[:, :3]
+    truth = sample_phantom(PhantomSpec.from_seed(seed), points, noise=False)[1].reshape(
+        pixels.shape
+    )
+    scores = {}
+    for name in STRUCTURES:
+        a, b = predicted == ids[name], truth == ids[name]
+        scores[name] = float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
+    return scores
+
+
+def seg_instances(orthanc: Orthanc) -> list[str]:
+    series = orthanc.post_json("/tools/find", {"Level": "Series", "Query": {"Modality": "SEG"}})
+    found: list[str] = []
+    for series_id in series:
+        found += [i["ID"] for i in orthanc.get_json(f"/series/{series_id}/instances")]
+    return found
+
+
+def wait_for_seg(orthanc: Orthanc, node: NodeProcess, timeout_s: float = SEG_TIMEOUT_S) -> str:
+    def arrived() -> bool:
+        if not node.running():
+            raise RuntimeError(f"the node died:\n{node.log_text()[-4000:]}")
+        return bool(seg_instances(orthanc))
+
+    try:
+        wait_until(arrived, timeout_s=timeout_s, interval_s=1.0, what="a SEG in Orthanc")
+    except Exception:
+        print(node.log_text()[-6000:])
+        raise
+    return seg_instances(orthanc)[0]
+
+
+def fetch(orthanc: Orthanc, instance_id: str, target: Path) -> Path:
+    target.write_bytes(orthanc.get_file(instance_id))
+    return target
+
+
+def configure(node: NodeProcess, **sections: Any) -> None:
+    """Replace config sections of a node that is not running yet."""
+    node.config.update(sections)
+    node.config_path.write_text(yaml.safe_dump(node.config, sort_keys=False))
+
+
+def pipeline(
+    extra_rules: list[dict[str, Any]] | None = None, destinations: list[str] | None = None
+) -> dict[str, Any]:
+    return {
+        "workers": {
+            "processes": 1,
+            "heartbeat_timeout_s": 10,
+            "retry_delay_s": 1,
+            "poll_interval_s": 0.3,
+        },
+        "inference": {"device": "cpu", "cpu_threads": 1},
+        "outbox": {"backoff_initial_s": 1, "backoff_max_s": 2, "max_attempts": 50,
+                   "poll_interval_s": 0.3, "lease_s": 300},
+        "rules": (extra_rules or [])
+        + [{"name": "phantom-mr", "match": {"modality": ["MR"]}, "model": "demo",
+            "destinations": destinations or ["origin"]}],
+    }  # fmt: skip
+
+
+def upload_series(orthanc: Orthanc, series: WrittenSeries) -> str:
+    ids = [orthanc.upload(path) for path in series.paths]
+    return str(orthanc.get_json(f"/instances/{ids[0]}/study")["ID"])
+
+
+def jobs(node: NodeProcess) -> list[dict[str, Any]]:
+    return [dict(r) for r in node.query("SELECT id, state, reason, attempts FROM jobs ORDER BY id")]
+
+
+def deliveries(node: NodeProcess) -> list[dict[str, Any]]:
+    return [dict(r) for r in node.query("SELECT id, state, attempts, last_error FROM deliveries")]
+
+
+def source_series_of(seg_path: Path) -> set[str]:
+    seg = hd.seg.segread(seg_path)
+    return {str(item.SeriesInstanceUID) for item in seg.ReferencedSeriesSequence}
+
+
+@pytest.fixture
+def pacs_and_node(
+    node_factory: Callable[..., NodeProcess], orthanc_factory: Callable[..., Orthanc]
+) -> Iterator[tuple[Orthanc, NodeProcess]]:
+    """Orthanc (AET ORTHANC) knows the node as modality NODE; the node knows Orthanc as peer
+    `pacs` and segments every MR series with the demo model, returning it to its origin."""
+    node = node_factory(start=False, overrides=pipeline())
+    orthanc = orthanc_factory(
+        modalities={"NODE": {"AET": node.ae_title, "Host": "127.0.0.1", "Port": node.port}}
+    )
+    configure(node, peers=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                            "port": orthanc.dicom_port}])  # fmt: skip
+    node.start()
+    yield orthanc, node
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_orthanc_sends_a_series_and_gets_its_seg_back(
+    pacs_and_node: tuple[Orthanc, NodeProcess], tmp_path: Path
+) -> None:
+    orthanc, node = pacs_and_node
+    series = phantom_series(tmp_path / "series", seed=7001)
+    study = upload_series(orthanc, series)
+    orthanc.store_to_modality("NODE", [study])
+
+    seg_id = wait_for_seg(orthanc, node)
+    seg_path = fetch(orthanc, seg_id, tmp_path / "seg.dcm")
+    assert source_series_of(seg_path) == {series.uids.series_instance_uid}
+    scores = dice_against_phantom(seg_path, series, seed=7001)
+    assert all(score >= 0.90 for score in scores.values()), scores
+    (job,) = jobs(node)
+    assert job["state"] == "succeeded"
+    wait_until(lambda: deliveries(node)[0]["state"] == "delivered", timeout_s=30, what="delivered")
+    log = node.log_text()
+    uids = series.uids
+    job_line = f"job {job['id']} study {uids.study_instance_uid} series {uids.series_instance_uid}"
+    assert job_line in log
+    assert "succeeded in" in log and "delivered in" in log
+
+
+@pytest.mark.slow
+def test_storescu_scanner_with_orthanc_as_its_destination(
+    node_factory: Callable[..., NodeProcess],
+    orthanc_factory: Callable[..., Orthanc],
+    tmp_path: Path,
+) -> None:
+    node = node_factory(start=False, overrides=pipeline(destinations=["pacs"]))
+    orthanc = orthanc_factory()
+    configure(node, peers=[
+        {"name": "scanner", "ae_title": "SCANNER", "host": "127.0.0.1", "port": 1},
+        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
+    ])  # fmt: skip
+    node.start()
+    series = phantom_series(tmp_path / "series", seed=7002)
+    sent = storescu(node.port, [series.paths[0].parent], aet="SCANNER", aec=node.ae_title)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+
+    seg_path = fetch(orthanc, wait_for_seg(orthanc, node), tmp_path / "seg.dcm")
+    assert source_series_of(seg_path) == {series.uids.series_instance_uid}
+    scores = dice_against_phantom(seg_path, series, seed=7002)
+    assert all(score >= 0.90 for score in scores.values()), scores
+
+
+@pytest.mark.slow
+def test_delivery_waits_for_a_stopped_pacs_then_arrives_exactly_once(
+    pacs_and_node: tuple[Orthanc, NodeProcess], tmp_path: Path
+) -> None:
+    orthanc, node = pacs_and_node
+    series = phantom_series(tmp_path / "series", seed=7003)
+    orthanc.store_to_modality("NODE", [upload_series(orthanc, series)])
+    wait_until(
+        lambda: bool(node.query("SELECT id FROM series_versions")), timeout_s=60, what="received"
+    )
+    orthanc.stop()  # the PACS goes down before the SEG is ready
+
+    def failing_attempts() -> bool:
+        rows = deliveries(node)
+        return (
+            bool(rows) and rows[0]["attempts"] >= 2 and rows[0]["state"] in ("pending", "sending")
+        )
+
+    wait_until(
+        failing_attempts, timeout_s=SEG_TIMEOUT_S, interval_s=0.5, what="failed delivery attempts"
+    )
+    assert "retry in" in node.log_text()
+    orthanc.start()
+    wait_for_seg(orthanc, node)
+    wait_until(lambda: deliveries(node)[0]["state"] == "delivered", timeout_s=60, what="delivered")
+    assert len(seg_instances(orthanc)) == 1
+
+
+@pytest.mark.slow
+def test_kill9_during_inference_then_exactly_one_seg(
+    pacs_and_node: tuple[Orthanc, NodeProcess], tmp_path: Path
+) -> None:
+    orthanc, node = pacs_and_node
+    # Finer grid, same field of view: inference takes seconds, a window to kill in.
+    series = phantom_series(
+        tmp_path / "series", seed=7004, shape=(96, 128, 128), spacing=(1.5, 1.0, 1.0)
+    )
+    orthanc.store_to_modality("NODE", [upload_series(orthanc, series)])
+    wait_until(
+        lambda: any(j["state"] == "running" for j in jobs(node)),
+        timeout_s=SEG_TIMEOUT_S,
+        interval_s=0.05,
+        what="a running job",
+    )
+    node.kill9()
+    assert not seg_instances(orthanc)
+    node.start()
+    wait_for_seg(orthanc, node)
+    wait_until(lambda: deliveries(node) and deliveries(node)[0]["state"] == "delivered",
+               timeout_s=60, what="delivered")  # fmt: skip
+    (job,) = jobs(node)
+    assert job["state"] == "succeeded" and job["attempts"] == 2
+    assert len(seg_instances(orthanc)) == 1
+
+
+class BlackHole:
+    """A TCP listener that accepts and never answers: a PACS hung mid-association."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(8)
+        self.clients: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.sock.accept()
+                self.clients.append(client)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.sock.close()
+
+
+@pytest.mark.slow
+def test_kill9_during_sending_then_exactly_one_seg(
+    node_factory: Callable[..., NodeProcess],
+    orthanc_factory: Callable[..., Orthanc],
+    tmp_path: Path,
+) -> None:
+    node = node_factory(start=False, overrides=pipeline(destinations=["pacs"]))
+    orthanc = Orthanc(tmp_path / "orthanc")  # not started: its port is held by a black hole
+    configure(node, peers=[
+        {"name": "scanner", "ae_title": "SCANNER", "host": "127.0.0.1", "port": 1},
+        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
+    ])  # fmt: skip
+    hole = BlackHole(orthanc.dicom_port)
+    try:
+        node.start()
+        series = phantom_series(tmp_path / "series", seed=7005)
+        sent = storescu(node.port, [series.paths[0].parent], aet="SCANNER", aec=node.ae_title)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        wait_until(
+            lambda: any(d["state"] == "sending" for d in deliveries(node)),
+            timeout_s=SEG_TIMEOUT_S,
+            interval_s=0.1,
+            what="a delivery in the middle of sending",
+        )
+        node.kill9()
+    finally:
+        hole.close()
+    orthanc.start()
+    try:
+        node.start()
+        wait_for_seg(orthanc, node)
+        wait_until(
+            lambda: deliveries(node)[0]["state"] == "delivered", timeout_s=60, what="delivered"
+        )
+        assert len(seg_instances(orthanc)) == 1
+        assert "interrupted by a restart are due again" in node.log_text()
+    finally:
+        orthanc.stop()
+
+
+@pytest.mark.slow
+def test_two_origins_at_once_each_gets_its_own_seg(
+    node_factory: Callable[..., NodeProcess],
+    orthanc_factory: Callable[..., Orthanc],
+    tmp_path: Path,
+) -> None:
+    node = node_factory(start=False, overrides=pipeline())
+    modality = {"NODE": {"AET": node.ae_title, "Host": "127.0.0.1", "Port": node.port}}
+    pacs_a = orthanc_factory("a", aet="PACSA", modalities=modality)
+    pacs_b = orthanc_factory("b", aet="PACSB", modalities=modality)
+    configure(node, peers=[
+        {"name": "a", "ae_title": "PACSA", "host": "127.0.0.1", "port": pacs_a.dicom_port},
+        {"name": "b", "ae_title": "PACSB", "host": "127.0.0.1", "port": pacs_b.dicom_port},
+    ])  # fmt: skip
+    node.start()
+    series_a = phantom_series(tmp_path / "a", seed=7006)
+    series_b = phantom_series(tmp_path / "b", seed=7007)
+    study_a, study_b = upload_series(pacs_a, series_a), upload_series(pacs_b, series_b)
+    senders = [
+        threading.Thread(target=pacs.store_to_modality, args=("NODE", [study]))
+        for pacs, study in ((pacs_a, study_a), (pacs_b, study_b))
+    ]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(timeout=120)
+    seg_a = fetch(pacs_a, wait_for_seg(pacs_a, node), tmp_path / "seg_a.dcm")
+    seg_b = fetch(pacs_b, wait_for_seg(pacs_b, node), tmp_path / "seg_b.dcm")
+    assert source_series_of(seg_a) == {series_a.uids.series_instance_uid}
+    assert source_series_of(seg_b) == {series_b.uids.series_instance_uid}
+    assert len(seg_instances(pacs_a)) == 1 and len(seg_instances(pacs_b)) == 1
+
+
+def test_a_series_that_cannot_be_processed_fails_readably(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    node = node_factory(overrides=pipeline())
+    written = write_mixed_orientation_series(tmp_path / "mixed", lambda p: 100.0 + 0 * p[:, 0])
+    sent = storescu(node.port, [written.paths[0].parent])
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    wait_until(lambda: any(j["state"] == "failed" for j in jobs(node)), timeout_s=SEG_TIMEOUT_S,
+               interval_s=0.5, what="a failed job")  # fmt: skip
+    (job,) = jobs(node)
+    assert "orientation" in job["reason"], job
+    assert job["attempts"] == 1  # a permanent error is not retried
+    assert deliveries(node) == []  # nothing is sent
+    assert f"job {job['id']} failed" in node.log_text()
+    assert echoscu(node.port).returncode == 0  # and the node keeps serving
+    shown = node.cli_json("jobs", "show", str(job["id"]), "--json")
+    assert shown["state"] == "failed" and "orientation" in shown["reason"]
+    status = node.cli_json("status", "--json")
+    assert status["jobs"].get("failed") == 1 and status["last_job_errors"]
+
+
+def test_unknown_origin_is_an_error_on_the_job(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    node = node_factory(
+        peers=[], overrides={**pipeline(), "node": {"accept_unknown_callers": True}}
+    )
+    series = phantom_series(tmp_path / "series", seed=7008)
+    sent = storescu(node.port, [series.paths[0].parent], aet="STRANGER", aec=node.ae_title)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    wait_until(lambda: any(j["state"] == "failed" for j in jobs(node)), timeout_s=SEG_TIMEOUT_S,
+               interval_s=0.5, what="a failed job")  # fmt: skip
+    (job,) = jobs(node)
+    assert "STRANGER" in job["reason"] and "not a configured peer" in job["reason"]
+    assert deliveries(node) == []
