@@ -188,9 +188,8 @@ class Settings(_Strict):
         names = [p.name for p in self.peers] + [d.name for d in self.dicomweb]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes or "origin" in names:
-            raise ValueError(
-                f"peer/dicomweb names must be unique and not 'origin': {sorted(dupes | ({'origin'} & set(names)))}"
-            )
+            clashes = sorted(dupes | ({"origin"} & set(names)))
+            raise ValueError(f"peer/dicomweb names must be unique and not 'origin': {clashes}")
         known = set(names) | {"origin"}
         for rule in self.rules:
             unknown = [d for d in rule.destinations if d not in known]

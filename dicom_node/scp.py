@@ -8,10 +8,10 @@ import socket
 import ssl
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Settings
@@ -21,6 +21,7 @@ from dicom_node.receive import Receiver
 logger = logging.getLogger(__name__)
 
 LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+VERIFICATION = "1.2.840.10008.1.1"
 
 # Accepted as sent: uncompressed, deflated, and the common compressed syntaxes.
 TRANSFER_SYNTAXES = [
@@ -60,6 +61,7 @@ class _ReusePortServer(_NodeServer):
     """Several receiver processes listen on one port; the kernel spreads connections."""
 
     def server_bind(self) -> None:
+        assert self.socket is not None
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
@@ -84,8 +86,8 @@ def build_ae(settings: Settings, *, max_associations: int | None = None) -> AE:
             # (17 characters would be invalid, so use a reserved-looking one) closes it.
             titles = ["NO-PEERS-CONFIGD"]
         ae.require_calling_aet = titles
-    ae.add_supported_context(Verification)
-    storage_classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+    ae.add_supported_context(VERIFICATION)
+    storage_classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
     if LABEL_MAP_SEGMENTATION_STORAGE not in storage_classes:
         storage_classes.append(LABEL_MAP_SEGMENTATION_STORAGE)
     for uid in storage_classes:
@@ -132,7 +134,7 @@ def start_scp(
 ) -> RunningSCP:
     """Start listening (plain port, and the TLS port when enabled); returns at once."""
     ae = build_ae(settings, max_associations=max_associations)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_STORE, receiver.on_store),
         (evt.EVT_C_ECHO, receiver.on_echo),
         (evt.EVT_ACCEPTED, receiver.on_accepted),

@@ -112,22 +112,26 @@ def segment_volume(
     else:
         label_map_for_seg = label_map
     sha = weights_sha256 or info.weights_sha256
-    common = {
-        "model_name": info.name,
-        "model_version": info.descriptor.version,
-        "weights_sha256": sha,
-    }
     seg = encode_seg(
         label_map_for_seg,
         sources,
         info.catalogue,
+        model_name=info.name,
+        model_version=info.descriptor.version,
+        weights_sha256=sha,
         format=format,
         compression=compression,
-        **common,
     )
     fallback = None
     if binary_fallback and format != "binary":
-        fallback = encode_seg(label_map_for_seg, sources, info.catalogue, **common)
+        fallback = encode_seg(
+            label_map_for_seg,
+            sources,
+            info.catalogue,
+            model_name=info.name,
+            model_version=info.descriptor.version,
+            weights_sha256=sha,
+        )
     timings["encode_s"] = time.monotonic() - started
     spacing_zyx = volume.spacing_zyx
     voxel_mm3 = float(spacing_zyx[0] * spacing_zyx[1] * spacing_zyx[2])

@@ -13,12 +13,13 @@ from typing import Any
 from pydicom import Dataset, dcmread
 from pynetdicom import AE
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
 
 from dicom_node.config import DicomWebDestination, PeerSettings, Settings
 from dicom_node.errors import DeliveryError
 
 logger = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
 
 
 def scu_ae(settings: Settings) -> AE:
@@ -64,7 +65,7 @@ def associate(ae: AE, settings: Settings, peer: PeerSettings) -> Association:
 
 def echo_peer(settings: Settings, peer: PeerSettings) -> dict[str, Any]:
     ae = scu_ae(settings)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION)
     started = time.monotonic()
     assoc = associate(ae, settings, peer)
     if not assoc.is_established:
@@ -120,7 +121,11 @@ def store_seg(
         }
         send: Path | Dataset = path
         if sop_class not in accepted:
-            if fallback_syntax is not None and SEGMENTATION_STORAGE in accepted:
+            if (
+                fallback is not None
+                and fallback_syntax is not None
+                and SEGMENTATION_STORAGE in accepted
+            ):
                 send = fallback
                 note = f"{where} refuses SOP class {sop_class}; sent the BINARY SEG instead"
                 logger.info("%s", note)

@@ -85,8 +85,9 @@ def resolve_destinations(
             peer = settings.peer_by_ae(series.calling_ae_title)
             if peer is None:
                 raise PermanentJobError(
-                    f"origin AE title {series.calling_ae_title!r} (from {series.peer_address or '?'}) "
-                    "is not a configured peer: add it under peers, or name a destination in the rule"
+                    f"origin AE title {series.calling_ae_title!r} "
+                    f"(from {series.peer_address or '?'}) is not a configured peer: "
+                    "add it under peers, or name a destination in the rule"
                 )
             resolved.append((destination, peer.name))
         elif settings.peer_by_name(destination) is not None or destination in web:
@@ -314,7 +315,7 @@ class WorkerPool:
             name=f"worker-{number}",
         )
         process.start()
-        return _Slot(process, current, stop)  # type: ignore[arg-type]
+        return _Slot(process, current, stop)
 
     def start(self) -> None:
         released = release_orphaned_jobs(self.index)

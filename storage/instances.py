@@ -263,7 +263,10 @@ def complete_due_series(
                 and version.expected_count
                 and version.instance_count >= version.expected_count
             ):
-                reason = f"association released with {version.instance_count}/{version.expected_count} images"
+                reason = (
+                    "association released with "
+                    f"{version.instance_count}/{version.expected_count} images"
+                )
             if not reason:
                 continue
             version.state = SeriesState.COMPLETE

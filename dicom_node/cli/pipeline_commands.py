@@ -124,7 +124,9 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 def jobs_list(
     ctx: typer.Context,
-    state: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed, retry_wait")] = None,
+    state: Annotated[
+        str | None, typer.Option(help="queued, running, succeeded, failed, retry_wait")
+    ] = None,
     limit: Annotated[int, typer.Option()] = 50,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -138,7 +140,19 @@ def jobs_list(
     if as_json:
         print_json(rows)
     else:
-        _print_table(rows, ["id", "state", "series_instance_uid", "version", "rule", "model", "attempts", "reason"])
+        _print_table(
+            rows,
+            [
+                "id",
+                "state",
+                "series_instance_uid",
+                "version",
+                "rule",
+                "model",
+                "attempts",
+                "reason",
+            ],
+        )
 
 
 def jobs_show(
@@ -154,7 +168,8 @@ def jobs_show(
             raise DicomNodeError(f"no job {job_id}")
         data = _job_dict(job)
         data["deliveries"] = [
-            _delivery_dict(d) for d in session.scalars(select(Delivery).where(Delivery.job_pk == job_id))
+            _delivery_dict(d)
+            for d in session.scalars(select(Delivery).where(Delivery.job_pk == job_id))
         ]
     if as_json:
         print_json(data)
@@ -163,7 +178,9 @@ def jobs_show(
         if key != "deliveries":
             typer.echo(f"{key}: {value}")
     for d in data["deliveries"]:
-        typer.echo(f"delivery {d['id']} -> {d['peer'] or d['destination']}: {d['state']} {d['last_error']}")
+        typer.echo(
+            f"delivery {d['id']} -> {d['peer'] or d['destination']}: {d['state']} {d['last_error']}"
+        )
 
 
 def jobs_retry(ctx: typer.Context, job_id: Annotated[int, typer.Argument()]) -> None:
@@ -192,12 +209,16 @@ def deliveries_list(
     if as_json:
         print_json(rows)
     else:
-        _print_table(rows, ["id", "job", "peer", "state", "attempts", "next_attempt_at", "last_error"])
+        _print_table(
+            rows, ["id", "job", "peer", "state", "attempts", "next_attempt_at", "last_error"]
+        )
 
 
 def deliveries_retry(
     ctx: typer.Context,
-    delivery_id: Annotated[int | None, typer.Argument(help="one delivery; all dead ones if omitted")] = None,
+    delivery_id: Annotated[
+        int | None, typer.Argument(help="one delivery; all dead ones if omitted")
+    ] = None,
 ) -> None:
     """Send dead-lettered deliveries again now."""
     from storage.queue import retry_delivery
@@ -212,9 +233,13 @@ def status(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] 
     index, store = _index(ctx)
     since = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(hours=24)
     with index.session() as session:
-        jobs = dict(session.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).all())
+        jobs = dict(
+            session.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).all()
+        )
         deliveries = dict(
-            session.execute(select(Delivery.state, func.count(Delivery.id)).group_by(Delivery.state)).all()
+            session.execute(
+                select(Delivery.state, func.count(Delivery.id)).group_by(Delivery.state)
+            ).all()
         )
         receiving = session.scalar(
             select(func.count(SeriesVersion.id)).where(SeriesVersion.state == "receiving")
@@ -222,14 +247,19 @@ def status(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] 
         failed_jobs = [
             {"job": j.id, "at": j.finished_at, "reason": j.reason}
             for j in session.scalars(
-                select(Job).where(Job.state.in_([JobState.FAILED, JobState.RETRY_WAIT])).order_by(Job.id.desc()).limit(5)
+                select(Job)
+                .where(Job.state.in_([JobState.FAILED, JobState.RETRY_WAIT]))
+                .order_by(Job.id.desc())
+                .limit(5)
             )
         ]
         failed_deliveries = [
             {"delivery": d.id, "state": d.state.value, "error": d.last_error}
             for d in session.scalars(
-                select(Delivery).where(Delivery.last_error != "", Delivery.state != DeliveryState.DELIVERED)
-                .order_by(Delivery.id.desc()).limit(5)
+                select(Delivery)
+                .where(Delivery.last_error != "", Delivery.state != DeliveryState.DELIVERED)
+                .order_by(Delivery.id.desc())
+                .limit(5)
             )
         ]
         failures_24h = session.scalar(
@@ -239,7 +269,9 @@ def status(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] 
         "series_receiving": receiving,
         "jobs": {s.value if hasattr(s, "value") else s: n for s, n in jobs.items()},
         "deliveries": {s.value if hasattr(s, "value") else s: n for s, n in deliveries.items()},
-        "queue_depth": sum(n for s, n in jobs.items() if s in (JobState.QUEUED, JobState.RETRY_WAIT)),
+        "queue_depth": sum(
+            n for s, n in jobs.items() if s in (JobState.QUEUED, JobState.RETRY_WAIT)
+        ),
         "jobs_failed_24h": failures_24h,
         "free_disk_mb": store.free_bytes() // (1024 * 1024),
         "last_job_errors": failed_jobs,

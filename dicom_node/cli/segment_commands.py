@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,7 +24,9 @@ def segment(
     ctx: typer.Context,
     path: Annotated[Path, typer.Argument(help="folder or zip holding one DICOM series")],
     model: Annotated[str, typer.Option("--model", "-m", help="installed model name")] = "demo",
-    out: Annotated[Path, typer.Option("--out", "-o", help="folder to write the SEG into")] = Path("."),
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder to write the SEG into")] = Path(
+        "."
+    ),
     format: Annotated[str, typer.Option("--format", help="binary or labelmap")] = "binary",
     compression: Annotated[str, typer.Option(help="none, rle, jpegls, jpeg2000")] = "none",
     series_uid: Annotated[str | None, typer.Option(help="which series, if several")] = None,
@@ -40,10 +42,16 @@ def segment(
     if not path.exists():
         raise DicomNodeError(f"{path} does not exist")
     console = Console(stderr=True)
-    with tempfile.TemporaryDirectory() as tmp, Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-        disable=as_json,
-    ) as progress:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=as_json,
+        ) as progress,
+    ):
         folder = path
         if path.is_file() and zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
@@ -60,14 +68,12 @@ def segment(
         target = out / f"SEG_{result.seg.SOPInstanceUID}.dcm"
         result.seg.save_as(target, enforce_file_format=True)
         progress.update(step, advance=1, description="done")
-    data = {
+    data: dict[str, Any] = {
         "seg": str(target),
         "series_instance_uid": result.series_instance_uid,
         "model": info.name,
         "format": format,
-        "labels": [
-            {"id": i, "name": n, "ml": round(ml, 3)} for i, n, ml in result.volumes_ml
-        ],
+        "labels": [{"id": i, "name": n, "ml": round(ml, 3)} for i, n, ml in result.volumes_ml],
         "timings": result.timings,
     }
     if as_json:
