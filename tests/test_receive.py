@@ -355,7 +355,10 @@ def test_tls_echo_and_store(node_factory: NodeFactory, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_kill9_during_300_image_send(node: NodeProcess, tmp_path: Path) -> None:
+def test_kill9_during_300_image_send(node_factory: NodeFactory, tmp_path: Path) -> None:
+    # The quiet period outlasts crash + restart + resend: with 2 s, version 1 completes
+    # with the pre-crash images right after the restart and the resend opens version 2.
+    node = node_factory(quiet_period_s=15)
     series = make_mr_series(tmp_path / "gen", 300, size=64)
     log_path = tmp_path / "storescu.log"
     with open(log_path, "w") as log:
@@ -393,7 +396,7 @@ def test_kill9_during_300_image_send(node: NodeProcess, tmp_path: Path) -> None:
     rest = [p for p in series.paths if str(p) not in set(acked)]
     resend = storescu(node.port, rest, extra_args=["-v"])
     assert resend.returncode == 0, resend.stdout[-2000:] + resend.stderr[-2000:]
-    wait_series_complete(node, series.series_instance_uid, count=300)
+    wait_series_complete(node, series.series_instance_uid, count=300, timeout_s=120)
     listed = {s["series_instance_uid"]: s for s in node.series_json()}
     assert listed[series.series_instance_uid]["state"] == "complete"
     assert listed[series.series_instance_uid]["instances"] == 300
