@@ -10,5 +10,5 @@ TORCH=$(grep -E '^torch==' constraints.txt | head -n1)
 # torch first, on its own, so the constraint below can pin it.
 .venv/bin/pip install -q "$TORCH"
 EXTRAS=""
-if [ "${1:-}" = "--test" ]; then EXTRAS="[test]"; fi
+if [ "${1:-}" = "--test" ]; then EXTRAS="[test,postgres]"; fi
 .venv/bin/pip install -q -c constraints.txt -e ".${EXTRAS}"

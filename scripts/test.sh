@@ -9,11 +9,12 @@ for tool in storescu echoscu storescp dciodvfy dcentvfy Orthanc; do
 done
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt=1
 command -v chromium >/dev/null 2>&1 || need_apt=1
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt=1
 if [ -n "$need_apt" ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-      dcmtk orthanc orthanc-dicomweb dicom3tools chromium >/dev/null
+      dcmtk orthanc orthanc-dicomweb dicom3tools chromium postgresql >/dev/null
   else
     echo "warning: DCMTK/Orthanc/dicom3tools/chromium missing and not root; those tests will skip" >&2
   fi
