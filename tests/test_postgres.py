@@ -25,7 +25,7 @@ pytestmark = pytest.mark.peers
 def _pg_bin(name: str) -> str:
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
     if not found:
-        pytest.skip(f"PostgreSQL server binaries ({name}) not installed: apt-get install postgresql")
+        pytest.skip(f"PostgreSQL server ({name}) not installed: apt-get install postgresql")
     return found[-1]
 
 
