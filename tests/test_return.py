@@ -406,3 +406,118 @@ def test_unknown_origin_is_an_error_on_the_job(
     (job,) = jobs(node)
     assert "STRANGER" in job["reason"] and "not a configured peer" in job["reason"]
     assert deliveries(node) == []
+
+
+@pytest.mark.slow
+def test_a_pacs_refusing_label_map_seg_gets_binary(
+    node_factory: Callable[..., NodeProcess],
+    orthanc_factory: Callable[..., Orthanc],
+    tmp_path: Path,
+) -> None:
+    """Orthanc 1.10 predates Label Map SEG: without UnknownSopClassAccepted it refuses it."""
+    settings = pipeline(destinations=["pacs"])
+    settings["rules"][0]["profile"] = {"format": "labelmap", "compression": "rle",
+                                       "fallback_to_binary": True}  # fmt: skip
+    node = node_factory(start=False, overrides=settings)
+    orthanc = orthanc_factory(extra={"UnknownSopClassAccepted": False})
+    configure(node, peers=[
+        {"name": "scanner", "ae_title": "SCANNER", "host": "127.0.0.1", "port": 1},
+        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
+    ])  # fmt: skip
+    node.start()
+    series = phantom_series(tmp_path / "series", seed=7009)
+    sent = storescu(node.port, [series.paths[0].parent], aet="SCANNER", aec=node.ae_title)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    seg_path = fetch(orthanc, wait_for_seg(orthanc, node), tmp_path / "seg.dcm")
+    seg = hd.seg.segread(seg_path)
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"  # BINARY Segmentation Storage
+    assert seg.SegmentationType == "BINARY"
+    scores = dice_against_phantom(seg_path, series, seed=7009)
+    assert all(score >= 0.90 for score in scores.values()), scores
+    wait_until(lambda: deliveries(node)[0]["state"] == "delivered", timeout_s=30, what="delivered")
+    assert "sent the BINARY SEG instead" in deliveries(node)[0]["last_error"]
+
+
+@pytest.mark.slow
+def test_stow_rs_destination_takes_the_label_map(
+    node_factory: Callable[..., NodeProcess],
+    orthanc_factory: Callable[..., Orthanc],
+    tmp_path: Path,
+) -> None:
+    settings = pipeline(destinations=["web"])
+    settings["rules"][0]["profile"] = {"format": "labelmap", "compression": "none"}
+    node = node_factory(start=False, overrides=settings)
+    orthanc = orthanc_factory(extra={"UnknownSopClassAccepted": False})
+    configure(
+        node,
+        peers=[{"name": "scanner", "ae_title": "SCANNER", "host": "127.0.0.1", "port": 1}],
+        dicomweb=[{"name": "web", "url": f"{orthanc.url}/dicom-web"}],
+    )
+    node.start()
+    series = phantom_series(tmp_path / "series", seed=7010)
+    sent = storescu(node.port, [series.paths[0].parent], aet="SCANNER", aec=node.ae_title)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    seg_path = fetch(orthanc, wait_for_seg(orthanc, node), tmp_path / "seg.dcm")
+    seg = hd.seg.segread(seg_path)
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"  # Label Map Segmentation Storage
+    scores = dice_against_phantom(seg_path, series, seed=7010)
+    assert all(score >= 0.90 for score in scores.values()), scores
+
+
+@pytest.mark.slow
+def test_a_job_over_its_time_limit_is_stopped_and_failed(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    settings = pipeline()
+    settings["workers"]["job_timeout_s"] = 1
+    node = node_factory(overrides=settings)
+    series = phantom_series(
+        tmp_path / "series", seed=7011, shape=(96, 128, 128), spacing=(1.5, 1.0, 1.0)
+    )
+    sent = storescu(node.port, [series.paths[0].parent])
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    wait_until(lambda: any(j["state"] == "failed" for j in jobs(node)), timeout_s=SEG_TIMEOUT_S,
+               interval_s=0.5, what="a failed job")  # fmt: skip
+    (job,) = jobs(node)
+    assert "timed out after 1 s" in job["reason"]
+    assert "exceeded workers.job_timeout_s" in node.log_text()
+    assert echoscu(node.port).returncode == 0  # a fresh worker took the dead one's place
+    wait_until(lambda: node.log_text().count("ready") >= 2, timeout_s=120, what="a new worker")
+
+
+@pytest.mark.slow
+def test_an_extra_worker_process_runs_the_jobs(
+    node_factory: Callable[..., NodeProcess],
+    orthanc_factory: Callable[..., Orthanc],
+    tmp_path: Path,
+) -> None:
+    """`serve` with no workers of its own; `dicom-node worker` on the same index and store."""
+    import subprocess
+
+    from peers import DICOM_NODE
+
+    settings = pipeline(destinations=["pacs"])
+    settings["workers"]["processes"] = 0
+    node = node_factory(start=False, overrides=settings)
+    orthanc = orthanc_factory()
+    configure(node, peers=[
+        {"name": "scanner", "ae_title": "SCANNER", "host": "127.0.0.1", "port": 1},
+        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
+    ])  # fmt: skip
+    node.start()
+    series = phantom_series(tmp_path / "series", seed=7012)
+    sent = storescu(node.port, [series.paths[0].parent], aet="SCANNER", aec=node.ae_title)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    wait_until(lambda: bool(jobs(node)), timeout_s=60, what="a queued job")
+    assert jobs(node)[0]["state"] == "queued"
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(
+            [str(DICOM_NODE), "-c", str(node.config_path), "worker", "--processes", "1"],
+            cwd=node.workdir, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        fetch(orthanc, wait_for_seg(orthanc, node), tmp_path / "seg.dcm")
+        assert jobs(node)[0]["state"] == "succeeded"
+    finally:
+        worker.terminate()
+        assert worker.wait(timeout=60) == 0
