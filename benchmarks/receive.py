@@ -1,0 +1,255 @@
+"""Receive throughput: the node against DCMTK storescp and Orthanc, measured in one run.
+
+    .venv/bin/python benchmarks/receive.py [--images 300] [--rss-images 1000] [--size 512]
+
+Sender: DCMTK ``storescu +sd +r -xe`` (TCP_NODELAY=1), files in Explicit VR Little Endian.
+1. one association, ``--images`` 512x512 16-bit MR images, to: the node (1 receiver
+   process), ``storescp`` (TCP_NODELAY=1, writing to a folder) and Orthanc;
+2. four parallel storescu processes, ``--images``/4 images each (the same 300 images split
+   in four folders), to: ``storescp --fork``, the node with ``receiver_processes: 4`` and
+   with 1, and Orthanc;
+3. the node's peak RSS (its whole process tree, sampled every 50 ms with psutil) while it
+   receives ``--rss-images`` images on one association.
+
+Targets: one association node >= 1.0x Orthanc; four associations node >= 0.5x
+``storescp --fork``; node RSS < 300 MB. The machine is shared: compare the ratios of one
+run, not absolute figures across runs. Each receiver gets a fresh empty folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import contextlib
+
+from peers import (
+    STORESCP,
+    NodeProcess,
+    Orthanc,
+    dcmtk_env,
+    free_port,
+    make_mr_series,
+    port_open,
+    require_binary,
+    storescu_command,
+    wait_until,
+)
+
+
+def send(port: int, folders: list[Path], aec: str) -> float:
+    """Run one storescu per folder, all at once; return the wall time until all exit."""
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            storescu_command(port, [folder], aec=aec),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=dcmtk_env(),
+        )
+        for folder in folders
+    ]
+    outputs = [p.communicate(timeout=1800)[0] for p in procs]
+    elapsed = time.perf_counter() - start
+    for proc, output in zip(procs, outputs, strict=True):
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed ({proc.returncode}):\n{output[-2000:]!r}")
+    return elapsed
+
+
+class StoreSCP:
+    def __init__(self, workdir: Path, *, fork: bool) -> None:
+        self.port = free_port()
+        self.out = workdir / "out"
+        self.out.mkdir(parents=True)
+        args = [require_binary(STORESCP), "-dhl", "-od", str(self.out)]
+        if fork:
+            args.append("--fork")
+        self.proc = subprocess.Popen(
+            [*args, str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=dcmtk_env(),
+            start_new_session=True,
+        )
+        wait_until(lambda: port_open(self.port), timeout_s=30, what="storescp")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class PeakRss:
+    """Samples the RSS of a process and its descendants until stopped; keeps the peak."""
+
+    def __init__(self, pid: int, interval_s: float = 0.05) -> None:
+        self.root = psutil.Process(pid)
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        total = 0
+        for proc in [self.root, *self.root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def node(workdir: Path, processes: int) -> NodeProcess:
+    return NodeProcess(
+        workdir,
+        quiet_period_s=30,
+        # max_associations is split evenly between receiver processes, but SO_REUSEPORT
+        # hashes connections unevenly: with 16 (4 per process) 4 senders were refused.
+        overrides={"node": {"receiver_processes": processes, "max_associations": 64}},
+    ).start()
+
+
+def timed(label: str, images: int, run: Callable[[], float], results: dict[str, float]) -> None:
+    seconds = run()
+    results[label] = images / seconds
+    print(f"{label:<44} {images:5d} images {seconds:7.2f} s {images / seconds:8.1f} images/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--rss-images", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--parallel", type=int, default=4)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-receive-") as tmp_name:
+        tmp = Path(tmp_name)
+        t0 = time.perf_counter()
+        series = make_mr_series(tmp / "series", args.images, size=args.size)
+        parts: list[Path] = []
+        for k in range(args.parallel):
+            part = tmp / f"part{k}"
+            part.mkdir()
+            for path in series.paths[k :: args.parallel]:
+                (part / path.name).hardlink_to(path)
+            parts.append(part)
+        big = make_mr_series(tmp / "rss", args.rss_images, size=args.size, seed=7)
+        mb = sum(p.stat().st_size for p in series.paths) / 1e6
+        print(
+            f"generated {args.images} + {args.rss_images} MR images {args.size}x{args.size} "
+            f"uint16 ({mb:.0f} MB per {args.images}) in {time.perf_counter() - t0:.0f} s"
+        )
+        n = args.images
+        results: dict[str, float] = {}
+
+        # 1. one association
+        scp = StoreSCP(tmp / "storescp1", fork=False)
+        try:
+            timed("1 assoc -> storescp", n, lambda: send(scp.port, [series.folder], "ANY"), results)
+        finally:
+            scp.stop()
+        orthanc = Orthanc(tmp / "orthanc1").start()
+        try:
+            timed(
+                "1 assoc -> Orthanc",
+                n,
+                lambda: send(orthanc.dicom_port, [series.folder], "ORTHANC"),
+                results,
+            )
+        finally:
+            orthanc.stop()
+        one = node(tmp / "node1", 1)
+        try:
+            timed(
+                "1 assoc -> node",
+                n,
+                lambda: send(one.port, [series.folder], one.ae_title),
+                results,
+            )
+        finally:
+            one.stop()
+
+        # 2. parallel associations
+        p = args.parallel
+        scp = StoreSCP(tmp / "storescp4", fork=True)
+        try:
+            timed(f"{p} assoc -> storescp --fork", n, lambda: send(scp.port, parts, "ANY"), results)
+        finally:
+            scp.stop()
+        orthanc = Orthanc(tmp / "orthanc4").start()
+        try:
+            timed(
+                f"{p} assoc -> Orthanc",
+                n,
+                lambda: send(orthanc.dicom_port, parts, "ORTHANC"),
+                results,
+            )
+        finally:
+            orthanc.stop()
+        for processes in (p, 1):
+            multi = node(tmp / f"node{p}x{processes}", processes)
+            try:
+                timed(
+                    f"{p} assoc -> node (receiver_processes {processes})",
+                    n,
+                    lambda: send(multi.port, parts, multi.ae_title),  # noqa: B023
+                    results,
+                )
+            finally:
+                multi.stop()
+
+        # 3. memory while receiving
+        rss_node = node(tmp / "node-rss", 1)
+        try:
+            with PeakRss(rss_node.pid) as rss:
+                timed(
+                    "1 assoc -> node (RSS run)",
+                    args.rss_images,
+                    lambda: send(rss_node.port, [big.folder], rss_node.ae_title),
+                    results,
+                )
+        finally:
+            rss_node.stop()
+
+    node_one = results["1 assoc -> node"] / results["1 assoc -> Orthanc"]
+    node_par = max(
+        results[f"{p} assoc -> node (receiver_processes {p})"],
+        results[f"{p} assoc -> node (receiver_processes 1)"],
+    )
+    ratio_par = node_par / results[f"{p} assoc -> storescp --fork"]
+    peak_mb = rss.peak / 1e6
+    print()
+    print(f"one association:  node / Orthanc        = {node_one:.2f}  (target >= 1.0)")
+    print(f"{p} associations: node / storescp --fork = {ratio_par:.2f}  (target >= 0.5)")
+    print(f"node peak RSS (process tree) receiving {args.rss_images} images = {peak_mb:.0f} MB")
+    print("  (target < 300 MB)")
+
+
+if __name__ == "__main__":
+    main()
