@@ -80,6 +80,9 @@ class StorageSettings(_Strict):
     data_dir: Path = Path("var")
     database_url: str | None = None  # None: SQLite at <data_dir>/index.sqlite
     min_free_disk_mb: int = Field(1024, ge=0)
+    # False: files and SQLite commits are not forced to disk. Still atomic and safe against
+    # a killed process; not against a power loss (what Orthanc and storescp do by default).
+    fsync: bool = True
 
     @property
     def store_dir(self) -> Path:

@@ -42,8 +42,9 @@ ComponentFactory = Callable[["Service"], Component]
 
 
 def open_store(settings: Settings) -> tuple[Index, FileStore]:
-    index = Index(settings.storage.effective_database_url)
-    store = FileStore(settings.storage.store_dir, settings.storage.min_free_disk_mb)
+    storage = settings.storage
+    index = Index(storage.effective_database_url, fsync=storage.fsync)
+    store = FileStore(storage.store_dir, storage.min_free_disk_mb, fsync=storage.fsync)
     return index, store
 
 

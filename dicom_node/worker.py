@@ -266,8 +266,10 @@ def worker_main(settings_json: str, current: Synchronized[int], stop: Synchroniz
         torch.set_num_threads(settings.inference.cpu_threads)
     from dicom_node.segment import ModelCache
 
-    index = Index(settings.storage.effective_database_url, migrate=False)
-    store = FileStore(settings.storage.store_dir, 0)
+    index = Index(
+        settings.storage.effective_database_url, migrate=False, fsync=settings.storage.fsync
+    )
+    store = FileStore(settings.storage.store_dir, 0, fsync=settings.storage.fsync)
     ctx = JobContext(settings, index, store, worker_id())
     models = ModelCache(settings.models_dir, settings.inference)
     logger.info("worker %s ready", ctx.worker)

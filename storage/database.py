@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +20,32 @@ logger = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(fsync: bool) -> Callable[[Any, Any], None]:
     # WAL lets the receiver write while workers read; FULL makes each commit durable
-    # before the C-STORE response goes out; busy_timeout rides over writer contention
-    # between the receiver, workers and CLI processes.
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
+    # before the C-STORE response goes out (NORMAL, with storage.fsync false, survives a
+    # killed process but not a power loss); busy_timeout rides over writer contention
+    # between the receiver, workers and CLI processes; temporary tables stay in memory.
+    synchronous = "FULL" if fsync else "NORMAL"
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA temp_store=MEMORY")
+        cursor.close()
+
+    return on_connect
 
 
-def create_index_engine(url: str) -> Engine:
+def create_index_engine(url: str, *, fsync: bool = True) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas(fsync))
     else:
         engine = create_engine(url, pool_pre_ping=True)
     return engine
@@ -58,9 +66,9 @@ def upgrade(engine: Engine) -> None:
 class Index:
     """The opened index: an engine and a session factory, migrated on open."""
 
-    def __init__(self, url: str, *, migrate: bool = True) -> None:
+    def __init__(self, url: str, *, migrate: bool = True, fsync: bool = True) -> None:
         self.url = url
-        self.engine = create_index_engine(url)
+        self.engine = create_index_engine(url, fsync=fsync)
         if migrate:
             upgrade(self.engine)
         self.sessions: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)

@@ -1,8 +1,12 @@
 """The file store: ``<root>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``, written atomically.
 
-A file is written to a hidden temporary name in its final folder, fsynced, renamed over
+A file is written to a hidden temporary name in its final folder, fdatasynced, renamed over
 the final name, and the folder is fsynced: after a crash a reader sees the whole old
 file, the whole new one, or none, never a partial one.
+
+With ``fsync=False`` (``storage.fsync: false``) the rename stays atomic but nothing is
+forced to disk: a killed process loses nothing (the page cache survives it), a power loss
+may lose the latest files, as with Orthanc and DCMTK's storescp.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 from dicom_node.errors import StorageError
@@ -36,9 +41,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 class FileStore:
-    def __init__(self, root: Path, min_free_disk_mb: int = 0) -> None:
+    def __init__(self, root: Path, min_free_disk_mb: int = 0, *, fsync: bool = True) -> None:
         self.root = root
         self.min_free_bytes = min_free_disk_mb * 1024 * 1024
+        self.fsync = fsync
         self.root.mkdir(parents=True, exist_ok=True)
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
@@ -64,25 +70,53 @@ class FileStore:
 
     def write_atomic(self, relative: str, data: bytes | memoryview) -> Path:
         """Write ``data`` durably at ``relative``; replaces an existing file atomically."""
+        final, folders = self.write_file(relative, data)
+        self.sync_folders(folders)
+        return final
+
+    def write_file(self, relative: str, data: bytes | memoryview) -> tuple[Path, tuple[Path, ...]]:
+        """Write ``data`` to disk and rename it into place at ``relative``.
+
+        Returns the file and the folders whose entries changed: the rename is durable only
+        after ``sync_folders`` on them. Split from ``write_atomic`` so concurrent stores can
+        fsync a shared folder once for all of them (group commit).
+        """
         final = self.root / relative
         folder = final.parent
         tmp = folder / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        folders: tuple[Path, ...] = (folder,)
         try:
-            new_dir = not folder.exists()
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            if not folder.is_dir():
+                # A new series (and maybe study) folder: its own entry must be durable too.
+                folders = (folder, folder.parent)
+                if not folder.parent.is_dir():
+                    folders = (folder, folder.parent, folder.parent.parent)
+                folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if self.fsync:
+                    # The data and its size, not the timestamps: what a reader needs.
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, final)
-            _fsync_dir(folder)
-            if new_dir:
-                _fsync_dir(folder.parent)
-                _fsync_dir(folder.parent.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot write {final}: {exc.strerror or exc}") from exc
-        return final
+        return final, folders
+
+    def sync_folders(self, folders: Iterable[Path]) -> None:
+        """Make renames and new entries in ``folders`` durable (each fsynced once)."""
+        if not self.fsync:
+            return
+        for folder in dict.fromkeys(folders):
+            try:
+                _fsync_dir(folder)
+            except OSError as exc:
+                raise StorageError(f"cannot sync folder {folder}: {exc.strerror or exc}") from exc
 
     def remove(self, relative: str) -> None:
         path = self.root / relative
