@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session
 
 from dicom_node.errors import StorageError
 from storage.database import Index
 from storage.models import (
+    Base,
     Instance,
     Patient,
     Series,
@@ -74,103 +75,305 @@ class Recorded:
 
 
 def record_instance(index: Index, rec: InstanceRecord) -> Recorded:
-    """Insert or replace the instance row and update its series version, in one transaction.
+    """Insert or replace one instance row and update its series version, in one transaction."""
+    return InstanceWriter(index).record([rec])[0]
 
-    Retried when a concurrent receiver created the same patient/study/series first.
+
+@dataclass(frozen=True)
+class _Current:
+    """The receiving version of a series, as last written by this process."""
+
+    series_pk: int
+    version_pk: int
+    version: int
+    calling_ae_title: str
+    peer_address: str
+
+
+# Core tables (typed as such) for the receive path: no ORM unit of work per image.
+_series = Base.metadata.tables[Series.__tablename__]
+_versions = Base.metadata.tables[SeriesVersion.__tablename__]
+_instances = Base.metadata.tables[Instance.__tablename__]
+
+
+class InstanceWriter:
+    """Records received instances, several in one transaction when they arrive together.
+
+    Remembers, per process, each series' receiving version: an image of a known series
+    costs a guarded UPDATE of that version row (still receiving, still this series), the
+    instance lookup, its INSERT or UPDATE and the count increment, instead of five ORM
+    queries and a COUNT(*). Anything the guard does not confirm (completed version, pruned
+    series, a version opened by another process) falls back to reading the rows.
+    Callers serialise calls (the group committer does).
     """
-    last_exc: Exception | None = None
-    for _ in range(5):
-        try:
-            with index.session() as session, session.begin():
-                return _record(session, rec)
-        except IntegrityError as exc:  # lost a race creating the same parent row
-            last_exc = exc
-        except OperationalError as exc:
-            raise StorageError(f"index unavailable: {exc.orig}") from exc
-    raise StorageError(f"index write kept conflicting: {last_exc}")
 
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        self._known: dict[str, _Current] = {}
 
-def _get_or_create_series(session: Session, rec: InstanceRecord) -> Series:
-    series = session.scalar(
-        select(Series).where(Series.series_instance_uid == rec.series_instance_uid)
-    )
-    if series is not None:
-        return series
-    study = session.scalar(select(Study).where(Study.study_instance_uid == rec.study_instance_uid))
-    if study is None:
-        patient = session.scalar(
-            select(Patient).where(
-                Patient.patient_id == rec.patient_id, Patient.patient_name == rec.patient_name
+    def record(self, records: Sequence[InstanceRecord]) -> list[Recorded]:
+        """Record ``records`` in one transaction; retried when a concurrent writer won a race."""
+        last_exc: Exception | None = None
+        for _ in range(5):
+            staged: dict[str, _Current] = {}
+            try:
+                with self.index.engine.begin() as conn:
+                    results = self._record(conn, records, staged)
+            except IntegrityError as exc:  # lost a race creating the same row
+                last_exc = exc
+                continue
+            except OperationalError as exc:
+                raise StorageError(f"index unavailable: {exc.orig}") from exc
+            # Only committed rows are remembered: a rolled-back primary key can be reused.
+            self._known.update(staged)
+            return results
+        raise StorageError(f"index write kept conflicting: {last_exc}")
+
+    def _record(
+        self, conn: Connection, records: Sequence[InstanceRecord], staged: dict[str, _Current]
+    ) -> list[Recorded]:
+        now = utcnow()
+        by_series: dict[str, list[InstanceRecord]] = {}
+        for rec in records:
+            by_series.setdefault(rec.series_instance_uid, []).append(rec)
+        current: dict[str, _Current] = {}
+        opened: set[str] = set()
+        # Sorted: concurrent writers lock version rows in the same order (no deadlock).
+        for uid in sorted(by_series):
+            group = by_series[uid]
+            cur, was_opened = self._current_version(conn, group[0], now, staged)
+            cur = self._note_sender(conn, cur, group[-1])
+            staged[uid] = current[uid] = cur
+            if was_opened:
+                opened.add(uid)
+
+        prior = {
+            row.sop_instance_uid: (row.series_pk, row.version, row.path)
+            for row in conn.execute(
+                select(
+                    _instances.c.sop_instance_uid,
+                    _instances.c.series_pk,
+                    _instances.c.version,
+                    _instances.c.path,
+                )
+                .where(_instances.c.sop_instance_uid.in_({r.sop_instance_uid for r in records}))
+                .with_for_update()
             )
-        )
-        if patient is None:
-            patient = Patient(
-                patient_id=rec.patient_id,
-                patient_name=rec.patient_name,
-                birth_date=rec.patient_birth_date,
-                sex=rec.patient_sex,
+        }
+        inserts: list[dict[str, object]] = []
+        updates: list[dict[str, object]] = []
+        deltas: dict[tuple[int, int], int] = {}
+        results: list[Recorded] = []
+        for rec in records:
+            cur = current[rec.series_instance_uid]
+            fields = _instance_fields(rec, cur, now)
+            key = (cur.series_pk, cur.version)
+            before = prior.get(rec.sop_instance_uid)
+            replaced_path: str | None = None
+            if before is None:
+                inserts.append(fields)
+                deltas[key] = deltas.get(key, 0) + 1
+            else:
+                old_key = (before[0], before[1])
+                if old_key != key:  # moved to another version (or series): both counts change
+                    deltas[old_key] = deltas.get(old_key, 0) - 1
+                    deltas[key] = deltas.get(key, 0) + 1
+                if before[2] != rec.path:
+                    replaced_path = before[2]
+                updates.append({"b_sop": rec.sop_instance_uid, **fields})
+            prior[rec.sop_instance_uid] = (cur.series_pk, cur.version, rec.path)
+            first_opened = rec.series_instance_uid in opened
+            opened.discard(rec.series_instance_uid)
+            results.append(
+                Recorded(
+                    version=cur.version,
+                    replaced=before is not None,
+                    new_version_opened=first_opened,
+                    replaced_path=replaced_path,
+                )
             )
-            session.add(patient)
-            session.flush()
-        study = Study(
-            study_instance_uid=rec.study_instance_uid,
-            patient_pk=patient.id,
-            study_date=rec.study_date,
-            study_time=rec.study_time,
-            accession_number=rec.accession_number,
-            study_description=rec.study_description,
+        if inserts:
+            conn.execute(insert(_instances), inserts)
+        if updates:
+            conn.execute(
+                update(_instances)
+                .where(_instances.c.sop_instance_uid == bindparam("b_sop"))
+                .values({name: bindparam(name) for name in updates[0] if name != "b_sop"}),
+                updates,
+            )
+        self._update_versions(conn, by_series, current, deltas, now)
+        return results
+
+    def _current_version(
+        self,
+        conn: Connection,
+        rec: InstanceRecord,
+        now: dt.datetime,
+        staged: dict[str, _Current],
+    ) -> tuple[_Current, bool]:
+        """The receiving version of ``rec``'s series, opened or created when needed.
+
+        Its row is updated first: that takes the write lock (SQLite) or the row lock
+        (PostgreSQL), so completion cannot close the version under this transaction.
+        """
+        uid = rec.series_instance_uid
+        known = staged.get(uid) or self._known.get(uid)
+        if known is not None and self._touch(conn, known.version_pk, uid, now):
+            return known, False
+        row = conn.execute(
+            select(
+                _series.c.id,
+                _series.c.current_version,
+                _series.c.calling_ae_title,
+                _series.c.peer_address,
+            ).where(_series.c.series_instance_uid == uid)
+        ).first()
+        if row is None:
+            return self._create_series(conn, rec), False
+        version_pk = conn.execute(
+            select(_versions.c.id).where(
+                _versions.c.series_pk == row.id, _versions.c.version == row.current_version
+            )
+        ).scalar()
+        cur = _Current(
+            row.id, version_pk or 0, row.current_version, row.calling_ae_title, row.peer_address
         )
-        session.add(study)
-        session.flush()
-    series = Series(
-        series_instance_uid=rec.series_instance_uid,
-        study_pk=study.id,
-        modality=rec.modality,
-        series_number=rec.series_number,
-        series_description=rec.series_description,
-        protocol_name=rec.protocol_name,
-        body_part_examined=rec.body_part_examined,
-        image_type=rec.image_type,
-        frame_of_reference_uid=rec.frame_of_reference_uid,
-        calling_ae_title=rec.calling_ae_title,
-        peer_address=rec.peer_address,
-        current_version=1,
-    )
-    session.add(series)
-    session.flush()
-    session.add(SeriesVersion(series_pk=series.id, version=1))
-    session.flush()
-    return series
+        if version_pk is not None and self._touch(conn, version_pk, uid, now):
+            return cur, False
+        # The current version is complete: this instance opens the next one.
+        number = row.current_version + 1
+        conn.execute(update(_series).where(_series.c.id == row.id).values(current_version=number))
+        new_pk = _insert_pk(conn, _versions, series_pk=row.id, version=number)
+        return _Current(row.id, new_pk, number, row.calling_ae_title, row.peer_address), True
 
-
-def _record(session: Session, rec: InstanceRecord) -> Recorded:
-    now = utcnow()
-    series = _get_or_create_series(session, rec)
-    version = session.scalar(
-        select(SeriesVersion).where(
-            SeriesVersion.series_pk == series.id, SeriesVersion.version == series.current_version
+    @staticmethod
+    def _touch(conn: Connection, version_pk: int, series_uid: str, now: dt.datetime) -> bool:
+        """Update the version's arrival time if it is still receiving and still this series'."""
+        belongs = (
+            select(_series.c.id)
+            .where(
+                _series.c.id == _versions.c.series_pk,
+                _series.c.series_instance_uid == series_uid,
+            )
+            .exists()
         )
-    )
-    assert version is not None  # created with the series
-    opened = False
-    if version.state == SeriesState.COMPLETE:
-        series.current_version += 1
-        version = SeriesVersion(series_pk=series.id, version=series.current_version)
-        session.add(version)
-        session.flush()
-        opened = True
-    # The latest sender is where results go back to.
-    if rec.calling_ae_title:
-        series.calling_ae_title = rec.calling_ae_title
-        series.peer_address = rec.peer_address
+        result = conn.execute(
+            update(_versions)
+            .where(
+                _versions.c.id == version_pk,
+                _versions.c.state == SeriesState.RECEIVING,
+                belongs,
+            )
+            .values(last_received_at=now)
+        )
+        return result.rowcount == 1
 
-    existing = session.scalar(
-        select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid)
-    )
-    replaced_path: str | None = None
-    fields = {
-        "series_pk": series.id,
-        "version": version.version,
+    @staticmethod
+    def _create_series(conn: Connection, rec: InstanceRecord) -> _Current:
+        study_pk = conn.execute(
+            select(Study.id).where(Study.study_instance_uid == rec.study_instance_uid)
+        ).scalar()
+        if study_pk is None:
+            patient_pk = conn.execute(
+                select(Patient.id).where(
+                    Patient.patient_id == rec.patient_id, Patient.patient_name == rec.patient_name
+                )
+            ).scalar()
+            if patient_pk is None:
+                patient_pk = _insert_pk(
+                    conn,
+                    Base.metadata.tables[Patient.__tablename__],
+                    patient_id=rec.patient_id,
+                    patient_name=rec.patient_name,
+                    birth_date=rec.patient_birth_date,
+                    sex=rec.patient_sex,
+                )
+            study_pk = _insert_pk(
+                conn,
+                Base.metadata.tables[Study.__tablename__],
+                study_instance_uid=rec.study_instance_uid,
+                patient_pk=patient_pk,
+                study_date=rec.study_date,
+                study_time=rec.study_time,
+                accession_number=rec.accession_number,
+                study_description=rec.study_description,
+            )
+        series_pk = _insert_pk(
+            conn,
+            _series,
+            series_instance_uid=rec.series_instance_uid,
+            study_pk=study_pk,
+            modality=rec.modality,
+            series_number=rec.series_number,
+            series_description=rec.series_description,
+            protocol_name=rec.protocol_name,
+            body_part_examined=rec.body_part_examined,
+            image_type=rec.image_type,
+            frame_of_reference_uid=rec.frame_of_reference_uid,
+            calling_ae_title=rec.calling_ae_title,
+            peer_address=rec.peer_address,
+            current_version=1,
+        )
+        version_pk = _insert_pk(conn, _versions, series_pk=series_pk, version=1)
+        return _Current(series_pk, version_pk, 1, rec.calling_ae_title, rec.peer_address)
+
+    @staticmethod
+    def _note_sender(conn: Connection, cur: _Current, rec: InstanceRecord) -> _Current:
+        """The latest sender is where results go back to; written only when it changes."""
+        if not rec.calling_ae_title or (cur.calling_ae_title, cur.peer_address) == (
+            rec.calling_ae_title,
+            rec.peer_address,
+        ):
+            return cur
+        conn.execute(
+            update(_series)
+            .where(_series.c.id == cur.series_pk)
+            .values(calling_ae_title=rec.calling_ae_title, peer_address=rec.peer_address)
+        )
+        return replace(cur, calling_ae_title=rec.calling_ae_title, peer_address=rec.peer_address)
+
+    @staticmethod
+    def _update_versions(
+        conn: Connection,
+        by_series: dict[str, list[InstanceRecord]],
+        current: dict[str, _Current],
+        deltas: dict[tuple[int, int], int],
+        now: dt.datetime,
+    ) -> None:
+        for uid, group in by_series.items():
+            cur = current[uid]
+            values: dict[str, object] = {
+                "instance_count": _versions.c.instance_count
+                + deltas.pop((cur.series_pk, cur.version), 0),
+                "last_received_at": now,
+                "last_association_id": group[-1].association_id,
+                "association_released": False,
+            }
+            expected = [r.expected_count for r in group if r.expected_count]
+            if expected:
+                values["expected_count"] = expected[-1]
+            conn.execute(update(_versions).where(_versions.c.id == cur.version_pk).values(values))
+        for (series_pk, version), delta in deltas.items():
+            if delta:  # instances that moved away from an older version or another series
+                conn.execute(
+                    update(_versions)
+                    .where(_versions.c.series_pk == series_pk, _versions.c.version == version)
+                    .values(instance_count=_versions.c.instance_count + delta)
+                )
+
+
+def _insert_pk(conn: Connection, table: Table, **values: object) -> int:
+    key = conn.execute(insert(table).values(**values)).inserted_primary_key
+    if key is None:
+        raise StorageError(f"the index returned no key for the new {table.name} row")
+    return int(key[0])
+
+
+def _instance_fields(rec: InstanceRecord, cur: _Current, now: dt.datetime) -> dict[str, object]:
+    return {
+        "sop_instance_uid": rec.sop_instance_uid,
+        "series_pk": cur.series_pk,
+        "version": cur.version,
         "sop_class_uid": rec.sop_class_uid,
         "transfer_syntax_uid": rec.transfer_syntax_uid,
         "instance_number": rec.instance_number,
@@ -188,33 +391,6 @@ def _record(session: Session, rec: InstanceRecord) -> Recorded:
         "association_id": rec.association_id,
         "received_at": now,
     }
-    if existing is None:
-        session.add(Instance(sop_instance_uid=rec.sop_instance_uid, **fields))
-    else:
-        if existing.path != rec.path:
-            replaced_path = existing.path
-        for key, value in fields.items():
-            setattr(existing, key, value)
-    session.flush()
-    version.instance_count = (
-        session.scalar(
-            select(func.count(Instance.id)).where(
-                Instance.series_pk == series.id, Instance.version == version.version
-            )
-        )
-        or 0
-    )
-    version.last_received_at = now
-    version.last_association_id = rec.association_id
-    version.association_released = False
-    if rec.expected_count:
-        version.expected_count = rec.expected_count
-    return Recorded(
-        version=version.version,
-        replaced=existing is not None,
-        new_version_opened=opened,
-        replaced_path=replaced_path,
-    )
 
 
 def mark_association_released(index: Index, association_id: str) -> None:
