@@ -20,9 +20,10 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 
 from dicom_node.errors import StorageError
+from storage.committer import GroupCommitter
 from storage.database import Index
 from storage.filestore import FileStore, sanitise_uid
-from storage.instances import InstanceRecord, mark_association_released, record_instance
+from storage.instances import InstanceRecord, mark_association_released
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +56,13 @@ class Receiver:
     def __init__(self, store: FileStore, index: Index) -> None:
         self.store = store
         self.index = index
+        self.committer = GroupCommitter(index, store)
         self._lock = threading.Lock()
         self._associations: weakref.WeakKeyDictionary[Association, _AssociationStats] = (
             weakref.WeakKeyDictionary()
         )
         self._in_flight = 0
+        self._closing = False
         self._idle = threading.Condition(self._lock)
 
     # -- association bookkeeping ---------------------------------------------------------
@@ -77,9 +80,14 @@ class Receiver:
             return stats
 
     def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no C-STORE is being written (for a graceful SIGTERM)."""
+        """Refuse new C-STOREs and wait until none is being written (for a graceful SIGTERM).
+
+        Refusing first matters: a store starting after the wait would be cut off mid-write
+        when the process exits, leaving a temporary file behind.
+        """
         deadline = time.monotonic() + timeout_s
         with self._idle:
+            self._closing = True
             while self._in_flight:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -145,6 +153,9 @@ class Receiver:
 
     def on_store(self, event: Event) -> int | Dataset:
         with self._lock:
+            if self._closing:
+                logger.warning("C-STORE refused (0xA700): the node is shutting down")
+                return _failure(OUT_OF_RESOURCES, "the node is shutting down")
             self._in_flight += 1
         try:
             return self._store(event)
@@ -227,10 +238,11 @@ class Receiver:
         relative = self.store.relative_path(study_uid, series_uid, sop_uid)
         existed = self.store.absolute(relative).exists()
         data = event.encoded_dataset(include_meta=True)
-        self.store.write_atomic(relative, data)
+        _, folders = self.store.write_file(relative, data)
         record = _instance_record(ds, event, uids, relative, len(data), stats)
         try:
-            recorded = record_instance(self.index, record)
+            # Shares the folder fsync and the index transaction with concurrent stores.
+            recorded = self.committer.commit(record, folders)
         except Exception:
             if not existed:  # keep store and index in step: no unindexed new file
                 self.store.remove(relative)

@@ -1,0 +1,97 @@
+"""Group commit: concurrent stores share one folder fsync and one index transaction.
+
+Each C-STORE writes its file itself (written, fdatasynced, renamed), then calls
+:meth:`GroupCommitter.commit`. The first caller to find no commit running becomes the
+leader: it takes every record queued so far, fsyncs each distinct folder once, records
+all rows in one transaction and wakes the others, each with its own result or error.
+Callers arriving meanwhile queue up for the next leader. A lone association is its own
+leader at once: no thread hand-off, so no added latency.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_node.errors import StorageError
+from storage.database import Index
+from storage.filestore import FileStore
+from storage.instances import InstanceRecord, InstanceWriter, Recorded
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    record: InstanceRecord
+    folders: tuple[Path, ...]
+    result: Recorded | None = None
+    error: Exception | None = None
+    done: bool = False
+
+
+class GroupCommitter:
+    def __init__(self, index: Index, store: FileStore) -> None:
+        self.store = store
+        self.writer = InstanceWriter(index)
+        self._cond = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._committing = False
+
+    def commit(self, record: InstanceRecord, folders: tuple[Path, ...]) -> Recorded:
+        """Make the renames in ``folders`` and ``record``'s row durable; raise on failure.
+
+        Returns only once both are durable (or raises the error of this record).
+        """
+        pending = _Pending(record, folders)
+        with self._cond:
+            self._queue.append(pending)
+            while not pending.done:
+                if self._committing:
+                    self._cond.wait()
+                    continue
+                batch, self._queue = self._queue, []
+                self._committing = True
+                self._cond.release()
+                try:
+                    self._commit_batch(batch)
+                finally:
+                    self._cond.acquire()
+                    self._committing = False
+                    self._cond.notify_all()
+        if pending.error is not None:
+            raise pending.error
+        if pending.result is None:  # unreachable: _commit_batch sets one or the other
+            raise StorageError("the index commit returned no result")
+        return pending.result
+
+    def _commit_batch(self, batch: list[_Pending]) -> None:
+        """Never raises: every pending item ends with a result or its error."""
+        try:
+            # Folders first: an index row must never name a file a power loss could undo.
+            self.store.sync_folders(f for pending in batch for f in pending.folders)
+            try:
+                results = self.writer.record([pending.record for pending in batch])
+            except Exception:
+                if len(batch) == 1:
+                    raise
+                # One bad record must not fail the others: record each on its own.
+                logger.warning(
+                    "group commit of %d records failed; recording one by one", len(batch)
+                )
+                for pending in batch:
+                    try:
+                        pending.result = self.writer.record([pending.record])[0]
+                    except Exception as exc:
+                        pending.error = exc
+            else:
+                for pending, result in zip(batch, results, strict=True):
+                    pending.result = result
+        except Exception as exc:
+            for pending in batch:
+                if pending.result is None and pending.error is None:
+                    pending.error = exc
+        for pending in batch:
+            pending.done = True
