@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from sqlalchemy import Connection, Table, bindparam, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from dicom_node.errors import StorageError
@@ -95,6 +95,76 @@ _series = Base.metadata.tables[Series.__tablename__]
 _versions = Base.metadata.tables[SeriesVersion.__tablename__]
 _instances = Base.metadata.tables[Instance.__tablename__]
 
+_INSTANCE_COPIED = (
+    "sop_class_uid",
+    "transfer_syntax_uid",
+    "instance_number",
+    "image_type",
+    "frame_of_reference_uid",
+    "image_orientation",
+    "image_position",
+    "rows",
+    "columns",
+    "number_of_frames",
+    "path",
+    "size_bytes",
+    "calling_ae_title",
+    "peer_address",
+    "association_id",
+)
+_INSTANCE_FIELDS = (*_INSTANCE_COPIED, "series_pk", "version", "received_at")
+
+# Statements built once: building SQLAlchemy expressions per image cost more than SQLite.
+_TOUCH_VERSION = (
+    update(_versions)
+    .where(
+        _versions.c.id == bindparam("b_version_pk"),
+        _versions.c.state == SeriesState.RECEIVING,
+        select(_series.c.id)
+        .where(
+            _series.c.id == _versions.c.series_pk,
+            _series.c.series_instance_uid == bindparam("b_series_uid"),
+        )
+        .exists(),
+    )
+    .values(last_received_at=bindparam("b_now"))
+)
+_PRIOR_INSTANCES = (
+    select(
+        _instances.c.sop_instance_uid,
+        _instances.c.series_pk,
+        _instances.c.version,
+        _instances.c.path,
+    )
+    .where(_instances.c.sop_instance_uid.in_(bindparam("b_sops", expanding=True)))
+    .with_for_update()
+)
+_INSERT_INSTANCE = insert(_instances)
+_UPDATE_INSTANCE = (
+    update(_instances)
+    .where(_instances.c.sop_instance_uid == bindparam("b_sop"))
+    .values({name: bindparam(name) for name in _INSTANCE_FIELDS})
+)
+_COUNT_VERSION = (
+    update(_versions)
+    .where(_versions.c.id == bindparam("b_version_pk"))
+    .values(
+        instance_count=_versions.c.instance_count + bindparam("b_delta"),
+        last_received_at=bindparam("b_now"),
+        last_association_id=bindparam("b_association_id"),
+        association_released=False,
+        expected_count=func.coalesce(bindparam("b_expected"), _versions.c.expected_count),
+    )
+)
+_MOVED_AWAY = (
+    update(_versions)
+    .where(
+        _versions.c.series_pk == bindparam("b_series_pk"),
+        _versions.c.version == bindparam("b_version"),
+    )
+    .values(instance_count=_versions.c.instance_count + bindparam("b_delta"))
+)
+
 
 class InstanceWriter:
     """Records received instances, several in one transaction when they arrive together.
@@ -147,18 +217,10 @@ class InstanceWriter:
             if was_opened:
                 opened.add(uid)
 
+        sops = sorted({r.sop_instance_uid for r in records})
         prior = {
             row.sop_instance_uid: (row.series_pk, row.version, row.path)
-            for row in conn.execute(
-                select(
-                    _instances.c.sop_instance_uid,
-                    _instances.c.series_pk,
-                    _instances.c.version,
-                    _instances.c.path,
-                )
-                .where(_instances.c.sop_instance_uid.in_({r.sop_instance_uid for r in records}))
-                .with_for_update()
-            )
+            for row in conn.execute(_PRIOR_INSTANCES, {"b_sops": sops})
         }
         inserts: list[dict[str, object]] = []
         updates: list[dict[str, object]] = []
@@ -193,14 +255,9 @@ class InstanceWriter:
                 )
             )
         if inserts:
-            conn.execute(insert(_instances), inserts)
+            conn.execute(_INSERT_INSTANCE, inserts)
         if updates:
-            conn.execute(
-                update(_instances)
-                .where(_instances.c.sop_instance_uid == bindparam("b_sop"))
-                .values({name: bindparam(name) for name in updates[0] if name != "b_sop"}),
-                updates,
-            )
+            conn.execute(_UPDATE_INSTANCE, updates)
         self._update_versions(conn, by_series, current, deltas, now)
         return results
 
@@ -249,22 +306,8 @@ class InstanceWriter:
     @staticmethod
     def _touch(conn: Connection, version_pk: int, series_uid: str, now: dt.datetime) -> bool:
         """Update the version's arrival time if it is still receiving and still this series'."""
-        belongs = (
-            select(_series.c.id)
-            .where(
-                _series.c.id == _versions.c.series_pk,
-                _series.c.series_instance_uid == series_uid,
-            )
-            .exists()
-        )
         result = conn.execute(
-            update(_versions)
-            .where(
-                _versions.c.id == version_pk,
-                _versions.c.state == SeriesState.RECEIVING,
-                belongs,
-            )
-            .values(last_received_at=now)
+            _TOUCH_VERSION, {"b_version_pk": version_pk, "b_series_uid": series_uid, "b_now": now}
         )
         return result.rowcount == 1
 
@@ -342,23 +385,21 @@ class InstanceWriter:
     ) -> None:
         for uid, group in by_series.items():
             cur = current[uid]
-            values: dict[str, object] = {
-                "instance_count": _versions.c.instance_count
-                + deltas.pop((cur.series_pk, cur.version), 0),
-                "last_received_at": now,
-                "last_association_id": group[-1].association_id,
-                "association_released": False,
-            }
             expected = [r.expected_count for r in group if r.expected_count]
-            if expected:
-                values["expected_count"] = expected[-1]
-            conn.execute(update(_versions).where(_versions.c.id == cur.version_pk).values(values))
+            conn.execute(
+                _COUNT_VERSION,
+                {
+                    "b_version_pk": cur.version_pk,
+                    "b_delta": deltas.pop((cur.series_pk, cur.version), 0),
+                    "b_now": now,
+                    "b_association_id": group[-1].association_id,
+                    "b_expected": expected[-1] if expected else None,
+                },
+            )
         for (series_pk, version), delta in deltas.items():
             if delta:  # instances that moved away from an older version or another series
                 conn.execute(
-                    update(_versions)
-                    .where(_versions.c.series_pk == series_pk, _versions.c.version == version)
-                    .values(instance_count=_versions.c.instance_count + delta)
+                    _MOVED_AWAY, {"b_series_pk": series_pk, "b_version": version, "b_delta": delta}
                 )
 
 
@@ -370,27 +411,14 @@ def _insert_pk(conn: Connection, table: Table, **values: object) -> int:
 
 
 def _instance_fields(rec: InstanceRecord, cur: _Current, now: dt.datetime) -> dict[str, object]:
-    return {
-        "sop_instance_uid": rec.sop_instance_uid,
-        "series_pk": cur.series_pk,
-        "version": cur.version,
-        "sop_class_uid": rec.sop_class_uid,
-        "transfer_syntax_uid": rec.transfer_syntax_uid,
-        "instance_number": rec.instance_number,
-        "image_type": rec.image_type,
-        "frame_of_reference_uid": rec.frame_of_reference_uid,
-        "image_orientation": rec.image_orientation,
-        "image_position": rec.image_position,
-        "rows": rec.rows,
-        "columns": rec.columns,
-        "number_of_frames": rec.number_of_frames,
-        "path": rec.path,
-        "size_bytes": rec.size_bytes,
-        "calling_ae_title": rec.calling_ae_title,
-        "peer_address": rec.peer_address,
-        "association_id": rec.association_id,
-        "received_at": now,
-    }
+    fields: dict[str, object] = {name: getattr(rec, name) for name in _INSTANCE_COPIED}
+    fields.update(
+        sop_instance_uid=rec.sop_instance_uid,
+        series_pk=cur.series_pk,
+        version=cur.version,
+        received_at=now,
+    )
+    return fields
 
 
 def mark_association_released(index: Index, association_id: str) -> None:
