@@ -112,26 +112,21 @@ def segment_volume(
     else:
         label_map_for_seg = label_map
     sha = weights_sha256 or info.weights_sha256
-    seg = encode_seg(
-        label_map_for_seg,
-        sources,
-        info.catalogue,
-        model_name=info.name,
-        model_version=info.descriptor.version,
-        weights_sha256=sha,
-        format=format,
-        compression=compression,
-    )
-    fallback = None
-    if binary_fallback and format != "binary":
-        fallback = encode_seg(
+
+    def encode(fmt: str, comp: str) -> Dataset:
+        return encode_seg(
             label_map_for_seg,
             sources,
             info.catalogue,
             model_name=info.name,
             model_version=info.descriptor.version,
             weights_sha256=sha,
+            format=fmt,
+            compression=comp,
         )
+
+    seg = encode(format, compression)
+    fallback = encode("binary", "none") if binary_fallback and format != "binary" else None
     timings["encode_s"] = time.monotonic() - started
     spacing_zyx = volume.spacing_zyx
     voxel_mm3 = float(spacing_zyx[0] * spacing_zyx[1] * spacing_zyx[2])

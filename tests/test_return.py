@@ -135,6 +135,14 @@ def pipeline(
     }  # fmt: skip
 
 
+def scanner_and_pacs(pacs_port: int) -> list[dict[str, Any]]:
+    """storescu as scanner SCANNER (it cannot receive), Orthanc as peer `pacs`."""
+    return [
+        {"name": "scanner", "ae_title": "SCANNER", "host": "127.0.0.1", "port": 1},
+        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port},
+    ]
+
+
 def upload_series(orthanc: Orthanc, series: WrittenSeries) -> str:
     ids = [orthanc.upload(path) for path in series.paths]
     return str(orthanc.get_json(f"/instances/{ids[0]}/study")["ID"])
@@ -204,10 +212,7 @@ def test_storescu_scanner_with_orthanc_as_its_destination(
 ) -> None:
     node = node_factory(start=False, overrides=pipeline(destinations=["pacs"]))
     orthanc = orthanc_factory()
-    configure(node, peers=[
-        {"name": "scanner", "ae_title": "SCANNER", "host": "127.0.0.1", "port": 1},
-        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
-    ])  # fmt: skip
+    configure(node, peers=scanner_and_pacs(orthanc.dicom_port))
     node.start()
     series = phantom_series(tmp_path / "series", seed=7002)
     sent = storescu(node.port, [series.paths[0].parent], aet="SCANNER", aec=node.ae_title)
@@ -306,10 +311,7 @@ def test_kill9_during_sending_then_exactly_one_seg(
 ) -> None:
     node = node_factory(start=False, overrides=pipeline(destinations=["pacs"]))
     orthanc = Orthanc(tmp_path / "orthanc")  # not started: its port is held by a black hole
-    configure(node, peers=[
-        {"name": "scanner", "ae_title": "SCANNER", "host": "127.0.0.1", "port": 1},
-        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
-    ])  # fmt: skip
+    configure(node, peers=scanner_and_pacs(orthanc.dicom_port))
     hole = BlackHole(orthanc.dicom_port)
     try:
         node.start()
@@ -420,10 +422,7 @@ def test_a_pacs_refusing_label_map_seg_gets_binary(
                                        "fallback_to_binary": True}  # fmt: skip
     node = node_factory(start=False, overrides=settings)
     orthanc = orthanc_factory(extra={"UnknownSopClassAccepted": False})
-    configure(node, peers=[
-        {"name": "scanner", "ae_title": "SCANNER", "host": "127.0.0.1", "port": 1},
-        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
-    ])  # fmt: skip
+    configure(node, peers=scanner_and_pacs(orthanc.dicom_port))
     node.start()
     series = phantom_series(tmp_path / "series", seed=7009)
     sent = storescu(node.port, [series.paths[0].parent], aet="SCANNER", aec=node.ae_title)
@@ -500,10 +499,7 @@ def test_an_extra_worker_process_runs_the_jobs(
     settings["workers"]["processes"] = 0
     node = node_factory(start=False, overrides=settings)
     orthanc = orthanc_factory()
-    configure(node, peers=[
-        {"name": "scanner", "ae_title": "SCANNER", "host": "127.0.0.1", "port": 1},
-        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
-    ])  # fmt: skip
+    configure(node, peers=scanner_and_pacs(orthanc.dicom_port))
     node.start()
     series = phantom_series(tmp_path / "series", seed=7012)
     sent = storescu(node.port, [series.paths[0].parent], aet="SCANNER", aec=node.ae_title)
