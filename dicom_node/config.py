@@ -60,6 +60,7 @@ class NodeSettings(_Strict):
     max_pdu_bytes: int = Field(262144, ge=0)
     accept_unknown_callers: bool = False
     network_timeout_s: float = Field(60.0, gt=0)
+    # Each process takes up to max_associations; 1 was fastest with SQLite (group commit).
     receiver_processes: int = Field(1, ge=1, le=64)
     tls: TLSSettings = TLSSettings()
 

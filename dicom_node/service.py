@@ -71,7 +71,9 @@ class Service:
 
     def start(self) -> None:
         processes = self.settings.node.receiver_processes
-        per_process = max(1, -(-self.settings.node.max_associations // processes))
+        # Each process may take the full max_associations: SO_REUSEPORT hashes connections
+        # unevenly, so an even split refused senders while other processes sat idle.
+        per_process = self.settings.node.max_associations
         self._scp = start_scp(
             self.settings,
             self.receiver,
