@@ -187,7 +187,7 @@ class InstanceWriter:
         for _ in range(5):
             staged: dict[str, _Current] = {}
             try:
-                with self.index.engine.begin() as conn:
+                with self.index.writer_turn(), self.index.engine.begin() as conn:
                     results = self._record(conn, records, staged)
             except IntegrityError as exc:  # lost a race creating the same row
                 last_exc = exc
