@@ -1,6 +1,7 @@
 """Receive throughput: the node against DCMTK storescp and Orthanc, measured in one run.
 
     .venv/bin/python benchmarks/receive.py [--images 300] [--rss-images 1000] [--size 512]
+        [--parallel 4] [--fsync both|on|off] [--max-associations 16]
 
 Sender: DCMTK ``storescu +sd +r -xe`` (TCP_NODELAY=1), files in Explicit VR Little Endian.
 1. one association, ``--images`` 512x512 16-bit MR images, to: the node (1 receiver
@@ -8,6 +9,10 @@ Sender: DCMTK ``storescu +sd +r -xe`` (TCP_NODELAY=1), files in Explicit VR Litt
 2. four parallel storescu processes, ``--images``/4 images each (the same 300 images split
    in four folders), to: ``storescp --fork``, the node with ``receiver_processes: 4`` and
    with 1, and Orthanc;
+   With ``--fsync both`` (default) the node runs both with ``storage.fsync: true`` (every
+   image on disk before its acknowledgement, as the default config) and ``false`` (no
+   fsync, like storescp and Orthanc); ``on`` runs only the first (and passes no fsync key,
+   so it also runs against versions of the node without the option);
 3. the node's peak RSS (its whole process tree, sampled every 50 ms with psutil) while it
    receives ``--rss-images`` images on one association.
 
@@ -26,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -124,14 +130,21 @@ class PeakRss:
         self._thread.join()
 
 
-def node(workdir: Path, processes: int) -> NodeProcess:
-    return NodeProcess(
-        workdir,
-        quiet_period_s=30,
-        # max_associations is split evenly between receiver processes, but SO_REUSEPORT
-        # hashes connections unevenly: with 16 (4 per process) 4 senders were refused.
-        overrides={"node": {"receiver_processes": processes, "max_associations": 64}},
-    ).start()
+def node(workdir: Path, processes: int, max_associations: int, fsync: bool) -> NodeProcess:
+    overrides: dict[str, Any] = {
+        "node": {"receiver_processes": processes, "max_associations": max_associations}
+    }
+    if not fsync:
+        overrides["storage"] = {"fsync": False}
+    started = NodeProcess(workdir, quiet_period_s=30, overrides=overrides).start()
+    # The node answers C-ECHO as soon as its first process listens; spawned receiver
+    # processes import for a second or two more: wait for all, or they are timed starting.
+    wait_until(
+        lambda: started.log_text().count("listening as AE") >= processes,
+        timeout_s=60,
+        what=f"{processes} receiver processes",
+    )
+    return started
 
 
 def timed(label: str, images: int, run: Callable[[], float], results: dict[str, float]) -> None:
@@ -146,7 +159,12 @@ def main() -> None:
     parser.add_argument("--rss-images", type=int, default=1000)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--fsync", choices=["both", "on", "off"], default="both")
+    # Older nodes split max_associations between receiver processes: give them 64.
+    parser.add_argument("--max-associations", type=int, default=16)
     args = parser.parse_args()
+    modes = {"both": [True, False], "on": [True], "off": [False]}[args.fsync]
+    maxa = args.max_associations
 
     with tempfile.TemporaryDirectory(prefix="bench-receive-") as tmp_name:
         tmp = Path(tmp_name)
@@ -184,16 +202,17 @@ def main() -> None:
             )
         finally:
             orthanc.stop()
-        one = node(tmp / "node1", 1)
-        try:
-            timed(
-                "1 assoc -> node",
-                n,
-                lambda: send(one.port, [series.folder], one.ae_title),
-                results,
-            )
-        finally:
-            one.stop()
+        for fsync in modes:
+            one = node(tmp / f"node1-{fsync}", 1, maxa, fsync)
+            try:
+                timed(
+                    f"1 assoc -> node{_mode(fsync)}",
+                    n,
+                    lambda: send(one.port, [series.folder], one.ae_title),  # noqa: B023
+                    results,
+                )
+            finally:
+                one.stop()
 
         # 2. parallel associations
         p = args.parallel
@@ -212,20 +231,21 @@ def main() -> None:
             )
         finally:
             orthanc.stop()
-        for processes in (p, 1):
-            multi = node(tmp / f"node{p}x{processes}", processes)
-            try:
-                timed(
-                    f"{p} assoc -> node (receiver_processes {processes})",
-                    n,
-                    lambda: send(multi.port, parts, multi.ae_title),  # noqa: B023
-                    results,
-                )
-            finally:
-                multi.stop()
+        for fsync in modes:
+            for processes in (p, 1):
+                multi = node(tmp / f"node{p}x{processes}-{fsync}", processes, maxa, fsync)
+                try:
+                    timed(
+                        f"{p} assoc -> node (receiver_processes {processes}){_mode(fsync)}",
+                        n,
+                        lambda: send(multi.port, parts, multi.ae_title),  # noqa: B023
+                        results,
+                    )
+                finally:
+                    multi.stop()
 
         # 3. memory while receiving
-        rss_node = node(tmp / "node-rss", 1)
+        rss_node = node(tmp / "node-rss", 1, maxa, modes[0])
         try:
             with PeakRss(rss_node.pid) as rss:
                 timed(
@@ -237,18 +257,24 @@ def main() -> None:
         finally:
             rss_node.stop()
 
-    node_one = results["1 assoc -> node"] / results["1 assoc -> Orthanc"]
-    node_par = max(
-        results[f"{p} assoc -> node (receiver_processes {p})"],
-        results[f"{p} assoc -> node (receiver_processes 1)"],
-    )
-    ratio_par = node_par / results[f"{p} assoc -> storescp --fork"]
-    peak_mb = rss.peak / 1e6
     print()
-    print(f"one association:  node / Orthanc        = {node_one:.2f}  (target >= 1.0)")
-    print(f"{p} associations: node / storescp --fork = {ratio_par:.2f}  (target >= 0.5)")
+    for fsync in modes:
+        mode = _mode(fsync)
+        node_one = results[f"1 assoc -> node{mode}"] / results["1 assoc -> Orthanc"]
+        node_par = max(
+            results[f"{p} assoc -> node (receiver_processes {p}){mode}"],
+            results[f"{p} assoc -> node (receiver_processes 1){mode}"],
+        )
+        ratio_par = node_par / results[f"{p} assoc -> storescp --fork"]
+        print(f"one association{mode}:  node / Orthanc        = {node_one:.2f}  (target >= 1.0)")
+        print(f"{p} associations{mode}: node / storescp --fork = {ratio_par:.2f}  (target >= 0.5)")
+    peak_mb = rss.peak / 1e6
     print(f"node peak RSS (process tree) receiving {args.rss_images} images = {peak_mb:.0f} MB")
     print("  (target < 300 MB)")
+
+
+def _mode(fsync: bool) -> str:
+    return "" if fsync else " [fsync off]"
 
 
 if __name__ == "__main__":
