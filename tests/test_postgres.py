@@ -74,10 +74,13 @@ def postgres_url() -> Iterator[str]:
     def ready() -> bool:
         if proc.poll() is not None:
             raise RuntimeError((folder / "postgres.log").read_text())
+        probe = Index(url, migrate=False)
         try:
-            Index(url, migrate=False).engine.connect().close()
+            probe.engine.connect().close()
         except Exception:
             return False
+        finally:
+            probe.dispose()  # a pooled connection left open stalls the smart shutdown below
         return True
 
     wait_until(ready, timeout_s=60, interval_s=0.2, what="PostgreSQL")
