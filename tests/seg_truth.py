@@ -199,6 +199,8 @@ def decode_on_source(seg: hd.seg.Segmentation, volume: Volume, catalogue: Catalo
             [int(ref.frame_number) for ref in refs if ref.frame_number is not None],
             segment_numbers=numbers,
             combine_segments=True,
+            # Frames without any segment are omitted from the SEG (and not referenced by it).
+            assert_missing_frames_are_empty=True,
         )
     return _relabel(np.asarray(pixels), segment_ids(seg, catalogue))
 

@@ -26,6 +26,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ from dicom_node.segment import ModelCache, segment_series
 from dicom_node.volume import Volume, volume_from_series
 from inference.catalogue import Catalogue
 from inference.demo.phantoms import PhantomSpec, sample_phantom
+from inference.demo.phantoms import grid_points as phantom_grid_points
 from inference.model_folder import BUILTIN_MODELS, ModelInfo
 from inference.predictor import Segmenter
 
@@ -174,6 +176,55 @@ def test_phantom_series_roundtrip_in_patient_space(
     assert result.seg.SOPClassUID == expected_sop[case.get("format", "binary")]
     report = _check_roundtrip(seg_path, volume, spec, info.catalogue, tmp_path)
     print(f"\n{_case_id(case)}:\n  " + "\n  ".join(report))
+
+
+class _OracleSegmenter:
+    """A perfect model of the training grid: labels the phantom on the grid it is given, read as
+    the training grids were (identity direction, centred on the origin). Any flip, transpose or
+    shift between the source grid and the model's input or output shows up exactly."""
+
+    def __init__(self, spec: PhantomSpec) -> None:
+        self.spec = spec
+
+    def predict(self, volume: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
+        points = phantom_grid_points(volume.shape, spacing_zyx)
+        _, labels = sample_phantom(self.spec, points, noise=False)
+        return labels.reshape(volume.shape)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"orientation": "sagittal", "patient_position": "FFS", "enhanced": True},
+        {"orientation": "coronal", "patient_position": "HFP", "reverse_order": True},
+        {"orientation": "axial", "patient_position": "FFP", "enhanced": True, "format": "labelmap"},
+    ],
+    ids=_case_id,
+)
+def test_exact_with_an_oracle_model(
+    case: dict[str, Any], tmp_path: Path, spec: PhantomSpec
+) -> None:
+    """No trained model needed: with a perfect one the SEG equals the truth voxel for voxel."""
+    from inference.catalogue import load_catalogue
+
+    catalogue = load_catalogue("demo")
+    info = SimpleNamespace(
+        name="oracle",
+        catalogue=catalogue,
+        weights_sha256="0" * 64,
+        descriptor=SimpleNamespace(modality="MR", version="1", input_channels=["MRI"]),
+    )
+    written = _write(tmp_path / "series", spec, case)
+    result = segment_series(
+        written.paths, info, _OracleSegmenter(spec), format=case.get("format", "binary")
+    )
+    seg_path = tmp_path / "seg.dcm"
+    result.seg.save_as(seg_path, enforce_file_format=True)
+    volume = volume_from_series(written.paths)
+    _check_roundtrip(seg_path, volume, spec, catalogue, tmp_path)
+    decoded = st.decode_on_source(st.read_seg(seg_path), volume, catalogue)
+    truth = st.truth_labels(spec, written.affine, written.shape)
+    assert int((decoded != truth).sum()) == 0
 
 
 def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
