@@ -1,0 +1,118 @@
+"""The receive path's index writer and group committer, on a real SQLite index.
+
+The counts kept incrementally must equal a COUNT(*) of the instance rows in every case:
+new instances, duplicates in the same version, an instance re-sent after completion (it
+moves to the new version), concurrent stores, and one failing record among good ones.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from dicom_node.errors import StorageError
+from storage.committer import GroupCommitter, _Pending
+from storage.database import Index
+from storage.filestore import FileStore
+from storage.instances import InstanceRecord, InstanceWriter, complete_due_series
+
+
+def _rec(series: str, i: int | str, *, path: str | None = None) -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=f"{series}.{i}",
+        series_instance_uid=series,
+        study_instance_uid="1.2",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=path if path is not None else f"1.2/{series}/{i}.dcm",
+        size_bytes=1,
+        calling_ae_title="SCU",
+        peer_address="127.0.0.1:1",
+    )
+
+
+def _counts(index: Index) -> dict[tuple[str, int], tuple[int, int, str]]:
+    """(series, version) -> (instance_count, COUNT(*) of its rows, state)."""
+    with index.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT s.series_instance_uid, v.version, v.instance_count, v.state, "
+                "(SELECT COUNT(*) FROM instances i WHERE i.series_pk = v.series_pk "
+                "AND i.version = v.version) FROM series_versions v "
+                "JOIN series s ON s.id = v.series_pk"
+            )
+        ).all()
+    return {(r[0], r[1]): (r[2], r[4], r[3]) for r in rows}
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> Index:
+    return Index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+
+
+def test_counts_follow_duplicates_and_versions(index: Index) -> None:
+    writer = InstanceWriter(index)
+    writer.record([_rec("1.2.3", i) for i in range(3)])
+    (again,) = writer.record([_rec("1.2.3", 1)])
+    assert again.replaced and again.version == 1 and not again.new_version_opened
+    assert _counts(index) == {("1.2.3", 1): (3, 3, "receiving")}
+
+    complete_due_series(index, 0.0, on_release=False)
+    late = writer.record([_rec("1.2.3", 5), _rec("1.2.3", 6), _rec("1.2.3", 0)])
+    assert [r.version for r in late] == [2, 2, 2]
+    assert [r.new_version_opened for r in late] == [True, False, False]
+    assert late[2].replaced  # instance 0 moved from version 1 to version 2
+    assert _counts(index) == {
+        ("1.2.3", 1): (2, 2, "complete"),
+        ("1.2.3", 2): (3, 3, "receiving"),
+    }
+    # A writer without the cache (another process) joins the open version.
+    (other,) = InstanceWriter(index).record([_rec("1.2.3", 7)])
+    assert other.version == 2 and not other.new_version_opened
+    (moved,) = writer.record([_rec("1.2.3", 7, path="elsewhere.dcm")])
+    assert moved.replaced_path == "1.2/1.2.3/7.dcm"
+    assert _counts(index)[("1.2.3", 2)] == (4, 4, "receiving")
+
+
+def test_concurrent_stores_commit_together(index: Index, tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "store")
+    committer = GroupCommitter(index, store)
+    errors: list[Exception] = []
+
+    def send(k: int) -> None:
+        try:
+            for i in range(30):
+                relative = store.relative_path("1.2", f"9.{k % 2}", f"9.{k % 2}.{k}.{i}")
+                _, folders = store.write_file(relative, b"DICM")
+                committer.commit(_rec(f"9.{k % 2}", f"{k}.{i}", path=relative), folders)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert _counts(index) == {("9.0", 1): (60, 60, "receiving"), ("9.1", 1): (60, 60, "receiving")}
+    assert len(list((tmp_path / "store").rglob("*.dcm"))) == 120
+
+
+def test_one_bad_record_fails_alone(index: Index, tmp_path: Path) -> None:
+    committer = GroupCommitter(index, FileStore(tmp_path / "store"))
+    # NOT NULL violation: retried, then refused
+    bad = replace(_rec("1.2.3", "bad"), path=None)  # type: ignore[arg-type]
+    with pytest.raises(StorageError):
+        committer.commit(bad, ())
+    # In one batch: the good records are recorded, the bad one gets its own error.
+    batch = [_rec("1.2.3", 1), bad, _rec("1.2.3", 2)]
+    pending = [_Pending(record, ()) for record in batch]
+    committer._commit_batch(pending)
+    assert [p.done for p in pending] == [True, True, True]
+    assert pending[0].result is not None and pending[2].result is not None
+    assert isinstance(pending[1].error, StorageError)
+    assert _counts(index) == {("1.2.3", 1): (2, 2, "receiving")}
