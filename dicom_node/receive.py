@@ -106,17 +106,27 @@ class Receiver:
         )
 
     def on_rejected(self, event: Event) -> None:
+        ae = event.assoc.ae
         requestor = event.assoc.requestor
-        rq = requestor.primitive
-        called = str(getattr(rq, "called_ae_title", "")).strip()
+        calling = str(requestor.ae_title).strip()
+        called = str(getattr(requestor.primitive, "called_ae_title", "")).strip()
+        allowed = [str(t).strip() for t in ae.require_calling_aet]
+        # pynetdicom does not hand the reason over; these are its checks, in its order.
+        if ae.require_called_aet and called != str(ae.ae_title).strip():
+            why = f"called AE title {called!r} is not this node's ({str(ae.ae_title).strip()!r})"
+        elif allowed and calling not in allowed:
+            why = (
+                f"calling AE title {calling!r} is not a configured peer "
+                "(add it under peers, or set node.accept_unknown_callers)"
+            )
+        else:
+            why = f"association limit reached (node.max_associations = {ae.maximum_associations})"
         logger.warning(
-            "association rejected: calling AE %r at %s:%s, called AE %r "
-            "(unknown calling AE titles are refused unless node.accept_unknown_callers is "
-            "set; the called AE title must be this node's node.ae_title)",
-            str(requestor.ae_title).strip(),
+            "association rejected: calling AE %r at %s:%s: %s",
+            calling,
             requestor.address,
             requestor.port,
-            called,
+            why,
         )
 
     def on_released(self, event: Event) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -66,9 +67,26 @@ class _ReusePortServer(_NodeServer):
         super().server_bind()
 
 
+class _NodeAE(AE):
+    """pynetdicom's AE, not counting acceptors whose peer left before associating.
+
+    After a bare TCP connect and close (a port probe, a load balancer's health check) the
+    acceptor thread waits out the whole ACSE timeout for an A-ASSOCIATE-RQ that cannot
+    come; counted, such threads would refuse real senders ("local limit exceeded").
+    """
+
+    @property
+    def active_associations(self) -> list[Association]:
+        return [
+            assoc
+            for assoc in super().active_associations
+            if not (assoc.is_acceptor and not assoc.is_established and not assoc.dul.is_alive())
+        ]
+
+
 def build_ae(settings: Settings, *, max_associations: int | None = None) -> AE:
     node = settings.node
-    ae = AE(ae_title=node.ae_title)
+    ae = _NodeAE(ae_title=node.ae_title)
     ae.maximum_associations = max_associations or node.max_associations
     ae.maximum_pdu_size = node.max_pdu_bytes
     ae.network_timeout = node.network_timeout_s

@@ -296,14 +296,14 @@ def test_unknown_calling_ae_is_rejected(node: NodeProcess) -> None:
     assert result.returncode != 0
     assert "reject" in (result.stdout + result.stderr).lower()
     line = node.wait_for_log("association rejected")
-    assert "'UNKNOWN'" in line
+    assert "'UNKNOWN'" in line and "is not a configured peer" in line
 
 
 def test_wrong_called_ae_is_rejected(node: NodeProcess) -> None:
     result = echoscu(node.port, aec="NOTTHENODE")
     assert result.returncode != 0
     line = node.wait_for_log("association rejected")
-    assert "'NOTTHENODE'" in line
+    assert "'NOTTHENODE'" in line and "is not this node's" in line
 
 
 def test_accept_unknown_callers(node_factory: NodeFactory) -> None:
