@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -295,6 +296,8 @@ def main() -> None:
     parser.add_argument("--no-warmup", action="store_true", help="measure a cold worker")
     parser.add_argument("--timeout-s", type=float, default=600.0)
     args = parser.parse_args()
+    # SIGTERM (e.g. from `timeout`) unwinds through the finally blocks that stop the peers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     if not BUILTIN_MODELS["demo"].is_dir():
         sys.exit(f"the demo model is not built yet ({BUILTIN_MODELS['demo']} is missing)")
