@@ -101,23 +101,39 @@ def store_seg(
     sop_class = str(header.SOPClassUID)
     syntax = str(header.file_meta.TransferSyntaxUID)
     ae = scu_ae(settings)
-    ae.add_requested_context(sop_class, _unique([syntax, EXPLICIT_VR_LE]))
+    # One context per transfer syntax: offered together, the peer may pick Explicit VR LE
+    # and the file could then not be sent as encoded.
+    for ts in _unique([syntax, EXPLICIT_VR_LE]):
+        ae.add_requested_context(sop_class, ts)
     fallback_syntax = None
     if fallback is not None and fallback.exists():
         fallback_header = dcmread(fallback, stop_before_pixels=True)
         fallback_syntax = str(fallback_header.file_meta.TransferSyntaxUID)
-        ae.add_requested_context(SEGMENTATION_STORAGE, _unique([fallback_syntax, EXPLICIT_VR_LE]))
+        for ts in _unique([fallback_syntax, EXPLICIT_VR_LE]):
+            ae.add_requested_context(SEGMENTATION_STORAGE, ts)
     assoc = associate(ae, settings, peer)
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     if not assoc.is_established:
+        if assoc.acceptor.primitive is not None and not assoc.is_rejected:
+            # It answered, but accepted none of the contexts (pynetdicom then aborts).
+            raise DeliveryError(
+                f"{where} does not accept SOP class {sop_class} (nor a fallback)",
+                retryable=False,
+            )
         why = "rejected the association" if assoc.is_rejected else "is unreachable"
         raise DeliveryError(f"{where} {why}", retryable=True)
     note = ""
     try:
+        # An accepted context carries its one transfer syntax as a one-item list.
+        accepted_syntaxes: dict[str, set[str]] = {}
+        for cx in assoc.accepted_contexts:
+            accepted_syntaxes.setdefault(str(cx.abstract_syntax), set()).update(
+                str(ts) for ts in cx.transfer_syntax
+            )
         accepted = {
-            str(cx.abstract_syntax)
-            for cx in assoc.accepted_contexts
-            if str(cx.transfer_syntax) in (syntax, EXPLICIT_VR_LE, fallback_syntax)
+            sop
+            for sop, syntaxes in accepted_syntaxes.items()
+            if syntaxes & {syntax, EXPLICIT_VR_LE, fallback_syntax or ""}
         }
         send: Path | Dataset = path
         if sop_class not in accepted:
@@ -134,10 +150,14 @@ def store_seg(
                     f"{where} does not accept SOP class {sop_class} (nor a fallback)",
                     retryable=False,
                 )
-        if isinstance(send, Path) and syntax not in {
-            str(cx.transfer_syntax) for cx in assoc.accepted_contexts
-        }:
-            send = dcmread(send)  # pynetdicom re-encodes to the accepted syntax
+        sent_syntax = fallback_syntax if send is fallback else syntax
+        sent_class = SEGMENTATION_STORAGE if send is fallback else sop_class
+        if sent_syntax not in accepted_syntaxes.get(sent_class, set()):
+            # Only Explicit VR LE was accepted: send the pixel data uncompressed.
+            dataset = dcmread(send)
+            if dataset.file_meta.TransferSyntaxUID.is_compressed:
+                dataset.decompress()
+            send = dataset
         status = assoc.send_c_store(send)
         if not status or "Status" not in status:
             raise DeliveryError(f"{where} sent no C-STORE response (connection lost)")

@@ -1,0 +1,154 @@
+"""Sending a SEG (C-STORE SCU) to a real pynetdicom Storage SCP, with the Label Map fallback."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from peers import free_port
+from pydicom import Dataset
+from pynetdicom import AE, evt
+from seg_fixtures import CATALOGUE, mr_series, small_label_map
+
+from dicom_node.config import PeerSettings, Settings
+from dicom_node.errors import DeliveryError
+from dicom_node.seg_encode import encode_seg
+from dicom_node.send import SEGMENTATION_STORAGE, store_seg
+
+LABEL_MAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
+SHA = "ab" * 32
+DEFAULT_TS = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5")
+
+
+class Pacs:
+    """A Storage SCP accepting the given SOP classes; remembers what it received."""
+
+    def __init__(
+        self,
+        sop_classes: list[str],
+        syntaxes: tuple[str, ...] = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5"),
+    ) -> None:
+        self.received: list[Dataset] = []
+        self.port = free_port()
+        ae = AE(ae_title="PACS")
+        for uid in sop_classes:
+            ae.add_supported_context(uid, list(syntaxes))
+
+        def on_store(event: evt.Event) -> int:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            self.received.append(ds)
+            return 0
+
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+        )
+        self.ae = ae
+
+    def peer(self) -> PeerSettings:
+        return PeerSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=self.port)
+
+    def stop(self) -> None:
+        self.ae.shutdown()
+
+
+@pytest.fixture
+def segs(tmp_path: Path) -> tuple[Path, Path]:
+    """A LABELMAP SEG (RLE) and its BINARY fallback, as a job writes them."""
+    series = mr_series()
+    label_map = small_label_map()
+    catalogue = CATALOGUE
+    common = {"model_name": "demo", "model_version": "1.0", "weights_sha256": SHA}
+    labelmap = encode_seg(
+        label_map, series, catalogue, format="labelmap", compression="rle", **common
+    )
+    binary = encode_seg(label_map, series, catalogue, **common)
+    paths = tmp_path / "seg.dcm", tmp_path / "fallback-binary.dcm"
+    labelmap.save_as(paths[0], enforce_file_format=True)
+    binary.save_as(paths[1], enforce_file_format=True)
+    return paths
+
+
+@pytest.fixture
+def pacs_factory() -> Iterator[type[Pacs]]:
+    made: list[Pacs] = []
+
+    class _Pacs(Pacs):
+        def __init__(self, sop_classes: list[str], syntaxes: tuple[str, ...] = DEFAULT_TS) -> None:
+            super().__init__(sop_classes, syntaxes)
+            made.append(self)
+
+    yield _Pacs
+    for pacs in made:
+        pacs.stop()
+
+
+def test_binary_seg_is_stored(pacs_factory: type[Pacs], segs: tuple[Path, Path]) -> None:
+    pacs = pacs_factory([SEGMENTATION_STORAGE])
+    note = store_seg(Settings(), pacs.peer(), segs[1])
+    assert note == ""
+    (got,) = pacs.received
+    assert got.SOPClassUID == SEGMENTATION_STORAGE
+
+
+def test_label_map_goes_as_is_where_accepted(
+    pacs_factory: type[Pacs], segs: tuple[Path, Path]
+) -> None:
+    pacs = pacs_factory([SEGMENTATION_STORAGE, LABEL_MAP_SEG])
+    assert store_seg(Settings(), pacs.peer(), segs[0], segs[1]) == ""
+    (got,) = pacs.received
+    assert got.SOPClassUID == LABEL_MAP_SEG
+    assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"  # RLE, as encoded
+
+
+def test_an_uncompressed_only_pacs_gets_the_label_map_decompressed(
+    pacs_factory: type[Pacs], segs: tuple[Path, Path]
+) -> None:
+    pacs = pacs_factory([LABEL_MAP_SEG], ("1.2.840.10008.1.2.1",))
+    assert store_seg(Settings(), pacs.peer(), segs[0]) == ""
+    (got,) = pacs.received
+    assert got.SOPClassUID == LABEL_MAP_SEG
+    assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert got.pixel_array.max() > 0
+
+
+def test_a_pacs_refusing_label_map_gets_the_binary_fallback(
+    pacs_factory: type[Pacs], segs: tuple[Path, Path]
+) -> None:
+    pacs = pacs_factory([SEGMENTATION_STORAGE])
+    note = store_seg(Settings(), pacs.peer(), segs[0], segs[1])
+    assert "sent the BINARY SEG instead" in note
+    (got,) = pacs.received
+    assert got.SOPClassUID == SEGMENTATION_STORAGE
+
+
+def test_no_fallback_is_a_permanent_error(
+    pacs_factory: type[Pacs], segs: tuple[Path, Path]
+) -> None:
+    pacs = pacs_factory([SEGMENTATION_STORAGE])
+    with pytest.raises(DeliveryError, match="does not accept") as caught:
+        store_seg(Settings(), pacs.peer(), segs[0])
+    assert caught.value.retryable is False
+    assert pacs.received == []
+
+
+def test_an_unreachable_pacs_is_retryable(segs: tuple[Path, Path]) -> None:
+    peer = PeerSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=free_port())
+    with pytest.raises(DeliveryError, match="unreachable") as caught:
+        store_seg(Settings(), peer, segs[1])
+    assert caught.value.retryable is True
+
+
+def test_sends_run_in_parallel_threads(pacs_factory: type[Pacs], segs: tuple[Path, Path]) -> None:
+    pacs = pacs_factory([SEGMENTATION_STORAGE])
+    threads = [
+        threading.Thread(target=store_seg, args=(Settings(), pacs.peer(), segs[1]))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(pacs.received) == 3
