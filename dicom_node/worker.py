@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import io
 import logging
 import multiprocessing
 import os
@@ -19,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
@@ -29,6 +29,9 @@ from storage.database import Index
 from storage.filestore import FileStore
 from storage.models import Instance, Job, JobState, Series, SeriesVersion, utcnow
 from storage.queue import claim_job, fail_job, finish_job, heartbeat
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -195,10 +198,12 @@ def run_job(ctx: JobContext, job: Job, models: object) -> None:
     )
 
 
-def _encode(ds: object) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)  # type: ignore[attr-defined]
-    return buffer.getvalue()
+def _encode(ds: Dataset) -> bytes:
+    # seg_to_bytes writes what save_as(enforce_file_format=True) writes, several times faster
+    # for a BINARY SEG with thousands of frames.
+    from dicom_node.seg_encode import seg_to_bytes
+
+    return seg_to_bytes(ds)
 
 
 def process_one(ctx: JobContext, models: object, current: Synchronized[int] | None = None) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import shutil
 import subprocess
@@ -12,6 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
+from pydicom.dataelem import DataElement
 from seg_fixtures import (
     CATALOGUE,
     OTHER_SHA256,
@@ -31,6 +34,7 @@ from dicom_node.seg_encode import (
     SegFormat,
     encode_seg,
     label_volumes_ml,
+    seg_to_bytes,
     segment_mapping,
 )
 from inference.catalogue import load_catalogue
@@ -319,6 +323,44 @@ def test_label_volumes_ml_counts_across_chunks() -> None:
     assert volumes == {1: 1.0, 2: 0.0, 5: 65536.0, 6: 2.0}
 
 
+def _save_as_bytes(seg: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    seg.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("source", ["single-frame", "multi-frame"])
+@pytest.mark.parametrize(("fmt", "comp"), COMBINATIONS, ids=lambda v: v.value)
+def test_seg_to_bytes_writes_what_save_as_writes(
+    series: list[Dataset],
+    multiframe: Dataset,
+    label_map: np.ndarray,
+    fmt: SegFormat,
+    comp: SegCompression,
+    source: str,
+) -> None:
+    seg = _encode(
+        label_map, series if source == "single-frame" else multiframe, format=fmt, compression=comp
+    )
+    # save_as corrects VRs in place: the reference is written from an untouched copy.
+    reference = _save_as_bytes(copy.deepcopy(seg))
+    assert seg_to_bytes(seg) == reference
+    assert _save_as_bytes(seg) == reference
+
+
+def test_seg_to_bytes_leaves_unusual_datasets_to_pydicom(
+    series: list[Dataset], label_map: np.ndarray
+) -> None:
+    seg = _encode(label_map, series)
+    # An ambiguous VR inside a per-frame item needs the top level's Pixel Representation.
+    seg.PerFrameFunctionalGroupsSequence[0].add(DataElement(0x00280106, "US or SS", 0))
+    assert seg_to_bytes(copy.deepcopy(seg)) == _save_as_bytes(copy.deepcopy(seg))
+    seg.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    implicit = seg_to_bytes(copy.deepcopy(seg))
+    assert implicit == _save_as_bytes(copy.deepcopy(seg))
+    assert pydicom.dcmread(io.BytesIO(implicit)).NumberOfFrames == seg.NumberOfFrames
+
+
 # --- independent validators and readers -------------------------------------------------------
 
 
@@ -335,7 +377,7 @@ def test_binary_seg_passes_dciodvfy(
         pytest.skip("dciodvfy not installed (Debian package dicom3tools)")
     seg = _encode(label_map, series if source == "single-frame" else multiframe)
     path = tmp_path / "seg.dcm"
-    seg.save_as(path)
+    path.write_bytes(seg_to_bytes(seg))  # what the node sends
     run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
     output = run.stdout + run.stderr
     assert _errors(output) == [], output

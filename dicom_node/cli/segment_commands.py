@@ -33,6 +33,7 @@ def segment(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Segment one series offline and write its DICOM-SEG; prints the labels and volumes."""
+    from dicom_node.seg_encode import seg_to_bytes
     from dicom_node.segment import ModelCache, segment_volume
     from dicom_node.volume import volume_from_folder
 
@@ -66,7 +67,7 @@ def segment(
         progress.update(step, advance=1, description="writing the SEG")
         out.mkdir(parents=True, exist_ok=True)
         target = out / f"SEG_{result.seg.SOPInstanceUID}.dcm"
-        result.seg.save_as(target, enforce_file_format=True)
+        target.write_bytes(seg_to_bytes(result.seg))
         progress.update(step, advance=1, description="done")
     data: dict[str, Any] = {
         "seg": str(target),
