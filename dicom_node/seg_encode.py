@@ -527,13 +527,13 @@ def seg_to_bytes(seg: Dataset) -> bytes:
 
     A BINARY SEG holds one Per-Frame Functional Groups item (eight nested items) per frame and
     segment, thousands of them; pydicom spends most of a save walking them, and re-runs its
-    ambiguous VR correction on every nested item's subtree before writing it. Here pydicom writes everything
-    else (file meta, ambiguous VRs resolved with the whole top level in view, Pixel Data), while
-    the per-frame sequence is written directly: its leaf elements still through pydicom's own
-    element writer, and each item object once, since highdicom shares the source-image and
-    plane-position items of a plane between all segments' frames. Anything unusual in that
-    sequence (ambiguous VR, raw element, an encoding other than explicit VR little endian)
-    falls back to ``save_as``.
+    ambiguous VR correction on every nested item's subtree before writing it. Here pydicom
+    writes everything else (file meta, ambiguous VRs resolved with the whole top level in view,
+    Pixel Data), while the per-frame sequence is written directly: its leaf elements still
+    through pydicom's own element writer, and each item object once, since highdicom shares the
+    source-image and plane-position items of a plane between all segments' frames. Anything
+    unusual in that sequence (ambiguous VR, raw element, an encoding other than explicit VR
+    little endian) falls back to ``save_as``.
     """
     try:
         return _write_split(seg)
