@@ -10,7 +10,8 @@ temporary folder:
 Timed, end to end to a file on disk:
 * TotalSegmentator ``save_mask_as_dicomseg`` (reads the DICOM folder itself, BINARY);
 * ours BINARY and LABELMAP (RLE and JPEG-LS) from headers already in memory (what the node has
-  after building the volume), and BINARY including the header read from the same folder.
+  after building the volume), written with ``seg_to_bytes`` as the node does; BINARY including
+  the header read from the same folder; BINARY written with pydicom's ``save_as`` instead.
 
 Run: ``.venv/bin/python benchmarks/seg_encode.py [--repeat 3] [--ts-repeat 1] [--case vibe|ct]``
 (medians; TotalSegmentator's writer takes about a minute per CT run, hence its own count).
@@ -40,7 +41,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicom_node.seg_encode import encode_seg
+from dicom_node.seg_encode import encode_seg, seg_to_bytes
 from inference.catalogue import Catalogue, load_catalogue
 
 WEIGHTS_SHA256 = "5e" * 32
@@ -179,7 +180,9 @@ def run_case(
             save_mask_as_dicomseg(ts_mask, classes, src_dir, path, np.eye(4))
         return path
 
-    def ours(fmt: str, comp: str, *, read_headers: bool = False) -> Callable[[], Path]:
+    def ours(
+        fmt: str, comp: str, *, read_headers: bool = False, save_as: bool = False
+    ) -> Callable[[], Path]:
         def run() -> Path:
             sources = headers
             if read_headers:
@@ -195,8 +198,11 @@ def run_case(
                 format=fmt,
                 compression=comp,
             )
-            path = out / f"ours-{fmt}-{comp}.dcm"
-            seg.save_as(path)
+            path = out / f"ours-{fmt}-{comp}{'-save_as' if save_as else ''}.dcm"
+            if save_as:  # pydicom's own writer, for comparison
+                seg.save_as(path, enforce_file_format=True)
+            else:
+                path.write_bytes(seg_to_bytes(seg))  # what the node writes
             return path
 
         return run
@@ -204,6 +210,7 @@ def run_case(
     rows = [
         ("TotalSegmentator BINARY", *timed(totalsegmentator, ts_repeat)),
         ("ours BINARY", *timed(ours("binary", "none"), repeat)),
+        ("ours BINARY, pydicom save_as", *timed(ours("binary", "none", save_as=True), repeat)),
         ("ours BINARY + header read", *timed(ours("binary", "none", read_headers=True), repeat)),
         ("ours LABELMAP RLE", *timed(ours("labelmap", "rle"), repeat)),
         ("ours LABELMAP JPEG-LS", *timed(ours("labelmap", "jpegls"), repeat)),
