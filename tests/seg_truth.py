@@ -75,9 +75,21 @@ def voxel_centres(affine: np.ndarray, shape: Sequence[int]) -> npt.NDArray[np.fl
     return points
 
 
-def truth_labels(spec: PhantomSpec, affine: np.ndarray, shape: Sequence[int]) -> LabelArray:
-    """The phantom's labels point-sampled at the grid's voxel centres, (z, y, x)."""
-    _, labels = sample_phantom(spec, voxel_centres(affine, shape), noise=False)
+def truth_labels(
+    spec: PhantomSpec,
+    affine: np.ndarray,
+    shape: Sequence[int],
+    rotation: np.ndarray | None = None,
+) -> LabelArray:
+    """The phantom's labels point-sampled at the grid's voxel centres, (z, y, x).
+
+    ``rotation`` (3x3) turns the phantom about the origin: the point p shows what the upright
+    phantom has at ``rotation.T @ p``.
+    """
+    points = voxel_centres(affine, shape)
+    if rotation is not None:
+        points = points @ np.asarray(rotation, dtype=np.float64)
+    _, labels = sample_phantom(spec, points, noise=False)
     return labels.reshape(tuple(int(n) for n in shape))
 
 

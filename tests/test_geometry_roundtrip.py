@@ -34,7 +34,7 @@ import pydicom
 import pytest
 import seg_truth as st
 import torch
-from dicom_phantoms import WrittenSeries, write_series
+from dicom_phantoms import WrittenSeries, orientation_cosines, write_series
 from peers import DICOM_NODE
 
 from dicom_node.config import InferenceSettings
@@ -97,12 +97,29 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModelInfo, 
     torch.set_num_threads(threads)
 
 
+def _rotation(orientation: str) -> np.ndarray | None:
+    """For oblique planes the phantom lies turned with the plane, as a patient would be scanned.
+
+    The demo model was trained without augmentation on upright phantoms: on an upright phantom
+    cut by a 20-degree double-oblique plane it loses the spleen and left kidney (Dice 0.82, 0.91
+    and centroids 2-5 voxels off, with the liver's centroid 0.04 voxel off), a model limit, not
+    geometry. Turned with the plane, the image content is in-distribution while every DICOM
+    position and orientation stays oblique, which is what this test checks.
+    """
+    if orientation != "oblique20":
+        return None
+    row, col = orientation_cosines(orientation)
+    return np.stack([row, col, np.cross(row, col)], axis=1)
+
+
 def _write(out_dir: Path, spec: PhantomSpec, case: dict[str, Any]) -> WrittenSeries:
     options = {k: v for k, v in case.items() if k != "format"}
     shape, spacing = AXIAL_GRID if case["orientation"] in ("axial", "oblique20") else SIDE_GRID
 
+    rotation = _rotation(case["orientation"])
+
     def sampler(points: np.ndarray) -> np.ndarray:
-        intensity, _ = sample_phantom(spec, points)
+        intensity, _ = sample_phantom(spec, points if rotation is None else points @ rotation)
         return intensity
 
     return write_series(out_dir, sampler, shape=shape, spacing=spacing, **options)
@@ -117,7 +134,12 @@ def _referenced_instances(seg: pydicom.Dataset) -> set[str]:
 
 
 def _check_roundtrip(
-    seg_path: Path, volume: Volume, spec: PhantomSpec, catalogue: Catalogue, work_dir: Path
+    seg_path: Path,
+    volume: Volume,
+    spec: PhantomSpec,
+    catalogue: Catalogue,
+    work_dir: Path,
+    rotation: np.ndarray | None = None,
 ) -> list[str]:
     """Decode the SEG three ways, check they agree, score against the truth; a report."""
     seg = st.read_seg(seg_path)
@@ -137,12 +159,15 @@ def _check_roundtrip(
     differ = int((dcmqi_on_source != by_reference).sum())
     assert differ == 0, f"dcmqi and highdicom differ in {differ} voxels"
 
-    truth = st.truth_labels(spec, volume.affine, shape)
+    truth = st.truth_labels(spec, volume.affine, shape, rotation)
     scores = st.score(by_reference, truth, volume.affine, catalogue)
     assert len(scores) == len(catalogue.labels), "the phantom should show every structure"
     # dcmqi on its own grid, against the truth at its NIfTI voxel centres.
     dcmqi_scores = st.score(
-        dcmqi.array, st.truth_labels(spec, dcmqi.affine, dcmqi.shape), dcmqi.affine, catalogue
+        dcmqi.array,
+        st.truth_labels(spec, dcmqi.affine, dcmqi.shape, rotation),
+        dcmqi.affine,
+        catalogue,
     )
     report = [str(s) for s in scores]
     problems = st.failures(scores, MIN_DICE) + [
@@ -174,7 +199,8 @@ def test_phantom_series_roundtrip_in_patient_space(
         "labelmap": "1.2.840.10008.5.1.4.1.1.66.7",
     }
     assert result.seg.SOPClassUID == expected_sop[case.get("format", "binary")]
-    report = _check_roundtrip(seg_path, volume, spec, info.catalogue, tmp_path)
+    rotation = _rotation(case["orientation"])
+    report = _check_roundtrip(seg_path, volume, spec, info.catalogue, tmp_path, rotation)
     print(f"\n{_case_id(case)}:\n  " + "\n  ".join(report))
 
 
@@ -268,7 +294,14 @@ def test_cli_segment_roundtrip_in_patient_space(
     print(f"\ncli {_case_id(case)}:\n  " + "\n  ".join(report))
 
 
-@pytest.mark.parametrize("name", ["mr_siemens_t1_fl2d_sag_HFS", "mr_siemens_t1_fl2d_sag_HFDL"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mr_siemens_t1_fl2d_sag_HFS",
+        # The same protocol, patient lying decubitus left: ~40 s more on a busy 2-core machine.
+        pytest.param("mr_siemens_t1_fl2d_sag_HFDL", marks=pytest.mark.slow),
+    ],
+)
 def test_cli_segment_on_a_real_siemens_sagittal_series(
     name: str, tmp_path: Path, shared_data: Path, demo: tuple[ModelInfo, Segmenter]
 ) -> None:
