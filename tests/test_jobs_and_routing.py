@@ -189,8 +189,15 @@ def test_deliveries_back_off_then_dead_letter_then_retry(index: Index) -> None:
         delivery = claim_delivery(index, lease_s=60)
         assert delivery is not None and delivery.attempts == attempt
         assert claim_delivery(index, lease_s=60) is None  # leased
-        state, delay = delivery_failed(index, delivery.id, "refused", retryable=True,
-                                       max_attempts=3, backoff_initial_s=10, backoff_max_s=25)  # fmt: skip
+        state, delay = delivery_failed(
+            index,
+            delivery.id,
+            "refused",
+            retryable=True,
+            max_attempts=3,
+            backoff_initial_s=10,
+            backoff_max_s=25,
+        )
         delays.append(delay)
     assert delays == [10, 20, None]  # exponential, capped, then dead
     assert state == DeliveryState.DEAD
@@ -225,7 +232,7 @@ def test_origin_is_resolved_by_calling_ae_or_refused(index: Index) -> None:
         series = session.query(Series).one()
         assert resolve_destinations(settings, series, ["origin"]) == [("origin", "pacs")]
         series.calling_ae_title = "STRANGER"
-        with pytest.raises(PermanentJobError, match="STRANGER.*not a configured peer"):
+        with pytest.raises(PermanentJobError, match=r"STRANGER.*not a configured peer"):
             resolve_destinations(settings, series, ["origin"])
 
 
