@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -69,7 +70,8 @@ def dice_against_phantom(seg_path: Path, series: WrittenSeries, seed: int) -> di
     ids = {label.name: label.id for label in load_catalogue("demo").labels}
     predicted = np.zeros(pixels.shape, dtype=np.uint8)
     for number, name in numbers.items():
-        predicted[pixels == number] = ids[name]
+        if number:  # LABELMAP has a segment 0, "Background"
+            predicted[pixels == number] = ids[name]
     z, y, x = np.meshgrid(*(np.arange(n) for n in volume.array.shape), indexing="ij")
     index = np.stack([x.ravel(), y.ravel(), z.ravel(), np.ones(x.size)], axis=1)
     points = (index @ volume.affine.T)[:, :3]
@@ -298,9 +300,17 @@ class BlackHole:
                 self.clients.append(client)
 
     def close(self) -> None:
+        # Reset rather than close: a FIN would leave the port in TIME_WAIT and Orthanc,
+        # started next on it, could not bind.
+        linger = struct.pack("ii", 1, 0)
         for client in self.clients:
+            with contextlib.suppress(OSError):
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
             client.close()
+        with contextlib.suppress(OSError):  # wakes the accept() blocked in the thread
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self.thread.join(timeout=5)
 
 
 @pytest.mark.slow
