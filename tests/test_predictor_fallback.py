@@ -1,0 +1,75 @@
+"""CUDA out-of-memory falls back to CPU logits, then to the CPU, instead of failing the job.
+
+MOCK: there is no GPU on this machine or in CI, so nnU-Net's predictor running on a GPU is
+replaced by a stand-in that raises torch.cuda.OutOfMemoryError the way it would. Everything
+around it (the Segmenter's fallback logic) is the real code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from test_models import make_model
+
+from inference.model_folder import install_model
+from inference.predictor import Segmenter
+
+
+class GpuPredictorStandIn:
+    """Behaves like nnUNetPredictor on a GPU too small for the volume at the given step."""
+
+    def __init__(self, *, fails_on_device: bool, fails_with_cpu_logits: bool) -> None:
+        self.device = torch.device("cuda")
+        self.perform_everything_on_device = True
+        self.fails_on_device = fails_on_device
+        self.fails_with_cpu_logits = fails_with_cpu_logits
+        self.calls: list[tuple[str, bool]] = []
+        self.network = self
+
+    def to(self, device: Any) -> GpuPredictorStandIn:  # network.to(device)
+        return self
+
+    def predict_single_npy_array(self, data: np.ndarray, props: dict[str, Any]) -> np.ndarray:
+        self.calls.append((self.device.type, self.perform_everything_on_device))
+        if self.device.type == "cuda":
+            if self.perform_everything_on_device and self.fails_on_device:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (stand-in)")
+            if not self.perform_everything_on_device and self.fails_with_cpu_logits:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return np.ones(data.shape[1:], dtype=np.uint8)
+
+
+@pytest.fixture
+def segmenter(tmp_path: Path) -> Segmenter:
+    info = install_model(make_model(tmp_path / "src"), tmp_path / "models")
+    seg = Segmenter(info, device="cpu", cpu_threads=1)
+    # As if built on a GPU machine (options are a frozen dataclass).
+    seg.options = dataclasses.replace(seg.options, device=torch.device("cuda"))
+    return seg
+
+
+VOLUME = np.zeros((8, 8, 8), dtype=np.float32)
+
+
+def test_out_of_memory_retries_with_logits_on_the_cpu(
+    segmenter: Segmenter, caplog: pytest.LogCaptureFixture
+) -> None:
+    stand_in = GpuPredictorStandIn(fails_on_device=True, fails_with_cpu_logits=False)
+    segmenter._predictor = stand_in  # type: ignore[assignment]
+    assert segmenter.predict(VOLUME, (1.0, 1.0, 1.0)).shape == VOLUME.shape
+    assert stand_in.calls == [("cuda", True), ("cuda", False)]
+    assert stand_in.perform_everything_on_device is True  # restored for the next volume
+    assert "CUDA out of memory" in caplog.text
+
+
+def test_still_out_of_memory_runs_on_the_cpu_then_returns_to_the_gpu(segmenter: Segmenter) -> None:
+    stand_in = GpuPredictorStandIn(fails_on_device=True, fails_with_cpu_logits=True)
+    segmenter._predictor = stand_in  # type: ignore[assignment]
+    assert segmenter.predict(VOLUME, (1.0, 1.0, 1.0)).shape == VOLUME.shape
+    assert stand_in.calls == [("cuda", True), ("cuda", False), ("cpu", False)]
+    assert stand_in.device.type == "cuda" and stand_in.perform_everything_on_device is True
