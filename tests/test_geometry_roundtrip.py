@@ -36,6 +36,7 @@ import seg_truth as st
 import torch
 from dicom_phantoms import WrittenSeries, orientation_cosines, write_series
 from peers import DICOM_NODE
+from validators import assert_valid_binary_seg
 
 from dicom_node.config import InferenceSettings
 from dicom_node.segment import ModelCache, segment_series
@@ -199,6 +200,8 @@ def test_phantom_series_roundtrip_in_patient_space(
         "labelmap": "1.2.840.10008.5.1.4.1.1.66.7",
     }
     assert result.seg.SOPClassUID == expected_sop[case.get("format", "binary")]
+    if case.get("format", "binary") == "binary":
+        assert_valid_binary_seg(seg_path, written.paths)
     rotation = _rotation(case["orientation"])
     report = _check_roundtrip(seg_path, volume, spec, info.catalogue, tmp_path, rotation)
     print(f"\n{_case_id(case)}:\n  " + "\n  ".join(report))

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from dicom_phantoms import WrittenSeries, write_mixed_orientation_series, write_series
 from peers import NodeProcess, Orthanc, echoscu, storescu, wait_until
+from validators import assert_valid_binary_seg
 
 from dicom_node.volume import volume_from_series
 from inference.catalogue import load_catalogue
@@ -194,6 +195,7 @@ def test_orthanc_sends_a_series_and_gets_its_seg_back(
     seg_id = wait_for_seg(orthanc, node)
     seg_path = fetch(orthanc, seg_id, tmp_path / "seg.dcm")
     assert source_series_of(seg_path) == {series.uids.series_instance_uid}
+    assert_valid_binary_seg(seg_path, series.paths)  # Orthanc's copy
     scores = dice_against_phantom(seg_path, series, seed=7001)
     assert all(score >= 0.90 for score in scores.values()), scores
     (job,) = jobs(node)
