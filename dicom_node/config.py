@@ -98,7 +98,7 @@ class StorageSettings(_Strict):
 
 class CompletionSettings(_Strict):
     quiet_period_s: float = Field(30.0, ge=0.0)
-    check_interval_s: float = Field(1.0, gt=0.0)
+    check_interval_s: float = Field(0.5, gt=0.0)
     complete_on_release_when_count_matches: bool = True
 
 
@@ -158,7 +158,7 @@ class WorkerSettings(_Strict):
     max_attempts: int = Field(3, ge=1)
     retry_delay_s: float = Field(30.0, ge=0)
     heartbeat_timeout_s: float = Field(60.0, gt=0)
-    poll_interval_s: float = Field(1.0, gt=0)
+    poll_interval_s: float = Field(0.5, gt=0)
 
 
 class OutboxSettings(_Strict):
@@ -166,7 +166,7 @@ class OutboxSettings(_Strict):
     backoff_initial_s: float = Field(10.0, gt=0)
     backoff_max_s: float = Field(3600.0, gt=0)
     lease_s: float = Field(300.0, gt=0)
-    poll_interval_s: float = Field(1.0, gt=0)
+    poll_interval_s: float = Field(0.5, gt=0)
 
 
 class LoggingSettings(_Strict):

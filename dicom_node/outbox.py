@@ -15,6 +15,7 @@ from sqlalchemy import update
 from dicom_node.config import Settings
 from dicom_node.errors import DeliveryError
 from dicom_node.send import store_seg, stow_seg
+from dicom_node.worker import EventLike
 from storage.database import Index
 from storage.filestore import FileStore
 from storage.models import Delivery, DeliveryState, Job, utcnow
@@ -35,10 +36,17 @@ def release_interrupted(index: Index) -> int:
 
 
 class Outbox:
-    def __init__(self, settings: Settings, index: Index, store: FileStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        index: Index,
+        store: FileStore,
+        wake: EventLike | None = None,
+    ) -> None:
         self.settings = settings
         self.index = index
         self.store = store
+        self.wake = wake  # set by workers when a SEG is ready
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -122,13 +130,18 @@ class Outbox:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self.wake is not None:
+                self.wake.clear()  # before looking: a SEG finished from now on wakes us
             try:
                 busy = self.deliver_one()
             except Exception:
                 logger.exception("outbox loop error")
                 busy = False
             if not busy:
-                self._stop.wait(self.settings.outbox.poll_interval_s)
+                if self.wake is not None:
+                    self.wake.wait(self.settings.outbox.poll_interval_s)
+                else:
+                    self._stop.wait(self.settings.outbox.poll_interval_s)
 
     def start(self) -> None:
         released = release_interrupted(self.index)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from sqlalchemy import select
 
@@ -34,9 +35,15 @@ def facts_from_index(series: Series, version: SeriesVersion) -> SeriesFacts:
 
 
 class Scheduler:
-    def __init__(self, settings: Settings, index: Index) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        index: Index,
+        on_queued: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.index = index
+        self.on_queued = on_queued  # wakes idle workers
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -81,6 +88,8 @@ class Scheduler:
                 )
                 if job_id is not None:
                     queued += 1
+                    if self.on_queued is not None:
+                        self.on_queued()
                     logger.info(
                         "job %d queued: series %s version %d, rule %s, model %s",
                         job_id,

@@ -14,7 +14,7 @@ import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol
 
 from dicom_node.completion import CompletionListener, CompletionMonitor
 from dicom_node.config import Settings
@@ -166,21 +166,30 @@ def default_components(
     from dicom_node.scheduler import Scheduler
     from dicom_node.worker import WorkerPool
 
-    holder: dict[str, Scheduler] = {}
+    holder: dict[str, Any] = {}
 
     def scheduler(service: Service) -> Component:
-        holder["scheduler"] = Scheduler(service.settings, service.index)
-        return holder["scheduler"]
+        def wake_workers() -> None:
+            if "pool" in holder:
+                holder["pool"].work_available.set()
+
+        made = Scheduler(service.settings, service.index, on_queued=wake_workers)
+        holder["scheduler"] = made
+        return made
 
     def wake_scheduler(_: CompletedSeries) -> None:
         if "scheduler" in holder:
             holder["scheduler"].wake()
 
     def workers(service: Service) -> Component:
-        return WorkerPool(service.settings, service.index, service.settings.workers.processes)
+        pool = WorkerPool(service.settings, service.index, service.settings.workers.processes)
+        holder["pool"] = pool
+        return pool
 
     def outbox(service: Service) -> Component:
-        return Outbox(service.settings, service.index, service.store)
+        pool = holder.get("pool")
+        wake = pool.results_ready if pool is not None else None
+        return Outbox(service.settings, service.index, service.store, wake)
 
     factories: list[ComponentFactory] = [scheduler, outbox]
     if settings.workers.processes:

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import select
 
@@ -34,6 +34,16 @@ if TYPE_CHECKING:
     from pydicom import Dataset
 
 logger = logging.getLogger(__name__)
+
+
+class EventLike(Protocol):
+    """threading.Event or multiprocessing.Event."""
+
+    def set(self) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 class PermanentJobError(DicomNodeError):
@@ -76,6 +86,7 @@ class JobContext:
     index: Index
     store: FileStore
     worker: str
+    results_ready: EventLike | None = None  # set when a SEG awaits delivery (wakes the outbox)
 
 
 def resolve_destinations(
@@ -226,6 +237,8 @@ def process_one(ctx: JobContext, models: object, current: Synchronized[int] | No
     started = time.monotonic()
     try:
         run_job(ctx, job, models)
+        if ctx.results_ready is not None:
+            ctx.results_ready.set()
     except PermanentJobError as exc:
         fail_job(ctx.index, job.id, str(exc), retry_in_s=None, max_attempts=0)
         logger.error("job %d failed after %.2f s: %s", job.id, time.monotonic() - started, exc)
@@ -259,7 +272,13 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def worker_main(settings_json: str, current: Synchronized[int], stop: Synchronized[int]) -> None:
+def worker_main(
+    settings_json: str,
+    current: Synchronized[int],
+    stop: Synchronized[int],
+    work_available: EventLike | None = None,
+    results_ready: EventLike | None = None,
+) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: setattr(stop, "value", 1))
@@ -275,17 +294,23 @@ def worker_main(settings_json: str, current: Synchronized[int], stop: Synchroniz
         settings.storage.effective_database_url, migrate=False, fsync=settings.storage.fsync
     )
     store = FileStore(settings.storage.store_dir, 0, fsync=settings.storage.fsync)
-    ctx = JobContext(settings, index, store, worker_id())
+    ctx = JobContext(settings, index, store, worker_id(), results_ready)
     models = ModelCache(settings.models_dir, settings.inference)
     logger.info("worker %s ready", ctx.worker)
     while not stop.value:
+        if work_available is not None:
+            work_available.clear()  # before claiming: a job queued from now on wakes us
         try:
             busy = process_one(ctx, models, current)
         except Exception:  # the index may be briefly locked; keep the worker alive
             logger.exception("worker %s: claiming a job failed", ctx.worker)
             busy = False
         if not busy:
-            time.sleep(settings.workers.poll_interval_s)
+            # Woken by the scheduler in `serve`; polling covers `dicom-node worker` elsewhere.
+            if work_available is not None:
+                work_available.wait(settings.workers.poll_interval_s)
+            else:
+                time.sleep(settings.workers.poll_interval_s)
     index.dispose()
     logger.info("worker %s stopped", ctx.worker)
 
@@ -309,6 +334,9 @@ class WorkerPool:
         self.index = index
         self.processes = processes
         self._context = multiprocessing.get_context("spawn")
+        # Wake-ups across processes: a job was queued / a SEG awaits delivery.
+        self.work_available = self._context.Event()
+        self.results_ready = self._context.Event()
         self._slots: list[_Slot] = []
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -318,7 +346,13 @@ class WorkerPool:
         stop = self._context.Value("i", 0)
         process = self._context.Process(
             target=worker_main,
-            args=(self.settings.model_dump_json(), current, stop),
+            args=(
+                self.settings.model_dump_json(),
+                current,
+                stop,
+                self.work_available,
+                self.results_ready,
+            ),
             name=f"worker-{number}",
         )
         process.start()
