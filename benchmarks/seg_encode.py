@@ -41,7 +41,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicom_node.seg_encode import encode_seg, seg_to_bytes
+from dicom_node.seg_encode import encode_seg
+from dicom_node.seg_write import seg_to_bytes
 from inference.catalogue import Catalogue, load_catalogue
 
 WEIGHTS_SHA256 = "5e" * 32

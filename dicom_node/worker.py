@@ -212,7 +212,7 @@ def run_job(ctx: JobContext, job: Job, models: object) -> None:
 def _encode(ds: Dataset) -> bytes:
     # seg_to_bytes writes what save_as(enforce_file_format=True) writes, several times faster
     # for a BINARY SEG with thousands of frames.
-    from dicom_node.seg_encode import seg_to_bytes
+    from dicom_node.seg_write import seg_to_bytes
 
     return seg_to_bytes(ds)
 

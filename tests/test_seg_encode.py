@@ -35,9 +35,9 @@ from dicom_node.seg_encode import (
     SegFormat,
     encode_seg,
     label_volumes_ml,
-    seg_to_bytes,
     segment_mapping,
 )
+from dicom_node.seg_write import seg_to_bytes
 from inference.catalogue import load_catalogue
 
 COMBINATIONS = [(fmt, comp) for fmt, comps in ALLOWED_COMPRESSIONS.items() for comp in comps]

@@ -33,7 +33,7 @@ def segment(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Segment one series offline and write its DICOM-SEG; prints the labels and volumes."""
-    from dicom_node.seg_encode import seg_to_bytes
+    from dicom_node.seg_write import seg_to_bytes
     from dicom_node.segment import ModelCache, segment_volume
     from dicom_node.volume import volume_from_folder
 
