@@ -46,7 +46,7 @@ from peers import (
 )
 
 from inference.demo.phantoms import FIELD_OF_VIEW_MM, PhantomSpec, sample_phantom
-from inference.model_folder import BUILTIN_MODELS
+from inference.model_store import BUILTIN_MODELS
 
 TARGET_OVERHEAD_S = 2.0
 SCANNER_AET = "SCANNER"

@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference.catalogue import load_catalogue
-from inference.model_folder import ModelInfo, install_model
+from inference.model_store import ModelInfo, install_model
 from inference.predictor import Segmenter
 
 PATCH = (128, 128, 128)

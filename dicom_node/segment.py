@@ -19,7 +19,7 @@ from dicom_node.config import InferenceSettings
 from dicom_node.errors import ModelError, SeriesError
 from dicom_node.seg_encode import encode_seg, label_volumes_ml
 from dicom_node.volume import Volume, reorient_to_closest_canonical, volume_from_series
-from inference.model_folder import ModelInfo, load_model_info
+from inference.model_store import ModelInfo, load_model_info
 from inference.predictor import Segmenter
 
 logger = logging.getLogger(__name__)

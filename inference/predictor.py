@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dicom_node.errors import ModelError
-from inference.model_folder import ModelInfo
+from inference.model_store import ModelInfo
 
 if TYPE_CHECKING:
     from dicom_node.config import InferenceSettings

@@ -44,7 +44,7 @@ from dicom_node.volume import Volume, volume_from_series
 from inference.catalogue import Catalogue
 from inference.demo.phantoms import PhantomSpec, sample_phantom
 from inference.demo.phantoms import grid_points as phantom_grid_points
-from inference.model_folder import BUILTIN_MODELS, ModelInfo
+from inference.model_store import BUILTIN_MODELS, ModelInfo
 from inference.predictor import Segmenter
 
 SEED = 10_021

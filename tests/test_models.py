@@ -16,13 +16,8 @@ import torch
 import yaml
 
 from dicom_node.errors import ModelError
-from inference.model_folder import (
-    compute_weights_sha256,
-    find_nnunet_folder,
-    install_model,
-    list_models,
-    load_model_info,
-)
+from inference.model_folder import compute_weights_sha256, find_nnunet_folder
+from inference.model_store import install_model, list_models, load_model_info
 from inference.predictor import Segmenter
 
 TRAINER_DIR = "nnUNetTrainer__nnUNetPlans__3d_fullres"
@@ -314,11 +309,11 @@ import sys
 import numpy as np
 import torch
 torch.set_num_threads(1)
-import inference.predictor, inference.model_folder, inference.catalogue
+import inference.predictor, inference.model_folder, inference.model_store, inference.catalogue
 bad = [m for m in ("pydicom", "pynetdicom") if m in sys.modules]
 assert not bad, ("after import", bad)
 from pathlib import Path
-info = inference.model_folder.load_model_info("tiny", Path({str(tmp_path / "models")!r}))
+info = inference.model_store.load_model_info("tiny", Path({str(tmp_path / "models")!r}))
 segmenter = inference.predictor.Segmenter(info, device="cpu")
 seg = segmenter.predict(np.random.rand(8, 8, 8), (2.0, 2.0, 2.0))
 assert seg.shape == (8, 8, 8)

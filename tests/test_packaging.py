@@ -41,8 +41,9 @@ def test_shipped_config_validates_and_is_safe() -> None:
 
 def test_inference_and_storage_do_not_import_dicom_libraries() -> None:
     code = (
-        "import sys, inference.catalogue, inference.model_folder, inference.predictor, "
-        "storage.models, storage.database, storage.filestore, storage.instances, storage.queue; "
+        "import sys, inference.catalogue, inference.model_folder, inference.model_store, "
+        "inference.predictor, storage.models, storage.database, storage.filestore, "
+        "storage.instances, storage.queue; "
         "bad = [m for m in ('pydicom', 'pynetdicom') if m in sys.modules]; "
         "print(','.join(bad)); sys.exit(1 if bad else 0)"
     )

@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_models import make_model
 
-from inference.model_folder import install_model
+from inference.model_store import install_model
 from inference.predictor import Segmenter
 
 

@@ -45,7 +45,7 @@ def add_model(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Install a model into the models folder (copied; the source is left as it is)."""
-    from inference.model_folder import install_model
+    from inference.model_store import install_model
 
     settings = settings_of(ctx)
     if modality is not None and modality.upper() not in ("MR", "CT"):
@@ -86,7 +86,7 @@ def list_models_command(
     ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False
 ) -> None:
     """List installed and built-in models."""
-    from inference.model_folder import list_models
+    from inference.model_store import list_models
 
     settings = settings_of(ctx)
     models = list_models(settings.models_dir)
@@ -119,7 +119,8 @@ def check_model(
     """Load a model and run a small random volume through it; print the times."""
     import numpy as np
 
-    from inference.model_folder import compute_weights_sha256, load_model_info
+    from inference.model_folder import compute_weights_sha256
+    from inference.model_store import load_model_info
     from inference.predictor import Segmenter
 
     settings = settings_of(ctx)

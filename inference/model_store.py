@@ -1,0 +1,512 @@
+"""Installed models: install, list and describe nnU-Net v2 trained models.
+
+A model is an nnU-Net trained-model folder or export zip (``inference.model_folder``) plus the
+project's descriptor ``model.yaml``. Installed, it lives at::
+
+    <models_dir>/<name>/model.yaml
+    <models_dir>/<name>/nnunet/            # the trainer__plans__configuration folder
+    <models_dir>/<name>/catalogue.yaml     # only when the catalogue is not a shipped one
+
+The demo model ships inside the package (``inference/demo_model/``). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import logging
+import re
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dicom_node.errors import ModelError
+from inference.catalogue import (
+    ANATOMICAL_STRUCTURE,
+    LEFT,
+    RIGHT,
+    Catalogue,
+    Code,
+    Label,
+    dump_catalogue,
+    load_catalogue,
+    parse_catalogue,
+    shipped_catalogues,
+)
+from inference.model_folder import (
+    Fold,
+    NnunetFolder,
+    compute_weights_sha256,
+    copy_model_files,
+    find_nnunet_folder,
+    fold_dir,
+)
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTOR = "model.yaml"
+NNUNET_SUBDIR = "nnunet"
+CATALOGUE_FILE = "catalogue.yaml"
+BUILTIN_MODELS: dict[str, Path] = {"demo": Path(__file__).resolve().parent / "demo_model"}
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PRIVATE_SCHEME = "99DICOMNODE"  # DICOM reserves "99..." for private coding schemes
+
+
+class ModelDescriptor(BaseModel):
+    """``model.yaml``: what the project needs to know beyond nnU-Net's own files."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    version: str = "1.0"
+    description: str = ""
+    modality: Literal["MR", "CT"]
+    input_channels: list[str] = Field(min_length=1)
+    folds: list[Fold] = Field(min_length=1)
+    checkpoint: str = "checkpoint_final.pth"
+    tile_step_size: float = Field(0.5, gt=0.0, le=1.0)
+    use_mirroring: bool = False
+    catalogue: str
+    # From the trainer__plans__configuration folder name; the folder is renamed on install.
+    configuration: str | None = None
+    trainer: str | None = None
+    plans: str | None = None
+    weights_sha256: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(
+                f"model name {value!r} is invalid: use 1-64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _plain_file_name(cls, value: str) -> str:
+        if "/" in value or "\\" in value or value in ("", ".", ".."):
+            raise ValueError(f"checkpoint must be a file name inside fold_N, not {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Everything the predictor and the DICOM side need about one usable model."""
+
+    name: str
+    root: Path  # folder holding model.yaml
+    nnunet_dir: Path
+    descriptor: ModelDescriptor
+    catalogue: Catalogue
+    weights_sha256: str
+    builtin: bool = False
+
+    @property
+    def folds(self) -> list[Fold]:
+        return list(self.descriptor.folds)
+
+    @property
+    def checkpoint_paths(self) -> list[Path]:
+        return [self.nnunet_dir / fold_dir(f) / self.descriptor.checkpoint for f in self.folds]
+
+    def summary(self) -> dict[str, Any]:
+        d = self.descriptor
+        return {
+            "name": self.name,
+            "version": d.version,
+            "modality": d.modality,
+            "description": d.description,
+            "input_channels": d.input_channels,
+            "folds": d.folds,
+            "configuration": d.configuration,
+            "trainer": d.trainer,
+            "catalogue": d.catalogue,
+            "labels": len(self.catalogue.labels),
+            "weights_sha256": self.weights_sha256,
+            "builtin": self.builtin,
+            "path": str(self.root),
+        }
+
+
+# --- descriptors and catalogues -------------------------------------------------------------
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {file}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"{file} is not a JSON object")
+    return data
+
+
+def read_descriptor(file: Path) -> ModelDescriptor:
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ModelError(f"model descriptor {file} cannot be read: {exc}") from exc
+    try:
+        return ModelDescriptor.model_validate(raw)
+    except ValidationError as exc:
+        raise ModelError(f"model descriptor {file} is invalid:\n{exc}") from exc
+
+
+def write_descriptor(descriptor: ModelDescriptor, file: Path) -> None:
+    data = descriptor.model_dump(mode="json", exclude_none=True)
+    file.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def _channels(dataset: dict[str, Any]) -> list[str]:
+    names = dataset.get("channel_names") or dataset.get("modality")
+    if not isinstance(names, dict) or not names:
+        raise ModelError("dataset.json has no channel_names: cannot tell the model's inputs")
+    return [str(names[k]) for k in sorted(names, key=lambda k: int(k))]
+
+
+def _dataset_labels(dataset: dict[str, Any]) -> dict[int, str]:
+    labels = dataset.get("labels")
+    if not isinstance(labels, dict):
+        raise ModelError("dataset.json has no labels")
+    out: dict[int, str] = {}
+    for name, value in labels.items():
+        if isinstance(value, (list, tuple)):
+            raise ModelError(
+                "dataset.json uses region-based labels; give a catalogue (--catalogue) whose ids "
+                "follow regions_class_order"
+            )
+        if int(value) != 0:
+            out[int(value)] = str(name)
+    if not out:
+        raise ModelError("dataset.json labels hold only the background")
+    return out
+
+
+def _generic_colour(index: int) -> list[int]:
+    # Golden-ratio hue steps keep neighbouring labels apart without a palette file.
+    r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.65, 0.9)
+    return [round(r * 255), round(g * 255), round(b * 255)]
+
+
+def catalogue_from_dataset(dataset: dict[str, Any], name: str) -> tuple[str | None, Catalogue]:
+    """A catalogue for dataset.json's labels: a shipped one when ids and names all match,
+    else one built from shipped codes where names are known and private codes where not.
+
+    Returns (shipped name or None, catalogue).
+    """
+    labels = _dataset_labels(dataset)
+    shipped = {n: load_catalogue(n) for n in shipped_catalogues()}
+    for cat_name, cat in shipped.items():
+        if {lab.id: lab.name for lab in cat.labels} == labels:
+            return cat_name, cat
+    known: dict[str, Label] = {}
+    for cat in shipped.values():
+        for lab in cat.labels:
+            known.setdefault(lab.name, lab)
+    built: list[Label] = []
+    unknown: list[str] = []
+    for index, (label_id, label_name) in enumerate(sorted(labels.items())):
+        if label_name in known:
+            built.append(known[label_name].model_copy(update={"id": label_id}))
+            continue
+        unknown.append(label_name)
+        words = label_name.lower().replace("-", "_").split("_")
+        side = LEFT if "left" in words else RIGHT if "right" in words else None
+        built.append(
+            Label(
+                id=label_id,
+                name=label_name,
+                category=ANATOMICAL_STRUCTURE,
+                type=Code(scheme=PRIVATE_SCHEME, code=label_name[:16], meaning=label_name[:64]),
+                modifier=side,
+                color=_generic_colour(index),
+                code_note="No published code known: private code from the dataset.json label name.",
+            )
+        )
+    if unknown:
+        logger.warning(
+            "model %s: labels %s are in no shipped catalogue; they get private codes (%s). "
+            "Give a catalogue with SNOMED CT codes for DICOM-SEG that other systems understand.",
+            name,
+            unknown,
+            PRIVATE_SCHEME,
+        )
+    return None, Catalogue(
+        name=f"{name}-labels",
+        description=f"Built from dataset.json of model {name} at install.",
+        source="dataset.json labels; codes from shipped catalogues where the name matched",
+        labels=built,
+    )
+
+
+def _resolve_catalogue(descriptor: ModelDescriptor, root: Path) -> Catalogue:
+    return load_catalogue(descriptor.catalogue, base_dir=root)
+
+
+def _check_catalogue_fits(catalogue: Catalogue, dataset: dict[str, Any], where: str) -> None:
+    try:
+        labels = _dataset_labels(dataset)
+    except ModelError:
+        return  # region-based: the catalogue's ids are the caller's responsibility
+    extra = sorted(set(labels) - {lab.id for lab in catalogue.labels})
+    if extra:
+        raise ModelError(
+            f"{where}: the catalogue {catalogue.name!r} has no entry for label ids {extra} "
+            "that dataset.json declares"
+        )
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def _load_from_root(root: Path, builtin: bool = False) -> ModelInfo:
+    descriptor = read_descriptor(root / DESCRIPTOR)
+    found = find_nnunet_folder(root / NNUNET_SUBDIR, descriptor.folds, descriptor.checkpoint)
+    nnunet_dir = found.path
+    catalogue = _resolve_catalogue(descriptor, root)
+    sha = descriptor.weights_sha256 or compute_weights_sha256(
+        nnunet_dir, descriptor.folds, descriptor.checkpoint
+    )
+    return ModelInfo(
+        name=descriptor.name,
+        root=root,
+        nnunet_dir=nnunet_dir,
+        descriptor=descriptor,
+        catalogue=catalogue,
+        weights_sha256=sha,
+        builtin=builtin,
+    )
+
+
+def load_model_info(name: str, models_dir: Path) -> ModelInfo:
+    """The installed model ``name``, else the built-in one of that name."""
+    if not NAME_RE.match(name):
+        raise ModelError(f"model name {name!r} is invalid")
+    root = models_dir / name
+    if (root / DESCRIPTOR).is_file():
+        return _load_from_root(root)
+    if name in BUILTIN_MODELS and (BUILTIN_MODELS[name] / DESCRIPTOR).is_file():
+        return _load_from_root(BUILTIN_MODELS[name], builtin=True)
+    available = sorted({m.name for m in list_models(models_dir)})
+    raise ModelError(
+        f"model {name!r} is not installed in {models_dir}; available: "
+        f"{', '.join(available) or 'none'} (install one with `dicom-node models add PATH`)"
+    )
+
+
+def list_models(models_dir: Path) -> list[ModelInfo]:
+    """Installed models, then built-in ones not shadowed by an installed model of that name.
+
+    A broken installed model is logged and left out, so one bad folder does not hide the rest.
+    """
+    out: list[ModelInfo] = []
+    if models_dir.is_dir():
+        roots = [p for p in models_dir.iterdir() if not p.name.startswith(".")]
+        for root in sorted(p for p in roots if (p / DESCRIPTOR).is_file()):
+            try:
+                out.append(_load_from_root(root))
+            except ModelError as exc:
+                logger.warning("model folder %s is unusable: %s", root, exc)
+    names = {m.name for m in out}
+    for name, root in sorted(BUILTIN_MODELS.items()):
+        if name not in names and (root / DESCRIPTOR).is_file():
+            try:
+                out.append(_load_from_root(root, builtin=True))
+            except ModelError as exc:
+                logger.warning("built-in model %s is unusable: %s", name, exc)
+    return out
+
+
+# --- installing -----------------------------------------------------------------------------
+
+
+def _default_name(src: Path, found: NnunetFolder) -> str:
+    parts = [src.stem if src.is_file() else src.name, *found.inner.parts]
+    for part in reversed(parts):
+        m = re.match(r"^Dataset\d+_(.+)$", part)
+        if m:
+            return _safe(m.group(1))
+    return _safe(src.stem if src.is_file() else src.name)
+
+
+def _safe(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")[:64].lower()
+    if not name or not NAME_RE.match(name):
+        raise ModelError(f"cannot derive a model name from {text!r}: give one with --name")
+    return name
+
+
+def _existing_descriptor(src: Path) -> ModelDescriptor | None:
+    if src.is_dir() and (src / DESCRIPTOR).is_file():
+        return read_descriptor(src / DESCRIPTOR)
+    if src.is_file() and zipfile.is_zipfile(src):
+        with zipfile.ZipFile(src) as zf:
+            if DESCRIPTOR in zf.namelist():
+                try:
+                    raw = yaml.safe_load(zf.read(DESCRIPTOR))
+                    return ModelDescriptor.model_validate(raw)
+                except (yaml.YAMLError, ValidationError) as exc:
+                    raise ModelError(f"{src}: {DESCRIPTOR} is invalid: {exc}") from exc
+    return None
+
+
+def install_model(
+    src: Path,
+    models_dir: Path,
+    name: str | None = None,
+    *,
+    catalogue: str | Path | None = None,
+    modality: Literal["MR", "CT"] | None = None,
+    folds: Iterable[Fold] | None = None,
+    checkpoint: str | None = None,
+    tile_step_size: float | None = None,
+    use_mirroring: bool | None = None,
+    description: str | None = None,
+    version: str | None = None,
+    overwrite: bool = False,
+) -> ModelInfo:
+    """Install a trained-model folder or export zip as ``<models_dir>/<name>``.
+
+    Keeps ``model.yaml`` when ``src`` has one (keyword arguments override its fields), else
+    writes one derived from the folder name, the folds present and ``dataset.json``. The
+    catalogue is ``catalogue`` (a shipped name or a YAML file, copied in), else the source's,
+    else one built from ``dataset.json`` labels. The weights' sha256 is cached in model.yaml.
+    """
+    src = Path(src)
+    existing = _existing_descriptor(src)
+    ckpt = checkpoint or (existing.checkpoint if existing else "checkpoint_final.pth")
+    fold_choice = folds if folds is not None else (existing.folds if existing else None)
+    found = find_nnunet_folder(src, fold_choice, ckpt)
+    model_name = name or (existing.name if existing else _default_name(src, found))
+    if not NAME_RE.match(model_name):
+        raise ModelError(
+            f"model name {model_name!r} is invalid: use letters, digits, '.', '_', '-'"
+        )
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    final = models_dir / model_name
+    if final.exists() and not overwrite:
+        raise ModelError(f"model {model_name!r} is already installed at {final}; remove it first")
+    staging = Path(tempfile.mkdtemp(prefix=f".install-{model_name}-", dir=models_dir))
+    try:
+        nnunet_dest = staging / NNUNET_SUBDIR
+        copy_model_files(found, nnunet_dest)
+        dataset = _read_json(nnunet_dest / "dataset.json")
+
+        cat_ref: str
+        cat_obj: Catalogue
+        if catalogue is not None:
+            cat_ref, cat_obj = _install_catalogue(catalogue, staging, base_dir=Path.cwd())
+        elif existing is not None and src.is_dir():
+            cat_ref, cat_obj = _install_catalogue(existing.catalogue, staging, base_dir=src)
+        elif existing is not None:
+            cat_ref, cat_obj = _catalogue_from_zip(src, existing.catalogue, staging)
+        else:
+            shipped, cat_obj = catalogue_from_dataset(dataset, model_name)
+            if shipped is not None:
+                cat_ref = shipped
+            else:
+                (staging / CATALOGUE_FILE).write_text(dump_catalogue(cat_obj), encoding="utf-8")
+                cat_ref = CATALOGUE_FILE
+        _check_catalogue_fits(cat_obj, dataset, str(src))
+
+        channels = _channels(dataset)
+        guessed_modality: Literal["MR", "CT"] = (
+            "CT" if any(c.strip().upper() == "CT" for c in channels) else "MR"
+        )
+        base = existing.model_dump() if existing else {}
+        base.pop("weights_sha256", None)  # recomputed below from the copied files
+        fields: dict[str, Any] = {
+            "name": model_name,
+            "version": "1.0",
+            "description": f"nnU-Net v2 model installed from {src.name}",
+            "modality": guessed_modality,
+            "input_channels": channels,
+            "tile_step_size": 0.5,
+            "use_mirroring": False,
+            "configuration": found.configuration,
+            "trainer": found.trainer,
+            "plans": found.plans,
+            **base,
+        }
+        fields.update(
+            {
+                "name": model_name,
+                "folds": list(found.folds),
+                "checkpoint": ckpt,
+                "catalogue": cat_ref,
+            }
+        )
+        overrides = {
+            "modality": modality,
+            "tile_step_size": tile_step_size,
+            "use_mirroring": use_mirroring,
+            "description": description,
+            "version": version,
+        }
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        fields["weights_sha256"] = compute_weights_sha256(nnunet_dest, found.folds, ckpt)
+        try:
+            descriptor = ModelDescriptor.model_validate(fields)
+        except ValidationError as exc:
+            raise ModelError(f"model descriptor for {model_name!r} is invalid:\n{exc}") from exc
+        if len(descriptor.input_channels) != len(channels):
+            raise ModelError(
+                f"model.yaml lists {len(descriptor.input_channels)} input channels but "
+                f"dataset.json has {len(channels)}"
+            )
+        write_descriptor(descriptor, staging / DESCRIPTOR)
+
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    info = _load_from_root(final)
+    logger.info(
+        "installed model %s from %s: folds %s, %d labels, weights sha256 %s",
+        model_name,
+        src,
+        info.folds,
+        len(info.catalogue.labels),
+        info.weights_sha256[:12],
+    )
+    return info
+
+
+def _install_catalogue(ref: str | Path, staging: Path, base_dir: Path) -> tuple[str, Catalogue]:
+    """A shipped name stays a name; a file is validated and copied in as catalogue.yaml."""
+    text = str(ref)
+    if isinstance(ref, str) and text in shipped_catalogues():
+        return text, load_catalogue(text)
+    cat = load_catalogue(Path(ref), base_dir=base_dir)
+    (staging / CATALOGUE_FILE).write_text(dump_catalogue(cat), encoding="utf-8")
+    return CATALOGUE_FILE, cat
+
+
+def _catalogue_from_zip(src: Path, ref: str, staging: Path) -> tuple[str, Catalogue]:
+    if ref in shipped_catalogues():
+        return ref, load_catalogue(ref)
+    with zipfile.ZipFile(src) as zf:
+        try:
+            raw = yaml.safe_load(zf.read(ref))
+        except KeyError:
+            raise ModelError(
+                f"{src}: catalogue {ref!r} named in {DESCRIPTOR} is not in the zip"
+            ) from None
+        except yaml.YAMLError as exc:
+            raise ModelError(f"{src}: catalogue {ref!r} is not valid YAML: {exc}") from exc
+    cat = parse_catalogue(raw, origin=f"{src}:{ref}")
+    (staging / CATALOGUE_FILE).write_text(dump_catalogue(cat), encoding="utf-8")
+    return CATALOGUE_FILE, cat
