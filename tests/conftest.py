@@ -84,3 +84,14 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     _ = item
     with contextlib.contextmanager(_skip_missing_peer)():
         return (yield)
+
+
+@pytest.fixture
+def pacs_and_node(
+    node_factory: NodeFactory, orthanc_factory: OrthancFactory
+) -> tuple[Orthanc, NodeProcess]:
+    """Orthanc (AET ORTHANC) knows the node as modality NODE; the node knows Orthanc as peer
+    `pacs` and segments every MR series with the demo model, returning it to its origin."""
+    from e2e import make_pacs_and_node
+
+    return make_pacs_and_node(node_factory, orthanc_factory)

@@ -12,25 +12,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import highdicom as hd
 import numpy as np
 import pytest
-from ohif_server import OhifServer, ohif_dist
-from peers import NodeProcess, Orthanc, PeerUnavailable, wait_until
-from test_return import (
+from e2e import (
     SEG_TIMEOUT_S,
     STRUCTURES,
-    configure,
     fetch,
     phantom_series,
-    pipeline,
     seg_instances,
     upload_series,
 )
+from ohif_server import OhifServer, ohif_dist
+from peers import NodeProcess, Orthanc, PeerUnavailable, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.peers]
 
@@ -139,21 +137,6 @@ def browser_page(tmp_path: Path) -> Iterator[Any]:
             yield page
         finally:
             context.close()
-
-
-@pytest.fixture
-def pacs_and_node(
-    node_factory: Callable[..., NodeProcess], orthanc_factory: Callable[..., Orthanc]
-) -> tuple[Orthanc, NodeProcess]:
-    """Orthanc knows the node as modality NODE; the node returns SEGs to Orthanc (peer pacs)."""
-    node = node_factory(start=False, overrides=pipeline())
-    orthanc = orthanc_factory(
-        modalities={"NODE": {"AET": node.ae_title, "Host": "127.0.0.1", "Port": node.port}}
-    )
-    configure(node, peers=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
-                            "port": orthanc.dicom_port}])  # fmt: skip
-    node.start()
-    return orthanc, node
 
 
 # -- helpers -----------------------------------------------------------------------------------
