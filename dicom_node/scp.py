@@ -84,10 +84,10 @@ class _NodeAE(AE):
         ]
 
 
-def build_ae(settings: Settings, *, max_associations: int | None = None) -> AE:
+def build_ae(settings: Settings) -> AE:
     node = settings.node
     ae = _NodeAE(ae_title=node.ae_title)
-    ae.maximum_associations = max_associations or node.max_associations
+    ae.maximum_associations = node.max_associations
     ae.maximum_pdu_size = node.max_pdu_bytes
     ae.network_timeout = node.network_timeout_s
     ae.acse_timeout = min(30.0, node.network_timeout_s)
@@ -148,10 +148,9 @@ def start_scp(
     receiver: Receiver,
     *,
     reuse_port: bool = False,
-    max_associations: int | None = None,
 ) -> RunningSCP:
     """Start listening (plain port, and the TLS port when enabled); returns at once."""
-    ae = build_ae(settings, max_associations=max_associations)
+    ae = build_ae(settings)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, receiver.on_store),
         (evt.EVT_C_ECHO, receiver.on_echo),

@@ -71,21 +71,15 @@ class Service:
 
     def start(self) -> None:
         processes = self.settings.node.receiver_processes
-        # Each process may take the full max_associations: SO_REUSEPORT hashes connections
+        # Each process takes the full max_associations: SO_REUSEPORT hashes connections
         # unevenly, so an even split refused senders while other processes sat idle.
-        per_process = self.settings.node.max_associations
-        self._scp = start_scp(
-            self.settings,
-            self.receiver,
-            reuse_port=processes > 1,
-            max_associations=per_process,
-        )
+        self._scp = start_scp(self.settings, self.receiver, reuse_port=processes > 1)
         if processes > 1:
             context = multiprocessing.get_context("spawn")
             for number in range(1, processes):
                 child = context.Process(
                     target=_receiver_process,
-                    args=(self.settings.model_dump_json(), per_process),
+                    args=(self.settings.model_dump_json(),),
                     name=f"receiver-{number}",
                     daemon=False,
                 )
@@ -103,16 +97,12 @@ class Service:
             return
         self._stopped.set()
         logger.info("stopping: no new associations; finishing in-flight stores")
-        if self._scp is not None:
-            self._scp.stop_accepting()
         for child in self._children:
             if child.pid is not None and child.is_alive():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGTERM)
-        if not self.receiver.wait_idle(STORE_DRAIN_TIMEOUT_S):
-            logger.warning("in-flight stores did not finish within %.0f s", STORE_DRAIN_TIMEOUT_S)
         if self._scp is not None:
-            self._scp.abort_remaining()
+            _drain(self._scp, self.receiver)
         for child in self._children:
             child.join(timeout=STORE_DRAIN_TIMEOUT_S + 5)
         for component in reversed(self.components):
@@ -140,21 +130,27 @@ class Service:
         self.stop()
 
 
-def _receiver_process(settings_json: str, max_associations: int) -> None:
+def _drain(scp: RunningSCP, receiver: Receiver) -> None:
+    """Stop accepting, let in-flight C-STOREs finish and be answered, then abort the rest."""
+    scp.stop_accepting()
+    if not receiver.wait_idle(STORE_DRAIN_TIMEOUT_S):
+        logger.warning("in-flight stores did not finish within %.0f s", STORE_DRAIN_TIMEOUT_S)
+    scp.abort_remaining()
+
+
+def _receiver_process(settings_json: str) -> None:
     """An extra receiving process: same port (SO_REUSEPORT), same store and index."""
     settings = Settings.model_validate_json(settings_json)
     configure_logging(settings.logging)
     index, store = open_store(settings)
     receiver = Receiver(store, index)
-    scp = start_scp(settings, receiver, reuse_port=True, max_associations=max_associations)
+    scp = start_scp(settings, receiver, reuse_port=True)
     wake = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: wake.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     while not wake.wait(1.0):
         pass
-    scp.stop_accepting()
-    receiver.wait_idle(STORE_DRAIN_TIMEOUT_S)
-    scp.abort_remaining()
+    _drain(scp, receiver)
     index.dispose()
 
 
