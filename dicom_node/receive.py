@@ -22,7 +22,7 @@ from pynetdicom.events import Event
 from dicom_node.errors import StorageError
 from storage.committer import GroupCommitter
 from storage.database import Index
-from storage.filestore import FileStore, sanitise_uid
+from storage.filestore import FileStore
 from storage.instances import InstanceRecord, mark_association_released
 
 logger = logging.getLogger(__name__)
@@ -371,6 +371,3 @@ def _instance_record(
         peer_address=stats.address,
         association_id=stats.association_id,
     )
-
-
-__all__ = ["Receiver", "sanitise_uid"]

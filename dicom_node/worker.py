@@ -30,8 +30,10 @@ from storage.filestore import FileStore
 from storage.models import Instance, Job, JobState, Series, SeriesVersion, utcnow
 from storage.queue import claim_job, fail_job, finish_job, heartbeat
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # segment imports torch/nnU-Net: only worker processes load it
     from pydicom import Dataset
+
+    from dicom_node.segment import ModelCache
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +113,11 @@ def resolve_destinations(
     return resolved
 
 
-def run_job(ctx: JobContext, job: Job, models: object) -> None:
+def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
     """Segment one job's series version and queue its deliveries."""
     from dicom_node.seg_encode import EmptySegmentationError
-    from dicom_node.segment import ModelCache, segment_series
+    from dicom_node.segment import segment_series
 
-    assert isinstance(models, ModelCache)
     started = time.monotonic()
     with ctx.index.session() as session:
         version = session.get(SeriesVersion, job.series_version_pk)
@@ -217,7 +218,9 @@ def _encode(ds: Dataset) -> bytes:
     return seg_to_bytes(ds)
 
 
-def process_one(ctx: JobContext, models: object, current: Synchronized[int] | None = None) -> bool:
+def process_one(
+    ctx: JobContext, models: ModelCache, current: Synchronized[int] | None = None
+) -> bool:
     """Claim and run one job; False when none was runnable."""
     job = claim_job(ctx.index, ctx.worker, ctx.settings.workers.heartbeat_timeout_s)
     if job is None:
