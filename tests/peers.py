@@ -188,6 +188,20 @@ def storescu(
     )
 
 
+def storescu_background(
+    port: int, paths: Iterable[str | Path], log_path: Path
+) -> subprocess.Popen[bytes]:
+    """``storescu -v`` sending in the background, its output (for ``acknowledged_files``) in
+    ``log_path``; the caller waits for or kills it."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            storescu_command(port, paths, extra_args=["-v"]),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dcmtk_env(),
+        )
+
+
 def acknowledged_files(storescu_output: str) -> list[str]:
     """Files storescu (run with ``-v``) saw acknowledged with status Success.
 

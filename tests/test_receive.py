@@ -31,6 +31,7 @@ from peers import (
     refused_files,
     series_versions,
     storescu,
+    storescu_background,
     storescu_command,
     wait_series_complete,
     wait_until,
@@ -361,13 +362,7 @@ def test_kill9_during_300_image_send(node_factory: NodeFactory, tmp_path: Path) 
     node = node_factory(quiet_period_s=15)
     series = make_mr_series(tmp_path / "gen", 300, size=64)
     log_path = tmp_path / "storescu.log"
-    with open(log_path, "w") as log:
-        sender = subprocess.Popen(
-            storescu_command(node.port, [series.folder], extra_args=["-v"]),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dcmtk_env(),
-        )
+    sender = storescu_background(node.port, [series.folder], log_path)
     try:
         wait_until(lambda: len(node.stored_files()) >= 100, timeout_s=120, what="100 images stored")
         node.kill9()
@@ -554,13 +549,7 @@ def test_sigterm_during_send_exits_0_and_keeps_acknowledged(
 ) -> None:
     series = make_mr_series(tmp_path / "gen", 150, size=64)
     log_path = tmp_path / "storescu.log"
-    with open(log_path, "w") as log:
-        sender = subprocess.Popen(
-            storescu_command(node.port, [series.folder], extra_args=["-v"]),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dcmtk_env(),
-        )
+    sender = storescu_background(node.port, [series.folder], log_path)
     try:
         wait_until(lambda: len(node.stored_files()) >= 20, timeout_s=120, what="20 images")
         node.signal(signal.SIGTERM)
