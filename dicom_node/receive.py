@@ -12,14 +12,15 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
 
 from pydicom import Dataset
-from pydicom.multival import MultiValue
+from pydicom.datadict import tag_for_keyword
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 
 from dicom_node.errors import StorageError
+from dicom_node.header_values import integer, text
+from dicom_node.part10 import file_header
 from storage.committer import GroupCommitter
 from storage.database import Index
 from storage.filestore import FileStore
@@ -194,7 +195,7 @@ class Receiver:
         try:
             ds = event.dataset
             _check_complete(ds)
-            uids = {name: _text(ds.get(name, "")) for name, _ in REQUIRED_UIDS}
+            uids = {name: text(ds, tag) for name, tag in REQUIRED_UIDS}
         except Exception as exc:
             stats.failed += 1
             logger.warning(
@@ -211,7 +212,7 @@ class Receiver:
                     DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{name} is missing or empty", tag
                 )
         try:
-            message = self._record(event, ds, uids, stats)
+            message = self._record(event, ds, raw, uids, stats)
         except StorageError as exc:
             stats.failed += 1
             logger.error(
@@ -237,6 +238,7 @@ class Receiver:
         self,
         event: Event,
         ds: Dataset,
+        raw: bytes,
         uids: dict[str, str],
         stats: _AssociationStats,
     ) -> str | None:
@@ -247,9 +249,14 @@ class Receiver:
         )
         relative = self.store.relative_path(study_uid, series_uid, sop_uid)
         existed = self.store.absolute(relative).exists()
-        data = event.encoded_dataset(include_meta=True)
-        _, folders = self.store.write_file(relative, data)
-        record = _instance_record(ds, event, uids, relative, len(data), stats)
+        sop_class_uid = text(ds, _TAG["SOPClassUID"]) or str(event.context.abstract_syntax)
+        transfer_syntax_uid = str(event.context.transfer_syntax)
+        header = file_header(sop_class_uid, sop_uid, transfer_syntax_uid, stats.calling_ae_title)
+        # Header and dataset as received, in one write: no joined copy of the image.
+        _, folders = self.store.write_file(relative, header, raw)
+        record = _instance_record(
+            ds, uids, sop_class_uid, transfer_syntax_uid, relative, len(header) + len(raw), stats
+        )
         try:
             # Shares the folder fsync and the index transaction with concurrent stores.
             recorded = self.committer.commit(record, folders)
@@ -281,17 +288,18 @@ def _check_complete(ds: Dataset) -> None:
     pydicom reads a truncated or garbled dataset without error (it warns and keeps the short
     value), so a dataset cut inside its Pixel Data would otherwise be stored as a success.
     """
-    for tag in list(ds.keys()):
-        elem = ds.get_item(tag)
+    for elem in ds.elements():  # raw elements: no value conversion needed
         length = getattr(elem, "length", None)
-        value = getattr(elem, "value", None)
+        value = elem.value
         if (
             isinstance(length, int)
             and length != 0xFFFFFFFF
             and isinstance(value, bytes | bytearray)
             and len(value) != length
         ):
-            raise ValueError(f"element {tag} is truncated: {len(value)} of {length} bytes present")
+            raise ValueError(
+                f"element {elem.tag} is truncated: {len(value)} of {length} bytes present"
+            )
 
 
 def _failure(status: int, comment: str, offending_tag: int | None = None) -> Dataset:
@@ -303,25 +311,42 @@ def _failure(status: int, comment: str, offending_tag: int | None = None) -> Dat
     return rsp
 
 
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, MultiValue | list | tuple):
-        return "\\".join(_text(v) for v in value)
-    return str(value).strip().rstrip("\x00")
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
+_TAG: dict[str, int] = {
+    keyword: tag
+    for keyword in (
+        "SOPClassUID",
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyDescription",
+        "Modality",
+        "SeriesNumber",
+        "SeriesDescription",
+        "ProtocolName",
+        "BodyPartExamined",
+        "ImageType",
+        "FrameOfReferenceUID",
+        "ImageOrientationPatient",
+        "ImagePositionPatient",
+        "InstanceNumber",
+        "Rows",
+        "Columns",
+        "NumberOfFrames",
+        "NumberOfSeriesRelatedInstances",
+        "ImagesInAcquisition",
+    )
+    if (tag := tag_for_keyword(keyword)) is not None
+}
 
 
 def _expected_count(ds: Dataset) -> int | None:
     # Only trust announcements that describe the whole series.
     for keyword in ("NumberOfSeriesRelatedInstances", "ImagesInAcquisition"):
-        count = _int(ds.get(keyword))
+        count = integer(ds, _TAG[keyword])
         if count:
             return count
     return None
@@ -329,43 +354,48 @@ def _expected_count(ds: Dataset) -> int | None:
 
 def _instance_record(
     ds: Dataset,
-    event: Event,
     uids: dict[str, str],
+    sop_class_uid: str,
+    transfer_syntax_uid: str,
     relative: str,
     size: int,
     stats: _AssociationStats,
 ) -> InstanceRecord:
-    position = ds.get("ImagePositionPatient")
-    orientation = ds.get("ImageOrientationPatient")
+    def txt(keyword: str) -> str:
+        return text(ds, _TAG[keyword])
+
+    def num(keyword: str) -> int | None:
+        return integer(ds, _TAG[keyword])
+
     return InstanceRecord(
         sop_instance_uid=uids["SOPInstanceUID"],
         series_instance_uid=uids["SeriesInstanceUID"],
         study_instance_uid=uids["StudyInstanceUID"],
-        sop_class_uid=_text(ds.get("SOPClassUID", event.context.abstract_syntax)),
-        transfer_syntax_uid=str(event.context.transfer_syntax),
+        sop_class_uid=sop_class_uid,
+        transfer_syntax_uid=transfer_syntax_uid,
         path=relative,
         size_bytes=size,
-        patient_id=_text(ds.get("PatientID")),
-        patient_name=_text(ds.get("PatientName")),
-        patient_birth_date=_text(ds.get("PatientBirthDate")),
-        patient_sex=_text(ds.get("PatientSex")),
-        study_date=_text(ds.get("StudyDate")),
-        study_time=_text(ds.get("StudyTime")),
-        accession_number=_text(ds.get("AccessionNumber")),
-        study_description=_text(ds.get("StudyDescription")),
-        modality=_text(ds.get("Modality")),
-        series_number=_int(ds.get("SeriesNumber")),
-        series_description=_text(ds.get("SeriesDescription")),
-        protocol_name=_text(ds.get("ProtocolName")),
-        body_part_examined=_text(ds.get("BodyPartExamined")),
-        image_type=_text(ds.get("ImageType")),
-        frame_of_reference_uid=_text(ds.get("FrameOfReferenceUID")),
-        image_orientation=_text(orientation),
-        image_position=_text(position),
-        instance_number=_int(ds.get("InstanceNumber")),
-        rows=_int(ds.get("Rows")),
-        columns=_int(ds.get("Columns")),
-        number_of_frames=_int(ds.get("NumberOfFrames")) or 1,
+        patient_id=txt("PatientID"),
+        patient_name=txt("PatientName"),
+        patient_birth_date=txt("PatientBirthDate"),
+        patient_sex=txt("PatientSex"),
+        study_date=txt("StudyDate"),
+        study_time=txt("StudyTime"),
+        accession_number=txt("AccessionNumber"),
+        study_description=txt("StudyDescription"),
+        modality=txt("Modality"),
+        series_number=num("SeriesNumber"),
+        series_description=txt("SeriesDescription"),
+        protocol_name=txt("ProtocolName"),
+        body_part_examined=txt("BodyPartExamined"),
+        image_type=txt("ImageType"),
+        frame_of_reference_uid=txt("FrameOfReferenceUID"),
+        image_orientation=txt("ImageOrientationPatient"),
+        image_position=txt("ImagePositionPatient"),
+        instance_number=num("InstanceNumber"),
+        rows=num("Rows"),
+        columns=num("Columns"),
+        number_of_frames=num("NumberOfFrames") or 1,
         expected_count=_expected_count(ds),
         calling_ae_title=stats.calling_ae_title,
         peer_address=stats.address,

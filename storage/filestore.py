@@ -74,8 +74,10 @@ class FileStore:
         self.sync_folders(folders)
         return final
 
-    def write_file(self, relative: str, data: bytes | memoryview) -> tuple[Path, tuple[Path, ...]]:
-        """Write ``data`` to disk and rename it into place at ``relative``.
+    def write_file(
+        self, relative: str, *parts: bytes | memoryview
+    ) -> tuple[Path, tuple[Path, ...]]:
+        """Write ``parts``, one after the other, to disk and rename them into place at ``relative``.
 
         Returns the file and the folders whose entries changed: the rename is durable only
         after ``sync_folders`` on them. Split from ``write_atomic`` so concurrent stores can
@@ -94,9 +96,10 @@ class FileStore:
                 folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                for part in parts:  # written in turn: no joined copy of a large image
+                    view = memoryview(part)
+                    while view:
+                        view = view[os.write(fd, view) :]
                 if self.fsync:
                     # The data and its size, not the timestamps: what a reader needs.
                     os.fdatasync(fd)

@@ -1,0 +1,89 @@
+"""Attribute values of a received dataset as index text, read from the raw bytes when safe.
+
+Every C-STORE indexes some thirty attributes. pydicom converts each on first access
+(~10 us: value validation, UID and DS objects), which is ~5% of an image's receive time.
+Values in the default character repertoire are read straight from the encoded bytes; the
+rest (binary VRs, other character sets) go through pydicom. Both give the same text
+(tested).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.multival import MultiValue
+
+# Always in the default repertoire (PS3.5 6.2): the raw bytes are the value.
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
+# Character-set dependent: raw bytes are the value when they are plain ASCII (no ISO 2022
+# escape). LT/ST/UT are left out: a backslash there is text, not a value delimiter.
+_TEXT_VRS = frozenset({"LO", "SH", "PN"})
+
+
+def as_text(value: Any) -> str:
+    """A converted pydicom value as index text: values joined by ``\\``, padding stripped."""
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(as_text(v) for v in value)
+    return str(value).strip().rstrip("\x00")
+
+
+def as_int(value: Any) -> int | None:
+    """An integer, or None; "3.0" is 3 (as pydicom reads IS), "3.5" and "x" are None."""
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        pass
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def _raw_text(elem: RawDataElement) -> str | None:
+    raw = elem.value
+    if raw is None:
+        return ""
+    vr = elem.VR
+    if vr is None:  # implicit VR: the dictionary's
+        try:
+            vr = dictionary_VR(elem.tag)
+        except KeyError:
+            return None
+    if not (vr in _ASCII_VRS or vr in _TEXT_VRS) or not raw.isascii() or b"\x1b" in raw:
+        return None
+    return "\\".join(part.strip().rstrip("\x00") for part in raw.decode("ascii").split("\\"))
+
+
+def text(ds: Dataset, tag: int) -> str:
+    """The element's value as text ("" when absent or empty)."""
+    elem = ds.get_item(tag)
+    if elem is None:
+        return ""
+    if isinstance(elem, RawDataElement):
+        fast = _raw_text(elem)
+        if fast is not None:
+            return fast
+    return as_text(ds[tag].value)
+
+
+def integer(ds: Dataset, tag: int) -> int | None:
+    """The element's value as an integer (None when absent, empty or not a number)."""
+    elem = ds.get_item(tag)
+    if elem is None:
+        return None
+    if isinstance(elem, RawDataElement) and elem.VR in ("IS", None):
+        fast = _raw_text(elem)
+        if fast is not None:
+            return as_int(fast)
+    try:
+        return as_int(ds[tag].value)
+    except ValueError:  # pydicom refuses to convert a malformed IS: index it as absent
+        return None

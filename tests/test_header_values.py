@@ -1,0 +1,101 @@
+"""Index text read from raw bytes equals pydicom's converted value, in every encoding."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import pydicom
+import pytest
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+
+from dicom_node.header_values import as_int, as_text, integer, text
+
+KEYWORDS = [
+    "SOPInstanceUID",
+    "PatientName",
+    "PatientID",
+    "PatientSex",
+    "StudyDate",
+    "StudyDescription",
+    "Modality",
+    "SeriesNumber",
+    "ImageType",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "InstanceNumber",
+    "Rows",
+    "Columns",
+    "AccessionNumber",
+    "ProtocolName",
+    "BodyPartExamined",
+    "NumberOfFrames",
+]
+
+
+def _dataset(charset: str | None, name: str) -> Dataset:
+    ds = Dataset()
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.SOPInstanceUID = "1.2.3.4.567"  # odd length: NUL padded
+    ds.PatientName = name
+    ds.PatientID = " ID 7 "
+    ds.PatientSex = "F"  # odd length: space padded
+    ds.StudyDate = "20261121"
+    ds.StudyDescription = "Abdomen\\second value"
+    ds.Modality = "MR"
+    ds.SeriesNumber = " 12"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+    ds.ImagePositionPatient = ["-125.5 ", "-0.25", "1e2"]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.InstanceNumber = "3.0"  # an integer written as a decimal: pydicom reads 3
+    ds.Rows = 512
+    ds.Columns = 384
+    ds.AccessionNumber = ""
+    ds.BodyPartExamined = "ABDOMEN"
+    return ds
+
+
+def _reread(ds: Dataset, *, implicit: bool, little: bool) -> Dataset:
+    out = io.BytesIO()
+    ds.save_as(out, implicit_vr=implicit, little_endian=little)
+    return pydicom.dcmread(io.BytesIO(out.getvalue()), force=True)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(
+    ("implicit", "little"), [(False, True), (True, True), (False, False)], ids=["ELE", "ILE", "EBE"]
+)
+@pytest.mark.parametrize(
+    ("charset", "name"),
+    [(None, "Doe^Jane"), ("ISO_IR 100", "Müller^Jürgen"), ("ISO_IR 192", "山田^太郎")],
+)
+def test_raw_reading_equals_pydicom(
+    implicit: bool, little: bool, charset: str | None, name: str
+) -> None:
+    ds = _dataset(charset, name)
+    for keyword in KEYWORDS:
+        tag = tag_for_keyword(keyword)
+        assert tag is not None
+        fast = _reread(ds, implicit=implicit, little=little)  # raw elements, unconverted
+        slow = _reread(ds, implicit=implicit, little=little)
+        expected = as_text(slow[tag].value) if tag in slow else ""
+        assert text(fast, tag) == expected, keyword
+        expected_int = as_int(slow[tag].value) if tag in slow else None
+        assert integer(_reread(ds, implicit=implicit, little=little), tag) == expected_int, keyword
+    assert text(_reread(ds, implicit=implicit, little=little), 0x00100010) == name
+
+
+def test_absent_is_empty() -> None:
+    ds = _reread(Dataset(), implicit=False, little=True)
+    assert text(ds, 0x00080060) == ""
+    assert integer(ds, 0x00280010) is None
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR IS")
+def test_malformed_number_is_indexed_as_absent() -> None:
+    element = struct.pack("<HH2sH", 0x0028, 0x0008, b"IS", 2) + b"x1"
+    ds = pydicom.dcmread(io.BytesIO(element), force=True)
+    assert integer(ds, 0x00280008) is None
+    assert text(pydicom.dcmread(io.BytesIO(element), force=True), 0x00280008) == "x1"
