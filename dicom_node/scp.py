@@ -17,6 +17,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Settings
 from dicom_node.errors import ConfigError
+from dicom_node.reactor import EventDrivenRequestHandler
 from dicom_node.receive import Receiver
 
 logger = logging.getLogger(__name__)
@@ -173,6 +174,7 @@ def start_scp(
                 ssl_context=context,
                 evt_handlers=handlers,
                 server_class=server_class,
+                request_handler=EventDrivenRequestHandler,
             )
         except OSError as exc:
             for started in servers:

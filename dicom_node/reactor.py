@@ -1,0 +1,170 @@
+"""Event-driven waits for pynetdicom's acceptor associations.
+
+pynetdicom polls: each association has two threads (the DUL reading the socket, the
+reactor serving DIMSE messages) that sleep 1 ms whenever idle, so every C-STORE waits
+for them to notice the request and then the response (~1.3 ms of a 512x512 image's ~5 ms),
+and idle associations wake 2,000 times a second. Here both sleep until there is work: the
+DUL in ``select()`` on its socket and a wake-up socket written whenever a primitive is
+queued for sending, the reactor on an event set whenever a DIMSE message or an ACSE
+primitive is queued for it. pynetdicom's loops and state machine run unchanged; only
+their waits move (measured by ``benchmarks/receive.py``).
+
+This uses pynetdicom 3.0 internals (its queues, ``DULServiceProvider._is_transport_event``
+and ``_run_loop_delay``). If they are missing, associations keep pynetdicom's polling
+and a warning says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import RequestHandler
+
+logger = logging.getLogger(__name__)
+
+# The longest sleep: bounds how late a thread sees a kill flag, a timer or a dead peer.
+IDLE_WAIT_S = 0.05
+_POLL_S = 0.001  # pynetdicom's own delay, kept where there is nothing to wait on
+
+_REQUIRED = (
+    (DULServiceProvider, "_is_transport_event"),
+    (DULServiceProvider, "stop_dul"),
+    (DULServiceProvider, "kill_dul"),
+    (DIMSEServiceProvider, "get_msg"),
+)
+
+
+class _SignallingQueue(queue.Queue[Any]):
+    """A queue that calls ``signal`` after every put."""
+
+    def __init__(self, signal: Callable[[], None]) -> None:
+        super().__init__()
+        self._signal = signal
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._signal()
+
+
+class _EventDrivenDUL(DULServiceProvider):
+    """Assigned as the class of an acceptor's DUL before its thread starts."""
+
+    _waker: socket.socket
+    _wakee: socket.socket
+
+    def _prepare(self, on_user_item: Callable[[], None]) -> None:
+        self._wakee, self._waker = socket.socketpair()
+        self._wakee.setblocking(False)
+        self._waker.setblocking(False)
+        # The wait is in _is_transport_event: no extra sleep between loop turns.
+        self._run_loop_delay = 0
+        self.to_provider_queue = _SignallingQueue(self._wake)
+        self.to_user_queue = _SignallingQueue(on_user_item)
+
+    def _wake(self) -> None:
+        # Full buffer: a wake-up is already pending. Closed: the thread has ended.
+        with contextlib.suppress(OSError):
+            self._waker.send(b"\0")
+
+    def _wait_for_work(self) -> None:
+        if self._kill_thread or not self.event_queue.empty() or not self.to_provider_queue.empty():
+            return
+        sock = getattr(self.socket, "socket", None)
+        if sock is None or self.state_machine.current_state == "Sta1":
+            time.sleep(_POLL_S)  # no connection to wait on: pynetdicom's own poll
+            return
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return  # decrypted bytes already buffered: select() would not see them
+        try:
+            select.select([sock, self._wakee], [], [], IDLE_WAIT_S)
+        except (OSError, ValueError):
+            return  # the socket closed under us: pynetdicom's check below reports it
+        with contextlib.suppress(OSError):
+            while self._wakee.recv(4096):
+                pass
+
+    def _is_transport_event(self) -> bool:
+        self._wait_for_work()
+        return super()._is_transport_event()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake()
+
+    def stop_dul(self) -> bool:
+        # stop_dul waits for the thread to end polling with _run_loop_delay: not a busy spin.
+        self._run_loop_delay = _POLL_S
+        return super().stop_dul()
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            self._waker.close()
+            self._wakee.close()
+
+
+class _EventDrivenDIMSE(DIMSEServiceProvider):
+    """Assigned as the class of an acceptor's DIMSE provider before its thread starts."""
+
+    _work: threading.Event
+
+    def _prepare(self, work: threading.Event) -> None:
+        self._work = work
+        self.msg_queue = _SignallingQueue(work.set)
+
+    def get_msg(self, block: bool = False) -> Any:
+        if not block:
+            # The reactor's poll: sleep until a message or an ACSE primitive (release,
+            # abort) is queued, instead of returning empty-handed every millisecond.
+            self._work.clear()
+            dul = self.assoc.dul
+            if self.msg_queue.empty() and dul.to_user_queue.empty() and dul.is_alive():
+                self._work.wait(IDLE_WAIT_S)
+        return super().get_msg(block)
+
+
+def _supported() -> bool:
+    return all(callable(getattr(cls, name, None)) for cls, name in _REQUIRED)
+
+
+_SUPPORTED = _supported()
+if not _SUPPORTED:
+    logger.warning(
+        "this pynetdicom version lacks the internals dicom_node.reactor relies on: "
+        "associations keep pynetdicom's 1 ms polling (slower receiving)"
+    )
+
+
+def make_event_driven(assoc: Association) -> None:
+    """Switch a not yet started acceptor association to event-driven waits."""
+    if not _SUPPORTED or assoc.dul.is_alive():
+        return
+    work = threading.Event()
+    assoc.dul.__class__ = _EventDrivenDUL
+    assoc.dimse.__class__ = _EventDrivenDIMSE
+    dul: _EventDrivenDUL = assoc.dul  # type: ignore[assignment]
+    dimse: _EventDrivenDIMSE = assoc.dimse  # type: ignore[assignment]
+    dul._prepare(work.set)
+    dimse._prepare(work)
+
+
+class EventDrivenRequestHandler(RequestHandler):
+    """pynetdicom's request handler, with event-driven acceptor associations."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        make_event_driven(assoc)
+        return assoc

@@ -1,0 +1,107 @@
+"""Acceptor associations wait for work instead of polling, and still end every way.
+
+Talks to the node's real SCP (in this process) with pynetdicom as the peer.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from peers import free_port, wait_until
+from pynetdicom import AE
+
+from dicom_node.config import Settings
+from dicom_node.reactor import IDLE_WAIT_S, _EventDrivenDIMSE, _EventDrivenDUL
+from dicom_node.receive import Receiver
+from dicom_node.scp import RunningSCP, start_scp
+from dicom_node.service import open_store
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+@pytest.fixture
+def scp(tmp_path: Path) -> Iterator[tuple[RunningSCP, int]]:
+    port = free_port()
+    settings = Settings.model_validate(
+        {
+            "node": {"port": port, "accept_unknown_callers": True},
+            "storage": {"data_dir": str(tmp_path / "data")},
+        }
+    )
+    index, store = open_store(settings)
+    running = start_scp(settings, Receiver(store, index))
+    yield running, port
+    running.abort_remaining()
+    running.stop_accepting()
+    index.dispose()
+
+
+def _scu() -> AE:
+    ae = AE(ae_title="PEER")
+    ae.add_requested_context(VERIFICATION)
+    return ae
+
+
+def test_idle_association_sleeps_instead_of_polling(
+    scp: tuple[RunningSCP, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running, port = scp
+    turns = {"dul": 0, "reactor": 0}
+    dul_check = _EventDrivenDUL._is_transport_event
+    get_msg = _EventDrivenDIMSE.get_msg
+
+    def counted_check(self: _EventDrivenDUL) -> bool:
+        turns["dul"] += 1
+        return dul_check(self)
+
+    def counted_get(self: _EventDrivenDIMSE, block: bool = False) -> object:
+        turns["reactor"] += 1
+        return get_msg(self, block)
+
+    monkeypatch.setattr(_EventDrivenDUL, "_is_transport_event", counted_check)
+    monkeypatch.setattr(_EventDrivenDIMSE, "get_msg", counted_get)
+    assoc = _scu().associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        (server_side,) = wait_until(lambda: running.ae.active_associations, timeout_s=5)
+        assert isinstance(server_side.dul, _EventDrivenDUL)
+        assert isinstance(server_side.dimse, _EventDrivenDIMSE)
+        assert assoc.send_c_echo().Status == 0x0000
+        turns.update(dul=0, reactor=0)
+        idle_s = 1.0
+        time.sleep(idle_s)
+        # Polling turns each loop every ~1 ms (~1,000 turns); waiting turns once per
+        # IDLE_WAIT_S. The bound leaves 5x headroom for a slow machine.
+        bound = 5 * idle_s / IDLE_WAIT_S
+        assert turns["dul"] <= bound, turns
+        assert turns["reactor"] <= bound, turns
+        assert assoc.send_c_echo().Status == 0x0000  # and it still answers at once
+    finally:
+        assoc.release()
+    wait_until(lambda: not running.ae.active_associations, timeout_s=5, what="release")
+
+
+def test_abort_ends_the_acceptor(scp: tuple[RunningSCP, int]) -> None:
+    running, port = scp
+    assoc = _scu().associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    wait_until(lambda: running.ae.active_associations, timeout_s=5)
+    assoc.abort()
+    wait_until(lambda: not running.ae.active_associations, timeout_s=5, what="abort")
+
+
+def test_peer_vanishing_ends_the_acceptor(scp: tuple[RunningSCP, int]) -> None:
+    """The connection drops mid-association (cable pulled, sender killed)."""
+    running, port = scp
+    assoc = _scu().associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    (server_side,) = wait_until(lambda: running.ae.active_associations, timeout_s=5)
+    raw = assoc.dul.socket.socket
+    assert raw is not None
+    raw.shutdown(socket.SHUT_RDWR)
+    wait_until(lambda: not server_side.is_alive(), timeout_s=5, what="acceptor end")
+    assoc.abort()
