@@ -22,14 +22,18 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler
 
 logger = logging.getLogger(__name__)
@@ -43,7 +47,11 @@ _REQUIRED = (
     (DULServiceProvider, "stop_dul"),
     (DULServiceProvider, "kill_dul"),
     (DIMSEServiceProvider, "get_msg"),
+    (DIMSEServiceProvider, "send_msg"),
+    (Association, "get_handlers"),
 )
+_COMMAND_LAST_FRAGMENT = b"\x03"  # PDV message control header: command, last fragment
+_STATUS_OPTIONAL = ("ErrorComment", "OffendingElement")
 
 
 class _SignallingQueue(queue.Queue[Any]):
@@ -116,8 +124,39 @@ class _EventDrivenDUL(DULServiceProvider):
             self._wakee.close()
 
 
+def _implicit_element(group_element: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, group_element, len(value)) + value
+
+
+def _uid_value(uid: object) -> bytes:
+    value = str(uid).encode("ascii")
+    return value + b"\x00" if len(value) % 2 else value
+
+
+def encode_store_success(message_id: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
+    """The command set of a successful C-STORE-RSP, as pynetdicom encodes it (tested).
+
+    Command sets are always Implicit VR Little Endian (PS3.7 6.3.1).
+    """
+    body = b"".join(
+        (
+            _implicit_element(0x0002, _uid_value(sop_class_uid)),
+            _implicit_element(0x0100, struct.pack("<H", 0x8001)),  # C-STORE-RSP
+            _implicit_element(0x0120, struct.pack("<H", message_id)),
+            _implicit_element(0x0800, struct.pack("<H", 0x0101)),  # no dataset follows
+            _implicit_element(0x0900, struct.pack("<H", 0x0000)),
+            _implicit_element(0x1000, _uid_value(sop_instance_uid)),
+        )
+    )
+    return _implicit_element(0x0000, struct.pack("<I", len(body))) + body
+
+
 class _EventDrivenDIMSE(DIMSEServiceProvider):
-    """Assigned as the class of an acceptor's DIMSE provider before its thread starts."""
+    """Assigned as the class of an acceptor's DIMSE provider before its thread starts.
+
+    Also sends the plain success answer to a C-STORE without pynetdicom's generic message
+    encoder (~0.3 ms through pydicom datasets per image); everything else goes through it.
+    """
 
     _work: threading.Event
 
@@ -134,6 +173,31 @@ class _EventDrivenDIMSE(DIMSEServiceProvider):
             if self.msg_queue.empty() and dul.to_user_queue.empty() and dul.is_alive():
                 self._work.wait(IDLE_WAIT_S)
         return super().get_msg(block)
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        if (
+            type(primitive) is C_STORE
+            and primitive.MessageIDBeingRespondedTo is not None
+            and primitive.Status == 0x0000
+            and all(getattr(primitive, name, None) is None for name in _STATUS_OPTIONAL)
+            and primitive.AffectedSOPClassUID
+            and primitive.AffectedSOPInstanceUID
+            and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)  # someone logs messages
+            and (self.maximum_pdu_size == 0 or self.maximum_pdu_size >= 1024)
+        ):
+            command = encode_store_success(
+                primitive.MessageIDBeingRespondedTo,
+                primitive.AffectedSOPClassUID,
+                primitive.AffectedSOPInstanceUID,
+            )
+            pdata = P_DATA()
+            # A list, not the annotated tuple: pynetdicom checks for a list at run time.
+            pdata.presentation_data_value_list = [
+                [context_id, _COMMAND_LAST_FRAGMENT + command]  # type: ignore[list-item]
+            ]
+            self.dul.send_pdu(pdata)
+            return
+        super().send_msg(primitive, context_id)
 
 
 def _supported() -> bool:

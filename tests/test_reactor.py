@@ -12,19 +12,34 @@ from pathlib import Path
 
 import pytest
 from peers import free_port, wait_until
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
 
+from dicom_node import reactor
 from dicom_node.config import Settings
-from dicom_node.reactor import IDLE_WAIT_S, _EventDrivenDIMSE, _EventDrivenDUL
+from dicom_node.reactor import (
+    IDLE_WAIT_S,
+    _EventDrivenDIMSE,
+    _EventDrivenDUL,
+    encode_store_success,
+)
 from dicom_node.receive import Receiver
 from dicom_node.scp import RunningSCP, start_scp
 from dicom_node.service import open_store
 
 VERIFICATION = "1.2.840.10008.1.1"
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
 @pytest.fixture
-def scp(tmp_path: Path) -> Iterator[tuple[RunningSCP, int]]:
+def scp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[RunningSCP, int]]:
+    # As the node runs at its INFO log level: pynetdicom's per-message log handlers unbound.
+    monkeypatch.setattr(pynetdicom_config, "LOG_HANDLER_LEVEL", "none")
     port = free_port()
     settings = Settings.model_validate(
         {
@@ -105,3 +120,59 @@ def test_peer_vanishing_ends_the_acceptor(scp: tuple[RunningSCP, int]) -> None:
     raw.shutdown(socket.SHUT_RDWR)
     wait_until(lambda: not server_side.is_alive(), timeout_s=5, what="acceptor end")
     assoc.abort()
+
+
+@pytest.mark.parametrize(
+    ("message_id", "sop_class", "sop_instance"),
+    [
+        (7, "1.2.840.10008.5.1.4.1.1.4", "1.2.3.45"),
+        (65535, "1.2.840.10008.5.1.4.1.1.66.4", "1.2.3.456"),  # odd: NUL padded
+    ],
+)
+def test_store_success_response_is_what_pynetdicom_encodes(
+    message_id: int, sop_class: str, sop_instance: str
+) -> None:
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = message_id
+    primitive.AffectedSOPClassUID = sop_class
+    primitive.AffectedSOPInstanceUID = sop_instance
+    primitive.Status = 0x0000
+    message = C_STORE_RSP()
+    message.primitive_to_message(primitive)
+    (pdata,) = message.encode_msg(1, 16384)
+    ((context_id, pdv),) = pdata.presentation_data_value_list
+    assert context_id == 1
+    assert pdv == b"\x03" + encode_store_success(message_id, sop_class, sop_instance)
+
+
+def test_store_answered_by_the_fast_path(
+    scp: tuple[RunningSCP, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, port = scp
+    used: list[int] = []
+
+    def counting(message_id: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
+        used.append(message_id)
+        return encode_store_success(message_id, sop_class_uid, sop_instance_uid)
+
+    monkeypatch.setattr(reactor, "encode_store_success", counting)
+    ds = Dataset()
+    ds.SOPClassUID = MR_IMAGE_STORAGE
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.Modality = "MR"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ae = AE(ae_title="PEER")
+    ae.add_requested_context(MR_IMAGE_STORAGE, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(ds).Status == 0x0000
+        ds.SOPInstanceUID = generate_uid()
+        del ds.SeriesInstanceUID  # refused: answered by pynetdicom's encoder, status intact
+        assert assoc.send_c_store(ds).Status == 0xA900
+    finally:
+        assoc.release()
+    assert used == [1]
