@@ -252,7 +252,7 @@ class Receiver:
         sop_class_uid = text(ds, _TAG["SOPClassUID"]) or str(event.context.abstract_syntax)
         transfer_syntax_uid = str(event.context.transfer_syntax)
         header = file_header(sop_class_uid, sop_uid, transfer_syntax_uid, stats.calling_ae_title)
-        # Header and dataset as received, in one write: no joined copy of the image.
+        # The header, then the dataset as received: two writes, no joined copy of the image.
         _, folders = self.store.write_file(relative, header, raw)
         record = _instance_record(
             ds, uids, sop_class_uid, transfer_syntax_uid, relative, len(header) + len(raw), stats
