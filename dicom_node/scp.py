@@ -7,6 +7,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 VERIFICATION = "1.2.840.10008.1.1"
+# Per association already served: how long a receiver process lets idle ones accept first.
+BUSY_ACCEPT_DELAY_S = 0.002
 
 # Accepted as sent: uncompressed, deflated, and the common compressed syntaxes.
 TRANSFER_SYNTAXES = [
@@ -59,13 +62,38 @@ class _NodeServer(ThreadedAssociationServer):
         return client, address
 
 
-class _ReusePortServer(_NodeServer):
-    """Several receiver processes listen on one port; the kernel spreads connections."""
+class _SharedListenerServer(_NodeServer):
+    """One listening socket shared by every receiver process (the pre-fork model).
+
+    The kernel's SO_REUSEPORT hashing put two or three of four senders on one process while
+    others idled. With one shared socket every process is woken for a connection and the
+    first to accept takes it; the others get EAGAIN (the socket is non-blocking) and wait
+    on. A process already serving associations waits a little before accepting, so an
+    idle one takes the connection first.
+    """
+
+    adopted: socket.socket | None = None  # set on the per-process subclass of a child
 
     def server_bind(self) -> None:
+        if self.adopted is None:
+            super().server_bind()
+        else:  # a child: serve the parent's listening socket instead of binding a new one
+            assert self.socket is not None
+            self.socket.close()
+            self.socket = self.adopted
+            self.server_address = self.adopted.getsockname()
         assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        self.socket.setblocking(False)
+
+    def server_activate(self) -> None:
+        if self.adopted is None:  # the adopted socket is listening already
+            super().server_activate()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        busy = len(self.active_associations)
+        if busy:
+            time.sleep(min(busy, 5) * BUSY_ACCEPT_DELAY_S)
+        return super().get_request()  # BlockingIOError when another process took it
 
 
 class _NodeAE(AE):
@@ -135,6 +163,11 @@ class RunningSCP:
     servers: list[ThreadedAssociationServer]
     threads: list[threading.Thread]
 
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """The listening sockets, in listener order: what ``start_scp(adopt=...)`` takes."""
+        return [server.socket for server in self.servers if server.socket is not None]
+
     def stop_accepting(self) -> None:
         for server in self.servers:
             server.shutdown()
@@ -148,9 +181,15 @@ def start_scp(
     settings: Settings,
     receiver: Receiver,
     *,
-    reuse_port: bool = False,
+    shared: bool = False,
+    adopt: list[socket.socket] | None = None,
 ) -> RunningSCP:
-    """Start listening (plain port, and the TLS port when enabled); returns at once."""
+    """Start listening (plain port, and the TLS port when enabled); returns at once.
+
+    ``shared``: the listening sockets will be served by several processes as well
+    (``RunningSCP.sockets`` to hand them over). ``adopt``: serve those sockets, handed
+    over by the parent, in the order of the listeners.
+    """
     ae = build_ae(settings)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, receiver.on_store),
@@ -160,14 +199,20 @@ def start_scp(
         (evt.EVT_RELEASED, receiver.on_released),
         (evt.EVT_ABORTED, receiver.on_aborted),
     ]
-    server_class = _ReusePortServer if reuse_port else _NodeServer
     node = settings.node
     listeners: list[tuple[int, ssl.SSLContext | None]] = [(node.port, None)]
     if node.tls.enabled:
         listeners.append((node.tls.port, tls_context(settings)))
     servers: list[ThreadedAssociationServer] = []
     threads: list[threading.Thread] = []
-    for port, context in listeners:
+    for number, (port, context) in enumerate(listeners):
+        server_class: type[_NodeServer] = _NodeServer
+        if adopt is not None:
+            server_class = type(
+                "_AdoptedListenerServer", (_SharedListenerServer,), {"adopted": adopt[number]}
+            )
+        elif shared:
+            server_class = _SharedListenerServer
         try:
             server = ae.make_server(
                 (node.bind_address, port),

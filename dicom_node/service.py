@@ -11,6 +11,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -71,21 +72,25 @@ class Service:
 
     def start(self) -> None:
         processes = self.settings.node.receiver_processes
-        # Each process takes the full max_associations: SO_REUSEPORT hashes connections
-        # unevenly, so an even split refused senders while other processes sat idle.
-        self._scp = start_scp(self.settings, self.receiver, reuse_port=processes > 1)
+        # Each process takes the full max_associations: which process accepts a connection
+        # is a race, so an even split could refuse senders while others had room.
+        self._scp = start_scp(self.settings, self.receiver, shared=processes > 1)
         if processes > 1:
             context = multiprocessing.get_context("spawn")
             for number in range(1, processes):
                 child = context.Process(
                     target=_receiver_process,
-                    args=(self.settings.model_dump_json(),),
+                    args=(self.settings.model_dump_json(), self._scp.sockets),
                     name=f"receiver-{number}",
                     daemon=False,
                 )
                 child.start()
                 self._children.append(child)
-            logger.info("%d receiver processes share port %d", processes, self.settings.node.port)
+            logger.info(
+                "%d receiver processes share the listening port %d",
+                processes,
+                self.settings.node.port,
+            )
         self.completion.start()
         for factory in self._component_factories:
             component = factory(self)
@@ -138,13 +143,13 @@ def _drain(scp: RunningSCP, receiver: Receiver) -> None:
     scp.abort_remaining()
 
 
-def _receiver_process(settings_json: str) -> None:
-    """An extra receiving process: same port (SO_REUSEPORT), same store and index."""
+def _receiver_process(settings_json: str, sockets: list[socket.socket]) -> None:
+    """An extra receiving process: the parent's listening sockets, same store and index."""
     settings = Settings.model_validate_json(settings_json)
     configure_logging(settings.logging)
     index, store = open_store(settings)
     receiver = Receiver(store, index)
-    scp = start_scp(settings, receiver, reuse_port=True)
+    scp = start_scp(settings, receiver, adopt=sockets)
     wake = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: wake.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop

@@ -592,6 +592,45 @@ def test_store_prune(node: NodeProcess, tmp_path: Path) -> None:
     assert node.series_json() == []
 
 
+def test_receiver_processes_share_the_associations(node_factory: NodeFactory) -> None:
+    """Every receiver process serves the one listening socket; an idle one is preferred.
+
+    Four associations held open one after the other must not all land on one process:
+    they would if the spawned processes never accepted (or, with per-process SO_REUSEPORT
+    sockets, whenever the kernel hashed them together).
+    """
+    import re
+
+    from pynetdicom import AE
+
+    node = node_factory(overrides={"node": {"receiver_processes": 2}})
+    wait_until(
+        lambda: node.log_text().count("listening as AE") >= 2, timeout_s=60, what="2 processes"
+    )
+    accepted = re.compile(r" (\S+) dicom_node\.receive: association \S+ accepted")
+    scu = AE(ae_title=SCU_AET)
+    scu.add_requested_context("1.2.840.10008.1.1")
+    held = []
+    try:
+        for number in range(1, 5):
+            assoc = scu.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+            assert assoc.is_established
+            held.append(assoc)
+            wait_until(
+                lambda n=number: len(accepted.findall(node.log_text())) >= n,
+                timeout_s=10,
+                what=f"association {number} logged",
+            )
+        by_process = accepted.findall(node.log_text())
+        assert set(by_process) == {"MainProcess", "receiver-1"}, by_process
+        for assoc in held:
+            assert assoc.send_c_echo().Status == 0
+    finally:
+        for assoc in held:
+            assoc.release()
+    assert node.stop() == 0
+
+
 def test_two_receiver_processes_concurrent_senders(
     node_factory: NodeFactory, tmp_path: Path
 ) -> None:
