@@ -74,6 +74,13 @@ class _SharedListenerServer(_NodeServer):
 
     adopted: socket.socket | None = None  # set on the per-process subclass of a child
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Accepted connections whose association thread is not started yet: not counted by
+        # active_associations, and four senders starting together fall in that window.
+        self._starting = 0
+        self._starting_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
     def server_bind(self) -> None:
         if self.adopted is None:
             super().server_bind()
@@ -90,10 +97,29 @@ class _SharedListenerServer(_NodeServer):
             super().server_activate()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        busy = len(self.active_associations)
+        busy = len(self.active_associations) + self._starting
         if busy:
             time.sleep(min(busy, 5) * BUSY_ACCEPT_DELAY_S)
         return super().get_request()  # BlockingIOError when another process took it
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._starting_lock:
+            self._starting += 1
+        try:
+            super().process_request(request, client_address)  # starts the request's thread
+        except BaseException:
+            self._started()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._started()  # the association's own thread runs (or it failed)
+
+    def _started(self) -> None:
+        with self._starting_lock:
+            self._starting -= 1
 
 
 class _NodeAE(AE):
