@@ -11,7 +11,9 @@ import threading
 import time
 import uuid
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydicom import Dataset
 from pydicom.datadict import tag_for_keyword
@@ -32,6 +34,7 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC210
+PLACER_THREADS = 16
 
 REQUIRED_UIDS = (
     ("SOPInstanceUID", 0x00080018),
@@ -58,6 +61,13 @@ class Receiver:
         self.store = store
         self.index = index
         self.committer = GroupCommitter(index, store)
+        # Syncs each file (and its folder) while the store's own thread reads the header
+        # values and runs the index statements; only the COMMIT waits for it.
+        self._placer = (
+            ThreadPoolExecutor(max_workers=PLACER_THREADS, thread_name_prefix="file-sync")
+            if store.fsync
+            else None
+        )
         self._lock = threading.Lock()
         self._associations: weakref.WeakKeyDictionary[Association, _AssociationStats] = (
             weakref.WeakKeyDictionary()
@@ -253,14 +263,29 @@ class Receiver:
         transfer_syntax_uid = str(event.context.transfer_syntax)
         header = file_header(sop_class_uid, sop_uid, transfer_syntax_uid, stats.calling_ae_title)
         # The header, then the dataset as received: two writes, no joined copy of the image.
-        _, folders = self.store.write_file(relative, header, raw)
-        record = _instance_record(
-            ds, uids, sop_class_uid, transfer_syntax_uid, relative, len(header) + len(raw), stats
-        )
+        staged = self.store.stage(relative, header, raw)
+        folders: tuple[Path, ...] = ()
+        ready: Future[object] | None = None
+        if self._placer is not None:
+            ready = self._placer.submit(staged.place_durably)
+        else:
+            staged.place()  # nothing to wait for: no sync
+            folders = staged.folders
         try:
+            record = _instance_record(
+                ds,
+                uids,
+                sop_class_uid,
+                transfer_syntax_uid,
+                relative,
+                len(header) + len(raw),
+                stats,
+            )
             # Shares the folder fsync and the index transaction with concurrent stores.
-            recorded = self.committer.commit(record, folders)
+            recorded = self.committer.commit(record, folders, ready)
         except Exception:
+            if ready is not None:
+                wait([ready])  # the rename must not land after the removal below
             if not existed:  # keep store and index in step: no unindexed new file
                 self.store.remove(relative)
             raise

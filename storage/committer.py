@@ -1,17 +1,21 @@
 """Group commit: concurrent stores share one folder fsync and one index transaction.
 
-Each C-STORE writes its file itself (written, fdatasynced, renamed), then calls
-:meth:`GroupCommitter.commit`. The first caller to find no commit running becomes the
-leader: it takes every record queued so far, fsyncs each distinct folder once, records
-all rows in one transaction and wakes the others, each with its own result or error.
-Callers arriving meanwhile queue up for the next leader. A lone association is its own
-leader at once: no thread hand-off, so no added latency.
+Each C-STORE writes its file itself, then calls :meth:`GroupCommitter.commit`, with the
+file either in place already (``folders`` still to sync) or being made durable by another
+thread (``ready``). The first caller to find no commit running becomes the leader: it
+takes every record queued so far, fsyncs each distinct folder once, runs the statements
+for all rows in one transaction, waits for every ``ready`` file, commits, and wakes the
+others, each with its own result or error. The statements run while the disk syncs the
+files. Callers arriving meanwhile queue up for the next leader. A lone association is
+its own leader at once: no thread hand-off, so no added latency.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +31,7 @@ logger = logging.getLogger(__name__)
 class _Pending:
     record: InstanceRecord
     folders: tuple[Path, ...]
+    ready: Future[object] | None = None
     result: Recorded | None = None
     error: Exception | None = None
     done: bool = False
@@ -40,12 +45,19 @@ class GroupCommitter:
         self._queue: list[_Pending] = []
         self._committing = False
 
-    def commit(self, record: InstanceRecord, folders: tuple[Path, ...]) -> Recorded:
+    def commit(
+        self,
+        record: InstanceRecord,
+        folders: tuple[Path, ...] = (),
+        ready: Future[object] | None = None,
+    ) -> Recorded:
         """Make the renames in ``folders`` and ``record``'s row durable; raise on failure.
 
-        Returns only once both are durable (or raises the error of this record).
+        ``ready``: the file's own durability, finishing on another thread; the row is
+        committed only after it succeeded (its error fails this record). Returns only once
+        everything is durable (or raises the error of this record).
         """
-        pending = _Pending(record, folders)
+        pending = _Pending(record, folders, ready)
         with self._cond:
             self._queue.append(pending)
             while not pending.done:
@@ -73,7 +85,9 @@ class GroupCommitter:
             # Folders first: an index row must never name a file a power loss could undo.
             self.store.sync_folders(f for pending in batch for f in pending.folders)
             try:
-                results = self.writer.record([pending.record for pending in batch])
+                results = self.writer.record(
+                    [pending.record for pending in batch], lambda: _wait_ready(batch)
+                )
             except Exception:
                 if len(batch) == 1:
                     raise
@@ -83,7 +97,9 @@ class GroupCommitter:
                 )
                 for pending in batch:
                     try:
-                        pending.result = self.writer.record([pending.record])[0]
+                        pending.result = self.writer.record(
+                            [pending.record], functools.partial(_wait_ready, [pending])
+                        )[0]
                     except Exception as exc:
                         pending.error = exc
             else:
@@ -95,3 +111,10 @@ class GroupCommitter:
                     pending.error = exc
         for pending in batch:
             pending.done = True
+
+
+def _wait_ready(batch: list[_Pending]) -> None:
+    """Block until every file in ``batch`` is durable; raise the first failure."""
+    for pending in batch:
+        if pending.ready is not None:
+            pending.ready.result()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
@@ -181,14 +181,24 @@ class InstanceWriter:
         self.index = index
         self._known: dict[str, _Current] = {}
 
-    def record(self, records: Sequence[InstanceRecord]) -> list[Recorded]:
-        """Record ``records`` in one transaction; retried when a concurrent writer won a race."""
+    def record(
+        self,
+        records: Sequence[InstanceRecord],
+        before_commit: Callable[[], object] | None = None,
+    ) -> list[Recorded]:
+        """Record ``records`` in one transaction; retried when a concurrent writer won a race.
+
+        ``before_commit`` runs after the statements, before COMMIT; if it raises, nothing
+        is recorded (the receiver waits there for its files to be durable).
+        """
         last_exc: Exception | None = None
         for _ in range(5):
             staged: dict[str, _Current] = {}
             try:
                 with self.index.writer_turn(), self.index.engine.begin() as conn:
                     results = self._record(conn, records, staged)
+                    if before_commit is not None:
+                        before_commit()
             except IntegrityError as exc:  # lost a race creating the same row
                 last_exc = exc
                 continue

@@ -8,6 +8,8 @@ moves to the new version), concurrent stores, and one failing record among good 
 from __future__ import annotations
 
 import threading
+import time
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 
@@ -116,3 +118,38 @@ def test_one_bad_record_fails_alone(index: Index, tmp_path: Path) -> None:
     assert pending[0].result is not None and pending[2].result is not None
     assert isinstance(pending[1].error, StorageError)
     assert _counts(index) == {("1.2.3", 1): (2, 2, "receiving")}
+
+
+def test_rows_wait_for_their_files(index: Index, tmp_path: Path) -> None:
+    """A file still being synced on another thread holds its row back; a failed one drops it."""
+    committer = GroupCommitter(index, FileStore(tmp_path / "store"))
+    syncing: Future[object] = Future()
+    results: list[object] = []
+    thread = threading.Thread(
+        target=lambda: results.append(committer.commit(_rec("1.2.4", 1), (), syncing))
+    )
+    thread.start()
+    time.sleep(0.3)
+    assert thread.is_alive() and _counts(index) == {}  # statements run, nothing committed
+    syncing.set_result(None)
+    thread.join(timeout=10)
+    assert len(results) == 1 and _counts(index) == {("1.2.4", 1): (1, 1, "receiving")}
+
+    failed: Future[object] = Future()
+    failed.set_exception(StorageError("cannot write x.dcm: Input/output error"))
+    with pytest.raises(StorageError, match="Input/output error"):
+        committer.commit(_rec("1.2.4", 2), (), failed)
+    assert _counts(index) == {("1.2.4", 1): (1, 1, "receiving")}
+
+    # In one batch, only the record whose file failed is left out.
+    done: Future[object] = Future()
+    done.set_result(None)
+    pending = [
+        _Pending(_rec("1.2.4", 3), (), done),
+        _Pending(_rec("1.2.4", 4), (), failed),
+        _Pending(_rec("1.2.4", 5), ()),
+    ]
+    committer._commit_batch(pending)
+    assert pending[0].result is not None and pending[2].result is not None
+    assert isinstance(pending[1].error, StorageError)
+    assert _counts(index) == {("1.2.4", 1): (3, 3, "receiving")}
