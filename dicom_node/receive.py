@@ -267,7 +267,11 @@ class Receiver:
         folders: tuple[Path, ...] = ()
         ready: Future[object] | None = None
         if self._placer is not None:
-            ready = self._placer.submit(staged.place_durably)
+            try:
+                ready = self._placer.submit(staged.place_durably)
+            except RuntimeError:  # the interpreter is exiting: no thread takes it
+                staged.discard()
+                raise
         else:
             staged.place()  # nothing to wait for: no sync
             folders = staged.folders
