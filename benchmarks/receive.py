@@ -1,7 +1,7 @@
 """Receive throughput: the node against DCMTK storescp and Orthanc, measured in one run.
 
     .venv/bin/python benchmarks/receive.py [--images 300] [--rss-images 1000] [--size 512]
-        [--parallel 4] [--fsync both|on|off] [--max-associations 16]
+        [--parallel 4] [--fsync both|on|off] [--max-associations 16] [--rounds 1]
 
 Sender: DCMTK ``storescu +sd +r -xe`` (TCP_NODELAY=1), files in Explicit VR Little Endian.
 1. one association, ``--images`` 512x512 16-bit MR images, to: the node (1 receiver
@@ -19,11 +19,14 @@ Sender: DCMTK ``storescu +sd +r -xe`` (TCP_NODELAY=1), files in Explicit VR Litt
 Targets: one association node >= 1.0x Orthanc; four associations node >= 0.5x
 ``storescp --fork``; node RSS < 300 MB. The machine is shared: compare the ratios of one
 run, not absolute figures across runs. Each receiver gets a fresh empty folder.
+``--rounds N`` repeats sections 1 and 2 N times, interleaved, and prints each round's
+ratios and their median (single runs on this VM move by +-15%).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +44,7 @@ import contextlib
 
 from peers import (
     STORESCP,
+    GeneratedSeries,
     NodeProcess,
     Orthanc,
     dcmtk_env,
@@ -147,10 +151,83 @@ def node(workdir: Path, processes: int, max_associations: int, fsync: bool) -> N
     return started
 
 
-def timed(label: str, images: int, run: Callable[[], float], results: dict[str, float]) -> None:
+def timed(
+    label: str, images: int, run: Callable[[], float], results: dict[str, list[float]]
+) -> None:
     seconds = run()
-    results[label] = images / seconds
+    results.setdefault(label, []).append(images / seconds)
     print(f"{label:<44} {images:5d} images {seconds:7.2f} s {images / seconds:8.1f} images/s")
+
+
+def run_round(
+    tmp: Path,
+    series: GeneratedSeries,
+    parts: list[Path],
+    modes: list[bool],
+    maxa: int,
+    results: dict[str, list[float]],
+) -> None:
+    """Sections 1 and 2 once, each receiver fresh and empty."""
+    n = len(series.paths)
+    p = len(parts)
+    tmp.mkdir()
+
+    # 1. one association
+    scp = StoreSCP(tmp / "storescp1", fork=False)
+    try:
+        timed("1 assoc -> storescp", n, lambda: send(scp.port, [series.folder], "ANY"), results)
+    finally:
+        scp.stop()
+    orthanc = Orthanc(tmp / "orthanc1").start()
+    try:
+        timed(
+            "1 assoc -> Orthanc",
+            n,
+            lambda: send(orthanc.dicom_port, [series.folder], "ORTHANC"),
+            results,
+        )
+    finally:
+        orthanc.stop()
+    for fsync in modes:
+        one = node(tmp / f"node1-{fsync}", 1, maxa, fsync)
+        try:
+            timed(
+                f"1 assoc -> node{_mode(fsync)}",
+                n,
+                lambda: send(one.port, [series.folder], one.ae_title),  # noqa: B023
+                results,
+            )
+        finally:
+            one.stop()
+
+    # 2. parallel associations
+    scp = StoreSCP(tmp / "storescp4", fork=True)
+    try:
+        timed(f"{p} assoc -> storescp --fork", n, lambda: send(scp.port, parts, "ANY"), results)
+    finally:
+        scp.stop()
+    orthanc = Orthanc(tmp / "orthanc4").start()
+    try:
+        timed(
+            f"{p} assoc -> Orthanc",
+            n,
+            lambda: send(orthanc.dicom_port, parts, "ORTHANC"),
+            results,
+        )
+    finally:
+        orthanc.stop()
+    for fsync in modes:
+        for processes in (p, 1):
+            multi = node(tmp / f"node{p}x{processes}-{fsync}", processes, maxa, fsync)
+            try:
+                timed(
+                    f"{p} assoc -> node (receiver_processes {processes}){_mode(fsync)}",
+                    n,
+                    lambda: send(multi.port, parts, multi.ae_title),  # noqa: B023
+                    results,
+                )
+            finally:
+                multi.stop()
 
 
 def main() -> None:
@@ -162,6 +239,8 @@ def main() -> None:
     parser.add_argument("--fsync", choices=["both", "on", "off"], default="both")
     # Older nodes split max_associations between receiver processes: give them 64.
     parser.add_argument("--max-associations", type=int, default=16)
+    # The VM's disk and neighbours move single runs by +-15%: repeat, report the median.
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     modes = {"both": [True, False], "on": [True], "off": [False]}[args.fsync]
     maxa = args.max_associations
@@ -183,66 +262,11 @@ def main() -> None:
             f"generated {args.images} + {args.rss_images} MR images {args.size}x{args.size} "
             f"uint16 ({mb:.0f} MB per {args.images}) in {time.perf_counter() - t0:.0f} s"
         )
-        n = args.images
-        results: dict[str, float] = {}
-
-        # 1. one association
-        scp = StoreSCP(tmp / "storescp1", fork=False)
-        try:
-            timed("1 assoc -> storescp", n, lambda: send(scp.port, [series.folder], "ANY"), results)
-        finally:
-            scp.stop()
-        orthanc = Orthanc(tmp / "orthanc1").start()
-        try:
-            timed(
-                "1 assoc -> Orthanc",
-                n,
-                lambda: send(orthanc.dicom_port, [series.folder], "ORTHANC"),
-                results,
-            )
-        finally:
-            orthanc.stop()
-        for fsync in modes:
-            one = node(tmp / f"node1-{fsync}", 1, maxa, fsync)
-            try:
-                timed(
-                    f"1 assoc -> node{_mode(fsync)}",
-                    n,
-                    lambda: send(one.port, [series.folder], one.ae_title),  # noqa: B023
-                    results,
-                )
-            finally:
-                one.stop()
-
-        # 2. parallel associations
-        p = args.parallel
-        scp = StoreSCP(tmp / "storescp4", fork=True)
-        try:
-            timed(f"{p} assoc -> storescp --fork", n, lambda: send(scp.port, parts, "ANY"), results)
-        finally:
-            scp.stop()
-        orthanc = Orthanc(tmp / "orthanc4").start()
-        try:
-            timed(
-                f"{p} assoc -> Orthanc",
-                n,
-                lambda: send(orthanc.dicom_port, parts, "ORTHANC"),
-                results,
-            )
-        finally:
-            orthanc.stop()
-        for fsync in modes:
-            for processes in (p, 1):
-                multi = node(tmp / f"node{p}x{processes}-{fsync}", processes, maxa, fsync)
-                try:
-                    timed(
-                        f"{p} assoc -> node (receiver_processes {processes}){_mode(fsync)}",
-                        n,
-                        lambda: send(multi.port, parts, multi.ae_title),  # noqa: B023
-                        results,
-                    )
-                finally:
-                    multi.stop()
+        results: dict[str, list[float]] = {}
+        for round_number in range(1, args.rounds + 1):
+            if args.rounds > 1:
+                print(f"-- round {round_number} of {args.rounds}")
+            run_round(tmp / f"round{round_number}", series, parts, modes, maxa, results)
 
         # 3. memory while receiving
         rss_node = node(tmp / "node-rss", 1, maxa, modes[0])
@@ -258,19 +282,34 @@ def main() -> None:
             rss_node.stop()
 
     print()
+    p = args.parallel
     for fsync in modes:
         mode = _mode(fsync)
-        node_one = results[f"1 assoc -> node{mode}"] / results["1 assoc -> Orthanc"]
-        node_par = max(
-            results[f"{p} assoc -> node (receiver_processes {p}){mode}"],
-            results[f"{p} assoc -> node (receiver_processes 1){mode}"],
-        )
-        ratio_par = node_par / results[f"{p} assoc -> storescp --fork"]
-        print(f"one association{mode}:  node / Orthanc        = {node_one:.2f}  (target >= 1.0)")
-        print(f"{p} associations{mode}: node / storescp --fork = {ratio_par:.2f}  (target >= 0.5)")
+        node_one = ratios(results[f"1 assoc -> node{mode}"], results["1 assoc -> Orthanc"])
+        node_par = [
+            max(a, b)
+            for a, b in zip(
+                results[f"{p} assoc -> node (receiver_processes {p}){mode}"],
+                results[f"{p} assoc -> node (receiver_processes 1){mode}"],
+                strict=True,
+            )
+        ]
+        ratio_par = ratios(node_par, results[f"{p} assoc -> storescp --fork"])
+        print(f"one association{mode}:  node / Orthanc        = {node_one}")
+        print(f"{p} associations{mode}: node / storescp --fork = {ratio_par}")
+        print("  (targets: one association >= 1.0, parallel >= 0.5)")
     peak_mb = rss.peak / 1e6
     print(f"node peak RSS (process tree) receiving {args.rss_images} images = {peak_mb:.0f} MB")
     print("  (target < 300 MB)")
+
+
+def ratios(ours: list[float], theirs: list[float]) -> str:
+    """Each round's ratio; with several rounds, their median first."""
+    each = [a / b for a, b in zip(ours, theirs, strict=True)]
+    if len(each) == 1:
+        return f"{each[0]:.2f}"
+    listed = " ".join(f"{r:.2f}" for r in each)
+    return f"{statistics.median(each):.2f} median of {len(each)} rounds ({listed})"
 
 
 def _mode(fsync: bool) -> str:
