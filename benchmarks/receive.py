@@ -11,8 +11,9 @@ Sender: DCMTK ``storescu +sd +r -xe`` (TCP_NODELAY=1), files in Explicit VR Litt
    with 1, and Orthanc;
    With ``--fsync both`` (default) the node runs both with ``storage.fsync: true`` (every
    image on disk before its acknowledgement, as the default config) and ``false`` (no
-   fsync, like storescp and Orthanc); ``on`` runs only the first (and passes no fsync key,
-   so it also runs against versions of the node without the option);
+   fsync, like storescp; Orthanc 1.10 fdatasyncs each file but not its index); ``on``
+   runs only the first (and passes no fsync key, so it also runs against versions of the
+   node without the option);
 3. the node's peak RSS (its whole process tree, sampled every 50 ms with psutil) while it
    receives ``--rss-images`` images on one association.
 
