@@ -11,9 +11,8 @@ import threading
 import time
 import uuid
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pydicom import Dataset
 from pydicom.datadict import tag_for_keyword
@@ -61,12 +60,10 @@ class Receiver:
         self.store = store
         self.index = index
         self.committer = GroupCommitter(index, store)
-        # Syncs each file (and its folder) while the store's own thread reads the header
-        # values and runs the index statements; only the COMMIT waits for it.
-        self._placer = (
-            ThreadPoolExecutor(max_workers=PLACER_THREADS, thread_name_prefix="file-sync")
-            if store.fsync
-            else None
+        # Writes and syncs each file while the store's own thread reads the header values
+        # and runs the index statements; only the COMMIT waits for it.
+        self._placer = ThreadPoolExecutor(
+            max_workers=PLACER_THREADS, thread_name_prefix="file-sync"
         )
         self._lock = threading.Lock()
         self._associations: weakref.WeakKeyDictionary[Association, _AssociationStats] = (
@@ -262,19 +259,13 @@ class Receiver:
         sop_class_uid = text(ds, _TAG["SOPClassUID"]) or str(event.context.abstract_syntax)
         transfer_syntax_uid = str(event.context.transfer_syntax)
         header = file_header(sop_class_uid, sop_uid, transfer_syntax_uid, stats.calling_ae_title)
-        # The header, then the dataset as received: two writes, no joined copy of the image.
-        staged = self.store.stage(relative, header, raw)
-        folders: tuple[Path, ...] = ()
-        ready: Future[object] | None = None
-        if self._placer is not None:
-            try:
-                ready = self._placer.submit(staged.place_durably)
-            except RuntimeError:  # the interpreter is exiting: no thread takes it
-                staged.discard()
-                raise
-        else:
-            staged.place()  # nothing to wait for: no sync
-            folders = staged.folders
+        # The file-sync thread writes the header, then the dataset as received (two writes,
+        # no joined copy of the image), syncs and renames it, while this thread reads the
+        # header values and runs the index statements: a second core does the disk's part.
+        try:
+            ready = self._placer.submit(self.store.write_atomic, relative, header, raw)
+        except RuntimeError as exc:  # the interpreter is exiting: no thread takes it
+            raise StorageError("the node is shutting down") from exc
         try:
             record = _instance_record(
                 ds,
@@ -285,11 +276,10 @@ class Receiver:
                 len(header) + len(raw),
                 stats,
             )
-            # Shares the folder fsync and the index transaction with concurrent stores.
-            recorded = self.committer.commit(record, folders, ready)
+            # Shares the index transaction with concurrent stores; COMMIT waits for the file.
+            recorded = self.committer.commit(record, ready=ready)
         except Exception:
-            if ready is not None:
-                wait([ready])  # the rename must not land after the removal below
+            wait([ready])  # the rename must not land after the removal below
             if not existed:  # keep store and index in step: no unindexed new file
                 self.store.remove(relative)
             raise

@@ -18,6 +18,7 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dicom_node.errors import StorageError
 from storage.database import Index
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 class _Pending:
     record: InstanceRecord
     folders: tuple[Path, ...]
-    ready: Future[object] | None = None
+    ready: Future[Any] | None = None
     result: Recorded | None = None
     error: Exception | None = None
     done: bool = False
@@ -49,7 +50,7 @@ class GroupCommitter:
         self,
         record: InstanceRecord,
         folders: tuple[Path, ...] = (),
-        ready: Future[object] | None = None,
+        ready: Future[Any] | None = None,
     ) -> Recorded:
         """Make the renames in ``folders`` and ``record``'s row durable; raise on failure.
 

@@ -68,9 +68,9 @@ class FileStore:
                 "(storage.min_free_disk_mb): free space or prune old series"
             )
 
-    def write_atomic(self, relative: str, data: bytes | memoryview) -> Path:
-        """Write ``data`` durably at ``relative``; replaces an existing file atomically."""
-        final, folders = self.write_file(relative, data)
+    def write_atomic(self, relative: str, *parts: bytes | memoryview) -> Path:
+        """Write ``parts`` durably at ``relative``; replaces an existing file atomically."""
+        final, folders = self.write_file(relative, *parts)
         self.sync_folders(folders)
         return final
 
@@ -82,15 +82,6 @@ class FileStore:
         Returns the file and the folders whose entries changed: the rename is durable only
         after ``sync_folders`` on them. Split from ``write_atomic`` so concurrent stores can
         fsync a shared folder once for all of them (group commit).
-        """
-        staged = self.stage(relative, *parts)
-        return staged.place(), staged.folders
-
-    def stage(self, relative: str, *parts: bytes | memoryview) -> StagedFile:
-        """Write ``parts`` to a temporary file beside ``relative``; ``place`` or ``discard`` it.
-
-        Nothing is forced to disk yet: a caller can do other work (or hand the sync to
-        another thread) while the disk catches up.
         """
         final = self.root / relative
         folder = final.parent
@@ -104,18 +95,21 @@ class FileStore:
                     folders = (folder, folder.parent, folder.parent.parent)
                 folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                for part in parts:  # written in turn: no joined copy of a large image
+                    view = memoryview(part)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                if self.fsync:
+                    # The data and its size, not the timestamps: what a reader needs.
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
         except OSError as exc:
+            tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot write {final}: {exc.strerror or exc}") from exc
-        staged = StagedFile(self, fd, tmp, final, folders)
-        try:
-            for part in parts:  # written in turn: no joined copy of a large image
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(fd, view) :]
-        except OSError as exc:
-            staged.discard()
-            raise StorageError(f"cannot write {final}: {exc.strerror or exc}") from exc
-        return staged
+        return final, folders
 
     def sync_folders(self, folders: Iterable[Path]) -> None:
         """Make renames and new entries in ``folders`` durable (each fsynced once)."""
@@ -143,47 +137,3 @@ class FileStore:
             tmp.unlink(missing_ok=True)
             count += 1
         return count
-
-
-class StagedFile:
-    """A written temporary file waiting to be made durable and renamed into place."""
-
-    def __init__(
-        self, store: FileStore, fd: int, tmp: Path, final: Path, folders: tuple[Path, ...]
-    ) -> None:
-        self.store = store
-        self.final = final
-        self.folders = folders
-        self._fd: int | None = fd
-        self._tmp = tmp
-
-    def place(self) -> Path:
-        """Sync the data (``storage.fsync``) and rename over the final name; returns it.
-
-        The rename itself is durable only after ``FileStore.sync_folders(self.folders)``.
-        """
-        try:
-            if self.store.fsync and self._fd is not None:
-                # The data and its size, not the timestamps: what a reader needs.
-                os.fdatasync(self._fd)
-            self._close()
-            os.replace(self._tmp, self.final)
-        except OSError as exc:
-            self.discard()
-            raise StorageError(f"cannot write {self.final}: {exc.strerror or exc}") from exc
-        return self.final
-
-    def place_durably(self) -> Path:
-        """``place``, then make the rename durable: what one store alone needs."""
-        final = self.place()
-        self.store.sync_folders(self.folders)
-        return final
-
-    def discard(self) -> None:
-        self._close()
-        self._tmp.unlink(missing_ok=True)
-
-    def _close(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)

@@ -1,4 +1,4 @@
-"""The file store's staged writes: nothing visible under the final name until placed."""
+"""The file store's atomic writes: the whole file under its final name, or nothing."""
 
 from __future__ import annotations
 
@@ -14,26 +14,21 @@ def _temporaries(root: Path) -> list[Path]:
     return list(root.rglob(f"{TMP_PREFIX}*"))
 
 
-def test_staged_file_appears_only_when_placed(tmp_path: Path) -> None:
+def test_parts_are_written_in_turn_under_the_final_name(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "store")
     relative = store.relative_path("1.2", "1.2.3", "1.2.3.4")
-    staged = store.stage(relative, b"header", memoryview(b"-data"))
-    final = store.absolute(relative)
-    assert not final.exists() and len(_temporaries(store.root)) == 1
+    final, folders = store.write_file(relative, b"header", memoryview(b"-data"))
     # A new study and series folder: all three entries must be synced for the rename.
-    assert staged.folders == (final.parent, final.parent.parent, store.root)
-    assert staged.place_durably() == final
+    assert folders == (final.parent, final.parent.parent, store.root)
     assert final.read_bytes() == b"header-data" and _temporaries(store.root) == []
+    assert store.write_atomic(relative, b"again") == final  # replaced whole
+    assert final.read_bytes() == b"again" and _temporaries(store.root) == []
 
 
-def test_discarded_and_failed_files_leave_nothing(tmp_path: Path) -> None:
+def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "store")
     relative = store.relative_path("1.2", "1.2.3", "1.2.3.4")
-    store.stage(relative, b"x").discard()
-    assert _temporaries(store.root) == [] and not store.absolute(relative).exists()
-
-    staged = store.stage(relative, b"x")
-    store.absolute(relative).mkdir()  # a folder in the way: the rename fails
+    store.absolute(relative).mkdir(parents=True)  # a folder in the way: the rename fails
     with pytest.raises(StorageError, match="cannot write"):
-        staged.place()
+        store.write_atomic(relative, b"x")
     assert _temporaries(store.root) == []
