@@ -317,9 +317,11 @@ def test_accept_unknown_callers(node_factory: NodeFactory) -> None:
 # -- DICOM TLS ---------------------------------------------------------------------------------
 
 
-def test_tls_echo_and_store(node_factory: NodeFactory, tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
+def test_tls_echo_and_store(node_factory: NodeFactory, tmp_path: Path, processes: int) -> None:
     tls = make_tls_files(tmp_path / "pki")
     node = node_factory(start=False)
+    node.config["node"]["receiver_processes"] = processes
     tls_port = free_port()
     while tls_port == node.port:
         tls_port = free_port()
@@ -333,10 +335,17 @@ def test_tls_echo_and_store(node_factory: NodeFactory, tmp_path: Path) -> None:
     }
     node.config_path.write_text(yaml.safe_dump(node.config, sort_keys=False))
     node.start()
+    # Every process serves both listeners (the TLS one handed over like the plain one).
+    wait_until(
+        lambda: node.log_text().count("(DICOM TLS)") >= processes,
+        timeout_s=60,
+        what=f"the TLS port in {processes} processes",
+    )
 
     client = ["+tls", str(tls.client_key), str(tls.client_cert), "+cf", str(tls.ca_cert)]
-    result = echoscu(tls_port, extra_args=client)
-    assert result.returncode == 0, result.stdout + result.stderr
+    for _ in range(2 * processes):  # which process accepts is a race: give each a chance
+        result = echoscu(tls_port, extra_args=client)
+        assert result.returncode == 0, result.stdout + result.stderr
 
     series = make_mr_series(tmp_path / "gen", 2)
     stored = storescu(tls_port, [series.folder], extra_args=[*client, "-v"])
