@@ -1,13 +1,14 @@
-"""Group commit: concurrent stores share one folder fsync and one index transaction.
+"""Group commit: concurrent stores share one index transaction.
 
-Each C-STORE writes its file itself, then calls :meth:`GroupCommitter.commit`, with the
-file either in place already (``folders`` still to sync) or being made durable by another
-thread (``ready``). The first caller to find no commit running becomes the leader: it
-takes every record queued so far, fsyncs each distinct folder once, runs the statements
-for all rows in one transaction, waits for every ``ready`` file, commits, and wakes the
-others, each with its own result or error. The statements run while the disk syncs the
-files. Callers arriving meanwhile queue up for the next leader. A lone association is
-its own leader at once: no thread hand-off, so no added latency.
+Each C-STORE calls :meth:`GroupCommitter.commit` with its file either being written and
+made durable by another thread (``ready``: what the receiver does) or already in place
+with its ``folders`` still to sync (then each distinct folder is fsynced once for the
+whole batch). The first caller to find no commit running becomes the leader: it takes
+every record queued so far, syncs the folders, runs the statements for all rows in one
+transaction, waits for every ``ready`` file, commits, and wakes the others, each with its
+own result or error. The statements run while the disk works on the files. Callers
+arriving meanwhile queue up for the next leader. A lone association is its own leader at
+once: no thread hand-off, so no added latency.
 """
 
 from __future__ import annotations
