@@ -33,7 +33,7 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC210
-PLACER_THREADS = 16
+FILE_WRITER_THREADS = 16
 
 REQUIRED_UIDS = (
     ("SOPInstanceUID", 0x00080018),
@@ -62,8 +62,8 @@ class Receiver:
         self.committer = GroupCommitter(index, store)
         # Writes and syncs each file while the store's own thread reads the header values
         # and runs the index statements; only the COMMIT waits for it.
-        self._placer = ThreadPoolExecutor(
-            max_workers=PLACER_THREADS, thread_name_prefix="file-sync"
+        self._file_writer = ThreadPoolExecutor(
+            max_workers=FILE_WRITER_THREADS, thread_name_prefix="file-write"
         )
         self._lock = threading.Lock()
         self._associations: weakref.WeakKeyDictionary[Association, _AssociationStats] = (
@@ -259,11 +259,11 @@ class Receiver:
         sop_class_uid = text(ds, _TAG["SOPClassUID"]) or str(event.context.abstract_syntax)
         transfer_syntax_uid = str(event.context.transfer_syntax)
         header = file_header(sop_class_uid, sop_uid, transfer_syntax_uid, stats.calling_ae_title)
-        # The file-sync thread writes the header, then the dataset as received (two writes,
+        # A file-write thread writes the header, then the dataset as received (two writes,
         # no joined copy of the image), syncs and renames it, while this thread reads the
         # header values and runs the index statements: a second core does the disk's part.
         try:
-            ready = self._placer.submit(self.store.write_atomic, relative, header, raw)
+            ready = self._file_writer.submit(self.store.write_atomic, relative, header, raw)
         except RuntimeError as exc:  # the interpreter is exiting: no thread takes it
             raise StorageError("the node is shutting down") from exc
         try:
