@@ -59,7 +59,7 @@ class Receiver:
     def __init__(self, store: FileStore, index: Index) -> None:
         self.store = store
         self.index = index
-        self.committer = GroupCommitter(index, store)
+        self.committer = GroupCommitter(index)
         # Writes and syncs each file while the store's own thread reads the header values
         # and runs the index statements; only the COMMIT waits for it.
         self._file_writer = ThreadPoolExecutor(

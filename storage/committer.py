@@ -1,14 +1,12 @@
 """Group commit: concurrent stores share one index transaction.
 
-Each C-STORE calls :meth:`GroupCommitter.commit` with its file either being written and
-made durable by another thread (``ready``: what the receiver does) or already in place
-with its ``folders`` still to sync (then each distinct folder is fsynced once for the
-whole batch). The first caller to find no commit running becomes the leader: it takes
-every record queued so far, syncs the folders, runs the statements for all rows in one
-transaction, waits for every ``ready`` file, commits, and wakes the others, each with its
-own result or error. The statements run while the disk works on the files. Callers
-arriving meanwhile queue up for the next leader. A lone association is its own leader at
-once: no thread hand-off, so no added latency.
+Each C-STORE hands its file to a writer thread (written, fdatasynced, renamed, folder
+fsynced) and calls :meth:`GroupCommitter.commit` with that work's future. The first
+caller to find no commit running becomes the leader: it takes every record queued so
+far, runs the statements for all rows in one transaction while the disk works on the
+files, waits for every file, commits, and wakes the others, each with its own result or
+error. Callers arriving meanwhile queue up for the next leader. A lone association is
+its own leader at once: no thread hand-off, so no added latency.
 """
 
 from __future__ import annotations
@@ -18,12 +16,10 @@ import logging
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from dicom_node.errors import StorageError
 from storage.database import Index
-from storage.filestore import FileStore
 from storage.instances import InstanceRecord, InstanceWriter, Recorded
 
 logger = logging.getLogger(__name__)
@@ -32,7 +28,6 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Pending:
     record: InstanceRecord
-    folders: tuple[Path, ...]
     ready: Future[Any] | None = None
     result: Recorded | None = None
     error: Exception | None = None
@@ -40,26 +35,21 @@ class _Pending:
 
 
 class GroupCommitter:
-    def __init__(self, index: Index, store: FileStore) -> None:
-        self.store = store
+    def __init__(self, index: Index) -> None:
         self.writer = InstanceWriter(index)
         self._cond = threading.Condition()
         self._queue: list[_Pending] = []
         self._committing = False
 
-    def commit(
-        self,
-        record: InstanceRecord,
-        folders: tuple[Path, ...] = (),
-        ready: Future[Any] | None = None,
-    ) -> Recorded:
-        """Make the renames in ``folders`` and ``record``'s row durable; raise on failure.
+    def commit(self, record: InstanceRecord, ready: Future[Any] | None = None) -> Recorded:
+        """Make ``record``'s row durable once its file is; raise on failure.
 
-        ``ready``: the file's own durability, finishing on another thread; the row is
-        committed only after it succeeded (its error fails this record). Returns only once
-        everything is durable (or raises the error of this record).
+        ``ready``: the file being made durable on another thread; the row is committed only
+        after it succeeded (its error fails this record), so an index row never names a
+        file a power loss could undo. Returns only once both are durable (or raises the
+        error of this record).
         """
-        pending = _Pending(record, folders, ready)
+        pending = _Pending(record, ready)
         with self._cond:
             self._queue.append(pending)
             while not pending.done:
@@ -84,15 +74,13 @@ class GroupCommitter:
     def _commit_batch(self, batch: list[_Pending]) -> None:
         """Never raises: every pending item ends with a result or its error."""
         try:
-            # Folders first: an index row must never name a file a power loss could undo.
-            self.store.sync_folders(f for pending in batch for f in pending.folders)
-            try:
-                results = self.writer.record(
-                    [pending.record for pending in batch], lambda: _wait_ready(batch)
-                )
-            except Exception:
-                if len(batch) == 1:
-                    raise
+            results = self.writer.record(
+                [pending.record for pending in batch], lambda: _wait_ready(batch)
+            )
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+            else:
                 # One bad record must not fail the others: record each on its own.
                 logger.warning(
                     "group commit of %d records failed; recording one by one", len(batch)
@@ -102,15 +90,11 @@ class GroupCommitter:
                         pending.result = self.writer.record(
                             [pending.record], functools.partial(_wait_ready, [pending])
                         )[0]
-                    except Exception as exc:
-                        pending.error = exc
-            else:
-                for pending, result in zip(batch, results, strict=True):
-                    pending.result = result
-        except Exception as exc:
-            for pending in batch:
-                if pending.result is None and pending.error is None:
-                    pending.error = exc
+                    except Exception as own:
+                        pending.error = own
+        else:
+            for pending, result in zip(batch, results, strict=True):
+                pending.result = result
         for pending in batch:
             pending.done = True
 

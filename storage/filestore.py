@@ -80,8 +80,7 @@ class FileStore:
         """Write ``parts``, one after the other, to disk and rename them into place at ``relative``.
 
         Returns the file and the folders whose entries changed: the rename is durable only
-        after ``sync_folders`` on them. Split from ``write_atomic`` so concurrent stores can
-        fsync a shared folder once for all of them (group commit).
+        after ``sync_folders`` on them, which ``write_atomic`` does next.
         """
         final = self.root / relative
         folder = final.parent

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -82,15 +82,16 @@ def test_counts_follow_duplicates_and_versions(index: Index) -> None:
 
 def test_concurrent_stores_commit_together(index: Index, tmp_path: Path) -> None:
     store = FileStore(tmp_path / "store")
-    committer = GroupCommitter(index, store)
+    committer = GroupCommitter(index)
+    file_writer = ThreadPoolExecutor(max_workers=4)
     errors: list[Exception] = []
 
     def send(k: int) -> None:
         try:
             for i in range(30):
                 relative = store.relative_path("1.2", f"9.{k % 2}", f"9.{k % 2}.{k}.{i}")
-                _, folders = store.write_file(relative, b"DICM")
-                committer.commit(_rec(f"9.{k % 2}", f"{k}.{i}", path=relative), folders)
+                ready = file_writer.submit(store.write_atomic, relative, b"DICM")
+                committer.commit(_rec(f"9.{k % 2}", f"{k}.{i}", path=relative), ready)
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
@@ -104,15 +105,15 @@ def test_concurrent_stores_commit_together(index: Index, tmp_path: Path) -> None
     assert len(list((tmp_path / "store").rglob("*.dcm"))) == 120
 
 
-def test_one_bad_record_fails_alone(index: Index, tmp_path: Path) -> None:
-    committer = GroupCommitter(index, FileStore(tmp_path / "store"))
+def test_one_bad_record_fails_alone(index: Index) -> None:
+    committer = GroupCommitter(index)
     # NOT NULL violation: retried, then refused
     bad = replace(_rec("1.2.3", "bad"), path=None)  # type: ignore[arg-type]
     with pytest.raises(StorageError):
-        committer.commit(bad, ())
+        committer.commit(bad)
     # In one batch: the good records are recorded, the bad one gets its own error.
     batch = [_rec("1.2.3", 1), bad, _rec("1.2.3", 2)]
-    pending = [_Pending(record, ()) for record in batch]
+    pending = [_Pending(record) for record in batch]
     committer._commit_batch(pending)
     assert [p.done for p in pending] == [True, True, True]
     assert pending[0].result is not None and pending[2].result is not None
@@ -120,13 +121,13 @@ def test_one_bad_record_fails_alone(index: Index, tmp_path: Path) -> None:
     assert _counts(index) == {("1.2.3", 1): (2, 2, "receiving")}
 
 
-def test_rows_wait_for_their_files(index: Index, tmp_path: Path) -> None:
+def test_rows_wait_for_their_files(index: Index) -> None:
     """A file still being synced on another thread holds its row back; a failed one drops it."""
-    committer = GroupCommitter(index, FileStore(tmp_path / "store"))
+    committer = GroupCommitter(index)
     syncing: Future[object] = Future()
     results: list[object] = []
     thread = threading.Thread(
-        target=lambda: results.append(committer.commit(_rec("1.2.4", 1), (), syncing))
+        target=lambda: results.append(committer.commit(_rec("1.2.4", 1), syncing))
     )
     thread.start()
     time.sleep(0.3)
@@ -138,16 +139,16 @@ def test_rows_wait_for_their_files(index: Index, tmp_path: Path) -> None:
     failed: Future[object] = Future()
     failed.set_exception(StorageError("cannot write x.dcm: Input/output error"))
     with pytest.raises(StorageError, match="Input/output error"):
-        committer.commit(_rec("1.2.4", 2), (), failed)
+        committer.commit(_rec("1.2.4", 2), failed)
     assert _counts(index) == {("1.2.4", 1): (1, 1, "receiving")}
 
     # In one batch, only the record whose file failed is left out.
     done: Future[object] = Future()
     done.set_result(None)
     pending = [
-        _Pending(_rec("1.2.4", 3), (), done),
-        _Pending(_rec("1.2.4", 4), (), failed),
-        _Pending(_rec("1.2.4", 5), ()),
+        _Pending(_rec("1.2.4", 3), done),
+        _Pending(_rec("1.2.4", 4), failed),
+        _Pending(_rec("1.2.4", 5)),
     ]
     committer._commit_batch(pending)
     assert pending[0].result is not None and pending[2].result is not None
