@@ -17,6 +17,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 
@@ -61,6 +62,14 @@ def _scu() -> AE:
     return ae
 
 
+def _associate(running: RunningSCP, port: int) -> tuple[Association, Association]:
+    """An established association: the peer's side and the node's acceptor."""
+    assoc = _scu().associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    (server_side,) = wait_until(lambda: running.ae.active_associations, timeout_s=5)
+    return assoc, server_side
+
+
 def test_idle_association_sleeps_instead_of_polling(
     scp: tuple[RunningSCP, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -79,10 +88,8 @@ def test_idle_association_sleeps_instead_of_polling(
 
     monkeypatch.setattr(_EventDrivenDUL, "_is_transport_event", counted_check)
     monkeypatch.setattr(_EventDrivenDIMSE, "get_msg", counted_get)
-    assoc = _scu().associate("127.0.0.1", port, ae_title="DICOMNODE")
-    assert assoc.is_established
+    assoc, server_side = _associate(running, port)
     try:
-        (server_side,) = wait_until(lambda: running.ae.active_associations, timeout_s=5)
         assert isinstance(server_side.dul, _EventDrivenDUL)
         assert isinstance(server_side.dimse, _EventDrivenDIMSE)
         assert assoc.send_c_echo().Status == 0x0000
@@ -102,9 +109,7 @@ def test_idle_association_sleeps_instead_of_polling(
 
 def test_abort_ends_the_acceptor(scp: tuple[RunningSCP, int]) -> None:
     running, port = scp
-    assoc = _scu().associate("127.0.0.1", port, ae_title="DICOMNODE")
-    assert assoc.is_established
-    wait_until(lambda: running.ae.active_associations, timeout_s=5)
+    assoc, _ = _associate(running, port)
     assoc.abort()
     wait_until(lambda: not running.ae.active_associations, timeout_s=5, what="abort")
 
@@ -112,9 +117,7 @@ def test_abort_ends_the_acceptor(scp: tuple[RunningSCP, int]) -> None:
 def test_peer_vanishing_ends_the_acceptor(scp: tuple[RunningSCP, int]) -> None:
     """The connection drops mid-association (cable pulled, sender killed)."""
     running, port = scp
-    assoc = _scu().associate("127.0.0.1", port, ae_title="DICOMNODE")
-    assert assoc.is_established
-    (server_side,) = wait_until(lambda: running.ae.active_associations, timeout_s=5)
+    assoc, server_side = _associate(running, port)
     raw = assoc.dul.socket.socket
     assert raw is not None
     raw.shutdown(socket.SHUT_RDWR)
