@@ -60,7 +60,8 @@ class NodeSettings(_Strict):
     max_pdu_bytes: int = Field(262144, ge=0)
     accept_unknown_callers: bool = False
     network_timeout_s: float = Field(60.0, gt=0)
-    # Each process takes up to max_associations; 1 was fastest with SQLite (group commit).
+    # Each process takes up to max_associations. More than 1 pays only with several senders
+    # at once (four senders, 2 cores: 4 processes ~1.2-1.3x one, benchmarks/receive.py).
     receiver_processes: int = Field(1, ge=1, le=64)
     tls: TLSSettings = TLSSettings()
 
