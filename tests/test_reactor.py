@@ -6,6 +6,7 @@ Talks to the node's real SCP (in this process) with pynetdicom as the peer.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,3 +180,46 @@ def test_store_answered_by_the_fast_path(
     finally:
         assoc.release()
     assert used == [1]
+
+
+def _reader(sock: socket.socket) -> reactor._LargeReadSocket:
+    """The node's PDU reader on one end of a socket pair (no association needed)."""
+    reader = reactor._LargeReadSocket.__new__(reactor._LargeReadSocket)
+    reader.socket = sock
+    return reader
+
+
+def test_large_read_returns_a_pdu_sent_in_pieces() -> None:
+    ours, peer = socket.socketpair()
+    payload = bytes(range(256)) * 1200  # 300 KiB, more than one socket buffer
+    with ours, peer:
+
+        def send_in_pieces() -> None:
+            for i in range(0, len(payload), 7000):
+                peer.sendall(payload[i : i + 7000])
+
+        sender = threading.Thread(target=send_in_pieces)
+        sender.start()
+        received = _reader(ours).recv(len(payload))
+        sender.join()
+    assert isinstance(received, bytearray)
+    assert received == payload
+
+
+def test_large_read_stops_short_when_the_peer_closes() -> None:
+    ours, peer = socket.socketpair()
+    with ours:
+        peer.sendall(b"x" * 1000)
+        peer.close()
+        received = _reader(ours).recv(5000)
+    assert received == b"x" * 1000  # short: pynetdicom's caller reports the broken PDU
+
+
+def test_acceptor_reads_with_the_large_reader(scp: tuple[RunningSCP, int]) -> None:
+    running, port = scp
+    assoc, server_side = _associate(running, port)
+    try:
+        assert type(server_side.dul.socket) is reactor._LargeReadSocket
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
