@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 import weakref
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from pydicom import Dataset
@@ -33,7 +33,6 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC210
-FILE_WRITER_THREADS = 16
 
 REQUIRED_UIDS = (
     ("SOPInstanceUID", 0x00080018),
@@ -56,14 +55,14 @@ class _AssociationStats:
 class Receiver:
     """Holds what the handlers need; passed to them explicitly (no globals)."""
 
-    def __init__(self, store: FileStore, index: Index) -> None:
+    def __init__(self, store: FileStore, index: Index, max_associations: int = 16) -> None:
         self.store = store
         self.index = index
         self.committer = GroupCommitter(index)
-        # Writes and syncs each file while the store's own thread reads the header values
-        # and runs the index statements; only the COMMIT waits for it.
-        self._file_writer = ThreadPoolExecutor(
-            max_workers=FILE_WRITER_THREADS, thread_name_prefix="file-write"
+        # Runs each store's index statements while the store's own thread writes the file;
+        # one per association at most (threads start only as stores overlap).
+        self._index_threads = ThreadPoolExecutor(
+            max_workers=max_associations, thread_name_prefix="index-write"
         )
         self._lock = threading.Lock()
         self._associations: weakref.WeakKeyDictionary[Association, _AssociationStats] = (
@@ -259,27 +258,33 @@ class Receiver:
         sop_class_uid = text(ds, _TAG["SOPClassUID"]) or str(event.context.abstract_syntax)
         transfer_syntax_uid = str(event.context.transfer_syntax)
         header = file_header(sop_class_uid, sop_uid, transfer_syntax_uid, stats.calling_ae_title)
-        # A file-write thread writes the header, then the dataset as received (two writes,
-        # no joined copy of the image), syncs and renames it, while this thread reads the
-        # header values and runs the index statements: a second core does the disk's part.
+        record = _instance_record(
+            ds,
+            uids,
+            sop_class_uid,
+            transfer_syntax_uid,
+            relative,
+            len(header) + len(raw),
+            stats,
+        )
+        # An index thread runs the statements (Python: it needs the interpreter) while this
+        # thread writes and syncs the file (system calls: they let go of it); the COMMIT
+        # waits for the file. This way round neither waits to be scheduled before starting.
+        file_done: Future[None] = Future()
         try:
-            ready = self._file_writer.submit(self.store.write_atomic, relative, header, raw)
+            committing = self._index_threads.submit(self.committer.commit, record, file_done)
         except RuntimeError as exc:  # the interpreter is exiting: no thread takes it
             raise StorageError("the node is shutting down") from exc
         try:
-            record = _instance_record(
-                ds,
-                uids,
-                sop_class_uid,
-                transfer_syntax_uid,
-                relative,
-                len(header) + len(raw),
-                stats,
-            )
-            # Shares the index transaction with concurrent stores; COMMIT waits for the file.
-            recorded = self.committer.commit(record, ready=ready)
-        except Exception:
-            wait([ready])  # the rename must not land after the removal below
+            try:
+                self.store.write_atomic(relative, header, raw)
+            except BaseException as exc:
+                file_done.set_exception(exc)  # the index thread rolls the row back
+                raise
+            file_done.set_result(None)
+            recorded = committing.result()
+        except BaseException:
+            wait([committing])  # its transaction has ended, one way or the other
             if not existed:  # keep store and index in step: no unindexed new file
                 self.store.remove(relative)
             raise

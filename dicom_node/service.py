@@ -62,7 +62,7 @@ class Service:
         swept = self.store.sweep_temporaries()
         if swept:
             logger.info("removed %d partial files left by an earlier crash", swept)
-        self.receiver = Receiver(self.store, self.index)
+        self.receiver = Receiver(self.store, self.index, settings.node.max_associations)
         self.completion = CompletionMonitor(self.index, settings.completion, completion_listeners)
         self._component_factories = list(components or [])
         self.components: list[Component] = []
@@ -148,7 +148,7 @@ def _receiver_process(settings_json: str, sockets: list[socket.socket]) -> None:
     settings = Settings.model_validate_json(settings_json)
     configure_logging(settings.logging)
     index, store = open_store(settings)
-    receiver = Receiver(store, index)
+    receiver = Receiver(store, index, settings.node.max_associations)
     scp = start_scp(settings, receiver, adopt=sockets)
     wake = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: wake.set())
