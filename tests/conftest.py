@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from inprocess import InProcessNode, inprocess_node
 from peers import SHARED_DATA, NodeProcess, Orthanc, PeerUnavailable
+from pynetdicom import _config as pynetdicom_config
 
 NodeFactory = Callable[..., NodeProcess]
 OrthancFactory = Callable[..., Orthanc]
@@ -36,6 +38,15 @@ def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
 def node(node_factory: NodeFactory) -> NodeProcess:
     """A started node with the default test config (calling AE STORESCU allowed)."""
     return node_factory()
+
+
+@pytest.fixture
+def scp_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[InProcessNode]:
+    """The node's Storage SCP in this process (see ``inprocess``), stopped at teardown."""
+    # As the node runs at its INFO log level: pynetdicom's per-message log handlers unbound.
+    monkeypatch.setattr(pynetdicom_config, "LOG_HANDLER_LEVEL", "none")
+    with inprocess_node(tmp_path / "data") as node:
+        yield node
 
 
 @pytest.fixture

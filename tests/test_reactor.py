@@ -8,53 +8,26 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from peers import free_port, wait_until
-from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from inprocess import InProcessNode, minimal_mr_dataset, mr_store_association
+from peers import wait_until
+from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 
 from dicom_node import reactor
-from dicom_node.config import Settings
 from dicom_node.reactor import (
     IDLE_WAIT_S,
     _EventDrivenDIMSE,
     _EventDrivenDUL,
     encode_store_success,
 )
-from dicom_node.receive import Receiver
-from dicom_node.scp import RunningSCP, start_scp
-from dicom_node.service import open_store
+from dicom_node.scp import RunningSCP
 
 VERIFICATION = "1.2.840.10008.1.1"
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-
-
-@pytest.fixture
-def scp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[RunningSCP, int]]:
-    # As the node runs at its INFO log level: pynetdicom's per-message log handlers unbound.
-    monkeypatch.setattr(pynetdicom_config, "LOG_HANDLER_LEVEL", "none")
-    port = free_port()
-    settings = Settings.model_validate(
-        {
-            "node": {"port": port, "accept_unknown_callers": True},
-            "storage": {"data_dir": str(tmp_path / "data")},
-        }
-    )
-    index, store = open_store(settings)
-    running = start_scp(settings, Receiver(store, index))
-    yield running, port
-    running.abort_remaining()
-    running.stop_accepting()
-    index.dispose()
 
 
 def _scu() -> AE:
@@ -72,9 +45,9 @@ def _associate(running: RunningSCP, port: int) -> tuple[Association, Association
 
 
 def test_idle_association_sleeps_instead_of_polling(
-    scp: tuple[RunningSCP, int], monkeypatch: pytest.MonkeyPatch
+    scp_in_process: InProcessNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    running, port = scp
+    running, port = scp_in_process.running, scp_in_process.port
     turns = {"dul": 0, "reactor": 0}
     dul_check = _EventDrivenDUL._is_transport_event
     get_msg = _EventDrivenDIMSE.get_msg
@@ -108,16 +81,16 @@ def test_idle_association_sleeps_instead_of_polling(
     wait_until(lambda: not running.ae.active_associations, timeout_s=5, what="release")
 
 
-def test_abort_ends_the_acceptor(scp: tuple[RunningSCP, int]) -> None:
-    running, port = scp
+def test_abort_ends_the_acceptor(scp_in_process: InProcessNode) -> None:
+    running, port = scp_in_process.running, scp_in_process.port
     assoc, _ = _associate(running, port)
     assoc.abort()
     wait_until(lambda: not running.ae.active_associations, timeout_s=5, what="abort")
 
 
-def test_peer_vanishing_ends_the_acceptor(scp: tuple[RunningSCP, int]) -> None:
+def test_peer_vanishing_ends_the_acceptor(scp_in_process: InProcessNode) -> None:
     """The connection drops mid-association (cable pulled, sender killed)."""
-    running, port = scp
+    running, port = scp_in_process.running, scp_in_process.port
     assoc, server_side = _associate(running, port)
     raw = assoc.dul.socket.socket
     assert raw is not None
@@ -150,9 +123,9 @@ def test_store_success_response_is_what_pynetdicom_encodes(
 
 
 def test_store_answered_by_the_fast_path(
-    scp: tuple[RunningSCP, int], monkeypatch: pytest.MonkeyPatch
+    scp_in_process: InProcessNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _, port = scp
+    port = scp_in_process.port
     used: list[int] = []
 
     def counting(message_id: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
@@ -160,25 +133,12 @@ def test_store_answered_by_the_fast_path(
         return encode_store_success(message_id, sop_class_uid, sop_instance_uid)
 
     monkeypatch.setattr(reactor, "encode_store_success", counting)
-    ds = Dataset()
-    ds.SOPClassUID = MR_IMAGE_STORAGE
-    ds.SOPInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.Modality = "MR"
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ae = AE(ae_title="PEER")
-    ae.add_requested_context(MR_IMAGE_STORAGE, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
-    assert assoc.is_established
-    try:
+    ds = minimal_mr_dataset()
+    with mr_store_association(port) as assoc:
         assert assoc.send_c_store(ds).Status == 0x0000
         ds.SOPInstanceUID = generate_uid()
         del ds.SeriesInstanceUID  # refused: answered by pynetdicom's encoder, status intact
         assert assoc.send_c_store(ds).Status == 0xA900
-    finally:
-        assoc.release()
     assert used == [1]
 
 
@@ -215,8 +175,8 @@ def test_large_read_stops_short_when_the_peer_closes() -> None:
     assert received == b"x" * 1000  # short: pynetdicom's caller reports the broken PDU
 
 
-def test_acceptor_reads_with_the_large_reader(scp: tuple[RunningSCP, int]) -> None:
-    running, port = scp
+def test_acceptor_reads_with_the_large_reader(scp_in_process: InProcessNode) -> None:
+    running, port = scp_in_process.running, scp_in_process.port
     assoc, server_side = _associate(running, port)
     try:
         assert type(server_side.dul.socket) is reactor._LargeReadSocket
