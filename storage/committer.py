@@ -1,12 +1,12 @@
 """Group commit: concurrent stores share one index transaction.
 
-Each C-STORE hands its file to a writer thread (written, fdatasynced, renamed, folder
-fsynced) and calls :meth:`GroupCommitter.commit` with that work's future. The first
-caller to find no commit running becomes the leader: it takes every record queued so
-far, runs the statements for all rows in one transaction while the disk works on the
-files, waits for every file, commits, and wakes the others, each with its own result or
-error. Callers arriving meanwhile queue up for the next leader. A lone association is
-its own leader at once: no thread hand-off, so no added latency.
+Each C-STORE calls :meth:`GroupCommitter.commit` on an index thread with a future for its
+file, which the store's own thread is writing meanwhile (written, fdatasynced, renamed,
+folder fsynced). The first caller to find no commit running becomes the leader: it takes
+every record queued so far, runs the statements for all rows in one transaction while the
+files are written, waits for every file, commits, and wakes the others, each with its own
+result or error. Callers arriving meanwhile queue up for the next leader. A lone
+association is its own leader at once: it never waits for another store's commit.
 """
 
 from __future__ import annotations
