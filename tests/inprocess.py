@@ -37,12 +37,17 @@ class InProcessNode:
 
 
 @contextmanager
-def inprocess_node(data_dir: Path) -> Iterator[InProcessNode]:
-    """A Storage SCP accepting any calling AE on a free port, its store under ``data_dir``."""
+def inprocess_node(
+    data_dir: Path, node: dict[str, object] | None = None
+) -> Iterator[InProcessNode]:
+    """A Storage SCP accepting any calling AE on a free port, its store under ``data_dir``.
+
+    ``node``: more ``node:`` settings (``max_pdu_bytes``, ...).
+    """
     port = free_port()
     settings = Settings.model_validate(
         {
-            "node": {"port": port, "accept_unknown_callers": True},
+            "node": {"port": port, "accept_unknown_callers": True, **(node or {})},
             "storage": {"data_dir": str(data_dir)},
         }
     )
