@@ -90,10 +90,10 @@ def split_pdvs(body: memoryview) -> list[PDV]:
     return items
 
 
-def join_pdvs(items: list[memoryview]) -> bytes:
-    """A P-DATA-TF PDU holding these raw PDV items."""
+def join_pdvs(items: list[memoryview]) -> bytearray:
+    """A P-DATA-TF PDU holding these raw PDV items (a bytearray, as pynetdicom decodes)."""
     length = sum(len(item) for item in items)
-    return b"".join((_PDU_HEAD.pack(P_DATA_TF, 0, length), *items))
+    return bytearray().join((_PDU_HEAD.pack(P_DATA_TF, 0, length), *items))
 
 
 def command_pdu(context_id: int, command: bytes) -> bytes:

@@ -48,6 +48,8 @@ from pynetdicom.transport import AssociationSocket, RequestHandler
 from dicom_node.pdata import (
     P_DATA_TF,
     PDV,
+    PDV_COMMAND,
+    PDV_LAST,
     MalformedPDU,
     StoreRequest,
     command_pdu,
@@ -73,7 +75,7 @@ _REQUIRED = (
     (Association, "get_handlers"),
     (AssociationSocket, "recv"),
 )
-_COMMAND_LAST_FRAGMENT = b"\x03"  # PDV message control header: command, last fragment
+_COMMAND_LAST_FRAGMENT = bytes([PDV_COMMAND | PDV_LAST])  # PDV message control header
 _STATUS_OPTIONAL = ("ErrorComment", "OffendingElement")
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 _PDU_HEADER = struct.Struct(">BBL")
@@ -185,7 +187,7 @@ class _EventDrivenDUL(DULServiceProvider):
             self.event_queue.put("Evt19")  # invalid PDU: the state machine sends A-ABORT
             return
         if rest:
-            self._to_pynetdicom(bytearray(join_pdvs(rest)))
+            self._to_pynetdicom(join_pdvs(rest))
 
     def _read_pdu(self) -> tuple[bytearray, bytearray] | None:
         """Header and body of the next PDU; ``None`` with the event queued if there is none.
@@ -398,7 +400,7 @@ class _EventDrivenDIMSE(DIMSEServiceProvider):
                 primitive.AffectedSOPClassUID,
                 primitive.AffectedSOPInstanceUID,
             )
-            dul: _EventDrivenDUL = self.dul  # type: ignore[assignment]
+            dul = self.dul
             if isinstance(dul, _EventDrivenDUL) and dul.send_now(command_pdu(context_id, command)):
                 return  # a C-STORE served on the DUL's thread: no hand-off to send it
             pdata = P_DATA()

@@ -93,7 +93,7 @@ def _stored_bytes(node: InProcessNode, ds: Dataset) -> bytes:
     relative = node.store.relative_path(
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
     )
-    return Path(node.store.absolute(relative)).read_bytes()
+    return node.store.absolute(relative).read_bytes()
 
 
 def _indexed(node: InProcessNode, sop_uid: str) -> bool:
