@@ -122,7 +122,7 @@ def test_store_success_response_is_what_pynetdicom_encodes(
     assert pdv == b"\x03" + encode_store_success(message_id, sop_class, sop_instance)
 
 
-def test_store_answered_by_the_fast_path(
+def test_store_success_answered_by_the_direct_encoder(
     scp_in_process: InProcessNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port = scp_in_process.port
