@@ -15,11 +15,12 @@ PDV_COMMAND = 0x01  # message control header bit 0: command (else data set)
 PDV_LAST = 0x02  # bit 1: last fragment of the command or data set
 
 _PDV_HEAD = struct.Struct(">IBB")  # item length, presentation context ID, control header
-_PDU_HEAD = struct.Struct(">BBI")
+PDU_HEADER = struct.Struct(">BBI")  # PDU type, reserved, PDU length
 _ELEMENT = struct.Struct("<HHI")  # command sets are Implicit VR Little Endian (PS3.7 6.3.1)
 _US = struct.Struct("<H")
 
 C_STORE_RQ = 0x0001
+C_STORE_RSP = 0x8001
 NO_DATA_SET = 0x0101
 
 # Command elements (group 0000) a C-STORE-RQ may carry (PS3.7 9.3.1.1).
@@ -29,6 +30,8 @@ _COMMAND_FIELD = 0x0100
 _MESSAGE_ID = 0x0110
 _PRIORITY = 0x0700
 _DATA_SET_TYPE = 0x0800
+_MESSAGE_ID_RESPONDED_TO = 0x0120
+_STATUS = 0x0900
 _AFFECTED_SOP_INSTANCE = 0x1000
 _MOVE_ORIGINATOR_AE = 0x1030
 _MOVE_ORIGINATOR_ID = 0x1031
@@ -93,13 +96,13 @@ def split_pdvs(body: memoryview) -> list[PDV]:
 def join_pdvs(items: list[memoryview]) -> bytearray:
     """A P-DATA-TF PDU holding these raw PDV items (a bytearray, as pynetdicom decodes)."""
     length = sum(len(item) for item in items)
-    return bytearray().join((_PDU_HEAD.pack(P_DATA_TF, 0, length), *items))
+    return bytearray().join((PDU_HEADER.pack(P_DATA_TF, 0, length), *items))
 
 
 def command_pdu(context_id: int, command: bytes) -> bytes:
     """A P-DATA-TF PDU carrying a whole command set in one PDV."""
     item = _PDV_HEAD.pack(len(command) + 2, context_id, PDV_COMMAND | PDV_LAST) + command
-    return _PDU_HEAD.pack(P_DATA_TF, 0, len(item)) + item
+    return PDU_HEADER.pack(P_DATA_TF, 0, len(item)) + item
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,3 +161,27 @@ def parse_store_request(command: bytes) -> StoreRequest | None:
         move_originator_ae or None,
         move_originator_id,
     )
+
+
+def _element(element: int, value: bytes) -> bytes:
+    return _ELEMENT.pack(0x0000, element, len(value)) + value
+
+
+def _uid_value(uid: object) -> bytes:
+    value = str(uid).encode("ascii")
+    return value + b"\x00" if len(value) % 2 else value
+
+
+def encode_store_success(message_id: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
+    """The command set of a successful C-STORE-RSP, as pynetdicom encodes it (tested)."""
+    body = b"".join(
+        (
+            _element(_AFFECTED_SOP_CLASS, _uid_value(sop_class_uid)),
+            _element(_COMMAND_FIELD, _US.pack(C_STORE_RSP)),
+            _element(_MESSAGE_ID_RESPONDED_TO, _US.pack(message_id)),
+            _element(_DATA_SET_TYPE, _US.pack(NO_DATA_SET)),
+            _element(_STATUS, _US.pack(0x0000)),
+            _element(_AFFECTED_SOP_INSTANCE, _uid_value(sop_instance_uid)),
+        )
+    )
+    return _element(_GROUP_LENGTH, struct.pack("<I", len(body))) + body

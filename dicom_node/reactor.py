@@ -27,7 +27,6 @@ import queue
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -47,12 +46,14 @@ from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from dicom_node.pdata import (
     P_DATA_TF,
+    PDU_HEADER,
     PDV,
     PDV_COMMAND,
     PDV_LAST,
     MalformedPDU,
     StoreRequest,
     command_pdu,
+    encode_store_success,
     join_pdvs,
     parse_store_request,
     split_pdvs,
@@ -78,7 +79,6 @@ _REQUIRED = (
 _COMMAND_LAST_FRAGMENT = bytes([PDV_COMMAND | PDV_LAST])  # PDV message control header
 _STATUS_OPTIONAL = ("ErrorComment", "OffendingElement")
 _PDU_TYPES = frozenset(range(0x01, 0x08))
-_PDU_HEADER = struct.Struct(">BBL")
 # Handlers that watch PDUs or DIMSE messages go by if a C-STORE bypasses pynetdicom's
 # decoding: with any bound, every message takes pynetdicom's own path.
 _OBSERVERS = (
@@ -199,11 +199,11 @@ class _EventDrivenDUL(DULServiceProvider):
             self.event_queue.put("Evt17")
             return None
         try:
-            head = sock.recv(_PDU_HEADER.size)
-            if len(head) < _PDU_HEADER.size:
+            head = sock.recv(PDU_HEADER.size)
+            if len(head) < PDU_HEADER.size:
                 self.event_queue.put("Evt17")  # transport connection closed
                 return None
-            pdu_type, _, length = _PDU_HEADER.unpack(head)
+            pdu_type, _, length = PDU_HEADER.unpack(head)
             if pdu_type not in _PDU_TYPES:
                 logger.error("unknown PDU type 0x%02X received: aborting association", pdu_type)
                 self.event_queue.put("Evt19")
@@ -332,33 +332,6 @@ class _LargeReadSocket(AssociationSocket):
         if nr_read < nr_bytes:
             del buffer[nr_read:]
         return buffer
-
-
-def _implicit_element(group_element: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", 0x0000, group_element, len(value)) + value
-
-
-def _uid_value(uid: object) -> bytes:
-    value = str(uid).encode("ascii")
-    return value + b"\x00" if len(value) % 2 else value
-
-
-def encode_store_success(message_id: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
-    """The command set of a successful C-STORE-RSP, as pynetdicom encodes it (tested).
-
-    Command sets are always Implicit VR Little Endian (PS3.7 6.3.1).
-    """
-    body = b"".join(
-        (
-            _implicit_element(0x0002, _uid_value(sop_class_uid)),
-            _implicit_element(0x0100, struct.pack("<H", 0x8001)),  # C-STORE-RSP
-            _implicit_element(0x0120, struct.pack("<H", message_id)),
-            _implicit_element(0x0800, struct.pack("<H", 0x0101)),  # no dataset follows
-            _implicit_element(0x0900, struct.pack("<H", 0x0000)),
-            _implicit_element(0x1000, _uid_value(sop_instance_uid)),
-        )
-    )
-    return _implicit_element(0x0000, struct.pack("<I", len(body))) + body
 
 
 class _EventDrivenDIMSE(DIMSEServiceProvider):

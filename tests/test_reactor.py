@@ -19,11 +19,11 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 
 from dicom_node import reactor
+from dicom_node.pdata import encode_store_success
 from dicom_node.reactor import (
     IDLE_WAIT_S,
     _EventDrivenDIMSE,
     _EventDrivenDUL,
-    encode_store_success,
 )
 from dicom_node.scp import RunningSCP
 
