@@ -5,15 +5,13 @@ from __future__ import annotations
 import copy
 
 import pytest
-from inprocess import InProcessNode
+from inprocess import MR_IMAGE_STORAGE, InProcessNode
 from peers import wait_until
 from pydicom import uid as pydicom_uid
 from pynetdicom import AE
 from pynetdicom.presentation import PresentationContext
 
 from dicom_node.scp import TRANSFER_SYNTAXES
-
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
 def _count_uid_validations(monkeypatch: pytest.MonkeyPatch) -> list[str]:

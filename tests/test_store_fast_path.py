@@ -13,7 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from inprocess import InProcessNode, inprocess_node, minimal_mr_dataset, mr_store_association
+from inprocess import (
+    MR_IMAGE_STORAGE,
+    InProcessNode,
+    inprocess_node,
+    minimal_mr_dataset,
+    mr_store_association,
+)
 from peers import wait_until
 from pydicom import Dataset
 from pynetdicom import AE, evt
@@ -30,7 +36,6 @@ from dicom_node import pdata
 from dicom_node.reactor import _EventDrivenDUL, _IncomingStore
 from storage.models import Instance
 
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 VERIFICATION = "1.2.840.10008.1.1"
 
 
