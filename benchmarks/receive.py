@@ -8,7 +8,9 @@ Sender: DCMTK ``storescu +sd +r -xe`` (TCP_NODELAY=1), files in Explicit VR Litt
    process), ``storescp`` (TCP_NODELAY=1, writing to a folder) and Orthanc;
 2. four parallel storescu processes, ``--images``/4 images each (the same 300 images split
    in four folders), to: ``storescp --fork``, the node with ``receiver_processes: 4`` and
-   with 1, and Orthanc;
+   with 1, and Orthanc; where a C compiler is installed also to ``storescp --fork`` with
+   ``sync_on_close.c`` preloaded, which fdatasyncs each file and fsyncs its folder as the
+   node does (storescp syncs nothing): printed for context, it has no target;
    With ``--fsync both`` (default) the node runs both with ``storage.fsync: true`` (every
    image on disk before its acknowledgement, as the default config) and ``false`` (no
    fsync, like storescp; Orthanc 1.10 fdatasyncs each file but not its index); ``on``
@@ -27,6 +29,7 @@ ratios and their median (single runs on this VM move by +-15%).
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,19 +81,40 @@ def send(port: int, folders: list[Path], aec: str) -> float:
     return elapsed
 
 
+def build_sync_shim(folder: Path) -> Path | None:
+    """Compile ``sync_on_close.c`` (storescp syncing like the node); None without a compiler."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    shim = folder / "sync_on_close.so"
+    source = Path(__file__).with_name("sync_on_close.c")
+    built = subprocess.run(
+        [compiler, "-O2", "-shared", "-fPIC", "-o", str(shim), str(source), "-ldl"],
+        capture_output=True,
+        text=True,
+    )
+    if built.returncode != 0:
+        print(f"(no synced storescp: {compiler} failed: {built.stderr.strip()[-300:]})")
+        return None
+    return shim
+
+
 class StoreSCP:
-    def __init__(self, workdir: Path, *, fork: bool) -> None:
+    def __init__(self, workdir: Path, *, fork: bool, preload: Path | None = None) -> None:
         self.port = free_port()
         self.out = workdir / "out"
         self.out.mkdir(parents=True)
         args = [require_binary(STORESCP), "-dhl", "-od", str(self.out)]
         if fork:
             args.append("--fork")
+        env = dcmtk_env()
+        if preload is not None:
+            env["LD_PRELOAD"] = str(preload)
         self.proc = subprocess.Popen(
             [*args, str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            env=dcmtk_env(),
+            env=env,
             start_new_session=True,
         )
         wait_until(lambda: port_open(self.port), timeout_s=30, what="storescp")
@@ -167,6 +191,7 @@ def run_round(
     modes: list[bool],
     maxa: int,
     results: dict[str, list[float]],
+    shim: Path | None = None,
 ) -> None:
     """Sections 1 and 2 once, each receiver fresh and empty."""
     n = len(series.paths)
@@ -207,6 +232,12 @@ def run_round(
         timed(f"{p} assoc -> storescp --fork", n, lambda: send(scp.port, parts, "ANY"), results)
     finally:
         scp.stop()
+    if shim is not None:
+        scp = StoreSCP(tmp / "storescp4-synced", fork=True, preload=shim)
+        try:
+            timed(_synced(p), n, lambda: send(scp.port, parts, "ANY"), results)
+        finally:
+            scp.stop()
     orthanc = Orthanc(tmp / "orthanc4").start()
     try:
         timed(
@@ -264,10 +295,11 @@ def main() -> None:
             f"uint16 ({mb:.0f} MB per {args.images}) in {time.perf_counter() - t0:.0f} s"
         )
         results: dict[str, list[float]] = {}
+        shim = build_sync_shim(tmp)
         for round_number in range(1, args.rounds + 1):
             if args.rounds > 1:
                 print(f"-- round {round_number} of {args.rounds}")
-            run_round(tmp / f"round{round_number}", series, parts, modes, maxa, results)
+            run_round(tmp / f"round{round_number}", series, parts, modes, maxa, results, shim)
 
         # 3. memory while receiving
         rss_node = node(tmp / "node-rss", 1, maxa, modes[0])
@@ -299,6 +331,13 @@ def main() -> None:
         print(f"one association{mode}:  node / Orthanc        = {node_one}")
         print(f"{p} associations{mode}: node / storescp --fork = {ratio_par}")
         print("  (targets: one association >= 1.0, parallel >= 0.5)")
+        if _synced(p) in results:
+            synced = ratios(node_par, results[_synced(p)])
+            print(f"{p} associations{mode}: node / storescp --fork syncing = {synced}")
+    if _synced(p) in results:
+        cost = ratios(results[_synced(p)], results[f"{p} assoc -> storescp --fork"])
+        print(f"{p} associations: storescp --fork syncing / storescp --fork = {cost}")
+        print("  (no target: what the node's per-image file and folder sync costs DCMTK)")
     peak_mb = rss.peak / 1e6
     print(f"node peak RSS (process tree) receiving {args.rss_images} images = {peak_mb:.0f} MB")
     print("  (target < 300 MB)")
@@ -311,6 +350,10 @@ def ratios(ours: list[float], theirs: list[float]) -> str:
         return f"{each[0]:.2f}"
     listed = " ".join(f"{r:.2f}" for r in each)
     return f"{statistics.median(each):.2f} median of {len(each)} rounds ({listed})"
+
+
+def _synced(parallel: int) -> str:
+    return f"{parallel} assoc -> storescp --fork, syncing like the node"
 
 
 def _mode(fsync: bool) -> str:
