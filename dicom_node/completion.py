@@ -46,6 +46,17 @@ class CompletionMonitor:
                 item.instance_count,
                 item.reason,
             )
+            if item.short:
+                logger.warning(
+                    "series %s version %d complete with %d of the %d images its headers "
+                    "announce: the sender stopped early (an aborted transfer?); the job runs "
+                    "on what arrived, and images sent later open version %d",
+                    item.series_instance_uid,
+                    item.version,
+                    item.instance_count,
+                    item.expected_count,
+                    item.version + 1,
+                )
             for listener in self.listeners:
                 try:
                     listener(item)

@@ -451,6 +451,12 @@ class CompletedSeries:
     instance_count: int
     reason: str
     series_version_pk: int
+    expected_count: int | None = None  # what the headers announced, where they did
+
+    @property
+    def short(self) -> bool:
+        """Fewer images than announced: the sender stopped early, or is still to resume."""
+        return bool(self.expected_count) and self.instance_count < (self.expected_count or 0)
 
 
 def complete_due_series(
@@ -471,6 +477,10 @@ def complete_due_series(
             reason = ""
             if version.last_received_at <= cutoff:
                 reason = f"quiet for {quiet_period_s:g} s"
+                if version.expected_count and version.instance_count < version.expected_count:
+                    reason += (
+                        f", {version.instance_count} of {version.expected_count} announced images"
+                    )
             elif (
                 on_release
                 and version.association_released
@@ -494,6 +504,7 @@ def complete_due_series(
                     instance_count=version.instance_count,
                     reason=reason,
                     series_version_pk=version.id,
+                    expected_count=version.expected_count,
                 )
             )
     return done

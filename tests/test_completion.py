@@ -69,3 +69,36 @@ def test_quiet_period_completes_and_survives_a_restart(
         what="completion after restart",
     )
     assert "quiet for 8 s" in str(_state(node, series.series_instance_uid)["completion_reason"])
+
+
+def test_quiet_period_with_fewer_images_than_announced_says_so(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    """A sender that stops early (an aborted transfer) still gets its series completed, but
+    the index and a warning say how many of the announced images came."""
+    node = node_factory(quiet_period_s=3)
+    short = make_mr_series(tmp_path / "c", 6, seed=3)
+    _announce(short.paths[:4], 6)
+    whole = make_mr_series(tmp_path / "w", 3, seed=4)
+    _announce(whole.paths, 3)
+    assert storescu(node.port, [*short.paths[:4], *whole.paths]).returncode == 0
+
+    wait_until(
+        lambda: _state(node, short.series_instance_uid)["state"] == "complete",
+        timeout_s=30,
+        what="completion after the quiet period",
+    )
+    reason = str(_state(node, short.series_instance_uid)["completion_reason"])
+    assert reason == "quiet for 3 s, 4 of 6 announced images", reason
+    log = node.log_text()
+    assert (
+        f"series {short.series_instance_uid} version 1 complete with 4 of the 6 images "
+        "its headers announce" in log
+    ), log[-3000:]
+    wait_until(
+        lambda: _state(node, whole.series_instance_uid)["state"] == "complete",
+        timeout_s=30,
+        what="completion of the whole series (on release)",
+    )
+    assert "announced" not in str(_state(node, whole.series_instance_uid)["completion_reason"])
+    assert f"series {whole.series_instance_uid} version 1 complete with" not in log
