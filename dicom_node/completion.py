@@ -49,8 +49,8 @@ class CompletionMonitor:
             if item.short:
                 logger.warning(
                     "series %s version %d complete with %d of the %d images its headers "
-                    "announce: the sender stopped early (an aborted transfer?); the job runs "
-                    "on what arrived, and images sent later open version %d",
+                    "announce: the sender stopped early (an aborted transfer?); what arrived is "
+                    "processed, and images sent later open version %d",
                     item.series_instance_uid,
                     item.version,
                     item.instance_count,

@@ -456,7 +456,11 @@ class CompletedSeries:
     @property
     def short(self) -> bool:
         """Fewer images than announced: the sender stopped early, or is still to resume."""
-        return bool(self.expected_count) and self.instance_count < (self.expected_count or 0)
+        return fewer_than_announced(self.instance_count, self.expected_count)
+
+
+def fewer_than_announced(instance_count: int, expected_count: int | None) -> bool:
+    return bool(expected_count) and instance_count < (expected_count or 0)
 
 
 def complete_due_series(
@@ -477,7 +481,7 @@ def complete_due_series(
             reason = ""
             if version.last_received_at <= cutoff:
                 reason = f"quiet for {quiet_period_s:g} s"
-                if version.expected_count and version.instance_count < version.expected_count:
+                if fewer_than_announced(version.instance_count, version.expected_count):
                     reason += (
                         f", {version.instance_count} of {version.expected_count} announced images"
                     )
