@@ -11,6 +11,11 @@ patient coordinate system.
 
 Headers are read first with ``stop_before_pixels`` to group, filter and sort; pixel data
 is read only for the frames kept.
+
+A series may hold several stacks of the same slices (echoes, time points, Dixon contrasts,
+b-values). They are told apart by the attributes that differ between them (``_STACK_KEYS``)
+and one stack is segmented, chosen by ``StackChoice``; images at one position that no such
+attribute tells apart are refused.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pydicom
@@ -42,6 +47,47 @@ _ORIENTATION_TOL = 1e-3  # difference of direction cosines meaning "same plane"
 _SPACING_REL_TOL = 0.15  # a step this much off the median step is a gap or overlap
 _IN_PLANE_TOL_PIXELS = 0.1  # drift off the normal, in pixels, before refusing as tilt
 _MAX_SCOUTS = 3  # other-plane images dropped silently; more means a mixed series
+_SAME_POSITION_MM = 1e-3  # closer than this along the normal: the same slice position
+
+# What tells the stacks of one series apart, in the order they are tried: a name for
+# people, the single-frame attribute, and the functional group (sequence, attribute) of
+# an enhanced multi-frame image. Acquisition Number comes last: some scanners number each
+# slice of a 2D series as its own acquisition.
+_STACK_KEYS: tuple[tuple[str, str | None, tuple[str, str] | None], ...] = (
+    ("Stack ID", None, ("FrameContentSequence", "StackID")),
+    (
+        "Temporal Position",
+        "TemporalPositionIdentifier",
+        ("FrameContentSequence", "TemporalPositionIndex"),
+    ),
+    ("Echo Number", "EchoNumbers", None),
+    ("Echo Time", "EchoTime", ("MREchoSequence", "EffectiveEchoTime")),
+    ("Image Type", "ImageType", ("MRImageFrameTypeSequence", "FrameType")),
+    ("b-value", "DiffusionBValue", ("MRDiffusionSequence", "DiffusionBValue")),
+    (
+        "Trigger Time",
+        "TriggerTime",
+        ("CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime"),
+    ),
+    # Several multi-frame images of one series at the same positions: one stack each.
+    ("SOP Instance UID", None, None),
+    ("Acquisition Number", "AcquisitionNumber", None),
+)
+
+
+@dataclass(frozen=True)
+class StackChoice:
+    """Which stack to segment when a series holds several.
+
+    ``order``: the stacks are ordered by where their images come in the series' own
+    numbering (Instance Number, then frame number), then by the values that tell them
+    apart; ``first`` or ``last`` is taken. ``image_type``: when given, only stacks whose
+    Image Type (Frame Type) has this value are considered, e.g. ``W`` for the water image
+    of a Dixon series; when no stack has it, ``order`` decides among all, with a warning.
+    """
+
+    order: Literal["first", "last"] = "first"
+    image_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +109,7 @@ class Volume:
     source_datasets: list[Dataset]  # headers without pixel data, one per source instance
     frame_of_reference_uid: str
     modality: str
+    stack: str = ""  # which stack of several was used, for people; empty for one stack
 
     @property
     def spacing_zyx(self) -> tuple[float, float, float]:
@@ -106,6 +153,9 @@ class _Frame:
     slope: float
     intercept: float
     localizer: bool
+    # The values of _STACK_KEYS (by name) and where the frame comes in the series' order.
+    stack_values: dict[str, Any] = field(default_factory=dict)
+    order: tuple[float, int] = (0.0, 0)
 
 
 @dataclass
@@ -117,23 +167,30 @@ class _Instance:
     frames: list[_Frame] = field(default_factory=list)
 
 
-def volume_from_series(items: Sequence[PathOrDataset]) -> Volume:
+def volume_from_series(
+    items: Sequence[PathOrDataset], stack: StackChoice = StackChoice()
+) -> Volume:
     """Build a ``Volume`` from the files (or datasets) of one series.
 
+    A series of several stacks (echoes, time points, ...) gives the stack ``stack`` picks.
     Raises ``SeriesError`` with a message for a human when the series cannot be a volume:
-    missing UIDs or pixel data, several series, mixed orientations, a gap or duplicate
-    positions, a tilted or sheared grid, fewer than two slices.
+    missing UIDs or pixel data, several series, mixed orientations, a gap, positions
+    repeated with nothing telling the stacks apart, a tilted or sheared grid, fewer than
+    two slices.
     """
     if not items:
         raise SeriesError("no images were given for the series")
-    return _build_volume([_read_header(item) for item in items])
+    return _build_volume([_read_header(item) for item in items], stack)
 
 
-def _build_volume(instances: list[_Instance]) -> Volume:
+def _build_volume(instances: list[_Instance], stack: StackChoice) -> Volume:
     _check_identity(instances)
     for index, instance in enumerate(instances):
         instance.frames = _frames_of(instance, index)
     frames = _select_frames(instances)
+    frames, stack_description = _choose_stack(
+        frames, stack, str(instances[0].header.SeriesInstanceUID)
+    )
     frames, affine = _sort_and_check_geometry(frames)
     array = _read_pixels(instances, frames)
 
@@ -157,6 +214,7 @@ def _build_volume(instances: list[_Instance]) -> Volume:
         source_datasets=[instances[i].header for i in used],
         frame_of_reference_uid=str(first.FrameOfReferenceUID),
         modality=str(first.get("Modality", "")),
+        stack=stack_description,
     )
     logger.info(
         "series %s: volume %s (z, y, x), spacing %s mm, from %d instance(s)",
@@ -168,7 +226,11 @@ def _build_volume(instances: list[_Instance]) -> Volume:
     return volume
 
 
-def volume_from_folder(folder: str | Path, series_instance_uid: str | None = None) -> Volume:
+def volume_from_folder(
+    folder: str | Path,
+    series_instance_uid: str | None = None,
+    stack: StackChoice = StackChoice(),
+) -> Volume:
     """Read every DICOM file under ``folder`` (recursively) and build one ``Volume``.
 
     Non-DICOM files are ignored. When the folder holds several series, give
@@ -204,7 +266,7 @@ def volume_from_folder(folder: str | Path, series_instance_uid: str | None = Non
         )
     else:
         chosen = next(iter(by_series.values()))
-    return _build_volume(chosen)
+    return _build_volume(chosen, stack)
 
 
 def _describe_series(uid: str, instances: list[_Instance]) -> str:
@@ -341,21 +403,28 @@ def _frames_of(instance: _Instance, index: int) -> list[_Frame]:
                 _group_value(header, groups, "MRImageFrameTypeSequence", "FrameType")
                 or _group_value(header, groups, "CTImageFrameTypeSequence", "FrameType")
             )
-            frames.append(
-                _make_frame(
-                    index,
-                    number,
-                    position,
-                    orientation,
-                    spacing,
-                    rows,
-                    columns,
-                    slope,
-                    intercept,
-                    localizer or "LOCALIZER" in frame_type,
-                    where,
-                )
+            frame = _make_frame(
+                index,
+                number,
+                position,
+                orientation,
+                spacing,
+                rows,
+                columns,
+                slope,
+                intercept,
+                localizer or "LOCALIZER" in frame_type,
+                where,
             )
+            frame.stack_values = {
+                key: _stack_value(_group_value(header, groups, *group) if group else None)
+                for key, _, group in _STACK_KEYS
+            }
+            if frame_type:
+                frame.stack_values["Image Type"] = tuple(frame_type)
+            frame.stack_values["SOP Instance UID"] = str(header.SOPInstanceUID)
+            frame.order = (_instance_number(header), number)
+            frames.append(frame)
         return frames
 
     if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
@@ -368,21 +437,46 @@ def _frames_of(instance: _Instance, index: int) -> list[_Frame]:
         raise SeriesError(
             f"{name}: multi-frame image without per-frame functional groups is not supported"
         )
-    return [
-        _make_frame(
-            index,
-            None,
-            header.ImagePositionPatient,
-            header.ImageOrientationPatient,
-            header.PixelSpacing,
-            rows,
-            columns,
-            header.get("RescaleSlope"),
-            header.get("RescaleIntercept"),
-            localizer,
-            name,
-        )
-    ]
+    frame = _make_frame(
+        index,
+        None,
+        header.ImagePositionPatient,
+        header.ImageOrientationPatient,
+        header.PixelSpacing,
+        rows,
+        columns,
+        header.get("RescaleSlope"),
+        header.get("RescaleIntercept"),
+        localizer,
+        name,
+    )
+    frame.stack_values = {
+        key: _stack_value(header.get(keyword) if keyword else None)
+        for key, keyword, _ in _STACK_KEYS
+    }
+    frame.order = (_instance_number(header), 0)
+    return [frame]
+
+
+def _instance_number(header: Dataset) -> float:
+    try:
+        return float(header.get("InstanceNumber"))
+    except (TypeError, ValueError):
+        return float("inf")  # absent or not a number: after the numbered ones
+
+
+def _stack_value(value: Any) -> Any:
+    """A comparable, hashable form of an attribute that may tell stacks apart."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str | bytes):
+        return str(value).strip().upper()
+    if isinstance(value, Sequence):
+        return tuple(str(v).strip().upper() for v in value)
+    try:
+        return round(float(value), 4)
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def _make_frame(
@@ -484,6 +578,94 @@ def _select_frames(instances: list[_Instance]) -> list[_Frame]:
     return kept
 
 
+def _shares_positions(frames: list[_Frame]) -> bool:
+    normal = np.cross(frames[0].row_cosines, frames[0].column_cosines)
+    distances = np.sort([float(np.dot(f.position, normal)) for f in frames])
+    return bool(len(distances) > 1 and np.diff(distances).min() < _SAME_POSITION_MM)
+
+
+def _split_stacks(frames: list[_Frame]) -> tuple[list[str], list[list[_Frame]]]:
+    """The stacks of a series whose images repeat positions, and the attributes used.
+
+    Attributes are added in ``_STACK_KEYS`` order until no stack repeats a position, so a
+    value that varies for another reason (a per-slice acquisition number) is not used
+    when an earlier one already separates the stacks. No split: ([], [frames]).
+    """
+    if not _shares_positions(frames):
+        return [], [frames]
+    used: list[str] = []
+    for key, _, _ in _STACK_KEYS:
+        if len({f.stack_values.get(key) for f in frames}) < 2:
+            continue
+        used.append(key)
+        stacks: dict[tuple[Any, ...], list[_Frame]] = {}
+        for frame in frames:
+            stacks.setdefault(tuple(frame.stack_values.get(k) for k in used), []).append(frame)
+        if not any(_shares_positions(stack) for stack in stacks.values()):
+            return used, list(stacks.values())
+    return used, [frames]
+
+
+def _describe_stack(keys: list[str], stack: list[_Frame]) -> str:
+    def show(value: Any) -> str:
+        if isinstance(value, tuple):
+            return "\\".join(value)
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return "none" if value is None else str(value)
+
+    values = ", ".join(f"{k} {show(stack[0].stack_values.get(k))}" for k in keys)
+    return f"{values}: {len(stack)} images"
+
+
+def _choose_stack(
+    frames: list[_Frame], choice: StackChoice, series_uid: str
+) -> tuple[list[_Frame], str]:
+    """One stack of a series that holds several; (frames, description). One stack: as is."""
+    keys, stacks = _split_stacks(frames)
+    if len(stacks) == 1:
+        return stacks[0], ""
+
+    def sort_key(stack: list[_Frame]) -> tuple[Any, ...]:
+        values = tuple(_sortable(stack[0].stack_values.get(k)) for k in keys)
+        return (min(f.order for f in stack), values)
+
+    stacks.sort(key=sort_key)
+    candidates = stacks
+    if choice.image_type:
+        wanted = choice.image_type.strip().upper()
+        candidates = [s for s in stacks if wanted in (s[0].stack_values.get("Image Type") or ())]
+        if not candidates:
+            logger.warning(
+                "series %s: no stack has Image Type %s (stacks: %s); taking the %s",
+                series_uid,
+                wanted,
+                "; ".join(_describe_stack(keys, s) for s in stacks),
+                choice.order,
+            )
+            candidates = stacks
+    chosen = candidates[0] if choice.order == "first" else candidates[-1]
+    number = stacks.index(chosen) + 1
+    description = f"stack {number} of {len(stacks)} ({_describe_stack(keys, chosen)})"
+    logger.info(
+        "series %s holds %d stacks told apart by %s; segmenting %s",
+        series_uid,
+        len(stacks),
+        ", ".join(keys),
+        description,
+    )
+    return chosen, description
+
+
+def _sortable(value: Any) -> tuple[int, Any]:
+    # Numbers before text before nothing, so mixed or missing values still sort.
+    if isinstance(value, float):
+        return (0, value)
+    if value is None:
+        return (2, "")
+    return (1, str(value))
+
+
 def _sort_and_check_geometry(frames: list[_Frame]) -> tuple[list[_Frame], np.ndarray]:
     if len(frames) < 2:
         raise SeriesError(
@@ -496,10 +678,12 @@ def _sort_and_check_geometry(frames: list[_Frame]) -> tuple[list[_Frame], np.nda
     positions = np.array([f.position for f in frames])
     distance = positions @ normal
     steps = np.diff(distance)
-    if steps.min() < 1e-3:
+    if steps.min() < _SAME_POSITION_MM:
         raise SeriesError(
-            f"{int((steps < 1e-3).sum()) + 1} images share a position along the slice normal; "
-            "several echoes, phases or time points in one series cannot form one volume"
+            f"{int((steps < _SAME_POSITION_MM).sum()) + 1} images share a position along the "
+            "slice normal and no attribute tells their stacks apart (Echo Number or Time, "
+            "Temporal Position, Image Type, Stack ID, b-value, Trigger Time, Acquisition "
+            "Number); the series cannot form one volume"
         )
     median = float(np.median(steps))
     bad = np.flatnonzero(np.abs(steps - median) > _SPACING_REL_TOL * median)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
@@ -549,3 +550,81 @@ def write_mixed_orientation_series(out_dir: Path, source: Sampler) -> WrittenSer
         seed=2,
     )
     return axial
+
+
+def write_stacked_series(
+    out_dir: Path,
+    sources: Sequence[Sampler],
+    *,
+    attributes: Sequence[dict[str, object]] = (),
+    enhanced: bool = False,
+    **kw: object,
+) -> list[WrittenSeries]:
+    """Several stacks of the same slices in one series, as multi-echo, dynamic or Dixon
+    acquisitions write them: one stack per source, on one grid.
+
+    Single-frame: stack k's images get the attributes ``attributes[k]`` (e.g.
+    ``{"EchoNumbers": 2, "EchoTime": 9.8}`` or ``{"ImageType": [..., "W"]}``) and Instance
+    Numbers after those of stack k - 1. Enhanced: one multi-frame object holding every
+    stack's frames, stack after stack; stack k's frames carry Temporal Position Index k + 1
+    (``attributes`` is not used). Returns one ``WrittenSeries`` per stack (enhanced: the
+    same single path in each).
+    """
+    out_dir = Path(out_dir)
+    uids = SeriesUids()
+    stacks: list[WrittenSeries] = []
+    for k, source in enumerate(sources):
+        target = out_dir if not enhanced else out_dir / f".stack{k}"
+        written = write_series(
+            target,
+            source,
+            uids=uids,
+            enhanced=enhanced,
+            file_prefix=f"S{k}",
+            seed=k,
+            **kw,  # type: ignore[arg-type]
+        )
+        if not enhanced:
+            for path in written.paths:
+                ds = pydicom.dcmread(path)
+                ds.InstanceNumber = int(ds.InstanceNumber) + k * len(written.paths)
+                for keyword, value in (attributes[k] if k < len(attributes) else {}).items():
+                    setattr(ds, keyword, value)
+                ds.save_as(path, enforce_file_format=True)
+        stacks.append(written)
+    if not enhanced:
+        return stacks
+
+    parts = [pydicom.dcmread(s.paths[0]) for s in stacks]
+    merged = parts[0]
+    frames: list[Dataset] = []
+    pixels: list[np.ndarray] = []
+    for k, part in enumerate(parts):
+        for frame in part.PerFrameFunctionalGroupsSequence:
+            content = frame.FrameContentSequence[0]
+            content.TemporalPositionIndex = k + 1
+            content.DimensionIndexValues = [k + 1, int(content.InStackPositionNumber)]
+            frames.append(frame)
+        pixels.append(part.pixel_array.reshape(-1, int(part.Rows), int(part.Columns)))
+    merged.DimensionIndexSequence[0].DimensionIndexPointer = 0x00209128  # TemporalPositionIndex
+    merged.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
+    merged.NumberOfFrames = len(frames)
+    merged.PixelData = np.ascontiguousarray(np.concatenate(pixels)).tobytes()
+    path = out_dir / "MULTISTACK_enhanced.dcm"
+    merged.save_as(path, enforce_file_format=True)
+    for part_series in stacks:
+        for stale in part_series.paths:
+            stale.unlink()
+        stale.parent.rmdir()
+    return [
+        WrittenSeries(
+            [path],
+            s.affine,
+            s.array,
+            s.uids,
+            [str(merged.SOPInstanceUID)],
+            s.orientation,
+            s.patient_position,
+        )
+        for s in stacks
+    ]

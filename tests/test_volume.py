@@ -19,6 +19,7 @@ import dicom_phantoms as dp
 
 from dicom_node.errors import SeriesError
 from dicom_node.volume import (
+    StackChoice,
     Volume,
     reorient_to_closest_canonical,
     volume_from_folder,
@@ -340,6 +341,111 @@ def test_duplicate_positions_are_refused(tmp_path: Path) -> None:
     copy.SOPInstanceUID = generate_uid()
     copy.save_as(tmp_path / "s" / "duplicate.dcm")
     with pytest.raises(SeriesError, match="share a position"):
+        volume_from_folder(tmp_path / "s")
+
+
+# ---- (e) several stacks in one series ------------------------------------------------
+
+
+def _other(points: np.ndarray) -> np.ndarray:
+    """A second stack's content, different from the phantom everywhere it matters."""
+    return PHANTOM(points) * 0.5 + 300.0
+
+
+def _frame_uids(volume: Volume) -> set[str]:
+    return {ref.sop_instance_uid for ref in volume.frames}
+
+
+ECHOES = [{"EchoNumbers": 1, "EchoTime": 2.46}, {"EchoNumbers": 2, "EchoTime": 4.92}]
+
+
+def test_echoes_in_one_series_give_the_first_echo(tmp_path: Path) -> None:
+    stacks = dp.write_stacked_series(
+        tmp_path / "s", [PHANTOM, _other], attributes=ECHOES, rescale=RESCALE
+    )
+    volume = volume_from_folder(tmp_path / "s")
+    np.testing.assert_array_equal(volume.array, stacks[0].array)
+    np.testing.assert_allclose(volume.affine, stacks[0].affine, atol=1e-4)
+    assert _frame_uids(volume) == set(stacks[0].sop_instance_uids)
+    assert {str(ds.SOPInstanceUID) for ds in volume.source_datasets} == _frame_uids(volume)
+    assert volume.stack.startswith("stack 1 of 2 (Echo Number 1")
+    assert "20 images" in volume.stack
+
+    last = volume_from_folder(tmp_path / "s", stack=StackChoice(order="last"))
+    np.testing.assert_array_equal(last.array, stacks[1].array)
+    assert _frame_uids(last) == set(stacks[1].sop_instance_uids)
+    assert last.stack.startswith("stack 2 of 2 (Echo Number 2")
+
+
+def test_stacks_are_not_split_by_a_per_slice_acquisition_number(tmp_path: Path) -> None:
+    """Some scanners number every slice of a 2D series as an acquisition of its own."""
+    stacks = dp.write_stacked_series(
+        tmp_path / "s", [PHANTOM, _other], attributes=ECHOES, rescale=RESCALE
+    )
+    for path in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(path)
+        ds.AcquisitionNumber = int(ds.InstanceNumber)
+        ds.save_as(path)
+    volume = volume_from_folder(tmp_path / "s")
+    assert volume.array.shape == stacks[0].shape
+    assert _frame_uids(volume) == set(stacks[0].sop_instance_uids)
+
+
+def test_dixon_stack_chosen_by_image_type(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    types = [{"ImageType": ["DERIVED", "PRIMARY", "DIXON", t]} for t in ("F", "W", "IP")]
+    stacks = dp.write_stacked_series(
+        tmp_path / "s", [_other, PHANTOM, _other], attributes=types, rescale=RESCALE
+    )
+    water = volume_from_folder(tmp_path / "s", stack=StackChoice(image_type="w"))
+    np.testing.assert_array_equal(water.array, stacks[1].array)
+    assert "Image Type DERIVED\\PRIMARY\\DIXON\\W" in water.stack
+
+    with caplog.at_level("WARNING", logger="dicom_node.volume"):
+        fallback = volume_from_folder(tmp_path / "s", stack=StackChoice(image_type="OP"))
+    assert _frame_uids(fallback) == set(stacks[0].sop_instance_uids)
+    assert "no stack has Image Type OP" in caplog.text
+
+
+@pytest.mark.parametrize("order", ["first", "last"])
+def test_time_points_of_an_enhanced_image(tmp_path: Path, order: str) -> None:
+    stacks = dp.write_stacked_series(
+        tmp_path / "s", [PHANTOM, _other], enhanced=True, rescale=RESCALE
+    )
+    volume = volume_from_folder(tmp_path / "s", stack=StackChoice(order=order))  # type: ignore[arg-type]
+    k = 0 if order == "first" else 1
+    np.testing.assert_array_equal(volume.array, stacks[k].array)
+    np.testing.assert_allclose(volume.affine, stacks[k].affine, atol=1e-4)
+    n = stacks[0].shape[0]
+    numbers = sorted(ref.frame_number or 0 for ref in volume.frames)
+    assert numbers == list(range(k * n + 1, (k + 1) * n + 1))
+    assert f"Temporal Position {k + 1}" in volume.stack
+
+
+def test_two_enhanced_images_of_one_series_are_two_stacks(tmp_path: Path) -> None:
+    """Some scanners write each echo or contrast as its own multi-frame image in one series."""
+    uids = dp.SeriesUids()
+    first = write(tmp_path, enhanced=True, uids=uids, file_prefix="A")
+    second = dp.write_series(
+        tmp_path / "s", _other, enhanced=True, uids=uids, file_prefix="B", rescale=RESCALE
+    )
+    ds = pydicom.dcmread(second.paths[0])
+    ds.InstanceNumber = 2
+    ds.save_as(second.paths[0])
+    volume = volume_from_folder(tmp_path / "s")
+    np.testing.assert_array_equal(volume.array, first.array)
+    assert _frame_uids(volume) == set(first.sop_instance_uids)
+    assert [str(d.SOPInstanceUID) for d in volume.source_datasets] == first.sop_instance_uids
+    last = volume_from_folder(tmp_path / "s", stack=StackChoice(order="last"))
+    np.testing.assert_array_equal(last.array, second.array)
+    assert f"SOP Instance UID {second.sop_instance_uids[0]}" in last.stack
+
+
+def test_the_chosen_stack_is_checked_like_any_series(tmp_path: Path) -> None:
+    dp.write_stacked_series(tmp_path / "s", [PHANTOM, _other], attributes=ECHOES, rescale=RESCALE)
+    first_echo = [p for p in (tmp_path / "s").iterdir() if int(pydicom.dcmread(p).EchoNumbers) == 1]
+    middle = sorted(first_echo, key=lambda p: float(pydicom.dcmread(p).SliceLocation))[10]
+    middle.unlink()
+    with pytest.raises(SeriesError, match="slices are missing"):
         volume_from_folder(tmp_path / "s")
 
 
