@@ -116,6 +116,9 @@ class OutputProfile(_Strict):
     format: Literal["binary", "labelmap"] = "binary"
     compression: Literal["none", "rle", "jpegls", "jpeg2000", "explicit"] = "none"
     fallback_to_binary: bool = True  # destinations refusing Label Map SEG get BINARY
+    # A series of several stacks (echoes, time points, Dixon contrasts): which one to segment.
+    stack: Literal["first", "last"] = "first"
+    stack_image_type: str | None = None  # e.g. W: the stack whose Image Type has this value
 
 
 class RuleMatch(_Strict):

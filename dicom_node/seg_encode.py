@@ -300,6 +300,32 @@ def _source_geometry(source_images: Sequence[Dataset] | Dataset) -> tuple[list[D
     return sources, len(sources)
 
 
+def _plane_positions_of_frames(
+    sources: list[Dataset], source_frames: Sequence[int]
+) -> list[hd.PlanePositionSequence]:
+    if len(sources) != 1 or int(sources[0].get("NumberOfFrames", 1) or 1) < 2:
+        raise ValueError("source_frames applies to one multi-frame source image only")
+    positions = hd.utils.get_plane_positions_of_image(sources[0])
+    if not all(1 <= n <= len(positions) for n in source_frames):
+        raise ValueError(f"source_frames must lie in 1..{len(positions)}")
+    return [positions[n - 1] for n in source_frames]
+
+
+def _reference_only(seg: Dataset, frames: set[int]) -> None:
+    """Keep only references to the segmented source frames.
+
+    highdicom refers each SEG frame to every source frame at its position; in an image of
+    several stacks that includes frames of the stacks that were not segmented.
+    """
+    for group in seg.PerFrameFunctionalGroupsSequence:
+        for derivation in group.get("DerivationImageSequence", []):
+            items = derivation.SourceImageSequence
+            kept = [i for i in items if int(i.get("ReferencedFrameNumber", 0)) in frames]
+            if not kept:
+                raise ValueError("a SEG frame references none of the segmented source frames")
+            derivation.SourceImageSequence = kept
+
+
 def _derived_uid(*parts: str) -> UID:
     # A name-based (version 5) UUID as a 2.25 UID (ISO/IEC 9834-8): same parts, same UID.
     # Not pydicom's generate_uid(prefix=None, entropy_srcs=...), which ignores the entropy
@@ -376,6 +402,7 @@ def encode_seg(
     content_creator: str = "dicom-node",
     series_number: int = 9901,
     workers: int = 0,
+    source_frames: Sequence[int] | None = None,
 ) -> hd.seg.Segmentation:
     """Encode ``label_map`` as a DICOM Segmentation referencing ``source_images``.
 
@@ -395,6 +422,9 @@ def encode_seg(
         series_number: Series Number of the SEG series.
         workers: processes for frame compression (0: in this process; negative: one per
             core); has no effect with ``compression="none"``.
+        source_frames: with one multi-frame source of which only some frames were segmented
+            (one stack of several), the 1-based source frame of each plane of ``label_map``;
+            the SEG then references those frames only.
 
     Returns:
         The Segmentation (a pydicom Dataset); only labels present in ``label_map`` are
@@ -416,6 +446,10 @@ def encode_seg(
     digest = _check_sha256(weights_sha256)
     _check_label_map(label_map)
     sources, n_planes = _source_geometry(source_images)
+    plane_positions = None
+    if source_frames is not None:
+        plane_positions = _plane_positions_of_frames(sources, source_frames)
+        n_planes = len(source_frames)
     first = sources[0]
     if label_map.shape != (n_planes, int(first.Rows), int(first.Columns)):
         raise ValueError(
@@ -493,7 +527,10 @@ def encode_seg(
         transfer_syntax_uid=_TRANSFER_SYNTAX[comp],
         omit_empty_frames=True,
         workers=workers if comp is not SegCompression.NONE else 0,
+        plane_positions=plane_positions,
     )
+    if source_frames is not None:
+        _reference_only(seg, set(source_frames))
     logger.info(
         "encoded SEG %s: %d segments, %d frames", instance_uid, len(present), seg.NumberOfFrames
     )

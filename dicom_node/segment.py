@@ -18,7 +18,12 @@ from pydicom import Dataset
 from dicom_node.config import InferenceSettings
 from dicom_node.errors import ModelError, SeriesError
 from dicom_node.seg_encode import encode_seg, label_volumes_ml
-from dicom_node.volume import Volume, reorient_to_closest_canonical, volume_from_series
+from dicom_node.volume import (
+    StackChoice,
+    Volume,
+    reorient_to_closest_canonical,
+    volume_from_series,
+)
 from inference.model_store import ModelInfo, load_model_info
 from inference.predictor import Segmenter
 
@@ -33,6 +38,7 @@ class SegmentResult:
     study_instance_uid: str
     series_instance_uid: str
     timings: dict[str, float] = field(default_factory=dict)
+    stack: str = ""  # which stack of several was segmented; empty for one stack
 
 
 class ModelCache:
@@ -65,18 +71,16 @@ def _sources_in_slice_order(volume: Volume) -> Sequence[Dataset] | Dataset:
 
 def _to_frame_order(label_map: np.ndarray, volume: Volume, source: Dataset) -> np.ndarray:
     """Reorder planes from slice order (by position) to the multi-frame source's frame order."""
-    frames = int(source.get("NumberOfFrames", 1))
-    numbers = [ref.frame_number for ref in volume.frames]
-    if sorted(n for n in numbers if n is not None) != list(range(1, frames + 1)):
-        raise SeriesError(
-            "the multi-frame image has frames outside the segmented volume "
-            "(other planes or localizer frames); this is not supported yet"
-        )
     out = np.empty_like(label_map)
-    for z, number in enumerate(numbers):
-        assert number is not None
-        out[number - 1] = label_map[z]
+    for z, ref in enumerate(volume.frames):
+        assert ref.frame_number is not None
+        out[ref.frame_number - 1] = label_map[z]
     return out
+
+
+def _uses_every_frame(volume: Volume, source: Dataset) -> bool:
+    numbers = sorted(ref.frame_number or 0 for ref in volume.frames)
+    return numbers == list(range(1, int(source.get("NumberOfFrames", 1)) + 1))
 
 
 def segment_volume(
@@ -107,10 +111,14 @@ def segment_volume(
 
     started = time.monotonic()
     sources = _sources_in_slice_order(volume)
+    label_map_for_seg = label_map
+    source_frames: list[int] | None = None
     if isinstance(sources, Dataset):
-        label_map_for_seg = _to_frame_order(label_map, volume, sources)
-    else:
-        label_map_for_seg = label_map
+        if _uses_every_frame(volume, sources):
+            label_map_for_seg = _to_frame_order(label_map, volume, sources)
+        else:
+            # One stack (or the non-localizer frames) of the image: reference those frames.
+            source_frames = [ref.frame_number or 0 for ref in volume.frames]
     sha = weights_sha256 or info.weights_sha256
 
     def encode(fmt: str, comp: str) -> Dataset:
@@ -123,6 +131,7 @@ def segment_volume(
             weights_sha256=sha,
             format=fmt,
             compression=comp,
+            source_frames=source_frames,
         )
 
     seg = encode(format, compression)
@@ -139,6 +148,7 @@ def segment_volume(
         study_instance_uid=volume.study_instance_uid,
         series_instance_uid=volume.series_instance_uid,
         timings=timings,
+        stack=volume.stack,
     )
 
 
@@ -146,13 +156,14 @@ def segment_series(
     paths: Sequence[Path],
     info: ModelInfo,
     segmenter: Segmenter,
+    stack: StackChoice | None = None,
     **options: object,
 ) -> SegmentResult:
     """The whole flow for one series' files."""
     if not paths:
         raise SeriesError("the series has no images")
     started = time.monotonic()
-    volume = volume_from_series(list(paths))
+    volume = volume_from_series(list(paths), stack or StackChoice())
     load_s = time.monotonic() - started
     if info.descriptor.input_channels and len(info.descriptor.input_channels) != 1:
         raise ModelError(

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import select
 
-from dicom_node.config import Settings
+from dicom_node.config import OutputProfile, Settings
 from dicom_node.errors import DicomNodeError, ModelError, SeriesError
 from dicom_node.logging_setup import configure_logging
 from storage.database import Index
@@ -117,6 +117,7 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
     """Segment one job's series version and queue its deliveries."""
     from dicom_node.seg_encode import EmptySegmentationError
     from dicom_node.segment import segment_series
+    from dicom_node.volume import StackChoice
 
     started = time.monotonic()
     with ctx.index.session() as session:
@@ -155,16 +156,17 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
     except ModelError as exc:
         raise PermanentJobError(str(exc)) from exc
     timings["model_s"] = time.monotonic() - load_started
-    profile = dict(job.profile)
-    fmt = str(profile.get("format", "binary"))
+    # The rule's profile as queued with the job (keys added later take their defaults).
+    profile = OutputProfile.model_validate(job.profile)
     try:
         result = segment_series(
             paths,
             info,
             segmenter,
-            format=fmt,
-            compression=str(profile.get("compression", "none")),
-            binary_fallback=fmt != "binary" and bool(profile.get("fallback_to_binary", True)),
+            StackChoice(profile.stack, profile.stack_image_type),
+            format=profile.format,
+            compression=profile.compression,
+            binary_fallback=profile.format != "binary" and profile.fallback_to_binary,
         )
     except EmptySegmentationError:
         timings["total_s"] = time.monotonic() - started
@@ -195,11 +197,12 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
         seg_path=seg_rel,
         seg_sop_instance_uid=seg_uid,
         timings=timings,
+        reason=f"segmented {result.stack}" if result.stack else "",
         deliveries=deliveries,
     )
     found = ", ".join(f"{name} {ml:.1f} ml" for _, name, ml in result.volumes_ml if ml > 0)
     logger.info(
-        "%s: succeeded in %.2f s (load %.2f, inference %.2f, encode %.2f); SEG %s; %s",
+        "%s: succeeded in %.2f s (load %.2f, inference %.2f, encode %.2f); SEG %s; %s%s",
         tag,
         timings["total_s"],
         timings.get("load_s", 0.0),
@@ -207,6 +210,7 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
         timings.get("encode_s", 0.0),
         seg_uid,
         found or "no structures",
+        f"; segmented {result.stack}" if result.stack else "",
     )
 
 

@@ -152,6 +152,15 @@ def source_series_of(seg_path: Path) -> set[str]:
     return {str(item.SeriesInstanceUID) for item in seg.ReferencedSeriesSequence}
 
 
+def referenced_instances(seg_path: Path) -> set[str]:
+    seg = hd.seg.segread(seg_path)
+    return {
+        str(instance.ReferencedSOPInstanceUID)
+        for series in seg.ReferencedSeriesSequence
+        for instance in series.ReferencedInstanceSequence
+    }
+
+
 def make_pacs_and_node(
     node_factory: Callable[..., NodeProcess], orthanc_factory: Callable[..., Orthanc]
 ) -> tuple[Orthanc, NodeProcess]:

@@ -34,13 +34,13 @@ import pydicom
 import pytest
 import seg_truth as st
 import torch
-from dicom_phantoms import WrittenSeries, orientation_cosines, write_series
+from dicom_phantoms import WrittenSeries, orientation_cosines, write_series, write_stacked_series
 from peers import DICOM_NODE
 from validators import assert_valid_binary_seg
 
 from dicom_node.config import InferenceSettings
 from dicom_node.segment import ModelCache, segment_series
-from dicom_node.volume import Volume, volume_from_series
+from dicom_node.volume import StackChoice, Volume, volume_from_series
 from inference.catalogue import Catalogue
 from inference.demo.phantoms import PhantomSpec, sample_phantom
 from inference.demo.phantoms import grid_points as phantom_grid_points
@@ -256,6 +256,122 @@ def test_exact_with_an_oracle_model(
     assert int((decoded != truth).sum()) == 0
 
 
+# ---- several stacks in one series -----------------------------------------------------
+
+
+def _flat(points: np.ndarray) -> np.ndarray:
+    """The other stack: no anatomy, so segmenting it instead would fail every bar."""
+    return np.full(len(points), 40.0)
+
+
+def test_first_echo_of_a_two_echo_series(
+    tmp_path: Path, spec: PhantomSpec, demo: tuple[ModelInfo, Segmenter]
+) -> None:
+    """Two echoes in one series: the first is segmented, the SEG references its images only."""
+    info, segmenter = demo
+    shape, spacing = AXIAL_GRID
+
+    def phantom(points: np.ndarray) -> np.ndarray:
+        return sample_phantom(spec, points)[0]
+
+    stacks = write_stacked_series(
+        tmp_path / "series",
+        [phantom, _flat],
+        attributes=[{"EchoNumbers": 1, "EchoTime": 2.46}, {"EchoNumbers": 2, "EchoTime": 4.92}],
+        shape=shape,
+        spacing=spacing,
+    )
+    paths = sorted((tmp_path / "series").iterdir())
+    result = segment_series(paths, info, segmenter)
+    assert result.stack == "stack 1 of 2 (Echo Number 1: 48 images)"
+    seg_path = tmp_path / "seg.dcm"
+    result.seg.save_as(seg_path, enforce_file_format=True)
+    assert _referenced_instances(result.seg) == set(stacks[0].sop_instance_uids)
+    assert_valid_binary_seg(seg_path, paths)
+    volume = volume_from_series(paths)
+    np.testing.assert_allclose(volume.affine, stacks[0].affine, atol=1e-4)
+    _check_roundtrip(seg_path, volume, spec, info.catalogue, tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["binary", "labelmap"])
+def test_last_time_point_of_an_enhanced_image(tmp_path: Path, spec: PhantomSpec, fmt: str) -> None:
+    """One multi-frame object holding two time points: the SEG covers the chosen one's frames
+    only (highdicom alone would refer each SEG frame to both time points' frames there)."""
+    from inference.catalogue import load_catalogue
+
+    catalogue = load_catalogue("demo")
+    info = SimpleNamespace(
+        name="oracle",
+        catalogue=catalogue,
+        weights_sha256="0" * 64,
+        descriptor=SimpleNamespace(modality="MR", version="1", input_channels=["MRI"]),
+    )
+    shape, spacing = AXIAL_GRID
+
+    def phantom(points: np.ndarray) -> np.ndarray:
+        return sample_phantom(spec, points)[0]
+
+    stacks = write_stacked_series(
+        tmp_path / "series", [_flat, phantom], enhanced=True, shape=shape, spacing=spacing
+    )
+    paths = stacks[1].paths
+    result = segment_series(
+        paths, info, _OracleSegmenter(spec), StackChoice(order="last"), format=fmt
+    )
+    assert result.stack == "stack 2 of 2 (Temporal Position 2: 48 images)"
+    seg_path = tmp_path / "seg.dcm"
+    result.seg.save_as(seg_path, enforce_file_format=True)
+    referenced = [
+        int(item.ReferencedFrameNumber)
+        for frame in result.seg.PerFrameFunctionalGroupsSequence
+        for derivation in frame.DerivationImageSequence
+        for item in derivation.SourceImageSequence
+    ]
+    n = shape[0]
+    assert referenced and all(n < number <= 2 * n for number in referenced)
+    assert len(referenced) == int(result.seg.NumberOfFrames)  # one source frame each
+    if fmt == "binary":
+        assert_valid_binary_seg(seg_path, paths)
+    volume = volume_from_series(paths, StackChoice(order="last"))
+    _check_roundtrip(seg_path, volume, spec, catalogue, tmp_path)
+    decoded = st.decode_on_source(st.read_seg(seg_path), volume, catalogue)
+    truth = st.truth_labels(spec, stacks[1].affine, stacks[1].shape)
+    assert int((decoded != truth).sum()) == 0
+
+
+def test_one_of_two_enhanced_images_in_a_series(tmp_path: Path, spec: PhantomSpec) -> None:
+    """Two multi-frame images at the same positions in one series: the SEG is of the first."""
+    from inference.catalogue import load_catalogue
+
+    catalogue = load_catalogue("demo")
+    info = SimpleNamespace(
+        name="oracle",
+        catalogue=catalogue,
+        weights_sha256="0" * 64,
+        descriptor=SimpleNamespace(modality="MR", version="1", input_channels=["MRI"]),
+    )
+    case = {"orientation": "sagittal", "enhanced": True, "reverse_order": True}
+    first = _write(tmp_path / "series", spec, case)
+    second = write_series(
+        tmp_path / "series", _flat, enhanced=True, uids=first.uids, file_prefix="B",
+        shape=SIDE_GRID[0], spacing=SIDE_GRID[1], orientation="sagittal",
+    )  # fmt: skip
+    later = pydicom.dcmread(second.paths[0])
+    later.InstanceNumber = 2  # the scanner numbers the images of the series
+    later.save_as(second.paths[0])
+    paths = [*second.paths, *first.paths]  # arrival order does not decide
+    result = segment_series(paths, info, _OracleSegmenter(spec))
+    assert result.stack.startswith("stack 1 of 2 (SOP Instance UID ")
+    seg_path = tmp_path / "seg.dcm"
+    result.seg.save_as(seg_path, enforce_file_format=True)
+    assert _referenced_instances(result.seg) == set(first.sop_instance_uids)
+    assert_valid_binary_seg(seg_path, paths)
+    volume = volume_from_series(paths)
+    decoded = st.decode_on_source(st.read_seg(seg_path), volume, catalogue)
+    truth = st.truth_labels(spec, first.affine, first.shape)
+    assert int((decoded != truth).sum()) == 0
+
+
 def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "config.yaml"
     config.write_text(
@@ -295,6 +411,30 @@ def test_cli_segment_roundtrip_in_patient_space(
     np.testing.assert_allclose(volume.affine, written.affine, atol=1e-4)
     report = _check_roundtrip(seg_path, volume, spec, info.catalogue, tmp_path)
     print(f"\ncli {_case_id(case)}:\n  " + "\n  ".join(report))
+
+
+def test_cli_segment_chooses_the_stack(tmp_path: Path, spec: PhantomSpec) -> None:
+    """`--stack last` on a two-echo series: the command segments echo 2 and says so."""
+    shape, spacing = AXIAL_GRID
+    stacks = write_stacked_series(
+        tmp_path / "series",
+        [_flat, lambda points: sample_phantom(spec, points)[0]],
+        attributes=[{"EchoNumbers": 1}, {"EchoNumbers": 2}],
+        shape=shape,
+        spacing=spacing,
+    )
+    out = tmp_path / "out"
+    args = ["segment", str(tmp_path / "series"), "--model", "demo", "--out", str(out)]
+    completed = _cli([*args, "--stack", "last", "--json"], tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    data = json.loads(completed.stdout)
+    assert data["stack"] == "stack 2 of 2 (Echo Number 2: 48 images)"
+    seg = pydicom.dcmread(data["seg"])
+    assert _referenced_instances(seg) == set(stacks[1].sop_instance_uids)
+    assert all(label["ml"] > 0 for label in data["labels"])
+
+    wrong = _cli([*args, "--stack", "middle"], tmp_path)
+    assert wrong.returncode != 0 and "--stack must be first or last" in wrong.stderr
 
 
 @pytest.mark.parametrize(

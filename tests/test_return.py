@@ -14,8 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pytest
-from dicom_phantoms import write_mixed_orientation_series
+from dicom_phantoms import write_mixed_orientation_series, write_stacked_series
 from e2e import (
     SEG_TIMEOUT_S,
     configure,
@@ -25,6 +26,7 @@ from e2e import (
     jobs,
     phantom_series,
     pipeline,
+    referenced_instances,
     scanner_and_pacs,
     seg_instances,
     source_series_of,
@@ -33,6 +35,8 @@ from e2e import (
 )
 from peers import NodeProcess, Orthanc, echoscu, storescu, wait_until
 from validators import assert_valid_binary_seg
+
+from inference.demo.phantoms import PhantomSpec, sample_phantom
 
 pytestmark = pytest.mark.peers
 
@@ -82,6 +86,43 @@ def test_storescu_scanner_with_orthanc_as_its_destination(
     assert source_series_of(seg_path) == {series.uids.series_instance_uid}
     scores = dice_against_phantom(seg_path, series, seed=7002)
     assert all(score >= 0.90 for score in scores.values()), scores
+
+
+@pytest.mark.slow
+def test_the_water_stack_of_a_dixon_series_is_segmented(
+    node_factory: Callable[..., NodeProcess],
+    orthanc_factory: Callable[..., Orthanc],
+    tmp_path: Path,
+) -> None:
+    """Fat and water images in one series (as some Dixon exports send them), the rule asks
+    for water: the SEG covers the water images only and the job says which stack it used."""
+    settings = pipeline(destinations=["pacs"])
+    settings["rules"][0]["profile"] = {"stack_image_type": "W"}
+    node = node_factory(start=False, overrides=settings)
+    orthanc = orthanc_factory()
+    configure(node, peers=scanner_and_pacs(orthanc.dicom_port))
+    node.start()
+    spec = PhantomSpec.from_seed(7012)
+    fat, water = write_stacked_series(
+        tmp_path / "series",
+        [lambda p: np.full(len(p), 40.0), lambda p: sample_phantom(spec, p)[0]],
+        attributes=[{"ImageType": ["DERIVED", "PRIMARY", "DIXON", t]} for t in ("F", "W")],
+        shape=(48, 64, 64),
+        spacing=(3.0, 2.0, 2.0),
+    )
+    sent = storescu(node.port, [tmp_path / "series"], aet="SCANNER", aec=node.ae_title)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+
+    seg_path = fetch(orthanc, wait_for_seg(orthanc, node), tmp_path / "seg.dcm")
+    assert referenced_instances(seg_path) == set(water.sop_instance_uids)
+    assert_valid_binary_seg(seg_path, sorted((tmp_path / "series").iterdir()))
+    scores = dice_against_phantom(seg_path, water, seed=7012)
+    assert all(score >= 0.90 for score in scores.values()), scores
+    (job,) = jobs(node)
+    stack = "stack 2 of 2 (Image Type DERIVED\\PRIMARY\\DIXON\\W: 48 images)"
+    assert job["state"] == "succeeded" and job["reason"] == f"segmented {stack}", job
+    assert f"segmented {stack}" in node.log_text()
+    assert len(fat.sop_instance_uids) == 48
 
 
 @pytest.mark.slow

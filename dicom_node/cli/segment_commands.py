@@ -30,15 +30,24 @@ def segment(
     format: Annotated[str, typer.Option("--format", help="binary or labelmap")] = "binary",
     compression: Annotated[str, typer.Option(help="none, rle, jpegls, jpeg2000")] = "none",
     series_uid: Annotated[str | None, typer.Option(help="which series, if several")] = None,
+    stack: Annotated[
+        str, typer.Option(help="a series of several stacks (echoes, phases): first or last")
+    ] = "first",
+    stack_image_type: Annotated[
+        str | None,
+        typer.Option(help="prefer the stack whose Image Type has this value, e.g. W"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Segment one series offline and write its DICOM-SEG; prints the labels and volumes."""
     from dicom_node.seg_write import seg_to_bytes
     from dicom_node.segment import ModelCache, segment_volume
-    from dicom_node.volume import volume_from_folder
+    from dicom_node.volume import StackChoice, volume_from_folder
 
     if format not in ("binary", "labelmap"):
         raise typer.BadParameter("--format must be binary or labelmap")
+    if stack not in ("first", "last"):
+        raise typer.BadParameter("--stack must be first or last")
     settings = settings_of(ctx)
     if not path.exists():
         raise DicomNodeError(f"{path} does not exist")
@@ -59,7 +68,11 @@ def segment(
                 archive.extractall(tmp)
             folder = Path(tmp)
         step = progress.add_task("reading the series", total=4)
-        volume = volume_from_folder(folder, series_uid)
+        volume = volume_from_folder(
+            folder,
+            series_uid,
+            StackChoice("last" if stack == "last" else "first", stack_image_type),
+        )
         progress.update(step, advance=1, description=f"loading model {model}")
         info, segmenter = ModelCache(settings.models_dir, settings.inference).get(model)
         progress.update(step, advance=1, description=f"segmenting {volume.array.shape} voxels")
@@ -76,6 +89,7 @@ def segment(
         "format": format,
         "labels": [{"id": i, "name": n, "ml": round(ml, 3)} for i, n, ml in result.volumes_ml],
         "timings": result.timings,
+        "stack": result.stack,
     }
     if as_json:
         print_json(data)
@@ -84,4 +98,6 @@ def segment(
     for label in data["labels"]:
         table.add_row(str(label["id"]), label["name"], f"{label['ml']:.2f}")
     Console().print(table)
+    if result.stack:
+        typer.echo(f"segmented {result.stack}")
     typer.echo(f"SEG written to {target}")
