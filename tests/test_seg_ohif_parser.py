@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from dicom_phantoms import write_stacked_series
 from pydicom import Dataset
 from seg_fixtures import (
     CATALOGUE,
@@ -27,6 +28,7 @@ from seg_fixtures import (
 )
 
 from dicom_node.seg_encode import encode_seg
+from dicom_node.volume import StackChoice, volume_from_folder
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 
@@ -133,6 +135,42 @@ def test_ohif_parser_sees_our_labels_colours_and_voxels(
     ]
     assert seen == expected
     assert result["overlappingSegments"] is False
+
+
+@pytest.mark.parametrize("fmt", ["binary", "labelmap"])
+def test_ohif_parser_puts_a_one_stack_seg_on_that_stack(
+    tmp_path: Path, js_parser: Path, fmt: str
+) -> None:
+    """A two-echo series: the SEG of echo 2 is given to the parser with every image of the
+    series (as a viewer holding the whole series would); its voxels land once, not on both
+    echoes at the same positions."""
+    stacks = write_stacked_series(
+        tmp_path / "series",
+        [lambda p: 100.0 + 0 * p[:, 0], lambda p: 200.0 + 0 * p[:, 0]],
+        attributes=[{"EchoNumbers": 1}, {"EchoNumbers": 2}],
+        shape=(8, 32, 32),
+    )
+    volume = volume_from_folder(tmp_path / "series", stack=StackChoice(order="last"))
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in volume.source_datasets}
+    label_map = small_label_map()
+    seg = encode_seg(
+        label_map,
+        [by_uid[ref.sop_instance_uid] for ref in volume.frames],
+        CATALOGUE,
+        model_name="demo",
+        model_version="1.0",
+        weights_sha256=WEIGHTS_SHA256,
+        format=fmt,
+    )
+    seg_path = tmp_path / "seg.dcm"
+    seg.save_as(seg_path)
+    assert {ref.sop_instance_uid for ref in volume.frames} == set(stacks[1].sop_instance_uids)
+    run = _parse(js_parser, seg_path, sorted((tmp_path / "series").iterdir()))
+    assert run.returncode == 0, run.stderr
+    segments = json.loads(run.stdout.strip().splitlines()[-1])["segments"]
+    seen = {seg["label"]: seg["voxels"] for seg in segments if seg["label"] != "Background"}
+    labels = {label.id: label.name for label in CATALOGUE.labels}
+    assert seen == {labels[i]: int(np.count_nonzero(label_map == i)) for i in PRESENT_IDS}
 
 
 @pytest.mark.parametrize(("fmt", "comp"), [("labelmap", "jpegls"), ("binary", "jpeg2000")])
