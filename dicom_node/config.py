@@ -59,6 +59,8 @@ class NodeSettings(_Strict):
     max_associations: int = Field(16, ge=1, le=1000)
     max_pdu_bytes: int = Field(262144, ge=0)
     accept_unknown_callers: bool = False
+    # True: a configured peer's AE title is accepted only from the address of its `host`.
+    check_caller_host: bool = False
     network_timeout_s: float = Field(60.0, gt=0)
     # Each process takes up to max_associations. More than 1 pays only with several senders
     # at once (four senders, 2 cores: 4 processes ~1.2-1.3x one, benchmarks/receive.py).

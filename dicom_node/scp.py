@@ -203,6 +203,64 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
+class CallerHostCheck:
+    """``node.check_caller_host``: a configured peer's AE title only from its host's address.
+
+    Runs on the association request, before pynetdicom's own AE title checks; AE titles no
+    peer has are left to those. Host names are resolved for each association, so a changed
+    DNS entry is followed without a restart.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._hosts: dict[str, list[str]] = {}
+        for peer in settings.peers:
+            self._hosts.setdefault(peer.ae_title.strip(), []).append(peer.host)
+
+    def on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        if request is None:  # not reached: pynetdicom sets it before EVT_REQUESTED
+            return
+        calling = str(request.calling_ae_title).strip()
+        hosts = self._hosts.get(calling)
+        if not hosts:
+            return
+        address = _plain_address(str(assoc.requestor.address))
+        allowed: set[str] = set()
+        for host in hosts:
+            allowed |= _addresses_of(host)
+        if address in allowed:
+            return
+        logger.warning(
+            "association rejected: calling AE %r at %s:%s: the peer with this AE title is "
+            "at %s (%s), not %s (node.check_caller_host)",
+            calling,
+            assoc.requestor.address,
+            assoc.requestor.port,
+            ", ".join(hosts),
+            ", ".join(sorted(allowed)) or "does not resolve",
+            address,
+        )
+        # A-ASSOCIATE-RJ permanent, service user, calling AE title not recognised: what
+        # pynetdicom sends for an unknown AE title, and what pynetdicom lets an
+        # EVT_REQUESTED handler do in its place.
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        assoc.kill()
+
+
+def _plain_address(address: str) -> str:
+    # An IPv4 peer of a dual-stack (::) listener shows as ::ffff:a.b.c.d.
+    return address.removeprefix("::ffff:")
+
+
+def _addresses_of(host: str) -> set[str]:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return set()
+    return {_plain_address(str(info[4][0])) for info in infos}
+
+
 @dataclass
 class RunningSCP:
     ae: AE
@@ -246,6 +304,8 @@ def start_scp(
         (evt.EVT_ABORTED, receiver.on_aborted),
     ]
     node = settings.node
+    if node.check_caller_host:
+        handlers.append((evt.EVT_REQUESTED, CallerHostCheck(settings).on_requested))
     listeners: list[tuple[int, ssl.SSLContext | None]] = [(node.port, None)]
     if node.tls.enabled:
         listeners.append((node.tls.port, tls_context(settings)))

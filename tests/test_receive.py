@@ -314,6 +314,33 @@ def test_accept_unknown_callers(node_factory: NodeFactory) -> None:
     node.wait_for_log("C-ECHO from AE UNKNOWN")
 
 
+def test_a_peer_is_accepted_only_from_its_host_when_checked(node_factory: NodeFactory) -> None:
+    peers = [  # the first peer is the one the test harness checks readiness as
+        {"name": "local", "ae_title": "LOCALSCU", "host": "localhost", "port": 104},
+        {"name": "moved", "ae_title": SCU_AET, "host": "127.0.0.2", "port": 104},
+    ]
+    node = node_factory(peers=peers, overrides={"node": {"check_caller_host": True}})
+    refused = echoscu(node.port, aet=SCU_AET)  # echoscu connects from 127.0.0.1
+    assert refused.returncode != 0
+    assert "reject" in (refused.stdout + refused.stderr).lower()
+    line = node.wait_for_log("association rejected")
+    assert f"'{SCU_AET}'" in line and "at 127.0.0.2" in line and "not 127.0.0.1" in line
+    assert "node.check_caller_host" in line
+    # A host name is resolved: localhost is 127.0.0.1.
+    assert echoscu(node.port, aet="LOCALSCU").returncode == 0
+    node.wait_for_log("C-ECHO from AE LOCALSCU")
+    # AE titles no peer has are still refused by the AE title check.
+    assert echoscu(node.port, aet="UNKNOWN").returncode != 0
+    assert "is not a configured peer" in node.wait_for_log("calling AE 'UNKNOWN'")
+
+
+def test_the_caller_host_is_not_checked_by_default(node_factory: NodeFactory) -> None:
+    """Senders behind NAT or a PACS cluster send from other addresses than results go to."""
+    peers = [{"name": "moved", "ae_title": SCU_AET, "host": "127.0.0.2", "port": 104}]
+    node = node_factory(peers=peers)
+    assert echoscu(node.port).returncode == 0
+
+
 # -- DICOM TLS ---------------------------------------------------------------------------------
 
 
