@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from dicom_node.cli import print_json, settings_of
 from dicom_node.errors import DicomNodeError
@@ -230,20 +229,11 @@ def deliveries_retry(
 
 def status(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Queue depth, failures and the last errors."""
+    from storage.stats import index_counts
+
     index, store = _index(ctx)
-    since = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(hours=24)
+    counts = index_counts(index)
     with index.session() as session:
-        jobs = dict(
-            session.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).all()
-        )
-        deliveries = dict(
-            session.execute(
-                select(Delivery.state, func.count(Delivery.id)).group_by(Delivery.state)
-            ).all()
-        )
-        receiving = session.scalar(
-            select(func.count(SeriesVersion.id)).where(SeriesVersion.state == "receiving")
-        )
         failed_jobs = [
             {"job": j.id, "at": j.finished_at, "reason": j.reason}
             for j in session.scalars(
@@ -262,17 +252,13 @@ def status(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] 
                 .limit(5)
             )
         ]
-        failures_24h = session.scalar(
-            select(func.count(Job.id)).where(Job.state == JobState.FAILED, Job.finished_at >= since)
-        )
     data = {
-        "series_receiving": receiving,
-        "jobs": {s.value if hasattr(s, "value") else s: n for s, n in jobs.items()},
-        "deliveries": {s.value if hasattr(s, "value") else s: n for s, n in deliveries.items()},
-        "queue_depth": sum(
-            n for s, n in jobs.items() if s in (JobState.QUEUED, JobState.RETRY_WAIT)
-        ),
-        "jobs_failed_24h": failures_24h,
+        "series_receiving": counts.series_versions["receiving"],
+        "instances": counts.instances,
+        "jobs": {state: n for state, n in counts.jobs.items() if n},
+        "deliveries": {state: n for state, n in counts.deliveries.items() if n},
+        "queue_depth": counts.queue_depth,
+        "jobs_failed_24h": counts.jobs_failed_24h,
         "free_disk_mb": store.free_bytes() // (1024 * 1024),
         "last_job_errors": failed_jobs,
         "last_delivery_errors": failed_deliveries,

@@ -1,0 +1,59 @@
+"""Counts over the index for `dicom-node status` and the metrics endpoint."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+
+from storage.database import Index
+from storage.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    SeriesState,
+    SeriesVersion,
+    utcnow,
+)
+
+
+@dataclass(frozen=True)
+class IndexCounts:
+    instances: int
+    series_versions: dict[str, int]  # by state: receiving, complete
+    jobs: dict[str, int]  # by state; states without jobs are 0
+    deliveries: dict[str, int]  # by state; states without deliveries are 0
+    jobs_failed_24h: int
+
+    @property
+    def queue_depth(self) -> int:
+        return self.jobs[JobState.QUEUED.value] + self.jobs[JobState.RETRY_WAIT.value]
+
+
+def index_counts(index: Index) -> IndexCounts:
+    """One read of every count (a few grouped COUNTs; cheap enough for each scrape)."""
+    since = utcnow() - dt.timedelta(hours=24)
+    with index.session() as session:
+
+        def by_state(column: Any, key: Any) -> dict[str, int]:
+            rows = session.execute(select(column, func.count(key)).group_by(column)).all()
+            return {str(getattr(state, "value", state)): int(n) for state, n in rows}
+
+        versions = by_state(SeriesVersion.state, SeriesVersion.id)
+        jobs = by_state(Job.state, Job.id)
+        deliveries = by_state(Delivery.state, Delivery.id)
+        instances = int(session.scalar(select(func.count(Instance.id))) or 0)
+        failed = session.scalar(
+            select(func.count(Job.id)).where(Job.state == JobState.FAILED, Job.finished_at >= since)
+        )
+    return IndexCounts(
+        instances=instances,
+        series_versions={s.value: versions.get(s.value, 0) for s in SeriesState},
+        jobs={s.value: jobs.get(s.value, 0) for s in JobState},
+        deliveries={s.value: deliveries.get(s.value, 0) for s in DeliveryState},
+        jobs_failed_24h=int(failed or 0),
+    )
