@@ -181,6 +181,11 @@ class LoggingSettings(_Strict):
     json_lines: bool = False
 
 
+class MetricsSettings(_Strict):
+    port: int | None = Field(None, ge=1, le=65535)  # None: no metrics endpoint
+    bind_address: str = "127.0.0.1"
+
+
 class Settings(_Strict):
     node: NodeSettings = NodeSettings()
     peers: list[PeerSettings] = []
@@ -192,6 +197,7 @@ class Settings(_Strict):
     workers: WorkerSettings = WorkerSettings()
     outbox: OutboxSettings = OutboxSettings()
     logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:

@@ -162,7 +162,7 @@ def _receiver_process(settings_json: str, sockets: list[socket.socket]) -> None:
 def default_components(
     settings: Settings,
 ) -> tuple[list[CompletionListener], list[ComponentFactory]]:
-    """What ``serve`` runs besides the receiver: scheduler, worker processes, outbox."""
+    """What ``serve`` runs besides the receiver: scheduler, workers, outbox, metrics."""
     from dicom_node.outbox import Outbox
     from dicom_node.scheduler import Scheduler
     from dicom_node.worker import WorkerPool
@@ -192,7 +192,14 @@ def default_components(
         wake = pool.results_ready if pool is not None else None
         return Outbox(service.settings, service.index, service.store, wake)
 
+    def metrics(service: Service) -> Component:
+        from dicom_node.metrics import MetricsServer
+
+        return MetricsServer(service.settings, service.index, service.store)
+
     factories: list[ComponentFactory] = [scheduler, outbox]
     if settings.workers.processes:
         factories.insert(1, workers)
+    if settings.metrics.port is not None:
+        factories.append(metrics)
     return [wake_scheduler], factories
