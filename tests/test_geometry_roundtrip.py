@@ -221,6 +221,18 @@ class _OracleSegmenter:
         return labels.reshape(volume.shape)
 
 
+def _oracle_info() -> SimpleNamespace:
+    """What segment_series needs of a model, for the oracle: the demo model's catalogue."""
+    from inference.catalogue import load_catalogue
+
+    return SimpleNamespace(
+        name="oracle",
+        catalogue=load_catalogue("demo"),
+        weights_sha256="0" * 64,
+        descriptor=SimpleNamespace(modality="MR", version="1", input_channels=["MRI"]),
+    )
+
+
 @pytest.mark.parametrize(
     "case",
     [
@@ -234,15 +246,8 @@ def test_exact_with_an_oracle_model(
     case: dict[str, Any], tmp_path: Path, spec: PhantomSpec
 ) -> None:
     """No trained model needed: with a perfect one the SEG equals the truth voxel for voxel."""
-    from inference.catalogue import load_catalogue
-
-    catalogue = load_catalogue("demo")
-    info = SimpleNamespace(
-        name="oracle",
-        catalogue=catalogue,
-        weights_sha256="0" * 64,
-        descriptor=SimpleNamespace(modality="MR", version="1", input_channels=["MRI"]),
-    )
+    info = _oracle_info()
+    catalogue = info.catalogue
     written = _write(tmp_path / "series", spec, case)
     result = segment_series(
         written.paths, info, _OracleSegmenter(spec), format=case.get("format", "binary")
@@ -297,15 +302,8 @@ def test_first_echo_of_a_two_echo_series(
 def test_last_time_point_of_an_enhanced_image(tmp_path: Path, spec: PhantomSpec, fmt: str) -> None:
     """One multi-frame object holding two time points: the SEG covers the chosen one's frames
     only (highdicom alone would refer each SEG frame to both time points' frames there)."""
-    from inference.catalogue import load_catalogue
-
-    catalogue = load_catalogue("demo")
-    info = SimpleNamespace(
-        name="oracle",
-        catalogue=catalogue,
-        weights_sha256="0" * 64,
-        descriptor=SimpleNamespace(modality="MR", version="1", input_channels=["MRI"]),
-    )
+    info = _oracle_info()
+    catalogue = info.catalogue
     shape, spacing = AXIAL_GRID
 
     def phantom(points: np.ndarray) -> np.ndarray:
@@ -341,15 +339,8 @@ def test_last_time_point_of_an_enhanced_image(tmp_path: Path, spec: PhantomSpec,
 
 def test_one_of_two_enhanced_images_in_a_series(tmp_path: Path, spec: PhantomSpec) -> None:
     """Two multi-frame images at the same positions in one series: the SEG is of the first."""
-    from inference.catalogue import load_catalogue
-
-    catalogue = load_catalogue("demo")
-    info = SimpleNamespace(
-        name="oracle",
-        catalogue=catalogue,
-        weights_sha256="0" * 64,
-        descriptor=SimpleNamespace(modality="MR", version="1", input_channels=["MRI"]),
-    )
+    info = _oracle_info()
+    catalogue = info.catalogue
     case = {"orientation": "sagittal", "enhanced": True, "reverse_order": True}
     first = _write(tmp_path / "series", spec, case)
     second = write_series(
