@@ -9,14 +9,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from dicom_node.config import Settings
+from dicom_node.config import RuleSettings, Settings
+from dicom_node.errors import DicomNodeError
 from dicom_node.routing import SeriesFacts, route
 from storage.database import Index
 from storage.models import Series, SeriesState, SeriesVersion, utcnow
-from storage.queue import JobSpec, create_job
+from storage.queue import JobSpec, create_job, job_for, requeue_job
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,92 @@ def facts_from_index(series: Series, version: SeriesVersion) -> SeriesFacts:
         calling_ae_title=series.calling_ae_title,
         image_count=version.instance_count,
     )
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    job_id: int
+    rule_name: str
+    model_name: str
+    version: int
+    again: bool  # an earlier job of this version and rule was queued again
+
+
+def _spec(rule: RuleSettings) -> JobSpec:
+    return JobSpec(
+        rule_name=rule.name,
+        model_name=rule.model,
+        profile=rule.profile.model_dump(),
+        destinations=list(rule.destinations),
+    )
+
+
+def queue_series(
+    settings: Settings, index: Index, series_instance_uid: str, rule_name: str | None = None
+) -> QueuedJob:
+    """An operator's request: process a stored series now, by the rule that matches it or
+    by the rule named, e.g. one added after the series arrived and was kept unprocessed.
+
+    Takes the newest complete version. A finished job of that version and rule is queued
+    again with the rule as configured now (model, profile, destinations).
+    """
+    with index.session() as session:
+        row = session.execute(
+            select(SeriesVersion, Series)
+            .join(Series, SeriesVersion.series_pk == Series.id)
+            .where(
+                Series.series_instance_uid == series_instance_uid,
+                SeriesVersion.state == SeriesState.COMPLETE,
+            )
+            .order_by(SeriesVersion.version.desc())
+            .limit(1)
+        ).first()
+    if row is None:
+        raise DicomNodeError(
+            f"series {series_instance_uid} has no complete version in the index "
+            "(not received, or still receiving: see `dicom-node series show`)"
+        )
+    version, series = row
+    if rule_name is not None:
+        rule = next((r for r in settings.rules if r.name == rule_name), None)
+        if rule is None:
+            names = ", ".join(r.name for r in settings.rules) or "none configured"
+            raise DicomNodeError(f"no rule named {rule_name!r} (rules: {names})")
+    else:
+        decision = route(settings.rules, facts_from_index(series, version))
+        if decision.rule is None:
+            reasons = " | ".join(f"{v.rule}: {'; '.join(v.reasons)}" for v in decision.verdicts)
+            raise DicomNodeError(
+                f"no routing rule matches series {series_instance_uid} "
+                f"({reasons or 'no rules configured'}); name one with --rule"
+            )
+        rule = decision.rule
+    spec = _spec(rule)
+    job_id = create_job(index, version.id, spec)
+    again = False
+    if job_id is None:  # this version already has a job for this rule
+        existing = job_for(index, version.id, rule.name)
+        assert existing is not None
+        if not requeue_job(index, existing.id, spec):
+            raise DicomNodeError(
+                f"job {existing.id} (series {series_instance_uid} version {version.version}, "
+                f"rule {rule.name}) is {existing.state.value} already"
+            )
+        job_id, again = existing.id, True
+    with index.session() as session, session.begin():
+        row_version = session.get(SeriesVersion, version.id)
+        if row_version is not None and row_version.routed_at is None:
+            row_version.routed_at = utcnow()  # the scheduler need not route it as well
+    logger.info(
+        "job %d queued%s by an operator: series %s version %d, rule %s, model %s",
+        job_id,
+        " again" if again else "",
+        series_instance_uid,
+        version.version,
+        rule.name,
+        rule.model,
+    )
+    return QueuedJob(job_id, rule.name, rule.model, version.version, again)
 
 
 class Scheduler:
@@ -76,16 +164,7 @@ class Scheduler:
                     or "no rules configured",
                 )
             else:
-                job_id = create_job(
-                    self.index,
-                    version.id,
-                    JobSpec(
-                        rule_name=rule.name,
-                        model_name=rule.model,
-                        profile=rule.profile.model_dump(),
-                        destinations=list(rule.destinations),
-                    ),
-                )
+                job_id = create_job(self.index, version.id, _spec(rule))
                 if job_id is not None:
                     queued += 1
                     if self.on_queued is not None:

@@ -192,6 +192,35 @@ def retry_job(index: Index, job_id: int) -> bool:
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+def requeue_job(index: Index, job_id: int, spec: JobSpec) -> bool:
+    """Queue a finished job again under ``spec`` (the rule as configured now); False when
+    the job is queued, running or waiting for a retry already."""
+    with index.session() as session, session.begin():
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state.in_([JobState.FAILED, JobState.SUCCEEDED]))
+            .values(
+                state=JobState.QUEUED,
+                attempts=0,
+                reason="",
+                next_attempt_at=None,
+                model_name=spec.model_name,
+                profile=spec.profile,
+                destinations=spec.destinations,
+            )
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def job_for(index: Index, series_version_pk: int, rule_name: str) -> Job | None:
+    with index.session() as session:
+        return session.scalar(
+            select(Job).where(
+                Job.series_version_pk == series_version_pk, Job.rule_name == rule_name
+            )
+        )
+
+
 # -- deliveries ------------------------------------------------------------------------------
 
 

@@ -12,8 +12,9 @@ import yaml
 from sqlalchemy import update
 
 from dicom_node.config import RuleSettings, Settings
+from dicom_node.errors import DicomNodeError
 from dicom_node.routing import SeriesFacts, facts_from_folder, route
-from dicom_node.scheduler import Scheduler
+from dicom_node.scheduler import Scheduler, queue_series
 from dicom_node.worker import PermanentJobError, resolve_destinations
 from storage.database import Index
 from storage.instances import InstanceRecord, complete_due_series, record_instance
@@ -135,6 +136,43 @@ def test_unmatched_series_is_kept_and_logged(
     caplog.set_level("INFO")
     assert Scheduler(Settings(rules=rules()), index).route_pending() == 0
     assert "no routing rule matches; kept, not processed" in caplog.text
+
+
+def test_an_operator_queues_a_kept_series(index: Index) -> None:
+    """`series process`: a series no rule matched is processed by the rule named; asking
+    again while the job is queued is refused; once finished it runs again under the rule
+    as configured now."""
+    _complete_series(index, n=2)  # too few images for the vibe rule: kept
+    settings = Settings(rules=rules())
+    assert Scheduler(settings, index).route_pending() == 0
+    with pytest.raises(DicomNodeError, match=r"no routing rule matches.*vibe: .*images"):
+        queue_series(settings, index, "1.2.3")
+    with pytest.raises(DicomNodeError, match=r"no rule named 'nope' \(rules: vibe, ct, from-ws\)"):
+        queue_series(settings, index, "1.2.3", "nope")
+    with pytest.raises(DicomNodeError, match="no complete version"):
+        queue_series(settings, index, "9.9.9", "vibe")
+
+    queued = queue_series(settings, index, "1.2.3", "vibe")
+    assert (queued.rule_name, queued.model_name, queued.version, queued.again) == (
+        "vibe", "vibe", 1, False,
+    )  # fmt: skip
+    job = claim_job(index, "host:1", heartbeat_timeout_s=60)
+    assert job is not None and job.id == queued.job_id and job.model_name == "vibe"
+    with pytest.raises(DicomNodeError, match=f"job {queued.job_id} .* is running already"):
+        queue_series(settings, index, "1.2.3", "vibe")
+
+    fail_job(index, job.id, "model missing", retry_in_s=None, max_attempts=1)
+    changed = Settings(
+        rules=[RuleSettings.model_validate({**RULES[0], "model": "vibe2",
+                                            "profile": {"format": "labelmap"}})]
+    )  # fmt: skip
+    again = queue_series(changed, index, "1.2.3", "vibe")
+    assert again.job_id == queued.job_id and again.again
+    rerun = claim_job(index, "host:1", heartbeat_timeout_s=60)
+    assert rerun is not None and rerun.model_name == "vibe2" and rerun.attempts == 1
+    assert rerun.profile["format"] == "labelmap" and rerun.reason == ""
+    # The scheduler does not route the version a second time.
+    assert Scheduler(settings, index).route_pending() == 0
 
 
 def test_job_state_machine(index: Index) -> None:

@@ -303,6 +303,33 @@ def test_a_series_that_cannot_be_processed_fails_readably(
     assert status["jobs"].get("failed") == 1 and status["last_job_errors"]
 
 
+def test_a_kept_series_is_processed_on_request(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    """A series no rule matched is kept; `series process --rule` has the running node's
+    worker segment it."""
+    settings = pipeline()
+    settings["rules"][0]["match"]["series_description"] = "^not this one$"
+    node = node_factory(overrides=settings)
+    series = phantom_series(tmp_path / "series", seed=7013)
+    uid = series.uids.series_instance_uid
+    sent = storescu(node.port, [series.paths[0].parent])
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    node.wait_for_log("kept, not processed", timeout_s=SEG_TIMEOUT_S)
+    assert jobs(node) == []
+
+    refused = node.cli("series", "process", uid)
+    assert refused.returncode != 0 and "no routing rule matches" in refused.stderr, refused
+    queued = node.cli_json("series", "process", uid, "--rule", "phantom-mr", "--json")
+    assert queued["rule"] == "phantom-mr" and queued["version"] == 1 and not queued["again"]
+    wait_until(lambda: [j["state"] for j in jobs(node)] == ["succeeded"],
+               timeout_s=SEG_TIMEOUT_S, interval_s=0.5, what="the job to succeed")  # fmt: skip
+    (job,) = jobs(node)
+    assert job["id"] == queued["job"]
+    assert f"job {job['id']} study {series.uids.study_instance_uid} series {uid} v1: " \
+        "started (model demo, rule phantom-mr" in node.log_text()  # fmt: skip
+
+
 def test_unknown_origin_is_an_error_on_the_job(
     node_factory: Callable[..., NodeProcess], tmp_path: Path
 ) -> None:

@@ -18,6 +18,7 @@ def register(app: typer.Typer) -> None:
     series_app = typer.Typer(help="Received series and their completion.", no_args_is_help=True)
     series_app.command("list")(list_series)
     series_app.command("show")(show_series)
+    series_app.command("process")(process_series)
     app.add_typer(series_app, name="series")
 
 
@@ -141,3 +142,35 @@ def show_series(
             f"{', ' + v['completion_reason'] if v['completion_reason'] else ''}"
         )
     typer.echo(f"{len(instances)} instances under {store.root}")
+
+
+def process_series(
+    ctx: typer.Context,
+    uid: Annotated[str, typer.Argument(help="Series Instance UID")],
+    rule: Annotated[
+        str | None, typer.Option(help="the rule to use; default: the first that matches")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Queue a stored series for segmentation now (a running node's workers take it)."""
+    from dicom_node.scheduler import queue_series
+    from dicom_node.service import open_store
+
+    settings = settings_of(ctx)
+    index, _ = open_store(settings)
+    queued = queue_series(settings, index, uid, rule)
+    if as_json:
+        print_json(
+            {
+                "job": queued.job_id,
+                "rule": queued.rule_name,
+                "model": queued.model_name,
+                "version": queued.version,
+                "again": queued.again,
+            }
+        )
+        return
+    typer.echo(
+        f"job {queued.job_id} queued{' again' if queued.again else ''}: series {uid} "
+        f"version {queued.version}, rule {queued.rule_name}, model {queued.model_name}"
+    )
