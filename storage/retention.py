@@ -7,7 +7,8 @@ import logging
 import re
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import case, delete, func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from storage.database import Index
 from storage.filestore import FileStore
@@ -56,71 +57,111 @@ def prune(
     index: Index, store: FileStore, older_than: dt.timedelta, *, dry_run: bool = False
 ) -> PruneResult:
     """Remove series whose every version completed before the cut-off and whose jobs and
-    deliveries are finished (succeeded, failed, delivered or dead)."""
+    deliveries are finished (succeeded, failed, delivered or dead).
+
+    One short transaction per series, so a node receiving meanwhile is held up for one
+    series at a time, never for a whole run. Files go after their rows are committed: a
+    crash in between leaves unreferenced files (wasted space), never rows without files.
+    """
     cutoff = utcnow() - older_than
     pruned: list[str] = []
     count = 0
     freed = 0
-    with index.session() as session, session.begin():
-        for series in session.scalars(select(Series)).all():
-            versions = session.scalars(
-                select(SeriesVersion).where(SeriesVersion.series_pk == series.id)
-            ).all()
-            if not versions or any(
-                v.state != SeriesState.COMPLETE or v.completed_at is None or v.completed_at > cutoff
-                for v in versions
-            ):
-                continue
-            version_ids = [v.id for v in versions]
-            busy_jobs = session.scalar(
-                select(func.count(Job.id)).where(
-                    Job.series_version_pk.in_(version_ids), Job.state.in_(_UNFINISHED_JOBS)
-                )
-            )
-            job_ids = session.scalars(
-                select(Job.id).where(Job.series_version_pk.in_(version_ids))
-            ).all()
-            busy_deliveries = session.scalar(
-                select(func.count(Delivery.id)).where(
-                    Delivery.job_pk.in_(job_ids), Delivery.state.in_(_UNFINISHED_DELIVERIES)
-                )
-            )
-            if busy_jobs or busy_deliveries:
-                continue
-            instances = session.scalars(
-                select(Instance).where(Instance.series_pk == series.id)
-            ).all()
-            pruned.append(series.series_instance_uid)
-            count += len(instances)
-            freed += sum(i.size_bytes for i in instances)
-            if dry_run:
-                continue
-            seg_paths = session.scalars(select(Job.seg_path).where(Job.id.in_(job_ids))).all()
-            for instance in instances:
-                store.remove(instance.path)
-            for seg_path in seg_paths:
-                if seg_path:
-                    store.remove(seg_path)
-            session.execute(delete(Delivery).where(Delivery.job_pk.in_(job_ids)))
-            session.execute(delete(Job).where(Job.id.in_(job_ids)))
-            session.execute(delete(Instance).where(Instance.series_pk == series.id))
-            session.execute(delete(SeriesVersion).where(SeriesVersion.series_pk == series.id))
-            study_pk = series.study_pk
-            session.delete(series)
-            session.flush()
-            if not session.scalar(select(func.count(Series.id)).where(Series.study_pk == study_pk)):
-                study = session.get(Study, study_pk)
-                if study is not None:
-                    patient_pk = study.patient_pk
-                    session.delete(study)
-                    session.flush()
-                    if not session.scalar(
-                        select(func.count(Study.id)).where(Study.patient_pk == patient_pk)
-                    ):
-                        patient = session.get(Patient, patient_pk)
-                        if patient is not None:
-                            session.delete(patient)
-            logger.info(
-                "pruned series %s: %d instances", series.series_instance_uid, len(instances)
-            )
+    for series_pk in _candidates(index, cutoff):
+        try:
+            removed = _prune_series(index, store, series_pk, cutoff, dry_run=dry_run)
+        except SQLAlchemyError as exc:  # e.g. pruned at the same moment by another node
+            logger.warning("could not prune series row %d: %s", series_pk, exc)
+            continue
+        if removed is None:
+            continue
+        uid, instances, size = removed
+        pruned.append(uid)
+        count += instances
+        freed += size
     return PruneResult(series=pruned, instances=count, bytes_freed=freed)
+
+
+def _candidates(index: Index, cutoff: dt.datetime) -> list[int]:
+    """Series whose every version is complete, the newest completed before the cut-off."""
+    unfinished = case(
+        (
+            (SeriesVersion.state != SeriesState.COMPLETE) | SeriesVersion.completed_at.is_(None),
+            1,
+        ),
+        else_=0,
+    )
+    with index.session() as session:
+        return list(
+            session.scalars(
+                select(SeriesVersion.series_pk)
+                .group_by(SeriesVersion.series_pk)
+                .having(func.sum(unfinished) == 0, func.max(SeriesVersion.completed_at) <= cutoff)
+                .order_by(SeriesVersion.series_pk)
+            )
+        )
+
+
+def _prune_series(
+    index: Index, store: FileStore, series_pk: int, cutoff: dt.datetime, *, dry_run: bool
+) -> tuple[str, int, int] | None:
+    """Remove one series if it still qualifies; (UID, instances, bytes) or None."""
+    with index.session() as session, session.begin():
+        series = session.get(Series, series_pk)
+        if series is None:
+            return None
+        versions = session.scalars(
+            select(SeriesVersion).where(SeriesVersion.series_pk == series.id)
+        ).all()
+        # Checked again inside the transaction: an image may have arrived since.
+        if not versions or any(
+            v.state != SeriesState.COMPLETE or v.completed_at is None or v.completed_at > cutoff
+            for v in versions
+        ):
+            return None
+        version_ids = [v.id for v in versions]
+        busy_jobs = session.scalar(
+            select(func.count(Job.id)).where(
+                Job.series_version_pk.in_(version_ids), Job.state.in_(_UNFINISHED_JOBS)
+            )
+        )
+        job_ids = session.scalars(
+            select(Job.id).where(Job.series_version_pk.in_(version_ids))
+        ).all()
+        busy_deliveries = session.scalar(
+            select(func.count(Delivery.id)).where(
+                Delivery.job_pk.in_(job_ids), Delivery.state.in_(_UNFINISHED_DELIVERIES)
+            )
+        )
+        if busy_jobs or busy_deliveries:
+            return None
+        instances = session.scalars(select(Instance).where(Instance.series_pk == series.id)).all()
+        uid = series.series_instance_uid
+        size = sum(i.size_bytes for i in instances)
+        if dry_run:
+            return uid, len(instances), size
+        paths = [i.path for i in instances]
+        paths += [p for p in session.scalars(select(Job.seg_path).where(Job.id.in_(job_ids))) if p]
+        session.execute(delete(Delivery).where(Delivery.job_pk.in_(job_ids)))
+        session.execute(delete(Job).where(Job.id.in_(job_ids)))
+        session.execute(delete(Instance).where(Instance.series_pk == series.id))
+        session.execute(delete(SeriesVersion).where(SeriesVersion.series_pk == series.id))
+        study_pk = series.study_pk
+        session.delete(series)
+        session.flush()
+        if not session.scalar(select(func.count(Series.id)).where(Series.study_pk == study_pk)):
+            study = session.get(Study, study_pk)
+            if study is not None:
+                patient_pk = study.patient_pk
+                session.delete(study)
+                session.flush()
+                if not session.scalar(
+                    select(func.count(Study.id)).where(Study.patient_pk == patient_pk)
+                ):
+                    patient = session.get(Patient, patient_pk)
+                    if patient is not None:
+                        session.delete(patient)
+    for path in paths:
+        store.remove(path)
+    logger.info("pruned series %s: %d instances", uid, len(instances))
+    return uid, len(instances), size
