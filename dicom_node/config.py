@@ -87,6 +87,18 @@ class StorageSettings(_Strict):
     # False: files and SQLite commits are not forced to disk. Still atomic and safe against
     # a killed process; not against a power loss (what Orthanc and storescp do by default).
     fsync: bool = True
+    # Finished series older than this (e.g. "30d") are pruned automatically; None: never.
+    retention: str | None = None
+    retention_check_interval_s: float = Field(3600.0, gt=0.0)
+
+    @field_validator("retention")
+    @classmethod
+    def _valid_retention(cls, value: str | None) -> str | None:
+        if value is not None:
+            from storage.retention import parse_duration
+
+            parse_duration(value)  # raises ValueError with the accepted forms
+        return value
 
     @property
     def store_dir(self) -> Path:

@@ -162,7 +162,8 @@ def _receiver_process(settings_json: str, sockets: list[socket.socket]) -> None:
 def default_components(
     settings: Settings,
 ) -> tuple[list[CompletionListener], list[ComponentFactory]]:
-    """What ``serve`` runs besides the receiver: scheduler, workers, outbox, metrics."""
+    """What ``serve`` runs besides the receiver: scheduler, workers, outbox, metrics,
+    retention."""
     from dicom_node.outbox import Outbox
     from dicom_node.scheduler import Scheduler
     from dicom_node.worker import WorkerPool
@@ -200,6 +201,14 @@ def default_components(
     factories: list[ComponentFactory] = [scheduler, outbox]
     if settings.workers.processes:
         factories.insert(1, workers)
+
+    def retention(service: Service) -> Component:
+        from dicom_node.retention import RetentionSweeper
+
+        return RetentionSweeper(service.settings, service.index, service.store)
+
     if settings.metrics.port is not None:
         factories.append(metrics)
+    if settings.storage.retention is not None:
+        factories.append(retention)
     return [wake_scheduler], factories

@@ -1,0 +1,145 @@
+"""Retention: `store prune` and the automatic sweep (real SQLite index and file store)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from conftest import NodeFactory
+from peers import make_mr_series, storescu, wait_until
+from sqlalchemy import select, update
+
+from storage.database import Index
+from storage.filestore import FileStore
+from storage.instances import InstanceRecord, complete_due_series, record_instance
+from storage.models import Instance, Patient, SeriesVersion, Study, utcnow
+from storage.queue import (
+    JobSpec,
+    claim_delivery,
+    claim_job,
+    create_job,
+    delivery_failed,
+    finish_job,
+)
+from storage.retention import parse_duration, prune
+
+HOUR = dt.timedelta(hours=1)
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> Index:
+    return Index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileStore:
+    return FileStore(tmp_path / "store", 0, fsync=False)
+
+
+def _receive(index: Index, store: FileStore, uid: str, study: str = "1.2", n: int = 2) -> None:
+    for i in range(n):
+        path = f"{study}/{uid}/{uid}.{i}.dcm"
+        store.write_atomic(path, b"DICM" * 10)
+        record_instance(
+            index,
+            InstanceRecord(
+                sop_instance_uid=f"{uid}.{i}",
+                series_instance_uid=uid,
+                study_instance_uid=study,
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path=path,
+                size_bytes=40,
+                patient_id="P1",
+                modality="MR",
+            ),
+        )
+
+
+def _age(index: Index, hours: float) -> None:
+    """Pretend every complete version finished ``hours`` ago."""
+    with index.session() as session, session.begin():
+        session.execute(
+            update(SeriesVersion)
+            .where(SeriesVersion.completed_at.is_not(None))
+            .values(completed_at=utcnow() - dt.timedelta(hours=hours))
+        )
+
+
+def test_prune_takes_only_finished_old_series(index: Index, store: FileStore) -> None:
+    _receive(index, store, "1.1")  # done long ago, job failed, delivery dead: pruned
+    _receive(index, store, "1.2")  # done long ago but its job is still queued: kept
+    _receive(index, store, "1.3", study="2.1")  # done recently: kept
+    done = {c.series_instance_uid: c.series_version_pk for c in complete_due_series(
+        index, 0.0, on_release=False)}  # fmt: skip
+    _receive(index, store, "1.4", study="2.1")  # still receiving: kept
+    _age(index, 48)
+    with index.session() as session, session.begin():
+        session.execute(
+            update(SeriesVersion)
+            .where(SeriesVersion.id == done["1.3"])
+            .values(completed_at=utcnow() - dt.timedelta(minutes=5))
+        )
+    finished = create_job(index, done["1.1"], JobSpec("r", "demo", {}, ["pacs"]))
+    create_job(index, done["1.2"], JobSpec("r", "demo", {}, ["pacs"]))
+    job = claim_job(index, "w", heartbeat_timeout_s=60)
+    assert job is not None and job.id == finished
+    store.write_atomic(f"results/{job.id}/seg.dcm", b"SEG")
+    finish_job(index, job.id, seg_path=f"results/{job.id}/seg.dcm", seg_sop_instance_uid="9",
+               timings={}, deliveries=[("pacs", "PACS@127.0.0.1:104")])  # fmt: skip
+    delivery = claim_delivery(index, lease_s=60)
+    assert delivery is not None
+    assert prune(index, store, HOUR).series == []  # the delivery is still being sent
+    delivery_failed(index, delivery.id, "refused", retryable=False, max_attempts=1,
+                    backoff_initial_s=1, backoff_max_s=1)  # fmt: skip
+
+    dry = prune(index, store, HOUR, dry_run=True)
+    assert dry.series == ["1.1"] and dry.instances == 2 and dry.bytes_freed == 80
+    assert (store.root / "1.2/1.1/1.1.0.dcm").is_file()
+
+    result = prune(index, store, HOUR)
+    assert result.series == ["1.1"]
+    assert not (store.root / "1.2/1.1").exists()  # images and their folder
+    assert not (store.root / f"results/{job.id}/seg.dcm").exists()  # and the SEG
+    with index.session() as session:
+        left = sorted(session.scalars(select(Instance.sop_instance_uid)))
+        studies = sorted(session.scalars(select(Study.study_instance_uid)))
+        patients = session.scalars(select(Patient.patient_id)).all()
+    assert left == ["1.2.0", "1.2.1", "1.3.0", "1.3.1", "1.4.0", "1.4.1"]
+    assert studies == ["1.2", "2.1"] and patients == ["P1"]  # still referenced: kept
+    assert prune(index, store, HOUR).series == []  # nothing else qualifies
+
+
+def test_durations() -> None:
+    assert parse_duration("30d") == dt.timedelta(days=30)
+    assert parse_duration(" 1.5h ") == dt.timedelta(minutes=90)
+    with pytest.raises(ValueError, match="use a number and s, m, h, d or w"):
+        parse_duration("a month")
+
+
+def test_a_bad_retention_setting_stops_the_node_at_start(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from dicom_node.config import Settings
+
+    with pytest.raises(ValidationError, match="use a number and s, m, h, d or w"):
+        Settings.model_validate({"storage": {"retention": "monthly"}})
+
+
+@pytest.mark.peers
+def test_the_node_prunes_by_itself(node_factory: NodeFactory, tmp_path: Path) -> None:
+    node = node_factory(
+        overrides={
+            "completion": {"quiet_period_s": 1},
+            "storage": {"retention": "2s", "retention_check_interval_s": 0.5},
+        }
+    )
+    node.wait_for_log("retention: series finished more than 2s ago are pruned every 0.5 s")
+    series = make_mr_series(tmp_path / "series", 3)
+    assert storescu(node.port, [tmp_path / "series"]).returncode == 0
+    line = node.wait_for_log("retention: pruned 1 series (3 images", timeout_s=60)
+    assert "finished more than 2s ago" in line
+    wait_until(lambda: node.stored_files() == [], timeout_s=10, what="the files gone")
+    assert node.instance_rows() == [] and node.series_json() == []
+    assert series.series_instance_uid in node.log_text()
