@@ -192,3 +192,16 @@ def test_the_node_serves_on_postgresql(
     assert listed[0]["series_instance_uid"] == series.series_instance_uid
     assert listed[0]["instances"] == 12
     assert not (node.data_dir / "index.sqlite").exists()  # the index is in PostgreSQL
+
+
+def test_retention_on_postgresql(fresh_db: str, tmp_path: Path) -> None:
+    """The grouped candidate query and per-series deletes, on PostgreSQL."""
+    from test_retention import check_prune
+
+    from storage.filestore import FileStore
+
+    index = Index(fresh_db)
+    try:
+        check_prune(index, FileStore(tmp_path / "store", 0, fsync=False))
+    finally:
+        index.dispose()

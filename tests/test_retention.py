@@ -68,6 +68,11 @@ def _age(index: Index, hours: float) -> None:
 
 
 def test_prune_takes_only_finished_old_series(index: Index, store: FileStore) -> None:
+    check_prune(index, store)
+
+
+def check_prune(index: Index, store: FileStore) -> None:
+    """What prune takes and keeps; also run on PostgreSQL (test_postgres)."""
     _receive(index, store, "1.1")  # done long ago, job failed, delivery dead: pruned
     _receive(index, store, "1.2")  # done long ago but its job is still queued: kept
     _receive(index, store, "1.3", study="2.1")  # done recently: kept
