@@ -49,6 +49,13 @@ class RoutingDecision:
         )
         return "\n".join(lines)
 
+    def summary(self) -> str:
+        """Every rule's reasons on one line, for log lines and error messages."""
+        return (
+            " | ".join(f"{v.rule}: {'; '.join(v.reasons)}" for v in self.verdicts)
+            or "no rules configured"
+        )
+
 
 def _check(match: RuleMatch, facts: SeriesFacts) -> tuple[bool, list[str]]:
     ok = True

@@ -88,10 +88,9 @@ def queue_series(
     else:
         decision = route(settings.rules, facts_from_index(series, version))
         if decision.rule is None:
-            reasons = " | ".join(f"{v.rule}: {'; '.join(v.reasons)}" for v in decision.verdicts)
             raise DicomNodeError(
                 f"no routing rule matches series {series_instance_uid} "
-                f"({reasons or 'no rules configured'}); name one with --rule"
+                f"({decision.summary()}); name one with --rule"
             )
         rule = decision.rule
     spec = _spec(rule)
@@ -160,8 +159,7 @@ class Scheduler:
                     "series %s version %d: no routing rule matches; kept, not processed (%s)",
                     series.series_instance_uid,
                     version.version,
-                    " | ".join(f"{v.rule}: {'; '.join(v.reasons)}" for v in decision.verdicts)
-                    or "no rules configured",
+                    decision.summary(),
                 )
             else:
                 job_id = create_job(self.index, version.id, _spec(rule))
