@@ -18,7 +18,7 @@ from dicom_node.errors import DicomNodeError
 from dicom_node.routing import SeriesFacts, route
 from storage.database import Index
 from storage.models import Series, SeriesState, SeriesVersion, utcnow
-from storage.queue import JobSpec, create_job, job_for, requeue_job
+from storage.queue import JobSpec, create_job, job_for, retry_job
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def queue_series(
     if job_id is None:  # this version already has a job for this rule
         existing = job_for(index, version.id, rule.name)
         assert existing is not None
-        if not requeue_job(index, existing.id, spec):
+        if not retry_job(index, existing.id, spec):
             raise DicomNodeError(
                 f"job {existing.id} (series {series_instance_uid} version {version.version}, "
                 f"rule {rule.name}) is {existing.state.value} already"

@@ -181,33 +181,27 @@ def fail_job(
         return job.state
 
 
-def retry_job(index: Index, job_id: int) -> bool:
-    """Operator's retry: queue a failed or succeeded job again with fresh attempts."""
+def retry_job(index: Index, job_id: int, spec: JobSpec | None = None) -> bool:
+    """Operator's retry: queue a failed or succeeded job again with fresh attempts; with
+    ``spec``, under that model, profile and destinations (the rule as configured now).
+    False when the job is queued, running or waiting for a retry already."""
+    values: dict[str, object] = {
+        "state": JobState.QUEUED,
+        "attempts": 0,
+        "reason": "",
+        "next_attempt_at": None,
+    }
+    if spec is not None:
+        values |= {
+            "model_name": spec.model_name,
+            "profile": spec.profile,
+            "destinations": spec.destinations,
+        }
     with index.session() as session, session.begin():
         result = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.state.in_([JobState.FAILED, JobState.SUCCEEDED]))
-            .values(state=JobState.QUEUED, attempts=0, reason="", next_attempt_at=None)
-        )
-        return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
-def requeue_job(index: Index, job_id: int, spec: JobSpec) -> bool:
-    """Queue a finished job again under ``spec`` (the rule as configured now); False when
-    the job is queued, running or waiting for a retry already."""
-    with index.session() as session, session.begin():
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state.in_([JobState.FAILED, JobState.SUCCEEDED]))
-            .values(
-                state=JobState.QUEUED,
-                attempts=0,
-                reason="",
-                next_attempt_at=None,
-                model_name=spec.model_name,
-                profile=spec.profile,
-                destinations=spec.destinations,
-            )
+            .values(values)
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
