@@ -6,10 +6,10 @@ All state lives in the index, so a restarted node resumes every pending series.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 
 from dicom_node.config import CompletionSettings
+from dicom_node.periodic import Periodic
 from storage.database import Index
 from storage.instances import CompletedSeries, complete_due_series
 
@@ -28,8 +28,13 @@ class CompletionMonitor:
         self.index = index
         self.settings = settings
         self.listeners = list(listeners or [])
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._rounds = Periodic(
+            "completion",
+            self.check_once,
+            settings.check_interval_s,
+            failure="series completion check failed",
+            log=logger,
+        )
 
     def check_once(self) -> list[CompletedSeries]:
         done = complete_due_series(
@@ -66,19 +71,8 @@ class CompletionMonitor:
                     )
         return done
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.check_once()
-            except Exception:  # the index may be briefly unavailable; try again
-                logger.exception("series completion check failed")
-            self._stop.wait(self.settings.check_interval_s)
-
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="completion", daemon=True)
-        self._thread.start()
+        self._rounds.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._rounds.stop()

@@ -7,9 +7,9 @@ retention it grows until the free-space floor refuses new images.
 from __future__ import annotations
 
 import logging
-import threading
 
 from dicom_node.config import Settings
+from dicom_node.periodic import Periodic
 from storage.database import Index
 from storage.filestore import FileStore
 from storage.retention import parse_duration, prune
@@ -27,8 +27,14 @@ class RetentionSweeper:
         self.interval_s = settings.storage.retention_check_interval_s
         self.index = index
         self.store = store
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._rounds = Periodic(
+            "retention",
+            self.sweep,
+            self.interval_s,
+            failure="retention: pruning failed",
+            log=logger,
+            join_timeout_s=30,
+        )
 
     def sweep(self) -> None:
         result = prune(self.index, self.store, self.older_than)
@@ -41,24 +47,13 @@ class RetentionSweeper:
                 self.retention,
             )
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sweep()
-            except Exception:  # keep the node running; the next sweep tries again
-                logger.exception("retention: pruning failed")
-            self._stop.wait(self.interval_s)
-
     def start(self) -> None:
         logger.info(
             "retention: series finished more than %s ago are pruned every %g s",
             self.retention,
             self.interval_s,
         )
-        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
-        self._thread.start()
+        self._rounds.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        self._rounds.stop()

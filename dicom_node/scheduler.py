@@ -7,7 +7,6 @@ killed between completion and routing routes it after restart.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ from sqlalchemy import select
 
 from dicom_node.config import RuleSettings, Settings
 from dicom_node.errors import DicomNodeError
+from dicom_node.periodic import Periodic
 from dicom_node.routing import SeriesFacts, route
 from storage.database import Index
 from storage.models import Series, SeriesState, SeriesVersion, utcnow
@@ -131,12 +131,16 @@ class Scheduler:
         self.settings = settings
         self.index = index
         self.on_queued = on_queued  # wakes idle workers
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._rounds = Periodic(
+            "scheduler",
+            self.route_pending,
+            settings.completion.check_interval_s,
+            failure="routing completed series failed",
+            log=logger,
+        )
 
     def wake(self, *_: object) -> None:
-        self._wake.set()
+        self._rounds.wake()
 
     def route_pending(self) -> int:
         """Route every completed, unrouted series version; returns how many jobs were queued."""
@@ -181,21 +185,8 @@ class Scheduler:
                     row.routed_at = utcnow()
         return queued
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.route_pending()
-            except Exception:  # keep scheduling; the index may be briefly locked
-                logger.exception("routing completed series failed")
-            self._wake.wait(self.settings.completion.check_interval_s)
-            self._wake.clear()
-
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
-        self._thread.start()
+        self._rounds.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._rounds.stop()
