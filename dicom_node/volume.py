@@ -62,7 +62,7 @@ _STACK_KEYS: tuple[tuple[str, str | None, tuple[str, str] | None], ...] = (
     ),
     ("Echo Number", "EchoNumbers", None),
     ("Echo Time", "EchoTime", ("MREchoSequence", "EffectiveEchoTime")),
-    ("Image Type", "ImageType", ("MRImageFrameTypeSequence", "FrameType")),
+    ("Image Type", "ImageType", None),  # enhanced: the MR or CT Frame Type, read once
     ("b-value", "DiffusionBValue", ("MRDiffusionSequence", "DiffusionBValue")),
     (
         "Trigger Time",
@@ -420,8 +420,7 @@ def _frames_of(instance: _Instance, index: int) -> list[_Frame]:
                 key: _stack_value(_group_value(header, groups, *group) if group else None)
                 for key, _, group in _STACK_KEYS
             }
-            if frame_type:
-                frame.stack_values["Image Type"] = tuple(frame_type)
+            frame.stack_values["Image Type"] = tuple(frame_type) or None
             frame.stack_values["SOP Instance UID"] = str(header.SOPInstanceUID)
             frame.order = (_instance_number(header), number)
             frames.append(frame)
