@@ -15,17 +15,17 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from pydicom import Dataset
-from pydicom.datadict import tag_for_keyword
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 
 from dicom_node.errors import StorageError
-from dicom_node.header_values import integer, text
+from dicom_node.header_values import text
+from dicom_node.instance_attributes import REQUIRED_UIDS, TAG, check_complete, instance_record
 from dicom_node.part10 import file_header
 from storage.committer import GroupCommitter
 from storage.database import Index
 from storage.filestore import FileStore
-from storage.instances import InstanceRecord, mark_association_released
+from storage.instances import mark_association_released
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +33,6 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC210
-
-REQUIRED_UIDS = (
-    ("SOPInstanceUID", 0x00080018),
-    ("SeriesInstanceUID", 0x0020000E),
-    ("StudyInstanceUID", 0x0020000D),
-)
 
 
 @dataclass
@@ -200,7 +194,7 @@ class Receiver:
             return _failure(OUT_OF_RESOURCES, "out of disk space")
         try:
             ds = event.dataset
-            _check_complete(ds)
+            check_complete(ds)
             uids = {name: text(ds, tag) for name, tag in REQUIRED_UIDS}
         except Exception as exc:
             stats.failed += 1
@@ -255,17 +249,19 @@ class Receiver:
         )
         relative = self.store.relative_path(study_uid, series_uid, sop_uid)
         existed = self.store.absolute(relative).exists()
-        sop_class_uid = text(ds, _TAG["SOPClassUID"]) or str(event.context.abstract_syntax)
+        sop_class_uid = text(ds, TAG["SOPClassUID"]) or str(event.context.abstract_syntax)
         transfer_syntax_uid = str(event.context.transfer_syntax)
         header = file_header(sop_class_uid, sop_uid, transfer_syntax_uid, stats.calling_ae_title)
-        record = _instance_record(
+        record = instance_record(
             ds,
             uids,
             sop_class_uid,
             transfer_syntax_uid,
             relative,
             len(header) + len(raw),
-            stats,
+            calling_ae_title=stats.calling_ae_title,
+            peer_address=stats.address,
+            association_id=stats.association_id,
         )
         # An index thread runs the statements (Python: it needs the interpreter) while this
         # thread writes and syncs the file (system calls: they let go of it); the COMMIT
@@ -307,26 +303,6 @@ class Receiver:
         return message
 
 
-def _check_complete(ds: Dataset) -> None:
-    """Raise if an element's value is shorter than its declared length.
-
-    pydicom reads a truncated or garbled dataset without error (it warns and keeps the short
-    value), so a dataset cut inside its Pixel Data would otherwise be stored as a success.
-    """
-    for elem in ds.elements():  # raw elements: no value conversion needed
-        length = getattr(elem, "length", None)
-        value = elem.value
-        if (
-            isinstance(length, int)
-            and length != 0xFFFFFFFF
-            and isinstance(value, bytes | bytearray)
-            and len(value) != length
-        ):
-            raise ValueError(
-                f"element {elem.tag} is truncated: {len(value)} of {length} bytes present"
-            )
-
-
 def _failure(status: int, comment: str, offending_tag: int | None = None) -> Dataset:
     rsp = Dataset()
     rsp.Status = status
@@ -334,95 +310,3 @@ def _failure(status: int, comment: str, offending_tag: int | None = None) -> Dat
     if offending_tag is not None:
         rsp.OffendingElement = [offending_tag]
     return rsp
-
-
-_TAG: dict[str, int] = {
-    keyword: tag
-    for keyword in (
-        "SOPClassUID",
-        "PatientID",
-        "PatientName",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyDate",
-        "StudyTime",
-        "AccessionNumber",
-        "StudyDescription",
-        "Modality",
-        "SeriesNumber",
-        "SeriesDescription",
-        "ProtocolName",
-        "BodyPartExamined",
-        "ImageType",
-        "FrameOfReferenceUID",
-        "ImageOrientationPatient",
-        "ImagePositionPatient",
-        "InstanceNumber",
-        "Rows",
-        "Columns",
-        "NumberOfFrames",
-        "NumberOfSeriesRelatedInstances",
-        "ImagesInAcquisition",
-    )
-    if (tag := tag_for_keyword(keyword)) is not None
-}
-
-
-def _expected_count(ds: Dataset) -> int | None:
-    # Only trust announcements that describe the whole series.
-    for keyword in ("NumberOfSeriesRelatedInstances", "ImagesInAcquisition"):
-        count = integer(ds, _TAG[keyword])
-        if count:
-            return count
-    return None
-
-
-def _instance_record(
-    ds: Dataset,
-    uids: dict[str, str],
-    sop_class_uid: str,
-    transfer_syntax_uid: str,
-    relative: str,
-    size: int,
-    stats: _AssociationStats,
-) -> InstanceRecord:
-    def txt(keyword: str) -> str:
-        return text(ds, _TAG[keyword])
-
-    def num(keyword: str) -> int | None:
-        return integer(ds, _TAG[keyword])
-
-    return InstanceRecord(
-        sop_instance_uid=uids["SOPInstanceUID"],
-        series_instance_uid=uids["SeriesInstanceUID"],
-        study_instance_uid=uids["StudyInstanceUID"],
-        sop_class_uid=sop_class_uid,
-        transfer_syntax_uid=transfer_syntax_uid,
-        path=relative,
-        size_bytes=size,
-        patient_id=txt("PatientID"),
-        patient_name=txt("PatientName"),
-        patient_birth_date=txt("PatientBirthDate"),
-        patient_sex=txt("PatientSex"),
-        study_date=txt("StudyDate"),
-        study_time=txt("StudyTime"),
-        accession_number=txt("AccessionNumber"),
-        study_description=txt("StudyDescription"),
-        modality=txt("Modality"),
-        series_number=num("SeriesNumber"),
-        series_description=txt("SeriesDescription"),
-        protocol_name=txt("ProtocolName"),
-        body_part_examined=txt("BodyPartExamined"),
-        image_type=txt("ImageType"),
-        frame_of_reference_uid=txt("FrameOfReferenceUID"),
-        image_orientation=txt("ImageOrientationPatient"),
-        image_position=txt("ImagePositionPatient"),
-        instance_number=num("InstanceNumber"),
-        rows=num("Rows"),
-        columns=num("Columns"),
-        number_of_frames=num("NumberOfFrames") or 1,
-        expected_count=_expected_count(ds),
-        calling_ae_title=stats.calling_ae_title,
-        peer_address=stats.address,
-        association_id=stats.association_id,
-    )

@@ -72,6 +72,8 @@ class Recorded:
     replaced: bool
     new_version_opened: bool
     replaced_path: str | None
+    version_pk: int = 0
+    version_is_new: bool = False  # the version (or its whole series) began in this transaction
 
 
 def record_instance(index: Index, rec: InstanceRecord) -> Recorded:
@@ -218,14 +220,17 @@ class InstanceWriter:
             by_series.setdefault(rec.series_instance_uid, []).append(rec)
         current: dict[str, _Current] = {}
         opened: set[str] = set()
+        new: set[str] = set()
         # Sorted: concurrent writers lock version rows in the same order (no deadlock).
         for uid in sorted(by_series):
             group = by_series[uid]
-            cur, was_opened = self._current_version(conn, group[0], now, staged)
+            cur, began = self._current_version(conn, group[0], now, staged)
             cur = self._note_sender(conn, cur, group[-1])
             staged[uid] = current[uid] = cur
-            if was_opened:
+            if began == "version":
                 opened.add(uid)
+            if began:
+                new.add(uid)
 
         sops = sorted({r.sop_instance_uid for r in records})
         prior = {
@@ -262,6 +267,8 @@ class InstanceWriter:
                     replaced=before is not None,
                     new_version_opened=first_opened,
                     replaced_path=replaced_path,
+                    version_pk=cur.version_pk,
+                    version_is_new=rec.series_instance_uid in new,
                 )
             )
         if inserts:
@@ -277,8 +284,9 @@ class InstanceWriter:
         rec: InstanceRecord,
         now: dt.datetime,
         staged: dict[str, _Current],
-    ) -> tuple[_Current, bool]:
-        """The receiving version of ``rec``'s series, opened or created when needed.
+    ) -> tuple[_Current, str]:
+        """The receiving version of ``rec``'s series, opened or created when needed, and
+        what began: "series", "version" or "" (an existing receiving version).
 
         Its row is updated first: that takes the write lock (SQLite) or the row lock
         (PostgreSQL), so completion cannot close the version under this transaction.
@@ -286,7 +294,7 @@ class InstanceWriter:
         uid = rec.series_instance_uid
         known = staged.get(uid) or self._known.get(uid)
         if known is not None and self._touch(conn, known.version_pk, uid, now):
-            return known, False
+            return known, ""
         row = conn.execute(
             select(
                 _series.c.id,
@@ -296,7 +304,7 @@ class InstanceWriter:
             ).where(_series.c.series_instance_uid == uid)
         ).first()
         if row is None:
-            return self._create_series(conn, rec), False
+            return self._create_series(conn, rec), "series"
         version_pk = conn.execute(
             select(_versions.c.id).where(
                 _versions.c.series_pk == row.id, _versions.c.version == row.current_version
@@ -306,12 +314,12 @@ class InstanceWriter:
             row.id, version_pk or 0, row.current_version, row.calling_ae_title, row.peer_address
         )
         if version_pk is not None and self._touch(conn, version_pk, uid, now):
-            return cur, False
+            return cur, ""
         # The current version is complete: this instance opens the next one.
         number = row.current_version + 1
         conn.execute(update(_series).where(_series.c.id == row.id).values(current_version=number))
         new_pk = _insert_pk(conn, _versions, series_pk=row.id, version=number)
-        return _Current(row.id, new_pk, number, row.calling_ae_title, row.peer_address), True
+        return _Current(row.id, new_pk, number, row.calling_ae_title, row.peer_address), "version"
 
     @staticmethod
     def _touch(conn: Connection, version_pk: int, series_uid: str, now: dt.datetime) -> bool:

@@ -603,6 +603,10 @@ class NodeProcess:
     def stored_files(self) -> list[Path]:
         return sorted(self.store_dir.rglob("*.dcm")) if self.store_dir.exists() else []
 
+    def relative_to_store(self, path: Path) -> str:
+        """How the index and ``store check`` name a file: relative to the store folder."""
+        return path.relative_to(self.store_dir).as_posix()
+
     def temporary_files(self) -> list[Path]:
         return sorted(self.store_dir.rglob(".tmp-*")) if self.store_dir.exists() else []
 

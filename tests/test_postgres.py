@@ -205,3 +205,16 @@ def test_retention_on_postgresql(fresh_db: str, tmp_path: Path) -> None:
         check_prune(index, FileStore(tmp_path / "store", 0, fsync=False))
     finally:
         index.dispose()
+
+
+def test_store_check_on_postgresql(fresh_db: str, tmp_path: Path) -> None:
+    """Re-indexing, settling and forgetting rows, on PostgreSQL."""
+    from test_store_check import check_repair_and_forget
+
+    from storage.filestore import FileStore
+
+    index = Index(fresh_db)
+    try:
+        check_repair_and_forget(index, FileStore(tmp_path / "store", 0, fsync=False), tmp_path)
+    finally:
+        index.dispose()

@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
     app.command("echo")(echo)
     store_app = typer.Typer(help="The file store and index.", no_args_is_help=True)
     store_app.command("prune")(prune)
+    store_app.command("check")(check)
     app.add_typer(store_app, name="store")
 
 
@@ -102,3 +103,83 @@ def prune(
             f"{verb} {len(result.series)} series, {result.instances} instances, "
             f"{result.bytes_freed / 1e6:.1f} MB"
         )
+
+
+def check(
+    ctx: typer.Context,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="index images no row names, remove partial files and SEGs of no job",
+        ),
+    ] = False,
+    forget_missing: Annotated[
+        bool,
+        typer.Option(
+            "--forget-missing", help="also remove the index rows of images whose file is gone"
+        ),
+    ] = False,
+    grace_s: Annotated[
+        float, typer.Option("--grace-s", help="leave out files younger than this (in flight)")
+    ] = 60.0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Compare the file store with the index; exit 1 while they disagree."""
+    from dataclasses import asdict
+
+    from dicom_node.service import open_store
+    from dicom_node.store_check import repair_store
+    from storage.consistency import check_store
+
+    index, store = open_store(settings_of(ctx))
+    report = check_store(index, store, grace_s)
+    repaired = None
+    if repair or forget_missing:
+        repaired = repair_store(index, store, report, forget=forget_missing)
+        report = check_store(index, store, grace_s)
+    if as_json:
+        print_json(
+            {
+                "consistent": report.consistent,
+                "report": asdict(report),
+                "repaired": asdict(repaired) if repaired else None,
+            }
+        )
+    else:
+        if repaired is not None:
+            typer.echo(
+                f"repaired: indexed {repaired.indexed} images of {len(repaired.series)} series, "
+                f"removed {len(repaired.removed)} leftover files, "
+                f"forgot {repaired.forgotten} rows of missing files"
+            )
+            for path, why in repaired.unreadable:
+                typer.echo(f"  not indexed: {path}: {why}")
+        typer.echo(
+            f"checked {report.instances_checked} images and {report.seg_results_checked} SEGs"
+            + (
+                f" ({report.recent} files younger than {grace_s:g} s left out)"
+                if report.recent
+                else ""
+            )
+        )
+        _list(
+            "images or SEGs missing or altered",
+            [f"{m.path}: {m.what}: {m.problem}" for m in report.missing],
+        )
+        _list("images no index row names (--repair indexes them)", report.unreferenced_images)
+        _list("SEGs of no job (--repair removes them)", report.unreferenced_results)
+        _list("partial files from a crash (--repair removes them)", report.temporaries)
+        typer.echo("consistent" if report.consistent else "NOT consistent")
+    if not report.consistent:
+        raise typer.Exit(1)
+
+
+def _list(title: str, lines: list[str], limit: int = 20) -> None:
+    if not lines:
+        return
+    typer.echo(f"{title}: {len(lines)}")
+    for line in lines[:limit]:
+        typer.echo(f"  {line}")
+    if len(lines) > limit:
+        typer.echo(f"  ... and {len(lines) - limit} more (--json lists all)")

@@ -1,0 +1,149 @@
+"""``dicom-node store check --repair``: bring the index back in step with the file store.
+
+Received images are the one thing that cannot be made again, so repair never deletes
+them. Files no row names (an index restored from an older backup, or lost altogether; a
+crash between a file's rename and its row's COMMIT) are read and indexed as received.
+Their series versions are marked complete and routed, because what the node knew of them
+is gone: they are not segmented and sent again by themselves (``series process`` does
+that for one). Partial files and SEGs of jobs no row names are removed. Rows whose file
+is gone are only reported unless the operator forgets them explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import groupby
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+
+from dicom_node.header_values import text
+from dicom_node.instance_attributes import REQUIRED_UIDS, TAG, check_complete, instance_record
+from storage.consistency import (
+    StoreReport,
+    forget_missing,
+    remove_files,
+    settle_versions,
+)
+from storage.database import Index
+from storage.filestore import FileStore
+from storage.instances import InstanceRecord, InstanceWriter
+from storage.models import Instance
+
+logger = logging.getLogger(__name__)
+
+COMPLETION_REASON = "indexed by store check"
+_BATCH = 200  # rows per transaction: short write locks while a node receives
+
+
+@dataclass
+class Repair:
+    indexed: int = 0
+    series: list[str] = field(default_factory=list)  # series that got re-indexed images
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, why): left alone
+    removed: list[str] = field(default_factory=list)  # partial files, SEGs of no job
+    forgotten: int = 0  # rows of missing files removed (--forget-missing)
+
+
+def repair_store(
+    index: Index,
+    store: FileStore,
+    report: StoreReport,
+    *,
+    forget: bool = False,
+) -> Repair:
+    """Act on ``report`` (from ``check_store``); run ``check_store`` again to see the result."""
+    result = Repair()
+    leftovers = report.temporaries + report.unreferenced_results
+    remove_files(store, leftovers)
+    result.removed = leftovers
+    writer = InstanceWriter(index)
+    # A series' files share a folder. Its versions are settled after the whole folder:
+    # settled earlier, the folder's next batch would open yet another version.
+    for _folder, paths in groupby(report.unreferenced_images, key=lambda p: p.rsplit("/", 1)[0]):
+        records = list(_readable(store, paths, result))
+        began: set[int] = set()
+        for batch in _batches(records, _BATCH):
+            batch = _not_indexed(index, batch, result)
+            if not batch:
+                continue
+            recorded = writer.record(batch)
+            began.update(r.version_pk for r in recorded if r.version_is_new)
+            result.indexed += len(batch)
+            for uid in dict.fromkeys(r.series_instance_uid for r in batch):
+                if uid not in result.series:
+                    result.series.append(uid)
+                    logger.info("store check: indexed images of series %s", uid)
+        settle_versions(index, sorted(began), COMPLETION_REASON)
+    if forget:
+        # Only files that are gone: an altered file is still there to restore or inspect.
+        missing = [
+            m.path for m in report.missing if m.kind == "instance" and m.problem == "missing"
+        ]
+        result.forgotten = forget_missing(index, missing)
+    return result
+
+
+def _readable(store: FileStore, paths: Iterable[str], result: Repair) -> Iterator[InstanceRecord]:
+    for path in paths:
+        try:
+            yield _read_record(store, path)
+        except (InvalidDicomError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            result.unreadable.append((path, str(exc) or type(exc).__name__))
+            logger.error("store check: %s cannot be indexed, left in place: %s", path, exc)
+
+
+def _read_record(store: FileStore, relative: str) -> InstanceRecord:
+    path = store.absolute(relative)
+    ds = dcmread(path)  # Part 10 as stored: the receiver wrote the file meta
+    check_complete(ds)
+    uids = {name: text(ds, tag) for name, tag in REQUIRED_UIDS}
+    absent = [name for name, value in uids.items() if not value]
+    if absent:
+        raise ValueError(f"{', '.join(absent)} missing or empty")
+    meta = ds.file_meta
+    sop_class_uid = text(ds, TAG["SOPClassUID"]) or str(meta.get("MediaStorageSOPClassUID", ""))
+    return instance_record(
+        ds,
+        uids,
+        sop_class_uid,
+        str(meta.get("TransferSyntaxUID", "")),
+        relative,
+        path.stat().st_size,
+        # Who sent it survives in the file meta the receiver wrote; the address does not.
+        calling_ae_title=str(meta.get("SourceApplicationEntityTitle", "") or "").strip(),
+        peer_address="",
+        association_id="store-check",
+    )
+
+
+def _not_indexed(
+    index: Index, records: list[InstanceRecord], result: Repair
+) -> list[InstanceRecord]:
+    """Leave out images whose SOP Instance UID the index has under another file."""
+    with index.session() as session:
+        rows = session.execute(
+            select(Instance.sop_instance_uid, Instance.path).where(
+                Instance.sop_instance_uid.in_([r.sop_instance_uid for r in records])
+            )
+        ).all()
+    known = {sop: path for sop, path in rows}
+    fresh: list[InstanceRecord] = []
+    for rec in records:
+        other = known.get(rec.sop_instance_uid)
+        if other is not None:
+            why = f"SOP Instance UID {rec.sop_instance_uid} is indexed as {other}"
+            result.unreadable.append((rec.path, why))
+            logger.warning("store check: %s not indexed, left in place: %s", rec.path, why)
+            continue
+        known[rec.sop_instance_uid] = rec.path
+        fresh.append(rec)
+    return fresh
+
+
+def _batches(records: list[InstanceRecord], size: int) -> Iterator[list[InstanceRecord]]:
+    for start in range(0, len(records), size):
+        yield records[start : start + size]
