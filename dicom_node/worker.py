@@ -25,6 +25,7 @@ from sqlalchemy import select
 from dicom_node.config import OutputProfile, Settings
 from dicom_node.errors import DicomNodeError, ModelError, SeriesError
 from dicom_node.logging_setup import configure_logging
+from storage.consistency import RESULTS_DIR
 from storage.database import Index
 from storage.filestore import FileStore
 from storage.models import Instance, Job, JobState, Series, SeriesVersion, utcnow
@@ -184,11 +185,11 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
         raise PermanentJobError(str(exc)) from exc
     timings.update(result.timings)
     seg_uid = str(result.seg.SOPInstanceUID)
-    seg_rel = f"results/{job.id}/{seg_uid}.dcm"
+    seg_rel = f"{RESULTS_DIR}/{job.id}/{seg_uid}.dcm"
     ctx.store.write_atomic(seg_rel, _encode(result.seg))
     if result.binary_fallback is not None:
         ctx.store.write_atomic(
-            f"results/{job.id}/fallback-binary.dcm", _encode(result.binary_fallback)
+            f"{RESULTS_DIR}/{job.id}/fallback-binary.dcm", _encode(result.binary_fallback)
         )
     timings["total_s"] = time.monotonic() - started
     finish_job(

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from sqlalchemy import case, delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_node.errors import DicomNodeError
+from storage.consistency import RESULTS_DIR
 from storage.database import Index
 from storage.filestore import FileStore
 from storage.models import (
@@ -106,35 +108,82 @@ def _prune_series(
     index: Index, store: FileStore, series_pk: int, cutoff: dt.datetime, *, dry_run: bool
 ) -> tuple[str, int, int] | None:
     """Remove one series if it still qualifies; (UID, instances, bytes) or None."""
+    removed = _remove_series(index, store, series_pk, cutoff, dry_run=dry_run)
+    return None if isinstance(removed, str) else removed
+
+
+def delete_series(index: Index, store: FileStore, series_instance_uid: str) -> PruneResult:
+    """An operator's removal of one series (sent by mistake, the wrong patient): every
+    version, image, job, delivery and SEG. Refused, with the reason, while it is still
+    receiving or one of its jobs or deliveries is unfinished."""
+    with index.session() as session:
+        series_pk = session.scalar(
+            select(Series.id).where(Series.series_instance_uid == series_instance_uid)
+        )
+    if series_pk is None:
+        raise DicomNodeError(f"series {series_instance_uid} is not in the index")
+    removed = _remove_series(index, store, series_pk, None, dry_run=False, verb="deleted")
+    if isinstance(removed, str):
+        raise DicomNodeError(f"series {series_instance_uid} not deleted: {removed}")
+    uid, count, size = removed
+    return PruneResult(series=[uid], instances=count, bytes_freed=size)
+
+
+def _remove_series(
+    index: Index,
+    store: FileStore,
+    series_pk: int,
+    cutoff: dt.datetime | None,
+    *,
+    dry_run: bool,
+    verb: str = "pruned",
+) -> tuple[str, int, int] | str:
+    """Remove one series; (UID, instances, bytes), or why not.
+
+    With ``cutoff``, every version must have completed before it.
+    """
     with index.session() as session, session.begin():
         series = session.get(Series, series_pk)
         if series is None:
-            return None
+            return "it is not in the index"
         versions = session.scalars(
             select(SeriesVersion).where(SeriesVersion.series_pk == series.id)
         ).all()
         # Checked again inside the transaction: an image may have arrived since.
-        if not versions or any(
-            v.state != SeriesState.COMPLETE or v.completed_at is None or v.completed_at > cutoff
-            for v in versions
+        receiving = [v.version for v in versions if v.state != SeriesState.COMPLETE]
+        if receiving:
+            return (
+                f"version {receiving[0]} is still receiving: wait until it completes "
+                "(completion.quiet_period_s)"
+            )
+        if cutoff is not None and any(
+            v.completed_at is None or v.completed_at > cutoff for v in versions
         ):
-            return None
+            return "it completed after the cut-off"
         version_ids = [v.id for v in versions]
-        busy_jobs = session.scalar(
-            select(func.count(Job.id)).where(
+        busy_job = session.execute(
+            select(Job.id, Job.state).where(
                 Job.series_version_pk.in_(version_ids), Job.state.in_(_UNFINISHED_JOBS)
             )
-        )
+        ).first()
+        if busy_job is not None:
+            return (
+                f"job {busy_job.id} is {busy_job.state.value}: wait for it, "
+                f"or `dicom-node jobs cancel {busy_job.id}`"
+            )
         job_ids = session.scalars(
             select(Job.id).where(Job.series_version_pk.in_(version_ids))
         ).all()
-        busy_deliveries = session.scalar(
-            select(func.count(Delivery.id)).where(
+        busy_delivery = session.execute(
+            select(Delivery.id, Delivery.state).where(
                 Delivery.job_pk.in_(job_ids), Delivery.state.in_(_UNFINISHED_DELIVERIES)
             )
-        )
-        if busy_jobs or busy_deliveries:
-            return None
+        ).first()
+        if busy_delivery is not None:
+            return (
+                f"delivery {busy_delivery.id} is {busy_delivery.state.value}: wait until it "
+                "is delivered or dead"
+            )
         instances = session.scalars(select(Instance).where(Instance.series_pk == series.id)).all()
         uid = series.series_instance_uid
         size = sum(i.size_bytes for i in instances)
@@ -142,6 +191,11 @@ def _prune_series(
             return uid, len(instances), size
         paths = [i.path for i in instances]
         paths += [p for p in session.scalars(select(Job.seg_path).where(Job.id.in_(job_ids))) if p]
+        # Everything in a job's results folder: its SEG, and a BINARY fallback beside it.
+        for job_id in job_ids:
+            folder = store.absolute(f"{RESULTS_DIR}/{job_id}")
+            if folder.is_dir():
+                paths += [f"{RESULTS_DIR}/{job_id}/{f.name}" for f in folder.iterdir()]
         session.execute(delete(Delivery).where(Delivery.job_pk.in_(job_ids)))
         session.execute(delete(Job).where(Job.id.in_(job_ids)))
         session.execute(delete(Instance).where(Instance.series_pk == series.id))
@@ -161,7 +215,7 @@ def _prune_series(
                     patient = session.get(Patient, patient_pk)
                     if patient is not None:
                         session.delete(patient)
-    for path in paths:
+    for path in dict.fromkeys(paths):
         store.remove(path)
-    logger.info("pruned series %s: %d instances", uid, len(instances))
+    logger.info("%s series %s: %d instances", verb, uid, len(instances))
     return uid, len(instances), size

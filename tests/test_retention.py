@@ -91,6 +91,7 @@ def check_prune(index: Index, store: FileStore) -> None:
     job = claim_job(index, "w", heartbeat_timeout_s=60)
     assert job is not None and job.id == finished
     store.write_atomic(f"results/{job.id}/seg.dcm", b"SEG")
+    store.write_atomic(f"results/{job.id}/fallback-binary.dcm", b"SEG")
     finish_job(index, job.id, seg_path=f"results/{job.id}/seg.dcm", seg_sop_instance_uid="9",
                timings={}, deliveries=[("pacs", "PACS@127.0.0.1:104")])  # fmt: skip
     delivery = claim_delivery(index, lease_s=60)
@@ -106,7 +107,7 @@ def check_prune(index: Index, store: FileStore) -> None:
     result = prune(index, store, HOUR)
     assert result.series == ["1.1"]
     assert not (store.root / "1.2/1.1").exists()  # images and their folder
-    assert not (store.root / f"results/{job.id}/seg.dcm").exists()  # and the SEG
+    assert not (store.root / f"results/{job.id}").exists()  # and the SEG with its fallback
     with index.session() as session:
         left = sorted(session.scalars(select(Instance.sop_instance_uid)))
         studies = sorted(session.scalars(select(Study.study_instance_uid)))
