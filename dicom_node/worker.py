@@ -29,7 +29,7 @@ from storage.consistency import RESULTS_DIR
 from storage.database import Index
 from storage.filestore import FileStore
 from storage.models import Instance, Job, JobState, Series, SeriesVersion, utcnow
-from storage.queue import claim_job, fail_job, finish_job, heartbeat
+from storage.queue import cancel_requested, claim_job, fail_job, finish_job, heartbeat
 
 if TYPE_CHECKING:  # segment imports torch/nnU-Net: only worker processes load it
     from pydicom import Dataset
@@ -192,7 +192,7 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
             f"{RESULTS_DIR}/{job.id}/fallback-binary.dcm", _encode(result.binary_fallback)
         )
     timings["total_s"] = time.monotonic() - started
-    finish_job(
+    if not finish_job(
         ctx.index,
         job.id,
         seg_path=seg_rel,
@@ -200,7 +200,11 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
         timings=timings,
         reason=f"segmented {result.stack}" if result.stack else "",
         deliveries=deliveries,
-    )
+    ):
+        for name in (seg_rel, f"{RESULTS_DIR}/{job.id}/fallback-binary.dcm"):
+            ctx.store.remove(name)
+        logger.warning("%s: cancelled while running; its SEG is discarded, nothing is sent", tag)
+        return
     found = ", ".join(f"{name} {ml:.1f} ml" for _, name, ml in result.volumes_ml if ml > 0)
     logger.info(
         "%s: succeeded in %.2f s (load %.2f, inference %.2f, encode %.2f); SEG %s; %s%s",
@@ -381,7 +385,14 @@ class WorkerPool:
                 job = slot.current.value
                 if job != slot.job_seen:
                     slot.job_seen, slot.job_since = job, time.monotonic()
-                if job and time.monotonic() - slot.job_since > timeout:
+                if job and self._cancelled(job):
+                    # The operator cancelled it (`jobs cancel`): free the worker now. The
+                    # respawn below starts a fresh one.
+                    logger.warning("job %d was cancelled; stopping its worker", job)
+                    slot.process.kill()
+                    slot.process.join(5)
+                    slot.current.value = 0
+                elif job and time.monotonic() - slot.job_since > timeout:
                     logger.error(
                         "job %d exceeded workers.job_timeout_s=%.0f s; stopping it", job, timeout
                     )
@@ -402,6 +413,12 @@ class WorkerPool:
                     )
                     release_orphaned_jobs(self.index)
                     self._slots[number - 1] = self._spawn(number)
+
+    def _cancelled(self, job_id: int) -> bool:
+        try:
+            return cancel_requested(self.index, job_id)
+        except Exception:  # the index may be briefly locked: look again next round
+            return False
 
     def stop(self) -> None:
         self._stopping.set()

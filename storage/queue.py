@@ -110,13 +110,14 @@ def finish_job(
     timings: dict[str, float],
     reason: str = "",
     deliveries: list[tuple[str, str]] | None = None,
-) -> None:
-    """Mark a job succeeded and queue its deliveries (destination, resolved peer) at once."""
+) -> bool:
+    """Mark a running job succeeded and queue its deliveries (destination, resolved peer) at
+    once. False, and nothing changed, when the job is no longer running (cancelled)."""
     now = utcnow()
     with index.session() as session, session.begin():
-        job = session.get(Job, job_id)
-        if job is None:
-            return
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None or job.state != JobState.RUNNING:
+            return False
         job.state = JobState.SUCCEEDED
         job.finished_at = now
         job.seg_path = seg_path
@@ -154,6 +155,7 @@ def finish_job(
                     next_attempt_at=now,
                 )
             )
+    return True
 
 
 def fail_job(
@@ -164,12 +166,15 @@ def fail_job(
     retry_in_s: float | None,
     max_attempts: int,
 ) -> JobState:
-    """Record a failure: wait and retry when allowed and attempts remain, else failed for good."""
+    """Record a failure: wait and retry when allowed and attempts remain, else failed for good.
+    A job no longer running (cancelled) keeps its state and reason."""
     now = utcnow()
     with index.session() as session, session.begin():
-        job = session.get(Job, job_id)
+        job = session.get(Job, job_id, with_for_update=True)
         if job is None:
             return JobState.FAILED
+        if job.state != JobState.RUNNING:
+            return job.state
         job.reason = reason
         job.finished_at = now
         if retry_in_s is not None and job.attempts < max_attempts:
@@ -179,6 +184,35 @@ def fail_job(
             job.state = JobState.FAILED
             job.next_attempt_at = None
         return job.state
+
+
+CANCELLED = "cancelled by the operator"
+
+
+def cancel_job(index: Index, job_id: int) -> tuple[JobState, bool] | None:
+    """Stop a queued, waiting or running job for good: (its state before, whether it was
+    cancelled). A running job's worker is stopped by its pool (``cancel_requested``); a
+    result it still reports is discarded (``finish_job`` leaves a cancelled job alone).
+    None when there is no such job."""
+    with index.session() as session, session.begin():
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None:
+            return None
+        before = job.state
+        if before not in (JobState.QUEUED, JobState.RETRY_WAIT, JobState.RUNNING):
+            return before, False
+        job.state = JobState.FAILED
+        job.reason = f"{CANCELLED} (was {before.value})"
+        job.finished_at = utcnow()
+        job.next_attempt_at = None
+        return before, True
+
+
+def cancel_requested(index: Index, job_id: int) -> bool:
+    """Was this job cancelled by the operator (its worker should stop)?"""
+    with index.session() as session:
+        row = session.execute(select(Job.state, Job.reason).where(Job.id == job_id)).first()
+    return row is not None and row.state == JobState.FAILED and row.reason.startswith(CANCELLED)
 
 
 def retry_job(index: Index, job_id: int, spec: JobSpec | None = None) -> bool:

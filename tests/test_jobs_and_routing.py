@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -15,12 +18,14 @@ from dicom_node.config import RuleSettings, Settings
 from dicom_node.errors import DicomNodeError
 from dicom_node.routing import SeriesFacts, facts_from_folder, route
 from dicom_node.scheduler import Scheduler, queue_series
-from dicom_node.worker import PermanentJobError, resolve_destinations
+from dicom_node.worker import PermanentJobError, WorkerPool, _Slot, resolve_destinations
 from storage.database import Index
 from storage.instances import InstanceRecord, complete_due_series, record_instance
 from storage.models import Delivery, DeliveryState, Job, JobState, Series, utcnow
 from storage.queue import (
     JobSpec,
+    cancel_job,
+    cancel_requested,
     claim_delivery,
     claim_job,
     create_job,
@@ -218,8 +223,9 @@ def test_deliveries_back_off_then_dead_letter_then_retry(index: Index) -> None:
     version_pk = _complete_series(index)
     job_id = create_job(index, version_pk, JobSpec("r", "demo", {}, ["origin"]))
     assert job_id is not None
-    finish_job(index, job_id, seg_path="results/1/seg.dcm", seg_sop_instance_uid="2.25.1",
-               timings={}, deliveries=[("origin", "pacs")])  # fmt: skip
+    assert claim_job(index, "host:1", heartbeat_timeout_s=60) is not None
+    assert finish_job(index, job_id, seg_path="results/1/seg.dcm", seg_sop_instance_uid="2.25.1",
+                      timings={}, deliveries=[("origin", "pacs")])  # fmt: skip
     delays = []
     for attempt in range(1, 4):
         with index.session() as session, session.begin():  # make it due now
@@ -253,8 +259,9 @@ def test_a_send_cut_off_by_a_crash_is_due_again(index: Index) -> None:
     version_pk = _complete_series(index)
     job_id = create_job(index, version_pk, JobSpec("r", "demo", {}, ["origin"]))
     assert job_id is not None
-    finish_job(index, job_id, seg_path="s", seg_sop_instance_uid="2.25.1", timings={},
-               deliveries=[("origin", "pacs")])  # fmt: skip
+    assert claim_job(index, "host:1", heartbeat_timeout_s=60) is not None
+    assert finish_job(index, job_id, seg_path="s", seg_sop_instance_uid="2.25.1", timings={},
+                      deliveries=[("origin", "pacs")])  # fmt: skip
     assert claim_delivery(index, lease_s=3600) is not None
     assert claim_delivery(index, lease_s=3600) is None
     assert release_interrupted(index) == 1  # what `serve` does at start
@@ -312,3 +319,96 @@ def test_facts_from_folder_refuses_several_series(tmp_path: Path) -> None:
     write_series(tmp_path / "b", lambda p: p[:, 0] * 0 + 1.0, shape=(2, 4, 4))
     with pytest.raises(SeriesError, match="2 series"):
         facts_from_folder(tmp_path)
+
+
+def _job(index: Index, job_id: int) -> Job:
+    with index.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def test_a_cancelled_job_stays_cancelled(index: Index) -> None:
+    version_pk = _complete_series(index)
+    job_id = create_job(index, version_pk, JobSpec("r", "demo", {}, ["origin"]))
+    assert job_id is not None
+    assert cancel_job(index, job_id) == (JobState.QUEUED, True)
+    assert claim_job(index, "host:1", heartbeat_timeout_s=60) is None  # never runs
+    cancelled = _job(index, job_id)
+    assert cancelled.state == JobState.FAILED and cancelled.finished_at is not None
+    assert cancelled.reason == "cancelled by the operator (was queued)"
+    assert cancel_job(index, job_id) == (JobState.FAILED, False)  # nothing left to cancel
+    assert cancel_job(index, 999) is None
+
+    # Running: cancelled at once; what its worker reports afterwards is discarded.
+    assert retry_job(index, job_id)
+    running = claim_job(index, "host:1", heartbeat_timeout_s=60)
+    assert running is not None and not cancel_requested(index, job_id)
+    assert cancel_job(index, job_id) == (JobState.RUNNING, True)
+    assert cancel_requested(index, job_id)
+    assert not finish_job(index, job_id, seg_path="s", seg_sop_instance_uid="2.25.1", timings={},
+                          deliveries=[("origin", "pacs")])  # fmt: skip
+    assert fail_job(index, job_id, "late error", retry_in_s=0, max_attempts=5) == JobState.FAILED
+    assert _job(index, job_id).reason == "cancelled by the operator (was running)"
+    assert claim_delivery(index, lease_s=60) is None  # nothing is sent
+    assert claim_job(index, "host:2", heartbeat_timeout_s=0) is None  # and nobody takes it over
+
+    # Waiting for a retry: cancelled too. A failure of its own is no cancel request.
+    assert retry_job(index, job_id)
+    assert claim_job(index, "host:1", heartbeat_timeout_s=60) is not None
+    assert fail_job(index, job_id, "busy", retry_in_s=60, max_attempts=5) == JobState.RETRY_WAIT
+    assert cancel_job(index, job_id) == (JobState.RETRY_WAIT, True)
+    assert retry_job(index, job_id)
+    assert claim_job(index, "host:1", heartbeat_timeout_s=60) is not None
+    assert fail_job(index, job_id, "bad", retry_in_s=None, max_attempts=5) == JobState.FAILED
+    assert not cancel_requested(index, job_id)
+
+
+def _sleep_until_stopped(stop: Any) -> None:
+    while not stop.value:
+        time.sleep(0.05)
+
+
+class _StandInPool(WorkerPool):
+    """The real pool and supervisor over stand-in worker processes that only wait: a real
+    process for the supervisor to stop, without a model run of uncontrollable length."""
+
+    first_job = 0
+
+    def _spawn(self, number: int) -> _Slot:
+        current = self._context.Value("i", self.first_job)
+        stop = self._context.Value("i", 0)
+        self.first_job = 0  # a respawned worker starts idle
+        process = self._context.Process(
+            target=_sleep_until_stopped, args=(stop,), name=f"worker-{number}"
+        )
+        process.start()
+        return _Slot(process, current, stop)
+
+
+def test_cancelling_a_running_job_stops_its_worker(
+    index: Index, caplog: pytest.LogCaptureFixture
+) -> None:
+    version_pk = _complete_series(index)
+    job_id = create_job(index, version_pk, JobSpec("r", "demo", {}, []))
+    assert job_id is not None
+    assert claim_job(index, "host:1", heartbeat_timeout_s=60) is not None
+    pool = _StandInPool(Settings(), index, 1)
+    pool.first_job = job_id
+    caplog.set_level(logging.INFO, logger="dicom_node.worker")
+    pool.start()
+    try:
+        first = pool._slots[0].process
+        time.sleep(2.5)  # two supervisor rounds: a running job's worker is left alone
+        assert first.is_alive()
+        assert cancel_job(index, job_id) == (JobState.RUNNING, True)
+        deadline = time.monotonic() + 15
+        while first.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not first.is_alive()
+        assert f"job {job_id} was cancelled; stopping its worker" in caplog.text
+        while pool._slots[0].process is first and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pool._slots[0].process.is_alive()  # a fresh worker took its place
+    finally:
+        pool.stop()

@@ -10,19 +10,21 @@ from conftest import NodeFactory
 from peers import make_mr_series, storescu, wait_until
 from sqlalchemy import select, update
 
+from dicom_node.errors import DicomNodeError
 from storage.database import Index
 from storage.filestore import FileStore
 from storage.instances import InstanceRecord, complete_due_series, record_instance
 from storage.models import Instance, Patient, SeriesVersion, Study, utcnow
 from storage.queue import (
     JobSpec,
+    cancel_job,
     claim_delivery,
     claim_job,
     create_job,
     delivery_failed,
     finish_job,
 )
-from storage.retention import parse_duration, prune
+from storage.retention import delete_series, parse_duration, prune
 
 HOUR = dt.timedelta(hours=1)
 
@@ -149,3 +151,77 @@ def test_the_node_prunes_by_itself(node_factory: NodeFactory, tmp_path: Path) ->
     wait_until(lambda: node.stored_files() == [], timeout_s=10, what="the files gone")
     assert node.instance_rows() == [] and node.series_json() == []
     assert series.series_instance_uid in node.log_text()
+
+
+def test_series_delete_says_why_it_keeps_a_series(index: Index, store: FileStore) -> None:
+    _receive(index, store, "1.1")
+    with pytest.raises(DicomNodeError, match="version 1 is still receiving: wait until"):
+        delete_series(index, store, "1.1")
+    [done] = complete_due_series(index, 0.0, on_release=False)
+    job_id = create_job(index, done.series_version_pk, JobSpec("r", "demo", {}, ["pacs"]))
+    assert job_id is not None
+    with pytest.raises(DicomNodeError, match=f"job {job_id} is queued: .*jobs cancel {job_id}"):
+        delete_series(index, store, "1.1")
+    job = claim_job(index, "w", heartbeat_timeout_s=60)
+    assert job is not None
+    store.write_atomic(f"results/{job_id}/seg.dcm", b"SEG")
+    finish_job(index, job_id, seg_path=f"results/{job_id}/seg.dcm", seg_sop_instance_uid="9",
+               timings={}, deliveries=[("pacs", "PACS@127.0.0.1:104")])  # fmt: skip
+    delivery = claim_delivery(index, lease_s=60)
+    assert delivery is not None
+    with pytest.raises(DicomNodeError, match=f"delivery {delivery.id} is sending: wait"):
+        delete_series(index, store, "1.1")
+    delivery_failed(index, delivery.id, "refused", retryable=False, max_attempts=1,
+                    backoff_initial_s=1, backoff_max_s=1)  # fmt: skip
+
+    # Unlike prune, no age: a series sent by mistake goes as soon as nothing uses it.
+    result = delete_series(index, store, "1.1")
+    assert result.series == ["1.1"] and result.instances == 2 and result.bytes_freed == 80
+    assert list(store.root.iterdir()) == []  # images, SEG and their folders
+    with index.session() as session:
+        assert session.scalars(select(Instance.sop_instance_uid)).all() == []
+        assert session.scalars(select(Patient.patient_id)).all() == []
+    with pytest.raises(DicomNodeError, match=r"series 1\.1 is not in the index"):
+        delete_series(index, store, "1.1")
+    assert cancel_job(index, job_id) is None  # the job went with it
+
+
+@pytest.mark.peers
+def test_series_delete_and_jobs_cancel_from_the_command_line(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    node = node_factory(
+        overrides={
+            "completion": {"quiet_period_s": 1},
+            "rules": [{"name": "mr", "match": {"modality": ["MR"]}, "model": "demo"}],
+        }
+    )  # no workers: the job stays queued
+    series = make_mr_series(tmp_path / "series", 3)
+    uid = series.series_instance_uid
+    assert storescu(node.port, [tmp_path / "series"]).returncode == 0
+    [job] = wait_until(lambda: node.cli_json("jobs", "list"), timeout_s=30, what="a job queued")
+    assert job["state"] == "queued"
+
+    refused = node.cli("series", "delete", "--yes", uid)
+    assert refused.returncode == 1
+    assert f"job {job['id']} is queued: wait for it, or `dicom-node jobs cancel {job['id']}`" in (
+        refused.stderr
+    )
+    assert len(node.stored_files()) == 3
+    unconfirmed = node.cli("series", "delete", uid)  # no terminal to say yes: nothing happens
+    assert unconfirmed.returncode == 1 and len(node.stored_files()) == 3
+
+    cancelled = node.cli("jobs", "cancel", str(job["id"]))
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert f"job {job['id']} cancelled (was queued)" in cancelled.stdout
+    again = node.cli("jobs", "cancel", str(job["id"]))
+    assert again.returncode != 0 and "is failed already: nothing to cancel" in again.stderr
+    shown = node.cli_json("jobs", "show", str(job["id"]))
+    assert shown["reason"] == "cancelled by the operator (was queued)"
+
+    deleted = node.cli("series", "delete", "--yes", uid)
+    assert deleted.returncode == 0, deleted.stderr
+    assert f"deleted series {uid}: 3 images" in deleted.stdout
+    assert f"deleted series {uid}: 3 instances" in deleted.stderr  # the log line, for the audit
+    assert node.stored_files() == [] and node.instance_rows() == []
+    assert node.cli_json("jobs", "list") == [] and node.series_json() == []

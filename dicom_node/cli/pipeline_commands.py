@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
     jobs_app.command("list")(jobs_list)
     jobs_app.command("show")(jobs_show)
     jobs_app.command("retry")(jobs_retry)
+    jobs_app.command("cancel")(jobs_cancel)
     app.add_typer(jobs_app, name="jobs")
     deliveries_app = typer.Typer(help="SEG deliveries (the outbox).", no_args_is_help=True)
     deliveries_app.command("list")(deliveries_list)
@@ -190,6 +191,24 @@ def jobs_retry(ctx: typer.Context, job_id: Annotated[int, typer.Argument()]) -> 
     if not retry_job(index, job_id):
         raise DicomNodeError(f"job {job_id} does not exist or is not finished")
     typer.echo(f"job {job_id} queued again")
+
+
+def jobs_cancel(ctx: typer.Context, job_id: Annotated[int, typer.Argument()]) -> None:
+    """Cancel a queued, waiting or running job: it is marked failed and nothing is sent."""
+    from storage.queue import cancel_job
+
+    index, _ = _index(ctx)
+    outcome = cancel_job(index, job_id)
+    if outcome is None:
+        raise DicomNodeError(f"job {job_id} does not exist")
+    before, cancelled = outcome
+    if not cancelled:
+        raise DicomNodeError(
+            f"job {job_id} is {before.value} already: nothing to cancel "
+            "(`dicom-node series delete` removes a series and its results)"
+        )
+    note = ": its worker is stopped within seconds" if before == JobState.RUNNING else ""
+    typer.echo(f"job {job_id} cancelled (was {before.value}){note}")
 
 
 def deliveries_list(

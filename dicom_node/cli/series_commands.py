@@ -1,4 +1,4 @@
-"""``series list`` and ``series show``."""
+"""``series list``, ``show``, ``process`` and ``delete``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
     series_app.command("list")(list_series)
     series_app.command("show")(show_series)
     series_app.command("process")(process_series)
+    series_app.command("delete")(delete_series_command)
     app.add_typer(series_app, name="series")
 
 
@@ -174,3 +175,32 @@ def process_series(
         f"job {queued.job_id} queued{' again' if queued.again else ''}: series {uid} "
         f"version {queued.version}, rule {queued.rule_name}, model {queued.model_name}"
     )
+
+
+def delete_series_command(
+    ctx: typer.Context,
+    uids: Annotated[list[str], typer.Argument(help="Series Instance UIDs", metavar="UID...")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+) -> None:
+    """Delete series sent by mistake: their images, jobs, deliveries and SEGs."""
+    from dicom_node.service import open_store
+    from storage.retention import delete_series
+
+    if not yes and not typer.confirm(
+        f"Delete {len(uids)} series with their images and results from this node?"
+    ):
+        raise typer.Exit(1)
+    index, store = open_store(settings_of(ctx))
+    failed = False
+    for uid in uids:
+        try:
+            result = delete_series(index, store, uid)
+        except DicomNodeError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            failed = True
+            continue
+        typer.echo(
+            f"deleted series {uid}: {result.instances} images, {result.bytes_freed / 1e6:.1f} MB"
+        )
+    if failed:
+        raise typer.Exit(1)
