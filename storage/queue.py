@@ -336,3 +336,19 @@ def retry_delivery(index: Index, delivery_id: int | None = None) -> int:
             )
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def cancel_delivery(index: Index, delivery_id: int) -> tuple[DeliveryState, bool] | None:
+    """An operator's stop: a pending delivery (waiting for its first try or a retry) is
+    dead-lettered and never sent. One being sent right now is left to finish. (its state
+    before, whether it was cancelled), or None when there is no such delivery."""
+    with index.session() as session, session.begin():
+        delivery = session.get(Delivery, delivery_id, with_for_update=True)
+        if delivery is None:
+            return None
+        before = delivery.state
+        if before != DeliveryState.PENDING:
+            return before, False
+        delivery.state = DeliveryState.DEAD
+        delivery.last_error = CANCELLED
+        return before, True

@@ -180,9 +180,14 @@ def _remove_series(
             )
         ).first()
         if busy_delivery is not None:
+            cancel = (
+                f", or `dicom-node deliveries cancel {busy_delivery.id}`"
+                if busy_delivery.state == DeliveryState.PENDING
+                else ""
+            )
             return (
                 f"delivery {busy_delivery.id} is {busy_delivery.state.value}: wait until it "
-                "is delivered or dead"
+                f"is delivered or dead{cancel}"
             )
         instances = session.scalars(select(Instance).where(Instance.series_pk == series.id)).all()
         uid = series.series_instance_uid

@@ -14,9 +14,18 @@ from dicom_node.errors import DicomNodeError
 from storage.database import Index
 from storage.filestore import FileStore
 from storage.instances import InstanceRecord, complete_due_series, record_instance
-from storage.models import Instance, Patient, SeriesVersion, Study, utcnow
+from storage.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Patient,
+    SeriesVersion,
+    Study,
+    utcnow,
+)
 from storage.queue import (
     JobSpec,
+    cancel_delivery,
     cancel_job,
     claim_delivery,
     claim_job,
@@ -169,10 +178,19 @@ def test_series_delete_says_why_it_keeps_a_series(index: Index, store: FileStore
                timings={}, deliveries=[("pacs", "PACS@127.0.0.1:104")])  # fmt: skip
     delivery = claim_delivery(index, lease_s=60)
     assert delivery is not None
-    with pytest.raises(DicomNodeError, match=f"delivery {delivery.id} is sending: wait"):
+    with pytest.raises(DicomNodeError, match=f"delivery {delivery.id} is sending: wait .* dead$"):
         delete_series(index, store, "1.1")
-    delivery_failed(index, delivery.id, "refused", retryable=False, max_attempts=1,
-                    backoff_initial_s=1, backoff_max_s=1)  # fmt: skip
+    assert cancel_delivery(index, delivery.id) == (DeliveryState.SENDING, False)  # in flight
+    delivery_failed(index, delivery.id, "PACS down", retryable=True, max_attempts=5,
+                    backoff_initial_s=600, backoff_max_s=600)  # fmt: skip
+    with pytest.raises(DicomNodeError, match=f"pending: .*deliveries cancel {delivery.id}`"):
+        delete_series(index, store, "1.1")
+    assert cancel_delivery(index, delivery.id) == (DeliveryState.PENDING, True)
+    assert claim_delivery(index, lease_s=60) is None  # never sent
+    with index.session() as session:
+        dead = session.get(Delivery, delivery.id)
+        assert dead is not None and dead.state == DeliveryState.DEAD
+        assert dead.last_error == "cancelled by the operator"
 
     # Unlike prune, no age: a series sent by mistake goes as soon as nothing uses it.
     result = delete_series(index, store, "1.1")
@@ -184,6 +202,7 @@ def test_series_delete_says_why_it_keeps_a_series(index: Index, store: FileStore
     with pytest.raises(DicomNodeError, match=r"series 1\.1 is not in the index"):
         delete_series(index, store, "1.1")
     assert cancel_job(index, job_id) is None  # the job went with it
+    assert cancel_delivery(index, delivery.id) is None  # and its delivery
 
 
 @pytest.mark.peers
@@ -218,6 +237,9 @@ def test_series_delete_and_jobs_cancel_from_the_command_line(
     assert again.returncode != 0 and "is failed already: nothing to cancel" in again.stderr
     shown = node.cli_json("jobs", "show", str(job["id"]))
     assert shown["reason"] == "cancelled by the operator (was queued)"
+
+    unknown = node.cli("deliveries", "cancel", "999")
+    assert unknown.returncode != 0 and "delivery 999 does not exist" in unknown.stderr
 
     deleted = node.cli("series", "delete", "--yes", uid)
     assert deleted.returncode == 0, deleted.stderr

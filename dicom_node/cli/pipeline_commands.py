@@ -28,6 +28,7 @@ def register(app: typer.Typer) -> None:
     deliveries_app = typer.Typer(help="SEG deliveries (the outbox).", no_args_is_help=True)
     deliveries_app.command("list")(deliveries_list)
     deliveries_app.command("retry")(deliveries_retry)
+    deliveries_app.command("cancel")(deliveries_cancel)
     app.add_typer(deliveries_app, name="deliveries")
     app.command("status")(status)
     app.command("worker")(worker)
@@ -244,6 +245,22 @@ def deliveries_retry(
     index, _ = _index(ctx)
     count = retry_delivery(index, delivery_id)
     typer.echo(f"{count} deliveries due again")
+
+
+def deliveries_cancel(ctx: typer.Context, delivery_id: Annotated[int, typer.Argument()]) -> None:
+    """Stop a pending delivery: it is dead-lettered and not sent."""
+    from storage.queue import cancel_delivery
+
+    index, _ = _index(ctx)
+    outcome = cancel_delivery(index, delivery_id)
+    if outcome is None:
+        raise DicomNodeError(f"delivery {delivery_id} does not exist")
+    before, cancelled = outcome
+    if not cancelled:
+        raise DicomNodeError(
+            f"delivery {delivery_id} is {before.value}: only a pending one can be cancelled"
+        )
+    typer.echo(f"delivery {delivery_id} cancelled: it will not be sent")
 
 
 def status(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
