@@ -41,6 +41,7 @@ class JobState(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     RETRY_WAIT = "retry_wait"
+    CANCELLED = "cancelled"  # by the operator: finished, not a failure
 
 
 class DeliveryState(enum.StrEnum):
@@ -48,10 +49,12 @@ class DeliveryState(enum.StrEnum):
     SENDING = "sending"
     DELIVERED = "delivered"
     DEAD = "dead"
+    CANCELLED = "cancelled"  # by the operator: never sent, not a failure
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:
-    # Stored as plain strings (no native enum type) so SQLite and PostgreSQL read the same.
+    # Stored as plain strings (no native enum type, no CHECK constraint) so SQLite and
+    # PostgreSQL read the same, and a new state needs no migration.
     return Enum(cls, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
 
 

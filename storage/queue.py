@@ -201,7 +201,7 @@ def cancel_job(index: Index, job_id: int) -> tuple[JobState, bool] | None:
         before = job.state
         if before not in (JobState.QUEUED, JobState.RETRY_WAIT, JobState.RUNNING):
             return before, False
-        job.state = JobState.FAILED
+        job.state = JobState.CANCELLED
         job.reason = f"{CANCELLED} (was {before.value})"
         job.finished_at = utcnow()
         job.next_attempt_at = None
@@ -211,12 +211,14 @@ def cancel_job(index: Index, job_id: int) -> tuple[JobState, bool] | None:
 def cancel_requested(index: Index, job_id: int) -> bool:
     """Was this job cancelled by the operator (its worker should stop)?"""
     with index.session() as session:
-        row = session.execute(select(Job.state, Job.reason).where(Job.id == job_id)).first()
-    return row is not None and row.state == JobState.FAILED and row.reason.startswith(CANCELLED)
+        return session.scalar(select(Job.state).where(Job.id == job_id)) == JobState.CANCELLED
+
+
+_FINISHED_JOBS = (JobState.FAILED, JobState.SUCCEEDED, JobState.CANCELLED)
 
 
 def retry_job(index: Index, job_id: int, spec: JobSpec | None = None) -> bool:
-    """Operator's retry: queue a failed or succeeded job again with fresh attempts; with
+    """Operator's retry: queue a failed, cancelled or succeeded job again with fresh attempts; with
     ``spec``, under that model, profile and destinations (the rule as configured now).
     False when the job is queued, running or waiting for a retry already."""
     values: dict[str, object] = {
@@ -233,9 +235,7 @@ def retry_job(index: Index, job_id: int, spec: JobSpec | None = None) -> bool:
         }
     with index.session() as session, session.begin():
         result = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state.in_([JobState.FAILED, JobState.SUCCEEDED]))
-            .values(values)
+            update(Job).where(Job.id == job_id, Job.state.in_(_FINISHED_JOBS)).values(values)
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
@@ -322,13 +322,16 @@ def delivery_failed(
 
 
 def retry_delivery(index: Index, delivery_id: int | None = None) -> int:
-    """Operator's retry: dead (or all dead when no id) deliveries become pending now."""
+    """Operator's retry: dead deliveries (one dead or cancelled when ``delivery_id`` is
+    given) become pending now."""
     with index.session() as session, session.begin():
         query = update(Delivery).where(Delivery.state == DeliveryState.DEAD)
         if delivery_id is not None:
             query = update(Delivery).where(
                 Delivery.id == delivery_id,
-                Delivery.state.in_([DeliveryState.DEAD, DeliveryState.PENDING]),
+                Delivery.state.in_(
+                    [DeliveryState.DEAD, DeliveryState.CANCELLED, DeliveryState.PENDING]
+                ),
             )
         result = session.execute(
             query.values(
@@ -340,7 +343,7 @@ def retry_delivery(index: Index, delivery_id: int | None = None) -> int:
 
 def cancel_delivery(index: Index, delivery_id: int) -> tuple[DeliveryState, bool] | None:
     """An operator's stop: a pending delivery (waiting for its first try or a retry) is
-    dead-lettered and never sent. One being sent right now is left to finish. (its state
+    cancelled and never sent. One being sent right now is left to finish. (its state
     before, whether it was cancelled), or None when there is no such delivery."""
     with index.session() as session, session.begin():
         delivery = session.get(Delivery, delivery_id, with_for_update=True)
@@ -349,6 +352,6 @@ def cancel_delivery(index: Index, delivery_id: int) -> tuple[DeliveryState, bool
         before = delivery.state
         if before != DeliveryState.PENDING:
             return before, False
-        delivery.state = DeliveryState.DEAD
+        delivery.state = DeliveryState.CANCELLED
         delivery.last_error = CANCELLED
         return before, True

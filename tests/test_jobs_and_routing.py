@@ -36,6 +36,7 @@ from storage.queue import (
     retry_delivery,
     retry_job,
 )
+from storage.stats import index_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -335,9 +336,11 @@ def test_a_cancelled_job_stays_cancelled(index: Index) -> None:
     assert cancel_job(index, job_id) == (JobState.QUEUED, True)
     assert claim_job(index, "host:1", heartbeat_timeout_s=60) is None  # never runs
     cancelled = _job(index, job_id)
-    assert cancelled.state == JobState.FAILED and cancelled.finished_at is not None
+    assert cancelled.state == JobState.CANCELLED and cancelled.finished_at is not None
     assert cancelled.reason == "cancelled by the operator (was queued)"
-    assert cancel_job(index, job_id) == (JobState.FAILED, False)  # nothing left to cancel
+    assert cancel_job(index, job_id) == (JobState.CANCELLED, False)  # nothing left to cancel
+    counts = index_counts(index)  # what metrics and status show: not a failure
+    assert counts.jobs["cancelled"] == 1 and counts.jobs_failed_24h == 0
     assert cancel_job(index, 999) is None
 
     # Running: cancelled at once; what its worker reports afterwards is discarded.
@@ -348,7 +351,8 @@ def test_a_cancelled_job_stays_cancelled(index: Index) -> None:
     assert cancel_requested(index, job_id)
     assert not finish_job(index, job_id, seg_path="s", seg_sop_instance_uid="2.25.1", timings={},
                           deliveries=[("origin", "pacs")])  # fmt: skip
-    assert fail_job(index, job_id, "late error", retry_in_s=0, max_attempts=5) == JobState.FAILED
+    late = fail_job(index, job_id, "late error", retry_in_s=0, max_attempts=5)
+    assert late == JobState.CANCELLED
     assert _job(index, job_id).reason == "cancelled by the operator (was running)"
     assert claim_delivery(index, lease_s=60) is None  # nothing is sent
     assert claim_job(index, "host:2", heartbeat_timeout_s=0) is None  # and nobody takes it over

@@ -188,9 +188,9 @@ def test_series_delete_says_why_it_keeps_a_series(index: Index, store: FileStore
     assert cancel_delivery(index, delivery.id) == (DeliveryState.PENDING, True)
     assert claim_delivery(index, lease_s=60) is None  # never sent
     with index.session() as session:
-        dead = session.get(Delivery, delivery.id)
-        assert dead is not None and dead.state == DeliveryState.DEAD
-        assert dead.last_error == "cancelled by the operator"
+        stopped = session.get(Delivery, delivery.id)
+        assert stopped is not None and stopped.state == DeliveryState.CANCELLED
+        assert stopped.last_error == "cancelled by the operator"
 
     # Unlike prune, no age: a series sent by mistake goes as soon as nothing uses it.
     result = delete_series(index, store, "1.1")
@@ -234,7 +234,7 @@ def test_series_delete_and_jobs_cancel_from_the_command_line(
     assert cancelled.returncode == 0, cancelled.stderr
     assert f"job {job['id']} cancelled (was queued)" in cancelled.stdout
     again = node.cli("jobs", "cancel", str(job["id"]))
-    assert again.returncode != 0 and "is failed already: nothing to cancel" in again.stderr
+    assert again.returncode != 0 and "is cancelled already: nothing to cancel" in again.stderr
     shown = node.cli_json("jobs", "show", str(job["id"]))
     assert shown["reason"] == "cancelled by the operator (was queued)"
 

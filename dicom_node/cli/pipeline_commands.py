@@ -126,7 +126,7 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 def jobs_list(
     ctx: typer.Context,
     state: Annotated[
-        str | None, typer.Option(help="queued, running, succeeded, failed, retry_wait")
+        str | None, typer.Option(help="queued, running, succeeded, failed, retry_wait, cancelled")
     ] = None,
     limit: Annotated[int, typer.Option()] = 50,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -185,7 +185,7 @@ def jobs_show(
 
 
 def jobs_retry(ctx: typer.Context, job_id: Annotated[int, typer.Argument()]) -> None:
-    """Queue a failed (or finished) job again."""
+    """Queue a failed, cancelled (or finished) job again."""
     from storage.queue import retry_job
 
     index, _ = _index(ctx)
@@ -195,7 +195,7 @@ def jobs_retry(ctx: typer.Context, job_id: Annotated[int, typer.Argument()]) -> 
 
 
 def jobs_cancel(ctx: typer.Context, job_id: Annotated[int, typer.Argument()]) -> None:
-    """Cancel a queued, waiting or running job: it is marked failed and nothing is sent."""
+    """Cancel a queued, waiting or running job: nothing is sent."""
     from storage.queue import cancel_job
 
     index, _ = _index(ctx)
@@ -214,7 +214,7 @@ def jobs_cancel(ctx: typer.Context, job_id: Annotated[int, typer.Argument()]) ->
 
 def deliveries_list(
     ctx: typer.Context,
-    state: Annotated[str | None, typer.Option(help="pending, sending, delivered, dead")] = None,
+    state: Annotated[str | None, typer.Option(help="pending, sending, delivered, dead, cancelled")] = None,
     limit: Annotated[int, typer.Option()] = 50,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -248,7 +248,7 @@ def deliveries_retry(
 
 
 def deliveries_cancel(ctx: typer.Context, delivery_id: Annotated[int, typer.Argument()]) -> None:
-    """Stop a pending delivery: it is dead-lettered and not sent."""
+    """Stop a pending delivery: it is not sent."""
     from storage.queue import cancel_delivery
 
     index, _ = _index(ctx)
