@@ -330,6 +330,11 @@ def _job(index: Index, job_id: int) -> Job:
 
 
 def test_a_cancelled_job_stays_cancelled(index: Index) -> None:
+    check_cancel(index)
+
+
+def check_cancel(index: Index) -> None:
+    """Cancelling in each state, and a worker's late report; also run on PostgreSQL."""
     version_pk = _complete_series(index)
     job_id = create_job(index, version_pk, JobSpec("r", "demo", {}, ["origin"]))
     assert job_id is not None

@@ -218,3 +218,14 @@ def test_store_check_on_postgresql(fresh_db: str, tmp_path: Path) -> None:
         check_repair_and_forget(index, FileStore(tmp_path / "store", 0, fsync=False), tmp_path)
     finally:
         index.dispose()
+
+
+def test_cancel_on_postgresql(fresh_db: str) -> None:
+    """Cancelling jobs, and finish_job's row lock, on PostgreSQL."""
+    from test_jobs_and_routing import check_cancel
+
+    index = Index(fresh_db)
+    try:
+        check_cancel(index)
+    finally:
+        index.dispose()
