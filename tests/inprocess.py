@@ -56,7 +56,12 @@ def inprocess_node(
     try:
         yield InProcessNode(running, port, index, store)
     finally:
+        remaining = list(running.ae.active_associations)
         running.abort_remaining()
+        # Their threads log the release or abort: let them, before the test's log capture
+        # closes (a line written after that is a "Logging error" in the test output).
+        for assoc in remaining:
+            assoc.join(timeout=5)
         running.stop_accepting()
         index.dispose()
 
