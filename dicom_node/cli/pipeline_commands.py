@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -199,22 +199,33 @@ def jobs_cancel(ctx: typer.Context, job_id: Annotated[int, typer.Argument()]) ->
     from storage.queue import cancel_job
 
     index, _ = _index(ctx)
-    outcome = cancel_job(index, job_id)
-    if outcome is None:
-        raise DicomNodeError(f"job {job_id} does not exist")
-    before, cancelled = outcome
-    if not cancelled:
-        raise DicomNodeError(
-            f"job {job_id} is {before.value} already: nothing to cancel "
-            "(`dicom-node series delete` removes a series and its results)"
-        )
+    before = _cancelled(
+        cancel_job(index, job_id),
+        f"job {job_id}",
+        " already: nothing to cancel (`dicom-node series delete` removes a series and its results)",
+    )
     note = ": its worker is stopped within seconds" if before == JobState.RUNNING else ""
     typer.echo(f"job {job_id} cancelled (was {before.value}){note}")
 
 
+_State = TypeVar("_State", JobState, DeliveryState)
+
+
+def _cancelled(outcome: tuple[_State, bool] | None, what: str, refused: str) -> _State:
+    """The state a cancel found; an error naming ``what`` when nothing was cancelled."""
+    if outcome is None:
+        raise DicomNodeError(f"{what} does not exist")
+    before, cancelled = outcome
+    if not cancelled:
+        raise DicomNodeError(f"{what} is {before.value}{refused}")
+    return before
+
+
 def deliveries_list(
     ctx: typer.Context,
-    state: Annotated[str | None, typer.Option(help="pending, sending, delivered, dead, cancelled")] = None,
+    state: Annotated[
+        str | None, typer.Option(help="pending, sending, delivered, dead, cancelled")
+    ] = None,
     limit: Annotated[int, typer.Option()] = 50,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -252,14 +263,11 @@ def deliveries_cancel(ctx: typer.Context, delivery_id: Annotated[int, typer.Argu
     from storage.queue import cancel_delivery
 
     index, _ = _index(ctx)
-    outcome = cancel_delivery(index, delivery_id)
-    if outcome is None:
-        raise DicomNodeError(f"delivery {delivery_id} does not exist")
-    before, cancelled = outcome
-    if not cancelled:
-        raise DicomNodeError(
-            f"delivery {delivery_id} is {before.value}: only a pending one can be cancelled"
-        )
+    _cancelled(
+        cancel_delivery(index, delivery_id),
+        f"delivery {delivery_id}",
+        ": only a pending one can be cancelled",
+    )
     typer.echo(f"delivery {delivery_id} cancelled: it will not be sent")
 
 
