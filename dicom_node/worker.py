@@ -25,7 +25,6 @@ from sqlalchemy import select
 from dicom_node.config import OutputProfile, Settings
 from dicom_node.errors import DicomNodeError, ModelError, SeriesError
 from dicom_node.logging_setup import configure_logging
-from storage.consistency import RESULTS_DIR
 from storage.database import Index
 from storage.filestore import FileStore
 from storage.models import Instance, Job, JobState, Series, SeriesVersion, utcnow
@@ -185,11 +184,11 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
         raise PermanentJobError(str(exc)) from exc
     timings.update(result.timings)
     seg_uid = str(result.seg.SOPInstanceUID)
-    seg_rel = f"{RESULTS_DIR}/{job.id}/{seg_uid}.dcm"
+    seg_rel = ctx.store.result_path(job.id, f"{seg_uid}.dcm")
     ctx.store.write_atomic(seg_rel, _encode(result.seg))
     if result.binary_fallback is not None:
         ctx.store.write_atomic(
-            f"{RESULTS_DIR}/{job.id}/fallback-binary.dcm", _encode(result.binary_fallback)
+            ctx.store.result_path(job.id, "fallback-binary.dcm"), _encode(result.binary_fallback)
         )
     timings["total_s"] = time.monotonic() - started
     if not finish_job(
@@ -201,7 +200,7 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
         reason=f"segmented {result.stack}" if result.stack else "",
         deliveries=deliveries,
     ):
-        for name in (seg_rel, f"{RESULTS_DIR}/{job.id}/fallback-binary.dcm"):
+        for name in ctx.store.job_results(job.id):
             ctx.store.remove(name)
         logger.warning("%s: cancelled while running; its SEG is discarded, nothing is sent", tag)
         return

@@ -18,12 +18,10 @@ from pathlib import Path
 from sqlalchemy import case, delete, select, update
 
 from storage.database import Index
-from storage.filestore import TMP_PREFIX, FileStore
+from storage.filestore import RESULTS_DIR, TMP_PREFIX, FileStore
 from storage.models import Instance, Job, Series, SeriesState, SeriesVersion, utcnow
 
 logger = logging.getLogger(__name__)
-
-RESULTS_DIR = "results"  # <store>/results/<job id>/: the SEGs the node made
 
 
 @dataclass(frozen=True)

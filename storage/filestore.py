@@ -21,6 +21,7 @@ from pathlib import Path
 from dicom_node.errors import StorageError
 
 TMP_PREFIX = ".tmp-"
+RESULTS_DIR = "results"  # <root>/results/<job id>/: the SEGs the node made
 _UID_SAFE = re.compile(r"[^0-9A-Za-z.\-]")
 
 
@@ -128,6 +129,17 @@ class FileStore:
                 parent.rmdir()
             except OSError:
                 break
+
+    def result_path(self, job_id: int, name: str) -> str:
+        """Where a job's output file ``name`` goes, relative to the root."""
+        return f"{RESULTS_DIR}/{job_id}/{name}"
+
+    def job_results(self, job_id: int) -> list[str]:
+        """Every file in a job's results folder (its SEG, a BINARY fallback), relative."""
+        folder = self.root / RESULTS_DIR / str(job_id)
+        if not folder.is_dir():
+            return []
+        return [self.result_path(job_id, f.name) for f in sorted(folder.iterdir())]
 
     def sweep_temporaries(self) -> int:
         """Delete temporary files left by a crash mid-write; returns how many."""

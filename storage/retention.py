@@ -11,7 +11,6 @@ from sqlalchemy import case, delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.errors import DicomNodeError
-from storage.consistency import RESULTS_DIR
 from storage.database import Index
 from storage.filestore import FileStore
 from storage.models import (
@@ -59,7 +58,7 @@ def prune(
     index: Index, store: FileStore, older_than: dt.timedelta, *, dry_run: bool = False
 ) -> PruneResult:
     """Remove series whose every version completed before the cut-off and whose jobs and
-    deliveries are finished (succeeded, failed, delivered or dead).
+    deliveries are finished (succeeded, failed, cancelled, delivered or dead).
 
     One short transaction per series, so a node receiving meanwhile is held up for one
     series at a time, never for a whole run. Files go after their rows are committed: a
@@ -71,11 +70,11 @@ def prune(
     freed = 0
     for series_pk in _candidates(index, cutoff):
         try:
-            removed = _prune_series(index, store, series_pk, cutoff, dry_run=dry_run)
+            removed = _remove_series(index, store, series_pk, cutoff, dry_run=dry_run)
         except SQLAlchemyError as exc:  # e.g. pruned at the same moment by another node
             logger.warning("could not prune series row %d: %s", series_pk, exc)
             continue
-        if removed is None:
+        if isinstance(removed, str):  # no longer qualifies (an image arrived, a job queued)
             continue
         uid, instances, size = removed
         pruned.append(uid)
@@ -102,14 +101,6 @@ def _candidates(index: Index, cutoff: dt.datetime) -> list[int]:
                 .order_by(SeriesVersion.series_pk)
             )
         )
-
-
-def _prune_series(
-    index: Index, store: FileStore, series_pk: int, cutoff: dt.datetime, *, dry_run: bool
-) -> tuple[str, int, int] | None:
-    """Remove one series if it still qualifies; (UID, instances, bytes) or None."""
-    removed = _remove_series(index, store, series_pk, cutoff, dry_run=dry_run)
-    return None if isinstance(removed, str) else removed
 
 
 def delete_series(index: Index, store: FileStore, series_instance_uid: str) -> PruneResult:
@@ -195,12 +186,8 @@ def _remove_series(
         if dry_run:
             return uid, len(instances), size
         paths = [i.path for i in instances]
-        paths += [p for p in session.scalars(select(Job.seg_path).where(Job.id.in_(job_ids))) if p]
-        # Everything in a job's results folder: its SEG, and a BINARY fallback beside it.
-        for job_id in job_ids:
-            folder = store.absolute(f"{RESULTS_DIR}/{job_id}")
-            if folder.is_dir():
-                paths += [f"{RESULTS_DIR}/{job_id}/{f.name}" for f in folder.iterdir()]
+        for job_id in job_ids:  # the SEG (Job.seg_path) and a BINARY fallback beside it
+            paths += store.job_results(job_id)
         session.execute(delete(Delivery).where(Delivery.job_pk.in_(job_ids)))
         session.execute(delete(Job).where(Job.id.in_(job_ids)))
         session.execute(delete(Instance).where(Instance.series_pk == series.id))
@@ -220,7 +207,7 @@ def _remove_series(
                     patient = session.get(Patient, patient_pk)
                     if patient is not None:
                         session.delete(patient)
-    for path in dict.fromkeys(paths):
+    for path in paths:
         store.remove(path)
     logger.info("%s series %s: %d instances", verb, uid, len(instances))
     return uid, len(instances), size
