@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import NodeFactory
-from peers import NodeProcess, make_mr_series, storescu, wait_until
+from peers import NodeProcess, make_mr_series, storescu, wait_series_complete, wait_until
 from sqlalchemy import select
 
 from dicom_node.store_check import repair_store
@@ -41,21 +41,6 @@ def _send(node: NodeProcess, folder: Path, count: int, description: str) -> str:
     return series.series_instance_uid
 
 
-def _complete(node: NodeProcess, uid: str) -> dict[str, Any]:
-    return wait_until(
-        lambda: next(
-            (
-                s
-                for s in node.series_json()
-                if s["series_instance_uid"] == uid and s["state"] == "complete"
-            ),
-            None,
-        ),
-        timeout_s=30,
-        what=f"series {uid} complete",
-    )
-
-
 def _age(paths: list[Path], seconds: float = 3600) -> None:
     then = time.time() - seconds
     for path in paths:
@@ -68,7 +53,7 @@ def test_a_store_that_matches_its_index_is_consistent_and_damage_is_reported_and
 ) -> None:
     node = node_factory(overrides=RULES)
     kept = _send(node, tmp_path / "a", 3, "kept")
-    _complete(node, kept)
+    wait_series_complete(node, kept, count=3)
     assert node.stop() == 0
     code, clean = _check(node)
     assert code == 0 and clean["consistent"] is True
@@ -79,7 +64,7 @@ def test_a_store_that_matches_its_index_is_consistent_and_damage_is_reported_and
     shutil.copyfile(node.index_path, backup)
     node.start()
     late = _send(node, tmp_path / "b", 4, "after the backup")
-    _complete(node, late)
+    wait_series_complete(node, late, count=4)
     assert node.stop() == 0
     for leftover in node.data_dir.glob("index.sqlite*"):
         leftover.unlink()
@@ -181,8 +166,8 @@ def test_a_lost_index_is_rebuilt_from_the_store(node_factory: NodeFactory, tmp_p
     node = node_factory(overrides={"completion": {"quiet_period_s": 1}})
     first = _send(node, tmp_path / "a", 3, "first")
     second = _send(node, tmp_path / "b", 5, "second")
-    _complete(node, first)
-    _complete(node, second)
+    wait_series_complete(node, first, count=3)
+    wait_series_complete(node, second, count=5)
     before = {r["sop_instance_uid"]: dict(r) for r in node.instance_rows()}
     assert node.stop() == 0
     for index_file in node.data_dir.glob("index.sqlite*"):
