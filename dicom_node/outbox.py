@@ -14,6 +14,7 @@ from sqlalchemy import update
 
 from dicom_node.config import Settings
 from dicom_node.errors import DeliveryError
+from dicom_node.index_outage import IndexOutage
 from dicom_node.send import store_seg, stow_seg
 from dicom_node.worker import EventLike
 from storage.database import Index
@@ -49,6 +50,7 @@ class Outbox:
         self.wake = wake  # set by workers when a SEG is ready
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._outage = IndexOutage("outbox", logger)
 
     def send(self, delivery: Delivery) -> str:
         path = self.store.absolute(delivery.seg_path)
@@ -134,9 +136,12 @@ class Outbox:
                 self.wake.clear()  # before looking: a SEG finished from now on wakes us
             try:
                 busy = self.deliver_one()
-            except Exception:
-                logger.exception("outbox loop error")
+            except Exception as exc:
+                if not self._outage.failed(exc):
+                    logger.exception("outbox loop error")
                 busy = False
+            else:
+                self._outage.succeeded()
             if not busy:
                 if self.wake is not None:
                     self.wake.wait(self.settings.outbox.poll_interval_s)

@@ -9,12 +9,14 @@ import logging
 import threading
 from collections.abc import Callable
 
+from dicom_node.index_outage import IndexOutage
+
 
 class Periodic:
     """Calls ``work`` every ``interval_s`` until ``stop()``; ``wake()`` starts a round early.
 
     An exception is logged (with ``failure``, on the owner's logger) and the next round tries
-    again: the index may be briefly locked or unavailable, and the node keeps running.
+    again: the node keeps running. An unavailable index is logged once, not every round.
     """
 
     def __init__(
@@ -36,6 +38,7 @@ class Periodic:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._outage = IndexOutage(name, log)
 
     def wake(self) -> None:
         self._wake.set()
@@ -44,8 +47,11 @@ class Periodic:
         while not self._stop.is_set():
             try:
                 self.work()
-            except Exception:
-                self.log.exception(self.failure)
+            except Exception as exc:
+                if not self._outage.failed(exc):
+                    self.log.exception(self.failure)
+            else:
+                self._outage.succeeded()
             self._wake.wait(self.interval_s)
             self._wake.clear()
 

@@ -24,8 +24,9 @@ from sqlalchemy import select
 
 from dicom_node.config import OutputProfile, Settings
 from dicom_node.errors import DicomNodeError, ModelError, SeriesError
+from dicom_node.index_outage import IndexOutage
 from dicom_node.logging_setup import configure_logging
-from storage.database import Index
+from storage.database import Index, unavailable_reason
 from storage.filestore import FileStore
 from storage.models import Instance, Job, JobState, Series, SeriesVersion, utcnow
 from storage.queue import cancel_requested, claim_job, fail_job, finish_job, heartbeat
@@ -254,6 +255,16 @@ def process_one(
         fail_job(ctx.index, job.id, str(exc), retry_in_s=None, max_attempts=0)
         logger.error("job %d failed after %.2f s: %s", job.id, time.monotonic() - started, exc)
     except Exception as exc:
+        reason = unavailable_reason(exc)
+        if reason is not None:
+            # Its row cannot be updated now. Its heartbeat stops, so once the index answers
+            # and workers.heartbeat_timeout_s has passed, a worker runs it again.
+            logger.error(
+                "job %d: index unavailable (%s); it runs again once the index answers",
+                job.id,
+                reason,
+            )
+            raise
         state = fail_job(
             ctx.index,
             job.id,
@@ -308,14 +319,18 @@ def worker_main(
     ctx = JobContext(settings, index, store, worker_id(), results_ready)
     models = ModelCache(settings.models_dir, settings.inference)
     logger.info("worker %s ready", ctx.worker)
+    outage = IndexOutage(f"worker {ctx.worker}", logger)
     while not stop.value:
         if work_available is not None:
             work_available.clear()  # before claiming: a job queued from now on wakes us
         try:
             busy = process_one(ctx, models, current)
-        except Exception:  # the index may be briefly locked; keep the worker alive
-            logger.exception("worker %s: claiming a job failed", ctx.worker)
+        except Exception as exc:  # keep the worker alive
+            if not outage.failed(exc):
+                logger.exception("worker %s: claiming a job failed", ctx.worker)
             busy = False
+        else:
+            outage.succeeded()
         if not busy:
             # Woken by the scheduler in `serve`; polling covers `dicom-node worker` elsewhere.
             if work_available is not None:
@@ -378,40 +393,52 @@ class WorkerPool:
         self._thread.start()
 
     def _supervise(self) -> None:
-        timeout = self.settings.workers.job_timeout_s
+        outage = IndexOutage("worker supervisor", logger, announce_recovery=False)
         while not self._stopping.wait(1.0):
-            for number, slot in enumerate(self._slots, start=1):
-                job = slot.current.value
-                if job != slot.job_seen:
-                    slot.job_seen, slot.job_since = job, time.monotonic()
-                if job and self._cancelled(job):
-                    # The operator cancelled it (`jobs cancel`): free the worker now. The
-                    # respawn below starts a fresh one.
-                    logger.warning("job %d was cancelled; stopping its worker", job)
-                    slot.process.kill()
-                    slot.process.join(5)
-                    slot.current.value = 0
-                elif job and time.monotonic() - slot.job_since > timeout:
-                    logger.error(
-                        "job %d exceeded workers.job_timeout_s=%.0f s; stopping it", job, timeout
-                    )
-                    slot.process.kill()
-                    slot.process.join(5)
-                    fail_job(
-                        self.index,
-                        job,
-                        f"timed out after {timeout:.0f} s (workers.job_timeout_s)",
-                        retry_in_s=None,
-                        max_attempts=0,
-                    )
-                if not slot.process.is_alive() and not self._stopping.is_set():
-                    logger.warning(
-                        "worker %s exited (code %s); starting a new one",
-                        slot.process.name,
-                        slot.process.exitcode,
-                    )
-                    release_orphaned_jobs(self.index)
-                    self._slots[number - 1] = self._spawn(number)
+            try:
+                self._supervise_once()
+            except Exception as exc:  # an uncaught error would end supervision for good
+                if not outage.failed(exc):
+                    logger.exception("supervising the workers failed")
+            else:
+                outage.succeeded()
+
+    def _supervise_once(self) -> None:
+        timeout = self.settings.workers.job_timeout_s
+        for number, slot in enumerate(self._slots, start=1):
+            job = slot.current.value
+            if job != slot.job_seen:
+                slot.job_seen, slot.job_since = job, time.monotonic()
+            if job and self._cancelled(job):
+                # The operator cancelled it (`jobs cancel`): free the worker now. The
+                # respawn below starts a fresh one.
+                logger.warning("job %d was cancelled; stopping its worker", job)
+                slot.process.kill()
+                slot.process.join(5)
+                slot.current.value = 0
+            elif job and time.monotonic() - slot.job_since > timeout:
+                logger.error(
+                    "job %d exceeded workers.job_timeout_s=%.0f s; stopping it", job, timeout
+                )
+                slot.process.kill()
+                slot.process.join(5)
+                fail_job(
+                    self.index,
+                    job,
+                    f"timed out after {timeout:.0f} s (workers.job_timeout_s)",
+                    retry_in_s=None,
+                    max_attempts=0,
+                )
+            if not slot.process.is_alive() and not self._stopping.is_set():
+                logger.warning(
+                    "worker %s exited (code %s); starting a new one",
+                    slot.process.name,
+                    slot.process.exitcode,
+                )
+                # Started before its jobs are released: that needs the index, which
+                # may be the reason it exited.
+                self._slots[number - 1] = self._spawn(number)
+                release_orphaned_jobs(self.index)
 
     def _cancelled(self, job_id: int) -> bool:
         try:

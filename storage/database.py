@@ -13,7 +13,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.errors import StorageError
@@ -21,6 +21,7 @@ from dicom_node.errors import StorageError
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+CONNECT_TIMEOUT_S = 10
 
 
 def _sqlite_pragmas(fsync: bool) -> Callable[[Any, Any], None]:
@@ -50,8 +51,31 @@ def create_index_engine(url: str, *, fsync: bool = True) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas(fsync))
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        # A server that does not answer (network partition) fails a connection in seconds,
+        # not after the kernel's ~2 minute TCP timeout: a C-STORE gets 0xA700 while the
+        # sender still waits for it.
+        connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if "postgresql" in url else {}
+        engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     return engine
+
+
+def unavailable_reason(exc: BaseException) -> str | None:
+    """Why the index cannot be reached, when ``exc`` (or an exception it was raised from)
+    says so: a refused or lost connection, a server shutting down, a database file that
+    cannot be opened, locked or written. None for any other error, including a transaction
+    the server rolled back for a conflict (SQLSTATE class 40), which a retry resolves.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DBAPIError) and (
+            seen.connection_invalidated or isinstance(seen, OperationalError | InterfaceError)
+        ):
+            if str(getattr(seen.orig, "sqlstate", None) or "").startswith("40"):
+                return None
+            lines = str(seen.orig or seen).strip().splitlines()
+            return lines[0] if lines else type(seen.orig or seen).__name__
+        seen = seen.__cause__
+    return None
 
 
 def upgrade(engine: Engine) -> None:

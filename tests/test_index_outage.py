@@ -1,0 +1,92 @@
+"""Telling an unavailable index from other errors, and saying so once per outage."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from dicom_node.errors import StorageError
+from dicom_node.index_outage import IndexOutage
+from storage.database import unavailable_reason
+
+
+def _unopenable_database_error(tmp_path: Path) -> OperationalError:
+    engine = create_engine(f"sqlite:///{tmp_path}/no/such/folder/index.sqlite")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except OperationalError as exc:
+        return exc
+    finally:
+        engine.dispose()
+    raise AssertionError("an index in a missing folder opened")
+
+
+def _constraint_error() -> IntegrityError:
+    engine = create_engine("sqlite://")
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
+            conn.execute(text("INSERT INTO t VALUES (1)"))
+            conn.execute(text("INSERT INTO t VALUES (1)"))
+    except IntegrityError as exc:
+        return exc
+    finally:
+        engine.dispose()
+    raise AssertionError("a duplicate primary key was accepted")
+
+
+class _Conflict(Exception):
+    """What psycopg raises for a serialization failure or deadlock: rolled back, retryable."""
+
+    sqlstate = "40001"
+
+
+def test_unavailable_reason_names_the_cause_and_only_for_outages(tmp_path: Path) -> None:
+    outage = _unopenable_database_error(tmp_path)
+    assert unavailable_reason(outage) == "unable to open database file"
+    try:  # as the receiver raises it: a StorageError from the driver's error
+        raise StorageError("index unavailable") from outage
+    except StorageError as wrapped:
+        assert unavailable_reason(wrapped) == "unable to open database file"
+    assert unavailable_reason(_constraint_error()) is None
+    assert unavailable_reason(OperationalError("UPDATE", {}, _Conflict())) is None
+    assert unavailable_reason(ValueError("a defect")) is None
+    assert unavailable_reason(StorageError("out of disk space")) is None
+
+
+def test_an_outage_is_logged_once_and_its_end_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = logging.getLogger("test.outage")
+    outage = IndexOutage("completion", log)
+    error = _unopenable_database_error(tmp_path)
+    with caplog.at_level(logging.INFO, logger="test.outage"):
+        outage.succeeded()  # nothing to say while the index answers
+        assert all(outage.failed(error) for _ in range(5))
+        assert not outage.failed(ValueError("a defect"))  # the caller logs that itself
+        outage.succeeded()
+        outage.succeeded()
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "completion: index unavailable, retrying until it answers: unable to open database file",
+        "completion: index available again after 0 s",
+    ]
+    assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING"]
+
+
+def test_a_loop_that_cannot_tell_recovery_stays_quiet_about_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = logging.getLogger("test.outage")
+    outage = IndexOutage("worker supervisor", log, announce_recovery=False)
+    error = _unopenable_database_error(tmp_path)
+    with caplog.at_level(logging.INFO, logger="test.outage"):
+        outage.failed(error)
+        outage.succeeded()
+        outage.failed(error)  # a new outage (or the same, seen again): said again
+    assert [r.levelname for r in caplog.records] == ["ERROR", "ERROR"]
