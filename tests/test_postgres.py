@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -45,37 +47,45 @@ def _as_postgres_user() -> list[str]:
     return ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
 
 
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    initdb, server = _pg_bin("initdb"), _pg_bin("postgres")
-    prefix = _as_postgres_user()
-    # Not under pytest's tmp dir: that is private to root, and the server runs as postgres.
-    folder = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
-    data, sockets = folder / "data", folder / "run"
-    sockets.mkdir()
-    if prefix:
-        shutil.chown(folder, "postgres")
-        shutil.chown(sockets, "postgres")
-    subprocess.run(
-        [*prefix, initdb, "-D", str(data), "-A", "trust", "-U", "node", "--no-sync"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    port = free_port()
-    log = open(folder / "postgres.log", "wb")  # noqa: SIM115 - kept open for the server's life
-    proc = subprocess.Popen(
-        [*prefix, server, "-D", str(data), "-p", str(port), "-k", str(sockets),
-         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=on"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"postgresql+psycopg://node@127.0.0.1:{port}/postgres"
+class PostgresServer:
+    """A throwaway PostgreSQL server (initdb in a temporary folder), which a test may stop
+    and start again on the same data and port, as an operator's maintenance would."""
 
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError((folder / "postgres.log").read_text())
-        probe = Index(url, migrate=False)
+    def __init__(self) -> None:
+        initdb, self._server = _pg_bin("initdb"), _pg_bin("postgres")
+        self._prefix = _as_postgres_user()
+        # Not under pytest's tmp dir: that is private to root, and the server runs as postgres.
+        self.folder = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
+        self._data, self._sockets = self.folder / "data", self.folder / "run"
+        self._sockets.mkdir()
+        if self._prefix:
+            shutil.chown(self.folder, "postgres")
+            shutil.chown(self._sockets, "postgres")
+        subprocess.run(
+            [*self._prefix, initdb, "-D", str(self._data), "-A", "trust", "-U", "node",
+             "--no-sync"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )  # fmt: skip
+        self.port = free_port()
+        self.url = f"postgresql+psycopg://node@127.0.0.1:{self.port}/postgres"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.folder / "postgres.log", "ab") as log:
+            self._proc = subprocess.Popen(
+                [*self._prefix, self._server, "-D", str(self._data), "-p", str(self.port),
+                 "-k", str(self._sockets), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=on"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        wait_until(self._ready, timeout_s=60, interval_s=0.2, what="PostgreSQL")
+
+    def _ready(self) -> bool:
+        if self._proc is None or self._proc.poll() is not None:
+            raise RuntimeError((self.folder / "postgres.log").read_text())
+        probe = Index(self.url, migrate=False)
         try:
             probe.engine.connect().close()
         except Exception:
@@ -84,16 +94,28 @@ def postgres_url() -> Iterator[str]:
             probe.dispose()  # a pooled connection left open stalls the smart shutdown below
         return True
 
-    wait_until(ready, timeout_s=60, interval_s=0.2, what="PostgreSQL")
+    def stop(self) -> None:
+        """Fast shutdown: clients are disconnected, as when a server is restarted. (A smart
+        one waits for every client, and engines the tests dropped keep pooled connections
+        until garbage collection.)"""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGINT)
+            self._proc.wait(timeout=60)
+        self._proc = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    server = PostgresServer()
     try:
-        yield url
+        server.start()
+        yield server.url
     finally:
-        # Fast shutdown: a smart one (SIGTERM) waits for every client, and engines the
-        # tests dropped keep pooled connections until garbage collection.
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
-        log.close()
-        shutil.rmtree(folder, ignore_errors=True)
+        server.remove()
 
 
 @pytest.fixture
@@ -229,3 +251,74 @@ def test_cancel_on_postgresql(fresh_db: str) -> None:
         check_cancel(index)
     finally:
         index.dispose()
+
+
+def test_index_outage_refuses_stores_and_the_node_recovers(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    """The PostgreSQL server restarted under a running node (maintenance, failover): stores
+    are refused with 0xA700 and nothing of them is kept; every loop says once that the index
+    is unavailable (no traceback per round) and once that it is back; a worker that dies
+    meanwhile is replaced; afterwards the node works without a restart."""
+    from peers import acknowledged_files, echoscu, make_mr_series
+
+    server = PostgresServer()
+    try:
+        server.start()
+        node = node_factory(
+            overrides={"storage": {"database_url": server.url}, "workers": {"processes": 1}}
+        )
+        ready = re.compile(r"worker \S+:(\d+) ready")
+        worker_pid = int(
+            wait_until(
+                lambda: ready.search(node.log_text()), timeout_s=120, what="the worker"
+            ).group(1)
+        )
+        before = make_mr_series(tmp_path / "before", 4)
+        assert storescu(node.port, [tmp_path / "before"]).returncode == 0
+
+        outage_starts = len(node.log_text())
+        server.stop()
+        during = make_mr_series(tmp_path / "during", 3)
+        refused = storescu(node.port, [tmp_path / "during"], extra_args=["-v"])
+        assert acknowledged_files(refused.stdout + refused.stderr) == []
+        node.wait_for_log("refused (0xA700): index unavailable")
+        os.kill(worker_pid, signal.SIGKILL)
+        node.wait_for_log("worker worker-1 exited")
+        for loop in ("completion", "scheduler", "outbox", "worker supervisor"):
+            node.wait_for_log(f"{loop}: index unavailable, retrying until it answers")
+        replacement = re.compile(rf"worker \S+:(?!{worker_pid}\b)\d+: index unavailable")
+        wait_until(
+            lambda: replacement.search(node.log_text()),
+            timeout_s=60,
+            what="the replacement worker's outage line",
+        )
+        assert echoscu(node.port).returncode == 0  # the node itself is up
+        time.sleep(2)  # four more rounds of every loop: still one line each
+        outage_log = node.log_text()[outage_starts:]
+        assert "Traceback" not in outage_log, outage_log[-3000:]
+        for loop in ("completion", "scheduler", "outbox", "worker supervisor"):
+            assert outage_log.count(f"{loop}: index unavailable") == 1, outage_log[-3000:]
+
+        server.start()
+        for loop in ("completion", "scheduler", "outbox"):
+            node.wait_for_log(f"{loop}: index available again after")
+        sent = storescu(node.port, [tmp_path / "during"])
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+
+        def complete() -> bool:  # through the CLI: peers' helpers read a SQLite index
+            listed = {row["series_instance_uid"]: row for row in node.cli_json("series", "list")}
+            return all(
+                uid in listed
+                and listed[uid]["state"] == "complete"
+                and listed[uid]["instances"] == count
+                for uid, count in ((before.series_instance_uid, 4), (during.series_instance_uid, 3))
+            )
+
+        wait_until(complete, timeout_s=60, interval_s=0.5, what="both series complete")
+        # No stray file of the refused stores (every file is settled: no grace period).
+        checked = node.cli("store", "check", "--grace-s", "0")
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert "Traceback" not in node.log_text()[outage_starts:]
+    finally:
+        server.remove()
