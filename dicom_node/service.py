@@ -22,7 +22,7 @@ from dicom_node.config import Settings
 from dicom_node.logging_setup import configure_logging
 from dicom_node.receive import Receiver
 from dicom_node.scp import RunningSCP, start_scp
-from storage.database import Index
+from storage.database import Index, unavailable_reason
 from storage.filestore import FileStore
 from storage.instances import CompletedSeries
 
@@ -113,8 +113,14 @@ class Service:
         for component in reversed(self.components):
             try:
                 component.stop()
-            except Exception:
-                logger.exception("error while stopping %s", type(component).__name__)
+            except Exception as exc:
+                reason = unavailable_reason(exc)
+                if reason is None:
+                    logger.exception("error while stopping %s", type(component).__name__)
+                else:  # e.g. interrupted jobs not released: the next start releases them
+                    logger.error(
+                        "stopping %s: index unavailable: %s", type(component).__name__, reason
+                    )
         self.completion.stop()
         self.index.dispose()
         logger.info("stopped")

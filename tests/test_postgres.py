@@ -319,6 +319,10 @@ def test_index_outage_refuses_stores_and_the_node_recovers(
         # No stray file of the refused stores (every file is settled: no grace period).
         checked = node.cli("store", "check", "--grace-s", "0")
         assert checked.returncode == 0, checked.stdout + checked.stderr
+
+        server.stop()  # and a node stopped while the index is away says why, briefly
+        assert node.stop() == 0
+        assert "stopping WorkerPool: index unavailable" in node.log_text()
         assert "Traceback" not in node.log_text()[outage_starts:]
     finally:
         server.remove()
