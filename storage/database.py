@@ -87,6 +87,9 @@ def upgrade(engine: Engine) -> None:
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
     except SQLAlchemyError as exc:
+        reason = unavailable_reason(exc)
+        if reason is not None:
+            raise StorageError(f"index unavailable at {engine.url!r}: {reason}") from exc
         raise StorageError(f"cannot migrate the index at {engine.url!r}: {exc}") from exc
 
 

@@ -294,6 +294,10 @@ def test_index_outage_refuses_stores_and_the_node_recovers(
             what="the replacement worker's outage line",
         )
         assert echoscu(node.port).returncode == 0  # the node itself is up
+        status = node.cli("status")  # what an operator (or Docker's health check) sees
+        assert status.returncode != 0
+        assert "index unavailable at postgresql" in status.stderr, status.stderr
+        assert "Traceback" not in status.stderr
         time.sleep(2)  # four more rounds of every loop: still one line each
         outage_log = node.log_text()[outage_starts:]
         assert "Traceback" not in outage_log, outage_log[-3000:]
