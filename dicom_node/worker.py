@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
 from typing import TYPE_CHECKING, Protocol
@@ -67,12 +68,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def release_orphaned_jobs(index: Index) -> int:
-    """Jobs left RUNNING by dead worker processes of this host become claimable at once."""
+def release_orphaned_jobs(index: Index, keep: Collection[int] = ()) -> int:
+    """Jobs left RUNNING by dead worker processes of this host become claimable at once;
+    not those in ``keep`` (stopped for the time limit: they are to be marked failed)."""
     host = socket.gethostname()
     released = 0
     with index.session() as session, session.begin():
         for job in session.scalars(select(Job).where(Job.state == JobState.RUNNING)):
+            if job.id in keep:
+                continue
             name, _, pid = job.worker.rpartition(":")
             if name == host and pid.isdigit() and not _pid_alive(int(pid)):
                 job.heartbeat_at = utcnow().replace(year=2000)
@@ -366,6 +370,7 @@ class WorkerPool:
         self._slots: list[_Slot] = []
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._timed_out: set[int] = set()  # killed for the time limit, not yet marked failed
 
     def _spawn(self, number: int) -> _Slot:
         current = self._context.Value("i", 0)
@@ -422,13 +427,7 @@ class WorkerPool:
                 )
                 slot.process.kill()
                 slot.process.join(5)
-                fail_job(
-                    self.index,
-                    job,
-                    f"timed out after {timeout:.0f} s (workers.job_timeout_s)",
-                    retry_in_s=None,
-                    max_attempts=0,
-                )
+                self._timed_out.add(job)
             if not slot.process.is_alive() and not self._stopping.is_set():
                 logger.warning(
                     "worker %s exited (code %s); starting a new one",
@@ -438,7 +437,18 @@ class WorkerPool:
                 # Started before its jobs are released: that needs the index, which
                 # may be the reason it exited.
                 self._slots[number - 1] = self._spawn(number)
-                release_orphaned_jobs(self.index)
+                release_orphaned_jobs(self.index, keep=self._timed_out)
+        # Marked after the replacement is started (and again next round while the index is
+        # away), so that a stopped worker is replaced whatever the index does.
+        for job in sorted(self._timed_out):
+            fail_job(
+                self.index,
+                job,
+                f"timed out after {timeout:.0f} s (workers.job_timeout_s)",
+                retry_in_s=None,
+                max_attempts=0,
+            )
+            self._timed_out.discard(job)
 
     def _cancelled(self, job_id: int) -> bool:
         try:
