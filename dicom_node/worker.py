@@ -94,6 +94,9 @@ class JobContext:
     store: FileStore
     worker: str
     results_ready: EventLike | None = None  # set when a SEG awaits delivery (wakes the outbox)
+    # The running job's log prefix: job id, then study, series and version once run_job has
+    # read them, so that process_one's failure lines name the series too.
+    job_tag: str = ""
 
 
 def resolve_destinations(
@@ -141,6 +144,7 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
             )
         ]
     tag = f"job {job.id} study {study_uid} series {series.series_instance_uid} v{version.version}"
+    ctx.job_tag = tag
     logger.info(
         "%s: started (model %s, rule %s, attempt %d, %d images)",
         tag,
@@ -251,21 +255,22 @@ def process_one(
     beater = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
     beater.start()
     started = time.monotonic()
+    ctx.job_tag = f"job {job.id}"
     try:
         run_job(ctx, job, models)
         if ctx.results_ready is not None:
             ctx.results_ready.set()
     except PermanentJobError as exc:
         fail_job(ctx.index, job.id, str(exc), retry_in_s=None, max_attempts=0)
-        logger.error("job %d failed after %.2f s: %s", job.id, time.monotonic() - started, exc)
+        logger.error("%s: failed after %.2f s: %s", ctx.job_tag, time.monotonic() - started, exc)
     except Exception as exc:
         reason = unavailable_reason(exc)
         if reason is not None:
             # Its row cannot be updated now. Its heartbeat stops, so once the index answers
             # and workers.heartbeat_timeout_s has passed, a worker runs it again.
             logger.error(
-                "job %d: index unavailable (%s); it runs again once the index answers",
-                job.id,
+                "%s: index unavailable (%s); it runs again once the index answers",
+                ctx.job_tag,
                 reason,
             )
             raise
@@ -277,8 +282,8 @@ def process_one(
             max_attempts=ctx.settings.workers.max_attempts,
         )
         logger.exception(
-            "job %d error after %.2f s (%s): %s",
-            job.id,
+            "%s: error after %.2f s (%s): %s",
+            ctx.job_tag,
             time.monotonic() - started,
             "will retry" if state == JobState.RETRY_WAIT else "no attempts left",
             exc,

@@ -295,7 +295,14 @@ def test_a_series_that_cannot_be_processed_fails_readably(
     assert "orientation" in job["reason"], job
     assert job["attempts"] == 1  # a permanent error is not retried
     assert deliveries(node) == []  # nothing is sent
-    assert f"job {job['id']} failed" in node.log_text()
+    # The job's line names the series (and the study), not the job id alone.
+    failing = [
+        line
+        for line in node.log_text().splitlines()
+        if f"job {job['id']} study " in line and ": failed after" in line
+    ]
+    assert len(failing) == 1, node.log_text()[-3000:]
+    assert f"series {written.uids.series_instance_uid} v1: failed after" in failing[0]
     assert echoscu(node.port).returncode == 0  # and the node keeps serving
     shown = node.cli_json("jobs", "show", str(job["id"]), "--json")
     assert shown["state"] == "failed" and "orientation" in shown["reason"]
