@@ -11,6 +11,7 @@ may lose the latest files, as with Orthanc and DCMTK's storescp.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -23,14 +24,27 @@ from dicom_node.errors import StorageError
 TMP_PREFIX = ".tmp-"
 RESULTS_DIR = "results"  # <root>/results/<job id>/: the SEGs the node made
 _UID_SAFE = re.compile(r"[^0-9A-Za-z.\-]")
+# Used as they are: at most 64 safe characters, no '_' (a digest name has one).
+_UID_PLAIN = re.compile(r"[0-9A-Za-z\-]([0-9A-Za-z.\-]{0,62}[0-9A-Za-z\-])?")
+_UID_MAX = 64
 
 
 def sanitise_uid(uid: str) -> str:
-    """A UID made safe as one path component: only digits, letters, '.' and '-' survive."""
-    cleaned = _UID_SAFE.sub("_", uid.strip().rstrip("\x00"))[:64].strip(".")
-    if not cleaned:
-        raise ValueError(f"UID {uid!r} is empty after sanitising")
-    return cleaned
+    """A UID made safe as one path component, and distinct for distinct UIDs.
+
+    A valid UID (digits and dots, at most 64 characters) is its own name. Anything else
+    devices send (longer, or with characters a path cannot hold) keeps its safe characters
+    and gets a digest of the UID as sent: two such UIDs that clean up alike would otherwise
+    share a file, and the second image would overwrite the first one acknowledged.
+    """
+    stripped = uid.strip().rstrip("\x00")
+    if not stripped:
+        raise ValueError(f"UID {uid!r} is empty")
+    if _UID_PLAIN.fullmatch(stripped):
+        return stripped
+    cleaned = _UID_SAFE.sub("_", stripped).strip(".")
+    digest = hashlib.sha256(stripped.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"{cleaned[: _UID_MAX - 17]}_{digest}"
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The file store's atomic writes: the whole file under its final name, or nothing."""
+"""The file store: atomic writes (the whole file under its final name, or nothing), safe names."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.errors import StorageError
-from storage.filestore import TMP_PREFIX, FileStore
+from storage.filestore import TMP_PREFIX, FileStore, sanitise_uid
 
 
 def _temporaries(root: Path) -> list[Path]:
@@ -32,3 +32,19 @@ def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="cannot write"):
         store.write_atomic(relative, b"x")
     assert _temporaries(store.root) == []
+
+
+def test_uids_become_distinct_safe_names() -> None:
+    valid = "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345678"
+    assert sanitise_uid(valid) == valid  # the layout of valid UIDs is the UIDs themselves
+    assert sanitise_uid(valid + "\x00") == valid
+    odd = [
+        "1.2.3/7", "1.2.3_7", "1.2.3 7", "../../etc/passwd", ".1.2.", "1.2", "1" * 65, "1" * 66,
+        "1" * 64 + "2", "1.2.3_7_" + "0" * 16,
+    ]  # fmt: skip
+    names = [sanitise_uid(uid) for uid in odd]
+    assert len(set(names)) == len(odd), names
+    for name in names:
+        assert len(name) <= 64 and "/" not in name and not name.startswith(".")
+    with pytest.raises(ValueError):
+        sanitise_uid(" \x00")

@@ -530,6 +530,53 @@ def test_malformed_input_is_refused(node: NodeProcess, tmp_path: Path, raw_send:
     assert "dataset cannot be decoded (0xC210)" in log
 
 
+def test_malformed_uids_that_clean_up_alike_keep_their_own_files(
+    node: NodeProcess, tmp_path: Path
+) -> None:
+    """UIDs no standard allows but devices send (longer than 64 characters, characters a
+    path cannot hold; DCMTK's storescu sends them) are accepted; two that clean up to the
+    same path must not share a file, or the second image silently overwrites the first."""
+    long = "1.2.826.0.1.3680043.8.498." + "7" * 40  # 66 characters before the suffix
+    sops = [
+        f"{long}.1",
+        f"{long}.2",
+        "1.2.826.0.1.3680043.8.498.77/7",
+        "1.2.826.0.1.3680043.8.498.77_7",
+    ]
+    series_uids = [f"{long}.81", f"{long}.82", f"{long}.81", f"{long}.82"]
+    series = make_mr_series(tmp_path / "gen", len(sops), size=32)
+    sent: list[Path] = []
+    for k, (path, sop, series_uid) in enumerate(zip(series.paths, sops, series_uids, strict=True)):
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+        ds.SeriesInstanceUID = series_uid
+        ds.ImageComments = f"image {k}"
+        sent.append(tmp_path / f"odd{k}.dcm")
+        with pytest.warns(UserWarning):  # pydicom: not a valid UID, written all the same
+            ds.save_as(sent[-1], enforce_file_format=True)
+    result = storescu(node.port, sent, extra_args=["-v"])
+    assert len(acknowledged_files(result.stdout + result.stderr)) == len(sent), result.stderr
+
+    rows = node.query("SELECT sop_instance_uid, path FROM instances")
+    assert sorted(row["sop_instance_uid"] for row in rows) == sorted(sops)
+    assert len({row["path"] for row in rows}) == len(sops), [row["path"] for row in rows]
+    assert len(node.stored_files()) == len(sops)
+    by_uid = {row["sop_instance_uid"]: row["path"] for row in rows}
+    for source, sop in zip(sent, sops, strict=True):  # each file holds its own image
+        stored = pydicom.dcmread(node.store_dir / by_uid[sop])
+        assert (stored.SOPInstanceUID, stored.ImageComments) == (sop, source_comment(source))
+        assert stored == pydicom.dcmread(source)
+    # Two series, whatever their folders are called: each holds its own two images.
+    listed = {row["series_instance_uid"]: row["instances"] for row in node.series_json()}
+    assert listed == {f"{long}.81": 2, f"{long}.82": 2}
+    checked = node.cli("store", "check", "--grace-s", "0")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def source_comment(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).ImageComments)
+
+
 # -- duplicates, versions, shutdown, prune, multi-process --------------------------------------
 
 
