@@ -76,16 +76,7 @@ class Service:
         # is a race, so an even split could refuse senders while others had room.
         self._scp = start_scp(self.settings, self.receiver, shared=processes > 1)
         if processes > 1:
-            context = multiprocessing.get_context("spawn")
-            for number in range(1, processes):
-                child = context.Process(
-                    target=_receiver_process,
-                    args=(self.settings.model_dump_json(), self._scp.sockets),
-                    name=f"receiver-{number}",
-                    daemon=False,
-                )
-                child.start()
-                self._children.append(child)
+            self._children = [self._spawn_receiver(number) for number in range(1, processes)]
             logger.info(
                 "%d receiver processes share the listening port %d",
                 processes,
@@ -96,6 +87,32 @@ class Service:
             component = factory(self)
             component.start()
             self.components.append(component)
+
+    def _spawn_receiver(self, number: int) -> multiprocessing.process.BaseProcess:
+        assert self._scp is not None
+        child = multiprocessing.get_context("spawn").Process(
+            target=_receiver_process,
+            args=(self.settings.model_dump_json(), self._scp.sockets),
+            name=f"receiver-{number}",
+            daemon=False,
+        )
+        child.start()
+        return child
+
+    def replace_dead_receivers(self) -> None:
+        """Start again a receiver process that died (killed, out of memory). The others
+        serve meanwhile, with fewer associations in all; its senders saw their association
+        end, and every image it acknowledged is stored."""
+        if self._stopped.is_set():
+            return
+        for number, child in enumerate(self._children, start=1):
+            if not child.is_alive():
+                logger.warning(
+                    "receiver process %s exited (code %s); starting a new one",
+                    child.name,
+                    child.exitcode,
+                )
+                self._children[number - 1] = self._spawn_receiver(number)
 
     def stop(self) -> None:
         if self._stopped.is_set():
@@ -137,7 +154,7 @@ class Service:
         signal.signal(signal.SIGINT, _on_signal)
         self.start()
         while not wake.wait(1.0):
-            pass
+            self.replace_dead_receivers()
         self.stop()
 
 

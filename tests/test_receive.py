@@ -714,6 +714,58 @@ def test_receiver_processes_share_the_associations(node_factory: NodeFactory) ->
     assert node.stop() == 0
 
 
+def test_a_receiver_process_that_dies_is_replaced(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    """A receiver process killed (the kernel's OOM killer, an operator) is started again;
+    the node keeps answering meanwhile, and the new process serves associations."""
+    import re
+
+    import psutil
+    from pynetdicom import AE
+
+    node = node_factory(overrides={"node": {"receiver_processes": 2}})
+    wait_until(
+        lambda: node.log_text().count("listening as AE") >= 2, timeout_s=60, what="2 processes"
+    )
+    assert node.proc is not None
+    (receiver,) = [
+        child
+        for child in psutil.Process(node.proc.pid).children()
+        if "spawn_main" in " ".join(child.cmdline())
+        and "resource_tracker" not in " ".join(child.cmdline())
+    ]
+    receiver.kill()
+    node.wait_for_log("receiver process receiver-1 exited (code -9); starting a new one")
+    wait_until(
+        lambda: node.log_text().count("listening as AE") >= 3, timeout_s=60, what="the new one"
+    )
+    # Associations held open: the idle new process takes one (as in the test above).
+    accepted = re.compile(r" (\S+) dicom_node\.receive: association \S+ accepted")
+    before = len(accepted.findall(node.log_text()))
+    scu = AE(ae_title=SCU_AET)
+    scu.add_requested_context("1.2.840.10008.1.1")
+    held = []
+    try:
+        for number in range(1, 5):
+            assoc = scu.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+            assert assoc.is_established
+            held.append(assoc)
+            wait_until(
+                lambda n=number: len(accepted.findall(node.log_text())) >= before + n,
+                timeout_s=10,
+                what=f"association {number} logged",
+            )
+        assert "receiver-1" in accepted.findall(node.log_text())[before:]
+    finally:
+        for assoc in held:
+            assoc.release()
+    series = make_mr_series(tmp_path / "after", 4, size=32)
+    assert storescu(node.port, series.paths).returncode == 0
+    wait_series_complete(node, series.series_instance_uid, count=4)
+    assert node.stop() == 0
+
+
 def test_two_receiver_processes_concurrent_senders(
     node_factory: NodeFactory, tmp_path: Path
 ) -> None:
