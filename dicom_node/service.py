@@ -17,6 +17,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, Protocol
 
+from dicom_node.child_process import die_with_parent
 from dicom_node.completion import CompletionListener, CompletionMonitor
 from dicom_node.config import Settings
 from dicom_node.logging_setup import configure_logging
@@ -92,7 +93,7 @@ class Service:
         assert self._scp is not None
         child = multiprocessing.get_context("spawn").Process(
             target=_receiver_process,
-            args=(self.settings.model_dump_json(), self._scp.sockets),
+            args=(self.settings.model_dump_json(), self._scp.sockets, os.getpid()),
             name=f"receiver-{number}",
             daemon=False,
         )
@@ -166,8 +167,9 @@ def _drain(scp: RunningSCP, receiver: Receiver) -> None:
     scp.abort_remaining()
 
 
-def _receiver_process(settings_json: str, sockets: list[socket.socket]) -> None:
+def _receiver_process(settings_json: str, sockets: list[socket.socket], parent_pid: int) -> None:
     """An extra receiving process: the parent's listening sockets, same store and index."""
+    die_with_parent(parent_pid)
     settings = Settings.model_validate_json(settings_json)
     configure_logging(settings.logging)
     index, store = open_store(settings)

@@ -8,7 +8,6 @@ and kills a job that outruns ``workers.job_timeout_s``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import select
 
+from dicom_node.child_process import die_with_parent
 from dicom_node.config import OutputProfile, Settings
 from dicom_node.errors import DicomNodeError, ModelError, SeriesError
 from dicom_node.index_outage import IndexOutage
@@ -295,14 +295,6 @@ def process_one(
     return True
 
 
-def _die_with_parent() -> None:
-    # A worker orphaned by `kill -9` of the service must not keep running a job the
-    # restarted service will run again.
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def worker_main(
     settings_json: str,
     current: Synchronized[int],
@@ -310,7 +302,7 @@ def worker_main(
     work_available: EventLike | None = None,
     results_ready: EventLike | None = None,
 ) -> None:
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: setattr(stop, "value", 1))
     settings = Settings.model_validate_json(settings_json)
@@ -412,6 +404,7 @@ class WorkerPool:
                     logger.exception("supervising the workers failed")
             else:
                 outage.succeeded()
+        self._stop_workers()
 
     def _supervise_once(self) -> None:
         timeout = self.settings.workers.job_timeout_s
@@ -464,7 +457,17 @@ class WorkerPool:
     def stop(self) -> None:
         self._stopping.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=self.STOP_GRACE_S + 10)  # it stops the workers
+        else:
+            self._stop_workers()
+        release_orphaned_jobs(self.index)
+
+    def _stop_workers(self) -> None:
+        """Let each worker finish its job for up to STOP_GRACE_S, then kill it.
+
+        Run by the supervisor thread as it ends: a worker it started again dies with the
+        thread that started it (PR_SET_PDEATHSIG), which must outlive that grace period.
+        """
         for slot in self._slots:
             slot.stop.value = 1
         deadline = time.monotonic() + self.STOP_GRACE_S
@@ -478,4 +481,3 @@ class WorkerPool:
                 )
                 slot.process.kill()
                 slot.process.join(5)
-        release_orphaned_jobs(self.index)

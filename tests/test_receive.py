@@ -28,6 +28,7 @@ from peers import (
     free_port,
     make_mr_series,
     make_tls_files,
+    port_open,
     refused_files,
     series_versions,
     storescu,
@@ -530,6 +531,7 @@ def test_malformed_input_is_refused(node: NodeProcess, tmp_path: Path, raw_send:
     assert "dataset cannot be decoded (0xC210)" in log
 
 
+@pytest.mark.filterwarnings("ignore:.*VR UI:UserWarning")  # pydicom: not valid UIDs, as meant
 def test_malformed_uids_that_clean_up_alike_keep_their_own_files(
     node: NodeProcess, tmp_path: Path
 ) -> None:
@@ -552,8 +554,7 @@ def test_malformed_uids_that_clean_up_alike_keep_their_own_files(
         ds.SeriesInstanceUID = series_uid
         ds.ImageComments = f"image {k}"
         sent.append(tmp_path / f"odd{k}.dcm")
-        with pytest.warns(UserWarning):  # pydicom: not a valid UID, written all the same
-            ds.save_as(sent[-1], enforce_file_format=True)
+        ds.save_as(sent[-1], enforce_file_format=True)
     result = storescu(node.port, sent, extra_args=["-v"])
     assert len(acknowledged_files(result.stdout + result.stderr)) == len(sent), result.stderr
 
@@ -764,6 +765,34 @@ def test_a_receiver_process_that_dies_is_replaced(
     assert storescu(node.port, series.paths).returncode == 0
     wait_series_complete(node, series.series_instance_uid, count=4)
     assert node.stop() == 0
+
+
+def test_receivers_die_with_the_main_process(node_factory: NodeFactory, tmp_path: Path) -> None:
+    """``kill -9`` of the node's main process only (the OOM killer picks one process): its
+    receiver processes go too, instead of serving the old socket with the old configuration
+    beside the restarted node."""
+    import psutil
+
+    node = node_factory(overrides={"node": {"receiver_processes": 2}})
+    wait_until(
+        lambda: node.log_text().count("listening as AE") >= 2, timeout_s=60, what="2 processes"
+    )
+    assert node.proc is not None
+    main = psutil.Process(node.proc.pid)
+    (receiver,) = [
+        child
+        for child in main.children()
+        if "spawn_main" in " ".join(child.cmdline())
+        and "resource_tracker" not in " ".join(child.cmdline())
+    ]
+    main.kill()
+    node.proc.wait(timeout=30)
+    receiver.wait(timeout=10)  # psutil.TimeoutExpired if the orphan lives on
+    assert not port_open(node.port)  # nobody answers on the node's port any more
+    node.restart()
+    series = make_mr_series(tmp_path / "after", 3, size=32)
+    assert storescu(node.port, series.paths).returncode == 0
+    wait_series_complete(node, series.series_instance_uid, count=3)
 
 
 def test_two_receiver_processes_concurrent_senders(
