@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pydicom
 import pytest
 import yaml
@@ -683,72 +684,29 @@ def test_receiver_processes_share_the_associations(node_factory: NodeFactory) ->
     they would if the spawned processes never accepted (or, with per-process SO_REUSEPORT
     sockets, whenever the kernel hashed them together).
     """
-    import re
-
-    from pynetdicom import AE
-
     node = node_factory(overrides={"node": {"receiver_processes": 2}})
     wait_until(
         lambda: node.log_text().count("listening as AE") >= 2, timeout_s=60, what="2 processes"
     )
-    accepted = re.compile(r" (\S+) dicom_node\.receive: association \S+ accepted")
-    scu = AE(ae_title=SCU_AET)
-    scu.add_requested_context("1.2.840.10008.1.1")
-    held = []
-    try:
-        for number in range(1, 5):
-            assoc = scu.associate("127.0.0.1", node.port, ae_title=node.ae_title)
-            assert assoc.is_established
-            held.append(assoc)
-            wait_until(
-                lambda n=number: len(accepted.findall(node.log_text())) >= n,
-                timeout_s=10,
-                what=f"association {number} logged",
-            )
-        by_process = accepted.findall(node.log_text())
-        assert set(by_process) == {"MainProcess", "receiver-1"}, by_process
-        for assoc in held:
-            assert assoc.send_c_echo().Status == 0
-    finally:
-        for assoc in held:
-            assoc.release()
+    by_process = accepting_processes(node, 4)
+    assert set(by_process) == {"MainProcess", "receiver-1"}, by_process
     assert node.stop() == 0
 
 
-def test_a_receiver_process_that_dies_is_replaced(
-    node_factory: NodeFactory, tmp_path: Path
-) -> None:
-    """A receiver process killed (the kernel's OOM killer, an operator) is started again;
-    the node keeps answering meanwhile, and the new process serves associations."""
+def accepting_processes(node: NodeProcess, count: int) -> list[str]:
+    """Hold ``count`` associations open one after the other (each answers a C-ECHO), then
+    release them; the name of the process that accepted each, from the node's log."""
     import re
 
-    import psutil
     from pynetdicom import AE
 
-    node = node_factory(overrides={"node": {"receiver_processes": 2}})
-    wait_until(
-        lambda: node.log_text().count("listening as AE") >= 2, timeout_s=60, what="2 processes"
-    )
-    assert node.proc is not None
-    (receiver,) = [
-        child
-        for child in psutil.Process(node.proc.pid).children()
-        if "spawn_main" in " ".join(child.cmdline())
-        and "resource_tracker" not in " ".join(child.cmdline())
-    ]
-    receiver.kill()
-    node.wait_for_log("receiver process receiver-1 exited (code -9); starting a new one")
-    wait_until(
-        lambda: node.log_text().count("listening as AE") >= 3, timeout_s=60, what="the new one"
-    )
-    # Associations held open: the idle new process takes one (as in the test above).
     accepted = re.compile(r" (\S+) dicom_node\.receive: association \S+ accepted")
     before = len(accepted.findall(node.log_text()))
     scu = AE(ae_title=SCU_AET)
     scu.add_requested_context("1.2.840.10008.1.1")
     held = []
     try:
-        for number in range(1, 5):
+        for number in range(1, count + 1):
             assoc = scu.associate("127.0.0.1", node.port, ae_title=node.ae_title)
             assert assoc.is_established
             held.append(assoc)
@@ -757,10 +715,42 @@ def test_a_receiver_process_that_dies_is_replaced(
                 timeout_s=10,
                 what=f"association {number} logged",
             )
-        assert "receiver-1" in accepted.findall(node.log_text())[before:]
+        for assoc in held:
+            assert assoc.send_c_echo().Status == 0
     finally:
         for assoc in held:
             assoc.release()
+    return accepted.findall(node.log_text())[before:]
+
+
+def the_receiver_child(node: NodeProcess) -> psutil.Process:
+    """The one spawned receiver process of a node with ``receiver_processes: 2``."""
+    assert node.proc is not None
+    (receiver,) = [
+        child
+        for child in psutil.Process(node.proc.pid).children()
+        if "spawn_main" in " ".join(child.cmdline())
+        and "resource_tracker" not in " ".join(child.cmdline())
+    ]
+    return receiver
+
+
+def test_a_receiver_process_that_dies_is_replaced(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    """A receiver process killed (the kernel's OOM killer, an operator) is started again;
+    the node keeps answering meanwhile, and the new process serves associations."""
+    node = node_factory(overrides={"node": {"receiver_processes": 2}})
+    wait_until(
+        lambda: node.log_text().count("listening as AE") >= 2, timeout_s=60, what="2 processes"
+    )
+    the_receiver_child(node).kill()
+    node.wait_for_log("receiver process receiver-1 exited (code -9); starting a new one")
+    wait_until(
+        lambda: node.log_text().count("listening as AE") >= 3, timeout_s=60, what="the new one"
+    )
+    # Associations held open: the idle new process takes one (as in the test above).
+    assert "receiver-1" in accepting_processes(node, 4)
     series = make_mr_series(tmp_path / "after", 4, size=32)
     assert storescu(node.port, series.paths).returncode == 0
     wait_series_complete(node, series.series_instance_uid, count=4)
@@ -771,21 +761,13 @@ def test_receivers_die_with_the_main_process(node_factory: NodeFactory, tmp_path
     """``kill -9`` of the node's main process only (the OOM killer picks one process): its
     receiver processes go too, instead of serving the old socket with the old configuration
     beside the restarted node."""
-    import psutil
-
     node = node_factory(overrides={"node": {"receiver_processes": 2}})
     wait_until(
         lambda: node.log_text().count("listening as AE") >= 2, timeout_s=60, what="2 processes"
     )
     assert node.proc is not None
-    main = psutil.Process(node.proc.pid)
-    (receiver,) = [
-        child
-        for child in main.children()
-        if "spawn_main" in " ".join(child.cmdline())
-        and "resource_tracker" not in " ".join(child.cmdline())
-    ]
-    main.kill()
+    receiver = the_receiver_child(node)
+    psutil.Process(node.proc.pid).kill()
     node.proc.wait(timeout=30)
     receiver.wait(timeout=10)  # psutil.TimeoutExpired if the orphan lives on
     assert not port_open(node.port)  # nobody answers on the node's port any more
