@@ -27,6 +27,6 @@ VOLUME ["/data"]
 EXPOSE 11112 2762
 
 ENV DICOM_NODE_CONFIG=/app/config.yaml
-HEALTHCHECK --interval=60s --timeout=20s CMD ["dicom-node", "status", "--json"]
+HEALTHCHECK --interval=60s --timeout=20s CMD ["dicom-node", "status", "--check", "--json"]
 ENTRYPOINT ["dicom-node"]
 CMD ["serve"]

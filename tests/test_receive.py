@@ -140,6 +140,24 @@ def test_echoscu_succeeds(node: NodeProcess) -> None:
     node.wait_for_log(f"C-ECHO from AE {SCU_AET}")
 
 
+def test_status_check_says_whether_the_node_listens(node: NodeProcess) -> None:
+    """`status --check` (Docker's HEALTHCHECK): the index answers and the DICOM port takes
+    connections; a probe is not an association, so the node does not log it."""
+    import time
+
+    logged = len(node.log_text())
+    up = node.cli("status", "--check", "--json")
+    assert up.returncode == 0, up.stderr
+    assert node.cli_json("status", "--check")["listening"] == {f"127.0.0.1:{node.port}": True}
+    time.sleep(0.5)  # time to log the probes, were they logged
+    assert node.log_text()[logged:] == ""
+    assert node.stop() == 0
+    down = node.cli("status", "--check")
+    assert down.returncode != 0
+    assert f"nothing accepts connections on 127.0.0.1:{node.port}" in down.stderr
+    assert node.cli("status").returncode == 0  # without --check: the index alone
+
+
 @pytest.mark.parametrize("name", REAL_MR_SERIES)
 def test_storescu_real_series_stored_as_sent(
     node: NodeProcess, shared_data: Path, name: str

@@ -11,6 +11,7 @@ from rich.table import Table
 from sqlalchemy import select
 
 from dicom_node.cli import print_json, settings_of
+from dicom_node.config import Settings
 from dicom_node.errors import DicomNodeError
 from storage.models import Delivery, DeliveryState, Job, JobState, Series, SeriesVersion
 
@@ -271,11 +272,21 @@ def deliveries_cancel(ctx: typer.Context, delivery_id: Annotated[int, typer.Argu
     typer.echo(f"delivery {delivery_id} cancelled: it will not be sent")
 
 
-def status(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Queue depth, failures and the last errors."""
+def status(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="fail unless the node's DICOM port(s) accept connections (a health check)",
+        ),
+    ] = False,
+) -> None:
+    """Queue depth, failures and the last errors; with --check, whether the node listens."""
     from storage.stats import index_counts
 
-    index, store = _index(ctx)
+    index, store = _index(ctx)  # an unreachable index fails here, with its reason
     counts = index_counts(index)
     with index.session() as session:
         failed_jobs = [
@@ -307,16 +318,41 @@ def status(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] 
         "last_job_errors": failed_jobs,
         "last_delivery_errors": failed_deliveries,
     }
+    silent: list[str] = []
+    if check:
+        listening = _listening(settings_of(ctx))
+        data["listening"] = listening
+        silent = [where for where, answered in listening.items() if not answered]
     if as_json:
         print_json(data)
-        return
-    for key, value in data.items():
-        if isinstance(value, list):
-            typer.echo(f"{key}:")
-            for item in value:
-                typer.echo(f"  {item}")
-        else:
-            typer.echo(f"{key}: {value}")
+    else:
+        for key, value in data.items():
+            if isinstance(value, list):
+                typer.echo(f"{key}:")
+                for item in value:
+                    typer.echo(f"  {item}")
+            else:
+                typer.echo(f"{key}: {value}")
+    if silent:
+        raise DicomNodeError(f"nothing accepts connections on {', '.join(silent)}")
+
+
+def _listening(settings: Settings) -> dict[str, bool]:
+    """Whether each of the node's DICOM ports takes a TCP connection (no association is
+    opened: the node closes such a probe without a log line or a held slot)."""
+    import socket
+
+    node = settings.node
+    host = "127.0.0.1" if node.bind_address in ("", "0.0.0.0", "::") else node.bind_address
+    ports = [node.port] + ([node.tls.port] if node.tls.enabled else [])
+    answered: dict[str, bool] = {}
+    for port in ports:
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+            answered[f"{host}:{port}"] = True
+        except OSError:
+            answered[f"{host}:{port}"] = False
+    return answered
 
 
 def worker(
