@@ -1,4 +1,4 @@
-"""Index outages in the node's background loops: a line when the index goes, one when it is back.
+"""Index outages in the node's log: a line when the index goes, one when it is back.
 
 A PostgreSQL restart or failover, or a SQLite file on a failing disk, makes every round of
 every loop fail (completion, routing, the outbox, each worker: twice a second). A traceback
@@ -51,3 +51,13 @@ class IndexOutage:
                 "%s: index available again after %.0f s", self.what, time.monotonic() - self._since
             )
         self._since = None
+
+
+def log_failure(log: logging.Logger, exc: BaseException, message: str, *args: object) -> None:
+    """Log a one-off failure (call from its ``except`` block): one ERROR line ending in
+    ``: index unavailable: <reason>`` when the index is away, the traceback otherwise."""
+    reason = unavailable_reason(exc)
+    if reason is None:
+        log.exception(message, *args)
+    else:
+        log.error(message + ": index unavailable: %s", *args, reason)

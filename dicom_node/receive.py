@@ -20,10 +20,11 @@ from pynetdicom.events import Event
 
 from dicom_node.errors import StorageError
 from dicom_node.header_values import text
+from dicom_node.index_outage import log_failure
 from dicom_node.instance_attributes import REQUIRED_UIDS, TAG, check_complete, instance_record
 from dicom_node.part10 import file_header
 from storage.committer import GroupCommitter
-from storage.database import Index, unavailable_reason
+from storage.database import Index
 from storage.filestore import FileStore
 from storage.instances import mark_association_released
 
@@ -156,17 +157,9 @@ class Receiver:
             try:
                 mark_association_released(self.index, stats.association_id)
             except Exception as exc:  # the quiet period still completes the series
-                reason = unavailable_reason(exc)
-                if reason is None:
-                    logger.exception(
-                        "could not record release of association %s", stats.association_id
-                    )
-                else:
-                    logger.error(
-                        "could not record release of association %s: index unavailable: %s",
-                        stats.association_id,
-                        reason,
-                    )
+                log_failure(
+                    logger, exc, "could not record release of association %s", stats.association_id
+                )
 
     def on_echo(self, event: Event) -> int:
         logger.info("C-ECHO from AE %s", str(event.assoc.requestor.ae_title).strip())

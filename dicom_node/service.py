@@ -20,10 +20,11 @@ from typing import Any, Protocol
 from dicom_node.child_process import die_with_parent
 from dicom_node.completion import CompletionListener, CompletionMonitor
 from dicom_node.config import Settings
+from dicom_node.index_outage import log_failure
 from dicom_node.logging_setup import configure_logging
 from dicom_node.receive import Receiver
 from dicom_node.scp import RunningSCP, start_scp
-from storage.database import Index, unavailable_reason
+from storage.database import Index
 from storage.filestore import FileStore
 from storage.instances import CompletedSeries
 
@@ -131,14 +132,8 @@ class Service:
         for component in reversed(self.components):
             try:
                 component.stop()
-            except Exception as exc:
-                reason = unavailable_reason(exc)
-                if reason is None:
-                    logger.exception("error while stopping %s", type(component).__name__)
-                else:  # e.g. interrupted jobs not released: the next start releases them
-                    logger.error(
-                        "stopping %s: index unavailable: %s", type(component).__name__, reason
-                    )
+            except Exception as exc:  # index away: the next start releases interrupted jobs
+                log_failure(logger, exc, "error while stopping %s", type(component).__name__)
         self.completion.stop()
         self.index.dispose()
         logger.info("stopped")

@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from dicom_node.errors import StorageError
-from dicom_node.index_outage import IndexOutage
+from dicom_node.index_outage import IndexOutage, log_failure
 from storage.database import unavailable_reason
 
 
@@ -90,3 +90,23 @@ def test_a_loop_that_cannot_tell_recovery_stays_quiet_about_it(
         outage.succeeded()
         outage.failed(error)  # a new outage (or the same, seen again): said again
     assert [r.levelname for r in caplog.records] == ["ERROR", "ERROR"]
+
+
+def test_a_one_off_failure_names_the_outage_or_keeps_the_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = logging.getLogger("test.outage")
+    with caplog.at_level(logging.INFO, logger="test.outage"):
+        for exc in (_unopenable_database_error(tmp_path), ValueError("a defect")):
+            try:
+                raise exc
+            except Exception as caught:
+                log_failure(log, caught, "could not record release of association %s", "a1")
+    outage, defect = caplog.records
+    assert outage.getMessage() == (
+        "could not record release of association a1: index unavailable: "
+        "unable to open database file"
+    )
+    assert outage.exc_info is None  # one line: no traceback
+    assert defect.getMessage() == "could not record release of association a1"
+    assert defect.exc_info is not None and defect.exc_info[0] is ValueError
