@@ -7,37 +7,42 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from dicom_node.errors import StorageError
 from dicom_node.index_outage import IndexOutage, log_failure
 from storage.database import unavailable_reason
 
 
-def _unopenable_database_error(tmp_path: Path) -> OperationalError:
-    engine = create_engine(f"sqlite:///{tmp_path}/no/such/folder/index.sqlite")
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except OperationalError as exc:
-        return exc
-    finally:
-        engine.dispose()
-    raise AssertionError("an index in a missing folder opened")
-
-
-def _constraint_error() -> IntegrityError:
-    engine = create_engine("sqlite://")
+def _raised(url: str, *statements: str) -> DBAPIError:
+    """The error SQLAlchemy raises running ``statements`` in one transaction on ``url``."""
+    engine = create_engine(url)
     try:
         with engine.begin() as conn:
-            conn.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
-            conn.execute(text("INSERT INTO t VALUES (1)"))
-            conn.execute(text("INSERT INTO t VALUES (1)"))
-    except IntegrityError as exc:
+            for statement in statements:
+                conn.execute(text(statement))
+    except DBAPIError as exc:
         return exc
     finally:
         engine.dispose()
-    raise AssertionError("a duplicate primary key was accepted")
+    raise AssertionError(f"{statements} ran without error on {url}")
+
+
+def _unopenable_database_error(tmp_path: Path) -> DBAPIError:
+    error = _raised(f"sqlite:///{tmp_path}/no/such/folder/index.sqlite", "SELECT 1")
+    assert isinstance(error, OperationalError), error
+    return error
+
+
+def _constraint_error() -> DBAPIError:
+    error = _raised(
+        "sqlite://",
+        "CREATE TABLE t (id INTEGER PRIMARY KEY)",
+        "INSERT INTO t VALUES (1)",
+        "INSERT INTO t VALUES (1)",
+    )
+    assert isinstance(error, IntegrityError), error
+    return error
 
 
 class _Conflict(Exception):
