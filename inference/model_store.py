@@ -80,6 +80,9 @@ class ModelDescriptor(BaseModel):
     trainer: str | None = None
     plans: str | None = None
     weights_sha256: str | None = None
+    # The network's label id -> the catalogue's id, where the two differ (matched by name at
+    # install); absent when the network's ids are the catalogue's.
+    label_map: dict[int, int] | None = None
 
     @field_validator("name")
     @classmethod
@@ -253,17 +256,75 @@ def _resolve_catalogue(descriptor: ModelDescriptor, root: Path) -> Catalogue:
     return load_catalogue(descriptor.catalogue, base_dir=root)
 
 
-def _check_catalogue_fits(catalogue: Catalogue, dataset: dict[str, Any], where: str) -> None:
+def _label_key(name: str) -> str:
+    # "Kidney Left", "kidney-left" and "kidney_left" are one structure.
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def label_map_for(
+    catalogue: Catalogue,
+    dataset: dict[str, Any],
+    where: str,
+    *,
+    trust_ids: bool = False,
+) -> dict[int, int] | None:
+    """How the network's label ids become the catalogue's: None when they are the same.
+
+    dataset.json names each id; a catalogue given by the operator must name the same
+    structures, or every SEG would carry wrong labels (installing one part of
+    TotalSegmentator with the ``total`` catalogue puts the vertebrae under organ names).
+    Ids whose names match are kept; otherwise each name is looked up in the catalogue and
+    the ids mapped. Names the catalogue lacks are an error unless ``trust_ids`` (the operator
+    vouches that only the spelling differs).
+    """
     try:
         labels = _dataset_labels(dataset)
     except ModelError:
-        return  # region-based: the catalogue's ids are the caller's responsibility
-    extra = sorted(set(labels) - {lab.id for lab in catalogue.labels})
-    if extra:
-        raise ModelError(
-            f"{where}: the catalogue {catalogue.name!r} has no entry for label ids {extra} "
-            "that dataset.json declares"
+        return None  # region-based: the catalogue's ids are the caller's responsibility
+    by_id = catalogue.by_id()
+    by_name = {_label_key(lab.name): lab.id for lab in catalogue.labels}
+    if all(i in by_id and _label_key(by_id[i].name) == _label_key(n) for i, n in labels.items()):
+        return None
+    unmatched = {i: n for i, n in labels.items() if _label_key(n) not in by_name}
+    if not unmatched:
+        mapping = {i: by_name[_label_key(n)] for i, n in sorted(labels.items())}
+        logger.info(
+            "%s: dataset.json label ids differ from catalogue %r; matched by name: %s",
+            where,
+            catalogue.name,
+            ", ".join(f"{labels[i]} {i}->{c}" for i, c in mapping.items() if i != c),
         )
+        return None if all(i == c for i, c in mapping.items()) else mapping
+    if trust_ids:
+        missing = sorted(set(labels) - set(by_id))
+        if missing:
+            raise ModelError(
+                f"{where}: the catalogue {catalogue.name!r} has no entry for label ids "
+                f"{missing} that dataset.json declares"
+            )
+        logger.warning(
+            "%s: dataset.json names %s differ from catalogue %r; its ids are used as asked "
+            "(--trust-label-ids)",
+            where,
+            [f"{i} {n}" for i, n in sorted(unmatched.items())],
+            catalogue.name,
+        )
+        return None
+    problems = [
+        f"label {i} is {n!r} in dataset.json but {by_id[i].name!r} in the catalogue"
+        if i in by_id
+        else f"label {i} {n!r} is not in the catalogue"
+        for i, n in sorted(unmatched.items())
+    ]
+    more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
+    shown = "; ".join(problems[:6]) + more
+    raise ModelError(
+        f"{where}: the model's labels do not match catalogue {catalogue.name!r}: {shown}. "
+        "Give the catalogue that fits the model; a model published in several parts "
+        "(TotalSegmentator) is installed with all its parts at once "
+        "(`dicom-node models add PART1 PART2 ...`); if only the spelling of the names "
+        "differs and the ids are right, add --trust-label-ids"
+    )
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -366,6 +427,7 @@ def install_model(
     name: str | None = None,
     *,
     catalogue: str | Path | None = None,
+    trust_label_ids: bool = False,
     modality: Literal["MR", "CT"] | None = None,
     folds: Iterable[Fold] | None = None,
     checkpoint: str | None = None,
@@ -418,7 +480,7 @@ def install_model(
             else:
                 (staging / CATALOGUE_FILE).write_text(dump_catalogue(cat_obj), encoding="utf-8")
                 cat_ref = CATALOGUE_FILE
-        _check_catalogue_fits(cat_obj, dataset, str(src))
+        label_map = label_map_for(cat_obj, dataset, str(src), trust_ids=trust_label_ids)
 
         channels = _channels(dataset)
         guessed_modality: Literal["MR", "CT"] = (
@@ -445,6 +507,7 @@ def install_model(
                 "folds": list(found.folds),
                 "checkpoint": ckpt,
                 "catalogue": cat_ref,
+                "label_map": label_map,
             }
         )
         overrides = {

@@ -93,6 +93,18 @@ def _load_checkpoint(path: Any) -> dict[str, Any]:
     return ckpt
 
 
+def _lookup_table(
+    label_map: dict[int, int] | None, dtype: type[np.unsignedinteger[Any]]
+) -> np.ndarray | None:
+    """Network label id -> catalogue id as an array to index with the label map."""
+    if not label_map:
+        return None
+    lut = np.zeros(max(label_map) + 1, dtype=dtype)
+    for network_id, catalogue_id in label_map.items():
+        lut[network_id] = catalogue_id
+    return lut
+
+
 @dataclass(frozen=True)
 class _Options:
     device: torch.device
@@ -145,6 +157,7 @@ class Segmenter:
         self.output_dtype: type[np.unsignedinteger[Any]] = (
             np.uint8 if model.catalogue.max_id <= 255 else np.uint16
         )
+        self._lut = _lookup_table(model.descriptor.label_map, self.output_dtype)
         logger.info(
             "model %s loaded in %.2f s: device %s, folds %s, step %.2f, mirroring %s",
             model.name,
@@ -286,6 +299,9 @@ class Segmenter:
             tuple(round(s, 3) for s in spacing),
             time.perf_counter() - started,
         )
+        if self._lut is not None:
+            mapped: np.ndarray = self._lut[seg]
+            return mapped
         return seg.astype(self.output_dtype, copy=False)
 
     def _run(self, data: np.ndarray, spacing: list[float]) -> np.ndarray:

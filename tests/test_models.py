@@ -237,6 +237,58 @@ def test_unknown_labels_get_private_codes(tmp_path: Path, caplog: pytest.LogCapt
     assert blob.type.scheme.startswith("99")
 
 
+def _relabel(src: Path, labels: dict[str, int]) -> Path:
+    ds = json.loads((src / TRAINER_DIR / "dataset.json").read_text())
+    ds["labels"] = {"background": 0, **labels}
+    (src / TRAINER_DIR / "dataset.json").write_text(json.dumps(ds))
+    return src
+
+
+def test_catalogue_naming_other_structures_is_refused(tmp_path: Path) -> None:
+    # Ids 1 and 2 exist in the demo catalogue, but there they are liver and spleen: taking
+    # the ids would put a sacrum under the name liver in every SEG.
+    src = _relabel(make_model(tmp_path / "src"), {"sacrum": 1, "spleen": 2})
+    with pytest.raises(ModelError) as caught:
+        install_model(src, tmp_path / "models", "m", catalogue="demo")
+    message = str(caught.value)
+    assert "label 1 is 'sacrum' in dataset.json but 'liver' in the catalogue" in message
+    assert "models add PART1 PART2" in message and "--trust-label-ids" in message
+    assert not (tmp_path / "models" / "m").exists()
+
+
+def test_labels_are_matched_to_the_catalogue_by_name(tmp_path: Path) -> None:
+    src = _relabel(make_model(tmp_path / "src"), {"Kidney Right": 1, "liver": 2})
+    mapped = install_model(src, tmp_path / "models", "mapped", catalogue="demo")
+    assert mapped.descriptor.label_map == {1: 4, 2: 1}
+    assert load_model_info("mapped", tmp_path / "models").descriptor.label_map == {1: 4, 2: 1}
+    own = install_model(src, tmp_path / "models", "own")  # catalogue built from dataset.json
+    assert own.descriptor.label_map is None
+    assert [lab.name for lab in own.catalogue.labels] == ["Kidney Right", "liver"]
+    volume = np.random.default_rng(3).normal(300, 100, size=(16, 16, 16)).astype(np.float32)
+    raw = Segmenter(own, device="cpu").predict(volume, (2.0, 2.0, 2.0))
+    assert 2 in raw  # these random weights predict label 2 (liver) and background
+    seg = Segmenter(mapped, device="cpu").predict(volume, (2.0, 2.0, 2.0))
+    np.testing.assert_array_equal(seg, np.array([0, 4, 1], dtype=np.uint8)[raw])
+    # Same names in the same ids, spelled otherwise: nothing to map.
+    same = _relabel(make_model(tmp_path / "src2"), {"Liver": 1, "spleen": 2})
+    same_info = install_model(same, tmp_path / "models", "same", catalogue="demo")
+    assert same_info.descriptor.label_map is None
+
+
+def test_trusting_label_ids_is_explicit_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = _relabel(make_model(tmp_path / "src"), {"hepar": 1, "lien": 2})
+    with pytest.raises(ModelError, match=r"label 2 is 'lien' in dataset\.json but 'spleen'"):
+        install_model(src, tmp_path / "models", "m", catalogue="demo")
+    info = install_model(src, tmp_path / "models", "m", catalogue="demo", trust_label_ids=True)
+    assert info.descriptor.label_map is None
+    assert "'1 hepar', '2 lien'" in caplog.text and "--trust-label-ids" in caplog.text
+    wide = _relabel(make_model(tmp_path / "src2"), {"hepar": 1, "lien": 9})
+    with pytest.raises(ModelError, match=r"no entry for label ids \[9\]"):
+        install_model(wide, tmp_path / "models", "w", catalogue="demo", trust_label_ids=True)
+
+
 def test_several_folds_make_an_ensemble(tmp_path: Path) -> None:
     info = install_model(make_model(tmp_path / "src", folds=(0, 1)), tmp_path / "models")
     assert info.folds == [0, 1]

@@ -35,6 +35,13 @@ def add_model(
         str | None,
         typer.Option(help="label catalogue: a shipped name (vibe, total, total_mr) or a YAML file"),
     ] = None,
+    trust_label_ids: Annotated[
+        bool,
+        typer.Option(
+            help="use dataset.json's label ids as the catalogue's even where the names differ "
+            "(only when you know the names are merely spelled differently)"
+        ),
+    ] = False,
     modality: Annotated[
         str | None, typer.Option(help="MR or CT (default: from dataset.json)")
     ] = None,
@@ -68,6 +75,7 @@ def add_model(
         settings.models_dir,
         name,
         catalogue=catalogue,
+        trust_label_ids=trust_label_ids,
         modality=mod,
         folds=fold_list,
         overwrite=replace,
