@@ -13,19 +13,28 @@ The demo model ships inside the package (``inference/demo_model/``). Nothing is 
 from __future__ import annotations
 
 import colorsys
+import contextlib
+import hashlib
 import json
 import logging
 import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dicom_node.errors import ModelError
 from inference.catalogue import (
@@ -53,11 +62,46 @@ logger = logging.getLogger(__name__)
 
 DESCRIPTOR = "model.yaml"
 NNUNET_SUBDIR = "nnunet"
+PARTS_SUBDIR = "parts"
 CATALOGUE_FILE = "catalogue.yaml"
 BUILTIN_MODELS: dict[str, Path] = {"demo": Path(__file__).resolve().parent / "demo_model"}
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PRIVATE_SCHEME = "99DICOMNODE"  # DICOM reserves "99..." for private coding schemes
+
+
+def _plain_checkpoint(value: str) -> str:
+    if "/" in value or "\\" in value or value in ("", ".", ".."):
+        raise ValueError(f"checkpoint must be a file name inside fold_N, not {value!r}")
+    return value
+
+
+class PartDescriptor(BaseModel):
+    """One nnU-Net model of a model published in several parts (``parts/<folder>``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    folder: str
+    source: str = ""  # what it was installed from, for the operator
+    folds: list[Fold] = Field(min_length=1)
+    checkpoint: str = "checkpoint_final.pth"
+    configuration: str | None = None
+    trainer: str | None = None
+    plans: str | None = None
+    weights_sha256: str | None = None
+    label_map: dict[int, int] | None = None  # as ModelDescriptor.label_map, for this part
+
+    @field_validator("folder")
+    @classmethod
+    def _safe_folder(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(f"part folder {value!r} is invalid: letters, digits, '.', '_', '-'")
+        return value
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _plain_file_name(cls, value: str) -> str:
+        return _plain_checkpoint(value)
 
 
 class ModelDescriptor(BaseModel):
@@ -70,7 +114,7 @@ class ModelDescriptor(BaseModel):
     description: str = ""
     modality: Literal["MR", "CT"]
     input_channels: list[str] = Field(min_length=1)
-    folds: list[Fold] = Field(min_length=1)
+    folds: list[Fold] = Field(default_factory=list)  # required unless the model has parts
     checkpoint: str = "checkpoint_final.pth"
     tile_step_size: float = Field(0.5, gt=0.0, le=1.0)
     use_mirroring: bool = False
@@ -83,6 +127,9 @@ class ModelDescriptor(BaseModel):
     # The network's label id -> the catalogue's id, where the two differ (matched by name at
     # install); absent when the network's ids are the catalogue's.
     label_map: dict[int, int] | None = None
+    # A model published as several nnU-Net models, each segmenting some of the structures
+    # (TotalSegmentator): run in this order, a later part's label wins where two overlap.
+    parts: list[PartDescriptor] | None = None
 
     @field_validator("name")
     @classmethod
@@ -97,9 +144,52 @@ class ModelDescriptor(BaseModel):
     @field_validator("checkpoint")
     @classmethod
     def _plain_file_name(cls, value: str) -> str:
-        if "/" in value or "\\" in value or value in ("", ".", ".."):
-            raise ValueError(f"checkpoint must be a file name inside fold_N, not {value!r}")
-        return value
+        return _plain_checkpoint(value)
+
+    @model_validator(mode="after")
+    def _one_model_or_parts(self) -> ModelDescriptor:
+        if self.parts is None:
+            if not self.folds:
+                raise ValueError("folds: give at least one fold")
+            return self
+        if len(self.parts) < 2:
+            raise ValueError("parts: a model of parts has at least two")
+        if self.folds or self.label_map:
+            raise ValueError("a model of parts gives folds and label_map for each part")
+        folders = [p.folder for p in self.parts]
+        if len(set(folders)) != len(folders):
+            raise ValueError(f"parts: folders must differ, got {folders}")
+        return self
+
+
+@dataclass(frozen=True)
+class ModelPart:
+    """One loadable nnU-Net model: the whole model, or one part of a model of parts."""
+
+    name: str  # for log lines: the model's name, or the part's folder
+    nnunet_dir: Path
+    folds: list[Fold]
+    checkpoint: str
+    configuration: str | None
+    trainer: str | None
+    label_map: dict[int, int] | None
+    weights_sha256: str
+
+    @property
+    def checkpoint_paths(self) -> list[Path]:
+        return [self.nnunet_dir / fold_dir(f) / self.checkpoint for f in self.folds]
+
+    def compute_sha256(self) -> str:
+        return compute_weights_sha256(self.nnunet_dir, self.folds, self.checkpoint)
+
+
+def combine_part_hashes(hashes: Iterable[str]) -> str:
+    """The weights hash of a model of parts: sha256 over its parts' hashes, in order (the
+    order decides which label wins where parts overlap, so it is part of the identity)."""
+    digest = hashlib.sha256()
+    for value in hashes:
+        digest.update(bytes.fromhex(value))
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -108,29 +198,49 @@ class ModelInfo:
 
     name: str
     root: Path  # folder holding model.yaml
-    nnunet_dir: Path
     descriptor: ModelDescriptor
     catalogue: Catalogue
     weights_sha256: str
+    parts: tuple[ModelPart, ...]
     builtin: bool = False
 
     @property
-    def folds(self) -> list[Fold]:
-        return list(self.descriptor.folds)
+    def has_parts(self) -> bool:
+        return self.descriptor.parts is not None
 
     @property
-    def checkpoint_paths(self) -> list[Path]:
-        return [self.nnunet_dir / fold_dir(f) / self.descriptor.checkpoint for f in self.folds]
+    def nnunet_dir(self) -> Path:
+        """The trainer folder of a model of one part."""
+        if self.has_parts:
+            raise ModelError(f"model {self.name} has {len(self.parts)} parts, not one folder")
+        return self.parts[0].nnunet_dir
+
+    @property
+    def folds(self) -> list[Fold]:
+        """The folds of a model of one part (see ``folds_text`` for any model)."""
+        if self.has_parts:
+            raise ModelError(f"model {self.name} has {len(self.parts)} parts with their folds")
+        return list(self.parts[0].folds)
+
+    def folds_text(self) -> str:
+        """``0,1``; for parts each part's folds: ``0 | 0 | 0,1``."""
+        return " | ".join(",".join(map(str, p.folds)) for p in self.parts)
+
+    def compute_sha256(self) -> str:
+        """The weights hash computed from the files now (compare with ``weights_sha256``)."""
+        if not self.has_parts:
+            return self.parts[0].compute_sha256()
+        return combine_part_hashes(p.compute_sha256() for p in self.parts)
 
     def summary(self) -> dict[str, Any]:
         d = self.descriptor
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "version": d.version,
             "modality": d.modality,
             "description": d.description,
             "input_channels": d.input_channels,
-            "folds": d.folds,
+            "folds": [p.folds for p in self.parts] if self.has_parts else self.folds,
             "configuration": d.configuration,
             "trainer": d.trainer,
             "catalogue": d.catalogue,
@@ -139,6 +249,19 @@ class ModelInfo:
             "builtin": self.builtin,
             "path": str(self.root),
         }
+        if d.parts is not None:
+            out["parts"] = [
+                {
+                    "folder": pd.folder,
+                    "source": pd.source,
+                    "folds": part.folds,
+                    "configuration": part.configuration,
+                    "labels": len(part.label_map or {}),
+                    "weights_sha256": part.weights_sha256,
+                }
+                for pd, part in zip(d.parts, self.parts, strict=True)
+            ]
+        return out
 
 
 # --- descriptors and catalogues -------------------------------------------------------------
@@ -330,23 +453,82 @@ def label_map_for(
 # --- loading --------------------------------------------------------------------------------
 
 
-def _load_from_root(root: Path, builtin: bool = False) -> ModelInfo:
-    descriptor = read_descriptor(root / DESCRIPTOR)
-    found = find_nnunet_folder(root / NNUNET_SUBDIR, descriptor.folds, descriptor.checkpoint)
-    nnunet_dir = found.path
-    catalogue = _resolve_catalogue(descriptor, root)
-    sha = descriptor.weights_sha256 or compute_weights_sha256(
-        nnunet_dir, descriptor.folds, descriptor.checkpoint
-    )
-    return ModelInfo(
-        name=descriptor.name,
-        root=root,
+def _load_part(
+    name: str,
+    folder: Path,
+    folds: list[Fold],
+    checkpoint: str,
+    configuration: str | None,
+    trainer: str | None,
+    label_map: dict[int, int] | None,
+    sha: str | None,
+) -> ModelPart:
+    nnunet_dir = find_nnunet_folder(folder, folds, checkpoint).path
+    return ModelPart(
+        name=name,
         nnunet_dir=nnunet_dir,
-        descriptor=descriptor,
+        folds=list(folds),
+        checkpoint=checkpoint,
+        configuration=configuration,
+        trainer=trainer,
+        label_map=label_map,
+        weights_sha256=sha or compute_weights_sha256(nnunet_dir, folds, checkpoint),
+    )
+
+
+def _load_from_root(root: Path, builtin: bool = False) -> ModelInfo:
+    d = read_descriptor(root / DESCRIPTOR)
+    catalogue = _resolve_catalogue(d, root)
+    if d.parts is None:
+        parts: tuple[ModelPart, ...] = (
+            _load_part(
+                d.name,
+                root / NNUNET_SUBDIR,
+                d.folds,
+                d.checkpoint,
+                d.configuration,
+                d.trainer,
+                d.label_map,
+                d.weights_sha256,
+            ),
+        )
+        sha = parts[0].weights_sha256
+    else:
+        parts = tuple(
+            _load_part(
+                p.folder,
+                root / PARTS_SUBDIR / p.folder,
+                p.folds,
+                p.checkpoint,
+                p.configuration,
+                p.trainer,
+                p.label_map,
+                p.weights_sha256,
+            )
+            for p in d.parts
+        )
+        sha = d.weights_sha256 or combine_part_hashes(p.weights_sha256 for p in parts)
+    for part in parts:
+        _check_label_map_fits(part, catalogue, root)
+    return ModelInfo(
+        name=d.name,
+        root=root,
+        descriptor=d,
         catalogue=catalogue,
         weights_sha256=sha,
+        parts=parts,
         builtin=builtin,
     )
+
+
+def _check_label_map_fits(part: ModelPart, catalogue: Catalogue, root: Path) -> None:
+    # A hand-edited model.yaml must not map to ids the SEG encoder cannot describe.
+    missing = sorted(set((part.label_map or {}).values()) - set(catalogue.by_id()))
+    if missing:
+        raise ModelError(
+            f"{root / DESCRIPTOR}: label_map of {part.name} maps to ids {missing} that "
+            f"catalogue {catalogue.name!r} does not have"
+        )
 
 
 def load_model_info(name: str, models_dir: Path) -> ModelInfo:
@@ -421,8 +603,46 @@ def _existing_descriptor(src: Path) -> ModelDescriptor | None:
     return None
 
 
+def _guess_modality(channels: list[str]) -> Literal["MR", "CT"]:
+    return "CT" if any(c.strip().upper() == "CT" for c in channels) else "MR"
+
+
+def _check_name(model_name: str) -> str:
+    if not NAME_RE.match(model_name):
+        raise ModelError(
+            f"model name {model_name!r} is invalid: use letters, digits, '.', '_', '-'"
+        )
+    return model_name
+
+
+@contextlib.contextmanager
+def _installing(models_dir: Path, model_name: str, overwrite: bool) -> Iterator[Path]:
+    """A staging folder beside the models, renamed to ``<models_dir>/<name>`` only when the
+    body succeeds: a failed install leaves nothing behind and an installed model untouched."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    final = models_dir / model_name
+    if final.exists() and not overwrite:
+        raise ModelError(f"model {model_name!r} is already installed at {final}; remove it first")
+    staging = Path(tempfile.mkdtemp(prefix=f".install-{model_name}-", dir=models_dir))
+    try:
+        yield staging
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _validated(fields: dict[str, Any], model_name: str) -> ModelDescriptor:
+    try:
+        return ModelDescriptor.model_validate(fields)
+    except ValidationError as exc:
+        raise ModelError(f"model descriptor for {model_name!r} is invalid:\n{exc}") from exc
+
+
 def install_model(
-    src: Path,
+    src: Path | Sequence[Path],
     models_dir: Path,
     name: str | None = None,
     *,
@@ -443,24 +663,43 @@ def install_model(
     writes one derived from the folder name, the folds present and ``dataset.json``. The
     catalogue is ``catalogue`` (a shipped name or a YAML file, copied in), else the source's,
     else one built from ``dataset.json`` labels. The weights' sha256 is cached in model.yaml.
+
+    Several sources make one model of parts (``install_parts``).
     """
-    src = Path(src)
-    existing = _existing_descriptor(src)
+    overrides: dict[str, Any] = {
+        "modality": modality,
+        "tile_step_size": tile_step_size,
+        "use_mirroring": use_mirroring,
+        "description": description,
+        "version": version,
+    }
+    sources = [Path(src)] if isinstance(src, (str, Path)) else [Path(s) for s in src]
+    if not sources:
+        raise ModelError("give the model's folder or zip")
+    existing = _existing_descriptor(sources[0]) if len(sources) == 1 else None
+    if len(sources) > 1 or (existing is not None and existing.parts is not None):
+        if trust_label_ids:
+            raise ModelError(
+                "--trust-label-ids is for a model of one part: parts are matched to the "
+                "catalogue by their label names"
+            )
+        return install_parts(
+            sources,
+            models_dir,
+            name,
+            catalogue=catalogue,
+            folds=folds,
+            checkpoint=checkpoint,
+            overwrite=overwrite,
+            **overrides,
+        )
+    source = sources[0]
     ckpt = checkpoint or (existing.checkpoint if existing else "checkpoint_final.pth")
     fold_choice = folds if folds is not None else (existing.folds if existing else None)
-    found = find_nnunet_folder(src, fold_choice, ckpt)
-    model_name = name or (existing.name if existing else _default_name(src, found))
-    if not NAME_RE.match(model_name):
-        raise ModelError(
-            f"model name {model_name!r} is invalid: use letters, digits, '.', '_', '-'"
-        )
+    found = find_nnunet_folder(source, fold_choice, ckpt)
+    model_name = _check_name(name or (existing.name if existing else _default_name(source, found)))
 
-    models_dir.mkdir(parents=True, exist_ok=True)
-    final = models_dir / model_name
-    if final.exists() and not overwrite:
-        raise ModelError(f"model {model_name!r} is already installed at {final}; remove it first")
-    staging = Path(tempfile.mkdtemp(prefix=f".install-{model_name}-", dir=models_dir))
-    try:
+    with _installing(models_dir, model_name, overwrite) as staging:
         nnunet_dest = staging / NNUNET_SUBDIR
         copy_model_files(found, nnunet_dest)
         dataset = _read_json(nnunet_dest / "dataset.json")
@@ -469,10 +708,10 @@ def install_model(
         cat_obj: Catalogue
         if catalogue is not None:
             cat_ref, cat_obj = _install_catalogue(catalogue, staging, base_dir=Path.cwd())
-        elif existing is not None and src.is_dir():
-            cat_ref, cat_obj = _install_catalogue(existing.catalogue, staging, base_dir=src)
+        elif existing is not None and source.is_dir():
+            cat_ref, cat_obj = _install_catalogue(existing.catalogue, staging, base_dir=source)
         elif existing is not None:
-            cat_ref, cat_obj = _catalogue_from_zip(src, existing.catalogue, staging)
+            cat_ref, cat_obj = _catalogue_from_zip(source, existing.catalogue, staging)
         else:
             shipped, cat_obj = catalogue_from_dataset(dataset, model_name)
             if shipped is not None:
@@ -480,19 +719,16 @@ def install_model(
             else:
                 (staging / CATALOGUE_FILE).write_text(dump_catalogue(cat_obj), encoding="utf-8")
                 cat_ref = CATALOGUE_FILE
-        label_map = label_map_for(cat_obj, dataset, str(src), trust_ids=trust_label_ids)
+        label_map = label_map_for(cat_obj, dataset, str(source), trust_ids=trust_label_ids)
 
         channels = _channels(dataset)
-        guessed_modality: Literal["MR", "CT"] = (
-            "CT" if any(c.strip().upper() == "CT" for c in channels) else "MR"
-        )
         base = existing.model_dump() if existing else {}
         base.pop("weights_sha256", None)  # recomputed below from the copied files
         fields: dict[str, Any] = {
             "name": model_name,
             "version": "1.0",
-            "description": f"nnU-Net v2 model installed from {src.name}",
-            "modality": guessed_modality,
+            "description": f"nnU-Net v2 model installed from {source.name}",
+            "modality": _guess_modality(channels),
             "input_channels": channels,
             "tile_step_size": 0.5,
             "use_mirroring": False,
@@ -510,42 +746,213 @@ def install_model(
                 "label_map": label_map,
             }
         )
-        overrides = {
-            "modality": modality,
-            "tile_step_size": tile_step_size,
-            "use_mirroring": use_mirroring,
-            "description": description,
-            "version": version,
-        }
         fields.update({k: v for k, v in overrides.items() if v is not None})
         fields["weights_sha256"] = compute_weights_sha256(nnunet_dest, found.folds, ckpt)
-        try:
-            descriptor = ModelDescriptor.model_validate(fields)
-        except ValidationError as exc:
-            raise ModelError(f"model descriptor for {model_name!r} is invalid:\n{exc}") from exc
+        descriptor = _validated(fields, model_name)
         if len(descriptor.input_channels) != len(channels):
             raise ModelError(
                 f"model.yaml lists {len(descriptor.input_channels)} input channels but "
                 f"dataset.json has {len(channels)}"
             )
         write_descriptor(descriptor, staging / DESCRIPTOR)
-
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    info = _load_from_root(final)
+    info = _load_from_root(models_dir / model_name)
     logger.info(
         "installed model %s from %s: folds %s, %d labels, weights sha256 %s",
         model_name,
-        src,
-        info.folds,
+        source,
+        info.folds_text(),
         len(info.catalogue.labels),
         info.weights_sha256[:12],
     )
     return info
+
+
+def _catalogue_for_parts(
+    part_labels: list[dict[int, str]], model_name: str, staging: Path
+) -> tuple[str, Catalogue]:
+    """The shipped catalogue naming exactly the parts' structures (TotalSegmentator's parts
+    make ``total`` or ``total_mr``), else one built from their names, numbered in part order."""
+    ordered: dict[str, str] = {}
+    for labels in part_labels:
+        for _, label_name in sorted(labels.items()):
+            ordered.setdefault(_label_key(label_name), label_name)
+    for cat_name in shipped_catalogues():
+        cat = load_catalogue(cat_name)
+        if {_label_key(lab.name) for lab in cat.labels} == set(ordered):
+            return cat_name, cat
+    combined = {"background": 0, **{n: i for i, n in enumerate(ordered.values(), start=1)}}
+    shipped, built = catalogue_from_dataset({"labels": combined}, model_name)
+    if shipped is not None:
+        return shipped, built
+    (staging / CATALOGUE_FILE).write_text(dump_catalogue(built), encoding="utf-8")
+    return CATALOGUE_FILE, built
+
+
+def _part_folder(index: int, source: Path, found: NnunetFolder) -> str:
+    try:
+        slug = _default_name(source, found)
+    except ModelError:
+        slug = "part"
+    return f"{index}-{slug}"[:64].rstrip("._-")
+
+
+def install_parts(
+    sources: Sequence[Path],
+    models_dir: Path,
+    name: str | None,
+    *,
+    catalogue: str | Path | None = None,
+    folds: Iterable[Fold] | None = None,
+    checkpoint: str | None = None,
+    overwrite: bool = False,
+    **overrides: Any,
+) -> ModelInfo:
+    """Install a model published as several nnU-Net models, each segmenting some of the
+    structures (TotalSegmentator's ``total``: five parts; ``total_mr``: two), as one model.
+
+    ``sources`` are the parts' folders or zips in the order they run (where two parts label
+    the same voxel, the later one's label is kept, as TotalSegmentator combines them), or one
+    installed model of parts (copied with its model.yaml). Each part's labels are matched to
+    the catalogue by name; the catalogue is ``catalogue``, else the installed model's, else
+    the shipped one naming exactly the parts' structures, else one built from the names.
+    """
+    fold_choice = list(folds) if folds is not None else None
+    existing = _existing_descriptor(sources[0]) if len(sources) == 1 else None
+    specs: list[tuple[Path, PartDescriptor | None]]
+    if existing is not None and existing.parts is not None:
+        if not sources[0].is_dir():
+            raise ModelError(
+                f"{sources[0]}: a model of parts is installed from its parts' folders or zips, "
+                "or from its installed folder, not from a zip of that folder"
+            )
+        specs = [(sources[0] / PARTS_SUBDIR / p.folder, p) for p in existing.parts]
+    else:
+        existing = None
+        specs = [(s, None) for s in sources]
+    chosen = name or (existing.name if existing else None)
+    if not chosen:
+        raise ModelError("a model of several parts needs a name: give --name")
+    model_name = _check_name(chosen)
+    founds = [
+        (
+            source,
+            old,
+            find_nnunet_folder(
+                source,
+                fold_choice if fold_choice is not None else (old.folds if old else None),
+                checkpoint or (old.checkpoint if old else "checkpoint_final.pth"),
+            ),
+        )
+        for source, old in specs
+    ]
+
+    with _installing(models_dir, model_name, overwrite) as staging:
+        datasets: list[dict[str, Any]] = []
+        folders: list[str] = []
+        for index, (source, old, found) in enumerate(founds, start=1):
+            folder = old.folder if old else _part_folder(index, source, found)
+            copy_model_files(found, staging / PARTS_SUBDIR / folder)
+            folders.append(folder)
+            datasets.append(_read_json(staging / PARTS_SUBDIR / folder / "dataset.json"))
+        part_labels: list[dict[int, str]] = []
+        for (source, _, _), dataset in zip(founds, datasets, strict=True):
+            try:
+                part_labels.append(_dataset_labels(dataset))
+            except ModelError as exc:
+                raise ModelError(f"{source}: {exc}") from exc
+        channels = [_channels(d) for d in datasets]
+        for (source, _, _), chans in zip(founds[1:], channels[1:], strict=True):
+            if [c.lower() for c in chans] != [c.lower() for c in channels[0]]:
+                raise ModelError(
+                    f"the parts take different inputs: {founds[0][0]} takes {channels[0]}, "
+                    f"{source} takes {chans}"
+                )
+
+        cat_ref: str
+        cat_obj: Catalogue
+        if catalogue is not None:
+            cat_ref, cat_obj = _install_catalogue(catalogue, staging, base_dir=Path.cwd())
+        elif existing is not None:
+            cat_ref, cat_obj = _install_catalogue(existing.catalogue, staging, base_dir=sources[0])
+        else:
+            cat_ref, cat_obj = _catalogue_for_parts(part_labels, model_name, staging)
+
+        parts: list[PartDescriptor] = []
+        for index, ((source, old, found), folder, dataset) in enumerate(
+            zip(founds, folders, datasets, strict=True), start=1
+        ):
+            where = f"{source} (part {index})"
+            parts.append(
+                PartDescriptor(
+                    folder=folder,
+                    source=old.source if old else source.name,
+                    folds=list(found.folds),
+                    checkpoint=found.checkpoint,
+                    configuration=found.configuration or (old.configuration if old else None),
+                    trainer=found.trainer or (old.trainer if old else None),
+                    plans=found.plans or (old.plans if old else None),
+                    weights_sha256=compute_weights_sha256(
+                        staging / PARTS_SUBDIR / folder, found.folds, found.checkpoint
+                    ),
+                    label_map=_part_label_map(cat_obj, dataset, where),
+                )
+            )
+        covered = {_label_key(n) for labels in part_labels for n in labels.values()}
+        uncovered = [lab.name for lab in cat_obj.labels if _label_key(lab.name) not in covered]
+        if uncovered:
+            logger.warning(
+                "model %s: no part segments %d of catalogue %r's labels: %s",
+                model_name,
+                len(uncovered),
+                cat_obj.name,
+                uncovered,
+            )
+        base = (
+            existing.model_dump(exclude={"parts", "weights_sha256", "catalogue", "name"})
+            if existing
+            else {}
+        )
+        fields: dict[str, Any] = {
+            "version": "1.0",
+            "description": f"nnU-Net v2 model of {len(parts)} parts installed from "
+            + ", ".join(s.name for s in sources),
+            "modality": _guess_modality(channels[0]),
+            "input_channels": channels[0],
+            "tile_step_size": 0.5,
+            "use_mirroring": False,
+            **base,
+            "name": model_name,
+            "catalogue": cat_ref,
+            "parts": [p.model_dump() for p in parts],
+            "weights_sha256": combine_part_hashes(str(p.weights_sha256) for p in parts),
+        }
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        descriptor = _validated(fields, model_name)
+        if len(descriptor.input_channels) != len(channels[0]):
+            raise ModelError(
+                f"model.yaml lists {len(descriptor.input_channels)} input channels but the "
+                f"parts' dataset.json have {len(channels[0])}"
+            )
+        write_descriptor(descriptor, staging / DESCRIPTOR)
+    info = _load_from_root(models_dir / model_name)
+    logger.info(
+        "installed model %s from %d parts (%s): folds %s, %d labels, weights sha256 %s",
+        model_name,
+        len(parts),
+        ", ".join(folders),
+        info.folds_text(),
+        len(info.catalogue.labels),
+        info.weights_sha256[:12],
+    )
+    return info
+
+
+def _part_label_map(catalogue: Catalogue, dataset: dict[str, Any], where: str) -> dict[int, int]:
+    # Always written out for a part: its ids are its own, whatever the catalogue's order.
+    mapping = label_map_for(catalogue, dataset, where)
+    if mapping is not None:
+        return mapping
+    return {i: i for i in _dataset_labels(dataset)}
 
 
 def _install_catalogue(ref: str | Path, staging: Path, base_dir: Path) -> tuple[str, Catalogue]:

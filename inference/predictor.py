@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dicom_node.errors import ModelError
-from inference.model_store import ModelInfo
+from inference.model_store import ModelInfo, ModelPart
 
 if TYPE_CHECKING:
     from dicom_node.config import InferenceSettings
@@ -106,6 +106,13 @@ def _lookup_table(
 
 
 @dataclass(frozen=True)
+class _LoadedPart:
+    part: ModelPart
+    predictor: Any  # nnUNetPredictor, imported lazily
+    lut: np.ndarray | None
+
+
+@dataclass(frozen=True)
 class _Options:
     device: torch.device
     tile_step_size: float
@@ -153,17 +160,24 @@ class Segmenter:
             ),
         )
         started = time.perf_counter()
-        self._predictor = self._build(self.options)
         self.output_dtype: type[np.unsignedinteger[Any]] = (
             np.uint8 if model.catalogue.max_id <= 255 else np.uint16
         )
-        self._lut = _lookup_table(model.descriptor.label_map, self.output_dtype)
+        self._parts = [
+            _LoadedPart(
+                part,
+                self._build(part, self.options),
+                _lookup_table(part.label_map, self.output_dtype),
+            )
+            for part in model.parts
+        ]
         logger.info(
-            "model %s loaded in %.2f s: device %s, folds %s, step %.2f, mirroring %s",
+            "model %s loaded in %.2f s: device %s, %sfolds %s, step %.2f, mirroring %s",
             model.name,
             time.perf_counter() - started,
             self.options.device,
-            model.folds,
+            f"{len(model.parts)} parts, " if model.has_parts else "",
+            model.folds_text(),
             self.options.tile_step_size,
             self.options.use_mirroring,
         )
@@ -176,7 +190,7 @@ class Segmenter:
     def input_channels(self) -> int:
         return len(self.model.descriptor.input_channels)
 
-    def _build(self, options: _Options) -> Any:
+    def _build(self, part: ModelPart, options: _Options) -> Any:
         with _no_pydicom():
             from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
             from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -185,40 +199,36 @@ class Segmenter:
             )
             from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-        info = self.model
+        what = f"model {self.model.name}" + (f" part {part.name}" if self.model.has_parts else "")
         try:
-            plans = json.loads((info.nnunet_dir / "plans.json").read_text(encoding="utf-8"))
-            dataset = json.loads((info.nnunet_dir / "dataset.json").read_text(encoding="utf-8"))
+            plans = json.loads((part.nnunet_dir / "plans.json").read_text(encoding="utf-8"))
+            dataset = json.loads((part.nnunet_dir / "dataset.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise ModelError(f"model {info.name}: cannot read plans/dataset json: {exc}") from exc
+            raise ModelError(f"{what}: cannot read plans/dataset json: {exc}") from exc
 
-        checkpoints = [_load_checkpoint(p) for p in info.checkpoint_paths]
+        checkpoints = [_load_checkpoint(p) for p in part.checkpoint_paths]
         first = checkpoints[0]
         init_args = first.get("init_args") or {}
         configuration = (
-            info.descriptor.configuration
-            or init_args.get("configuration")
-            or first.get("configuration")
+            part.configuration or init_args.get("configuration") or first.get("configuration")
         )
         if not configuration:
             raise ModelError(
-                f"model {info.name}: the configuration (e.g. 3d_fullres) is neither in model.yaml "
+                f"{what}: the configuration (e.g. 3d_fullres) is neither in model.yaml "
                 "nor in the checkpoint; add `configuration:` to model.yaml"
             )
-        trainer_name = str(first.get("trainer_name") or info.descriptor.trainer or "nnUNetTrainer")
+        trainer_name = str(first.get("trainer_name") or part.trainer or "nnUNetTrainer")
         mirror_axes = first.get("inference_allowed_mirroring_axes")
 
         plans_manager = PlansManager(plans)
         try:
             cfg = plans_manager.get_configuration(configuration)
         except (KeyError, RuntimeError) as exc:
-            raise ModelError(
-                f"model {info.name}: configuration {configuration!r} not in plans.json"
-            ) from exc
+            raise ModelError(f"{what}: configuration {configuration!r} not in plans.json") from exc
         num_inputs = determine_num_input_channels(plans_manager, cfg, dataset)
         if num_inputs != self.input_channels:
             raise ModelError(
-                f"model {info.name}: model.yaml lists {self.input_channels} input channels, "
+                f"{what}: model.yaml lists {self.input_channels} input channels, "
                 f"the network takes {num_inputs}"
             )
         label_manager = plans_manager.get_label_manager(dataset)
@@ -237,7 +247,7 @@ class Segmenter:
             network.load_state_dict(parameters[0])
         except RuntimeError as exc:
             raise ModelError(
-                f"model {info.name}: weights do not fit the network in plans.json (trainer "
+                f"{what}: weights do not fit the network in plans.json (trainer "
                 f"{trainer_name} may build its own architecture): {exc}"
             ) from exc
 
@@ -286,12 +296,30 @@ class Segmenter:
             raise ValueError("volume holds NaN or infinite values")
 
         started = time.perf_counter()
-        seg = self._predict_with_fallback(data, spacing)
-        seg = np.asarray(seg)
-        if seg.shape != data.shape[1:]:
-            raise ModelError(
-                f"model {self.model.name} returned shape {seg.shape} for input {data.shape[1:]}"
-            )
+        combined: np.ndarray | None = None
+        for index, loaded in enumerate(self._parts, start=1):
+            part_started = time.perf_counter()
+            seg = np.asarray(self._predict_with_fallback(loaded.predictor, data, spacing))
+            if seg.shape != data.shape[1:]:
+                raise ModelError(
+                    f"model {self.model.name} returned shape {seg.shape} for input {data.shape[1:]}"
+                )
+            labels = seg.astype(self.output_dtype) if loaded.lut is None else loaded.lut[seg]
+            if combined is None:
+                combined = labels
+            else:
+                # As TotalSegmentator combines its parts: a later part's label wins.
+                np.copyto(combined, labels, where=labels != 0)
+            if self.model.has_parts:
+                logger.info(
+                    "model %s part %d/%d (%s) done in %.2f s",
+                    self.model.name,
+                    index,
+                    len(self._parts),
+                    loaded.part.name,
+                    time.perf_counter() - part_started,
+                )
+        assert combined is not None  # a model has at least one part
         logger.info(
             "model %s segmented %s at spacing %s in %.2f s",
             self.model.name,
@@ -299,21 +327,20 @@ class Segmenter:
             tuple(round(s, 3) for s in spacing),
             time.perf_counter() - started,
         )
-        if self._lut is not None:
-            mapped: np.ndarray = self._lut[seg]
-            return mapped
-        return seg.astype(self.output_dtype, copy=False)
+        return combined
 
-    def _run(self, data: np.ndarray, spacing: list[float]) -> np.ndarray:
+    @staticmethod
+    def _run(predictor: Any, data: np.ndarray, spacing: list[float]) -> np.ndarray:
         with _nnunet_output_to_log():
-            result = self._predictor.predict_single_npy_array(data, {"spacing": spacing})
+            result = predictor.predict_single_npy_array(data, {"spacing": spacing})
         return np.asarray(result)
 
-    def _predict_with_fallback(self, data: np.ndarray, spacing: list[float]) -> np.ndarray:
+    def _predict_with_fallback(
+        self, predictor: Any, data: np.ndarray, spacing: list[float]
+    ) -> np.ndarray:
         """CUDA out of memory: retry with logits on the CPU, then entirely on the CPU."""
-        predictor = self._predictor
         try:
-            return self._run(data, spacing)
+            return self._run(predictor, data, spacing)
         except torch.cuda.OutOfMemoryError:
             if self.device.type != "cuda":
                 raise
@@ -326,7 +353,7 @@ class Segmenter:
         saved = predictor.perform_everything_on_device
         predictor.perform_everything_on_device = False
         try:
-            return self._run(data, spacing)
+            return self._run(predictor, data, spacing)
         except torch.cuda.OutOfMemoryError:
             logger.warning(
                 "model %s: still out of CUDA memory; running this volume on the CPU",
@@ -338,7 +365,7 @@ class Segmenter:
         predictor.device = torch.device("cpu")
         predictor.perform_everything_on_device = False
         try:
-            return self._run(data, spacing)
+            return self._run(predictor, data, spacing)
         finally:
             # The next volume may fit again: go back to the GPU.
             predictor.device = self.device

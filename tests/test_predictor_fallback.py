@@ -56,11 +56,16 @@ def segmenter(tmp_path: Path) -> Segmenter:
 VOLUME = np.zeros((8, 8, 8), dtype=np.float32)
 
 
+def _use(segmenter: Segmenter, stand_in: GpuPredictorStandIn) -> None:
+    """Put the stand-in where the model's (only) nnU-Net predictor is."""
+    segmenter._parts[0] = dataclasses.replace(segmenter._parts[0], predictor=stand_in)
+
+
 def test_out_of_memory_retries_with_logits_on_the_cpu(
     segmenter: Segmenter, caplog: pytest.LogCaptureFixture
 ) -> None:
     stand_in = GpuPredictorStandIn(fails_on_device=True, fails_with_cpu_logits=False)
-    segmenter._predictor = stand_in  # type: ignore[assignment]
+    _use(segmenter, stand_in)
     assert segmenter.predict(VOLUME, (1.0, 1.0, 1.0)).shape == VOLUME.shape
     assert stand_in.calls == [("cuda", True), ("cuda", False)]
     assert stand_in.perform_everything_on_device is True  # restored for the next volume
@@ -69,7 +74,7 @@ def test_out_of_memory_retries_with_logits_on_the_cpu(
 
 def test_still_out_of_memory_runs_on_the_cpu_then_returns_to_the_gpu(segmenter: Segmenter) -> None:
     stand_in = GpuPredictorStandIn(fails_on_device=True, fails_with_cpu_logits=True)
-    segmenter._predictor = stand_in  # type: ignore[assignment]
+    _use(segmenter, stand_in)
     assert segmenter.predict(VOLUME, (1.0, 1.0, 1.0)).shape == VOLUME.shape
     assert stand_in.calls == [("cuda", True), ("cuda", False), ("cpu", False)]
     assert stand_in.device.type == "cuda" and stand_in.perform_everything_on_device is True

@@ -23,11 +23,14 @@ def register(app: typer.Typer) -> None:
 
 def add_model(
     ctx: typer.Context,
-    path: Annotated[
-        Path,
+    paths: Annotated[
+        list[Path],
         typer.Argument(
             help="nnU-Net trained-model folder (<trainer>__<plans>__<configuration>, or a folder "
-            "holding it) or the zip from nnUNetv2_export_model_to_zip"
+            "holding it) or the zip from nnUNetv2_export_model_to_zip. Several: the parts of "
+            "one model (TotalSegmentator's total: its five Dataset291-295 zips), run in the "
+            "order given; a later part's label wins where two overlap",
+            metavar="PATH...",
         ),
     ],
     name: Annotated[str | None, typer.Option(help="model name (default: from the folder)")] = None,
@@ -52,6 +55,8 @@ def add_model(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Install a model into the models folder (copied; the source is left as it is)."""
+    if not paths:
+        raise typer.BadParameter("give the model's folder or zip")
     from inference.model_store import install_model
 
     settings = settings_of(ctx)
@@ -71,7 +76,7 @@ def add_model(
             else:
                 raise typer.BadParameter("--folds takes fold numbers separated by commas")
     info = install_model(
-        path,
+        paths,
         settings.models_dir,
         name,
         catalogue=catalogue,
@@ -84,7 +89,9 @@ def add_model(
         print_json(info.summary())
         return
     typer.echo(
-        f"installed {info.name} at {info.root}: {info.descriptor.modality}, folds {info.folds}, "
+        f"installed {info.name} at {info.root}: {info.descriptor.modality}, "
+        + (f"{len(info.parts)} parts, " if info.has_parts else "")
+        + f"folds {info.folds_text()}, "
         f"{len(info.catalogue.labels)} labels (catalogue {info.descriptor.catalogue}), "
         f"weights sha256 {info.weights_sha256}"
     )
@@ -107,7 +114,7 @@ def list_models_command(
             m.name,
             m.descriptor.version,
             m.descriptor.modality,
-            ",".join(map(str, m.folds)),
+            m.folds_text(),
             str(len(m.catalogue.labels)),
             m.descriptor.catalogue,
             m.weights_sha256[:12],
@@ -127,13 +134,12 @@ def check_model(
     """Load a model and run a small random volume through it; print the times."""
     import numpy as np
 
-    from inference.model_folder import compute_weights_sha256
     from inference.model_store import load_model_info
     from inference.predictor import Segmenter
 
     settings = settings_of(ctx)
     info = load_model_info(name, settings.models_dir)
-    sha = compute_weights_sha256(info.nnunet_dir, info.folds, info.descriptor.checkpoint)
+    sha = info.compute_sha256()
     started = time.perf_counter()
     segmenter = Segmenter(info, settings.inference)
     load_s = time.perf_counter() - started
