@@ -634,11 +634,21 @@ def _installing(models_dir: Path, model_name: str, overwrite: bool) -> Iterator[
         raise
 
 
-def _validated(fields: dict[str, Any], model_name: str) -> ModelDescriptor:
+def _write_new_descriptor(
+    fields: dict[str, Any], overrides: dict[str, Any], channels: int, staging: Path
+) -> None:
+    """model.yaml from the derived ``fields`` and the operator's ``overrides`` (None: keep)."""
+    fields = {**fields, **{k: v for k, v in overrides.items() if v is not None}}
     try:
-        return ModelDescriptor.model_validate(fields)
+        descriptor = ModelDescriptor.model_validate(fields)
     except ValidationError as exc:
-        raise ModelError(f"model descriptor for {model_name!r} is invalid:\n{exc}") from exc
+        raise ModelError(f"model descriptor for {fields['name']!r} is invalid:\n{exc}") from exc
+    if len(descriptor.input_channels) != channels:
+        raise ModelError(
+            f"model.yaml lists {len(descriptor.input_channels)} input channels but "
+            f"dataset.json has {channels}"
+        )
+    write_descriptor(descriptor, staging / DESCRIPTOR)
 
 
 def install_model(
@@ -746,15 +756,8 @@ def install_model(
                 "label_map": label_map,
             }
         )
-        fields.update({k: v for k, v in overrides.items() if v is not None})
         fields["weights_sha256"] = compute_weights_sha256(nnunet_dest, found.folds, ckpt)
-        descriptor = _validated(fields, model_name)
-        if len(descriptor.input_channels) != len(channels):
-            raise ModelError(
-                f"model.yaml lists {len(descriptor.input_channels)} input channels but "
-                f"dataset.json has {len(channels)}"
-            )
-        write_descriptor(descriptor, staging / DESCRIPTOR)
+        _write_new_descriptor(fields, overrides, len(channels), staging)
     info = _load_from_root(models_dir / model_name)
     logger.info(
         "installed model %s from %s: folds %s, %d labels, weights sha256 %s",
@@ -926,14 +929,7 @@ def install_parts(
             "parts": [p.model_dump() for p in parts],
             "weights_sha256": combine_part_hashes(str(p.weights_sha256) for p in parts),
         }
-        fields.update({k: v for k, v in overrides.items() if v is not None})
-        descriptor = _validated(fields, model_name)
-        if len(descriptor.input_channels) != len(channels[0]):
-            raise ModelError(
-                f"model.yaml lists {len(descriptor.input_channels)} input channels but the "
-                f"parts' dataset.json have {len(channels[0])}"
-            )
-        write_descriptor(descriptor, staging / DESCRIPTOR)
+        _write_new_descriptor(fields, overrides, len(channels[0]), staging)
     info = _load_from_root(models_dir / model_name)
     logger.info(
         "installed model %s from %d parts (%s): folds %s, %d labels, weights sha256 %s",

@@ -68,6 +68,17 @@ def orthanc_factory(tmp_path: Path) -> Iterator[OrthancFactory]:
 
 
 @pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """The machine is shared: torch on one thread, as a worker's cpu_threads would set it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def shared_data() -> Path:
     """``../shared/data`` (real DICOM series); skipped in a checkout without it."""
     if not SHARED_DATA.is_dir():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,7 @@ import highdicom as hd
 import numpy as np
 import yaml
 from dicom_phantoms import WrittenSeries, write_series
-from peers import NodeProcess, Orthanc, wait_until
+from peers import DICOM_NODE, NodeProcess, Orthanc, wait_until
 
 from dicom_node.volume import volume_from_series
 from inference.catalogue import load_catalogue
@@ -44,6 +46,23 @@ def phantom_series(
         ds.SeriesDescription = description
         ds.save_as(path)
     return written
+
+
+def offline_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`dicom-node ARGS` as a one-off command (no node running) on a data dir in tmp_path."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"storage:\n  data_dir: {tmp_path / 'var'}\ninference:\n  device: cpu\n  cpu_threads: 1\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    return subprocess.run(
+        [str(DICOM_NODE), "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
 
 
 def dice_against_phantom(seg_path: Path, series: WrittenSeries, seed: int) -> dict[str, float]:

@@ -22,8 +22,6 @@ The phantom is a held-out one (training used seeds 0..43).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,7 +33,7 @@ import pytest
 import seg_truth as st
 import torch
 from dicom_phantoms import WrittenSeries, orientation_cosines, write_series, write_stacked_series
-from peers import DICOM_NODE
+from e2e import offline_cli
 from validators import assert_valid_binary_seg
 
 from dicom_node.config import InferenceSettings
@@ -363,22 +361,6 @@ def test_one_of_two_enhanced_images_in_a_series(tmp_path: Path, spec: PhantomSpe
     assert int((decoded != truth).sum()) == 0
 
 
-def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"storage:\n  data_dir: {tmp_path / 'var'}\ninference:\n  device: cpu\n  cpu_threads: 1\n"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    return subprocess.run(
-        [str(DICOM_NODE), "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-
-
 def test_cli_segment_roundtrip_in_patient_space(
     tmp_path: Path, spec: PhantomSpec, demo: tuple[ModelInfo, Segmenter]
 ) -> None:
@@ -387,7 +369,7 @@ def test_cli_segment_roundtrip_in_patient_space(
     case = {"orientation": "coronal", "patient_position": "FFP", "enhanced": True}
     written = _write(tmp_path / "series", spec, case)
     out = tmp_path / "out"
-    completed = _cli(
+    completed = offline_cli(
         ["segment", str(tmp_path / "series"), "--model", "demo", "--out", str(out), "--json"],
         tmp_path,
     )
@@ -416,7 +398,7 @@ def test_cli_segment_chooses_the_stack(tmp_path: Path, spec: PhantomSpec) -> Non
     )
     out = tmp_path / "out"
     args = ["segment", str(tmp_path / "series"), "--model", "demo", "--out", str(out)]
-    completed = _cli([*args, "--stack", "last", "--json"], tmp_path)
+    completed = offline_cli([*args, "--stack", "last", "--json"], tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     data = json.loads(completed.stdout)
     assert data["stack"] == "stack 2 of 2 (Echo Number 2: 48 images)"
@@ -424,7 +406,7 @@ def test_cli_segment_chooses_the_stack(tmp_path: Path, spec: PhantomSpec) -> Non
     assert _referenced_instances(seg) == set(stacks[1].sop_instance_uids)
     assert all(label["ml"] > 0 for label in data["labels"])
 
-    wrong = _cli([*args, "--stack", "middle"], tmp_path)
+    wrong = offline_cli([*args, "--stack", "middle"], tmp_path)
     assert wrong.returncode != 0 and "--stack must be first or last" in wrong.stderr
 
 
@@ -448,7 +430,7 @@ def test_cli_segment_on_a_real_siemens_sagittal_series(
     }
     assert len(sources) == 35
     out = tmp_path / "out"
-    completed = _cli(
+    completed = offline_cli(
         ["segment", str(series), "--model", "demo", "--out", str(out), "--json"], tmp_path
     )
     if completed.returncode != 0:

@@ -10,19 +10,15 @@ a trained part would be; the thresholds below allow for that, not for a wrong la
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from e2e import dice_against_phantom, phantom_series
+from e2e import dice_against_phantom, offline_cli, phantom_series
 from test_models import export_zip
 
 from dicom_node.errors import ModelError
@@ -38,16 +34,10 @@ from inference.predictor import Segmenter
 DEMO_TRAINER = "nnUNetTrainerDemo__nnUNetPlans__3d_demo"
 DEMO_IDS = {"liver": 1, "spleen": 2, "kidney_left": 3, "kidney_right": 4}
 SPACING = (3.0, 2.0, 2.0)
-DICOM_NODE = Path(sys.executable).parent / "dicom-node"
 SEEDS = (10000, 10001)  # held out from the demo model's training (inference/demo)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def demo_part(out: Path, names: Sequence[str], dataset_name: str) -> Path:
@@ -193,47 +183,31 @@ def test_a_model_yaml_mapping_to_unknown_ids_is_refused_at_load(tmp_path: Path) 
         load_model_info("combo", tmp_path / "models")
 
 
-def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"storage:\n  data_dir: {tmp_path / 'var'}\ninference:\n  device: cpu\n  cpu_threads: 1\n"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    return subprocess.run(
-        [str(DICOM_NODE), "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-
-
 @pytest.mark.slow
 def test_cli_installs_zipped_parts_and_segments_a_series_with_them(tmp_path: Path) -> None:
     """`models add` with two export zips, `models list/check`, a copy from the installed
     folder, then `segment` of a DICOM series: the SEG's segments sit on the right structures."""
     kidneys, organs = _parts(tmp_path / "src")
     zips = [export_zip(p, tmp_path / f"{p.name}.zip") for p in (kidneys, organs)]
-    added = _cli(["models", "add", *map(str, zips), "--name", "combo", "--json"], tmp_path)
+    added = offline_cli(["models", "add", *map(str, zips), "--name", "combo", "--json"], tmp_path)
     assert added.returncode == 0, added.stderr[-3000:]
     summary = json.loads(added.stdout)
     assert summary["catalogue"] == "demo" and summary["labels"] == 4
     assert [p["source"] for p in summary["parts"]] == [z.name for z in zips]
-    listed = _cli(["models", "list"], tmp_path)
+    listed = offline_cli(["models", "list"], tmp_path)
     assert listed.returncode == 0 and "combo" in listed.stdout and "0 | 0" in listed.stdout
-    checked = _cli(["models", "check", "combo", "--size", "16", "--json"], tmp_path)
+    checked = offline_cli(["models", "check", "combo", "--size", "16", "--json"], tmp_path)
     assert checked.returncode == 0, checked.stderr[-3000:]
     assert json.loads(checked.stdout)["weights_sha256_ok"] is True
     installed = tmp_path / "var" / "models" / "combo"
-    copied = _cli(["models", "add", str(installed), "--name", "copy", "--json"], tmp_path)
+    copied = offline_cli(["models", "add", str(installed), "--name", "copy", "--json"], tmp_path)
     assert copied.returncode == 0, copied.stderr[-3000:]
     assert json.loads(copied.stdout)["weights_sha256"] == summary["weights_sha256"]
 
     seed = SEEDS[0]
     series = phantom_series(tmp_path / "series", seed)
     out = tmp_path / "out"
-    run = _cli(
+    run = offline_cli(
         ["segment", str(tmp_path / "series"), "--model", "copy", "--out", str(out), "--json"],
         tmp_path,
     )

@@ -24,13 +24,7 @@ TRAINER_DIR = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    # The machine is shared: keep torch to one thread, as the worker's cpu_threads would.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _plans() -> dict[str, Any]:
