@@ -330,7 +330,9 @@ def catalogue_from_dataset(dataset: dict[str, Any], name: str) -> tuple[str | No
 
     Returns (shipped name or None, catalogue).
     """
-    labels = _dataset_labels(dataset)
+    labels = {
+        i: n for i, n in _dataset_labels(dataset).items() if not _label_key(n).startswith("unused")
+    }
     shipped = {n: load_catalogue(n) for n in shipped_catalogues()}
     for cat_name, cat in shipped.items():
         if {lab.id: lab.name for lab in cat.labels} == labels:
@@ -398,7 +400,8 @@ def label_map_for(
     TotalSegmentator with the ``total`` catalogue puts the vertebrae under organ names).
     Ids whose names match are kept; otherwise each name is looked up in the catalogue and
     the ids mapped. Names the catalogue lacks are an error unless ``trust_ids`` (the operator
-    vouches that only the spelling differs).
+    vouches that only the spelling differs). Labels named ``unused...`` that the catalogue
+    lacks map to 0 (background).
     """
     try:
         labels = _dataset_labels(dataset)
@@ -406,8 +409,21 @@ def label_map_for(
         return None  # region-based: the catalogue's ids are the caller's responsibility
     by_id = catalogue.by_id()
     by_name = {_label_key(lab.name): lab.id for lab in catalogue.labels}
+    # Published models keep retired ids as "unused" (VIBE's label 20): background in the SEG.
+    dropped = {
+        i: 0
+        for i, n in labels.items()
+        if _label_key(n).startswith("unused") and _label_key(n) not in by_name
+    }
+    if dropped:
+        logger.info(
+            "%s: dataset.json labels %s are marked unused; their voxels stay background",
+            where,
+            [f"{i} {labels[i]}" for i in sorted(dropped)],
+        )
+        labels = {i: n for i, n in labels.items() if i not in dropped}
     if all(i in by_id and _label_key(by_id[i].name) == _label_key(n) for i, n in labels.items()):
-        return None
+        return {**{i: i for i in labels}, **dropped} if dropped else None
     unmatched = {i: n for i, n in labels.items() if _label_key(n) not in by_name}
     if not unmatched:
         mapping = {i: by_name[_label_key(n)] for i, n in sorted(labels.items())}
@@ -417,7 +433,7 @@ def label_map_for(
             catalogue.name,
             ", ".join(f"{labels[i]} {i}->{c}" for i, c in mapping.items() if i != c),
         )
-        return None if all(i == c for i, c in mapping.items()) else mapping
+        return {**mapping, **dropped}
     if trust_ids:
         missing = sorted(set(labels) - set(by_id))
         if missing:
@@ -432,7 +448,7 @@ def label_map_for(
             [f"{i} {n}" for i, n in sorted(unmatched.items())],
             catalogue.name,
         )
-        return None
+        return {**{i: i for i in labels}, **dropped} if dropped else None
     problems = [
         f"label {i} is {n!r} in dataset.json but {by_id[i].name!r} in the catalogue"
         if i in by_id
@@ -523,7 +539,7 @@ def _load_from_root(root: Path, builtin: bool = False) -> ModelInfo:
 
 def _check_label_map_fits(part: ModelPart, catalogue: Catalogue, root: Path) -> None:
     # A hand-edited model.yaml must not map to ids the SEG encoder cannot describe.
-    missing = sorted(set((part.label_map or {}).values()) - set(catalogue.by_id()))
+    missing = sorted(set((part.label_map or {}).values()) - {0, *catalogue.by_id()})
     if missing:
         raise ModelError(
             f"{root / DESCRIPTOR}: label_map of {part.name} maps to ids {missing} that "
@@ -778,7 +794,8 @@ def _catalogue_for_parts(
     ordered: dict[str, str] = {}
     for labels in part_labels:
         for _, label_name in sorted(labels.items()):
-            ordered.setdefault(_label_key(label_name), label_name)
+            if not _label_key(label_name).startswith("unused"):  # see label_map_for
+                ordered.setdefault(_label_key(label_name), label_name)
     for cat_name in shipped_catalogues():
         cat = load_catalogue(cat_name)
         if {_label_key(lab.name) for lab in cat.labels} == set(ordered):

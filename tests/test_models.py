@@ -283,6 +283,26 @@ def test_trusting_label_ids_is_explicit_and_logged(
         install_model(wide, tmp_path / "models", "w", catalogue="demo", trust_label_ids=True)
 
 
+def test_labels_marked_unused_stay_background(tmp_path: Path) -> None:
+    # The VIBE model keeps its retired id 20 as "unused"; the vibe catalogue has no 20.
+    src = _relabel(make_model(tmp_path / "src"), {"liver": 1, "unused": 2})
+    given = install_model(src, tmp_path / "models", "given", catalogue="demo")
+    assert given.descriptor.label_map == {1: 1, 2: 0}
+    built = install_model(src, tmp_path / "models", "built")
+    assert [lab.name for lab in built.catalogue.labels] == ["liver"]
+    assert built.descriptor.label_map == {1: 1, 2: 0}
+    trusted = install_model(src, tmp_path / "models", "t", catalogue="demo", trust_label_ids=True)
+    assert trusted.descriptor.label_map == {1: 1, 2: 0}
+    volume = np.random.default_rng(3).normal(300, 100, size=(16, 16, 16)).astype(np.float32)
+    segmenter = Segmenter(given, device="cpu")
+    network_output = segmenter._parts[0].predictor.predict_single_npy_array(
+        volume[np.newaxis], {"spacing": [2.0, 2.0, 2.0]}
+    )
+    assert 2 in network_output  # these random weights do predict the unused label
+    seg = segmenter.predict(volume, (2.0, 2.0, 2.0))
+    np.testing.assert_array_equal(seg, np.where(network_output == 2, 0, network_output))
+
+
 def test_several_folds_make_an_ensemble(tmp_path: Path) -> None:
     info = install_model(make_model(tmp_path / "src", folds=(0, 1)), tmp_path / "models")
     assert info.folds == [0, 1]
