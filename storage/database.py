@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 CONNECT_TIMEOUT_S = 10
+KEEPALIVE_IDLE_S = 30
 
 
 def _sqlite_pragmas(fsync: bool) -> Callable[[Any, Any], None]:
@@ -51,10 +52,22 @@ def create_index_engine(url: str, *, fsync: bool = True) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas(fsync))
     else:
-        # A server that does not answer (network partition) fails a connection in seconds,
-        # not after the kernel's ~2 minute TCP timeout: a C-STORE gets 0xA700 while the
-        # sender still waits for it.
-        connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if "postgresql" in url else {}
+        # A server that does not answer (network partition, a failed-over address) fails a
+        # connection in seconds, not after the kernel's TCP timeouts (~2 minutes to connect,
+        # ~15 minutes for a query on a pooled connection, which pool_pre_ping's own query
+        # waits out too): a C-STORE gets 0xA700 while the sender still waits for it.
+        # tcp_user_timeout bounds unacknowledged data; keepalives notice a dead server
+        # while a pooled connection is idle.
+        connect_args: dict[str, Any] = {}
+        if "postgresql" in url:
+            connect_args = {
+                "connect_timeout": CONNECT_TIMEOUT_S,
+                "tcp_user_timeout": CONNECT_TIMEOUT_S * 1000,
+                "keepalives": 1,
+                "keepalives_idle": KEEPALIVE_IDLE_S,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+            }
         engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     return engine
 

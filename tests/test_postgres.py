@@ -51,9 +51,12 @@ class PostgresServer:
     """A throwaway PostgreSQL server (initdb in a temporary folder), which a test may stop
     and start again on the same data and port, as an operator's maintenance would."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, listen: str = "127.0.0.1", netns: str | None = None) -> None:
         initdb, self._server = _pg_bin("initdb"), _pg_bin("postgres")
+        self._listen = listen
         self._prefix = _as_postgres_user()
+        if netns is not None:  # the server on another "machine" (see NetworkPartition)
+            self._prefix = ["ip", "netns", "exec", netns, *self._prefix]
         # Not under pytest's tmp dir: that is private to root, and the server runs as postgres.
         self.folder = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
         self._data, self._sockets = self.folder / "data", self.folder / "run"
@@ -68,15 +71,19 @@ class PostgresServer:
             capture_output=True,
             timeout=120,
         )  # fmt: skip
+        if listen != "127.0.0.1":
+            with open(self._data / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {listen}/24 trust\n")
         self.port = free_port()
-        self.url = f"postgresql+psycopg://node@127.0.0.1:{self.port}/postgres"
+        self.url = f"postgresql+psycopg://node@{listen}:{self.port}/postgres"
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.folder / "postgres.log", "ab") as log:
             self._proc = subprocess.Popen(
                 [*self._prefix, self._server, "-D", str(self._data), "-p", str(self.port),
-                 "-k", str(self._sockets), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=on"],
+                 "-k", str(self._sockets), "-c", f"listen_addresses={self._listen}",
+                 "-c", "fsync=on"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
@@ -329,4 +336,100 @@ def test_index_outage_refuses_stores_and_the_node_recovers(
         assert "stopping WorkerPool: index unavailable" in node.log_text()
         assert "Traceback" not in node.log_text()[outage_starts:]
     finally:
+        server.remove()
+
+
+class NetworkPartition:
+    """The index server on its own network (a namespace joined by a veth pair), whose link
+    can be cut: packets to it are then dropped without an answer, as when a switch, a
+    firewall or a failed-over address leaves the node talking to nobody. Stopping the
+    server instead would answer with a reset, which the node notices at once."""
+
+    def __init__(self) -> None:
+        tag = os.getpid() % 100000
+        self.netns = f"dnpg{tag}"
+        self._host_if, self._server_if = f"vh{tag}", f"vn{tag}"
+        net = f"10.213.{tag % 250}"
+        self.server_ip = f"{net}.2"
+        steps = [
+            ["netns", "add", self.netns],
+            ["link", "add", self._host_if, "type", "veth", "peer", "name", self._server_if],
+            ["link", "set", self._server_if, "netns", self.netns],
+            ["addr", "add", f"{net}.1/24", "dev", self._host_if],
+            ["link", "set", self._host_if, "up"],
+            ["-n", self.netns, "addr", "add", f"{self.server_ip}/24", "dev", self._server_if],
+            ["-n", self.netns, "link", "set", self._server_if, "up"],
+            ["-n", self.netns, "link", "set", "lo", "up"],
+        ]
+        for step in steps:
+            done = subprocess.run(["ip", *step], capture_output=True, text=True, timeout=30)
+            if done.returncode != 0:
+                self.remove()
+                pytest.skip(
+                    f"cannot build a network namespace here (`ip {' '.join(step)}`: "
+                    f"{done.stderr.strip()}); it needs root with CAP_NET_ADMIN"
+                )
+
+    def cut(self) -> None:
+        self._ip("-n", self.netns, "link", "set", self._server_if, "down")
+
+    def heal(self) -> None:
+        self._ip("-n", self.netns, "link", "set", self._server_if, "up")
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+    def remove(self) -> None:
+        # Deleting the namespace deletes the veth pair with it.
+        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", self._host_if], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def partition() -> Iterator[NetworkPartition]:
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 (`ip`) is not installed")
+    network = NetworkPartition()
+    try:
+        yield network
+    finally:
+        network.remove()
+
+
+def test_a_partitioned_index_server_gets_0xA700_within_the_senders_timeout(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path, partition: NetworkPartition
+) -> None:
+    """The network to the index server goes silent under a running node. Its pooled
+    connections would wait for the kernel's TCP retransmissions (~15 minutes) and every
+    sender would time out; the node must answer 0xA700 while the sender (here with DCMTK's
+    60 s DIMSE timeout) still waits, and work again once the network is back."""
+    from peers import acknowledged_files, make_mr_series
+
+    server = PostgresServer(listen=partition.server_ip, netns=partition.netns)
+    try:
+        server.start()
+        node = node_factory(overrides={"storage": {"database_url": server.url}})
+        make_mr_series(tmp_path / "before", 3)
+        assert storescu(node.port, [tmp_path / "before"]).returncode == 0  # pool connected
+
+        partition.cut()
+        make_mr_series(tmp_path / "during", 1)
+        refused = storescu(
+            node.port, [tmp_path / "during"], extra_args=["-v", "-td", "60"], timeout_s=120
+        )
+        output = refused.stdout + refused.stderr
+        assert "Received Store Response" in output, output[-2000:]  # not a DIMSE timeout
+        assert acknowledged_files(output) == []
+        node.wait_for_log("refused (0xA700): index unavailable")
+
+        partition.heal()
+
+        def stored_again() -> bool:
+            sent = storescu(node.port, [tmp_path / "during"], extra_args=["-v", "-td", "60"])
+            return len(acknowledged_files(sent.stdout + sent.stderr)) == 1
+
+        wait_until(stored_again, timeout_s=120, interval_s=2, what="stores after the network")
+    finally:
+        server.stop()
         server.remove()
