@@ -330,9 +330,7 @@ def catalogue_from_dataset(dataset: dict[str, Any], name: str) -> tuple[str | No
 
     Returns (shipped name or None, catalogue).
     """
-    labels = {
-        i: n for i, n in _dataset_labels(dataset).items() if not _label_key(n).startswith("unused")
-    }
+    labels = {i: n for i, n in _dataset_labels(dataset).items() if not _marked_unused(n)}
     shipped = {n: load_catalogue(n) for n in shipped_catalogues()}
     for cat_name, cat in shipped.items():
         if {lab.id: lab.name for lab in cat.labels} == labels:
@@ -386,6 +384,11 @@ def _label_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
+def _marked_unused(name: str) -> bool:
+    # Published models keep retired ids as "unused" (VIBE's label 20): background in the SEG.
+    return _label_key(name).startswith("unused")
+
+
 def label_map_for(
     catalogue: Catalogue,
     dataset: dict[str, Any],
@@ -409,11 +412,8 @@ def label_map_for(
         return None  # region-based: the catalogue's ids are the caller's responsibility
     by_id = catalogue.by_id()
     by_name = {_label_key(lab.name): lab.id for lab in catalogue.labels}
-    # Published models keep retired ids as "unused" (VIBE's label 20): background in the SEG.
     dropped = {
-        i: 0
-        for i, n in labels.items()
-        if _label_key(n).startswith("unused") and _label_key(n) not in by_name
+        i: 0 for i, n in labels.items() if _marked_unused(n) and _label_key(n) not in by_name
     }
     if dropped:
         logger.info(
@@ -422,10 +422,11 @@ def label_map_for(
             [f"{i} {labels[i]}" for i in sorted(dropped)],
         )
         labels = {i: n for i, n in labels.items() if i not in dropped}
-    if all(i in by_id and _label_key(by_id[i].name) == _label_key(n) for i, n in labels.items()):
-        return {**{i: i for i in labels}, **dropped} if dropped else None
     unmatched = {i: n for i, n in labels.items() if _label_key(n) not in by_name}
-    if not unmatched:
+    mapping: dict[int, int] | None
+    if all(i in by_id and _label_key(by_id[i].name) == _label_key(n) for i, n in labels.items()):
+        mapping = None
+    elif not unmatched:
         mapping = {i: by_name[_label_key(n)] for i, n in sorted(labels.items())}
         logger.info(
             "%s: dataset.json label ids differ from catalogue %r; matched by name: %s",
@@ -433,8 +434,7 @@ def label_map_for(
             catalogue.name,
             ", ".join(f"{labels[i]} {i}->{c}" for i, c in mapping.items() if i != c),
         )
-        return {**mapping, **dropped}
-    if trust_ids:
+    elif trust_ids:
         missing = sorted(set(labels) - set(by_id))
         if missing:
             raise ModelError(
@@ -448,22 +448,26 @@ def label_map_for(
             [f"{i} {n}" for i, n in sorted(unmatched.items())],
             catalogue.name,
         )
-        return {**{i: i for i in labels}, **dropped} if dropped else None
-    problems = [
-        f"label {i} is {n!r} in dataset.json but {by_id[i].name!r} in the catalogue"
-        if i in by_id
-        else f"label {i} {n!r} is not in the catalogue"
-        for i, n in sorted(unmatched.items())
-    ]
-    more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
-    shown = "; ".join(problems[:6]) + more
-    raise ModelError(
-        f"{where}: the model's labels do not match catalogue {catalogue.name!r}: {shown}. "
-        "Give the catalogue that fits the model; a model published in several parts "
-        "(TotalSegmentator) is installed with all its parts at once "
-        "(`dicom-node models add PART1 PART2 ...`); if only the spelling of the names "
-        "differs and the ids are right, add --trust-label-ids"
-    )
+        mapping = None
+    else:
+        problems = [
+            f"label {i} is {n!r} in dataset.json but {by_id[i].name!r} in the catalogue"
+            if i in by_id
+            else f"label {i} {n!r} is not in the catalogue"
+            for i, n in sorted(unmatched.items())
+        ]
+        more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
+        shown = "; ".join(problems[:6]) + more
+        raise ModelError(
+            f"{where}: the model's labels do not match catalogue {catalogue.name!r}: {shown}. "
+            "Give the catalogue that fits the model; a model published in several parts "
+            "(TotalSegmentator) is installed with all its parts at once "
+            "(`dicom-node models add PART1 PART2 ...`); if only the spelling of the names "
+            "differs and the ids are right, add --trust-label-ids"
+        )
+    if dropped:  # an explicit map is needed to send them to 0
+        return {**(mapping or {i: i for i in labels}), **dropped}
+    return mapping
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -794,7 +798,7 @@ def _catalogue_for_parts(
     ordered: dict[str, str] = {}
     for labels in part_labels:
         for _, label_name in sorted(labels.items()):
-            if not _label_key(label_name).startswith("unused"):  # see label_map_for
+            if not _marked_unused(label_name):
                 ordered.setdefault(_label_key(label_name), label_name)
     for cat_name in shipped_catalogues():
         cat = load_catalogue(cat_name)
