@@ -473,26 +473,18 @@ def label_map_for(
 # --- loading --------------------------------------------------------------------------------
 
 
-def _load_part(
-    name: str,
-    folder: Path,
-    folds: list[Fold],
-    checkpoint: str,
-    configuration: str | None,
-    trainer: str | None,
-    label_map: dict[int, int] | None,
-    sha: str | None,
-) -> ModelPart:
-    nnunet_dir = find_nnunet_folder(folder, folds, checkpoint).path
+def _load_part(name: str, folder: Path, p: PartDescriptor) -> ModelPart:
+    nnunet_dir = find_nnunet_folder(folder, p.folds, p.checkpoint).path
     return ModelPart(
         name=name,
         nnunet_dir=nnunet_dir,
-        folds=list(folds),
-        checkpoint=checkpoint,
-        configuration=configuration,
-        trainer=trainer,
-        label_map=label_map,
-        weights_sha256=sha or compute_weights_sha256(nnunet_dir, folds, checkpoint),
+        folds=list(p.folds),
+        checkpoint=p.checkpoint,
+        configuration=p.configuration,
+        trainer=p.trainer,
+        label_map=p.label_map,
+        weights_sha256=p.weights_sha256
+        or compute_weights_sha256(nnunet_dir, p.folds, p.checkpoint),
     )
 
 
@@ -500,33 +492,18 @@ def _load_from_root(root: Path, builtin: bool = False) -> ModelInfo:
     d = read_descriptor(root / DESCRIPTOR)
     catalogue = _resolve_catalogue(d, root)
     if d.parts is None:
-        parts: tuple[ModelPart, ...] = (
-            _load_part(
-                d.name,
-                root / NNUNET_SUBDIR,
-                d.folds,
-                d.checkpoint,
-                d.configuration,
-                d.trainer,
-                d.label_map,
-                d.weights_sha256,
+        # A model of one part: its top-level fields describe that part.
+        whole = PartDescriptor(
+            folder=NNUNET_SUBDIR,
+            **d.model_dump(
+                include={"folds", "checkpoint", "configuration", "trainer", "plans",
+                         "weights_sha256", "label_map"}
             ),
-        )
+        )  # fmt: skip
+        parts: tuple[ModelPart, ...] = (_load_part(d.name, root / NNUNET_SUBDIR, whole),)
         sha = parts[0].weights_sha256
     else:
-        parts = tuple(
-            _load_part(
-                p.folder,
-                root / PARTS_SUBDIR / p.folder,
-                p.folds,
-                p.checkpoint,
-                p.configuration,
-                p.trainer,
-                p.label_map,
-                p.weights_sha256,
-            )
-            for p in d.parts
-        )
+        parts = tuple(_load_part(p.folder, root / PARTS_SUBDIR / p.folder, p) for p in d.parts)
         sha = d.weights_sha256 or combine_part_hashes(p.weights_sha256 for p in parts)
     for part in parts:
         _check_label_map_fits(part, catalogue, root)
