@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need_apt=""
-for tool in storescu echoscu storescp dciodvfy dcentvfy Orthanc; do
+for tool in storescu echoscu storescp dciodvfy dcentvfy Orthanc ip; do
   command -v "$tool" >/dev/null 2>&1 || need_apt=1
 done
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt=1
@@ -14,9 +14,9 @@ if [ -n "$need_apt" ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-      dcmtk orthanc orthanc-dicomweb dicom3tools chromium postgresql >/dev/null
+      dcmtk orthanc orthanc-dicomweb dicom3tools chromium postgresql iproute2 >/dev/null
   else
-    echo "warning: DCMTK/Orthanc/dicom3tools/chromium missing and not root; those tests will skip" >&2
+    echo "warning: DCMTK/Orthanc/dicom3tools/chromium/PostgreSQL/iproute2 missing and not root; those tests will skip" >&2
   fi
 fi
 scripts/install.sh --test
