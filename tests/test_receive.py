@@ -514,6 +514,8 @@ def test_free_space_floor_refuses_with_a700(
 def test_malformed_input_is_refused(node: NodeProcess, tmp_path: Path, raw_send: None) -> None:
     good = make_mr_series(tmp_path / "gen", 1, size=64)
     body = dataset_bytes(good.paths[0])
+    # Pixel Data longer than the node reads on receive (BULK_BYTES): only its bounds are checked
+    large = dataset_bytes(make_mr_series(tmp_path / "large", 1, size=512).paths[0])
     no_sop = pydicom.dcmread(good.paths[0])
     del no_sop.SOPInstanceUID
     no_sop_path = tmp_path / "no_sop.dcm"
@@ -522,6 +524,8 @@ def test_malformed_input_is_refused(node: NodeProcess, tmp_path: Path, raw_send:
         # the dataset's last element (Pixel Data) is cut short: its UIDs are all readable
         ("truncated", crafted_file(tmp_path / "truncated.dcm", body[:-100]), CANNOT_UNDERSTAND,
          "cannot decode"),
+        ("truncated large", crafted_file(tmp_path / "truncated_large.dcm", large[:-1000]),
+         CANNOT_UNDERSTAND, "cannot decode"),
         ("garbage", crafted_file(tmp_path / "garbage.dcm", b"\xde\xad\xbe\xef" * 64),
          CANNOT_UNDERSTAND, "cannot decode"),
         ("empty", crafted_file(tmp_path / "empty.dcm", b""), CANNOT_UNDERSTAND, "empty"),
