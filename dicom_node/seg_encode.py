@@ -16,12 +16,15 @@ Decisions a caller relies on:
   ``label_volumes_ml`` still lists it with 0 ml. A label map with no label at all raises
   ``EmptySegmentationError``: there is nothing for a viewer to show, and a SEG without segments
   is not a valid instance.
-* **UIDs.** Series and SOP Instance UIDs are derived from (source Series Instance UID, model name,
-  weights SHA-256, format), so re-running the same model on the same series yields the same UIDs
-  and the PACS replaces the earlier result instead of accumulating duplicates. The compression is
-  left out on purpose: it changes the encoding, not the content. Tracking UIDs are derived from
-  (source series, model name, label name) so a structure keeps its identity across re-runs with
-  new weights.
+* **UIDs.** The Series Instance UID is derived from (source Series Instance UID, model name,
+  weights SHA-256, format); the SOP Instance UID also from the source images (and frames)
+  segmented. Re-running the same model on the same images yields the same UIDs, so a PACS holds
+  the result once, not a duplicate per run. Other images (more of the series arrived, another
+  stack of it) give other content, so a new SOP Instance UID in the same SEG series: DICOM does
+  not allow new content under an old UID, and many PACS (Orthanc by default) keep the first copy
+  of a UID and silently ignore a re-send. The compression is left out on purpose: it changes the
+  encoding, not the content. Tracking UIDs are derived from (source series, model name, label
+  name) so a structure keeps its identity across re-runs with new weights.
 """
 
 from __future__ import annotations
@@ -340,12 +343,26 @@ def seg_uids(
     model_name: str,
     weights_sha256: str,
     format: SegFormat | str = SegFormat.BINARY,
+    source_instances: Sequence[str] = (),
 ) -> tuple[UID, UID]:
-    """(Series Instance UID, SOP Instance UID) of the SEG of this model on this series."""
+    """(Series Instance UID, SOP Instance UID) of the SEG of this model on this series.
+
+    ``source_instances``: what was segmented (SOP Instance UIDs, ``uid:frame`` for frames of
+    a multi-frame image), in any order; it changes the SOP Instance UID only.
+    """
     fmt = SegFormat(format)
     digest = _check_sha256(weights_sha256)
     parts = (source_series_uid, model_name, digest, fmt.value)
-    return _derived_uid("series", *parts), _derived_uid("instance", *parts)
+    inputs = json.dumps(sorted(source_instances))
+    return _derived_uid("series", *parts), _derived_uid("instance", *parts, inputs)
+
+
+def _segmented_instances(
+    sources: Sequence[Dataset], source_frames: Sequence[int] | None
+) -> list[str]:
+    if source_frames is None:
+        return [str(ds.SOPInstanceUID) for ds in sources]
+    return [f"{sources[0].SOPInstanceUID}:{frame}" for frame in source_frames]
 
 
 def _segment_descriptions(
@@ -403,6 +420,7 @@ def encode_seg(
     series_number: int = 9901,
     workers: int = 0,
     source_frames: Sequence[int] | None = None,
+    instance_number: int = 1,
 ) -> hd.seg.Segmentation:
     """Encode ``label_map`` as a DICOM Segmentation referencing ``source_images``.
 
@@ -425,6 +443,8 @@ def encode_seg(
         source_frames: with one multi-frame source of which only some frames were segmented
             (one stack of several), the 1-based source frame of each plane of ``label_map``;
             the SEG then references those frames only.
+        instance_number: Instance Number of the SEG (the worker gives the series version, so
+            the SEG of more images of a series is told apart from the earlier one).
 
     Returns:
         The Segmentation (a pydicom Dataset); only labels present in ``label_map`` are
@@ -477,7 +497,11 @@ def encode_seg(
 
     source_series_uid = str(first.SeriesInstanceUID)
     series_uid, instance_uid = seg_uids(
-        source_series_uid, model_name=model_name, weights_sha256=digest, format=fmt
+        source_series_uid,
+        model_name=model_name,
+        weights_sha256=digest,
+        format=fmt,
+        source_instances=_segmented_instances(sources, source_frames),
     )
     version = f"{model_version} sha256:{digest[:16]}"
     if len(version) > _LO_MAX:
@@ -515,7 +539,7 @@ def encode_seg(
         series_instance_uid=series_uid,
         series_number=series_number,
         sop_instance_uid=instance_uid,
-        instance_number=1,
+        instance_number=instance_number,
         manufacturer="dicom-node",
         manufacturer_model_name="dicom-node seg_encode",
         software_versions=__version__,

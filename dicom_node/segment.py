@@ -92,6 +92,7 @@ def segment_volume(
     compression: str = "none",
     binary_fallback: bool = False,
     weights_sha256: str | None = None,
+    instance_number: int = 1,
 ) -> SegmentResult:
     if volume.modality and volume.modality != info.descriptor.modality:
         logger.warning(
@@ -132,6 +133,7 @@ def segment_volume(
             format=fmt,
             compression=comp,
             source_frames=source_frames,
+            instance_number=instance_number,
         )
 
     seg = encode(format, compression)

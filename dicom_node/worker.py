@@ -176,6 +176,7 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
             format=profile.format,
             compression=profile.compression,
             binary_fallback=profile.format != "binary" and profile.fallback_to_binary,
+            instance_number=version.version,
         )
     except EmptySegmentationError:
         timings["total_s"] = time.monotonic() - started

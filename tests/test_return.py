@@ -15,6 +15,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 from dicom_phantoms import write_mixed_orientation_series, write_stacked_series
 from e2e import (
@@ -123,6 +124,58 @@ def test_the_water_stack_of_a_dixon_series_is_segmented(
     assert job["state"] == "succeeded" and job["reason"] == f"segmented {stack}", job
     assert f"segmented {stack}" in node.log_text()
     assert len(fat.sop_instance_uids) == 48
+
+
+@pytest.mark.slow
+def test_images_arriving_after_the_seg_give_a_new_seg_that_the_pacs_keeps(
+    node_factory: Callable[..., NodeProcess],
+    orthanc_factory: Callable[..., Orthanc],
+    tmp_path: Path,
+) -> None:
+    """Half a series, its SEG sent, then the other half (a late reconstruction, a resend):
+    the SEG of the whole series must reach a PACS that keeps the first copy of a SOP Instance
+    UID and ignores a re-send (Orthanc's default, OverwriteInstances false)."""
+    node = node_factory(start=False, overrides=pipeline(destinations=["pacs"]))
+    orthanc = orthanc_factory(extra={"OverwriteInstances": False})
+    configure(node, peers=scanner_and_pacs(orthanc.dicom_port))
+    node.start()
+    series = phantom_series(tmp_path / "series", seed=7021)
+    by_uid = {
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in series.paths
+    }
+    # Every other slice first: the whole field of view at twice the spacing.
+    for part, slices in (("first", slice(0, None, 2)), ("rest", slice(1, None, 2))):
+        (tmp_path / part).mkdir()
+        for uid in series.sop_instance_uids[slices]:
+            (tmp_path / part / by_uid[uid].name).hardlink_to(by_uid[uid])
+    first_half = set(series.sop_instance_uids[::2])
+
+    sent = storescu(node.port, [tmp_path / "first"], aet="SCANNER", aec=node.ae_title)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    first_seg = fetch(orthanc, wait_for_seg(orthanc, node), tmp_path / "seg1.dcm")
+    assert referenced_instances(first_seg) == first_half
+    sent = storescu(node.port, [tmp_path / "rest"], aet="SCANNER", aec=node.ae_title)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+
+    def both_delivered() -> bool:
+        states = [d["state"] for d in deliveries(node)]
+        return states == ["delivered", "delivered"]
+
+    wait_until(both_delivered, timeout_s=SEG_TIMEOUT_S, interval_s=1.0, what="two deliveries")
+    segs = {
+        int(ds.InstanceNumber): (ds, path)
+        for path in (fetch(orthanc, i, tmp_path / f"{i}.dcm") for i in seg_instances(orthanc))
+        for ds in [pydicom.dcmread(path, stop_before_pixels=True)]
+    }
+    assert sorted(segs) == [1, 2], "the PACS holds both SEGs, the later numbered 2"
+    (earlier, _), (later, later_path) = segs[1], segs[2]
+    assert earlier.SeriesInstanceUID == later.SeriesInstanceUID  # one SEG series per model
+    assert earlier.SOPInstanceUID != later.SOPInstanceUID
+    assert referenced_instances(later_path) == set(series.sop_instance_uids)
+    assert_valid_binary_seg(later_path, series.paths)
+    scores = dice_against_phantom(later_path, series, seed=7021)
+    assert all(score >= 0.90 for score in scores.values()), scores
+    assert [j["state"] for j in jobs(node)] == ["succeeded", "succeeded"]
 
 
 @pytest.mark.slow

@@ -254,6 +254,25 @@ def test_uids_are_deterministic(series: list[Dataset], label_map: np.ndarray) ->
         assert len(uid) <= 64
 
 
+def test_other_source_images_are_a_new_instance_of_the_same_seg_series(
+    series: list[Dataset], label_map: np.ndarray, multiframe: Dataset
+) -> None:
+    """More images of a series (a later version) or another stack of it: other content, so a
+    new SOP Instance UID (a PACS keeping the first copy of a UID would ignore the re-send)."""
+    first = _encode(label_map, series)
+    fewer = _encode(label_map[1:], series[1:], instance_number=2)
+    assert fewer.SeriesInstanceUID == first.SeriesInstanceUID
+    assert fewer.SOPInstanceUID != first.SOPInstanceUID
+    assert (first.InstanceNumber, fewer.InstanceNumber) == (1, 2)
+    # The frames of a multi-frame image segmented are part of what was segmented.
+    n = label_map.shape[0]
+    whole = _encode(label_map, multiframe)
+    frames = _encode(label_map[1:], multiframe, source_frames=list(range(2, n + 1)))
+    again = _encode(label_map[1:], multiframe, source_frames=list(range(2, n + 1)))
+    assert frames.SOPInstanceUID != whole.SOPInstanceUID
+    assert frames.SOPInstanceUID == again.SOPInstanceUID
+
+
 # --- refusals ---------------------------------------------------------------------------------
 
 
