@@ -87,6 +87,9 @@ class StorageSettings(_Strict):
     # False: files and SQLite commits are not forced to disk. Still atomic and safe against
     # a killed process; not against a power loss (what Orthanc and storescp do by default).
     fsync: bool = True
+    # A C-STORE whose index row is not committed by then gets 0xA700: a hung index server
+    # (stalled disk, frozen VM) otherwise holds every sender until its own DIMSE timeout.
+    index_timeout_s: float = Field(20.0, gt=0.0)
     # Finished series older than this (e.g. "30d") are pruned automatically; None: never.
     retention: str | None = None
     retention_check_interval_s: float = Field(3600.0, gt=0.0)

@@ -26,7 +26,7 @@ from dicom_node.part10 import file_header
 from storage.committer import GroupCommitter
 from storage.database import Index
 from storage.filestore import FileStore
-from storage.instances import mark_association_released
+from storage.instances import InstanceRecord, Recorded, mark_association_released
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +50,17 @@ class _AssociationStats:
 class Receiver:
     """Holds what the handlers need; passed to them explicitly (no globals)."""
 
-    def __init__(self, store: FileStore, index: Index, max_associations: int = 16) -> None:
+    def __init__(
+        self,
+        store: FileStore,
+        index: Index,
+        max_associations: int = 16,
+        *,
+        index_timeout_s: float = 20.0,
+    ) -> None:
         self.store = store
         self.index = index
+        self.index_timeout_s = index_timeout_s
         self.committer = GroupCommitter(index)
         # Runs each store's index statements while the store's own thread writes the file;
         # one per association at most (threads start only as stores overlap).
@@ -64,6 +72,7 @@ class Receiver:
             weakref.WeakKeyDictionary()
         )
         self._in_flight = 0
+        self._committing = 0  # index transactions under way (a hung index keeps them)
         self._closing = False
         self._idle = threading.Condition(self._lock)
 
@@ -96,6 +105,25 @@ class Receiver:
                     return False
                 self._idle.wait(left)
         return True
+
+    def close(self) -> int:
+        """Let go of the index threads; returns how many still wait for the index.
+
+        Those cannot be interrupted (a hung database call): the caller should exit without
+        waiting for them, as Python would at exit.
+        """
+        self._index_threads.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            return self._committing
+
+    def _commit(self, record: InstanceRecord, file_done: Future[None]) -> Recorded:
+        with self._lock:
+            self._committing += 1
+        try:
+            return self.committer.commit(record, file_done)
+        finally:
+            with self._lock:
+                self._committing -= 1
 
     # -- event handlers --------------------------------------------------------------------
     def on_accepted(self, event: Event) -> None:
@@ -237,6 +265,16 @@ class Receiver:
             logger.info("%s", message)
         return SUCCESS
 
+    def _wait_for_index(self, committing: Future[Recorded]) -> Recorded:
+        try:
+            return committing.result(timeout=self.index_timeout_s)
+        except TimeoutError:
+            if committing.done():  # the commit itself timed out: an ordinary failure
+                raise
+            raise IndexNotAnswering(
+                f"the index did not answer within {self.index_timeout_s:g} s"
+            ) from None
+
     def _record(
         self,
         event: Event,
@@ -272,7 +310,7 @@ class Receiver:
         # it waited ~0.4 ms for the interpreter while the statements ran.
         file_done: Future[None] = Future()
         try:
-            committing = self._index_threads.submit(self.committer.commit, record, file_done)
+            committing = self._index_threads.submit(self._commit, record, file_done)
         except RuntimeError as exc:  # the interpreter is exiting: no thread takes it
             raise StorageError("the node is shutting down") from exc
         try:
@@ -282,7 +320,12 @@ class Receiver:
                 file_done.set_exception(exc)  # the index thread rolls the row back
                 raise
             file_done.set_result(None)
-            recorded = committing.result()
+            recorded = self._wait_for_index(committing)
+        except IndexNotAnswering:
+            # Its transaction may still commit, naming the file: the file stays. If none
+            # does, `store check` reports it unindexed and `--repair` indexes it. (Removing
+            # it once the transaction fails could remove a resent copy a later row names.)
+            raise
         except BaseException:
             wait([committing])  # its transaction has ended, one way or the other
             if not existed:  # keep store and index in step: no unindexed new file
@@ -304,6 +347,10 @@ class Receiver:
                 recorded.version,
             )
         return message
+
+
+class IndexNotAnswering(StorageError):
+    """The index has not committed a store's row within ``storage.index_timeout_s``."""
 
 
 def _failure(status: int, comment: str, offending_tag: int | None = None) -> Dataset:

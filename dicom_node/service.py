@@ -64,13 +64,19 @@ class Service:
         swept = self.store.sweep_temporaries()
         if swept:
             logger.info("removed %d partial files left by an earlier crash", swept)
-        self.receiver = Receiver(self.store, self.index, settings.node.max_associations)
+        self.receiver = Receiver(
+            self.store,
+            self.index,
+            settings.node.max_associations,
+            index_timeout_s=settings.storage.index_timeout_s,
+        )
         self.completion = CompletionMonitor(self.index, settings.completion, completion_listeners)
         self._component_factories = list(components or [])
         self.components: list[Component] = []
         self._scp: RunningSCP | None = None
         self._children: list[multiprocessing.process.BaseProcess] = []
         self._stopped = threading.Event()
+        self.stuck_commits = 0  # index transactions still hanging after stop()
 
     def start(self) -> None:
         processes = self.settings.node.receiver_processes
@@ -136,6 +142,7 @@ class Service:
                 log_failure(logger, exc, "error while stopping %s", type(component).__name__)
         self.completion.stop()
         self.index.dispose()
+        self.stuck_commits = self.receiver.close()
         logger.info("stopped")
 
     def run_until_signal(self) -> None:
@@ -152,6 +159,21 @@ class Service:
         while not wake.wait(1.0):
             self.replace_dead_receivers()
         self.stop()
+        exit_leaving_hung_commits(self.stuck_commits)
+
+
+def exit_leaving_hung_commits(count: int) -> None:
+    """Exit now if index transactions still hang: Python would wait for them at exit, so a
+    stalled database server would keep a stopped node from ever exiting."""
+    if not count:
+        return
+    logger.warning(
+        "exiting with %d store(s) still waiting for the index; they were refused (0xA700) "
+        "and their files kept: `dicom-node store check` lists any the index never recorded",
+        count,
+    )
+    logging.shutdown()
+    os._exit(0)
 
 
 def _drain(scp: RunningSCP, receiver: Receiver) -> None:
@@ -168,7 +190,12 @@ def _receiver_process(settings_json: str, sockets: list[socket.socket], parent_p
     settings = Settings.model_validate_json(settings_json)
     configure_logging(settings.logging)
     index, store = open_store(settings)
-    receiver = Receiver(store, index, settings.node.max_associations)
+    receiver = Receiver(
+        store,
+        index,
+        settings.node.max_associations,
+        index_timeout_s=settings.storage.index_timeout_s,
+    )
     scp = start_scp(settings, receiver, adopt=sockets)
     wake = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: wake.set())
@@ -177,6 +204,7 @@ def _receiver_process(settings_json: str, sockets: list[socket.socket], parent_p
         pass
     _drain(scp, receiver)
     index.dispose()
+    exit_leaving_hung_commits(receiver.close())
 
 
 def default_components(

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from peers import NodeProcess, free_port, storescu, wait_until
 from sqlalchemy import text
@@ -110,7 +111,24 @@ class PostgresServer:
             self._proc.wait(timeout=60)
         self._proc = None
 
+    def freeze(self) -> None:
+        """Stop every server process (SIGSTOP) but leave its sockets open: the kernel still
+        ACKs, nothing answers, as on a server whose disk or VM has stalled."""
+        for proc in self._processes():
+            proc.suspend()
+
+    def thaw(self) -> None:
+        for proc in self._processes():
+            proc.resume()
+
+    def _processes(self) -> list[psutil.Process]:
+        if self._proc is None:
+            return []
+        root = psutil.Process(self._proc.pid)
+        return [root, *root.children(recursive=True)]
+
     def remove(self) -> None:
+        self.thaw()
         self.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -432,4 +450,52 @@ def test_a_partitioned_index_server_gets_0xA700_within_the_senders_timeout(
         wait_until(stored_again, timeout_s=120, interval_s=2, what="stores after the network")
     finally:
         server.stop()
+        server.remove()
+
+
+def test_a_hung_index_server_gets_0xA700_and_a_log_line_that_says_so(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    """The index server stops answering while its host still ACKs (a stalled disk, a frozen
+    VM; here SIGSTOP): no TCP timeout ever fires. The node must refuse with 0xA700 after
+    storage.index_timeout_s, while the sender still waits, and log why; stop when told to,
+    though a transaction still hangs (Python would wait for its thread at exit); and store
+    again once the server answers, its store and index consistent."""
+    from peers import acknowledged_files, make_mr_series
+
+    server = PostgresServer()
+    try:
+        server.start()
+        node = node_factory(
+            overrides={"storage": {"database_url": server.url, "index_timeout_s": 5}}
+        )
+        make_mr_series(tmp_path / "before", 3)
+        assert storescu(node.port, [tmp_path / "before"]).returncode == 0
+
+        server.freeze()
+        make_mr_series(tmp_path / "during", 1)
+        started = time.monotonic()
+        refused = storescu(
+            node.port, [tmp_path / "during"], extra_args=["-v", "-td", "60"], timeout_s=120
+        )
+        output = refused.stdout + refused.stderr
+        assert "Received Store Response" in output, output[-2000:]  # not a DIMSE timeout
+        assert acknowledged_files(output) == []
+        assert time.monotonic() - started < 30
+        node.wait_for_log("refused (0xA700): the index did not answer within 5 s")
+
+        assert node.stop() == 0  # within NodeProcess.stop's 60 s, else it is SIGKILLed
+        assert "exiting with 1 store(s) still waiting for the index" in node.log_text()
+        server.thaw()
+        node.start()
+
+        def stored_again() -> bool:
+            sent = storescu(node.port, [tmp_path / "during"], extra_args=["-v", "-td", "60"])
+            return len(acknowledged_files(sent.stdout + sent.stderr)) == 1
+
+        wait_until(stored_again, timeout_s=120, interval_s=2, what="stores after the thaw")
+        check = node.cli_json("store", "check", "--grace-s", "0")  # exits 1 if inconsistent
+        assert check["consistent"] is True, check
+        assert check["report"]["instances_checked"] == 4, check  # 3 before, 1 (once) after
+    finally:
         server.remove()
