@@ -16,6 +16,9 @@ Sender: DCMTK ``storescu +sd +r -xe`` (TCP_NODELAY=1), files in Explicit VR Litt
    fsync, like storescp; Orthanc 1.10 fdatasyncs each file but not its index); ``on``
    runs only the first (and passes no fsync key, so it also runs against versions of the
    node without the option);
+Each line also gives the CPU per image of the receiver (its process tree, with the
+children storescp --fork reaped) and of the storescu senders, with their medians at the end:
+on a machine of few cores their sum bounds the images per second;
 3. the node's peak RSS (its whole process tree, sampled every 50 ms with psutil) while it
    receives ``--rss-images`` images on one association.
 
@@ -29,6 +32,7 @@ ratios and their median (single runs on this VM move by +-15%).
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import statistics
 import subprocess
@@ -176,12 +180,50 @@ def node(workdir: Path, processes: int, max_associations: int, fsync: bool) -> N
     return started
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process, its live descendants and the children it
+    has reaped (storescp --fork's per-association processes)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+            if proc is root:
+                total += times.children_user + times.children_system
+    return total
+
+
+def senders_cpu_s() -> float:
+    """CPU seconds of this process's reaped children: the storescu senders."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+# CPU milliseconds per image, by label: (receiver, senders).
+CPU: dict[str, list[tuple[float, float]]] = {}
+
+
 def timed(
-    label: str, images: int, run: Callable[[], float], results: dict[str, list[float]]
+    label: str,
+    images: int,
+    run: Callable[[], float],
+    results: dict[str, list[float]],
+    receiver_pid: int | None = None,
 ) -> None:
+    """Run and print one send; with ``receiver_pid``, also the CPU per image of the receiver
+    and of the senders (why one receiver is faster than another on a machine of few cores)."""
+    before = (tree_cpu_s(receiver_pid) if receiver_pid else 0.0, senders_cpu_s())
     seconds = run()
     results.setdefault(label, []).append(images / seconds)
-    print(f"{label:<44} {images:5d} images {seconds:7.2f} s {images / seconds:8.1f} images/s")
+    line = f"{label:<44} {images:5d} images {seconds:7.2f} s {images / seconds:8.1f} images/s"
+    if receiver_pid:
+        time.sleep(0.3)  # storescp reaps its per-association children
+        receiver = (tree_cpu_s(receiver_pid) - before[0]) * 1000 / images
+        senders = (senders_cpu_s() - before[1]) * 1000 / images
+        CPU.setdefault(label, []).append((receiver, senders))
+        line += f"   CPU/image: receiver {receiver:.2f} ms, senders {senders:.2f} ms"
+    print(line)
 
 
 def run_round(
@@ -201,7 +243,13 @@ def run_round(
     # 1. one association
     scp = StoreSCP(tmp / "storescp1", fork=False)
     try:
-        timed("1 assoc -> storescp", n, lambda: send(scp.port, [series.folder], "ANY"), results)
+        timed(
+            "1 assoc -> storescp",
+            n,
+            lambda: send(scp.port, [series.folder], "ANY"),
+            results,
+            scp.proc.pid,
+        )
     finally:
         scp.stop()
     orthanc = Orthanc(tmp / "orthanc1").start()
@@ -211,6 +259,7 @@ def run_round(
             n,
             lambda: send(orthanc.dicom_port, [series.folder], "ORTHANC"),
             results,
+            orthanc.proc.pid if orthanc.proc else None,
         )
     finally:
         orthanc.stop()
@@ -222,6 +271,7 @@ def run_round(
                 n,
                 lambda: send(one.port, [series.folder], one.ae_title),  # noqa: B023
                 results,
+                one.pid,
             )
         finally:
             one.stop()
@@ -229,13 +279,19 @@ def run_round(
     # 2. parallel associations
     scp = StoreSCP(tmp / "storescp4", fork=True)
     try:
-        timed(f"{p} assoc -> storescp --fork", n, lambda: send(scp.port, parts, "ANY"), results)
+        timed(
+            f"{p} assoc -> storescp --fork",
+            n,
+            lambda: send(scp.port, parts, "ANY"),
+            results,
+            scp.proc.pid,
+        )
     finally:
         scp.stop()
     if shim is not None:
         scp = StoreSCP(tmp / "storescp4-synced", fork=True, preload=shim)
         try:
-            timed(_synced(p), n, lambda: send(scp.port, parts, "ANY"), results)
+            timed(_synced(p), n, lambda: send(scp.port, parts, "ANY"), results, scp.proc.pid)
         finally:
             scp.stop()
     orthanc = Orthanc(tmp / "orthanc4").start()
@@ -245,6 +301,7 @@ def run_round(
             n,
             lambda: send(orthanc.dicom_port, parts, "ORTHANC"),
             results,
+            orthanc.proc.pid if orthanc.proc else None,
         )
     finally:
         orthanc.stop()
@@ -257,6 +314,7 @@ def run_round(
                     n,
                     lambda: send(multi.port, parts, multi.ae_title),  # noqa: B023
                     results,
+                    multi.pid,
                 )
             finally:
                 multi.stop()
@@ -338,6 +396,13 @@ def main() -> None:
         cost = ratios(results[_synced(p)], results[f"{p} assoc -> storescp --fork"])
         print(f"{p} associations: storescp --fork syncing / storescp --fork = {cost}")
         print("  (no target: what the node's per-image file and folder sync costs DCMTK)")
+    print()
+    print("CPU per image, median of the rounds (receiver process tree; the storescu senders):")
+    for label, pairs in CPU.items():
+        receiver = statistics.median(r for r, _ in pairs)
+        senders = statistics.median(s for _, s in pairs)
+        print(f"  {label:<50} {receiver:5.2f} ms  senders {senders:5.2f} ms")
+    print("  (no target: on a machine of few cores, receiver + senders CPU bounds images/s)")
     peak_mb = rss.peak / 1e6
     print(f"node peak RSS (process tree) receiving {args.rss_images} images = {peak_mb:.0f} MB")
     print("  (target < 300 MB)")
