@@ -121,6 +121,21 @@ class Service:
                     child.exitcode,
                 )
                 self._children[number - 1] = self._spawn_receiver(number)
+                if child.pid is not None:
+                    # Off this loop: the sweep lists every series folder of the store.
+                    threading.Thread(
+                        target=self._sweep_after, args=(child.name, child.pid), daemon=True
+                    ).start()
+
+    def _sweep_after(self, name: str, pid: int) -> None:
+        """Remove what a dead receiver process was writing (the others write on)."""
+        try:
+            swept = self.store.sweep_temporaries(pid)
+        except OSError as exc:
+            logger.warning("could not remove partial files of %s: %s", name, exc)
+            return
+        if swept:
+            logger.info("removed %d partial files of receiver process %s", swept, name)
 
     def stop(self) -> None:
         if self._stopped.is_set():

@@ -15,6 +15,8 @@ import hashlib
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,6 +24,11 @@ from pathlib import Path
 from dicom_node.errors import StorageError
 
 TMP_PREFIX = ".tmp-"
+# A temporary's name says who writes it (".tmp-<host>~<pid>~<random>"), so a sweep takes
+# only what no running process will rename: a store shared by several machines (workers on
+# one index) or a receiver process replaced while the others write on.
+_HOST = re.sub(r"[^0-9A-Za-z.\-]", "-", socket.gethostname()) or "host"
+STALE_TMP_S = 3600.0  # a temporary this old is abandoned whoever wrote it: no write takes this
 RESULTS_DIR = "results"  # <root>/results/<job id>/: the SEGs the node made
 _UID_SAFE = re.compile(r"[^0-9A-Za-z.\-]")
 # Used as they are: at most 64 safe characters, no '_' (a digest name has one).
@@ -99,7 +106,7 @@ class FileStore:
         """
         final = self.root / relative
         folder = final.parent
-        tmp = folder / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        tmp = folder / temporary_name()
         folders: tuple[Path, ...] = (folder,)
         try:
             if not folder.is_dir():
@@ -155,10 +162,63 @@ class FileStore:
             return []
         return [self.result_path(job_id, f.name) for f in sorted(folder.iterdir())]
 
-    def sweep_temporaries(self) -> int:
-        """Delete temporary files left by a crash mid-write; returns how many."""
+    def sweep_temporaries(self, pid: int | None = None) -> int:
+        """Delete temporary files left by a crash mid-write; returns how many.
+
+        ``pid``: only those of that (dead) process of this machine. Otherwise (before this
+        process writes) every one whose writer is gone: this process, a process of this
+        machine no longer running, a writer before the last boot (its pid may be reused),
+        an unnamed one (older versions), or one older than ``STALE_TMP_S``. Those of
+        another live writer (a worker, another machine) stay.
+        """
         count = 0
+        now = time.time()
+        booted = _boot_time()
         for tmp in self.root.glob(f"*/*/{TMP_PREFIX}*"):
-            tmp.unlink(missing_ok=True)
-            count += 1
+            owner = _tmp_owner(tmp.name)
+            if pid is not None:
+                abandoned = owner == (_HOST, pid)
+            elif owner is None or owner == (_HOST, os.getpid()):
+                abandoned = True
+            else:
+                try:
+                    written = tmp.stat().st_mtime
+                except FileNotFoundError:  # renamed into place meanwhile
+                    continue
+                abandoned = now - written > STALE_TMP_S or (
+                    owner[0] == _HOST and (written < booted or not _running(owner[1]))
+                )
+            if abandoned:
+                tmp.unlink(missing_ok=True)
+                count += 1
         return count
+
+
+def temporary_name(pid: int | None = None, host: str | None = None) -> str:
+    """A fresh temporary's name, owned by ``pid`` on ``host`` (default: this process)."""
+    owner = f"{host or _HOST}~{os.getpid() if pid is None else pid}"
+    return f"{TMP_PREFIX}{owner}~{uuid.uuid4().hex}"
+
+
+def _tmp_owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of a temporary's writer; None for a name without them."""
+    host, _, rest = name[len(TMP_PREFIX) :].partition("~")
+    pid, _, _ = rest.partition("~")
+    return (host, int(pid)) if host and pid.isdigit() else None
+
+
+def _boot_time() -> float:
+    try:
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):  # not Linux: rely on the pid and age checks
+        return 0.0
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: running
+        return True
+    return True

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from dicom_node.errors import StorageError
-from storage.filestore import TMP_PREFIX, FileStore, sanitise_uid
+from storage.filestore import STALE_TMP_S, TMP_PREFIX, FileStore, sanitise_uid, temporary_name
 
 
 def _temporaries(root: Path) -> list[Path]:
@@ -48,3 +51,45 @@ def test_uids_become_distinct_safe_names() -> None:
         assert len(name) <= 64 and "/" not in name and not name.startswith(".")
     with pytest.raises(ValueError):
         sanitise_uid(" \x00")
+
+
+def test_a_sweep_takes_only_temporaries_no_running_writer_will_rename(tmp_path: Path) -> None:
+    """At start the node removes partial files of crashed writers, but not those of a worker
+    still running on this machine or of another machine sharing the store."""
+    store = FileStore(tmp_path / "store")
+    folder = store.root / "1.2" / "1.2.3"
+    folder.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that ran and is gone
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        gone = {
+            "crashed writer": temporary_name(dead.pid),
+            "this process (before it writes)": temporary_name(),
+            "older version (no owner)": f"{TMP_PREFIX}{'a' * 32}",
+            "other machine, stale": temporary_name(7, "other-machine"),
+        }
+        kept = {
+            "running worker": temporary_name(live.pid),
+            "other machine, young": temporary_name(7, "other-machine"),
+        }
+        for name in [*gone.values(), *kept.values()]:
+            (folder / name).write_bytes(b"partial")
+        stale = time.time() - STALE_TMP_S - 60
+        os.utime(folder / gone["other machine, stale"], (stale, stale))
+        assert store.sweep_temporaries() == len(gone)
+        assert sorted(p.name for p in _temporaries(store.root)) == sorted(kept.values())
+        # A replaced receiver process: only its own.
+        assert store.sweep_temporaries(live.pid) == 1
+        assert [p.name for p in _temporaries(store.root)] == [kept["other machine, young"]]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_written_file_leaves_no_temporary_and_names_its_writer(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "store")
+    name = temporary_name()
+    assert name.startswith(TMP_PREFIX) and f"~{os.getpid()}~" in name
+    store.write_atomic(store.relative_path("1.2", "1.2.3", "1.2.3.4"), b"x")
+    assert store.sweep_temporaries() == 0

@@ -50,6 +50,8 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
+from storage.filestore import temporary_name
+
 pytestmark = pytest.mark.peers
 
 SUCCESS = 0x0000
@@ -766,11 +768,22 @@ def test_a_receiver_process_that_dies_is_replaced(
     wait_until(
         lambda: node.log_text().count("listening as AE") >= 2, timeout_s=60, what="2 processes"
     )
-    the_receiver_child(node).kill()
+    child = the_receiver_child(node)
+    # What it leaves when killed mid-write, and what other live writers have under way.
+    first = make_mr_series(tmp_path / "first", 2, size=32)
+    assert storescu(node.port, first.paths).returncode == 0
+    folder = next(node.data_dir.glob("store/*/*"))
+    left = folder / temporary_name(child.pid)
+    others = [folder / temporary_name(node.pid), folder / temporary_name(1, "other-machine")]
+    for path in [left, *others]:
+        path.write_bytes(b"partial")
+    child.kill()
     node.wait_for_log("receiver process receiver-1 exited (code -9); starting a new one")
     wait_until(
         lambda: node.log_text().count("listening as AE") >= 3, timeout_s=60, what="the new one"
     )
+    node.wait_for_log("removed 1 partial files of receiver process receiver-1")
+    assert not left.exists() and all(path.exists() for path in others)
     # Associations held open: the idle new process takes one (as in the test above).
     assert "receiver-1" in accepting_processes(node, 4)
     series = make_mr_series(tmp_path / "after", 4, size=32)
