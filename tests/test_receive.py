@@ -6,6 +6,7 @@ over real sockets; state is checked on disk, in the SQLite index and with the CL
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -511,6 +512,38 @@ def test_free_space_floor_refuses_with_a700(
     assert accepted.returncode == 0, accepted.stdout + accepted.stderr
     assert len(acknowledged_files(accepted.stdout + accepted.stderr)) == 2
     assert len(node.instance_rows(series.series_instance_uid)) == 2
+
+
+def test_an_index_whose_own_disk_fills_refuses_with_a700_and_recovers(
+    node_factory: NodeFactory, small_tmpfs: Path, tmp_path: Path
+) -> None:
+    """The SQLite index on a disk of its own (the store elsewhere, so the free-space floor
+    does not see it) fills up: stores are refused with 0xA700 naming the cause, nothing of
+    them is kept, and they succeed again once there is space."""
+    index_file = small_tmpfs / "index.sqlite"
+    node = node_factory(overrides={"storage": {"database_url": f"sqlite:///{index_file}"}})
+    first = make_mr_series(tmp_path / "first", 2, size=32)
+    assert storescu(node.port, first.paths).returncode == 0
+
+    filler = small_tmpfs / "filler.bin"
+    # Fill it to the last block (unbuffered: nothing left to flush when it is full).
+    with open(filler, "wb", buffering=0) as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 65536)
+    later = make_mr_series(tmp_path / "later", 2, size=32)
+    refused = storescu(node.port, later.paths, extra_args=["-v"])
+    output = refused.stdout + refused.stderr
+    assert acknowledged_files(output) == [], output[-2000:]
+    assert "OutOfResources" in refused_files(output)[0][1]
+    line = node.wait_for_log("refused (0xA700): index unavailable")
+    assert "full" in line, line
+    assert echoscu(node.port).returncode == 0  # still serving
+
+    filler.unlink()
+    accepted = storescu(node.port, later.paths, extra_args=["-v"])
+    assert len(acknowledged_files(accepted.stdout + accepted.stderr)) == 2
+    check = node.cli_json("store", "check", "--grace-s", "0")  # exits 1 if inconsistent
+    assert check["consistent"] is True and check["report"]["instances_checked"] == 4, check
 
 
 def test_malformed_input_is_refused(node: NodeProcess, tmp_path: Path, raw_send: None) -> None:
