@@ -76,7 +76,6 @@ class Service:
         self._scp: RunningSCP | None = None
         self._children: list[multiprocessing.process.BaseProcess] = []
         self._stopped = threading.Event()
-        self.stuck_commits = 0  # index transactions still hanging after stop()
 
     def start(self) -> None:
         processes = self.settings.node.receiver_processes
@@ -157,7 +156,6 @@ class Service:
                 log_failure(logger, exc, "error while stopping %s", type(component).__name__)
         self.completion.stop()
         self.index.dispose()
-        self.stuck_commits = self.receiver.close()
         logger.info("stopped")
 
     def run_until_signal(self) -> None:
@@ -174,7 +172,7 @@ class Service:
         while not wake.wait(1.0):
             self.replace_dead_receivers()
         self.stop()
-        exit_leaving_hung_commits(self.stuck_commits)
+        exit_leaving_hung_commits(self.receiver.close())
 
 
 def exit_leaving_hung_commits(count: int) -> None:
