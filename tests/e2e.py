@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Callable
@@ -63,6 +64,18 @@ def offline_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[
         timeout=300,
         check=False,
     )
+
+
+def segment_json(
+    series: Path, model: str, out: Path, tmp_path: Path, *extra: str
+) -> dict[str, Any]:
+    """`dicom-node segment SERIES --model MODEL --out OUT [EXTRA] --json`, which must
+    succeed; its report."""
+    args = ["segment", str(series), "--model", model, "--out", str(out), *extra, "--json"]
+    completed = offline_cli(args, tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report: dict[str, Any] = json.loads(completed.stdout)
+    return report
 
 
 def dice_against_phantom(seg_path: Path, series: WrittenSeries, seed: int) -> dict[str, float]:

@@ -33,7 +33,7 @@ import pytest
 import seg_truth as st
 import torch
 from dicom_phantoms import WrittenSeries, orientation_cosines, write_series, write_stacked_series
-from e2e import offline_cli
+from e2e import offline_cli, segment_json
 from validators import assert_valid_binary_seg
 
 from dicom_node.config import InferenceSettings
@@ -369,12 +369,7 @@ def test_cli_segment_roundtrip_in_patient_space(
     case = {"orientation": "coronal", "patient_position": "FFP", "enhanced": True}
     written = _write(tmp_path / "series", spec, case)
     out = tmp_path / "out"
-    completed = offline_cli(
-        ["segment", str(tmp_path / "series"), "--model", "demo", "--out", str(out), "--json"],
-        tmp_path,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    data = json.loads(completed.stdout)
+    data = segment_json(tmp_path / "series", "demo", out, tmp_path)
     seg_path = Path(data["seg"])
     assert seg_path.parent == out and seg_path.is_file()
     assert {label["name"] for label in data["labels"] if label["ml"] > 0} == {
@@ -397,15 +392,13 @@ def test_cli_segment_chooses_the_stack(tmp_path: Path, spec: PhantomSpec) -> Non
         spacing=spacing,
     )
     out = tmp_path / "out"
-    args = ["segment", str(tmp_path / "series"), "--model", "demo", "--out", str(out)]
-    completed = offline_cli([*args, "--stack", "last", "--json"], tmp_path)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    data = json.loads(completed.stdout)
+    data = segment_json(tmp_path / "series", "demo", out, tmp_path, "--stack", "last")
     assert data["stack"] == "stack 2 of 2 (Echo Number 2: 48 images)"
     seg = pydicom.dcmread(data["seg"])
     assert _referenced_instances(seg) == set(stacks[1].sop_instance_uids)
     assert all(label["ml"] > 0 for label in data["labels"])
 
+    args = ["segment", str(tmp_path / "series"), "--model", "demo", "--out", str(out)]
     wrong = offline_cli([*args, "--stack", "middle"], tmp_path)
     assert wrong.returncode != 0 and "--stack must be first or last" in wrong.stderr
 

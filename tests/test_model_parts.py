@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from e2e import dice_against_phantom, offline_cli, phantom_series
+from e2e import dice_against_phantom, offline_cli, phantom_series, segment_json
 from test_models import export_zip
 
 from dicom_node.errors import ModelError
@@ -207,12 +207,7 @@ def test_cli_installs_zipped_parts_and_segments_a_series_with_them(tmp_path: Pat
     seed = SEEDS[0]
     series = phantom_series(tmp_path / "series", seed)
     out = tmp_path / "out"
-    run = offline_cli(
-        ["segment", str(tmp_path / "series"), "--model", "copy", "--out", str(out), "--json"],
-        tmp_path,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout)
+    result = segment_json(tmp_path / "series", "copy", out, tmp_path)
     assert {label["name"] for label in result["labels"] if label["ml"] > 0} == set(DEMO_IDS)
     scores = dice_against_phantom(Path(result["seg"]), series, seed)
     assert all(value >= 0.9 for value in scores.values()), scores
