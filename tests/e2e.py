@@ -166,6 +166,21 @@ def scanner_and_pacs(pacs_port: int) -> list[dict[str, Any]]:
     ]
 
 
+def scanner_node_and_pacs(
+    node_factory: Callable[..., NodeProcess],
+    orthanc_factory: Callable[..., Orthanc],
+    settings: dict[str, Any] | None = None,
+    **orthanc_options: Any,
+) -> tuple[NodeProcess, Orthanc]:
+    """A started node that takes series from storescu (AE SCANNER) and sends its SEGs to a
+    started Orthanc (peer `pacs`); ``settings`` default to ``pipeline(destinations=["pacs"])``."""
+    node = node_factory(start=False, overrides=settings or pipeline(destinations=["pacs"]))
+    orthanc = orthanc_factory(**orthanc_options)
+    configure(node, peers=scanner_and_pacs(orthanc.dicom_port))
+    node.start()
+    return node, orthanc
+
+
 def upload_series(orthanc: Orthanc, series: WrittenSeries) -> str:
     ids = [orthanc.upload(path) for path in series.paths]
     return str(orthanc.get_json(f"/instances/{ids[0]}/study")["ID"])

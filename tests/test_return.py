@@ -29,6 +29,7 @@ from e2e import (
     pipeline,
     referenced_instances,
     scanner_and_pacs,
+    scanner_node_and_pacs,
     seg_instances,
     source_series_of,
     upload_series,
@@ -75,10 +76,7 @@ def test_storescu_scanner_with_orthanc_as_its_destination(
     orthanc_factory: Callable[..., Orthanc],
     tmp_path: Path,
 ) -> None:
-    node = node_factory(start=False, overrides=pipeline(destinations=["pacs"]))
-    orthanc = orthanc_factory()
-    configure(node, peers=scanner_and_pacs(orthanc.dicom_port))
-    node.start()
+    node, orthanc = scanner_node_and_pacs(node_factory, orthanc_factory)
     series = phantom_series(tmp_path / "series", seed=7002)
     sent = storescu(node.port, [series.paths[0].parent], aet="SCANNER", aec=node.ae_title)
     assert sent.returncode == 0, sent.stdout + sent.stderr
@@ -99,10 +97,7 @@ def test_the_water_stack_of_a_dixon_series_is_segmented(
     for water: the SEG covers the water images only and the job says which stack it used."""
     settings = pipeline(destinations=["pacs"])
     settings["rules"][0]["profile"] = {"stack_image_type": "W"}
-    node = node_factory(start=False, overrides=settings)
-    orthanc = orthanc_factory()
-    configure(node, peers=scanner_and_pacs(orthanc.dicom_port))
-    node.start()
+    node, orthanc = scanner_node_and_pacs(node_factory, orthanc_factory, settings)
     spec = PhantomSpec.from_seed(7012)
     fat, water = write_stacked_series(
         tmp_path / "series",
@@ -135,10 +130,9 @@ def test_images_arriving_after_the_seg_give_a_new_seg_that_the_pacs_keeps(
     """Half a series, its SEG sent, then the other half (a late reconstruction, a resend):
     the SEG of the whole series must reach a PACS that keeps the first copy of a SOP Instance
     UID and ignores a re-send (Orthanc's default, OverwriteInstances false)."""
-    node = node_factory(start=False, overrides=pipeline(destinations=["pacs"]))
-    orthanc = orthanc_factory(extra={"OverwriteInstances": False})
-    configure(node, peers=scanner_and_pacs(orthanc.dicom_port))
-    node.start()
+    node, orthanc = scanner_node_and_pacs(
+        node_factory, orthanc_factory, extra={"OverwriteInstances": False}
+    )
     series = phantom_series(tmp_path / "series", seed=7021)
     by_uid = {
         str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in series.paths
@@ -416,10 +410,9 @@ def test_a_pacs_refusing_label_map_seg_gets_binary(
     settings = pipeline(destinations=["pacs"])
     settings["rules"][0]["profile"] = {"format": "labelmap", "compression": "rle",
                                        "fallback_to_binary": True}  # fmt: skip
-    node = node_factory(start=False, overrides=settings)
-    orthanc = orthanc_factory(extra={"UnknownSopClassAccepted": False})
-    configure(node, peers=scanner_and_pacs(orthanc.dicom_port))
-    node.start()
+    node, orthanc = scanner_node_and_pacs(
+        node_factory, orthanc_factory, settings, extra={"UnknownSopClassAccepted": False}
+    )
     series = phantom_series(tmp_path / "series", seed=7009)
     sent = storescu(node.port, [series.paths[0].parent], aet="SCANNER", aec=node.ae_title)
     assert sent.returncode == 0, sent.stdout + sent.stderr
@@ -493,10 +486,7 @@ def test_an_extra_worker_process_runs_the_jobs(
 
     settings = pipeline(destinations=["pacs"])
     settings["workers"]["processes"] = 0
-    node = node_factory(start=False, overrides=settings)
-    orthanc = orthanc_factory()
-    configure(node, peers=scanner_and_pacs(orthanc.dicom_port))
-    node.start()
+    node, orthanc = scanner_node_and_pacs(node_factory, orthanc_factory, settings)
     series = phantom_series(tmp_path / "series", seed=7012)
     sent = storescu(node.port, [series.paths[0].parent], aet="SCANNER", aec=node.ae_title)
     assert sent.returncode == 0, sent.stdout + sent.stderr
