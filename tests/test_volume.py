@@ -480,6 +480,20 @@ def test_missing_pixel_data_is_refused(tmp_path: Path) -> None:
         volume_from_series(datasets)
 
 
+def test_colour_images_are_refused(tmp_path: Path) -> None:
+    """An RGB series (a fused or screenshot series routed by mistake) is named, not decoded."""
+    written = write(tmp_path)
+    for path in written.paths:
+        ds = pydicom.dcmread(path)
+        grey = ds.pixel_array.astype(np.uint8)
+        ds.PixelData = np.repeat(grey[..., np.newaxis], 3, axis=-1).tobytes()
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.save_as(path)
+    with pytest.raises(SeriesError, match=r"colour images \(3 samples\) are not supported"):
+        volume_from_series(written.paths)
+
+
 @pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"])
 def test_one_missing_uid_is_named(tmp_path: Path, keyword: str) -> None:
     datasets = [pydicom.dcmread(p) for p in write(tmp_path).paths]
