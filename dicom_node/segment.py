@@ -164,14 +164,15 @@ def segment_series(
     """The whole flow for one series' files."""
     if not paths:
         raise SeriesError("the series has no images")
+    channels = info.descriptor.input_channels
+    if len(channels) != 1:  # before reading the series: no series can feed it
+        raise ModelError(
+            f"model {info.name} needs {len(channels)} input channels ({', '.join(channels)}); "
+            "the node feeds a model one series as one channel"
+        )
     started = time.monotonic()
     volume = volume_from_series(list(paths), stack or StackChoice())
     load_s = time.monotonic() - started
-    if info.descriptor.input_channels and len(info.descriptor.input_channels) != 1:
-        raise ModelError(
-            f"model {info.name} needs {len(info.descriptor.input_channels)} input channels; "
-            "multi-channel series are not supported yet"
-        )
     result = segment_volume(volume, info, segmenter, **options)  # type: ignore[arg-type]
     result.timings["load_s"] = load_s
     return result

@@ -37,6 +37,7 @@ from e2e import offline_cli, segment_json
 from validators import assert_valid_binary_seg
 
 from dicom_node.config import InferenceSettings
+from dicom_node.errors import ModelError
 from dicom_node.segment import ModelCache, segment_series
 from dicom_node.volume import StackChoice, Volume, volume_from_series
 from inference.catalogue import Catalogue
@@ -257,6 +258,22 @@ def test_exact_with_an_oracle_model(
     decoded = st.decode_on_source(st.read_seg(seg_path), volume, catalogue)
     truth = st.truth_labels(spec, written.affine, written.shape)
     assert int((decoded != truth).sum()) == 0
+
+
+class _NeverCalled:
+    def predict(self, volume: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
+        raise AssertionError("a model the node cannot feed was run")
+
+
+def test_a_model_of_several_input_channels_is_refused_by_name(
+    tmp_path: Path, spec: PhantomSpec
+) -> None:
+    """The node feeds one series as one channel: a two-channel model's job fails saying so."""
+    info = _oracle_info()
+    info.descriptor.input_channels = ["water", "fat"]
+    written = _write(tmp_path / "series", spec, {"orientation": "axial"})
+    with pytest.raises(ModelError, match=r"needs 2 input channels \(water, fat\)"):
+        segment_series(written.paths, info, _NeverCalled())
 
 
 # ---- several stacks in one series -----------------------------------------------------
