@@ -16,6 +16,7 @@ from dicom_node.config import RuleSettings, Settings
 from dicom_node.errors import DicomNodeError
 from dicom_node.periodic import Periodic
 from dicom_node.routing import SeriesFacts, route
+from dicom_node.rule_models import rule_model_problems
 from storage.database import Index
 from storage.models import Series, SeriesState, SeriesVersion, utcnow
 from storage.queue import JobSpec, create_job, job_for, retry_job
@@ -186,6 +187,8 @@ class Scheduler:
         return queued
 
     def start(self) -> None:
+        for problem in rule_model_problems(self.settings):
+            logger.warning("%s", problem)
         self._rounds.start()
 
     def stop(self) -> None:

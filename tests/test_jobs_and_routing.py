@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from dicom_node.errors import DicomNodeError
 from dicom_node.routing import SeriesFacts, facts_from_folder, route
 from dicom_node.scheduler import Scheduler, queue_series
 from dicom_node.worker import PermanentJobError, WorkerPool, _Slot, resolve_destinations
+from inference.model_store import BUILTIN_MODELS
 from storage.database import Index
 from storage.instances import InstanceRecord, complete_due_series, record_instance
 from storage.models import Delivery, DeliveryState, Job, JobState, Series, utcnow
@@ -142,6 +144,43 @@ def test_unmatched_series_is_kept_and_logged(
     caplog.set_level("INFO")
     assert Scheduler(Settings(rules=rules()), index).route_pending() == 0
     assert "no routing rule matches; kept, not processed" in caplog.text
+
+
+def test_the_scheduler_names_rules_whose_jobs_would_fail_when_it_starts(
+    index: Index, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A missing model, a model of two input channels, a model of the other modality: said at
+    start, once per rule, not only as a failed job per series later."""
+    models = tmp_path / "models"
+    two = models / "twochannel"
+    shutil.copytree(BUILTIN_MODELS["demo"], two)
+    descriptor = yaml.safe_load((two / "model.yaml").read_text())
+    descriptor.update(name="twochannel", input_channels=["water", "fat"])
+    (two / "model.yaml").write_text(yaml.safe_dump(descriptor))
+    settings = Settings.model_validate(
+        {
+            "inference": {"models_dir": str(models)},
+            "rules": [
+                {"name": "mr", "match": {"modality": ["MR"]}, "model": "demo"},
+                {"name": "ct", "match": {"modality": ["CT"]}, "model": "demo"},
+                {"name": "vibe", "model": "vibe"},
+                {"name": "dixon", "model": "twochannel"},
+            ],
+        }
+    )
+    caplog.set_level("WARNING", logger="dicom_node.scheduler")
+    scheduler = Scheduler(settings, index)
+    scheduler.start()
+    scheduler.stop()
+    lines = [r.getMessage() for r in caplog.records if r.name == "dicom_node.scheduler"]
+    assert len(lines) == 3, lines
+    assert lines[0] == "rule 'ct': matches modality CT but model 'demo' was trained on MR"
+    assert lines[1].startswith("rule 'vibe': model 'vibe' is not installed in ")
+    assert lines[1].endswith("its series' jobs will fail")
+    assert lines[2] == (
+        "rule 'dixon': model 'twochannel' needs 2 input channels (water, fat); the node feeds "
+        "a model one series as one channel, so its jobs will fail"
+    )
 
 
 def test_an_operator_queues_a_kept_series(index: Index) -> None:
