@@ -421,6 +421,7 @@ def encode_seg(
     workers: int = 0,
     source_frames: Sequence[int] | None = None,
     instance_number: int = 1,
+    stack: str = "",
 ) -> hd.seg.Segmentation:
     """Encode ``label_map`` as a DICOM Segmentation referencing ``source_images``.
 
@@ -445,6 +446,8 @@ def encode_seg(
             the SEG then references those frames only.
         instance_number: Instance Number of the SEG (the worker gives the series version, so
             the SEG of more images of a series is told apart from the earlier one).
+        stack: which stack of a series of several was segmented; goes into the Content
+            Description, which tells the SEGs of two stacks of one series apart in a viewer.
 
     Returns:
         The Segmentation (a pydicom Dataset); only labels present in ``label_map`` are
@@ -544,7 +547,7 @@ def encode_seg(
         manufacturer_model_name="dicom-node seg_encode",
         software_versions=__version__,
         device_serial_number="dicom-node",
-        content_description=_lo(f"{model_name} {model_version}"),
+        content_description=_lo(f"{model_name} {model_version}" + (f"; {stack}" if stack else "")),
         content_creator_name=_person_name(content_creator),
         content_label=_content_label(model_name),
         series_description=_lo(f"SEG {model_name} {model_version}"),

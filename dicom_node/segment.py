@@ -134,6 +134,7 @@ def segment_volume(
             compression=comp,
             source_frames=source_frames,
             instance_number=instance_number,
+            stack=volume.stack,
         )
 
     seg = encode(format, compression)

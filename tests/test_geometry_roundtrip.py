@@ -251,6 +251,7 @@ def test_exact_with_an_oracle_model(
     result = segment_series(
         written.paths, info, _OracleSegmenter(spec), format=case.get("format", "binary")
     )
+    assert result.seg.ContentDescription == "oracle 1"  # one stack: the model alone
     seg_path = tmp_path / "seg.dcm"
     result.seg.save_as(seg_path, enforce_file_format=True)
     volume = volume_from_series(written.paths)
@@ -304,6 +305,8 @@ def test_first_echo_of_a_two_echo_series(
     paths = sorted((tmp_path / "series").iterdir())
     result = segment_series(paths, info, segmenter)
     assert result.stack == "stack 1 of 2 (Echo Number 1: 48 images)"
+    # A viewer lists a SEG of each stack in one SEG series: the description tells them apart.
+    assert result.seg.ContentDescription == "demo 1.0; stack 1 of 2 (Echo Number 1: 48 images)"
     seg_path = tmp_path / "seg.dcm"
     result.seg.save_as(seg_path, enforce_file_format=True)
     assert _referenced_instances(result.seg) == set(stacks[0].sop_instance_uids)
