@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import shutil
 import subprocess
@@ -181,6 +182,26 @@ def test_the_scheduler_names_rules_whose_jobs_would_fail_when_it_starts(
         "rule 'dixon': model 'twochannel' needs 2 input channels (water, fat); the node feeds "
         "a model one series as one channel, so its jobs will fail"
     )
+    # `dicom-node status` lists the same, for an operator who did not see the start.
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"data_dir": str(tmp_path / "var")},
+                **settings.model_dump(mode="json", include={"inference", "rules"}),
+            }
+        )
+    )
+    status = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "-c", str(config), "status", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["rule_problems"] == lines
 
 
 def test_an_operator_queues_a_kept_series(index: Index) -> None:
@@ -199,8 +220,11 @@ def test_an_operator_queues_a_kept_series(index: Index) -> None:
 
     queued = queue_series(settings, index, "1.2.3", "vibe")
     assert (queued.rule_name, queued.model_name, queued.version, queued.again) == (
-        "vibe", "vibe", 1, False,
-    )  # fmt: skip
+        "vibe",
+        "vibe",
+        1,
+        False,
+    )
     job = claim_job(index, "host:1", heartbeat_timeout_s=60)
     assert job is not None and job.id == queued.job_id and job.model_name == "vibe"
     with pytest.raises(DicomNodeError, match=f"job {queued.job_id} .* is running already"):
@@ -208,9 +232,12 @@ def test_an_operator_queues_a_kept_series(index: Index) -> None:
 
     fail_job(index, job.id, "model missing", retry_in_s=None, max_attempts=1)
     changed = Settings(
-        rules=[RuleSettings.model_validate({**RULES[0], "model": "vibe2",
-                                            "profile": {"format": "labelmap"}})]
-    )  # fmt: skip
+        rules=[
+            RuleSettings.model_validate(
+                {**RULES[0], "model": "vibe2", "profile": {"format": "labelmap"}}
+            )
+        ]
+    )
     again = queue_series(changed, index, "1.2.3", "vibe")
     assert again.job_id == queued.job_id and again.again
     rerun = claim_job(index, "host:1", heartbeat_timeout_s=60)

@@ -284,6 +284,7 @@ def status(
     ] = False,
 ) -> None:
     """Queue depth, failures and the last errors; with --check, whether the node listens."""
+    from dicom_node.rule_models import rule_model_problems
     from storage.stats import index_counts
 
     index, store = _index(ctx)  # an unreachable index fails here, with its reason
@@ -317,6 +318,8 @@ def status(
         "free_disk_mb": store.free_bytes() // (1024 * 1024),
         "last_job_errors": failed_jobs,
         "last_delivery_errors": failed_deliveries,
+        # Rules whose jobs would fail (a model not installed...): logged at start as well.
+        "rule_problems": rule_model_problems(settings_of(ctx)),
     }
     silent: list[str] = []
     if check:
