@@ -220,11 +220,8 @@ def test_an_operator_queues_a_kept_series(index: Index) -> None:
 
     queued = queue_series(settings, index, "1.2.3", "vibe")
     assert (queued.rule_name, queued.model_name, queued.version, queued.again) == (
-        "vibe",
-        "vibe",
-        1,
-        False,
-    )
+        "vibe", "vibe", 1, False,
+    )  # fmt: skip
     job = claim_job(index, "host:1", heartbeat_timeout_s=60)
     assert job is not None and job.id == queued.job_id and job.model_name == "vibe"
     with pytest.raises(DicomNodeError, match=f"job {queued.job_id} .* is running already"):
@@ -232,12 +229,9 @@ def test_an_operator_queues_a_kept_series(index: Index) -> None:
 
     fail_job(index, job.id, "model missing", retry_in_s=None, max_attempts=1)
     changed = Settings(
-        rules=[
-            RuleSettings.model_validate(
-                {**RULES[0], "model": "vibe2", "profile": {"format": "labelmap"}}
-            )
-        ]
-    )
+        rules=[RuleSettings.model_validate({**RULES[0], "model": "vibe2",
+                                            "profile": {"format": "labelmap"}})]
+    )  # fmt: skip
     again = queue_series(changed, index, "1.2.3", "vibe")
     assert again.job_id == queued.job_id and again.again
     rerun = claim_job(index, "host:1", heartbeat_timeout_s=60)
