@@ -8,27 +8,34 @@ there (``dicom-node series process``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from dicom_node.config import RuleSettings, Settings
 from dicom_node.errors import ModelError
 from inference.model_store import ModelInfo, load_model_info
 
 
 def rule_model_problems(settings: Settings) -> list[str]:
-    """One line per rule whose jobs would fail or run a model on the wrong modality."""
-    problems: list[str] = []
-    loaded: dict[str, ModelInfo | ModelError] = {}
-    for rule in settings.rules:
-        if rule.model not in loaded:
-            try:
-                loaded[rule.model] = load_model_info(rule.model, settings.models_dir)
-            except ModelError as exc:
-                loaded[rule.model] = exc
-        found = loaded[rule.model]
-        if isinstance(found, ModelError):
-            problems.append(f"rule {rule.name!r}: {found}; its series' jobs will fail")
-            continue
-        problems.extend(f"rule {rule.name!r}: {p}" for p in _model_problems(rule, found))
-    return problems
+    """One line per problem of every rule whose jobs would fail or run a model on the wrong
+    modality."""
+    models: dict[str, ModelInfo | ModelError] = {}
+    return [p for rule in settings.rules for p in rule_problems(rule, settings.models_dir, models)]
+
+
+def rule_problems(
+    rule: RuleSettings, models_dir: Path, models: dict[str, ModelInfo | ModelError] | None = None
+) -> list[str]:
+    """The problems of one rule's model; ``models`` caches models loaded for other rules."""
+    models = {} if models is None else models
+    if rule.model not in models:
+        try:
+            models[rule.model] = load_model_info(rule.model, models_dir)
+        except ModelError as exc:
+            models[rule.model] = exc
+    found = models[rule.model]
+    if isinstance(found, ModelError):
+        return [f"rule {rule.name!r}: {found}; its series' jobs will fail"]
+    return [f"rule {rule.name!r}: {p}" for p in _model_problems(rule, found)]
 
 
 def _model_problems(rule: RuleSettings, info: ModelInfo) -> list[str]:

@@ -347,28 +347,25 @@ def test_rules_test_cli_on_a_folder(tmp_path: Path) -> None:
 
     write_series(tmp_path / "series", lambda p: p[:, 0] * 0 + 100.0, shape=(4, 8, 8))
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(
-        yaml.safe_dump({"rules": [{"name": "mr", "match": {"modality": ["MR"]}, "model": "demo"}]})
-    )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dicom_node",
-            "-c",
-            str(cfg),
-            "rules",
-            "test",
-            str(tmp_path / "series"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "MATCH mr" in result.stdout and "-> mr" in result.stdout
-    assert "4 images" in result.stdout
+
+    def rules_test(model: str) -> str:
+        rule = {"name": "mr", "match": {"modality": ["MR"]}, "model": model}
+        cfg.write_text(yaml.safe_dump({"rules": [rule]}))
+        args = ["-m", "dicom_node", "-c", str(cfg), "rules", "test", str(tmp_path / "series")]
+        result = subprocess.run(
+            [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    shown = rules_test("demo")
+    assert "MATCH mr" in shown and "-> mr" in shown
+    assert "4 images" in shown
+    assert "WARNING" not in shown
+    # A rule whose model is not installed: the match is shown, and why its job would fail.
+    shown = rules_test("vibe")
+    assert "-> mr" in shown
+    assert "WARNING rule 'mr': model 'vibe' is not installed in " in shown
 
 
 def test_facts_from_folder_refuses_several_series(tmp_path: Path) -> None:

@@ -48,6 +48,7 @@ def rules_test(
 ) -> None:
     """Show which routing rule fires for a series, and why."""
     from dicom_node.routing import facts_from_folder, route
+    from dicom_node.rule_models import rule_problems
     from dicom_node.scheduler import facts_from_index
 
     settings = settings_of(ctx)
@@ -74,7 +75,11 @@ def rules_test(
         f"image type {list(facts.image_type)}, body part {facts.body_part_examined!r}, "
         f"calling AE {facts.calling_ae_title!r}, {facts.image_count} images"
     )
-    typer.echo(route(settings.rules, facts).explain())
+    decision = route(settings.rules, facts)
+    typer.echo(decision.explain())
+    if decision.rule is not None:
+        for problem in rule_problems(decision.rule, settings.models_dir):
+            typer.echo(f"WARNING {problem}")
 
 
 def _job_dict(job: Job) -> dict[str, Any]:
