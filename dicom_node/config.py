@@ -221,6 +221,11 @@ class Settings(_Strict):
         if dupes or "origin" in names:
             clashes = sorted(dupes | ({"origin"} & set(names)))
             raise ValueError(f"peer/dicomweb names must be unique and not 'origin': {clashes}")
+        rule_names = [r.name for r in self.rules]
+        twice = sorted({n for n in rule_names if rule_names.count(n) > 1})
+        if twice:
+            # Jobs are kept per (series version, rule name): two rules of one name would share.
+            raise ValueError(f"rule names must be unique: {twice}")
         known = set(names) | {"origin"}
         for rule in self.rules:
             unknown = [d for d in rule.destinations if d not in known]

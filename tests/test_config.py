@@ -32,6 +32,7 @@ def test_absolute_paths_are_kept(tmp_path: Path) -> None:
         ("node: {ae_title: 'WAY TOO LONG AE TITLE'}", "ae_title"),
         ("node: {port: 70000}", "port"),
         ("rules: [{name: r, model: demo, destinations: [nowhere]}]", "nowhere"),
+        ("rules: [{name: mr, model: demo}, {name: mr, model: vibe}]", r"rule names .*\['mr'\]"),
         ("rules: [{name: r, model: demo, match: {series_description: '('}}]", "regular expression"),
         ("node: {tls: {enabled: true}}", "tls.certificate"),
         ("nodes: {}", "nodes"),
