@@ -188,7 +188,16 @@ class Scheduler:
 
     def start(self) -> None:
         for problem in rule_model_problems(self.settings):
-            logger.warning("%s", problem)
+            if not self.settings.workers.processes:  # the workers are elsewhere: theirs count
+                logger.info(
+                    "%s (this node runs no inference workers: the machines running "
+                    "`dicom-node worker` need the model)",
+                    problem,
+                )
+            elif problem.stops_jobs:
+                logger.warning("%s: its jobs will fail", problem)
+            else:
+                logger.warning("%s", problem)
         self._rounds.start()
 
     def stop(self) -> None:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from sqlalchemy import update
 
-from dicom_node.config import RuleSettings, Settings
+from dicom_node.config import RuleSettings, Settings, WorkerSettings
 from dicom_node.errors import DicomNodeError
 from dicom_node.routing import SeriesFacts, facts_from_folder, route
 from dicom_node.scheduler import Scheduler, queue_series
@@ -169,19 +169,39 @@ def test_the_scheduler_names_rules_whose_jobs_would_fail_when_it_starts(
             ],
         }
     )
-    caplog.set_level("WARNING", logger="dicom_node.scheduler")
-    scheduler = Scheduler(settings, index)
-    scheduler.start()
-    scheduler.stop()
-    lines = [r.getMessage() for r in caplog.records if r.name == "dicom_node.scheduler"]
-    assert len(lines) == 3, lines
-    assert lines[0] == "rule 'ct': matches modality CT but model 'demo' was trained on MR"
-    assert lines[1].startswith("rule 'vibe': model 'vibe' is not installed in ")
-    assert lines[1].endswith("its series' jobs will fail")
-    assert lines[2] == (
+    problems = [
+        "rule 'ct': matches modality CT but model 'demo' was trained on MR",
+        f"rule 'vibe': model 'vibe' is not installed in {models}; available: demo, twochannel "
+        "(install one with `dicom-node models add PATH`)",
         "rule 'dixon': model 'twochannel' needs 2 input channels (water, fat); the node feeds "
-        "a model one series as one channel, so its jobs will fail"
+        "a model one series as one channel",
+    ]
+
+    def logged_at_start(settings: Settings) -> list[tuple[str, str]]:
+        caplog.clear()
+        scheduler = Scheduler(settings, index)
+        scheduler.start()
+        scheduler.stop()
+        return [
+            (r.levelname, r.getMessage())
+            for r in caplog.records
+            if r.name == "dicom_node.scheduler" and r.levelno >= logging.INFO
+        ]
+
+    caplog.set_level("INFO", logger="dicom_node.scheduler")
+    assert logged_at_start(settings) == [
+        ("WARNING", problems[0]),
+        ("WARNING", problems[1] + ": its jobs will fail"),
+        ("WARNING", problems[2] + ": its jobs will fail"),
+    ]
+    # No workers here (they run `dicom-node worker` on other machines, with their own
+    # models): the same facts, said as information about this machine only.
+    remote = settings.model_copy(update={"workers": WorkerSettings(processes=0)})
+    note = (
+        " (this node runs no inference workers: the machines running `dicom-node worker` "
+        "need the model)"
     )
+    assert logged_at_start(remote) == [("INFO", p + note) for p in problems]
     # `dicom-node status` lists the same, for an operator who did not see the start.
     config = tmp_path / "config.yaml"
     config.write_text(
@@ -201,7 +221,34 @@ def test_the_scheduler_names_rules_whose_jobs_would_fail_when_it_starts(
         check=False,
     )
     assert status.returncode == 0, status.stderr
-    assert json.loads(status.stdout)["rule_problems"] == lines
+    assert json.loads(status.stdout)["rule_problems"] == problems
+
+
+def test_a_worker_machine_names_the_rules_whose_model_it_lacks(tmp_path: Path) -> None:
+    """`dicom-node worker` on another machine: its own models run the jobs, so it checks them."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"data_dir": str(tmp_path / "var")},
+                "rules": [{"name": "vibe", "model": "vibe"}, {"name": "mr", "model": "demo"}],
+            }
+        )
+    )
+    args = ["-m", "dicom_node", "-c", str(cfg), "worker", "--processes", "1"]
+    worker = subprocess.Popen([sys.executable, *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        assert worker.stderr is not None
+        first = worker.stderr.readline()
+    finally:
+        worker.terminate()
+        rest = worker.communicate(timeout=60)[1]
+    assert "WARNING" in first and "rule 'vibe': model 'vibe' is not installed in " in first, (
+        first + rest
+    )
+    assert first.rstrip().endswith(": jobs of that rule that this worker takes will fail")
+    assert "rule 'mr'" not in first + rest
+    assert worker.returncode == 0, rest
 
 
 def test_an_operator_queues_a_kept_series(index: Index) -> None:

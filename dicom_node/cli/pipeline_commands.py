@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -14,6 +15,8 @@ from dicom_node.cli import print_json, settings_of
 from dicom_node.config import Settings
 from dicom_node.errors import DicomNodeError
 from storage.models import Delivery, DeliveryState, Job, JobState, Series, SeriesVersion
+
+logger = logging.getLogger(__name__)
 
 
 def register(app: typer.Typer) -> None:
@@ -323,8 +326,8 @@ def status(
         "free_disk_mb": store.free_bytes() // (1024 * 1024),
         "last_job_errors": failed_jobs,
         "last_delivery_errors": failed_deliveries,
-        # Rules whose jobs would fail (a model not installed...): logged at start as well.
-        "rule_problems": rule_model_problems(settings_of(ctx)),
+        # A rule's model not installed here, unusable or of another modality (logged at start).
+        "rule_problems": [str(p) for p in rule_model_problems(settings_of(ctx))],
     }
     silent: list[str] = []
     if check:
@@ -371,15 +374,19 @@ def worker(
     import signal
     import threading
 
+    from dicom_node.rule_models import rule_model_problems
     from dicom_node.service import open_store
     from dicom_node.worker import WorkerPool
 
-    settings = settings_of(ctx)
-    index, _ = open_store(settings)
-    pool = WorkerPool(settings, index, processes or max(1, settings.workers.processes))
-    wake = threading.Event()
+    wake = threading.Event()  # a stop asked for while starting is honoured once started
     signal.signal(signal.SIGTERM, lambda *_: wake.set())
     signal.signal(signal.SIGINT, lambda *_: wake.set())
+    settings = settings_of(ctx)
+    index, _ = open_store(settings)
+    for problem in rule_model_problems(settings):  # this machine's models run the jobs
+        if problem.stops_jobs:
+            logger.warning("%s: jobs of that rule that this worker takes will fail", problem)
+    pool = WorkerPool(settings, index, processes or max(1, settings.workers.processes))
     pool.start()
     while not wake.wait(1.0):
         pass
