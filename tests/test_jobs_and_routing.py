@@ -288,6 +288,22 @@ def test_an_operator_queues_a_kept_series(index: Index) -> None:
     assert Scheduler(settings, index).route_pending() == 0
 
 
+def test_series_process_warns_when_the_rule_has_no_usable_model(
+    index: Index, tmp_path: Path
+) -> None:
+    """The job is queued (workers elsewhere may have the model), and the operator is told."""
+    _complete_series(index, n=12)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"storage": {"data_dir": str(tmp_path)}, "rules": RULES}))
+    args = ["-m", "dicom_node", "-c", str(cfg), "series", "process", "1.2.3", "--json"]
+    result = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["rule"] == "vibe"
+    assert "WARNING rule 'vibe': model 'vibe' is not installed in " in result.stderr
+
+
 def test_job_state_machine(index: Index) -> None:
     version_pk = _complete_series(index)
     job_id = create_job(index, version_pk, JobSpec("r", "demo", {}, ["origin"]))

@@ -154,12 +154,16 @@ def process_series(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Queue a stored series for segmentation now (a running node's workers take it)."""
+    from dicom_node.rule_models import rule_problems
     from dicom_node.scheduler import queue_series
     from dicom_node.service import open_store
 
     settings = settings_of(ctx)
     index, _ = open_store(settings)
     queued = queue_series(settings, index, uid, rule)
+    chosen = next(r for r in settings.rules if r.name == queued.rule_name)
+    for problem in rule_problems(chosen, settings.models_dir):  # on stderr: --json stays clean
+        typer.echo(f"WARNING {problem}", err=True)
     if as_json:
         print_json(
             {
