@@ -46,13 +46,9 @@ def rule_problems(
     if isinstance(found, ModelError):
         return [RuleProblem(where + str(found), stops_jobs=True)]
     out: list[RuleProblem] = []
-    channels = found.descriptor.input_channels
-    if len(channels) != 1:
-        text = (
-            f"model {found.name!r} needs {len(channels)} input channels ({', '.join(channels)}); "
-            "the node feeds a model one series as one channel"
-        )
-        out.append(RuleProblem(where + text, stops_jobs=True))
+    unfed = unfeedable(found)
+    if unfed:
+        out.append(RuleProblem(where + unfed, stops_jobs=True))
     wanted = [m.upper() for m in rule.match.modality or []]
     if wanted and found.descriptor.modality not in wanted:
         text = (
@@ -61,3 +57,14 @@ def rule_problems(
         )
         out.append(RuleProblem(where + text, stops_jobs=False))
     return out
+
+
+def unfeedable(info: ModelInfo) -> str | None:
+    """Why the node cannot give this model its inputs, if it cannot."""
+    channels = info.descriptor.input_channels
+    if len(channels) == 1:
+        return None
+    return (
+        f"model {info.name!r} needs {len(channels)} input channels ({', '.join(channels)}); "
+        "the node feeds a model one series as one channel"
+    )

@@ -17,6 +17,7 @@ from pydicom import Dataset
 
 from dicom_node.config import InferenceSettings
 from dicom_node.errors import ModelError, SeriesError
+from dicom_node.rule_models import unfeedable
 from dicom_node.seg_encode import encode_seg, label_volumes_ml
 from dicom_node.volume import (
     StackChoice,
@@ -165,12 +166,9 @@ def segment_series(
     """The whole flow for one series' files."""
     if not paths:
         raise SeriesError("the series has no images")
-    channels = info.descriptor.input_channels
-    if len(channels) != 1:  # before reading the series: no series can feed it
-        raise ModelError(
-            f"model {info.name} needs {len(channels)} input channels ({', '.join(channels)}); "
-            "the node feeds a model one series as one channel"
-        )
+    unfed = unfeedable(info)
+    if unfed:  # before reading the series: no series can feed it
+        raise ModelError(unfed)
     started = time.monotonic()
     volume = volume_from_series(list(paths), stack or StackChoice())
     load_s = time.monotonic() - started
