@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
 from typing import TYPE_CHECKING, Protocol
 
+import psutil
 from sqlalchemy import select
 
 from dicom_node.child_process import die_with_parent
@@ -58,16 +59,6 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def release_orphaned_jobs(index: Index, keep: Collection[int] = ()) -> int:
     """Jobs left RUNNING by dead worker processes of this host become claimable at once;
     not those in ``keep`` (stopped for the time limit: they are to be marked failed)."""
@@ -78,7 +69,7 @@ def release_orphaned_jobs(index: Index, keep: Collection[int] = ()) -> int:
             if job.id in keep:
                 continue
             name, _, pid = job.worker.rpartition(":")
-            if name == host and pid.isdigit() and not _pid_alive(int(pid)):
+            if name == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
                 job.heartbeat_at = utcnow().replace(year=2000)
                 released += 1
                 logger.info(

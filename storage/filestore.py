@@ -21,6 +21,8 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+import psutil
+
 from dicom_node.errors import StorageError
 
 TMP_PREFIX = ".tmp-"
@@ -173,7 +175,7 @@ class FileStore:
         """
         count = 0
         now = time.time()
-        booted = _boot_time()
+        booted = psutil.boot_time()
         for tmp in self.root.glob(f"*/*/{TMP_PREFIX}*"):
             owner = _tmp_owner(tmp.name)
             if pid is not None:
@@ -186,7 +188,7 @@ class FileStore:
                 except FileNotFoundError:  # renamed into place meanwhile
                     continue
                 abandoned = now - written > STALE_TMP_S or (
-                    owner[0] == _HOST and (written < booted or not _running(owner[1]))
+                    owner[0] == _HOST and (written < booted or not psutil.pid_exists(owner[1]))
                 )
             if abandoned:
                 tmp.unlink(missing_ok=True)
@@ -205,20 +207,3 @@ def _tmp_owner(name: str) -> tuple[str, int] | None:
     host, _, rest = name[len(TMP_PREFIX) :].partition("~")
     pid, _, _ = rest.partition("~")
     return (host, int(pid)) if host and pid.isdigit() else None
-
-
-def _boot_time() -> float:
-    try:
-        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
-    except (AttributeError, OSError):  # not Linux: rely on the pid and age checks
-        return 0.0
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: running
-        return True
-    return True
