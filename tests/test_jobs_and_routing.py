@@ -67,6 +67,22 @@ def rules() -> list[RuleSettings]:
     return [RuleSettings.model_validate(r) for r in RULES]
 
 
+def _config(tmp_path: Path, values: dict[str, Any]) -> Path:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(values))
+    return config
+
+
+def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`dicom-node -c CONFIG ARGS`, which must succeed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "-c", str(config), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def test_first_matching_rule_wins_with_reasons() -> None:
     facts = SeriesFacts(
         "1.2.3",
@@ -203,37 +219,25 @@ def test_the_scheduler_names_rules_whose_jobs_would_fail_when_it_starts(
     )
     assert logged_at_start(remote) == [("INFO", p + note) for p in problems]
     # `dicom-node status` lists the same, for an operator who did not see the start.
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "storage": {"data_dir": str(tmp_path / "var")},
-                **settings.model_dump(mode="json", include={"inference", "rules"}),
-            }
-        )
+    config = _config(
+        tmp_path,
+        {
+            "storage": {"data_dir": str(tmp_path / "var")},
+            **settings.model_dump(mode="json", include={"inference", "rules"}),
+        },
     )
-    status = subprocess.run(
-        [sys.executable, "-m", "dicom_node", "-c", str(config), "status", "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert status.returncode == 0, status.stderr
+    status = _cli(config, "status", "--json")
     assert json.loads(status.stdout)["rule_problems"] == problems
 
 
 def test_a_worker_machine_names_the_rules_whose_model_it_lacks(tmp_path: Path) -> None:
     """`dicom-node worker` on another machine: its own models run the jobs, so it checks them."""
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "storage": {"data_dir": str(tmp_path / "var")},
-                "rules": [{"name": "vibe", "model": "vibe"}, {"name": "mr", "model": "demo"}],
-            }
-        )
+    cfg = _config(
+        tmp_path,
+        {
+            "storage": {"data_dir": str(tmp_path / "var")},
+            "rules": [{"name": "vibe", "model": "vibe"}, {"name": "mr", "model": "demo"}],
+        },
     )
     args = ["-m", "dicom_node", "-c", str(cfg), "worker", "--processes", "1"]
     worker = subprocess.Popen([sys.executable, *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -293,13 +297,8 @@ def test_series_process_warns_when_the_rule_has_no_usable_model(
 ) -> None:
     """The job is queued (workers elsewhere may have the model), and the operator is told."""
     _complete_series(index, n=12)
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(yaml.safe_dump({"storage": {"data_dir": str(tmp_path)}, "rules": RULES}))
-    args = ["-m", "dicom_node", "-c", str(cfg), "series", "process", "1.2.3", "--json"]
-    result = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
+    cfg = _config(tmp_path, {"storage": {"data_dir": str(tmp_path)}, "rules": RULES})
+    result = _cli(cfg, "series", "process", "1.2.3", "--json")
     assert json.loads(result.stdout)["rule"] == "vibe"
     assert "WARNING rule 'vibe': model 'vibe' is not installed in " in result.stderr
 
@@ -409,17 +408,11 @@ def test_rules_test_cli_on_a_folder(tmp_path: Path) -> None:
     from dicom_phantoms import write_series
 
     write_series(tmp_path / "series", lambda p: p[:, 0] * 0 + 100.0, shape=(4, 8, 8))
-    cfg = tmp_path / "config.yaml"
 
     def rules_test(model: str) -> str:
         rule = {"name": "mr", "match": {"modality": ["MR"]}, "model": model}
-        cfg.write_text(yaml.safe_dump({"rules": [rule]}))
-        args = ["-m", "dicom_node", "-c", str(cfg), "rules", "test", str(tmp_path / "series")]
-        result = subprocess.run(
-            [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
-        )
-        assert result.returncode == 0, result.stderr
-        return result.stdout
+        cfg = _config(tmp_path, {"rules": [rule]})
+        return _cli(cfg, "rules", "test", str(tmp_path / "series")).stdout
 
     shown = rules_test("demo")
     assert "MATCH mr" in shown and "-> mr" in shown
