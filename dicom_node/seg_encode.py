@@ -29,6 +29,7 @@ Decisions a caller relies on:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -290,7 +291,7 @@ def _source_geometry(source_images: Sequence[Dataset] | Dataset) -> tuple[list[D
     if not sources:
         raise ValueError("source_images is empty: at least one source image is required")
     if len(sources) == 1 and int(sources[0].get("NumberOfFrames", 1) or 1) > 1:
-        return sources, int(sources[0].NumberOfFrames)
+        return [_with_shared_geometry(sources[0])], int(sources[0].NumberOfFrames)
     multi = [ds for ds in sources if int(ds.get("NumberOfFrames", 1) or 1) > 1]
     if multi:
         raise ValueError(
@@ -301,6 +302,46 @@ def _source_geometry(source_images: Sequence[Dataset] | Dataset) -> tuple[list[D
     if len(series) != 1:
         raise ValueError(f"source images come from {len(series)} series; encode one series")
     return sources, len(sources)
+
+
+_FRAME_GEOMETRY = ("PixelMeasuresSequence", "PlaneOrientationSequence")
+
+
+def _with_shared_geometry(source: Dataset) -> Dataset:
+    """``source``, or a copy whose shared functional groups hold its frames' common geometry.
+
+    highdicom reads a multi-frame source's pixel spacing and orientation from the shared
+    functional groups only. Scanners may write them in every frame's group instead (Siemens
+    XA enhanced MR does), which the standard allows; the SEG of such an image failed. Where
+    every frame holds the same, the copy carries them shared; its UIDs and frames are the
+    source's, so the SEG references the source as it is.
+    """
+    shared = source.get("SharedFunctionalGroupsSequence") or [Dataset()]
+    missing = [keyword for keyword in _FRAME_GEOMETRY if keyword not in shared[0]]
+    frames = source.get("PerFrameFunctionalGroupsSequence") or []
+    if not missing or not frames:
+        return source  # nothing to add, or nothing to add it from: highdicom says what lacks
+    common = Dataset()
+    for element in shared[0]:
+        common.add(element)
+    for keyword in missing:
+        values = [frame.get(keyword) for frame in frames]
+        if any(value is None for value in values):
+            continue
+        if any(value != values[0] for value in values[1:]):
+            raise ValueError(
+                f"the frames of the multi-frame image differ in {keyword}: "
+                "a SEG needs one pixel spacing and one orientation"
+            )
+        setattr(common, keyword, copy.deepcopy(values[0]))  # a few values
+    copied = copy.copy(source)
+    # Its own element table, and a new element in it: assigning to the shared one would
+    # change the source's value too.
+    copied._dict = dict(source._dict)
+    if "SharedFunctionalGroupsSequence" in copied:
+        del copied.SharedFunctionalGroupsSequence
+    copied.SharedFunctionalGroupsSequence = [common]
+    return copied
 
 
 def _plane_positions_of_frames(

@@ -294,6 +294,7 @@ def write_series(
     reverse_order: bool = False,
     shuffle_instance_numbers: bool = True,
     enhanced: bool = False,
+    per_frame_geometry: bool = False,
     transfer_syntax: str = ExplicitVRLittleEndian,
     rescale: tuple[float, float] = (1.0, 0.0),
     drop_slices: Sequence[int] = (),
@@ -312,6 +313,8 @@ def write_series(
         scanner acquiring feet-to-head vs head-to-feet would.
     shuffle_instance_numbers: permute InstanceNumber so only positions give the order.
     enhanced: one Enhanced MR Image Storage multi-frame object instead of single frames.
+    per_frame_geometry: (enhanced) pixel measures and orientation in every frame's functional
+        groups instead of the shared ones, as Siemens XA writes them.
     drop_slices: grid slice indices not written (a gap).
     shear_mm_per_slice: in-plane shift per slice along (row, column) direction, the
         geometry of a gantry tilt (column direction) or a sheared stack.
@@ -357,6 +360,8 @@ def write_series(
         # Frames are stored in (possibly shuffled) InstanceNumber order, not by position.
         frame_order = sorted(kept, key=lambda z: number_of[z])
         _fill_enhanced_per_frame(ds, positions, frame_order, number_of)
+        if per_frame_geometry:
+            _move_to_frames(ds, ("PixelMeasuresSequence", "PlaneOrientationSequence"))
         ds.Rows, ds.Columns = ny, nx
         ds.NumberOfFrames = len(frame_order)
         _save(ds, path, transfer_syntax, np.ascontiguousarray(stored[frame_order]))
@@ -490,6 +495,17 @@ def _fill_enhanced_per_frame(
         )
         frames.append(frame)
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
+
+
+def _move_to_frames(ds: Dataset, keywords: Sequence[str]) -> None:
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    for keyword in keywords:
+        value = shared[keyword].value
+        del shared[keyword]
+        for frame in ds.PerFrameFunctionalGroupsSequence:
+            setattr(
+                frame, keyword, DicomSequence([_item(**{e.keyword: e.value for e in value[0]})])
+            )
 
 
 # ---- named bad series ---------------------------------------------------------------

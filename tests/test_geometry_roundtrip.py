@@ -74,6 +74,8 @@ CASES: list[dict[str, Any]] = [
 def _case_id(case: dict[str, Any]) -> str:
     parts = [case["orientation"], case.get("patient_position", "HFS")]
     parts.append("enhanced" if case.get("enhanced") else "single")
+    if case.get("per_frame_geometry"):
+        parts.append("per-frame-geometry")
     if case.get("reverse_order"):
         parts.append("reversed")
     if "format" in case:
@@ -238,6 +240,19 @@ def _oracle_info() -> SimpleNamespace:
         {"orientation": "sagittal", "patient_position": "FFS", "enhanced": True},
         {"orientation": "coronal", "patient_position": "HFP", "reverse_order": True},
         {"orientation": "axial", "patient_position": "FFP", "enhanced": True, "format": "labelmap"},
+        # Pixel measures and orientation in each frame's groups, as Siemens XA writes them.
+        {
+            "orientation": "coronal",
+            "enhanced": True,
+            "per_frame_geometry": True,
+            "reverse_order": True,
+        },
+        {
+            "orientation": "sagittal",
+            "enhanced": True,
+            "per_frame_geometry": True,
+            "format": "labelmap",
+        },
     ],
     ids=_case_id,
 )
@@ -484,3 +499,46 @@ def test_the_bars_catch_a_flip_and_a_one_slice_shift(spec: PhantomSpec) -> None:
     moved[:3, 3] += 0.5 * affine[:3, 0]
     with pytest.raises(AssertionError, match="voxel off"):
         st.resample_nearest(st.LabelGrid(truth, moved), affine, shape)
+
+
+class _ThresholdSegmenter:
+    """Labels by intensity alone (1 above the 60th percentile, 2 above the 90th): the answer
+    does not depend on how the volume is turned, so its label map on the source grid is known."""
+
+    def predict(self, volume: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
+        return _threshold_labels(volume)
+
+
+def _threshold_labels(volume: np.ndarray) -> np.ndarray:
+    low, high = np.percentile(volume, [60, 90])
+    return (volume > low).astype(np.uint8) + (volume > high).astype(np.uint8)
+
+
+@pytest.mark.parametrize("fmt", ["binary", "labelmap"])
+def test_real_siemens_xa_enhanced_image_gets_a_seg(
+    tmp_path: Path, shared_data: Path, fmt: str
+) -> None:
+    """The scanner's own enhanced MR (Siemens XA30, 96 frames), whose pixel spacing and
+    orientation are in each frame's functional groups, not the shared ones: its SEG used to fail
+    in highdicom. Read back by reference, by position and by dcmqi, it is the model's answer."""
+    paths = sorted((shared_data / "mr_siemens_xa30_enhanced_t1w").iterdir())
+    info = _oracle_info()
+    result = segment_series(paths, info, _ThresholdSegmenter(), format=fmt)
+    seg_path = tmp_path / "seg.dcm"
+    result.seg.save_as(seg_path, enforce_file_format=True)
+    if fmt == "binary":
+        assert_valid_binary_seg(seg_path, paths)
+    volume = volume_from_series(paths)
+    expected = _threshold_labels(volume.array)
+    seg = st.read_seg(seg_path)
+    assert _referenced_instances(seg) == {str(volume.source_datasets[0].SOPInstanceUID)}
+    by_reference = st.decode_on_source(seg, volume, info.catalogue)
+    assert int((by_reference != expected).sum()) == 0
+    shape = volume.array.shape
+    by_position = st.resample_nearest(
+        st.decode_by_position(seg, info.catalogue), volume.affine, shape, what="highdicom volume"
+    )
+    assert int((by_position != expected).sum()) == 0
+    dcmqi = st.decode_with_dcmqi(seg_path, tmp_path / "dcmqi", info.catalogue)
+    on_source = st.resample_nearest(dcmqi, volume.affine, shape, what="dcmqi NIfTI")
+    assert int((on_source != expected).sum()) == 0

@@ -134,6 +134,47 @@ def test_multiframe_source_decodes_and_references_frames(
     assert referenced_frames == {z + 1 for z in range(label_map.shape[0]) if label_map[z].any()}
 
 
+def _geometry_per_frame(multiframe: Dataset) -> Dataset:
+    """A copy with pixel measures and orientation in every frame's groups (as Siemens XA)."""
+    moved = copy.deepcopy(multiframe)
+    shared = moved.SharedFunctionalGroupsSequence[0]
+    for keyword in ("PixelMeasuresSequence", "PlaneOrientationSequence"):
+        for frame in moved.PerFrameFunctionalGroupsSequence:
+            setattr(frame, keyword, copy.deepcopy(shared[keyword].value))
+        del shared[keyword]
+    return moved
+
+
+def test_multiframe_source_with_geometry_per_frame(
+    multiframe: Dataset, label_map: np.ndarray
+) -> None:
+    source = _geometry_per_frame(multiframe)
+    before = copy.deepcopy(source)
+    seg = hd.seg.Segmentation.from_dataset(_encode(label_map, source))
+    decoded = seg.get_pixels_by_source_frame(
+        source.SOPInstanceUID,
+        source_frame_numbers=range(1, label_map.shape[0] + 1),
+        combine_segments=True,
+        relabel=True,
+        assert_missing_frames_are_empty=True,
+    )
+    np.testing.assert_array_equal(decoded, _expected_segments(label_map))
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    assert shared.PixelMeasuresSequence[0].PixelSpacing == (
+        multiframe.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    )
+    assert source == before  # the caller's dataset is left as it was
+
+
+def test_multiframe_frames_of_different_pixel_spacing_are_refused(
+    multiframe: Dataset, label_map: np.ndarray
+) -> None:
+    source = _geometry_per_frame(multiframe)
+    source.PerFrameFunctionalGroupsSequence[3].PixelMeasuresSequence[0].PixelSpacing = [9, 9]
+    with pytest.raises(ValueError, match="differ in PixelMeasuresSequence"):
+        _encode(label_map, source)
+
+
 def test_get_volume_matches_for_labelmap(series: list[Dataset], label_map: np.ndarray) -> None:
     seg = _encode(label_map, series, format="labelmap", compression="rle")
     volume = seg.get_volume(combine_segments=True, relabel=True)
