@@ -44,6 +44,9 @@ def configure_logging(settings: LoggingSettings) -> None:
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(settings.level)
+    # Libraries' warnings (highdicom's on a source's odd Patient Name, ...) become log lines
+    # at WARNING, in the log file and as JSON too, instead of raw lines on stderr only.
+    logging.captureWarnings(True)
     # pynetdicom logs every PDU at INFO; keep its association summaries only.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
     # Its per-PDU/DIMSE log handlers decode every message only to log it at INFO/DEBUG,

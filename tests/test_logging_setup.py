@@ -1,8 +1,13 @@
-"""pynetdicom's per-message log handlers are bound only when the node logs at DEBUG."""
+"""Logging set-up: pynetdicom's per-message log handlers are bound only when the node logs at
+DEBUG; libraries' warnings become log lines."""
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from pynetdicom import _config as pynetdicom_config
@@ -29,3 +34,27 @@ def _restore_logging(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_pynetdicom_message_handlers_follow_the_log_level(level: str, handlers: str) -> None:
     configure_logging(LoggingSettings(level=level))  # type: ignore[arg-type]
     assert handlers == pynetdicom_config.LOG_HANDLER_LEVEL
+
+
+def test_library_warnings_become_log_lines(tmp_path: Path) -> None:
+    """A library's warning (highdicom warns of a source's one-part Patient Name while the
+    worker encodes) is a JSON log line like any other, in the log file too, not a raw
+    two-line message on stderr that breaks a log shipper's parsing."""
+    log_file = tmp_path / "node.log"
+    script = (
+        "import warnings\n"
+        "from dicom_node.config import LoggingSettings\n"
+        "from dicom_node.logging_setup import configure_logging\n"
+        f"configure_logging(LoggingSettings(json_lines=True, file={str(log_file)!r}))\n"
+        "warnings.warn('The string \"HFS\" is unlikely to represent a person name', UserWarning)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    for text in (done.stderr, log_file.read_text()):
+        lines = text.splitlines()
+        assert len(lines) == 1, text
+        record = json.loads(lines[0])
+        assert record["level"] == "WARNING"
+        assert record["logger"] == "py.warnings"
+        assert "HFS" in record["message"]
