@@ -301,7 +301,35 @@ def _source_geometry(source_images: Sequence[Dataset] | Dataset) -> tuple[list[D
     series = {str(ds.SeriesInstanceUID) for ds in sources}
     if len(series) != 1:
         raise ValueError(f"source images come from {len(series)} series; encode one series")
+    if sources[0].get("SliceThickness") in (None, ""):
+        sources = [_with_slice_thickness(sources), *sources[1:]]
     return sources, len(sources)
+
+
+def _with_slice_thickness(sources: list[Dataset]) -> Dataset:
+    """A copy of the first source with a Slice Thickness: the distance between the slices.
+
+    highdicom takes the SEG's slice thickness (which its pixel measures need) from the
+    first source, and fails where the attribute is absent. A source may leave it empty
+    (Type 2), and some leave it out; the SEG's planes are then as thick as they are apart
+    (empty where there is one slice).
+    """
+    first = sources[0]
+    thickness: float | None = None
+    try:
+        orientation = np.asarray(first.ImageOrientationPatient, dtype=float)
+        normal = np.cross(orientation[:3], orientation[3:])
+        along = np.sort([float(np.dot(normal, ds.ImagePositionPatient)) for ds in sources])
+        if len(along) > 1:
+            thickness = round(float(np.median(np.diff(along))), 6) or None
+    except (AttributeError, TypeError, ValueError):
+        pass  # no geometry to measure: highdicom says what it lacks
+    copied = copy.copy(first)
+    copied._dict = dict(first._dict)  # its own elements: the source stays as it was
+    if "SliceThickness" in copied:
+        del copied.SliceThickness
+    copied.SliceThickness = thickness
+    return copied
 
 
 _FRAME_GEOMETRY = ("PixelMeasuresSequence", "PlaneOrientationSequence")

@@ -438,6 +438,31 @@ def test_binary_seg_passes_dciodvfy(
 
 
 @pytest.mark.peers
+@pytest.mark.parametrize("how", ["absent", "empty"])
+def test_source_without_slice_thickness(
+    tmp_path: Path, series: list[Dataset], label_map: np.ndarray, how: str
+) -> None:
+    """Slice Thickness is Type 2 (may be empty) and some sources leave it out: highdicom
+    failed on the absent one, and an empty one gave a SEG dciodvfy flags (its pixel measures
+    need a thickness). The SEG's planes are as thick as the slices are apart."""
+    sources = copy.deepcopy(series)
+    for ds in sources:
+        if how == "absent":
+            del ds.SliceThickness
+        else:
+            ds.SliceThickness = None
+    before = copy.deepcopy(sources)
+    seg = _encode(label_map, sources)
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == 3.0  # the slices lie 3 mm apart
+    path = tmp_path / "seg.dcm"
+    path.write_bytes(seg_to_bytes(seg))
+    output = dciodvfy(path)
+    assert "Warning" not in output and "Error" not in output, output
+    assert sources == before  # the caller's datasets are left as they were
+
+
+@pytest.mark.peers
 def test_dcentvfy_finds_seg_consistent_with_sources(
     tmp_path: Path, series: list[Dataset], series_dir: list[Path], label_map: np.ndarray
 ) -> None:
