@@ -324,11 +324,19 @@ def _with_slice_thickness(sources: list[Dataset]) -> Dataset:
             thickness = round(float(np.median(np.diff(along))), 6) or None
     except (AttributeError, TypeError, ValueError):
         pass  # no geometry to measure: highdicom says what it lacks
-    copied = copy.copy(first)
-    copied._dict = dict(first._dict)  # its own elements: the source stays as it was
-    if "SliceThickness" in copied:
-        del copied.SliceThickness
-    copied.SliceThickness = thickness
+    return _replaced(first, "SliceThickness", thickness)
+
+
+def _replaced(source: Dataset, keyword: str, value: object) -> Dataset:
+    """A shallow copy of ``source`` with ``keyword`` set to ``value``; the source stays as it
+    was (pixel data and the other elements are shared, not copied)."""
+    copied = copy.copy(source)
+    # Its own element table, and a new element in it: pydicom assigns to an element in
+    # place, which would change the source's value too.
+    copied._dict = dict(source._dict)
+    if keyword in copied:
+        delattr(copied, keyword)
+    setattr(copied, keyword, value)
     return copied
 
 
@@ -362,14 +370,7 @@ def _with_shared_geometry(source: Dataset) -> Dataset:
                 "a SEG needs one pixel spacing and one orientation"
             )
         setattr(common, keyword, copy.deepcopy(values[0]))  # a few values
-    copied = copy.copy(source)
-    # Its own element table, and a new element in it: assigning to the shared one would
-    # change the source's value too.
-    copied._dict = dict(source._dict)
-    if "SharedFunctionalGroupsSequence" in copied:
-        del copied.SharedFunctionalGroupsSequence
-    copied.SharedFunctionalGroupsSequence = [common]
-    return copied
+    return _replaced(source, "SharedFunctionalGroupsSequence", [common])
 
 
 def _plane_positions_of_frames(
