@@ -42,6 +42,7 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
     UID,
@@ -286,12 +287,12 @@ def _check_sha256(weights_sha256: str) -> str:
 
 
 def _source_geometry(source_images: Sequence[Dataset] | Dataset) -> tuple[list[Dataset], int]:
-    """The source list for highdicom and the number of planes it describes."""
+    """The source list and the number of planes it describes."""
     sources = [source_images] if isinstance(source_images, Dataset) else list(source_images)
     if not sources:
         raise ValueError("source_images is empty: at least one source image is required")
     if len(sources) == 1 and int(sources[0].get("NumberOfFrames", 1) or 1) > 1:
-        return [_with_shared_geometry(sources[0])], int(sources[0].NumberOfFrames)
+        return sources, int(sources[0].NumberOfFrames)
     multi = [ds for ds in sources if int(ds.get("NumberOfFrames", 1) or 1) > 1]
     if multi:
         raise ValueError(
@@ -301,62 +302,84 @@ def _source_geometry(source_images: Sequence[Dataset] | Dataset) -> tuple[list[D
     series = {str(ds.SeriesInstanceUID) for ds in sources}
     if len(series) != 1:
         raise ValueError(f"source images come from {len(series)} series; encode one series")
-    if sources[0].get("SliceThickness") in (None, ""):
-        sources = [_with_slice_thickness(sources), *sources[1:]]
     return sources, len(sources)
 
 
-def _with_slice_thickness(sources: list[Dataset]) -> Dataset:
-    """A copy of the first source with a Slice Thickness: the distance between the slices.
+# Type 2 (present, maybe empty) in the source's Patient and General Study modules; highdicom
+# copies them into the SEG and fails where a source leaves one out, as some do.
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+)
 
-    highdicom takes the SEG's slice thickness (which its pixel measures need) from the
-    first source, and fails where the attribute is absent. A source may leave it empty
-    (Type 2), and some leave it out; the SEG's planes are then as thick as they are apart
-    (empty where there is one slice).
+
+def _for_highdicom(sources: list[Dataset]) -> list[Dataset]:
+    """``sources``, the first replaced by a copy where highdicom would refuse what the
+    standard allows.
+
+    highdicom takes the SEG's patient, study, character set and geometry from the first
+    source. The copy holds absent Type 2 attributes empty, an ISO 2022 character set whose
+    first value is empty (the default repertoire) as ``ISO 2022 IR 6``, a multi-frame
+    image's pixel measures and orientation shared where its frames hold them each, and a
+    missing slice thickness. Its UIDs and frames are the source's, so the SEG references
+    the source as it is; the source itself is left as it was.
     """
     first = sources[0]
-    thickness: float | None = None
+    changes: dict[str, object] = {k: None for k in _TYPE2_COPIED if k not in first}
+    charset = first.get("SpecificCharacterSet")
+    if isinstance(charset, MultiValue) and len(charset) > 1 and not charset[0]:
+        changes["SpecificCharacterSet"] = ["ISO 2022 IR 6", *charset[1:]]
+    if int(first.get("NumberOfFrames", 1) or 1) > 1:
+        shared = _shared_geometry(first)
+        if shared is not None:
+            changes["SharedFunctionalGroupsSequence"] = [shared]
+    elif first.get("SliceThickness") in (None, ""):
+        changes["SliceThickness"] = _slice_distance(sources)
+    if not changes:
+        return sources
+    copied = copy.copy(first)
+    # Its own element table, and new elements in it: pydicom assigns to an element in
+    # place, which would change the source's value too.
+    copied._dict = dict(first._dict)
+    for keyword, value in changes.items():
+        if keyword in copied:
+            delattr(copied, keyword)
+        setattr(copied, keyword, value)
+    return [copied, *sources[1:]]
+
+
+def _slice_distance(sources: list[Dataset]) -> float | None:
+    """The distance between the slices, as the SEG's slice thickness where the source has
+    none (its pixel measures need one); ``None`` for one slice or no geometry."""
     try:
-        orientation = np.asarray(first.ImageOrientationPatient, dtype=float)
+        orientation = np.asarray(sources[0].ImageOrientationPatient, dtype=float)
         normal = np.cross(orientation[:3], orientation[3:])
         along = np.sort([float(np.dot(normal, ds.ImagePositionPatient)) for ds in sources])
-        if len(along) > 1:
-            thickness = round(float(np.median(np.diff(along))), 6) or None
     except (AttributeError, TypeError, ValueError):
-        pass  # no geometry to measure: highdicom says what it lacks
-    return _replaced(first, "SliceThickness", thickness)
-
-
-def _replaced(source: Dataset, keyword: str, value: object) -> Dataset:
-    """A shallow copy of ``source`` with ``keyword`` set to ``value``; the source stays as it
-    was (pixel data and the other elements are shared, not copied)."""
-    copied = copy.copy(source)
-    # Its own element table, and a new element in it: pydicom assigns to an element in
-    # place, which would change the source's value too.
-    copied._dict = dict(source._dict)
-    if keyword in copied:
-        delattr(copied, keyword)
-    setattr(copied, keyword, value)
-    return copied
+        return None  # highdicom says what it lacks
+    if len(along) < 2:
+        return None
+    return round(float(np.median(np.diff(along))), 6) or None
 
 
 _FRAME_GEOMETRY = ("PixelMeasuresSequence", "PlaneOrientationSequence")
 
 
-def _with_shared_geometry(source: Dataset) -> Dataset:
-    """``source``, or a copy whose shared functional groups hold its frames' common geometry.
-
-    highdicom reads a multi-frame source's pixel spacing and orientation from the shared
-    functional groups only. Scanners may write them in every frame's group instead (Siemens
-    XA enhanced MR does), which the standard allows; the SEG of such an image failed. Where
-    every frame holds the same, the copy carries them shared; its UIDs and frames are the
-    source's, so the SEG references the source as it is.
-    """
+def _shared_geometry(source: Dataset) -> Dataset | None:
+    """The shared functional group item with the frames' common pixel measures and
+    orientation added, where the frames hold them each (Siemens XA enhanced MR does; highdicom
+    reads them from the shared groups only); ``None`` where there is nothing to add."""
     shared = source.get("SharedFunctionalGroupsSequence") or [Dataset()]
     missing = [keyword for keyword in _FRAME_GEOMETRY if keyword not in shared[0]]
     frames = source.get("PerFrameFunctionalGroupsSequence") or []
     if not missing or not frames:
-        return source  # nothing to add, or nothing to add it from: highdicom says what lacks
+        return None
     common = Dataset()
     for element in shared[0]:
         common.add(element)
@@ -370,7 +393,7 @@ def _with_shared_geometry(source: Dataset) -> Dataset:
                 "a SEG needs one pixel spacing and one orientation"
             )
         setattr(common, keyword, copy.deepcopy(values[0]))  # a few values
-    return _replaced(source, "SharedFunctionalGroupsSequence", [common])
+    return common
 
 
 def _plane_positions_of_frames(
@@ -539,6 +562,7 @@ def encode_seg(
     digest = _check_sha256(weights_sha256)
     _check_label_map(label_map)
     sources, n_planes = _source_geometry(source_images)
+    sources = _for_highdicom(sources)
     plane_positions = None
     if source_frames is not None:
         plane_positions = _plane_positions_of_frames(sources, source_frames)

@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import highdicom as hd
@@ -459,6 +460,63 @@ def test_source_without_slice_thickness(
     path.write_bytes(seg_to_bytes(seg))
     output = dciodvfy(path)
     assert "Warning" not in output and "Error" not in output, output
+    assert sources == before  # the caller's datasets are left as they were
+
+
+def _drop(*keywords: str) -> Callable[[Dataset], None]:
+    def change(ds: Dataset) -> None:
+        for keyword in keywords:
+            delattr(ds, keyword)
+
+    return change
+
+
+def _name(charset: str | list[str], name: str) -> Callable[[Dataset], None]:
+    def change(ds: Dataset) -> None:
+        ds.SpecificCharacterSet = charset
+        ds.PatientName = name
+
+    return change
+
+
+HEADER_VARIANTS: dict[str, Callable[[Dataset], None]] = {
+    # Type 2 attributes some sources leave out (anonymisers, research exports)
+    "no-patient-id": _drop("PatientID"),
+    "no-birth-date-or-sex": _drop("PatientBirthDate", "PatientSex"),
+    "no-study-date-and-time": _drop("StudyDate", "StudyTime"),
+    "no-accession-number-or-study-id": _drop("AccessionNumber", "StudyID"),
+    # Patient names beyond ASCII, as German, Japanese and other sites send them
+    "latin-1": _name("ISO_IR 100", "Müller^Jörg"),
+    "utf-8": _name("ISO_IR 192", "Müller^Jörg=山田^太郎"),
+    "iso-2022-japanese": _name(["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"),
+}
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("variant", HEADER_VARIANTS)
+def test_source_headers_the_standard_allows(
+    tmp_path: Path, series: list[Dataset], label_map: np.ndarray, variant: str
+) -> None:
+    """highdicom failed on sources without some Type 2 attributes (AttributeError) and on
+    an ISO 2022 character set whose first value is empty (the default repertoire): the job
+    failed and the radiologist got no SEG. The SEG carries the source's patient and study
+    as they are (empty where absent), names decode to the same text, and dciodvfy finds no
+    error."""
+    sources = copy.deepcopy(series)
+    for ds in sources:
+        HEADER_VARIANTS[variant](ds)
+    before = copy.deepcopy(sources)
+    path = tmp_path / "seg.dcm"
+    path.write_bytes(seg_to_bytes(_encode(label_map, sources)))
+    back = pydicom.dcmread(path)
+    source = sources[0]
+    assert str(back.PatientName) == str(source.get("PatientName", ""))
+    copied = ("PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime")
+    for keyword in (*copied, "AccessionNumber", "StudyID"):
+        assert str(back.get(keyword, "")) == str(source.get(keyword, "")), keyword
+    assert back.StudyInstanceUID == source.StudyInstanceUID
+    errors = [line for line in dciodvfy(path).splitlines() if line.startswith("Error")]
+    assert not errors, errors
     assert sources == before  # the caller's datasets are left as they were
 
 
