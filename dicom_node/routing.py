@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dicom_node.config import RuleMatch, RuleSettings
+from dicom_node.sop_classes import not_segmentable
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class SeriesFacts:
     body_part_examined: str = ""
     calling_ae_title: str = ""
     image_count: int = 0
+    sop_class_uids: tuple[str, ...] = ()  # empty: not known, routed by the rules alone
 
 
 @dataclass
@@ -38,8 +40,11 @@ class RuleVerdict:
 class RoutingDecision:
     rule: RuleSettings | None
     verdicts: list[RuleVerdict]
+    not_images: str | None = None  # why no rule was tried: no model reads such objects
 
     def explain(self) -> str:
+        if self.not_images is not None:
+            return f"-> not processed: {self.not_images}; kept"
         lines = []
         for verdict in self.verdicts:
             mark = "MATCH" if verdict.matched else "no"
@@ -55,7 +60,6 @@ class RoutingDecision:
             " | ".join(f"{v.rule}: {'; '.join(v.reasons)}" for v in self.verdicts)
             or "no rules configured"
         )
-
 
 def _check(match: RuleMatch, facts: SeriesFacts) -> tuple[bool, list[str]]:
     ok = True
@@ -111,6 +115,9 @@ def _check(match: RuleMatch, facts: SeriesFacts) -> tuple[bool, list[str]]:
 
 
 def route(rules: list[RuleSettings], facts: SeriesFacts) -> RoutingDecision:
+    not_images = not_segmentable(facts.sop_class_uids)
+    if not_images is not None:  # whatever the rules say: e.g. our own SEG sent back
+        return RoutingDecision(None, [], not_images)
     verdicts: list[RuleVerdict] = []
     chosen: RuleSettings | None = None
     for rule in rules:
@@ -136,6 +143,7 @@ def facts_from_folder(path: Path, calling_ae_title: str = "") -> SeriesFacts:
     first = None
     count = 0
     series_uids: set[str] = set()
+    sop_classes: set[str] = set()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         try:
             ds = dcmread(file, stop_before_pixels=True)
@@ -144,6 +152,7 @@ def facts_from_folder(path: Path, calling_ae_title: str = "") -> SeriesFacts:
         if "SOPClassUID" not in ds:
             continue
         series_uids.add(str(ds.get("SeriesInstanceUID", "")))
+        sop_classes.add(str(ds.SOPClassUID))
         count += 1
         first = first or ds
     if first is None:
@@ -162,4 +171,5 @@ def facts_from_folder(path: Path, calling_ae_title: str = "") -> SeriesFacts:
         body_part_examined=str(first.get("BodyPartExamined", "")),
         calling_ae_title=calling_ae_title,
         image_count=count,
+        sop_class_uids=tuple(sorted(sop_classes)),
     )

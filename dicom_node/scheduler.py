@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from dicom_node.config import RuleSettings, Settings
 from dicom_node.errors import DicomNodeError
@@ -18,13 +19,16 @@ from dicom_node.periodic import Periodic
 from dicom_node.routing import SeriesFacts, route
 from dicom_node.rule_models import rule_model_problems
 from storage.database import Index
-from storage.models import Series, SeriesState, SeriesVersion, utcnow
+from storage.models import Instance, Series, SeriesState, SeriesVersion, utcnow
 from storage.queue import JobSpec, create_job, job_for, retry_job
 
 logger = logging.getLogger(__name__)
 
 
-def facts_from_index(series: Series, version: SeriesVersion) -> SeriesFacts:
+def facts_from_index(session: Session, series: Series, version: SeriesVersion) -> SeriesFacts:
+    sop_classes = session.scalars(
+        select(Instance.sop_class_uid).where(Instance.series_pk == series.id).distinct()
+    ).all()
     return SeriesFacts(
         series_instance_uid=series.series_instance_uid,
         modality=series.modality,
@@ -34,6 +38,7 @@ def facts_from_index(series: Series, version: SeriesVersion) -> SeriesFacts:
         body_part_examined=series.body_part_examined,
         calling_ae_title=series.calling_ae_title,
         image_count=version.instance_count,
+        sop_class_uids=tuple(sorted(sop_classes)),
     )
 
 
@@ -75,19 +80,21 @@ def queue_series(
             .order_by(SeriesVersion.version.desc())
             .limit(1)
         ).first()
-    if row is None:
-        raise DicomNodeError(
-            f"series {series_instance_uid} has no complete version in the index "
-            "(not received, or still receiving: see `dicom-node series show`)"
-        )
-    version, series = row
+        if row is None:
+            raise DicomNodeError(
+                f"series {series_instance_uid} has no complete version in the index "
+                "(not received, or still receiving: see `dicom-node series show`)"
+            )
+        version, series = row
+        decision = route(settings.rules, facts_from_index(session, series, version))
+    if decision.not_images is not None:  # by any rule: no model reads them
+        raise DicomNodeError(f"series {series_instance_uid}: {decision.not_images}")
     if rule_name is not None:
         rule = next((r for r in settings.rules if r.name == rule_name), None)
         if rule is None:
             names = ", ".join(r.name for r in settings.rules) or "none configured"
             raise DicomNodeError(f"no rule named {rule_name!r} (rules: {names})")
     else:
-        decision = route(settings.rules, facts_from_index(series, version))
         if decision.rule is None:
             raise DicomNodeError(
                 f"no routing rule matches series {series_instance_uid} "
@@ -156,10 +163,18 @@ class Scheduler:
                 .order_by(SeriesVersion.completed_at)
             ).all()
         for version, series in pending:
-            facts = facts_from_index(series, version)
+            with self.index.session() as session:
+                facts = facts_from_index(session, series, version)
             decision = route(self.settings.rules, facts)
             rule = decision.rule
-            if rule is None:
+            if decision.not_images is not None:
+                logger.info(
+                    "series %s version %d: kept, not processed: %s",
+                    series.series_instance_uid,
+                    version.version,
+                    decision.not_images,
+                )
+            elif rule is None:
                 logger.info(
                     "series %s version %d: no routing rule matches; kept, not processed (%s)",
                     series.series_instance_uid,

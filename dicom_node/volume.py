@@ -34,6 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.errors import SeriesError
+from dicom_node.sop_classes import SEGMENTABLE, class_names, not_segmentable
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ def volume_from_series(
 
 def _build_volume(instances: list[_Instance], stack: StackChoice) -> Volume:
     _check_identity(instances)
+    instances = _images_only(instances)
     for index, instance in enumerate(instances):
         instance.frames = _frames_of(instance, index)
     frames = _select_frames(instances)
@@ -300,6 +302,24 @@ def _read_header(item: PathOrDataset) -> _Instance:
     except OSError as exc:
         raise SeriesError(f"cannot read {path}: {exc}") from exc
     return _Instance(header, path, None, path.name)
+
+
+def _images_only(instances: list[_Instance]) -> list[_Instance]:
+    """The images a model reads; other objects in the series are left out (logged), and a
+    series of none is refused (e.g. a SEG sent back by a PACS that forwards whole studies)."""
+    classes = {str(i.header.get("SOPClassUID", "")) for i in instances}
+    why = not_segmentable(classes - {""})
+    if why is not None:
+        raise SeriesError(why)
+    kept = [i for i in instances if str(i.header.get("SOPClassUID", "")) in SEGMENTABLE | {""}]
+    if len(kept) < len(instances):
+        logger.info(
+            "series %s: %d object(s) left out, not images a model reads: %s",
+            instances[0].header.SeriesInstanceUID,
+            len(instances) - len(kept),
+            class_names(classes - SEGMENTABLE - {""}),
+        )
+    return kept
 
 
 def _check_identity(instances: list[_Instance]) -> None:

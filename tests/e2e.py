@@ -209,11 +209,14 @@ def referenced_instances(seg_path: Path) -> set[str]:
 
 
 def make_pacs_and_node(
-    node_factory: Callable[..., NodeProcess], orthanc_factory: Callable[..., Orthanc]
+    node_factory: Callable[..., NodeProcess],
+    orthanc_factory: Callable[..., Orthanc],
+    settings: dict[str, Any] | None = None,
 ) -> tuple[Orthanc, NodeProcess]:
     """Orthanc (AET ORTHANC) knows the node as modality NODE; the node knows Orthanc as peer
-    `pacs` and segments every MR series with the demo model, returning it to its origin."""
-    node = node_factory(start=False, overrides=pipeline())
+    `pacs` and, with ``settings`` defaulting to ``pipeline()``, segments every MR series with
+    the demo model, returning it to its origin."""
+    node = node_factory(start=False, overrides=settings or pipeline())
     orthanc = orthanc_factory(
         modalities={"NODE": {"AET": node.ae_title, "Host": "127.0.0.1", "Port": node.port}}
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -117,12 +118,46 @@ def test_ct_and_calling_ae_rules() -> None:
     assert ws.rule is not None and ws.rule.name == "from-ws"
 
 
+SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+PRESENTATION_STATE = "1.2.840.10008.5.1.4.1.1.11.1"
+EVERY_SERIES = [{"name": "all", "match": {}, "model": "demo"}]
+NOT_IMAGES = "objects are not images a model reads (CT, MR and PET images are)"
+
+
+def test_objects_no_model_reads_are_never_routed() -> None:
+    """Not even by a rule matching every series: a PACS that forwards whole studies sends
+    the node its own SEG back, and a SEG of that SEG would go round again."""
+    every = [RuleSettings.model_validate(r) for r in EVERY_SERIES]
+    seg = route(every, SeriesFacts("1", modality="SEG", sop_class_uids=(SEGMENTATION,)))
+    assert seg.rule is None and seg.verdicts == []
+    assert seg.not_images == f"Segmentation Storage {NOT_IMAGES}"
+    assert seg.explain() == f"-> not processed: Segmentation Storage {NOT_IMAGES}; kept"
+    others = route(every, SeriesFacts("2", sop_class_uids=(PRESENTATION_STATE, COMPREHENSIVE_SR)))
+    assert others.not_images == (
+        f"Comprehensive SR Storage, Grayscale Softcopy Presentation State Storage {NOT_IMAGES}"
+    )
+    # Images among other objects, or classes not known (facts from elsewhere): the rules decide.
+    for classes in [(MR_IMAGE, COMPREHENSIVE_SR), ()]:
+        decision = route(every, SeriesFacts("3", modality="MR", sop_class_uids=classes))
+        assert decision.rule is not None and decision.not_images is None
+
+
 @pytest.fixture
 def index(tmp_path: Path) -> Index:
     return Index(f"sqlite:///{tmp_path / 'index.sqlite'}")
 
 
-def _complete_series(index: Index, uid: str = "1.2.3", ae: str = "PACS", n: int = 3) -> int:
+def _complete_series(
+    index: Index,
+    uid: str = "1.2.3",
+    ae: str = "PACS",
+    n: int = 3,
+    *,
+    sop_class_uid: str = "1.2.840.10008.5.1.4.1.1.4",
+    modality: str = "MR",
+) -> int:
     for i in range(n):
         record_instance(
             index,
@@ -130,11 +165,11 @@ def _complete_series(index: Index, uid: str = "1.2.3", ae: str = "PACS", n: int 
                 sop_instance_uid=f"{uid}.{i}",
                 series_instance_uid=uid,
                 study_instance_uid="1.2",
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                sop_class_uid=sop_class_uid,
                 transfer_syntax_uid="1.2.840.10008.1.2.1",
                 path=f"x/{i}.dcm",
                 size_bytes=1,
-                modality="MR",
+                modality=modality,
                 series_description="t1_vibe",
                 image_type="ORIGINAL\\PRIMARY",
                 calling_ae_title=ae,
@@ -161,6 +196,20 @@ def test_unmatched_series_is_kept_and_logged(
     caplog.set_level("INFO")
     assert Scheduler(Settings(rules=rules()), index).route_pending() == 0
     assert "no routing rule matches; kept, not processed" in caplog.text
+
+
+def test_a_seg_series_is_kept_not_processed(index: Index, caplog: pytest.LogCaptureFixture) -> None:
+    _complete_series(index, n=1, sop_class_uid=SEGMENTATION, modality="SEG")
+    settings = Settings.model_validate({"rules": EVERY_SERIES})
+    caplog.set_level("INFO")
+    assert Scheduler(settings, index).route_pending() == 0
+    assert f"version 1: kept, not processed: Segmentation Storage {NOT_IMAGES}" in caplog.text
+    with pytest.raises(
+        DicomNodeError, match=re.escape(f"1.2.3: Segmentation Storage {NOT_IMAGES}")
+    ):
+        queue_series(settings, index, "1.2.3", "all")  # nor when an operator names a rule
+    with index.session() as session:
+        assert session.query(Job).count() == 0
 
 
 def test_the_scheduler_names_rules_whose_jobs_would_fail_when_it_starts(

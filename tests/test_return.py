@@ -25,6 +25,7 @@ from e2e import (
     dice_against_phantom,
     fetch,
     jobs,
+    make_pacs_and_node,
     phantom_series,
     pipeline,
     referenced_instances,
@@ -382,6 +383,36 @@ def test_a_kept_series_is_processed_on_request(
     assert job["id"] == queued["job"]
     assert f"job {job['id']} study {series.uids.study_instance_uid} series {uid} v1: " \
         "started (model demo, rule phantom-mr" in node.log_text()  # fmt: skip
+
+
+@pytest.mark.slow
+def test_its_own_seg_forwarded_back_is_kept_not_segmented(
+    node_factory: Callable[..., NodeProcess],
+    orthanc_factory: Callable[..., Orthanc],
+    tmp_path: Path,
+) -> None:
+    """A PACS that forwards what it receives sends the node its own SEG back. Even under a
+    rule matching every series it is stored and kept, never segmented: a SEG of the SEG
+    would go to the PACS, and round again."""
+    settings = pipeline()
+    settings["rules"][0]["match"] = {}  # every series
+    orthanc, node = make_pacs_and_node(node_factory, orthanc_factory, settings)
+    series = phantom_series(tmp_path / "series", seed=7014)
+    orthanc.store_to_modality("NODE", [upload_series(orthanc, series)])
+    seg_id = wait_for_seg(orthanc, node)
+    seg_series = str(
+        pydicom.dcmread(fetch(orthanc, seg_id, tmp_path / "seg.dcm")).SeriesInstanceUID
+    )
+
+    orthanc.store_to_modality("NODE", [seg_id])  # the PACS forwards its new object
+    node.wait_for_log(
+        f"series {seg_series} version 1: kept, not processed: Segmentation Storage objects "
+        "are not images a model reads",
+        timeout_s=SEG_TIMEOUT_S,
+    )
+    assert node.series_show(seg_series)["versions"][0]["instances"] == 1  # stored
+    assert [j["state"] for j in jobs(node)] == ["succeeded"]  # the phantom's job alone
+    assert seg_instances(orthanc) == [seg_id]
 
 
 def test_unknown_origin_is_an_error_on_the_job(

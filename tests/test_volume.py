@@ -277,6 +277,32 @@ def test_real_enhanced_frame_refs() -> None:
     assert {f.sop_class_uid for f in volume.frames} == {"1.2.840.10008.5.1.4.1.1.4.1"}
 
 
+def _as_class(path: Path, out: Path, sop_class_uid: str) -> Path:
+    """A copy of an image with another SOP class and its own SOP Instance UID."""
+    ds = pydicom.dcmread(path)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_objects_no_model_reads_are_refused_or_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A series of a SEG (the node's own, sent back by a PACS forwarding whole studies) is
+    refused by name; an odd non-image object among the images is left out, and said."""
+    written = write(tmp_path, shuffle_instance_numbers=False)
+    seg = _as_class(written.paths[0], tmp_path / "seg.dcm", "1.2.840.10008.5.1.4.1.1.66.4")
+    with pytest.raises(SeriesError, match="Segmentation Storage objects are not images a model"):
+        volume_from_series([seg])
+    report = _as_class(written.paths[0], tmp_path / "sr.dcm", "1.2.840.10008.5.1.4.1.1.88.33")
+    caplog.set_level("INFO")
+    volume = volume_from_series([*written.paths, report])
+    np.testing.assert_allclose(volume.array, written.array, atol=SAMPLE_TOLERANCE)
+    assert len(volume.source_datasets) == len(written.paths)
+    assert "1 object(s) left out, not images a model reads: Comprehensive SR Storage" in caplog.text
+
+
 # ---- (c) the JPEG 2000 CT with empty UIDs -------------------------------------------
 
 CT = DATA / "ct_siemens_example_jpeg2000_no_uids"

@@ -71,7 +71,7 @@ def rules_test(
                 )
             )
             assert version is not None
-            facts = facts_from_index(series, version)
+            facts = facts_from_index(session, series, version)
     typer.echo(
         f"series {facts.series_instance_uid}: modality {facts.modality!r}, "
         f"description {facts.series_description!r}, protocol {facts.protocol_name!r}, "
