@@ -88,6 +88,10 @@ def echo_peer(settings: Settings, peer: PeerSettings) -> dict[str, Any]:
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+# The DICOM default, the one transfer syntax every Storage SCP must accept: older PACS
+# accept nothing else.
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+_UNCOMPRESSED = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)  # in order of preference
 
 
 def store_seg(
@@ -101,15 +105,15 @@ def store_seg(
     sop_class = str(header.SOPClassUID)
     syntax = str(header.file_meta.TransferSyntaxUID)
     ae = scu_ae(settings)
-    # One context per transfer syntax: offered together, the peer may pick Explicit VR LE
-    # and the file could then not be sent as encoded.
-    for ts in _unique([syntax, EXPLICIT_VR_LE]):
+    # One context per transfer syntax: offered together, the peer may pick an uncompressed
+    # one and the file could then not be sent as encoded.
+    for ts in _unique([syntax, *_UNCOMPRESSED]):
         ae.add_requested_context(sop_class, ts)
     fallback_syntax = None
     if fallback is not None and fallback.exists():
         fallback_header = dcmread(fallback, stop_before_pixels=True)
         fallback_syntax = str(fallback_header.file_meta.TransferSyntaxUID)
-        for ts in _unique([fallback_syntax, EXPLICIT_VR_LE]):
+        for ts in _unique([fallback_syntax, *_UNCOMPRESSED]):
             ae.add_requested_context(SEGMENTATION_STORAGE, ts)
     assoc = associate(ae, settings, peer)
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
@@ -133,7 +137,7 @@ def store_seg(
         accepted = {
             sop
             for sop, syntaxes in accepted_syntaxes.items()
-            if syntaxes & {syntax, EXPLICIT_VR_LE, fallback_syntax or ""}
+            if syntaxes & {syntax, *_UNCOMPRESSED, fallback_syntax or ""}
         }
         send: Path | Dataset = path
         if sop_class not in accepted:
@@ -153,7 +157,8 @@ def store_seg(
         sent_syntax = fallback_syntax if send is fallback else syntax
         sent_class = SEGMENTATION_STORAGE if send is fallback else sop_class
         if sent_syntax not in accepted_syntaxes.get(sent_class, set()):
-            # Only Explicit VR LE was accepted: send the pixel data uncompressed.
+            # Only an uncompressed syntax was accepted: send the pixel data uncompressed
+            # (pynetdicom encodes the dataset in the context's explicit or implicit VR).
             dataset = dcmread(send)
             if dataset.file_meta.TransferSyntaxUID.is_compressed:
                 dataset.decompress()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
-from peers import free_port
-from pydicom import Dataset
+from peers import STORESCP, dcmtk_env, free_port, port_open, wait_until
+from pydicom import Dataset, dcmread
 from pynetdicom import AE, evt
 from seg_fixtures import CATALOGUE, mr_series, small_label_map
 
@@ -20,6 +23,7 @@ from dicom_node.send import SEGMENTATION_STORAGE, store_seg
 LABEL_MAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
 SHA = "ab" * 32
 DEFAULT_TS = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5")
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 
 
 class Pacs:
@@ -112,6 +116,48 @@ def test_an_uncompressed_only_pacs_gets_the_label_map_decompressed(
     assert got.SOPClassUID == LABEL_MAP_SEG
     assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert got.pixel_array.max() > 0
+
+
+def test_an_implicit_only_pacs_gets_the_seg(
+    pacs_factory: type[Pacs], segs: tuple[Path, Path]
+) -> None:
+    """Implicit VR Little Endian is the one syntax every Storage SCP must accept, and older
+    PACS accept no other: the SEG used to be dead-lettered as "does not accept SOP class"."""
+    pacs = pacs_factory([LABEL_MAP_SEG], (IMPLICIT_VR_LE,))
+    assert store_seg(Settings(), pacs.peer(), segs[0]) == ""
+    (got,) = pacs.received
+    assert got.SOPClassUID == LABEL_MAP_SEG
+    assert got.file_meta.TransferSyntaxUID == IMPLICIT_VR_LE
+    np.testing.assert_array_equal(got.pixel_array, dcmread(segs[0]).pixel_array)
+
+
+@pytest.mark.peers
+def test_dcmtk_storescp_accepting_implicit_vr_only_gets_the_binary_seg(
+    tmp_path: Path, segs: tuple[Path, Path]
+) -> None:
+    """The same with DCMTK's storescp +xi (implicit VR little endian only) as the old PACS."""
+    if not os.path.exists(STORESCP):
+        pytest.skip(f"{STORESCP} is not installed (apt-get install dcmtk)")
+    port, folder = free_port(), tmp_path / "received"
+    folder.mkdir()
+    scp = subprocess.Popen(
+        [STORESCP, "-aet", "PACS", "+xi", "-od", str(folder), str(port)],
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        peer = PeerSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+        wait_until(lambda: port_open(port), timeout_s=10, what="storescp listening")
+        assert store_seg(Settings(), peer, segs[1]) == ""
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
+    (received,) = folder.iterdir()
+    got = dcmread(received)
+    assert got.file_meta.TransferSyntaxUID == IMPLICIT_VR_LE
+    assert got.SOPClassUID == SEGMENTATION_STORAGE
+    np.testing.assert_array_equal(got.pixel_array, dcmread(segs[1]).pixel_array)
 
 
 def test_a_pacs_refusing_label_map_gets_the_binary_fallback(
