@@ -22,6 +22,7 @@ name the usual cases.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import math
 from collections.abc import Callable, Sequence
@@ -361,7 +362,7 @@ def write_series(
         frame_order = sorted(kept, key=lambda z: number_of[z])
         _fill_enhanced_per_frame(ds, positions, frame_order, number_of)
         if per_frame_geometry:
-            _move_to_frames(ds, ("PixelMeasuresSequence", "PlaneOrientationSequence"))
+            geometry_per_frame(ds)
         ds.Rows, ds.Columns = ny, nx
         ds.NumberOfFrames = len(frame_order)
         _save(ds, path, transfer_syntax, np.ascontiguousarray(stored[frame_order]))
@@ -497,15 +498,14 @@ def _fill_enhanced_per_frame(
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
 
 
-def _move_to_frames(ds: Dataset, keywords: Sequence[str]) -> None:
+def geometry_per_frame(ds: Dataset) -> None:
+    """Move pixel measures and orientation from the shared functional groups into every
+    frame's, as Siemens XA enhanced MR writes them."""
     shared = ds.SharedFunctionalGroupsSequence[0]
-    for keyword in keywords:
-        value = shared[keyword].value
-        del shared[keyword]
+    for keyword in ("PixelMeasuresSequence", "PlaneOrientationSequence"):
         for frame in ds.PerFrameFunctionalGroupsSequence:
-            setattr(
-                frame, keyword, DicomSequence([_item(**{e.keyword: e.value for e in value[0]})])
-            )
+            setattr(frame, keyword, copy.deepcopy(shared[keyword].value))
+        del shared[keyword]
 
 
 # ---- named bad series ---------------------------------------------------------------

@@ -14,6 +14,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from dicom_phantoms import geometry_per_frame
 from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from seg_fixtures import (
@@ -110,6 +111,19 @@ def test_every_supported_compression_decodes_to_the_label_map(
     )
 
 
+def _decoded_by_frame(seg: hd.seg.Segmentation, source: Dataset, planes: int) -> np.ndarray:
+    return np.asarray(
+        seg.get_pixels_by_source_frame(
+            source.SOPInstanceUID,
+            source_frame_numbers=range(1, planes + 1),
+            combine_segments=True,
+            relabel=True,
+            # Empty planes have no frame, so the last source frames are never referenced.
+            assert_missing_frames_are_empty=True,
+        )
+    )
+
+
 def test_multiframe_source_decodes_and_references_frames(
     tmp_path: Path, multiframe: Dataset, label_map: np.ndarray
 ) -> None:
@@ -117,14 +131,7 @@ def test_multiframe_source_decodes_and_references_frames(
     path = tmp_path / "seg.dcm"
     seg.save_as(path)
     back = hd.seg.segread(path)
-    decoded = back.get_pixels_by_source_frame(
-        multiframe.SOPInstanceUID,
-        source_frame_numbers=range(1, label_map.shape[0] + 1),
-        combine_segments=True,
-        relabel=True,
-        # Empty planes have no frame, so the last source frames are never referenced.
-        assert_missing_frames_are_empty=True,
-    )
+    decoded = _decoded_by_frame(back, multiframe, label_map.shape[0])
     np.testing.assert_array_equal(decoded, _expected_segments(label_map))
     referenced_frames = {
         int(item.ReferencedFrameNumber)
@@ -136,13 +143,8 @@ def test_multiframe_source_decodes_and_references_frames(
 
 
 def _geometry_per_frame(multiframe: Dataset) -> Dataset:
-    """A copy with pixel measures and orientation in every frame's groups (as Siemens XA)."""
     moved = copy.deepcopy(multiframe)
-    shared = moved.SharedFunctionalGroupsSequence[0]
-    for keyword in ("PixelMeasuresSequence", "PlaneOrientationSequence"):
-        for frame in moved.PerFrameFunctionalGroupsSequence:
-            setattr(frame, keyword, copy.deepcopy(shared[keyword].value))
-        del shared[keyword]
+    geometry_per_frame(moved)
     return moved
 
 
@@ -152,13 +154,7 @@ def test_multiframe_source_with_geometry_per_frame(
     source = _geometry_per_frame(multiframe)
     before = copy.deepcopy(source)
     seg = hd.seg.Segmentation.from_dataset(_encode(label_map, source))
-    decoded = seg.get_pixels_by_source_frame(
-        source.SOPInstanceUID,
-        source_frame_numbers=range(1, label_map.shape[0] + 1),
-        combine_segments=True,
-        relabel=True,
-        assert_missing_frames_are_empty=True,
-    )
+    decoded = _decoded_by_frame(seg, source, label_map.shape[0])
     np.testing.assert_array_equal(decoded, _expected_segments(label_map))
     shared = seg.SharedFunctionalGroupsSequence[0]
     assert shared.PixelMeasuresSequence[0].PixelSpacing == (
