@@ -61,6 +61,7 @@ class RoutingDecision:
             or "no rules configured"
         )
 
+
 def _check(match: RuleMatch, facts: SeriesFacts) -> tuple[bool, list[str]]:
     ok = True
     reasons: list[str] = []

@@ -53,6 +53,5 @@ def not_segmentable(uids: Iterable[str]) -> str | None:
     if not classes or classes & SEGMENTABLE:
         return None
     return (
-        f"{class_names(classes)} objects are not images a model reads "
-        "(CT, MR and PET images are)"
+        f"{class_names(classes)} objects are not images a model reads (CT, MR and PET images are)"
     )
