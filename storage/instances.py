@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -116,6 +116,40 @@ _INSTANCE_COPIED = (
 )
 _INSTANCE_FIELDS = (*_INSTANCE_COPIED, "series_pk", "version", "received_at")
 
+# Keys, never cut: two long UIDs cut alike would name one image. (PostgreSQL refuses a UID
+# longer than its 64-character column; SQLite keeps it.)
+UID_KEYS = ("sop_instance_uid", "series_instance_uid", "study_instance_uid")
+
+
+def _column_limits() -> tuple[tuple[str, int], ...]:
+    """(record field, characters its narrowest column holds) for each text field."""
+    renamed = {"patient_birth_date": "birth_date", "patient_sex": "sex"}
+    lengths: dict[str, int] = {}
+    for model in (Patient, Study, Series, Instance):
+        for column in Base.metadata.tables[model.__tablename__].columns:
+            length = getattr(column.type, "length", None)
+            if isinstance(length, int):
+                lengths[column.name] = min(lengths.get(column.name, length), length)
+    return tuple(
+        (f.name, lengths[renamed.get(f.name, f.name)])
+        for f in fields(InstanceRecord)
+        if f.name not in UID_KEYS and renamed.get(f.name, f.name) in lengths
+    )
+
+
+_LIMITS = _column_limits()
+
+
+def _fitted(rec: InstanceRecord) -> InstanceRecord:
+    """``rec`` with each text cut to what its column holds. PostgreSQL refuses a longer
+    value (SQLite keeps it): a birth date sent as 1970-01-01 or an overlong description
+    would fail the store on every retry. The file keeps every byte as sent."""
+    over = {
+        name: value[:limit] for name, limit in _LIMITS if len(value := getattr(rec, name)) > limit
+    }
+    return replace(rec, **over) if over else rec
+
+
 # Statements built once: building SQLAlchemy expressions per image cost more than SQLite.
 _TOUCH_VERSION = (
     update(_versions)
@@ -193,6 +227,7 @@ class InstanceWriter:
         ``before_commit`` runs after the statements, before COMMIT; if it raises, nothing
         is recorded (the receiver waits there for its files to be durable).
         """
+        records = [_fitted(rec) for rec in records]
         last_exc: Exception | None = None
         for _ in range(5):
             staged: dict[str, _Current] = {}

@@ -195,6 +195,57 @@ def test_migrations_and_concurrent_receivers(fresh_db: str) -> None:
     assert done.instance_count == 40
 
 
+LONG_VALUES = {
+    # Malformed or longer than their VR allows, as some senders write them.
+    "patient_name": "Yamada^Tarou=" + "山田^太郎" * 80,
+    "patient_id": "P" * 80,
+    "patient_birth_date": "1970-01-01",
+    "study_date": "2024-05-17",
+    "accession_number": "A" * 80,
+    "study_description": "d" * 300,
+    "series_description": "Leber \u2013 nativ " * 30,  # an en dash, as German sites write
+    "protocol_name": "p" * 300,
+    "body_part_examined": "ABDOMEN" * 12,
+    "image_type": "\\".join(["ORIGINAL", "PRIMARY"] * 20),
+    "frame_of_reference_uid": "1.2." + "3" * 80,
+    "image_orientation": "\\".join(["0.99999999999999999999999999999"] * 6) * 2,
+}
+
+
+def test_header_values_longer_than_their_columns_are_indexed(fresh_db: str) -> None:
+    """PostgreSQL enforces column lengths (SQLite does not): a birth date written
+    1970-01-01 or an overlong description used to fail the store with 0xA700 on every
+    retry. The index keeps as much as its column holds; the file keeps the bytes sent."""
+    index = Index(fresh_db)
+    record = InstanceRecord(
+        sop_instance_uid="1.2.3.1",
+        series_instance_uid="1.2.3",
+        study_instance_uid="1.2",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path="1.2.3/1.dcm",
+        size_bytes=1,
+        modality="MR",
+        **LONG_VALUES,  # type: ignore[arg-type]
+    )
+    record_instance(index, record)
+    with index.engine.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT p.patient_name, p.patient_id, p.birth_date, st.study_date, "
+                "st.accession_number, st.study_description, se.series_description, "
+                "se.protocol_name, se.body_part_examined, se.image_type, "
+                "se.frame_of_reference_uid, i.image_orientation "
+                "FROM instances i JOIN series se ON i.series_pk = se.id "
+                "JOIN studies st ON se.study_pk = st.id JOIN patients p ON st.patient_pk = p.id"
+            )
+        ).one()
+    for value, (name, sent) in zip(row, LONG_VALUES.items(), strict=True):
+        assert value and sent.startswith(value), name
+    assert row[2] == "1970-01-"  # the column holds 8 characters
+    assert len(row[5]) == 256
+
+
 def test_each_job_is_claimed_by_exactly_one_worker(fresh_db: str) -> None:
     index = Index(fresh_db)
     job_ids = []
