@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from dicom_node.cli import config_first
 from dicom_node.config import load_settings
 from dicom_node.errors import ConfigError
 
@@ -44,3 +48,47 @@ def test_invalid_config_names_the_problem(tmp_path: Path, text: str, needle: str
     cfg.write_text(text)
     with pytest.raises(ConfigError, match=needle):
         load_settings(cfg)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["serve", "--config", "a.yaml"], ["--config", "a.yaml", "serve"]),
+        (
+            ["series", "list", "--json", "-c", "a.yaml"],
+            ["-c", "a.yaml", "series", "list", "--json"],
+        ),
+        (["--config=a.yaml", "serve"], ["--config=a.yaml", "serve"]),
+        (
+            ["series", "show", "1.2", "--config=a.yaml"],
+            ["--config=a.yaml", "series", "show", "1.2"],
+        ),
+        # After "--" everything is an argument, even a "-c".
+        (["segment", "--", "-c", "x"], ["segment", "--", "-c", "x"]),
+    ],
+)
+def test_config_may_follow_the_command(argv: list[str], expected: list[str]) -> None:
+    assert config_first(argv) == expected
+
+
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_the_cli_reads_the_config_named_after_the_command(tmp_path: Path, where: str) -> None:
+    """`dicom-node serve --config PATH`, as the issue and the README write it, uses PATH."""
+    config = tmp_path / "node.yaml"
+    config.write_text(f"storage:\n  data_dir: {tmp_path / 'elsewhere'}\n")
+    option = ["--config", str(config)]
+    args = ["series", "list", "--json"]
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "dicom-node"),
+            *(args + option if where == "after" else option + args),
+        ],
+        cwd=tmp_path,  # no ./config.yaml here: only the option can name the data folder
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []
+    assert (tmp_path / "elsewhere" / "index.sqlite").exists()

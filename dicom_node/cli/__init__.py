@@ -32,7 +32,10 @@ def _main(
             "--config",
             "-c",
             envvar="DICOM_NODE_CONFIG",
-            help="config.yaml to use (default: ./config.yaml when present, else built-in defaults)",
+            help=(
+                "config.yaml to use, before or after the command (default: ./config.yaml"
+                " when present, else built-in defaults)"
+            ),
         ),
     ] = None,
 ) -> None:
@@ -75,9 +78,36 @@ def _register() -> None:
 _register()
 
 
-def main() -> None:
+_CONFIG_FLAGS = ("--config", "-c")
+
+
+def config_first(argv: list[str]) -> list[str]:
+    """``argv`` with ``--config PATH`` moved before the command, so ``dicom-node serve
+    --config PATH`` works as ``dicom-node --config PATH serve`` does (the option belongs to
+    the program; no command has its own ``-c``). Arguments after ``--`` are left alone."""
+    moved: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest.extend(argv[i:])
+            break
+        if arg in _CONFIG_FLAGS and i + 1 < len(argv):
+            moved += argv[i : i + 2]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            moved.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return moved + rest
+
+
+def main(argv: list[str] | None = None) -> None:
     try:
-        app()
+        app(args=config_first(sys.argv[1:] if argv is None else argv), prog_name="dicom-node")
     except DicomNodeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from exc
