@@ -20,10 +20,10 @@ from dicom_node.config import Settings
 from dicom_node.errors import ConfigError
 from dicom_node.reactor import EventDrivenRequestHandler
 from dicom_node.receive import Receiver
+from dicom_node.sop_classes import LABEL_MAP_SEGMENTATION_STORAGE
 
 logger = logging.getLogger(__name__)
 
-LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 VERIFICATION = "1.2.840.10008.1.1"
 # Per association already served: how long a receiver process lets idle ones accept first.
 BUSY_ACCEPT_DELAY_S = 0.002

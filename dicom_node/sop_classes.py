@@ -37,7 +37,8 @@ SEGMENTABLE = frozenset(
     }
 )
 # Newer than the dictionary of the pydicom we pin.
-_NAMES = {"1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation Storage"}
+LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+_NAMES = {LABEL_MAP_SEGMENTATION_STORAGE: "Label Map Segmentation Storage"}
 
 
 def class_names(uids: Iterable[str]) -> str:
