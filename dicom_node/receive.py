@@ -27,6 +27,7 @@ from storage.committer import GroupCommitter
 from storage.database import Index
 from storage.filestore import FileStore
 from storage.instances import InstanceRecord, Recorded, mark_association_released
+from storage.models import UID_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +242,23 @@ class Receiver:
                 )
                 return _failure(
                     DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{name} is missing or empty", tag
+                )
+            if len(uids[name]) > UID_LENGTH:
+                # Up to UID_LENGTH is kept although DICOM allows 64: some devices write more.
+                stats.failed += 1
+                logger.warning(
+                    "C-STORE from %s refused: %s is %d characters, more than the %d the index "
+                    "holds (DICOM allows 64) (0xA900): %s",
+                    who,
+                    name,
+                    len(uids[name]),
+                    UID_LENGTH,
+                    uids[name],
+                )
+                return _failure(
+                    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                    f"{name} is longer than {UID_LENGTH} characters",
+                    tag,
                 )
         try:
             message = self._record(event, ds, raw, uids, stats)

@@ -30,6 +30,11 @@ class Base(DeclarativeBase):
     pass
 
 
+# DICOM allows 64 characters in a UID; some devices send longer ones, which are stored and
+# indexed up to this length (migration 0002) and refused above it.
+UID_LENGTH = 255
+
+
 class SeriesState(enum.StrEnum):
     RECEIVING = "receiving"
     COMPLETE = "complete"
@@ -71,7 +76,7 @@ class Patient(Base):
 class Study(Base):
     __tablename__ = "studies"
     id: Mapped[int] = mapped_column(primary_key=True)
-    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
     patient_pk: Mapped[int] = mapped_column(ForeignKey("patients.id"))
     study_date: Mapped[str] = mapped_column(String(8), default="")
     study_time: Mapped[str] = mapped_column(String(32), default="")
@@ -83,7 +88,7 @@ class Study(Base):
 class Series(Base):
     __tablename__ = "series"
     id: Mapped[int] = mapped_column(primary_key=True)
-    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
     study_pk: Mapped[int] = mapped_column(ForeignKey("studies.id"))
     modality: Mapped[str] = mapped_column(String(16), default="")
     series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -91,7 +96,7 @@ class Series(Base):
     protocol_name: Mapped[str] = mapped_column(String(256), default="")
     body_part_examined: Mapped[str] = mapped_column(String(64), default="")
     image_type: Mapped[str] = mapped_column(String(256), default="")  # backslash-joined values
-    frame_of_reference_uid: Mapped[str] = mapped_column(String(64), default="")
+    frame_of_reference_uid: Mapped[str] = mapped_column(String(UID_LENGTH), default="")
     calling_ae_title: Mapped[str] = mapped_column(String(16), default="")  # who sent it first
     peer_address: Mapped[str] = mapped_column(String(64), default="")
     current_version: Mapped[int] = mapped_column(Integer, default=1)
@@ -126,14 +131,14 @@ class SeriesVersion(Base):
 class Instance(Base):
     __tablename__ = "instances"
     id: Mapped[int] = mapped_column(primary_key=True)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
     series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
     sop_class_uid: Mapped[str] = mapped_column(String(64), default="")
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64), default="")
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     image_type: Mapped[str] = mapped_column(String(256), default="")
-    frame_of_reference_uid: Mapped[str] = mapped_column(String(64), default="")
+    frame_of_reference_uid: Mapped[str] = mapped_column(String(UID_LENGTH), default="")
     image_orientation: Mapped[str] = mapped_column(String(256), default="")  # backslash-joined
     image_position: Mapped[str] = mapped_column(String(256), default="")
     rows: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -617,6 +617,20 @@ class NodeProcess:
         finally:
             conn.close()
 
+    def query_rows(self, sql: str) -> list[dict[str, Any]]:
+        """Rows of ``sql`` (no parameters) from the node's index, SQLite or PostgreSQL."""
+        url = self.config.get("storage", {}).get("database_url")
+        if not url:
+            return [dict(row) for row in self.query(sql)]
+        from sqlalchemy import create_engine
+
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                return [dict(row._mapping) for row in conn.exec_driver_sql(sql)]
+        finally:
+            engine.dispose()
+
     def instance_rows(self, series_uid: str | None = None) -> list[sqlite3.Row]:
         sql = (
             "SELECT i.*, s.series_instance_uid, s.modality, s.series_description "

@@ -292,6 +292,63 @@ def test_the_node_serves_on_postgresql(
     assert not (node.data_dir / "index.sqlite").exists()  # the index is in PostgreSQL
 
 
+@pytest.mark.filterwarnings("ignore:.*VR UI:UserWarning")  # pydicom: not valid UIDs, as meant
+def test_uids_longer_than_64_characters_on_postgresql(
+    fresh_db: str, node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    """The first schema held 64 characters, and PostgreSQL refused longer UIDs with 0xA700,
+    which a sender retries forever. They are stored and indexed up to 255, as on SQLite."""
+    from test_receive import check_malformed_uids
+
+    node = node_factory(overrides={"storage": {"database_url": fresh_db}})
+    check_malformed_uids(node, tmp_path)
+    assert not (node.data_dir / "index.sqlite").exists()
+
+
+def test_migration_0002_widens_uid_columns_and_keeps_rows(fresh_db: str) -> None:
+    """An index made by the first schema, with rows in it, upgraded as a node's start does."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    from storage.database import MIGRATIONS_DIR
+
+    old = Index(fresh_db, migrate=False)
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with old.engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "0001")
+    _record(old, "1.2.3", 1)
+    old.dispose()
+
+    index = Index(fresh_db)  # upgrades to head
+    long = "1.2.826.0.1.3680043.8.498." + "5" * 200
+    _record(index, long, 1)
+    with index.engine.connect() as conn:
+        widths = dict(
+            conn.execute(
+                text(
+                    "SELECT table_name || '.' || column_name, character_maximum_length "
+                    "FROM information_schema.columns WHERE column_name IN ('study_instance_uid',"
+                    " 'series_instance_uid', 'sop_instance_uid', 'frame_of_reference_uid')"
+                    " AND table_name IN ('studies', 'series', 'instances')"  # not our SEG's UIDs
+                )
+            ).all()
+        )
+        uids = conn.execute(text("SELECT sop_instance_uid FROM instances ORDER BY id")).scalars()
+        assert list(uids) == ["1.2.3.1", f"{long}.1"]
+        version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    assert widths == {
+        "studies.study_instance_uid": 255,
+        "series.series_instance_uid": 255,
+        "series.frame_of_reference_uid": 255,
+        "instances.sop_instance_uid": 255,
+        "instances.frame_of_reference_uid": 255,
+    }
+    assert version == "0002"
+    index.dispose()
+
+
 def test_retention_on_postgresql(fresh_db: str, tmp_path: Path) -> None:
     """The grouped candidate query and per-series deletes, on PostgreSQL."""
     from test_retention import check_prune

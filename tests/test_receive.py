@@ -52,6 +52,7 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
 from storage.filestore import temporary_name
+from storage.models import UID_LENGTH
 
 pytestmark = pytest.mark.peers
 
@@ -546,6 +547,7 @@ def test_an_index_whose_own_disk_fills_refuses_with_a700_and_recovers(
     assert check["consistent"] is True and check["report"]["instances_checked"] == 4, check
 
 
+@pytest.mark.filterwarnings("ignore:.*VR UI:UserWarning")  # pydicom: not a valid UID, as meant
 def test_malformed_input_is_refused(node: NodeProcess, tmp_path: Path, raw_send: None) -> None:
     good = make_mr_series(tmp_path / "gen", 1, size=64)
     body = dataset_bytes(good.paths[0])
@@ -555,6 +557,10 @@ def test_malformed_input_is_refused(node: NodeProcess, tmp_path: Path, raw_send:
     del no_sop.SOPInstanceUID
     no_sop_path = tmp_path / "no_sop.dcm"
     no_sop.save_as(no_sop_path, enforce_file_format=True)
+    overlong = pydicom.dcmread(good.paths[0])
+    overlong.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498." + "3" * UID_LENGTH
+    overlong_path = tmp_path / "overlong.dcm"
+    overlong.save_as(overlong_path, enforce_file_format=True)
     cases: list[tuple[str, Path, int, str]] = [
         # the dataset's last element (Pixel Data) is cut short: its UIDs are all readable
         ("truncated", crafted_file(tmp_path / "truncated.dcm", body[:-100]), CANNOT_UNDERSTAND,
@@ -565,6 +571,8 @@ def test_malformed_input_is_refused(node: NodeProcess, tmp_path: Path, raw_send:
          CANNOT_UNDERSTAND, "cannot decode"),
         ("empty", crafted_file(tmp_path / "empty.dcm", b""), CANNOT_UNDERSTAND, "empty"),
         ("no SOPInstanceUID", no_sop_path, DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID"),
+        ("overlong SeriesInstanceUID", overlong_path, DATASET_DOES_NOT_MATCH_SOP_CLASS,
+         f"SeriesInstanceUID is longer than {UID_LENGTH}"),
     ]  # fmt: skip
     ae, assoc = associate(node)
     statuses: dict[str, tuple[int, str]] = {}
@@ -578,6 +586,7 @@ def test_malformed_input_is_refused(node: NodeProcess, tmp_path: Path, raw_send:
     log = node.log_text()
     assert "the dataset is empty (0xC210)" in log
     assert "SOPInstanceUID is missing or empty (0xA900)" in log
+    assert f"SeriesInstanceUID is 281 characters, more than the {UID_LENGTH} the index" in log
     assert_nothing_indexed(node)
     assert echoscu(node.port).returncode == 0  # the node keeps serving
     for name, _, status, comment in cases:
@@ -593,17 +602,25 @@ def test_malformed_input_is_refused(node: NodeProcess, tmp_path: Path, raw_send:
 def test_malformed_uids_that_clean_up_alike_keep_their_own_files(
     node: NodeProcess, tmp_path: Path
 ) -> None:
-    """UIDs no standard allows but devices send (longer than 64 characters, characters a
-    path cannot hold; DCMTK's storescu sends them) are accepted; two that clean up to the
-    same path must not share a file, or the second image silently overwrites the first."""
+    check_malformed_uids(node, tmp_path)
+
+
+def check_malformed_uids(node: NodeProcess, tmp_path: Path) -> None:
+    """UIDs no standard allows but devices send (longer than 64 characters, up to the 255
+    the index holds; characters a path cannot hold; DCMTK's storescu sends them) are
+    accepted; two that clean up to the same path must not share a file, or the second
+    image silently overwrites the first. Also run on PostgreSQL, which enforces lengths."""
     long = "1.2.826.0.1.3680043.8.498." + "7" * 40  # 66 characters before the suffix
+    longest = long + "." + "9" * (UID_LENGTH - len(long) - 1)
     sops = [
         f"{long}.1",
         f"{long}.2",
         "1.2.826.0.1.3680043.8.498.77/7",
         "1.2.826.0.1.3680043.8.498.77_7",
+        longest,
     ]
-    series_uids = [f"{long}.81", f"{long}.82", f"{long}.81", f"{long}.82"]
+    assert len(longest) == UID_LENGTH
+    series_uids = [f"{long}.81", f"{long}.82", f"{long}.81", f"{long}.82", f"{long}.81"]
     series = make_mr_series(tmp_path / "gen", len(sops), size=32)
     sent: list[Path] = []
     for k, (path, sop, series_uid) in enumerate(zip(series.paths, sops, series_uids, strict=True)):
@@ -616,7 +633,7 @@ def test_malformed_uids_that_clean_up_alike_keep_their_own_files(
     result = storescu(node.port, sent, extra_args=["-v"])
     assert len(acknowledged_files(result.stdout + result.stderr)) == len(sent), result.stderr
 
-    rows = node.query("SELECT sop_instance_uid, path FROM instances")
+    rows = node.query_rows("SELECT sop_instance_uid, path FROM instances")
     assert sorted(row["sop_instance_uid"] for row in rows) == sorted(sops)
     assert len({row["path"] for row in rows}) == len(sops), [row["path"] for row in rows]
     assert len(node.stored_files()) == len(sops)
@@ -627,7 +644,7 @@ def test_malformed_uids_that_clean_up_alike_keep_their_own_files(
         assert stored == pydicom.dcmread(source)
     # Two series, whatever their folders are called: each holds its own two images.
     listed = {row["series_instance_uid"]: row["instances"] for row in node.series_json()}
-    assert listed == {f"{long}.81": 2, f"{long}.82": 2}
+    assert listed == {f"{long}.81": 3, f"{long}.82": 2}
     checked = node.cli("store", "check", "--grace-s", "0")
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
