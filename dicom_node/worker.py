@@ -28,6 +28,7 @@ from dicom_node.config import OutputProfile, Settings
 from dicom_node.errors import DicomNodeError, ModelError, SeriesError
 from dicom_node.index_outage import IndexOutage
 from dicom_node.logging_setup import configure_logging
+from dicom_node.value_warnings import summarised_value_warnings
 from storage.database import Index, unavailable_reason
 from storage.filestore import FileStore
 from storage.models import Instance, Job, JobState, Series, SeriesVersion, utcnow
@@ -249,7 +250,8 @@ def process_one(
     started = time.monotonic()
     ctx.job_tag = f"job {job.id}"
     try:
-        run_job(ctx, job, models)
+        with summarised_value_warnings(lambda: ctx.job_tag):
+            run_job(ctx, job, models)
         if ctx.results_ready is not None:
             ctx.results_ready.set()
     except PermanentJobError as exc:

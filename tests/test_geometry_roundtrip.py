@@ -32,7 +32,13 @@ import pydicom
 import pytest
 import seg_truth as st
 import torch
-from dicom_phantoms import WrittenSeries, orientation_cosines, write_series, write_stacked_series
+from dicom_phantoms import (
+    SeriesUids,
+    WrittenSeries,
+    orientation_cosines,
+    write_series,
+    write_stacked_series,
+)
 from e2e import offline_cli, segment_json
 from validators import assert_valid_binary_seg
 
@@ -394,6 +400,30 @@ def test_one_of_two_enhanced_images_in_a_series(tmp_path: Path, spec: PhantomSpe
     decoded = st.decode_on_source(st.read_seg(seg_path), volume, catalogue)
     truth = st.truth_labels(spec, first.affine, first.shape)
     assert int((decoded != truth).sum()) == 0
+
+
+@pytest.mark.filterwarnings("ignore:.*VR UI:UserWarning")  # pydicom: not valid UIDs, as meant
+def test_overlong_source_uids_are_segmented_with_one_log_line(
+    tmp_path: Path, spec: PhantomSpec
+) -> None:
+    """UIDs longer than DICOM's 64 characters (the node stores up to 255) gave one pydicom
+    log line per value while the series was read and its SEG written: 180 lines for 35
+    images. One line now counts them; the SEG references the UIDs as sent."""
+    long = "1.2.826.0.1.3680043.8.498." + "4" * 60
+    uids = SeriesUids(study_instance_uid=f"{long}.1", series_instance_uid=f"{long}.2")
+    _write(tmp_path / "series", spec, {"orientation": "axial", "uids": uids})
+    done = offline_cli(
+        ["segment", str(tmp_path / "series"), "--out", str(tmp_path / "out"), "--json"], tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (summary,) = [line for line in done.stderr.splitlines() if "exceeds the maximum" in line]
+    assert "header values do not conform to their VR" in summary, summary
+    assert "allowed for VR UI" in summary and "WARNING" in summary, summary
+    seg = pydicom.dcmread(json.loads(done.stdout)["seg"])
+    assert (seg.StudyInstanceUID, seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == (
+        uids.study_instance_uid,
+        uids.series_instance_uid,
+    )
 
 
 def test_cli_segment_roundtrip_in_patient_space(

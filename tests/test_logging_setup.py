@@ -58,3 +58,36 @@ def test_library_warnings_become_log_lines(tmp_path: Path) -> None:
         assert record["level"] == "WARNING"
         assert record["logger"] == "py.warnings"
         assert "HFS" in record["message"]
+
+
+def test_pydicom_value_warnings_are_summed_up_in_one_line(tmp_path: Path) -> None:
+    """One line per series, with the job's tag, instead of one per non-conforming value;
+    outside the block pydicom's lines are left alone."""
+    log_file = tmp_path / "node.log"
+    script = (
+        "from pydicom import Dataset\n"
+        "from dicom_node.config import LoggingSettings\n"
+        "from dicom_node.logging_setup import configure_logging\n"
+        "from dicom_node.value_warnings import summarised_value_warnings\n"
+        f"configure_logging(LoggingSettings(json_lines=True, file={str(log_file)!r}))\n"
+        "ds = Dataset()\n"
+        "tag = 'job 7'\n"
+        "with summarised_value_warnings(lambda: tag):\n"
+        "    for n in range(20):\n"
+        "        ds.SOPInstanceUID = '1.2.' + '3' * (70 + n)\n"
+        "    ds.PatientName = 'A=B=C=D'\n"
+        "    tag = 'job 7 series 1.2'\n"
+        "ds.SeriesInstanceUID = '1.2.' + '4' * 70\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    (summary,) = [r for r in records if r["logger"] == "dicom_node.value_warnings"]
+    assert summary["message"].startswith(
+        "job 7 series 1.2: 21 header values do not conform to their VR, kept as sent: "
+        "The value length (N) exceeds the maximum length of 64 allowed for VR UI (20x); "
+    ), summary
+    assert "number of PN components length (4) exceeds" in summary["message"]
+    after = [r for r in records if r["logger"] in ("pydicom", "py.warnings")]
+    assert len(after) >= 1 and all("(74)" in r["message"] for r in after), after

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from dicom_node.cli import print_json, settings_of
 from dicom_node.errors import DicomNodeError
+from dicom_node.value_warnings import summarised_value_warnings
 
 
 def register(app: typer.Typer) -> None:
@@ -53,6 +54,7 @@ def segment(
         raise DicomNodeError(f"{path} does not exist")
     console = Console(stderr=True)
     with (
+        summarised_value_warnings(str(path)),
         tempfile.TemporaryDirectory() as tmp,
         Progress(
             SpinnerColumn(),
