@@ -189,11 +189,11 @@ def _build_volume(instances: list[_Instance], stack: StackChoice) -> Volume:
     instances = _images_only(instances)
     for index, instance in enumerate(instances):
         instance.frames = _frames_of(instance, index)
-    frames = _select_frames(instances)
+    frames, set_aside = _select_frames(instances)
     frames, stack_description = _choose_stack(
         frames, stack, str(instances[0].header.SeriesInstanceUID)
     )
-    frames, affine = _sort_and_check_geometry(frames)
+    frames, affine = _sort_and_check_geometry(frames, set_aside)
     array = _read_pixels(instances, frames)
 
     used: list[int] = []
@@ -546,8 +546,9 @@ def _make_frame(
 # ---- selection and geometry ---------------------------------------------------------
 
 
-def _select_frames(instances: list[_Instance]) -> list[_Frame]:
-    """Drop localizers and a few other-plane scouts; refuse genuinely mixed series."""
+def _select_frames(instances: list[_Instance]) -> tuple[list[_Frame], list[_Frame]]:
+    """Drop localizers and a few other-plane scouts; refuse genuinely mixed series.
+    Returns the frames kept and the scouts set aside."""
     frames = [f for inst in instances for f in inst.frames]
     localizers = [f for f in frames if f.localizer]
     if localizers:
@@ -594,7 +595,7 @@ def _select_frames(instances: list[_Instance]) -> list[_Frame]:
         > 1e-4
     ):
         raise SeriesError(f"the slices have different Pixel Spacing: {sorted(spacings)}")
-    return kept
+    return kept, others
 
 
 def _shares_positions(frames: list[_Frame]) -> bool:
@@ -685,7 +686,9 @@ def _sortable(value: Any) -> tuple[int, Any]:
     return (1, str(value))
 
 
-def _sort_and_check_geometry(frames: list[_Frame]) -> tuple[list[_Frame], np.ndarray]:
+def _sort_and_check_geometry(
+    frames: list[_Frame], set_aside: Sequence[_Frame] = ()
+) -> tuple[list[_Frame], np.ndarray]:
     if len(frames) < 2:
         raise SeriesError(
             "the series has a single image; a 2D image cannot be segmented in 3D "
@@ -708,10 +711,24 @@ def _sort_and_check_geometry(frames: list[_Frame]) -> tuple[list[_Frame], np.nda
     bad = np.flatnonzero(np.abs(steps - median) > _SPACING_REL_TOL * median)
     if bad.size:
         i = int(bad[0])
+        where = f"between slices {i} and {i + 1} (of {len(frames)})"
+        # An image set aside as a scout for its size may be the slice that is missing.
+        inside = [
+            f
+            for f in set_aside
+            if distance[i] < float(np.dot(f.position, normal)) < distance[i + 1]
+            and abs(float(np.dot(np.cross(f.row_cosines, f.column_cosines), normal))) > 0.99
+        ]
+        if inside:
+            sizes = sorted({f"{f.rows}x{f.columns}" for f in inside})
+            raise SeriesError(
+                f"the series mixes image sizes: {len(inside)} image(s) of "
+                f"{', '.join(sizes)} lie {where}, where the other images are "
+                f"{frames[0].rows}x{frames[0].columns}; it cannot form one volume"
+            )
         raise SeriesError(
-            f"uneven slice spacing: step {steps[i]:.3f} mm between slices {i} and {i + 1} "
-            f"(of {len(frames)}) where the usual step is {median:.3f} mm; slices are missing "
-            "or the series is incomplete"
+            f"uneven slice spacing: step {steps[i]:.3f} mm {where} where the usual step is "
+            f"{median:.3f} mm; slices are missing or the series is incomplete"
         )
     # Every position must lie on the line through the first one along the normal;
     # otherwise the stack is tilted (CT gantry tilt) or sheared and not a regular grid.

@@ -557,6 +557,26 @@ def test_images_of_another_size_are_dropped_like_scouts(tmp_path: Path) -> None:
     assert volume.array.shape == written.shape
 
 
+def test_an_image_of_another_size_inside_the_stack_is_named_not_called_missing(
+    tmp_path: Path,
+) -> None:
+    """A slice of the stack stored at half the matrix was set aside as a scout, and the job
+    failed saying slices were missing although every slice had been sent."""
+    written = write(tmp_path)
+    middle = sorted(written.paths, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))[
+        len(written.paths) // 2
+    ]
+    ds = pydicom.dcmread(middle)
+    half = np.ascontiguousarray(ds.pixel_array[::2, ::2])
+    ds.Rows, ds.Columns = half.shape
+    ds.PixelSpacing = [float(v) * 2 for v in ds.PixelSpacing]
+    ds.PixelData = half.tobytes()
+    ds.save_as(middle)
+    with pytest.raises(SeriesError, match="mixes image sizes") as caught:
+        volume_from_folder(tmp_path / "s")
+    assert f"{half.shape[0]}x{half.shape[1]}" in str(caught.value)
+
+
 def test_folder_with_two_series_lists_them(tmp_path: Path) -> None:
     first = dp.write_series(tmp_path / "a", PHANTOM)
     dp.write_series(tmp_path / "b", PHANTOM, orientation="sagittal")
