@@ -356,6 +356,12 @@ def test_a_series_that_cannot_be_processed_fails_readably(
     assert shown["state"] == "failed" and "orientation" in shown["reason"]
     status = node.cli_json("status", "--json")
     assert status["jobs"].get("failed") == 1 and status["last_job_errors"]
+    # What an operator reads: the failure with its reason and time, no Python reprs.
+    text = node.cli("status").stdout
+    assert "jobs:               1 failed" in text, text
+    (line,) = [line for line in text.splitlines() if line.startswith(f"  job {job['id']} at ")]
+    assert line.endswith(f"UTC: {job['reason']}"), line
+    assert "datetime" not in text and "{" not in text, text
 
 
 def test_a_kept_series_is_processed_on_request(

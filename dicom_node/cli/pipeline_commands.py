@@ -337,15 +337,46 @@ def status(
     if as_json:
         print_json(data)
     else:
-        for key, value in data.items():
-            if isinstance(value, list):
-                typer.echo(f"{key}:")
-                for item in value:
-                    typer.echo(f"  {item}")
-            else:
-                typer.echo(f"{key}: {value}")
+        typer.echo(_status_text(data, failed_jobs, failed_deliveries))
     if silent:
         raise DicomNodeError(f"nothing accepts connections on {', '.join(silent)}")
+
+
+def _counted(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {state}" for state, n in counts.items()) or "none"
+
+
+def _status_text(
+    data: dict[str, Any], failed_jobs: list[dict[str, Any]], failed_deliveries: list[dict[str, Any]]
+) -> str:
+    """``status`` for a person: one fact per line, the errors listed under their heading."""
+    lines = [
+        f"series receiving:   {data['series_receiving']}",
+        f"images stored:      {data['instances']}",
+        f"free disk:          {data['free_disk_mb']:,} MB",
+        f"jobs:               {_counted(data['jobs'])}",
+        f"queue depth:        {data['queue_depth']}",
+        f"jobs failed (24 h): {data['jobs_failed_24h']}",
+        f"deliveries:         {_counted(data['deliveries'])}",
+    ]
+    if "listening" in data:
+        lines += [
+            f"listening on {where}: {'yes' if answered else 'NO'}"
+            for where, answered in data["listening"].items()
+        ]
+    lines.append("last job errors:" if failed_jobs else "last job errors: none")
+    lines += [
+        f"  job {j['job']}"
+        + (f" at {j['at']:%Y-%m-%d %H:%M:%S} UTC" if j["at"] is not None else "")
+        + f": {j['reason']}"
+        for j in failed_jobs
+    ]
+    lines.append("last delivery errors:" if failed_deliveries else "last delivery errors: none")
+    lines += [f"  delivery {d['delivery']} ({d['state']}): {d['error']}" for d in failed_deliveries]
+    problems = data["rule_problems"]
+    lines.append("rule problems:" if problems else "rule problems: none")
+    lines += [f"  {problem}" for problem in problems]
+    return "\n".join(lines)
 
 
 def _listening(settings: Settings) -> dict[str, bool]:
