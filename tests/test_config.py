@@ -92,3 +92,15 @@ def test_the_cli_reads_the_config_named_after_the_command(tmp_path: Path, where:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == []
     assert (tmp_path / "elsewhere" / "index.sqlite").exists()
+
+
+def test_text_output_values_read_as_a_person_would() -> None:
+    import datetime as dt
+
+    from dicom_node.cli import human
+
+    assert human(dt.datetime(2026, 12, 6, 15, 39, 37, 311505)) == "2026-12-06 15:39:37 UTC"
+    assert human(None) == ""
+    assert human(["origin", "pacs"]) == "origin, pacs"
+    assert human({"load_s": 0.1234, "inference_s": 7.5}) == "load_s 0.12, inference_s 7.50"
+    assert human(3) == "3"

@@ -7,6 +7,7 @@ a subprocess with its worker processes, the real demo nnU-Net model on CPU.
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import struct
 import threading
@@ -362,6 +363,10 @@ def test_a_series_that_cannot_be_processed_fails_readably(
     (line,) = [line for line in text.splitlines() if line.startswith(f"  job {job['id']} at ")]
     assert line.endswith(f"UTC: {job['reason']}"), line
     assert "datetime" not in text and "{" not in text, text
+    shown_text = node.cli("jobs", "show", str(job["id"])).stdout
+    assert f"reason: {job['reason']}" in shown_text, shown_text
+    assert re.search(r"^finished_at: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$", shown_text, re.M)
+    assert "None" not in shown_text and "[" not in shown_text, shown_text
 
 
 def test_a_kept_series_is_processed_on_request(

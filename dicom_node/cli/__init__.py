@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 from pathlib import Path
@@ -56,6 +57,22 @@ def settings_of(ctx: typer.Context) -> Settings:
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
+
+
+def human(value: Any) -> str:
+    """A value as a person reads it in text output: times in UTC to the second, lists and
+    mappings as comma-separated items, nothing for a missing value."""
+    if value is None:
+        return ""
+    if isinstance(value, dt.datetime):
+        return f"{value:%Y-%m-%d %H:%M:%S} UTC"  # the index stores UTC
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {human(item)}" for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(human(item) for item in value)
+    return str(value)
 
 
 def _register() -> None:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 
-from dicom_node.cli import print_json, settings_of
+from dicom_node.cli import human, print_json, settings_of
 from dicom_node.config import Settings
 from dicom_node.errors import DicomNodeError
 from storage.models import Delivery, DeliveryState, Job, JobState, Series, SeriesVersion
@@ -128,7 +128,7 @@ def _delivery_dict(d: Delivery) -> dict[str, Any]:
 def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     table = Table(*columns)
     for row in rows:
-        table.add_row(*(str(row[c]) if row[c] is not None else "" for c in columns))
+        table.add_row(*(human(row[c]) for c in columns))
     Console(width=220).print(table)
 
 
@@ -186,7 +186,7 @@ def jobs_show(
         return
     for key, value in data.items():
         if key != "deliveries":
-            typer.echo(f"{key}: {value}")
+            typer.echo(f"{key}: {human(value)}")
     for d in data["deliveries"]:
         typer.echo(
             f"delivery {d['id']} -> {d['peer'] or d['destination']}: {d['state']} {d['last_error']}"
@@ -367,7 +367,7 @@ def _status_text(
     lines.append("last job errors:" if failed_jobs else "last job errors: none")
     lines += [
         f"  job {j['job']}"
-        + (f" at {j['at']:%Y-%m-%d %H:%M:%S} UTC" if j["at"] is not None else "")
+        + (f" at {human(j['at'])}" if j["at"] is not None else "")
         + f": {j['reason']}"
         for j in failed_jobs
     ]
