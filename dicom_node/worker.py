@@ -56,6 +56,21 @@ class PermanentJobError(DicomNodeError):
     """Retrying cannot help (bad series, unknown origin, missing model)."""
 
 
+# Unexpected errors that the same series, model and code raise again on every attempt (an
+# attribute a source lacks, a value of the wrong type or out of range): the job fails at once
+# with the error, instead of after workers.max_attempts runs of the whole inference. Others
+# (OSError, MemoryError, a CUDA error) may pass, and are retried.
+SAME_AGAIN: tuple[type[Exception], ...] = (
+    AttributeError,
+    TypeError,
+    ValueError,
+    LookupError,
+    ArithmeticError,
+    NotImplementedError,
+    AssertionError,
+)
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -268,19 +283,21 @@ def process_one(
                 reason,
             )
             raise
+        same_again = isinstance(exc, SAME_AGAIN)
         state = fail_job(
             ctx.index,
             job.id,
             f"{type(exc).__name__}: {exc}",
-            retry_in_s=ctx.settings.workers.retry_delay_s,
-            max_attempts=ctx.settings.workers.max_attempts,
+            retry_in_s=None if same_again else ctx.settings.workers.retry_delay_s,
+            max_attempts=0 if same_again else ctx.settings.workers.max_attempts,
         )
+        if same_again:
+            outcome = "not retried: it fails the same way each time"
+        else:
+            outcome = "will retry" if state == JobState.RETRY_WAIT else "no attempts left"
+        # With its traceback: an unexpected error is worth a bug report.
         logger.exception(
-            "%s: error after %.2f s (%s): %s",
-            ctx.job_tag,
-            time.monotonic() - started,
-            "will retry" if state == JobState.RETRY_WAIT else "no attempts left",
-            exc,
+            "%s: error after %.2f s (%s): %s", ctx.job_tag, time.monotonic() - started, outcome, exc
         )
     finally:
         beat_stop.set()

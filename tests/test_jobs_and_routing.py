@@ -491,6 +491,58 @@ def _job(index: Index, job_id: int) -> Job:
         return job
 
 
+class _ModelsRaising:
+    """A model cache whose model cannot be had: stands for an error anywhere in a job."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def get(self, name: str) -> Any:
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "state", "outcome"),
+    [
+        # Last session's Siemens XA30 image failed three times in a row with this one.
+        (
+            AttributeError("'Dataset' object has no attribute 'PixelMeasuresSequence'"),
+            JobState.FAILED,
+            "not retried: it fails the same way each time",
+        ),
+        (KeyError("Rows"), JobState.FAILED, "not retried"),
+        (OSError(28, "No space left on device"), JobState.RETRY_WAIT, "will retry"),
+        (MemoryError(), JobState.RETRY_WAIT, "will retry"),
+    ],
+)
+def test_an_unexpected_error_is_retried_only_when_it_may_pass(
+    index: Index,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    exc: Exception,
+    state: JobState,
+    outcome: str,
+) -> None:
+    """The same series, model and code fail the same way again: such a job fails at once
+    with its error (and traceback in the log) instead of after max_attempts runs of the
+    whole inference. A full disk or a short memory may pass: that job waits and retries."""
+    from dicom_node.worker import JobContext, process_one
+    from storage.filestore import FileStore
+
+    job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, []))
+    assert job_id is not None
+    settings = Settings(storage={"data_dir": tmp_path}, workers={"max_attempts": 3})
+    ctx = JobContext(settings, index, FileStore(tmp_path / "store", 0, fsync=False), "host:1")
+    caplog.set_level("ERROR", logger="dicom_node.worker")
+    assert process_one(ctx, _ModelsRaising(exc))  # type: ignore[arg-type]
+    job = _job(index, job_id)
+    assert (job.state, job.attempts) == (state, 1)
+    assert job.reason == f"{type(exc).__name__}: {exc}"
+    (record,) = [r for r in caplog.records if r.name == "dicom_node.worker"]
+    assert f"job {job_id} study " in record.getMessage() and f"({outcome}" in record.getMessage()
+    assert record.exc_info is not None  # the traceback, for a bug report
+
+
 def test_a_cancelled_job_stays_cancelled(index: Index) -> None:
     check_cancel(index)
 
