@@ -15,6 +15,12 @@ Timed, end to end to a file on disk:
 
 Run: ``.venv/bin/python benchmarks/seg_encode.py [--repeat 3] [--ts-repeat 1] [--case vibe|ct]``
 (medians; TotalSegmentator's writer takes about a minute per CT run, hence its own count).
+TotalSegmentator is not one of the node's dependencies. Install its package and the one
+module its writer needs outside the venv, so that its own dependencies (vtk, dipy, python-gdcm,
+...) stay out of the node's environment, and put them on the path:
+
+    .venv/bin/pip install --no-deps --target /tmp/ts TotalSegmentator dicom2nifti
+    PYTHONPATH=/tmp/ts .venv/bin/python benchmarks/seg_encode.py --case ct
 Targets: our BINARY <= 0.5x TotalSegmentator's time; LABELMAP <= 2 s and <= 5 MB (CT case).
 """
 
@@ -247,12 +253,24 @@ def print_table(case: Case, rows: list[tuple[str, float, int]]) -> None:
         )
 
 
+def _check_peer() -> None:
+    try:
+        import totalsegmentator.dicom_io  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(
+            f"TotalSegmentator's SEG writer cannot be imported ({exc}): install it as this "
+            "script's docstring says (pip install --no-deps --target /tmp/ts TotalSegmentator "
+            "dicom2nifti; PYTHONPATH=/tmp/ts)"
+        ) from exc
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs of each of ours (median)")
     parser.add_argument("--ts-repeat", type=int, default=1, help="runs of TotalSegmentator's")
     parser.add_argument("--case", choices=sorted(CASES), action="append")
     args = parser.parse_args()
+    _check_peer()  # before minutes of set-up
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="seg-bench-") as tmp:
         for key in args.case or ["vibe", "ct"]:
