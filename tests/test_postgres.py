@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -290,6 +291,36 @@ def test_the_node_serves_on_postgresql(
     assert listed[0]["series_instance_uid"] == series.series_instance_uid
     assert listed[0]["instances"] == 12
     assert not (node.data_dir / "index.sqlite").exists()  # the index is in PostgreSQL
+
+
+def test_a_series_is_segmented_and_returned_on_postgresql(
+    fresh_db: str,
+    node_factory: Callable[..., NodeProcess],
+    orthanc_factory: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    """The whole way on a PostgreSQL index, as machines sharing the work run it: storescu
+    sends, the series completes, the job is queued, claimed and run, its SEG recorded and
+    delivered to Orthanc; jobs, deliveries and status read back from PostgreSQL."""
+    from e2e import fetch, phantom_series, pipeline, scanner_node_and_pacs, source_series_of
+    from e2e import wait_for_seg as seg_in_pacs
+
+    settings = pipeline(destinations=["pacs"])
+    settings["storage"] = {"database_url": fresh_db}
+    node, orthanc = scanner_node_and_pacs(node_factory, orthanc_factory, settings)
+    series = phantom_series(tmp_path / "series", seed=7021)
+    sent = storescu(node.port, [series.paths[0].parent], aet="SCANNER", aec=node.ae_title)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    seg_path = fetch(orthanc, seg_in_pacs(orthanc, node), tmp_path / "seg.dcm")
+    assert source_series_of(seg_path) == {series.uids.series_instance_uid}
+    (job,) = node.cli_json("jobs", "list")
+    assert (job["state"], job["attempts"]) == ("succeeded", 1), job
+    shown = node.cli_json("jobs", "show", str(job["id"]))
+    assert [d["state"] for d in shown["deliveries"]] == ["delivered"], shown
+    assert shown["timings"]["inference_s"] > 0 and shown["destinations"] == ["pacs"]
+    status = node.cli_json("status")
+    assert status["jobs"] == {"succeeded": 1} and status["deliveries"] == {"delivered": 1}
+    assert not (node.data_dir / "index.sqlite").exists()  # everything was in PostgreSQL
 
 
 @pytest.mark.filterwarnings("ignore:.*VR UI:UserWarning")  # pydicom: not valid UIDs, as meant
