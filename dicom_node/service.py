@@ -7,6 +7,7 @@ acknowledged, stop the background parts, exit 0.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -94,6 +95,7 @@ class Service:
             component = factory(self)
             component.start()
             self.components.append(component)
+        settle_heap()
 
     def _spawn_receiver(self, number: int) -> multiprocessing.process.BaseProcess:
         assert self._scp is not None
@@ -175,6 +177,14 @@ class Service:
         exit_leaving_hung_commits(self.receiver.close())
 
 
+def settle_heap() -> None:
+    """Keep the garbage collector off what start-up made (modules, settings, engines): it
+    lives as long as the process. Otherwise each full collection scans all of it again: one
+    took ~55 ms of a fresh receiver's first association, ~0.7 ms per image of 75."""
+    gc.collect()
+    gc.freeze()
+
+
 def exit_leaving_hung_commits(count: int) -> None:
     """Exit now if index transactions still hang: Python would wait for them at exit, so a
     stalled database server would keep a stopped node from ever exiting."""
@@ -209,6 +219,7 @@ def _receiver_process(settings_json: str, sockets: list[socket.socket], parent_p
         settings.node.max_associations,
         index_timeout_s=settings.storage.index_timeout_s,
     )
+    settle_heap()
     scp = start_scp(settings, receiver, adopt=sockets)
     wake = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: wake.set())
