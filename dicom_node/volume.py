@@ -546,6 +546,13 @@ def _make_frame(
 # ---- selection and geometry ---------------------------------------------------------
 
 
+def _same_plane(a: _Frame, b: _Frame) -> bool:
+    return bool(
+        np.abs(a.row_cosines - b.row_cosines).max() < _ORIENTATION_TOL
+        and np.abs(a.column_cosines - b.column_cosines).max() < _ORIENTATION_TOL
+    )
+
+
 def _select_frames(instances: list[_Instance]) -> tuple[list[_Frame], list[_Frame]]:
     """Drop localizers and a few other-plane scouts; refuse genuinely mixed series.
     Returns the frames kept and the scouts set aside."""
@@ -565,11 +572,7 @@ def _select_frames(instances: list[_Instance]) -> tuple[list[_Frame], list[_Fram
     for frame in frames:
         for group in groups:
             ref = group[0]
-            if (
-                (frame.rows, frame.columns) == (ref.rows, ref.columns)
-                and np.abs(frame.row_cosines - ref.row_cosines).max() < _ORIENTATION_TOL
-                and np.abs(frame.column_cosines - ref.column_cosines).max() < _ORIENTATION_TOL
-            ):
+            if (frame.rows, frame.columns) == (ref.rows, ref.columns) and _same_plane(frame, ref):
                 group.append(frame)
                 break
         else:
@@ -712,12 +715,12 @@ def _sort_and_check_geometry(
     if bad.size:
         i = int(bad[0])
         where = f"between slices {i} and {i + 1} (of {len(frames)})"
-        # An image set aside as a scout for its size may be the slice that is missing.
+        # An image set aside as a scout for its size alone may be the slice that is missing.
         inside = [
             f
             for f in set_aside
-            if distance[i] < float(np.dot(f.position, normal)) < distance[i + 1]
-            and abs(float(np.dot(np.cross(f.row_cosines, f.column_cosines), normal))) > 0.99
+            if _same_plane(f, frames[0])
+            and distance[i] < float(np.dot(f.position, normal)) < distance[i + 1]
         ]
         if inside:
             sizes = sorted({f"{f.rows}x{f.columns}" for f in inside})
