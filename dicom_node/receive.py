@@ -235,31 +235,27 @@ class Receiver:
             )
             return _failure(CANNOT_UNDERSTAND, f"cannot decode dataset: {exc}")
         for name, tag in REQUIRED_UIDS:
-            if not uids[name]:
-                stats.failed += 1
-                logger.warning(
-                    "C-STORE from %s refused: %s is missing or empty (0xA900)", who, name
-                )
-                return _failure(
-                    DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{name} is missing or empty", tag
-                )
-            if len(uids[name]) > UID_LENGTH:
+            value = uids[name]
+            if not value:
+                why, comment = "is missing or empty", f"{name} is missing or empty"
+            elif len(value) > UID_LENGTH:
                 # Up to UID_LENGTH is kept although DICOM allows 64: some devices write more.
-                stats.failed += 1
-                logger.warning(
-                    "C-STORE from %s refused: %s is %d characters, more than the %d the index "
-                    "holds (DICOM allows 64) (0xA900): %s",
-                    who,
-                    name,
-                    len(uids[name]),
-                    UID_LENGTH,
-                    uids[name],
+                why = (
+                    f"is {len(value)} characters, more than the {UID_LENGTH} the index holds "
+                    "(DICOM allows 64)"
                 )
-                return _failure(
-                    DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                    f"{name} is longer than {UID_LENGTH} characters",
-                    tag,
-                )
+                comment = f"{name} is longer than {UID_LENGTH} characters"
+            else:
+                continue
+            stats.failed += 1
+            logger.warning(
+                "C-STORE from %s refused: %s %s (0xA900)%s",
+                who,
+                name,
+                why,
+                f": {value}" if value else "",
+            )
+            return _failure(DATASET_DOES_NOT_MATCH_SOP_CLASS, comment, tag)
         try:
             message = self._record(event, ds, raw, uids, stats)
         except StorageError as exc:
