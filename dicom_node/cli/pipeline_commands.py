@@ -337,7 +337,7 @@ def status(
     if as_json:
         print_json(data)
     else:
-        typer.echo(_status_text(data, failed_jobs, failed_deliveries))
+        typer.echo(_status_text(data))
     if silent:
         raise DicomNodeError(f"nothing accepts connections on {', '.join(silent)}")
 
@@ -346,10 +346,9 @@ def _counted(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {state}" for state, n in counts.items()) or "none"
 
 
-def _status_text(
-    data: dict[str, Any], failed_jobs: list[dict[str, Any]], failed_deliveries: list[dict[str, Any]]
-) -> str:
+def _status_text(data: dict[str, Any]) -> str:
     """``status`` for a person: one fact per line, the errors listed under their heading."""
+    failed_jobs, failed_deliveries = data["last_job_errors"], data["last_delivery_errors"]
     lines = [
         f"series receiving:   {data['series_receiving']}",
         f"images stored:      {data['instances']}",
