@@ -40,6 +40,7 @@ class SegmentResult:
     series_instance_uid: str
     timings: dict[str, float] = field(default_factory=dict)
     stack: str = ""  # which stack of several was segmented; empty for one stack
+    replaced: int = 0  # images left out because a later version of the series sent them again
 
 
 class ModelCache:
@@ -153,6 +154,7 @@ def segment_volume(
         series_instance_uid=volume.series_instance_uid,
         timings=timings,
         stack=volume.stack,
+        replaced=volume.replaced,
     )
 
 
@@ -161,16 +163,17 @@ def segment_series(
     info: ModelInfo,
     segmenter: Segmenter,
     stack: StackChoice | None = None,
+    versions: Sequence[int] | None = None,
     **options: object,
 ) -> SegmentResult:
-    """The whole flow for one series' files."""
+    """The whole flow for one series' files (``versions``: see ``volume_from_series``)."""
     if not paths:
         raise SeriesError("the series has no images")
     unfed = unfeedable(info)
     if unfed:  # before reading the series: no series can feed it
         raise ModelError(unfed)
     started = time.monotonic()
-    volume = volume_from_series(list(paths), stack or StackChoice())
+    volume = volume_from_series(list(paths), stack or StackChoice(), versions)
     load_s = time.monotonic() - started
     result = segment_volume(volume, info, segmenter, **options)  # type: ignore[arg-type]
     result.timings["load_s"] = load_s

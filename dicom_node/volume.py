@@ -111,6 +111,7 @@ class Volume:
     frame_of_reference_uid: str
     modality: str
     stack: str = ""  # which stack of several was used, for people; empty for one stack
+    replaced: int = 0  # frames left out because a later version sent them again
 
     @property
     def spacing_zyx(self) -> tuple[float, float, float]:
@@ -166,14 +167,21 @@ class _Instance:
     dataset: Dataset | None  # the caller's dataset, pixels included, when given one
     name: str
     frames: list[_Frame] = field(default_factory=list)
+    version: int = 0  # the version of the series it arrived in (the node's index), if known
 
 
 def volume_from_series(
-    items: Sequence[PathOrDataset], stack: StackChoice = StackChoice()
+    items: Sequence[PathOrDataset],
+    stack: StackChoice = StackChoice(),
+    versions: Sequence[int] | None = None,
 ) -> Volume:
     """Build a ``Volume`` from the files (or datasets) of one series.
 
     A series of several stacks (echoes, time points, ...) gives the stack ``stack`` picks.
+    ``versions``: for each item, the version of the series it arrived in. An image of a
+    later version at the position of an earlier one, with the same stack attributes,
+    replaces it: the series was sent again (with new SOP Instance UIDs, or the same UIDs
+    would have replaced the file).
     Raises ``SeriesError`` with a message for a human when the series cannot be a volume:
     missing UIDs or pixel data, several series, mixed orientations, a gap, positions
     repeated with nothing telling the stacks apart, a tilted or sheared grid, fewer than
@@ -181,7 +189,12 @@ def volume_from_series(
     """
     if not items:
         raise SeriesError("no images were given for the series")
-    return _build_volume([_read_header(item) for item in items], stack)
+    if versions is not None and len(versions) != len(items):
+        raise ValueError(f"{len(versions)} versions for {len(items)} images")
+    instances = [_read_header(item) for item in items]
+    for instance, version in zip(instances, versions or (), strict=False):
+        instance.version = version
+    return _build_volume(instances, stack)
 
 
 def _build_volume(instances: list[_Instance], stack: StackChoice) -> Volume:
@@ -189,6 +202,7 @@ def _build_volume(instances: list[_Instance], stack: StackChoice) -> Volume:
     instances = _images_only(instances)
     for index, instance in enumerate(instances):
         instance.frames = _frames_of(instance, index)
+    replaced = _drop_superseded(instances)
     frames, set_aside = _select_frames(instances)
     frames, stack_description = _choose_stack(
         frames, stack, str(instances[0].header.SeriesInstanceUID)
@@ -217,6 +231,7 @@ def _build_volume(instances: list[_Instance], stack: StackChoice) -> Volume:
         frame_of_reference_uid=str(first.FrameOfReferenceUID),
         modality=str(first.get("Modality", "")),
         stack=stack_description,
+        replaced=replaced,
     )
     logger.info(
         "series %s: volume %s (z, y, x), spacing %s mm, from %d instance(s)",
@@ -544,6 +559,56 @@ def _make_frame(
 
 
 # ---- selection and geometry ---------------------------------------------------------
+
+
+def _drop_superseded(instances: list[_Instance]) -> int:
+    """Leave out frames that a later version of the series sent again at their place.
+
+    Two frames are copies when plane, position, matrix and every stack attribute but the
+    SOP Instance UID agree (a re-sent multi-frame image has a new one). Copies within one
+    version are left for the stack split, which refuses them when nothing tells them apart.
+    Returns how many frames were left out.
+    """
+    if len({instance.version for instance in instances}) < 2:
+        return 0
+    latest: dict[tuple[Any, ...], int] = {}
+    keys: list[list[tuple[Any, ...]]] = []
+    for instance in instances:
+        keys.append([_copy_key(frame) for frame in instance.frames])
+        for key in keys[-1]:
+            latest[key] = max(latest.get(key, instance.version), instance.version)
+    dropped: Counter[int] = Counter()
+    for instance, frame_keys in zip(instances, keys, strict=True):
+        kept = [
+            frame
+            for frame, key in zip(instance.frames, frame_keys, strict=True)
+            if latest[key] == instance.version
+        ]
+        dropped[instance.version] += len(instance.frames) - len(kept)
+        instance.frames = kept
+    if dropped.total():
+        logger.info(
+            "series %s: %d image(s) of version(s) %s left out: a later version sent images "
+            "again at their positions",
+            instances[0].header.SeriesInstanceUID,
+            dropped.total(),
+            ", ".join(str(v) for v in sorted(v for v, n in dropped.items() if n)),
+        )
+    return dropped.total()
+
+
+def _copy_key(frame: _Frame) -> tuple[Any, ...]:
+    # Positions come from the same scanner values when a series is sent again: rounding to
+    # a hundredth of a millimetre only absorbs float noise.
+    return (
+        tuple(np.round(frame.position, 2)),
+        tuple(np.round(frame.row_cosines, 4)),
+        tuple(np.round(frame.column_cosines, 4)),
+        frame.rows,
+        frame.columns,
+        frame.localizer,
+        repr(sorted((k, v) for k, v in frame.stack_values.items() if k != "SOP Instance UID")),
+    )
 
 
 def _same_plane(a: _Frame, b: _Frame) -> bool:

@@ -142,14 +142,12 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
         series = session.get(Series, version.series_pk)
         assert series is not None
         study_uid = series.study.study_instance_uid
-        paths = [
-            ctx.store.absolute(path)
-            for path in session.scalars(
-                select(Instance.path)
-                .where(Instance.series_pk == series.id, Instance.version <= version.version)
-                .order_by(Instance.id)
-            )
-        ]
+        rows = session.execute(
+            select(Instance.path, Instance.version)
+            .where(Instance.series_pk == series.id, Instance.version <= version.version)
+            .order_by(Instance.id)
+        ).all()
+        paths = [ctx.store.absolute(row.path) for row in rows]
     tag = f"job {job.id} study {study_uid} series {series.series_instance_uid} v{version.version}"
     ctx.job_tag = tag
     logger.info(
@@ -180,6 +178,8 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
             info,
             segmenter,
             StackChoice(profile.stack, profile.stack_image_type),
+            # Images sent again in a later version replace the earlier copies.
+            versions=[row.version for row in rows],
             format=profile.format,
             compression=profile.compression,
             binary_fallback=profile.format != "binary" and profile.fallback_to_binary,
@@ -208,13 +208,19 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
             ctx.store.result_path(job.id, "fallback-binary.dcm"), _encode(result.binary_fallback)
         )
     timings["total_s"] = time.monotonic() - started
+    notes = [f"segmented {result.stack}"] if result.stack else []
+    if result.replaced:
+        notes.append(
+            f"{result.replaced} image(s) sent again in a later version replaced their earlier "
+            "copies"
+        )
     if not finish_job(
         ctx.index,
         job.id,
         seg_path=seg_rel,
         seg_sop_instance_uid=seg_uid,
         timings=timings,
-        reason=f"segmented {result.stack}" if result.stack else "",
+        reason="; ".join(notes),
         deliveries=deliveries,
     ):
         for name in ctx.store.job_results(job.id):
@@ -231,7 +237,7 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
         timings.get("encode_s", 0.0),
         seg_uid,
         found or "no structures",
-        f"; segmented {result.stack}" if result.stack else "",
+        "".join(f"; {note}" for note in notes),
     )
 
 

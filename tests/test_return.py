@@ -7,6 +7,7 @@ a subprocess with its worker processes, the real demo nnU-Net model on CPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import socket
 import struct
@@ -172,6 +173,57 @@ def test_images_arriving_after_the_seg_give_a_new_seg_that_the_pacs_keeps(
     scores = dice_against_phantom(later_path, series, seed=7021)
     assert all(score >= 0.90 for score in scores.values()), scores
     assert [j["state"] for j in jobs(node)] == ["succeeded", "succeeded"]
+
+
+@pytest.mark.slow
+def test_a_series_sent_again_with_new_uids_gets_a_seg_of_the_new_copy(
+    node_factory: Callable[..., NodeProcess],
+    orthanc_factory: Callable[..., Orthanc],
+    tmp_path: Path,
+) -> None:
+    """The whole series again after its SEG, same Study and Series UIDs but new SOP Instance
+    UIDs (an archive or anonymiser that re-issues them): version 2 is segmented from the new
+    copies, not refused for images sharing positions with the first."""
+    node, orthanc = scanner_node_and_pacs(node_factory, orthanc_factory)
+    series = phantom_series(tmp_path / "series", seed=7022)
+    sent = storescu(node.port, [tmp_path / "series"], aet="SCANNER", aec=node.ae_title)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    first_seg = fetch(orthanc, wait_for_seg(orthanc, node), tmp_path / "seg1.dcm")
+    assert referenced_instances(first_seg) == set(series.sop_instance_uids)
+
+    (tmp_path / "again").mkdir()
+    new_uids: set[str] = set()
+    for path in series.paths:
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        new_uids.add(str(ds.SOPInstanceUID))
+        ds.save_as(tmp_path / "again" / path.name)
+    sent = storescu(node.port, [tmp_path / "again"], aet="SCANNER", aec=node.ae_title)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+
+    wait_until(
+        lambda: [d["state"] for d in deliveries(node)] == ["delivered", "delivered"],
+        timeout_s=SEG_TIMEOUT_S,
+        interval_s=1.0,
+        what="two deliveries",
+    )
+    second = [
+        path
+        for path in (fetch(orthanc, i, tmp_path / f"{i}.dcm") for i in seg_instances(orthanc))
+        if int(pydicom.dcmread(path, stop_before_pixels=True).InstanceNumber) == 2
+    ]
+    assert len(second) == 1
+    assert referenced_instances(second[0]) == new_uids
+    again = dataclasses.replace(series, paths=sorted((tmp_path / "again").iterdir()))
+    assert_valid_binary_seg(second[0], again.paths)
+    assert all(score >= 0.90 for score in dice_against_phantom(second[0], again, 7022).values())
+    done = jobs(node)
+    assert [j["state"] for j in done] == ["succeeded", "succeeded"]
+    n = len(series.paths)
+    assert done[1]["reason"] == (
+        f"{n} image(s) sent again in a later version replaced their earlier copies"
+    )
+    node.wait_for_log(f"{n} image(s) of version(s) 1 left out")
 
 
 @pytest.mark.slow

@@ -370,6 +370,110 @@ def test_duplicate_positions_are_refused(tmp_path: Path) -> None:
         volume_from_folder(tmp_path / "s")
 
 
+def _sent_twice(tmp_path: Path, **kw: object) -> tuple[dp.WrittenSeries, dp.WrittenSeries]:
+    """One series written twice with the same Study/Series UIDs and new SOP Instance UIDs
+    (an anonymiser or archive that re-issues them): the second copy's pixels differ."""
+    uids = dp.SeriesUids()
+    first = write(tmp_path, uids=uids, file_prefix="A", **kw)
+    second = dp.write_series(
+        tmp_path / "s", _other, uids=uids, file_prefix="B", rescale=RESCALE, **kw
+    )
+    return first, second
+
+
+@pytest.mark.parametrize("enhanced", [False, True], ids=["single", "enh"])
+def test_a_series_sent_again_in_a_later_version_replaces_its_copies(
+    tmp_path: Path, enhanced: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = _sent_twice(tmp_path, enhanced=enhanced)
+    # Arrival order interleaved: the version decides, not the order of the list.
+    items = [p for pair in itertools.zip_longest(second.paths, first.paths) for p in pair if p]
+    versions = [2 if p in second.paths else 1 for p in items]
+    if enhanced:  # two multi-frame images at one place: two stacks, nothing says which is newer
+        assert volume_from_series(items).stack.startswith("stack 1 of 2 (SOP Instance UID")
+    else:
+        with pytest.raises(SeriesError, match="share a position"):
+            volume_from_series(items)
+
+    with caplog.at_level("INFO", logger="dicom_node.volume"):
+        volume = volume_from_series(items, versions=versions)
+    np.testing.assert_array_equal(volume.array, second.array)
+    np.testing.assert_allclose(volume.affine, second.affine, atol=1e-4)
+    assert {str(d.SOPInstanceUID) for d in volume.source_datasets} == set(second.sop_instance_uids)
+    assert _frame_uids(volume) == set(second.sop_instance_uids)
+    assert volume.replaced == second.shape[0]
+    assert volume.stack == ""
+    assert f"{second.shape[0]} image(s) of version(s) 1 left out" in caplog.text
+
+
+def test_a_partial_resend_replaces_only_the_positions_it_covers(tmp_path: Path) -> None:
+    uids = dp.SeriesUids()
+    first = write(tmp_path, uids=uids, file_prefix="A")
+    n = first.shape[0]
+    again = list(range(5, 9))
+    second = dp.write_series(
+        tmp_path / "s",
+        _other,
+        uids=uids,
+        file_prefix="B",
+        rescale=RESCALE,
+        drop_slices=[z for z in range(n) if z not in again],
+    )
+    volume = volume_from_series(
+        first.paths + second.paths, versions=[1] * n + [2] * len(second.paths)
+    )
+    expected = first.array.copy()
+    expected[again] = second.array[again]
+    np.testing.assert_array_equal(volume.array, expected)
+    assert volume.replaced == len(again)
+    assert [ref.sop_instance_uid for ref in volume.frames] == [
+        (second if z in again else first).sop_instance_uids[z] for z in range(n)
+    ]
+
+
+def test_copies_within_one_version_are_still_refused(tmp_path: Path) -> None:
+    """Two images at one place that arrived together are not a resend: nothing says which
+    one a radiologist means."""
+    uids = dp.SeriesUids()
+    first = write(tmp_path, uids=uids, file_prefix="A")
+    copy = pydicom.dcmread(first.paths[3])
+    copy.SOPInstanceUID = generate_uid()
+    copy.save_as(tmp_path / "s" / "copy.dcm")
+    late = dp.write_series(
+        tmp_path / "late", PHANTOM, uids=uids, rescale=RESCALE, drop_slices=range(1, 20)
+    )
+    items = [*first.paths, tmp_path / "s" / "copy.dcm", *late.paths]
+    with pytest.raises(SeriesError, match="share a position"):
+        volume_from_series(items, versions=[1] * (len(first.paths) + 1) + [2])
+
+
+def test_versions_must_match_the_images(tmp_path: Path) -> None:
+    written = write(tmp_path)
+    with pytest.raises(ValueError, match="2 versions for 20 images"):
+        volume_from_series(written.paths, versions=[1, 2])
+
+
+def test_a_later_echo_replaces_only_its_own_stack(tmp_path: Path) -> None:
+    """A resend of the second echo alone leaves the first echo's images as they were."""
+    stacks = dp.write_stacked_series(
+        tmp_path / "s", [PHANTOM, _other], attributes=ECHOES, rescale=RESCALE
+    )
+    uids = stacks[0].uids
+    again = dp.write_series(tmp_path / "again", PHANTOM, uids=uids, rescale=RESCALE)
+    for path in again.paths:
+        ds = pydicom.dcmread(path)
+        ds.update({"EchoNumbers": 2, "EchoTime": 4.92})
+        ds.save_as(path)
+    items = [*stacks[0].paths, *stacks[1].paths, *again.paths]
+    versions = [1] * (len(items) - len(again.paths)) + [2] * len(again.paths)
+    first = volume_from_series(items, versions=versions)
+    assert _frame_uids(first) == set(stacks[0].sop_instance_uids)
+    last = volume_from_series(items, StackChoice(order="last"), versions=versions)
+    assert _frame_uids(last) == set(again.sop_instance_uids)
+    np.testing.assert_array_equal(last.array, again.array)
+    assert last.replaced == first.replaced == len(again.paths)
+
+
 # ---- (e) several stacks in one series ------------------------------------------------
 
 
