@@ -6,17 +6,19 @@ for them to notice the request and then the response (~1.3 ms of a 512x512 image
 and idle associations wake 2,000 times a second. Here both sleep until there is work: the
 DUL in ``select()`` on its socket and a wake-up socket written whenever a primitive is
 queued for sending, the reactor on an event set whenever a DIMSE message or an ACSE
-primitive is queued for it. pynetdicom's loops and state machine run unchanged; only
-their waits move (measured by ``benchmarks/receive.py``). PDUs are also read with a few
-large ``recv_into`` calls instead of pynetdicom's 4 KiB ones.
+primitive is queued for it. pynetdicom's state machine and the reactor's loop run
+unchanged; the DUL runs pynetdicom's loop less its sleep after a turn that queued no
+event (``_EventDrivenDUL._run_loop``), since it waits in ``select()`` (measured by
+``benchmarks/receive.py``). PDUs are also read with a few large ``recv_into`` calls
+instead of pynetdicom's 4 KiB ones.
 
 A plain C-STORE-RQ in an established association is assembled from the P-DATA-TF bytes
 and served on the DUL's thread by pynetdicom's own Storage service class (see
 ``_EventDrivenDUL._read_pdu_data``); every other PDU and message takes pynetdicom's path.
 
 This uses pynetdicom 3.0 internals (its queues, ``DULServiceProvider._is_transport_event``,
-``_read_pdu_data``, ``_decode_pdu`` and ``_run_loop_delay``). If they are missing,
-associations keep pynetdicom's polling and a warning says so.
+``_read_pdu_data``, ``_decode_pdu``, ``_process_recv_primitive`` and ``_run_loop_delay``).
+If they are missing, associations keep pynetdicom's polling and a warning says so.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
@@ -67,6 +70,7 @@ _POLL_S = 0.001  # pynetdicom's own delay, kept where there is nothing to wait o
 
 _REQUIRED = (
     (DULServiceProvider, "_is_transport_event"),
+    (DULServiceProvider, "_process_recv_primitive"),
     (DULServiceProvider, "stop_dul"),
     (DULServiceProvider, "kill_dul"),
     (DULServiceProvider, "_read_pdu_data"),
@@ -301,12 +305,57 @@ class _EventDrivenDUL(DULServiceProvider):
         self._run_loop_delay = _POLL_S
         return super().stop_dul()
 
+    def run(self) -> None:
+        # pynetdicom's thread target is the run_reactor bound before this class was assigned.
+        self.run_reactor()
+
     def run_reactor(self) -> None:
         try:
-            super().run_reactor()
+            self._run_loop()
         finally:
             self._waker.close()
             self._wakee.close()
+
+    def _run_loop(self) -> None:
+        """pynetdicom 3.0's DUL loop (``DULServiceProvider.run_reactor``) without its sleep
+        after a turn that queued no event. A C-STORE served here queues none, so each PDU of
+        an image paid a ``time.sleep(0)``: a system call, a thread switch and a GIL hand-off
+        (~4 per 512x512 image, ~10% of one association's images per second). The wait for
+        work is ``_wait_for_work``'s select()."""
+        self._idle_timer.start()
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception:
+                logger.exception("error in the association's network loop: aborting it")
+                self._abort_at_once()
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                continue
+            self.state_machine.do_action(event)
+
+    def _abort_at_once(self) -> None:
+        # As pynetdicom does: the state machine may be broken, so bypass it.
+        abort = A_ABORT_RQ()
+        abort.source = 0x02
+        abort.reason_diagnostic = 0x00
+        with contextlib.suppress(OSError, AttributeError):
+            self.socket.send(abort.encode())  # type: ignore[union-attr]
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
 
 
 class _LargeReadSocket(AssociationSocket):

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 
+import pynetdicom.dul
 import pytest
 from inprocess import InProcessNode, minimal_mr_dataset, mr_store_association
 from peers import wait_until
@@ -140,6 +141,40 @@ def test_store_success_answered_by_the_direct_encoder(
         del ds.SeriesInstanceUID  # refused: answered by pynetdicom's encoder, status intact
         assert assoc.send_c_store(ds).Status == 0xA900
     assert used == [1]
+
+
+def test_the_acceptor_runs_its_own_loop_and_never_sleeps_between_pdus(
+    scp_in_process: InProcessNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom's loop sleeps (``time.sleep(0)``) after each turn that queued no event,
+    which is every PDU of a C-STORE served off the socket: a system call and a thread
+    switch each. The acceptor runs the node's loop instead, and closes its wake-up pair."""
+    sleeps: list[int] = []
+    real_time = pynetdicom.dul.time
+
+    class CountingTime:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real_time, name)
+
+        def sleep(self, seconds: float) -> None:
+            sleeps.append(threading.get_ident())
+            real_time.sleep(seconds)
+
+    monkeypatch.setattr(pynetdicom.dul, "time", CountingTime())
+    running, port = scp_in_process.running, scp_in_process.port
+    ds = minimal_mr_dataset()
+    ds.BitsAllocated, ds.PixelRepresentation = 16, 0
+    ds.PixelData = bytes(300_000)  # several PDUs: the peer's maximum PDU is 16 KiB
+    with mr_store_association(port) as assoc:
+        (server_side,) = wait_until(lambda: running.ae.active_associations, timeout_s=5)
+        dul = server_side.dul
+        assert isinstance(dul, _EventDrivenDUL)
+        for _ in range(3):
+            ds.SOPInstanceUID = generate_uid()
+            assert assoc.send_c_store(ds).Status == 0x0000
+        assert dul.ident not in sleeps
+    wait_until(lambda: not dul.is_alive(), timeout_s=5, what="acceptor end")
+    assert dul._waker.fileno() == -1 and dul._wakee.fileno() == -1
 
 
 def _reader(sock: socket.socket) -> reactor._LargeReadSocket:
