@@ -40,7 +40,7 @@ class SegmentResult:
     series_instance_uid: str
     timings: dict[str, float] = field(default_factory=dict)
     stack: str = ""  # which stack of several was segmented; empty for one stack
-    replaced: int = 0  # images left out because a later version of the series sent them again
+    notes: list[str] = field(default_factory=list)  # images left out as copies, and why
 
 
 class ModelCache:
@@ -154,7 +154,7 @@ def segment_volume(
         series_instance_uid=volume.series_instance_uid,
         timings=timings,
         stack=volume.stack,
-        replaced=volume.replaced,
+        notes=volume.notes,
     )
 
 

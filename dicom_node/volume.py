@@ -111,7 +111,8 @@ class Volume:
     frame_of_reference_uid: str
     modality: str
     stack: str = ""  # which stack of several was used, for people; empty for one stack
-    replaced: int = 0  # frames left out because a later version sent them again
+    # For people: images left out as copies of others, and why (the job's reason shows them).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def spacing_zyx(self) -> tuple[float, float, float]:
@@ -202,7 +203,7 @@ def _build_volume(instances: list[_Instance], stack: StackChoice) -> Volume:
     instances = _images_only(instances)
     for index, instance in enumerate(instances):
         instance.frames = _frames_of(instance, index)
-    replaced = _drop_superseded(instances)
+    notes = [n for n in (_drop_superseded(instances), _drop_identical_copies(instances)) if n]
     frames, set_aside = _select_frames(instances)
     frames, stack_description = _choose_stack(
         frames, stack, str(instances[0].header.SeriesInstanceUID)
@@ -231,7 +232,7 @@ def _build_volume(instances: list[_Instance], stack: StackChoice) -> Volume:
         frame_of_reference_uid=str(first.FrameOfReferenceUID),
         modality=str(first.get("Modality", "")),
         stack=stack_description,
-        replaced=replaced,
+        notes=notes,
     )
     logger.info(
         "series %s: volume %s (z, y, x), spacing %s mm, from %d instance(s)",
@@ -561,16 +562,14 @@ def _make_frame(
 # ---- selection and geometry ---------------------------------------------------------
 
 
-def _drop_superseded(instances: list[_Instance]) -> int:
+def _drop_superseded(instances: list[_Instance]) -> str:
     """Leave out frames that a later version of the series sent again at their place.
 
-    Two frames are copies when plane, position, matrix and every stack attribute but the
-    SOP Instance UID agree (a re-sent multi-frame image has a new one). Copies within one
-    version are left for the stack split, which refuses them when nothing tells them apart.
-    Returns how many frames were left out.
+    Two frames are copies when ``_copy_key`` agrees. Copies within one version are left to
+    ``_drop_identical_copies`` and the stack split. Returns a note for people, or "".
     """
     if len({instance.version for instance in instances}) < 2:
-        return 0
+        return ""
     latest: dict[tuple[Any, ...], int] = {}
     keys: list[list[tuple[Any, ...]]] = []
     for instance in instances:
@@ -586,15 +585,58 @@ def _drop_superseded(instances: list[_Instance]) -> int:
         ]
         dropped[instance.version] += len(instance.frames) - len(kept)
         instance.frames = kept
-    if dropped.total():
-        logger.info(
-            "series %s: %d image(s) of version(s) %s left out: a later version sent images "
-            "again at their positions",
-            instances[0].header.SeriesInstanceUID,
-            dropped.total(),
-            ", ".join(str(v) for v in sorted(v for v, n in dropped.items() if n)),
-        )
-    return dropped.total()
+    if not dropped.total():
+        return ""
+    logger.info(
+        "series %s: %d image(s) of version(s) %s left out: a later version sent images "
+        "again at their positions",
+        instances[0].header.SeriesInstanceUID,
+        dropped.total(),
+        ", ".join(str(v) for v in sorted(v for v, n in dropped.items() if n)),
+    )
+    return f"{dropped.total()} image(s) sent again in a later version replaced their earlier copies"
+
+
+def _drop_identical_copies(instances: list[_Instance]) -> str:
+    """Keep one of several frames that share their place and have the same pixel values.
+
+    Such images are one image stored twice (a sender that sent the series again with new
+    SOP Instance UIDs before it was complete, an export that duplicated instances): a
+    model reads the same slice whichever is kept. The one kept is the last in the given
+    order (the last to arrive, for the node's jobs). Copies whose pixels differ stay, and
+    the stack split refuses them when nothing tells them apart. Returns a note, or "".
+    """
+    groups: dict[tuple[Any, ...], list[_Frame]] = {}
+    for instance in instances:
+        for frame in instance.frames:
+            groups.setdefault(_copy_key(frame), []).append(frame)
+    shared = [group for group in groups.values() if len(group) > 1]
+    if not shared:
+        return ""
+    by_size: dict[tuple[int, int], list[list[_Frame]]] = {}
+    for group in shared:
+        by_size.setdefault((group[0].rows, group[0].columns), []).append(group)
+    dropped: set[int] = set()
+    for same_size in by_size.values():
+        # One read per size: a multi-frame image is decoded once, not once per group.
+        pixels = _read_pixels(instances, [frame for group in same_size for frame in group])
+        at = 0
+        for group in same_size:
+            planes = pixels[at : at + len(group)]
+            at += len(group)
+            if all(np.array_equal(planes[0], plane) for plane in planes[1:]):
+                dropped.update(id(frame) for frame in group[:-1])
+    if not dropped:
+        return ""
+    for instance in instances:
+        instance.frames = [frame for frame in instance.frames if id(frame) not in dropped]
+    logger.info(
+        "series %s: %d image(s) left out: copies of other images at the same position with "
+        "the same pixel values",
+        instances[0].header.SeriesInstanceUID,
+        len(dropped),
+    )
+    return f"{len(dropped)} duplicate image(s) (same position and pixels) left out"
 
 
 def _copy_key(frame: _Frame) -> tuple[Any, ...]:

@@ -208,12 +208,7 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
             ctx.store.result_path(job.id, "fallback-binary.dcm"), _encode(result.binary_fallback)
         )
     timings["total_s"] = time.monotonic() - started
-    notes = [f"segmented {result.stack}"] if result.stack else []
-    if result.replaced:
-        notes.append(
-            f"{result.replaced} image(s) sent again in a later version replaced their earlier "
-            "copies"
-        )
+    notes = ([f"segmented {result.stack}"] if result.stack else []) + result.notes
     if not finish_job(
         ctx.index,
         job.id,

@@ -468,6 +468,31 @@ def test_cli_segment_chooses_the_stack(tmp_path: Path, spec: PhantomSpec) -> Non
     assert wrong.returncode != 0 and "--stack must be first or last" in wrong.stderr
 
 
+def test_cli_segment_says_which_images_it_left_out_as_copies(
+    tmp_path: Path, spec: PhantomSpec
+) -> None:
+    """A slice stored twice under two SOP Instance UIDs: segmented once, and the report
+    says so (JSON and text)."""
+    shape, spacing = AXIAL_GRID
+    written = write_series(
+        tmp_path / "series",
+        lambda points: sample_phantom(spec, points)[0],
+        shape=shape,
+        spacing=spacing,
+    )
+    twin = pydicom.dcmread(written.paths[10])
+    twin.SOPInstanceUID = pydicom.uid.generate_uid()
+    twin.save_as(tmp_path / "series" / "twin.dcm")
+    out = tmp_path / "out"
+    data = segment_json(tmp_path / "series", "demo", out, tmp_path)
+    assert data["notes"] == ["1 duplicate image(s) (same position and pixels) left out"]
+    seg = pydicom.dcmread(data["seg"])
+    assert len(_referenced_instances(seg)) == shape[0]
+    text = offline_cli(["segment", str(tmp_path / "series"), "--out", str(out)], tmp_path)
+    assert text.returncode == 0, text.stderr[-2000:]
+    assert "1 duplicate image(s) (same position and pixels) left out" in text.stdout
+
+
 @pytest.mark.parametrize(
     "name",
     [

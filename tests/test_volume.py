@@ -361,13 +361,58 @@ def test_gap_is_refused(tmp_path: Path) -> None:
         volume_from_folder(tmp_path / "gap")
 
 
+def _copy(path: Path, target: Path, *, other_pixels: bool) -> str:
+    """``path`` saved again as ``target`` with a new SOP Instance UID (returned), its
+    pixels changed or not."""
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = generate_uid()
+    if other_pixels:
+        ds.PixelData = (ds.pixel_array + 1).astype(ds.pixel_array.dtype).tobytes()
+    ds.save_as(target)
+    return str(ds.SOPInstanceUID)
+
+
 def test_duplicate_positions_are_refused(tmp_path: Path) -> None:
+    """Two different images at one place, nothing telling them apart."""
     written = write(tmp_path)
-    copy = pydicom.dcmread(written.paths[0])
-    copy.SOPInstanceUID = generate_uid()
-    copy.save_as(tmp_path / "s" / "duplicate.dcm")
+    _copy(written.paths[0], tmp_path / "s" / "duplicate.dcm", other_pixels=True)
     with pytest.raises(SeriesError, match="share a position"):
         volume_from_folder(tmp_path / "s")
+
+
+def test_an_image_stored_twice_is_used_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same image under a second SOP Instance UID (a series sent again before it was
+    complete, an export that duplicated it): whichever copy is read, the slice is the same."""
+    written = write(tmp_path)
+    copy = tmp_path / "s" / "duplicate.dcm"
+    copy_uid = _copy(written.paths[4], copy, other_pixels=False)
+    with caplog.at_level("INFO", logger="dicom_node.volume"):
+        volume = volume_from_series([*written.paths, copy])
+    np.testing.assert_array_equal(volume.array, written.array)
+    assert volume.notes == ["1 duplicate image(s) (same position and pixels) left out"]
+    assert "1 image(s) left out: copies of other images at the same position" in caplog.text
+    uids = [ref.sop_instance_uid for ref in volume.frames]
+    assert copy_uid in uids and written.sop_instance_uids[4] not in uids  # the later kept
+    assert len(uids) == written.shape[0]
+
+
+def test_a_whole_series_stored_twice_is_used_once(tmp_path: Path) -> None:
+    uids = dp.SeriesUids()
+    first = write(tmp_path, uids=uids, file_prefix="A")
+    second = write(tmp_path, uids=uids, file_prefix="B")  # same pixels, new SOP UIDs
+    volume = volume_from_folder(tmp_path / "s")
+    np.testing.assert_array_equal(volume.array, first.array)
+    assert volume.notes == [
+        f"{first.shape[0]} duplicate image(s) (same position and pixels) left out"
+    ]
+    assert len(_frame_uids(volume)) == first.shape[0]
+    assert _frame_uids(volume) <= set(first.sop_instance_uids) | set(second.sop_instance_uids)
+
+
+def _resent(count: int) -> str:
+    return f"{count} image(s) sent again in a later version replaced their earlier copies"
 
 
 def _sent_twice(tmp_path: Path, **kw: object) -> tuple[dp.WrittenSeries, dp.WrittenSeries]:
@@ -401,7 +446,7 @@ def test_a_series_sent_again_in_a_later_version_replaces_its_copies(
     np.testing.assert_allclose(volume.affine, second.affine, atol=1e-4)
     assert {str(d.SOPInstanceUID) for d in volume.source_datasets} == set(second.sop_instance_uids)
     assert _frame_uids(volume) == set(second.sop_instance_uids)
-    assert volume.replaced == second.shape[0]
+    assert volume.notes == [_resent(second.shape[0])]
     assert volume.stack == ""
     assert f"{second.shape[0]} image(s) of version(s) 1 left out" in caplog.text
 
@@ -425,20 +470,18 @@ def test_a_partial_resend_replaces_only_the_positions_it_covers(tmp_path: Path) 
     expected = first.array.copy()
     expected[again] = second.array[again]
     np.testing.assert_array_equal(volume.array, expected)
-    assert volume.replaced == len(again)
+    assert volume.notes == [_resent(len(again))]
     assert [ref.sop_instance_uid for ref in volume.frames] == [
         (second if z in again else first).sop_instance_uids[z] for z in range(n)
     ]
 
 
 def test_copies_within_one_version_are_still_refused(tmp_path: Path) -> None:
-    """Two images at one place that arrived together are not a resend: nothing says which
-    one a radiologist means."""
+    """Two different images at one place that arrived together are not a resend: nothing
+    says which one a radiologist means."""
     uids = dp.SeriesUids()
     first = write(tmp_path, uids=uids, file_prefix="A")
-    copy = pydicom.dcmread(first.paths[3])
-    copy.SOPInstanceUID = generate_uid()
-    copy.save_as(tmp_path / "s" / "copy.dcm")
+    _copy(first.paths[3], tmp_path / "s" / "copy.dcm", other_pixels=True)
     late = dp.write_series(
         tmp_path / "late", PHANTOM, uids=uids, rescale=RESCALE, drop_slices=range(1, 20)
     )
@@ -471,7 +514,7 @@ def test_a_later_echo_replaces_only_its_own_stack(tmp_path: Path) -> None:
     last = volume_from_series(items, StackChoice(order="last"), versions=versions)
     assert _frame_uids(last) == set(again.sop_instance_uids)
     np.testing.assert_array_equal(last.array, again.array)
-    assert last.replaced == first.replaced == len(again.paths)
+    assert last.notes == first.notes == [_resent(len(again.paths))]
 
 
 # ---- (e) several stacks in one series ------------------------------------------------

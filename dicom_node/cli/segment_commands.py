@@ -92,6 +92,7 @@ def segment(
         "labels": [{"id": i, "name": n, "ml": round(ml, 3)} for i, n, ml in result.volumes_ml],
         "timings": result.timings,
         "stack": result.stack,
+        "notes": result.notes,
     }
     if as_json:
         print_json(data)
@@ -102,4 +103,6 @@ def segment(
     Console().print(table)
     if result.stack:
         typer.echo(f"segmented {result.stack}")
+    for note in result.notes:
+        typer.echo(note)
     typer.echo(f"SEG written to {target}")
