@@ -203,7 +203,7 @@ def _build_volume(instances: list[_Instance], stack: StackChoice) -> Volume:
     instances = _images_only(instances)
     for index, instance in enumerate(instances):
         instance.frames = _frames_of(instance, index)
-    notes = [n for n in (_drop_superseded(instances), _drop_identical_copies(instances)) if n]
+    notes = _drop_copies(instances)
     frames, set_aside = _select_frames(instances)
     frames, stack_description = _choose_stack(
         frames, stack, str(instances[0].header.SeriesInstanceUID)
@@ -562,59 +562,71 @@ def _make_frame(
 # ---- selection and geometry ---------------------------------------------------------
 
 
-def _drop_superseded(instances: list[_Instance]) -> str:
-    """Leave out frames that a later version of the series sent again at their place.
+def _drop_copies(instances: list[_Instance]) -> list[str]:
+    """Leave out frames that copy another frame's place; return notes for people.
 
-    Two frames are copies when ``_copy_key`` agrees. Copies within one version are left to
-    ``_drop_identical_copies`` and the stack split. Returns a note for people, or "".
+    Frames are copies when ``_copy_key`` agrees (plane, position, matrix and the stack
+    attributes). Of copies from several versions of the series, the latest version's stay:
+    the series was sent again (with new SOP Instance UIDs; the same ones would have replaced
+    the files). Copies left that have the same pixel values are one image stored twice (a
+    series sent twice before it was complete, an export that duplicated instances): the
+    last in the given order (the last to arrive, for the node's jobs) stays, and a model
+    reads the same slice either way. Copies whose pixels differ all stay, and the stack
+    split refuses them when nothing tells them apart.
     """
-    if len({instance.version for instance in instances}) < 2:
-        return ""
-    latest: dict[tuple[Any, ...], int] = {}
-    keys: list[list[tuple[Any, ...]]] = []
-    for instance in instances:
-        keys.append([_copy_key(frame) for frame in instance.frames])
-        for key in keys[-1]:
-            latest[key] = max(latest.get(key, instance.version), instance.version)
-    dropped: Counter[int] = Counter()
-    for instance, frame_keys in zip(instances, keys, strict=True):
-        kept = [
-            frame
-            for frame, key in zip(instance.frames, frame_keys, strict=True)
-            if latest[key] == instance.version
-        ]
-        dropped[instance.version] += len(instance.frames) - len(kept)
-        instance.frames = kept
-    if not dropped.total():
-        return ""
-    logger.info(
-        "series %s: %d image(s) of version(s) %s left out: a later version sent images "
-        "again at their positions",
-        instances[0].header.SeriesInstanceUID,
-        dropped.total(),
-        ", ".join(str(v) for v in sorted(v for v, n in dropped.items() if n)),
-    )
-    return f"{dropped.total()} image(s) sent again in a later version replaced their earlier copies"
-
-
-def _drop_identical_copies(instances: list[_Instance]) -> str:
-    """Keep one of several frames that share their place and have the same pixel values.
-
-    Such images are one image stored twice (a sender that sent the series again with new
-    SOP Instance UIDs before it was complete, an export that duplicated instances): a
-    model reads the same slice whichever is kept. The one kept is the last in the given
-    order (the last to arrive, for the node's jobs). Copies whose pixels differ stay, and
-    the stack split refuses them when nothing tells them apart. Returns a note, or "".
-    """
-    groups: dict[tuple[Any, ...], list[_Frame]] = {}
+    groups: dict[tuple[Any, ...], list[tuple[int, _Frame]]] = {}
     for instance in instances:
         for frame in instance.frames:
-            groups.setdefault(_copy_key(frame), []).append(frame)
+            groups.setdefault(_copy_key(frame), []).append((instance.version, frame))
     shared = [group for group in groups.values() if len(group) > 1]
     if not shared:
-        return ""
-    by_size: dict[tuple[int, int], list[list[_Frame]]] = {}
+        return []
+    superseded: Counter[int] = Counter()
+    dropped: set[int] = set()
+    left: list[list[_Frame]] = []
     for group in shared:
+        newest = max(version for version, _ in group)
+        for version, frame in group:
+            if version < newest:
+                superseded[version] += 1
+                dropped.add(id(frame))
+        kept = [frame for version, frame in group if version == newest]
+        if len(kept) > 1:
+            left.append(kept)
+    duplicates = _identical_copies(instances, left)
+    dropped |= duplicates
+    for instance in instances:
+        instance.frames = [frame for frame in instance.frames if id(frame) not in dropped]
+    uid = instances[0].header.SeriesInstanceUID
+    notes: list[str] = []
+    if superseded:
+        logger.info(
+            "series %s: %d image(s) of version(s) %s left out: a later version sent images "
+            "again at their positions",
+            uid,
+            superseded.total(),
+            ", ".join(str(v) for v in sorted(superseded)),
+        )
+        notes.append(
+            f"{superseded.total()} image(s) sent again in a later version replaced their "
+            "earlier copies"
+        )
+    if duplicates:
+        logger.info(
+            "series %s: %d image(s) left out: copies of other images at the same position "
+            "with the same pixel values",
+            uid,
+            len(duplicates),
+        )
+        notes.append(f"{len(duplicates)} duplicate image(s) (same position and pixels) left out")
+    return notes
+
+
+def _identical_copies(instances: list[_Instance], groups: list[list[_Frame]]) -> set[int]:
+    """The ids of the frames in ``groups`` (each of copies) to leave out: all but the last
+    of a group whose pixel values are all the same."""
+    by_size: dict[tuple[int, int], list[list[_Frame]]] = {}
+    for group in groups:
         by_size.setdefault((group[0].rows, group[0].columns), []).append(group)
     dropped: set[int] = set()
     for same_size in by_size.values():
@@ -626,17 +638,7 @@ def _drop_identical_copies(instances: list[_Instance]) -> str:
             at += len(group)
             if all(np.array_equal(planes[0], plane) for plane in planes[1:]):
                 dropped.update(id(frame) for frame in group[:-1])
-    if not dropped:
-        return ""
-    for instance in instances:
-        instance.frames = [frame for frame in instance.frames if id(frame) not in dropped]
-    logger.info(
-        "series %s: %d image(s) left out: copies of other images at the same position with "
-        "the same pixel values",
-        instances[0].header.SeriesInstanceUID,
-        len(dropped),
-    )
-    return f"{len(dropped)} duplicate image(s) (same position and pixels) left out"
+    return dropped
 
 
 def _copy_key(frame: _Frame) -> tuple[Any, ...]:
