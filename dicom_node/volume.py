@@ -20,10 +20,11 @@ attribute tells apart are refused.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -624,20 +625,17 @@ def _drop_copies(instances: list[_Instance]) -> list[str]:
 
 def _identical_copies(instances: list[_Instance], groups: list[list[_Frame]]) -> set[int]:
     """The ids of the frames in ``groups`` (each of copies) to leave out: all but the last
-    of a group whose pixel values are all the same."""
-    by_size: dict[tuple[int, int], list[list[_Frame]]] = {}
-    for group in groups:
-        by_size.setdefault((group[0].rows, group[0].columns), []).append(group)
+    of a group whose pixel values are all the same. Compared by digest: copies of a whole
+    4D series would not fit in memory as planes."""
+    frames = [frame for group in groups for frame in group]
+    digests: dict[int, bytes] = {
+        id(frames[z]): hashlib.blake2b(plane.tobytes(), digest_size=16).digest()
+        for z, plane in _planes(instances, frames)
+    }
     dropped: set[int] = set()
-    for same_size in by_size.values():
-        # One read per size: a multi-frame image is decoded once, not once per group.
-        pixels = _read_pixels(instances, [frame for group in same_size for frame in group])
-        at = 0
-        for group in same_size:
-            planes = pixels[at : at + len(group)]
-            at += len(group)
-            if all(np.array_equal(planes[0], plane) for plane in planes[1:]):
-                dropped.update(id(frame) for frame in group[:-1])
+    for group in groups:
+        if len({digests[id(frame)] for frame in group}) == 1:
+            dropped.update(id(frame) for frame in group[:-1])
     return dropped
 
 
@@ -869,8 +867,14 @@ def _sort_and_check_geometry(
 
 
 def _read_pixels(instances: list[_Instance], frames: list[_Frame]) -> np.ndarray:
-    rows, columns = frames[0].rows, frames[0].columns
-    array = np.empty((len(frames), rows, columns), dtype=np.float32)
+    array = np.empty((len(frames), frames[0].rows, frames[0].columns), dtype=np.float32)
+    for z, plane in _planes(instances, frames):
+        array[z] = plane
+    return array
+
+
+def _planes(instances: list[_Instance], frames: list[_Frame]) -> Iterator[tuple[int, np.ndarray]]:
+    """(index into ``frames``, its plane with the rescale applied), each source decoded once."""
     by_source: dict[int, list[tuple[int, _Frame]]] = {}
     for z, frame in enumerate(frames):
         by_source.setdefault(frame.source, []).append((z, frame))
@@ -880,7 +884,7 @@ def _read_pixels(instances: list[_Instance], frames: list[_Frame]) -> np.ndarray
             pixels = pixels[np.newaxis]
         for z, frame in members:
             index = 0 if frame.frame_number is None else frame.frame_number - 1
-            if index >= pixels.shape[0] or pixels.shape[1:] != (rows, columns):
+            if index >= pixels.shape[0] or pixels.shape[1:] != (frame.rows, frame.columns):
                 raise SeriesError(
                     f"{instances[source].name}: pixel data shape {pixels.shape} does not match "
                     f"Rows/Columns/NumberOfFrames"
@@ -888,8 +892,7 @@ def _read_pixels(instances: list[_Instance], frames: list[_Frame]) -> np.ndarray
             plane = pixels[index].astype(np.float64)
             if frame.slope != 1.0 or frame.intercept != 0.0:
                 plane = plane * frame.slope + frame.intercept
-            array[z] = plane
-    return array
+            yield z, plane
 
 
 def _decode(instance: _Instance) -> np.ndarray:
