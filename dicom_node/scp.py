@@ -69,17 +69,79 @@ class _SharedUIDContext(PresentationContext):
 
 
 class _NodeServer(ThreadedAssociationServer):
-    """pynetdicom's server with TCP_NODELAY on every accepted socket.
+    """pynetdicom's server with TCP_NODELAY on every accepted socket, and the TLS handshake
+    on the connection's own thread.
 
     Without TCP_NODELAY, Nagle's algorithm and delayed ACKs add ~40 ms to each C-STORE
-    response exchange (see PEERS.md).
+    response exchange (see PEERS.md). pynetdicom does the handshake as it accepts, on the
+    one thread that listens: a client that connects and sends nothing held the TLS port
+    for every other sender, and a refused handshake left no log line.
     """
 
+    # A request's thread ends once its association's own thread starts, or after the TLS
+    # handshake's timeout: stopping the node must not wait for a silent TLS client.
+    daemon_threads = True
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = super().get_request()
+        assert self.socket is not None
+        client, address = self.socket.accept()
         with contextlib.suppress(OSError):
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
         return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket) and not self._handshake(request, client_address):
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+    def _handshake(self, request: ssl.SSLSocket, address: tuple[str, int]) -> bool:
+        """Within the time a peer has to ask for an association; False (logged) if it fails."""
+        timeout = request.gettimeout()
+        request.settimeout(self.ae.acse_timeout)
+        try:
+            request.do_handshake()
+        except ssl.SSLEOFError:
+            # Closed before a word of TLS: a port probe, as on the plain port (not logged).
+            logger.debug("TLS connection from %s:%s closed before its handshake", *address)
+            return False
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            if isinstance(exc, TimeoutError):
+                reason = f"no TLS handshake within {self.ae.acse_timeout:g} s"
+            logger.warning(
+                "DICOM TLS connection from %s:%s refused: %s%s",
+                address[0],
+                address[1],
+                reason,
+                _tls_hint(str(reason)),
+            )
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                request.settimeout(timeout)
+        return True
+
+
+def _tls_hint(reason: str) -> str:
+    """What an administrator would check for OpenSSL's reason, where it is a common one."""
+    if reason in (
+        "WRONG_VERSION_NUMBER",
+        "HTTP_REQUEST",
+        "UNEXPECTED_RECORD",
+        "RECORD_LAYER_FAILURE",
+    ):
+        return " (not TLS: a sender using the plain DICOM protocol on the TLS port?)"
+    if "CERTIFICATE" in reason or "UNKNOWN_CA" in reason:
+        return (
+            " (the sender's certificate: none sent, or not signed by node.tls.ca_certificate;"
+            " or the sender does not trust node.tls.certificate)"
+        )
+    return ""
 
 
 class _SharedListenerServer(_NodeServer):

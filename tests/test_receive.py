@@ -11,7 +11,9 @@ import io
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from conftest import NodeFactory, OrthancFactory
 from peers import (
     SCU_AET,
     NodeProcess,
+    TlsFiles,
     acknowledged_files,
     dataset_bytes,
     dcmtk_env,
@@ -368,9 +371,10 @@ def test_the_caller_host_is_not_checked_by_default(node_factory: NodeFactory) ->
 # -- DICOM TLS ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
-def test_tls_echo_and_store(node_factory: NodeFactory, tmp_path: Path, processes: int) -> None:
-    tls = make_tls_files(tmp_path / "pki")
+def _tls_node(
+    node_factory: NodeFactory, own: TlsFiles, clients: TlsFiles, processes: int = 1
+) -> tuple[NodeProcess, int]:
+    """A started node with DICOM TLS: ``own``'s server certificate, ``clients``' CA."""
     node = node_factory(start=False)
     node.config["node"]["receiver_processes"] = processes
     tls_port = free_port()
@@ -379,13 +383,20 @@ def test_tls_echo_and_store(node_factory: NodeFactory, tmp_path: Path, processes
     node.config["node"]["tls"] = {
         "enabled": True,
         "port": tls_port,
-        "certificate": node.relative(tls.server_cert),
-        "key": node.relative(tls.server_key),
-        "ca_certificate": node.relative(tls.ca_cert),
+        "certificate": node.relative(own.server_cert),
+        "key": node.relative(own.server_key),
+        "ca_certificate": node.relative(clients.ca_cert),
         "require_client_certificate": True,
     }
     node.config_path.write_text(yaml.safe_dump(node.config, sort_keys=False))
     node.start()
+    return node, tls_port
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
+def test_tls_echo_and_store(node_factory: NodeFactory, tmp_path: Path, processes: int) -> None:
+    tls = make_tls_files(tmp_path / "pki")
+    node, tls_port = _tls_node(node_factory, tls, tls, processes)
     # Every process serves both listeners (the TLS one handed over like the plain one).
     wait_until(
         lambda: node.log_text().count("(DICOM TLS)") >= processes,
@@ -405,11 +416,41 @@ def test_tls_echo_and_store(node_factory: NodeFactory, tmp_path: Path, processes
     rows = node.instance_rows(series.series_instance_uid)
     assert {r["sop_instance_uid"] for r in rows} == set(series.sop_instance_uids)
 
+    logged = len(node.log_text())
     plain = echoscu(tls_port)  # no TLS to the TLS port
     assert plain.returncode != 0
     no_cert = echoscu(tls_port, extra_args=["+tla", "-ic"])  # TLS without a client cert
     assert no_cert.returncode != 0
+    # Each refused handshake says so in the log, with the peer and OpenSSL's reason.
+    wait_until(
+        lambda: node.log_text()[logged:].count("DICOM TLS connection from 127.0.0.1:") == 2,
+        timeout_s=20,
+        what="two refused TLS connections logged",
+    )
+    refused = [
+        line
+        for line in node.log_text()[logged:].splitlines()
+        if "DICOM TLS connection from" in line
+    ]
+    assert all("WARNING" in line and " refused: " in line for line in refused), refused
+    assert "not TLS: a sender using the plain DICOM protocol" in refused[0], refused
+    assert "CERTIFICATE" in refused[1] and "node.tls.ca_certificate" in refused[1], refused
     assert node.running()
+
+
+def test_a_silent_tls_client_holds_neither_the_tls_port_nor_the_stop(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    """A connection that never starts its TLS handshake (a port scanner, a stuck client):
+    other senders are served meanwhile, and SIGTERM still stops the node at once."""
+    tls = make_tls_files(tmp_path / "pki")
+    node, tls_port = _tls_node(node_factory, tls, tls)
+    client = ["+tls", str(tls.client_key), str(tls.client_cert), "+cf", str(tls.ca_cert)]
+    with socket.create_connection(("127.0.0.1", tls_port)):
+        time.sleep(0.5)  # the node has accepted it and waits for its handshake
+        result = echoscu(tls_port, extra_args=client, timeout_s=15)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert node.stop(timeout_s=15) == 0  # not killed after waiting for the handshake
 
 
 # -- crash safety, disk space, malformed input -------------------------------------------------
