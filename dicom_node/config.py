@@ -226,6 +226,13 @@ class Settings(_Strict):
         if twice:
             # Jobs are kept per (series version, rule name): two rules of one name would share.
             raise ValueError(f"rule names must be unique: {twice}")
+        own = [p.name for p in self.peers if p.ae_title == self.node.ae_title]
+        if own:
+            # The node admits its own title only for its health check from this machine.
+            raise ValueError(
+                f"peers {own} have this node's own AE title {self.node.ae_title!r}: "
+                "each DICOM node needs its own title; change node.ae_title or the peer's"
+            )
         known = set(names) | {"origin"}
         for rule in self.rules:
             unknown = [d for d in rule.destinations if d not in known]

@@ -20,6 +20,7 @@ from pynetdicom.events import Event
 
 from dicom_node.errors import StorageError
 from dicom_node.header_values import text
+from dicom_node.health import is_own_check
 from dicom_node.index_outage import log_failure
 from dicom_node.instance_attributes import REQUIRED_UIDS, TAG, check_complete, instance_record
 from dicom_node.part10 import file_header
@@ -42,6 +43,8 @@ class _AssociationStats:
     association_id: str
     calling_ae_title: str
     address: str
+    # The node's own health check (`status --check`): logged at DEBUG, once a minute.
+    own_check: bool = False
     started: float = field(default_factory=time.monotonic)
     stored: int = 0
     failed: int = 0
@@ -87,6 +90,7 @@ class Receiver:
                     association_id=uuid.uuid4().hex,
                     calling_ae_title=str(requestor.ae_title).strip(),
                     address=f"{requestor.address}:{requestor.port}",
+                    own_check=is_own_check(assoc),
                 )
                 self._associations[assoc] = stats
             return stats
@@ -129,7 +133,8 @@ class Receiver:
     # -- event handlers --------------------------------------------------------------------
     def on_accepted(self, event: Event) -> None:
         stats = self._stats(event.assoc)
-        logger.info(
+        logger.log(
+            logging.DEBUG if stats.own_check else logging.INFO,
             "association %s accepted from AE %s at %s",
             stats.association_id,
             stats.calling_ae_title,
@@ -142,6 +147,7 @@ class Receiver:
         calling = str(requestor.ae_title).strip()
         called = str(getattr(requestor.primitive, "called_ae_title", "")).strip()
         allowed = [str(t).strip() for t in ae.require_calling_aet]
+        level = logging.WARNING
         # pynetdicom does not hand the reason over; these are its checks, in its order.
         if ae.require_called_aet and called != str(ae.ae_title).strip():
             why = f"called AE title {called!r} is not this node's ({str(ae.ae_title).strip()!r})"
@@ -152,7 +158,10 @@ class Receiver:
             )
         else:
             why = f"association limit reached (node.max_associations = {ae.maximum_associations})"
-        logger.warning(
+            if is_own_check(event.assoc):  # the health check learns that the node answers
+                level = logging.DEBUG
+        logger.log(
+            level,
             "association rejected: calling AE %r at %s:%s: %s",
             calling,
             requestor.address,
@@ -172,7 +181,8 @@ class Receiver:
         if stats is None:
             return
         elapsed = time.monotonic() - stats.started
-        logger.info(
+        logger.log(
+            logging.DEBUG if stats.own_check else logging.INFO,
             "association %s from AE %s %s: %d stored, %d failed, series %s, %.2f s",
             stats.association_id,
             stats.calling_ae_title,
@@ -191,7 +201,12 @@ class Receiver:
                 )
 
     def on_echo(self, event: Event) -> int:
-        logger.info("C-ECHO from AE %s", str(event.assoc.requestor.ae_title).strip())
+        stats = self._stats(event.assoc)
+        logger.log(
+            logging.DEBUG if stats.own_check else logging.INFO,
+            "C-ECHO from AE %s",
+            stats.calling_ae_title,
+        )
         return SUCCESS
 
     def on_store(self, event: Event) -> int | Dataset:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -237,10 +238,10 @@ def build_ae(settings: Settings) -> AE:
                 "no peers configured and node.accept_unknown_callers is false: "
                 "every association will be rejected; add the scanner/PACS under peers"
             )
-            # pynetdicom treats an empty list as "anyone"; a title no peer can send
-            # (17 characters would be invalid, so use a reserved-looking one) closes it.
-            titles = ["NO-PEERS-CONFIGD"]
-        ae.require_calling_aet = titles
+        # The node's own title: its health check (`status --check`), which OwnTitleGuard
+        # admits from this machine only. (It also keeps the list from being empty, which
+        # pynetdicom would take for "anyone".)
+        ae.require_calling_aet = [*titles, node.ae_title]
     ae.add_supported_context(VERIFICATION)
     storage_classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
     if LABEL_MAP_SEGMENTATION_STORAGE not in storage_classes:
@@ -287,32 +288,87 @@ class CallerHostCheck:
         hosts = self._hosts.get(calling)
         if not hosts:
             return
-        address = _plain_address(str(assoc.requestor.address))
+        address = plain_address(str(assoc.requestor.address))
         allowed: set[str] = set()
         for host in hosts:
             allowed |= _addresses_of(host)
         if address in allowed:
             return
-        logger.warning(
-            "association rejected: calling AE %r at %s:%s: the peer with this AE title is "
-            "at %s (%s), not %s (node.check_caller_host)",
+        reject_caller(
+            assoc,
             calling,
-            assoc.requestor.address,
-            assoc.requestor.port,
-            ", ".join(hosts),
-            ", ".join(sorted(allowed)) or "does not resolve",
-            address,
+            f"the peer with this AE title is at {', '.join(hosts)} "
+            f"({', '.join(sorted(allowed)) or 'does not resolve'}), not {address} "
+            "(node.check_caller_host)",
         )
-        # A-ASSOCIATE-RJ permanent, service user, calling AE title not recognised: what
-        # pynetdicom sends for an unknown AE title, and what pynetdicom lets an
-        # EVT_REQUESTED handler do in its place.
-        assoc.acse.send_reject(0x01, 0x01, 0x03)
-        assoc.kill()
 
 
-def _plain_address(address: str) -> str:
+class OwnTitleGuard:
+    """The node's own AE title as the caller: only its health check, from this machine.
+
+    ``build_ae`` admits the title for that check; here an association request with it from
+    another machine, or proposing more than Verification, is rejected and logged.
+    """
+
+    def __init__(self, ae_title: str) -> None:
+        self.ae_title = ae_title.strip()
+
+    def on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        if request is None:  # not reached: pynetdicom sets it before EVT_REQUESTED
+            return
+        calling = str(request.calling_ae_title).strip()
+        if calling != self.ae_title:
+            return
+        proposed = {str(cx.abstract_syntax) for cx in request.presentation_context_definition_list}
+        if not from_this_machine(assoc):
+            why = "only the node's health check on this machine may call with it"
+        elif proposed - {VERIFICATION}:
+            why = "the node's health check asks for Verification only, not for storage"
+        else:
+            return
+        reject_caller(assoc, calling, f"this is the node's own AE title; {why}")
+
+
+def reject_caller(assoc: Association, calling: str, why: str) -> None:
+    """Reject an association request from an EVT_REQUESTED handler, with a log line.
+
+    ``calling``: from the request; pynetdicom sets ``requestor.ae_title`` only afterwards.
+    """
+    logger.warning(
+        "association rejected: calling AE %r at %s:%s: %s",
+        calling,
+        assoc.requestor.address,
+        assoc.requestor.port,
+        why,
+    )
+    # A-ASSOCIATE-RJ permanent, service user, calling AE title not recognised: what
+    # pynetdicom sends for an unknown AE title, and what pynetdicom lets an EVT_REQUESTED
+    # handler do in its place.
+    assoc.acse.send_reject(0x01, 0x01, 0x03)
+    assoc.kill()
+
+
+def plain_address(address: str) -> str:
     # An IPv4 peer of a dual-stack (::) listener shows as ::ffff:a.b.c.d.
     return address.removeprefix("::ffff:")
+
+
+def from_this_machine(assoc: Association) -> bool:
+    """The peer is this machine: a loopback address, or the address it called."""
+    peer = plain_address(str(assoc.requestor.address))
+    try:
+        if ipaddress.ip_address(peer.split("%")[0]).is_loopback:
+            return True
+    except ValueError:
+        return False
+    sock = getattr(assoc.dul.socket, "socket", None)
+    try:
+        local = sock.getsockname()[0] if sock is not None else None
+    except OSError:
+        return False
+    return local is not None and plain_address(str(local)) == peer
 
 
 def _addresses_of(host: str) -> set[str]:
@@ -320,7 +376,7 @@ def _addresses_of(host: str) -> set[str]:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except OSError:
         return set()
-    return {_plain_address(str(info[4][0])) for info in infos}
+    return {plain_address(str(info[4][0])) for info in infos}
 
 
 @dataclass
@@ -366,6 +422,7 @@ def start_scp(
         (evt.EVT_ABORTED, receiver.on_aborted),
     ]
     node = settings.node
+    handlers.append((evt.EVT_REQUESTED, OwnTitleGuard(node.ae_title).on_requested))
     if node.check_caller_host:
         handlers.append((evt.EVT_REQUESTED, CallerHostCheck(settings).on_requested))
     listeners: list[tuple[int, ssl.SSLContext | None]] = [(node.port, None)]

@@ -39,6 +39,10 @@ def test_absolute_paths_are_kept(tmp_path: Path) -> None:
         ("rules: [{name: mr, model: demo}, {name: mr, model: vibe}]", r"rule names .*\['mr'\]"),
         ("rules: [{name: r, model: demo, match: {series_description: '('}}]", "regular expression"),
         ("node: {tls: {enabled: true}}", "tls.certificate"),
+        (
+            "peers: [{name: pacs, ae_title: DICOMNODE, host: pacs, port: 104}]",
+            r"peers \['pacs'\] have this node's own AE title 'DICOMNODE'",
+        ),
         ("nodes: {}", "nodes"),
         ("node: [", "YAML"),
     ],

@@ -37,6 +37,25 @@ def test_associations_beyond_the_limit_are_rejected(
     assert echoscu(node.port).returncode == 0  # the slot is free again
 
 
+def test_the_health_check_passes_on_a_node_at_its_association_limit(
+    node_factory: Callable[..., NodeProcess],
+) -> None:
+    """A busy node is alive: a refused check must not have Docker restart it mid-series,
+    nor log a warning once a minute."""
+    node = node_factory(overrides={"node": {"max_associations": 1}})
+    held = _associate(node).associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert held.is_established
+    logged = len(node.log_text())
+    try:
+        checked = node.cli("status", "--check", "--json")
+        assert checked.returncode == 0, checked.stderr
+        answer = node.cli_json("status", "--check")["answers"][f"127.0.0.1:{node.port}"]
+        assert answer == "answers, association rejected: Local limit exceeded", answer
+    finally:
+        held.release()
+    assert "association rejected" not in node.log_text()[logged:]
+
+
 def test_a_port_probe_does_not_hold_an_association_slot(
     node_factory: Callable[..., NodeProcess],
 ) -> None:

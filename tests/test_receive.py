@@ -148,14 +148,17 @@ def test_echoscu_succeeds(node: NodeProcess) -> None:
 
 
 def test_status_check_says_whether_the_node_listens(node: NodeProcess) -> None:
-    """`status --check` (Docker's HEALTHCHECK): the index answers and the DICOM port takes
-    connections; a probe is not an association, so the node does not log it."""
-    import time
+    """`status --check` (Docker's HEALTHCHECK): the index answers and the DICOM port answers
+    a C-ECHO; the node logs its own check at DEBUG only, not once a minute at INFO."""
 
     logged = len(node.log_text())
     up = node.cli("status", "--check", "--json")
     assert up.returncode == 0, up.stderr
-    assert node.cli_json("status", "--check")["listening"] == {f"127.0.0.1:{node.port}": True}
+    checked = node.cli_json("status", "--check")
+    assert checked["listening"] == {f"127.0.0.1:{node.port}": True}
+    assert checked["answers"][f"127.0.0.1:{node.port}"].startswith("C-ECHO status 0x0000 in ")
+    text = node.cli("status", "--check")
+    assert f"answers on 127.0.0.1:{node.port}: yes, C-ECHO status 0x0000" in text.stdout
     time.sleep(0.5)  # time to log the probes, were they logged
     assert node.log_text()[logged:] == ""
     assert node.stop() == 0
@@ -163,6 +166,41 @@ def test_status_check_says_whether_the_node_listens(node: NodeProcess) -> None:
     assert down.returncode != 0
     assert f"nothing accepts connections on 127.0.0.1:{node.port}" in down.stderr
     assert node.cli("status").returncode == 0  # without --check: the index alone
+
+
+def test_status_check_fails_for_a_node_that_takes_connections_but_does_not_answer(
+    node: NodeProcess,
+) -> None:
+    """A stopped (or hung) node's port still completes TCP connections into its backlog;
+    only a DICOM answer tells that it serves."""
+    group = os.getpgid(node.pid)
+    os.killpg(group, signal.SIGSTOP)
+    try:
+        assert port_open(node.port)  # what a TCP-level check would have taken for alive
+        stopped = node.cli("status", "--check", "--timeout", "2")
+    finally:
+        os.killpg(group, signal.SIGCONT)
+    assert stopped.returncode != 0
+    assert f"no answer on 127.0.0.1:{node.port}: takes TCP connections but gave no" in (
+        stopped.stderr
+    )
+    assert node.cli("status", "--check").returncode == 0  # serving again
+    assert node.running()
+
+
+def test_the_node_s_own_ae_title_is_for_its_health_check_only(
+    node: NodeProcess, tmp_path: Path
+) -> None:
+    """Its own title is admitted for the check's Verification; not to store images."""
+    logged = len(node.log_text())
+    assert echoscu(node.port, aet=node.ae_title).returncode == 0
+    series = make_mr_series(tmp_path / "gen", 1)
+    sent = storescu(node.port, [series.folder], aet=node.ae_title)
+    assert sent.returncode != 0
+    line = node.wait_for_log("this is the node's own AE title")
+    assert f"calling AE '{node.ae_title}'" in line and "Verification only" in line
+    assert node.instance_rows(series.series_instance_uid) == []
+    assert "C-ECHO from AE" not in node.log_text()[logged:]  # the check's echo: DEBUG
 
 
 @pytest.mark.parametrize("name", REAL_MR_SERIES)
@@ -416,6 +454,11 @@ def test_tls_echo_and_store(node_factory: NodeFactory, tmp_path: Path, processes
     rows = node.instance_rows(series.series_instance_uid)
     assert {r["sop_instance_uid"] for r in rows} == set(series.sop_instance_uids)
 
+    # The health check answers on both ports: over TLS with the node's own certificate.
+    checked = node.cli_json("status", "--check")
+    assert checked["listening"] == {f"127.0.0.1:{node.port}": True, f"127.0.0.1:{tls_port}": True}
+    assert checked["answers"][f"127.0.0.1:{tls_port}"].startswith("C-ECHO status 0x0000")
+
     logged = len(node.log_text())
     plain = echoscu(tls_port)  # no TLS to the TLS port
     assert plain.returncode != 0
@@ -451,6 +494,49 @@ def test_a_silent_tls_client_holds_neither_the_tls_port_nor_the_stop(
         result = echoscu(tls_port, extra_args=client, timeout_s=15)
         assert result.returncode == 0, result.stdout + result.stderr
         assert node.stop(timeout_s=15) == 0  # not killed after waiting for the handshake
+
+
+@pytest.mark.parametrize(
+    ("peer", "local", "expected"),
+    [
+        ("127.0.0.1", "127.0.0.1", True),
+        ("::1", "::1", True),
+        ("::ffff:127.0.0.1", "::ffff:127.0.0.1", True),
+        ("10.1.2.3", "10.1.2.3", True),  # the node's own address, bound to it
+        ("::ffff:10.1.2.3", "10.1.2.3", True),
+        ("10.1.2.4", "10.1.2.3", False),  # another machine
+        ("fe80::1%eth0", "fe80::2%eth0", False),
+    ],
+)
+def test_only_this_machine_may_call_with_the_node_s_own_title(
+    peer: str, local: str, expected: bool
+) -> None:
+    from types import SimpleNamespace
+
+    from dicom_node.scp import from_this_machine
+
+    sock = SimpleNamespace(getsockname=lambda: (local, 11112))
+    assoc = SimpleNamespace(
+        requestor=SimpleNamespace(address=peer),
+        dul=SimpleNamespace(socket=SimpleNamespace(socket=sock)),
+    )
+    assert from_this_machine(assoc) is expected  # type: ignore[arg-type]
+
+
+def test_status_check_on_a_tls_port_that_refuses_the_node_s_own_certificate(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    """Clients' CA did not sign the node's certificate: the TLS port refuses the check's
+    handshake. It answered all the same, which is what a health check asks."""
+    own = make_tls_files(tmp_path / "own")
+    node, tls_port = _tls_node(node_factory, own, make_tls_files(tmp_path / "clients"))
+    checked = node.cli("status", "--check", "--json")
+    assert checked.returncode == 0, checked.stderr
+    answer = node.cli_json("status", "--check")["answers"][f"127.0.0.1:{tls_port}"]
+    assert answer.startswith("answers TLS, but refused this check's certificate"), answer
+    node.stop()
+    down = node.cli("status", "--check")
+    assert f"nothing accepts connections on 127.0.0.1:{tls_port}" in down.stderr
 
 
 # -- crash safety, disk space, malformed input -------------------------------------------------

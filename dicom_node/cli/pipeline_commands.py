@@ -12,7 +12,6 @@ from rich.table import Table
 from sqlalchemy import select
 
 from dicom_node.cli import human, print_json, settings_of
-from dicom_node.config import Settings
 from dicom_node.errors import DicomNodeError
 from storage.models import Delivery, DeliveryState, Job, JobState, Series, SeriesVersion
 
@@ -287,11 +286,15 @@ def status(
         bool,
         typer.Option(
             "--check",
-            help="fail unless the node's DICOM port(s) accept connections (a health check)",
+            help="fail unless the node's DICOM port(s) answer a C-ECHO (a health check)",
         ),
     ] = False,
+    timeout_s: Annotated[
+        float,
+        typer.Option("--timeout", min=0.1, help="seconds --check waits for each port"),
+    ] = 5.0,
 ) -> None:
-    """Queue depth, failures and the last errors; with --check, whether the node listens."""
+    """Queue depth, failures and the last errors; with --check, whether the node answers."""
     from dicom_node.rule_models import rule_model_problems
     from storage.stats import index_counts
 
@@ -331,15 +334,23 @@ def status(
     }
     silent: list[str] = []
     if check:
-        listening = _listening(settings_of(ctx))
-        data["listening"] = listening
-        silent = [where for where, answered in listening.items() if not answered]
+        from dicom_node.health import check_ports
+
+        answers = check_ports(settings_of(ctx), timeout_s)
+        data["listening"] = {where: answer.answered for where, answer in answers.items()}
+        data["answers"] = {where: answer.detail for where, answer in answers.items()}
+        silent = [
+            f"{'nothing accepts connections on' if answer.refused else 'no answer on'} "
+            f"{where}: {answer.detail}"
+            for where, answer in answers.items()
+            if not answer.answered
+        ]
     if as_json:
         print_json(data)
     else:
         typer.echo(_status_text(data))
     if silent:
-        raise DicomNodeError(f"nothing accepts connections on {', '.join(silent)}")
+        raise DicomNodeError("; ".join(silent))
 
 
 def _counted(counts: dict[str, int]) -> str:
@@ -360,7 +371,7 @@ def _status_text(data: dict[str, Any]) -> str:
     ]
     if "listening" in data:
         lines += [
-            f"listening on {where}: {'yes' if answered else 'NO'}"
+            f"answers on {where}: {'yes' if answered else 'NO'}, {data['answers'][where]}"
             for where, answered in data["listening"].items()
         ]
     lines.append("last job errors:" if failed_jobs else "last job errors: none")
@@ -376,24 +387,6 @@ def _status_text(data: dict[str, Any]) -> str:
     lines.append("rule problems:" if problems else "rule problems: none")
     lines += [f"  {problem}" for problem in problems]
     return "\n".join(lines)
-
-
-def _listening(settings: Settings) -> dict[str, bool]:
-    """Whether each of the node's DICOM ports takes a TCP connection (no association is
-    opened: the node closes such a probe without a log line or a held slot)."""
-    import socket
-
-    node = settings.node
-    host = "127.0.0.1" if node.bind_address in ("", "0.0.0.0", "::") else node.bind_address
-    ports = [node.port] + ([node.tls.port] if node.tls.enabled else [])
-    answered: dict[str, bool] = {}
-    for port in ports:
-        try:
-            socket.create_connection((host, port), timeout=5).close()
-            answered[f"{host}:{port}"] = True
-        except OSError:
-            answered[f"{host}:{port}"] = False
-    return answered
 
 
 def worker(

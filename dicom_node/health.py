@@ -1,0 +1,126 @@
+"""The node's health check (`status --check`): does each DICOM port answer at the DICOM level?
+
+A TCP connection alone proves little: the kernel completes it into the listen backlog while
+the node is stopped, or its acceptor hangs, and a sender then waits for an answer that never
+comes. So the check opens a Verification association under the node's own AE title and
+sends a C-ECHO. The node accepts its own title only from this machine and only for
+Verification (:class:`OwnTitleGuard`), and logs these associations at DEBUG.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pynetdicom.association import Association
+
+from dicom_node.config import Settings
+from dicom_node.send import VERIFICATION, scu_ae, set_nodelay
+
+
+@dataclass(frozen=True)
+class PortAnswer:
+    answered: bool
+    refused: bool  # nothing accepted the TCP connection at all
+    detail: str
+
+
+def is_own_check(assoc: Association) -> bool:
+    """An association the node itself opened to check its ports (its own AE title calls)."""
+    calling = str(assoc.requestor.ae_title).strip()
+    return calling == str(assoc.acceptor.ae_title).strip()
+
+
+def check_ports(settings: Settings, timeout_s: float) -> dict[str, PortAnswer]:
+    """Ask each of the node's DICOM ports (plain, and TLS when enabled) for a C-ECHO."""
+    node = settings.node
+    host = "127.0.0.1" if node.bind_address in ("", "0.0.0.0", "::") else node.bind_address
+    answers = {f"{host}:{node.port}": _check_port(settings, host, node.port, None, timeout_s)}
+    if node.tls.enabled:
+        context = _check_tls_context(settings)
+        answers[f"{host}:{node.tls.port}"] = _check_port(
+            settings, host, node.tls.port, context, timeout_s
+        )
+    return answers
+
+
+def _check_tls_context(settings: Settings) -> ssl.SSLContext:
+    tls = settings.node.tls
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    # The node's own port on this machine: what matters is that it answers, not who it is.
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if tls.certificate is not None and tls.key is not None:
+        # The node's own certificate as the client's, for a node that requires one.
+        context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.key))
+    return context
+
+
+def _check_port(
+    settings: Settings, host: str, port: int, tls: ssl.SSLContext | None, timeout_s: float
+) -> PortAnswer:
+    started = time.monotonic()
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return PortAnswer(False, True, f"no connection: {exc.strerror or exc}")
+    ae = scu_ae(settings)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s
+    ae.add_requested_context(VERIFICATION)
+    kwargs: dict[str, Any] = {"ae_title": settings.node.ae_title}
+    if tls is not None:
+        kwargs["tls_args"] = (tls, None)  # no server name: the node's own port
+    assoc = ae.associate(host, port, **kwargs)
+    if assoc.is_rejected:
+        # Alive: e.g. at node.max_associations, which the next check may find free again.
+        rejection = assoc.acceptor.primitive
+        reason = rejection.reason_str if rejection is not None else "no reason given"
+        return PortAnswer(True, False, f"answers, association rejected: {reason}")
+    if not assoc.is_established:
+        if tls is not None:
+            refusal = _tls_refusal(host, port, tls, timeout_s)
+            if refusal is not None:
+                return PortAnswer(True, False, refusal)
+        return PortAnswer(
+            False,
+            False,
+            f"takes TCP connections but gave no association answer in {timeout_s:g} s "
+            "(the node is stopped, hung or overloaded)",
+        )
+    set_nodelay(assoc)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = int(status.Status) if status and "Status" in status else None
+    seconds = time.monotonic() - started
+    if code is None:
+        why = f"accepted the association but gave no C-ECHO answer in {timeout_s:g} s"
+        return PortAnswer(False, False, why)
+    return PortAnswer(code == 0, False, f"C-ECHO status 0x{code:04X} in {seconds:.3f} s")
+
+
+def _tls_refusal(host: str, port: int, context: ssl.SSLContext, timeout_s: float) -> str | None:
+    """Why a TLS port that gave no association answered TLS all the same, if it did.
+
+    A node requiring client certificates from a CA that did not sign its own certificate
+    refuses this check's handshake: it answers, which is what the check asks.
+    """
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout_s) as raw,
+            context.wrap_socket(raw) as wrapped,
+        ):
+            wrapped.recv(1)  # TLS 1.3 sends a refused certificate's alert after the handshake
+    except ssl.SSLError as exc:
+        return (
+            "answers TLS, but refused this check's certificate "
+            f"(node.tls.certificate): {exc.reason}"
+        )
+    except OSError:
+        return None
+    return None
