@@ -14,6 +14,7 @@ from typing import Any
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -280,9 +281,8 @@ class CallerHostCheck:
             self._hosts.setdefault(peer.ae_title.strip(), []).append(peer.host)
 
     def on_requested(self, event: evt.Event) -> None:
-        assoc = event.assoc
-        request = assoc.requestor.primitive
-        if request is None:  # not reached: pynetdicom sets it before EVT_REQUESTED
+        assoc, request = event.assoc, _request(event)
+        if request is None:
             return
         calling = str(request.calling_ae_title).strip()
         hosts = self._hosts.get(calling)
@@ -314,9 +314,8 @@ class OwnTitleGuard:
         self.ae_title = ae_title.strip()
 
     def on_requested(self, event: evt.Event) -> None:
-        assoc = event.assoc
-        request = assoc.requestor.primitive
-        if request is None:  # not reached: pynetdicom sets it before EVT_REQUESTED
+        assoc, request = event.assoc, _request(event)
+        if request is None:
             return
         calling = str(request.calling_ae_title).strip()
         if calling != self.ae_title:
@@ -329,6 +328,11 @@ class OwnTitleGuard:
         else:
             return
         reject_caller(assoc, calling, f"this is the node's own AE title; {why}")
+
+
+def _request(event: evt.Event) -> A_ASSOCIATE | None:
+    """The A-ASSOCIATE-RQ of an EVT_REQUESTED (None is not reached: pynetdicom sets it first)."""
+    return event.assoc.requestor.primitive
 
 
 def reject_caller(assoc: Association, calling: str, why: str) -> None:
