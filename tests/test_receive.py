@@ -177,7 +177,7 @@ def test_status_check_fails_for_a_node_that_takes_connections_but_does_not_answe
     os.killpg(group, signal.SIGSTOP)
     try:
         assert port_open(node.port)  # what a TCP-level check would have taken for alive
-        stopped = node.cli("status", "--check", "--timeout", "2")
+        stopped = node.cli("status", "--check", "--timeout-s", "2")
     finally:
         os.killpg(group, signal.SIGCONT)
     assert stopped.returncode != 0

@@ -291,7 +291,7 @@ def status(
     ] = False,
     timeout_s: Annotated[
         float,
-        typer.Option("--timeout", min=0.1, help="seconds --check waits for each port"),
+        typer.Option("--timeout-s", min=0.1, help="seconds --check waits for each port"),
     ] = 5.0,
 ) -> None:
     """Queue depth, failures and the last errors; with --check, whether the node answers."""
