@@ -18,7 +18,7 @@ from typing import Any
 from pynetdicom.association import Association
 
 from dicom_node.config import Settings
-from dicom_node.send import VERIFICATION, scu_ae, set_nodelay
+from dicom_node.send import VERIFICATION, scu_ae, set_nodelay, tls_refusal
 
 
 @dataclass(frozen=True)
@@ -82,9 +82,12 @@ def _check_port(
         return PortAnswer(True, False, f"answers, association rejected: {reason}")
     if not assoc.is_established:
         if tls is not None:
-            refusal = _tls_refusal(host, port, tls, timeout_s)
+            # A node requiring client certificates from a CA that did not sign its own
+            # refuses the check's handshake: it answers, which is what the check asks.
+            refusal = tls_refusal(host, port, tls, timeout_s)
             if refusal is not None:
-                return PortAnswer(True, False, refusal)
+                why = "answers TLS, but refused this check's certificate (node.tls.certificate)"
+                return PortAnswer(True, False, f"{why}: {refusal}")
         return PortAnswer(
             False,
             False,
@@ -102,25 +105,3 @@ def _check_port(
         why = f"accepted the association but gave no C-ECHO answer in {timeout_s:g} s"
         return PortAnswer(False, False, why)
     return PortAnswer(code == 0, False, f"C-ECHO status 0x{code:04X} in {seconds:.3f} s")
-
-
-def _tls_refusal(host: str, port: int, context: ssl.SSLContext, timeout_s: float) -> str | None:
-    """Why a TLS port that gave no association answered TLS all the same, if it did.
-
-    A node requiring client certificates from a CA that did not sign its own certificate
-    refuses this check's handshake: it answers, which is what the check asks.
-    """
-    try:
-        with (
-            socket.create_connection((host, port), timeout=timeout_s) as raw,
-            context.wrap_socket(raw) as wrapped,
-        ):
-            wrapped.recv(1)  # TLS 1.3 sends a refused certificate's alert after the handshake
-    except ssl.SSLError as exc:
-        return (
-            "answers TLS, but refused this check's certificate "
-            f"(node.tls.certificate): {exc.reason}"
-        )
-    except OSError:
-        return None
-    return None

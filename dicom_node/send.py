@@ -31,16 +31,53 @@ def scu_ae(settings: Settings) -> AE:
     return ae
 
 
-def client_tls(settings: Settings) -> tuple[ssl.SSLContext, None] | None:
+def client_tls(settings: Settings) -> ssl.SSLContext:
+    """TLS for a peer marked ``tls: true``: always, never plain TCP in its place.
+
+    The node's certificate is the client's where one is configured (``node.tls``); the
+    peer's is checked against ``node.tls.ca_certificate`` and the system's CAs.
+    """
     tls = settings.node.tls
-    if tls.certificate is None or tls.key is None:
-        return None
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.check_hostname = False  # DICOM peers are addressed by IP; the CA vouches
-    context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.key))
-    if tls.ca_certificate is not None:
-        context.load_verify_locations(cafile=str(tls.ca_certificate))
-    return context, None
+    try:
+        if tls.certificate is not None and tls.key is not None:
+            context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.key))
+        if tls.ca_certificate is not None:
+            context.load_verify_locations(cafile=str(tls.ca_certificate))
+    except (OSError, ssl.SSLError) as exc:
+        raise DeliveryError(f"cannot load node.tls certificate, key or CA: {exc}") from exc
+    return context
+
+
+def tls_refusal(host: str, port: int, context: ssl.SSLContext, timeout_s: float) -> str | None:
+    """Why a TLS handshake with ``host:port`` fails; None if it succeeds or TCP fails.
+
+    pynetdicom logs such a failure but reports only that there is no association; this
+    repeats the handshake to name the cause. TLS 1.3 sends a refused client certificate's
+    alert after the handshake, so one byte is read too (a peer content with the handshake
+    waits for us, and the read ends at the timeout).
+    """
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout_s)
+    except OSError:
+        return None
+    done = False
+    try:
+        with raw, context.wrap_socket(raw) as wrapped:
+            done = True
+            wrapped.recv(1)
+    except ssl.SSLCertVerificationError as exc:
+        return f"{exc.reason}: {exc.verify_message}"
+    except ssl.SSLError as exc:
+        return str(exc.reason or exc)
+    except TimeoutError:
+        return None if done else f"no TLS handshake answer within {timeout_s:g} s"
+    except OSError as exc:
+        if done:
+            return None
+        return f"connection closed ({exc.strerror or exc}): does this port speak TLS?"
+    return None
 
 
 def set_nodelay(assoc: Association) -> None:
@@ -54,13 +91,22 @@ def set_nodelay(assoc: Association) -> None:
 def associate(ae: AE, settings: Settings, peer: PeerSettings) -> Association:
     kwargs: dict[str, Any] = {"ae_title": peer.ae_title}
     if peer.tls:
-        tls_args = client_tls(settings)
-        if tls_args is not None:
-            kwargs["tls_args"] = tls_args
+        kwargs["tls_args"] = (client_tls(settings), None)
     assoc = ae.associate(peer.host, peer.port, **kwargs)
     if assoc.is_established:
         set_nodelay(assoc)
     return assoc
+
+
+def no_association(settings: Settings, peer: PeerSettings, assoc: Association) -> str:
+    """Why ``associate`` gave no association: rejected, no TLS, or unreachable."""
+    if assoc.is_rejected:
+        return "rejected the association"
+    if peer.tls:
+        refusal = tls_refusal(peer.host, peer.port, client_tls(settings), 5.0)
+        if refusal is not None:
+            return f"failed the TLS handshake: {refusal}"
+    return "is unreachable"
 
 
 def echo_peer(settings: Settings, peer: PeerSettings) -> dict[str, Any]:
@@ -69,11 +115,7 @@ def echo_peer(settings: Settings, peer: PeerSettings) -> dict[str, Any]:
     started = time.monotonic()
     assoc = associate(ae, settings, peer)
     if not assoc.is_established:
-        why = (
-            "association rejected"
-            if assoc.is_rejected
-            else "no association (unreachable or aborted)"
-        )
+        why = no_association(settings, peer, assoc)
         logger.warning("C-ECHO to %s@%s:%d: %s", peer.ae_title, peer.host, peer.port, why)
         return {"ok": False, "detail": why, "seconds": time.monotonic() - started}
     try:
@@ -124,8 +166,7 @@ def store_seg(
                 f"{where} does not accept SOP class {sop_class} (nor a fallback)",
                 retryable=False,
             )
-        why = "rejected the association" if assoc.is_rejected else "is unreachable"
-        raise DeliveryError(f"{where} {why}", retryable=True)
+        raise DeliveryError(f"{where} {no_association(settings, peer, assoc)}", retryable=True)
     note = ""
     try:
         # An accepted context carries its one transfer syntax as a one-item list.

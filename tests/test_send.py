@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
@@ -10,15 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from peers import STORESCP, dcmtk_env, free_port, port_open, wait_until
+from peers import STORESCP, dcmtk_env, free_port, make_tls_files, port_open, wait_until
 from pydicom import Dataset, dcmread
 from pynetdicom import AE, evt
 from seg_fixtures import CATALOGUE, mr_series, small_label_map
 
-from dicom_node.config import PeerSettings, Settings
+from dicom_node.config import NodeSettings, PeerSettings, Settings, TLSSettings
 from dicom_node.errors import DeliveryError
 from dicom_node.seg_encode import encode_seg
-from dicom_node.send import SEGMENTATION_STORAGE, store_seg
+from dicom_node.send import SEGMENTATION_STORAGE, echo_peer, store_seg
 
 LABEL_MAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
 SHA = "ab" * 32
@@ -198,3 +199,78 @@ def test_sends_run_in_parallel_threads(pacs_factory: type[Pacs], segs: tuple[Pat
     for t in threads:
         t.join()
     assert len(pacs.received) == 3
+
+
+# -- DICOM TLS to a peer marked tls: true, DCMTK's storescp +tls as the PACS --------------------
+
+
+@contextlib.contextmanager
+def _storescp(folder: Path, *args: str) -> Iterator[int]:
+    """DCMTK storescp writing to ``folder``, with extra arguments (e.g. TLS); yields its port."""
+    if not os.path.exists(STORESCP):
+        pytest.skip(f"{STORESCP} is not installed (apt-get install dcmtk)")
+    port = free_port()
+    folder.mkdir(parents=True)
+    scp = subprocess.Popen(
+        [STORESCP, "-aet", "PACS", *args, "-od", str(folder), str(port)],
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: port_open(port), timeout_s=10, what="storescp listening")
+        yield port
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
+
+
+def _tls_settings(certificate: Path, key: Path, ca: Path) -> Settings:
+    """The node's certificate (its client certificate too) and the CA it trusts; the node's
+    own TLS port stays off: sending over TLS does not need it."""
+    tls = TLSSettings(certificate=certificate, key=key, ca_certificate=ca)
+    return Settings(node=NodeSettings(tls=tls))
+
+
+def _tls_peer(port: int) -> PeerSettings:
+    return PeerSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=port, tls=True)
+
+
+def test_a_tls_peer_gets_the_seg_over_tls(tmp_path: Path, segs: tuple[Path, Path]) -> None:
+    """storescp requires a client certificate (its default) from the same CA."""
+    pki = make_tls_files(tmp_path / "pki")
+    settings = _tls_settings(pki.client_cert, pki.client_key, pki.ca_cert)
+    server = ["+tls", str(pki.server_key), str(pki.server_cert), "+cf", str(pki.ca_cert)]
+    with _storescp(tmp_path / "received", *server) as port:
+        assert echo_peer(settings, _tls_peer(port))["ok"]
+        assert store_seg(settings, _tls_peer(port), segs[1]) == ""
+    (received,) = (tmp_path / "received").iterdir()
+    assert dcmread(received).SOPClassUID == SEGMENTATION_STORAGE
+
+
+def test_a_tls_peer_is_never_sent_to_over_plain_tcp(
+    tmp_path: Path, segs: tuple[Path, Path]
+) -> None:
+    """No node.tls certificate configured: a peer marked tls still gets TLS (without a client
+    certificate), never the SEG in the clear; a peer that does not speak TLS gets nothing."""
+    with _storescp(tmp_path / "received") as port:  # plain DICOM on the peer's port
+        with pytest.raises(DeliveryError, match="failed the TLS handshake") as caught:
+            store_seg(Settings(), _tls_peer(port), segs[1])
+        assert "does this port speak TLS?" in str(caught.value)
+        echo = echo_peer(Settings(), _tls_peer(port))
+        assert not echo["ok"] and "failed the TLS handshake" in echo["detail"]
+    assert list((tmp_path / "received").iterdir()) == []
+
+
+def test_a_tls_peer_whose_certificate_the_node_does_not_trust(
+    tmp_path: Path, segs: tuple[Path, Path]
+) -> None:
+    pacs_pki, node_pki = make_tls_files(tmp_path / "pacs"), make_tls_files(tmp_path / "node")
+    settings = _tls_settings(node_pki.client_cert, node_pki.client_key, node_pki.ca_cert)
+    server = ["+tls", str(pacs_pki.server_key), str(pacs_pki.server_cert), "-ic"]
+    with (
+        _storescp(tmp_path / "received", *server) as port,
+        pytest.raises(DeliveryError, match="failed the TLS handshake: CERTIFICATE_VERIFY"),
+    ):
+        store_seg(settings, _tls_peer(port), segs[1])
+    assert list((tmp_path / "received").iterdir()) == []
