@@ -18,7 +18,14 @@ from typing import Any
 from pynetdicom.association import Association
 
 from dicom_node.config import Settings
-from dicom_node.send import VERIFICATION, scu_ae, set_nodelay, tls_refusal
+from dicom_node.send import (
+    VERIFICATION,
+    client_tls,
+    echo_status,
+    scu_ae,
+    set_nodelay,
+    tls_refusal,
+)
 
 
 @dataclass(frozen=True)
@@ -48,14 +55,10 @@ def check_ports(settings: Settings, timeout_s: float) -> dict[str, PortAnswer]:
 
 
 def _check_tls_context(settings: Settings) -> ssl.SSLContext:
-    tls = settings.node.tls
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    # The node's own port on this machine: what matters is that it answers, not who it is.
-    context.check_hostname = False
+    # The node's own certificate as the client's, for a node that requires one; the node's
+    # own port on this machine: what matters is that it answers, not who it is.
+    context = client_tls(settings)
     context.verify_mode = ssl.CERT_NONE
-    if tls.certificate is not None and tls.key is not None:
-        # The node's own certificate as the client's, for a node that requires one.
-        context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.key))
     return context
 
 
@@ -95,11 +98,7 @@ def _check_port(
             "(the node is stopped, hung or overloaded)",
         )
     set_nodelay(assoc)
-    try:
-        status = assoc.send_c_echo()
-    finally:
-        assoc.release()
-    code = int(status.Status) if status and "Status" in status else None
+    code = echo_status(assoc)
     seconds = time.monotonic() - started
     if code is None:
         why = f"accepted the association but gave no C-ECHO answer in {timeout_s:g} s"

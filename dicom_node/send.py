@@ -118,14 +118,19 @@ def echo_peer(settings: Settings, peer: PeerSettings) -> dict[str, Any]:
         why = no_association(settings, peer, assoc)
         logger.warning("C-ECHO to %s@%s:%d: %s", peer.ae_title, peer.host, peer.port, why)
         return {"ok": False, "detail": why, "seconds": time.monotonic() - started}
+    code = echo_status(assoc)
+    ok = code == 0
+    detail = f"status 0x{code:04X}" if code is not None else "no response"
+    return {"ok": ok, "detail": detail, "seconds": time.monotonic() - started}
+
+
+def echo_status(assoc: Association) -> int | None:
+    """Send a C-ECHO on an established association and release it; the status, if any."""
     try:
         status = assoc.send_c_echo()
     finally:
         assoc.release()
-    code = int(status.Status) if status and "Status" in status else None
-    ok = code == 0
-    detail = f"status 0x{code:04X}" if code is not None else "no response"
-    return {"ok": ok, "detail": detail, "seconds": time.monotonic() - started}
+    return int(status.Status) if status and "Status" in status else None
 
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
