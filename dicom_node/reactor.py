@@ -82,6 +82,13 @@ _REQUIRED = (
 _COMMAND_LAST_FRAGMENT = bytes([PDV_COMMAND | PDV_LAST])  # PDV message control header
 _STATUS_OPTIONAL = ("ErrorComment", "OffendingElement")
 _PDU_TYPES = frozenset(range(0x01, 0x08))
+# Any PDU but a P-DATA-TF of an established association is small: an A-ASSOCIATE-RQ of
+# 128 presentation contexts is ~70 KB. A bigger one is refused before it is read: until
+# the association is accepted, anyone may send, and the node would hold what they send.
+MAX_CONTROL_PDU = 16 * 1024 * 1024
+# A PDU's buffer grows by at most this much ahead of the bytes received: its header's
+# length alone must not make the node allocate (a 6-byte header announced 3.75 GiB).
+READ_CHUNK = 4 * 1024 * 1024
 # Handlers that watch PDUs or DIMSE messages go by if a C-STORE bypasses pynetdicom's
 # decoding: with any bound, every message takes pynetdicom's own path.
 _OBSERVERS = (
@@ -207,6 +214,17 @@ class _EventDrivenDUL(DULServiceProvider):
             pdu_type, _, length = PDU_HEADER.unpack(head)
             if pdu_type not in _PDU_TYPES:
                 logger.error("unknown PDU type 0x%02X received: aborting association", pdu_type)
+                self.event_queue.put("Evt19")
+                return None
+            established = pdu_type == P_DATA_TF and self.state_machine.current_state == "Sta6"
+            if length > MAX_CONTROL_PDU and not established:
+                logger.error(
+                    "PDU of type 0x%02X announces %d bytes, more than any such PDU needs "
+                    "(%d) outside an established association's data: aborting association",
+                    pdu_type,
+                    length,
+                    MAX_CONTROL_PDU,
+                )
                 self.event_queue.put("Evt19")
                 return None
             body = sock.recv(length)
@@ -362,14 +380,16 @@ class _LargeReadSocket(AssociationSocket):
         sock = self.socket
         if sock is None:
             return super().recv(nr_bytes)
-        buffer = bytearray(nr_bytes)
-        with memoryview(buffer) as view:
-            nr_read = 0
-            while nr_read < nr_bytes:
-                received = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
-                if not received:
-                    break  # connection closed: the caller sees a short PDU, as before
-                nr_read += received
+        buffer = bytearray(min(nr_bytes, READ_CHUNK))
+        nr_read = 0
+        while nr_read < nr_bytes:
+            if nr_read == len(buffer):  # more than READ_CHUNK: grow as the bytes arrive
+                buffer.extend(bytes(min(nr_bytes - nr_read, READ_CHUNK)))
+            with memoryview(buffer) as view:
+                received = sock.recv_into(view[nr_read:], len(buffer) - nr_read)
+            if not received:
+                break  # connection closed: the caller sees a short PDU, as before
+            nr_read += received
         if nr_read < nr_bytes:
             del buffer[nr_read:]
         return buffer

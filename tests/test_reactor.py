@@ -6,8 +6,10 @@ Talks to the node's real SCP (in this process) with pynetdicom as the peer.
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
+import tracemalloc
 
 import pynetdicom.dul
 import pytest
@@ -208,6 +210,47 @@ def test_large_read_stops_short_when_the_peer_closes() -> None:
         peer.close()
         received = _reader(ours).recv(5000)
     assert received == b"x" * 1000  # short: pynetdicom's caller reports the broken PDU
+
+
+def test_large_read_grows_with_the_bytes_not_with_the_announced_length(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A PDU header's length alone must not allocate: 6 bytes announcing 3.75 GiB took the
+    node's RSS from 116 MB to 3.1 GB. The buffer grows as bytes arrive, chunk by chunk."""
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        peer.sendall(b"x" * 1000)
+        peer.shutdown(socket.SHUT_WR)
+        tracemalloc.start()
+        try:
+            received = _reader(ours).recv(0xF0000000)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert received == b"x" * 1000
+    assert peak < 2 * reactor.READ_CHUNK, peak
+    # A PDU longer than a chunk still comes back whole.
+    monkeypatch.setattr(reactor, "READ_CHUNK", 1000)
+    test_large_read_returns_a_pdu_sent_in_pieces()
+
+
+def test_an_oversized_pdu_before_association_is_aborted_unread(
+    scp_in_process: InProcessNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before an association is accepted anyone may send: an A-ASSOCIATE-RQ announcing
+    3.75 GiB is answered with an A-ABORT, not read."""
+    with socket.create_connection(("127.0.0.1", scp_in_process.port), timeout=10) as raw:
+        raw.sendall(struct.pack(">BBI", 0x01, 0, 0xF0000000))
+        answer = raw.recv(10)
+    assert answer[:1] == b"\x07"  # A-ABORT
+    assert any(
+        "PDU of type 0x01 announces 4026531840 bytes" in r.getMessage() for r in caplog.records
+    )
+    wait_until(
+        lambda: not scp_in_process.running.ae.active_associations,
+        timeout_s=5,
+        what="the aborted acceptor gone",
+    )
 
 
 def test_acceptor_reads_with_the_large_reader(scp_in_process: InProcessNode) -> None:
