@@ -410,10 +410,14 @@ def test_the_caller_host_is_not_checked_by_default(node_factory: NodeFactory) ->
 
 
 def _tls_node(
-    node_factory: NodeFactory, own: TlsFiles, clients: TlsFiles, processes: int = 1
+    node_factory: NodeFactory,
+    own: TlsFiles,
+    clients: TlsFiles,
+    processes: int = 1,
+    peers: list[dict[str, object]] | None = None,
 ) -> tuple[NodeProcess, int]:
     """A started node with DICOM TLS: ``own``'s server certificate, ``clients``' CA."""
-    node = node_factory(start=False)
+    node = node_factory(start=False, **({"peers": peers} if peers else {}))
     node.config["node"]["receiver_processes"] = processes
     tls_port = free_port()
     while tls_port == node.port:
@@ -479,6 +483,43 @@ def test_tls_echo_and_store(node_factory: NodeFactory, tmp_path: Path, processes
     assert "not TLS: a sender using the plain DICOM protocol" in refused[0], refused
     assert "CERTIFICATE" in refused[1] and "node.tls.ca_certificate" in refused[1], refused
     assert node.running()
+
+
+def test_orthanc_over_dicom_tls_both_ways(
+    node_factory: NodeFactory, orthanc_factory: OrthancFactory, tmp_path: Path
+) -> None:
+    """A real PACS with DICOM TLS (Orthanc 1.9+): it pushes a study to the node's TLS port
+    with its certificate, and the node reaches it over TLS (C-ECHO, by the path SEGs take)."""
+    tls = make_tls_files(tmp_path / "pki")
+    orthanc_port = free_port()
+    node, tls_port = _tls_node(node_factory, tls, tls, peers=[
+        {"name": "pacs", "ae_title": "ORTHANCPACS", "host": "127.0.0.1",
+         "port": orthanc_port, "tls": True},
+    ])  # fmt: skip
+    orthanc = orthanc_factory(
+        aet="ORTHANCPACS",
+        modalities={
+            "NODE": {"AET": node.ae_title, "Host": "127.0.0.1", "Port": tls_port,
+                     "UseDicomTls": True},
+        },
+        extra={
+            "DicomPort": orthanc_port,
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(tls.server_cert),
+            "DicomTlsPrivateKey": str(tls.server_key),
+            "DicomTlsTrustedCertificates": str(tls.ca_cert),
+            "DicomTlsRemoteCertificateRequired": True,
+        },
+    )  # fmt: skip
+    series = make_mr_series(tmp_path / "gen", 3)
+    for path in series.paths:
+        orthanc.upload(path)
+    orthanc.store_to_modality("NODE", orthanc.get_json("/studies"))
+    rows = node.instance_rows(series.series_instance_uid)
+    assert {r["sop_instance_uid"] for r in rows} == set(series.sop_instance_uids)
+    echoed = node.cli("echo", "pacs")
+    assert echoed.returncode == 0, echoed.stdout + echoed.stderr
+    assert "C-ECHO ORTHANCPACS@127.0.0.1" in echoed.stdout and "OK" in echoed.stdout
 
 
 def test_a_silent_tls_client_holds_neither_the_tls_port_nor_the_stop(
