@@ -112,15 +112,16 @@ class _NodeServer(ThreadedAssociationServer):
             logger.debug("TLS connection from %s:%s closed before its handshake", *address)
             return False
         except (OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
             if isinstance(exc, TimeoutError):
                 reason = f"no TLS handshake within {self.ae.acse_timeout:g} s"
+            else:
+                reason = str(getattr(exc, "reason", None) or exc) or type(exc).__name__
             logger.warning(
                 "DICOM TLS connection from %s:%s refused: %s%s",
                 address[0],
                 address[1],
                 reason,
-                _tls_hint(str(reason)),
+                _tls_hint(reason),
             )
             return False
         finally:
@@ -288,13 +289,13 @@ class CallerHostCheck:
         hosts = self._hosts.get(calling)
         if not hosts:
             return
-        address = plain_address(str(assoc.requestor.address))
+        address = _plain_address(str(assoc.requestor.address))
         allowed: set[str] = set()
         for host in hosts:
             allowed |= _addresses_of(host)
         if address in allowed:
             return
-        reject_caller(
+        _reject_caller(
             assoc,
             calling,
             f"the peer with this AE title is at {', '.join(hosts)} "
@@ -327,7 +328,7 @@ class OwnTitleGuard:
             why = "the node's health check asks for Verification only, not for storage"
         else:
             return
-        reject_caller(assoc, calling, f"this is the node's own AE title; {why}")
+        _reject_caller(assoc, calling, f"this is the node's own AE title; {why}")
 
 
 def _request(event: evt.Event) -> A_ASSOCIATE | None:
@@ -335,7 +336,7 @@ def _request(event: evt.Event) -> A_ASSOCIATE | None:
     return event.assoc.requestor.primitive
 
 
-def reject_caller(assoc: Association, calling: str, why: str) -> None:
+def _reject_caller(assoc: Association, calling: str, why: str) -> None:
     """Reject an association request from an EVT_REQUESTED handler, with a log line.
 
     ``calling``: from the request; pynetdicom sets ``requestor.ae_title`` only afterwards.
@@ -354,14 +355,14 @@ def reject_caller(assoc: Association, calling: str, why: str) -> None:
     assoc.kill()
 
 
-def plain_address(address: str) -> str:
+def _plain_address(address: str) -> str:
     # An IPv4 peer of a dual-stack (::) listener shows as ::ffff:a.b.c.d.
     return address.removeprefix("::ffff:")
 
 
 def from_this_machine(assoc: Association) -> bool:
     """The peer is this machine: a loopback address, or the address it called."""
-    peer = plain_address(str(assoc.requestor.address))
+    peer = _plain_address(str(assoc.requestor.address))
     try:
         if ipaddress.ip_address(peer.split("%")[0]).is_loopback:
             return True
@@ -372,7 +373,7 @@ def from_this_machine(assoc: Association) -> bool:
         local = sock.getsockname()[0] if sock is not None else None
     except OSError:
         return False
-    return local is not None and plain_address(str(local)) == peer
+    return local is not None and _plain_address(str(local)) == peer
 
 
 def _addresses_of(host: str) -> set[str]:
@@ -380,7 +381,7 @@ def _addresses_of(host: str) -> set[str]:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except OSError:
         return set()
-    return {plain_address(str(info[4][0])) for info in infos}
+    return {_plain_address(str(info[4][0])) for info in infos}
 
 
 @dataclass
@@ -424,9 +425,9 @@ def start_scp(
         (evt.EVT_REJECTED, receiver.on_rejected),
         (evt.EVT_RELEASED, receiver.on_released),
         (evt.EVT_ABORTED, receiver.on_aborted),
+        (evt.EVT_REQUESTED, OwnTitleGuard(settings.node.ae_title).on_requested),
     ]
     node = settings.node
-    handlers.append((evt.EVT_REQUESTED, OwnTitleGuard(node.ae_title).on_requested))
     if node.check_caller_host:
         handlers.append((evt.EVT_REQUESTED, CallerHostCheck(settings).on_requested))
     listeners: list[tuple[int, ssl.SSLContext | None]] = [(node.port, None)]
