@@ -93,10 +93,9 @@ def split_pdvs(body: memoryview) -> list[PDV]:
     return items
 
 
-def join_pdvs(items: list[memoryview]) -> bytearray:
-    """A P-DATA-TF PDU holding these raw PDV items (a bytearray, as pynetdicom decodes)."""
-    length = sum(len(item) for item in items)
-    return bytearray().join((PDU_HEADER.pack(P_DATA_TF, 0, length), *items))
+def pdv_pdu(item: memoryview) -> bytearray:
+    """A P-DATA-TF PDU holding this raw PDV item (a bytearray, as pynetdicom decodes)."""
+    return bytearray().join((PDU_HEADER.pack(P_DATA_TF, 0, len(item)), item))
 
 
 def command_pdu(context_id: int, command: bytes) -> bytes:

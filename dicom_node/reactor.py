@@ -57,8 +57,8 @@ from dicom_node.pdata import (
     StoreRequest,
     command_pdu,
     encode_store_success,
-    join_pdvs,
     parse_store_request,
+    pdv_pdu,
     split_pdvs,
 )
 
@@ -163,6 +163,10 @@ class _EventDrivenDUL(DULServiceProvider):
                 pass
 
     def _is_transport_event(self) -> bool:
+        if not self.event_queue.empty():
+            # The events of the PDU read last go first (one per PDV handed to pynetdicom):
+            # a C-STORE served off the next PDU must not overtake a message before it.
+            return False
         self._wait_for_work()
         return super()._is_transport_event()
 
@@ -195,8 +199,10 @@ class _EventDrivenDUL(DULServiceProvider):
             self._command, self._store = [], None
             self.event_queue.put("Evt19")  # invalid PDU: the state machine sends A-ABORT
             return
-        if rest:
-            self._to_pynetdicom(join_pdvs(rest))
+        # One P-DATA-TF per PDV: pynetdicom's DIMSE decoder stops at a message's last
+        # fragment and drops the PDVs after it in the same PDU (the next request's command).
+        for item in rest:
+            self._to_pynetdicom(pdv_pdu(item))
 
     def _read_pdu(self) -> tuple[bytearray, bytearray] | None:
         """Header and body of the next PDU; ``None`` with the event queued if there is none.
@@ -354,7 +360,24 @@ class _EventDrivenDUL(DULServiceProvider):
                 event = self.event_queue.get(block=False)
             except queue.Empty:
                 continue
-            self.state_machine.do_action(event)
+            try:
+                self.state_machine.do_action(event)
+            except Exception as exc:
+                # pynetdicom's loop lets this end the thread: the peer is left without an
+                # A-ABORT, and the cause goes to stderr. A command set pynetdicom cannot
+                # decode (an unknown Command Field, a missing element) raises here.
+                # pynetdicom's state machine has logged the traceback already.
+                logger.error(
+                    "aborting the association with %s: %s (%s in state %s): %s: %s",
+                    _describe_peer(self.assoc),
+                    _WHAT_FAILED.get(event, "handling a network event"),
+                    event,
+                    self.state_machine.current_state,
+                    type(exc).__name__,
+                    exc,
+                )
+                self._abort_at_once()
+                return
 
     def _abort_at_once(self) -> None:
         # As pynetdicom does: the state machine may be broken, so bypass it.
@@ -446,6 +469,14 @@ class _EventDrivenDIMSE(DIMSEServiceProvider):
             self.dul.send_pdu(pdata)
             return
         super().send_msg(primitive, context_id)
+
+
+_WHAT_FAILED = {"Evt10": "a received message could not be decoded"}
+
+
+def _describe_peer(assoc: Association) -> str:
+    requestor = assoc.requestor
+    return f"AE {requestor.ae_title!r} at {requestor.address}:{requestor.port}"
 
 
 def _store_primitive(request: StoreRequest, context_id: int) -> C_STORE | None:

@@ -325,3 +325,137 @@ def test_unknown_context_left_to_pynetdicom(
     wait_until(lambda: assoc.is_aborted, timeout_s=10, what="the node's A-ABORT")
     assert served_here == []
     assert not _indexed(scp_in_process, ds.SOPInstanceUID)
+
+
+def _echo_command(message_id: int) -> bytes:
+    echo = C_ECHO()
+    echo.MessageID = message_id
+    echo.AffectedSOPClassUID = VERIFICATION
+    message = C_ECHO_RQ()
+    message.primitive_to_message(echo)
+    ((_, first),) = next(iter(message.encode_msg(1, 0))).presentation_data_value_list
+    return first[1:]
+
+
+def _answers(assoc: Association, count: int) -> list[tuple[int, int]]:
+    """(message ID, status) of the next ``count`` responses, sorted; up to 5 s for each."""
+    assoc.dimse_timeout = 5
+    answers: list[tuple[int, int]] = []
+    for _ in range(count):
+        _, message = assoc.dimse.get_msg(block=True)
+        assert message is not None, f"{len(answers)} of {count} requests answered"
+        answers.append((message.MessageIDBeingRespondedTo, message.Status))
+    return sorted(answers)
+
+
+@pytest.fixture
+def store_and_echo_peer(scp_in_process: InProcessNode) -> Iterator[tuple[Association, int, int]]:
+    """An association for MR storage and Verification whose PDUs the test writes itself."""
+    ae = AE(ae_title="PEER")
+    ae.add_requested_context(MR_IMAGE_STORAGE, "1.2.840.10008.1.2.1")
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate("127.0.0.1", scp_in_process.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    ids = {cx.abstract_syntax: cx.context_id for cx in assoc.accepted_contexts}
+    _pause(assoc)
+    try:
+        yield assoc, ids[MR_IMAGE_STORAGE], ids[VERIFICATION]
+    finally:
+        _resume(assoc)
+        assoc.release()
+
+
+def test_requests_for_pynetdicom_sharing_a_pdu_are_each_answered(
+    store_and_echo_peer: tuple[Association, int, int],
+) -> None:
+    """pynetdicom's decoder drops the PDVs after a message's last fragment in its PDU."""
+    assoc, _, echo_cx = store_and_echo_peer
+    assoc.dul.socket.send(  # type: ignore[union-attr]
+        _pdu(_pdv(echo_cx, 0x03, _echo_command(1)), _pdv(echo_cx, 0x03, _echo_command(2)))
+    )
+    assert _answers(assoc, 2) == [(1, 0x0000), (2, 0x0000)]
+
+
+def test_watched_stores_sharing_pdus_are_each_stored(
+    scp_in_process: InProcessNode, served_here: list[int]
+) -> None:
+    """With an observer bound (DEBUG logging), stores take pynetdicom's path: same result."""
+    for server in scp_in_process.running.servers:
+        server.bind(evt.EVT_DIMSE_RECV, _ignore)
+    try:
+        with mr_store_association(scp_in_process.port) as assoc:
+            (context,) = assoc.accepted_contexts
+            cx = context.context_id
+            assert cx is not None
+            _pause(assoc)
+            first, second = _image(16), _image(24)
+            one, two = _data_set(first), _data_set(second)
+            send = assoc.dul.socket.send  # type: ignore[union-attr]
+            send(_pdu(_pdv(cx, 0x03, _command(1, first)), _pdv(cx, 0x00, one[:100])))
+            send(_pdu(_pdv(cx, 0x02, one[100:]), _pdv(cx, 0x03, _command(2, second))))
+            send(_pdu(_pdv(cx, 0x02, two)))
+            try:
+                assert _answers(assoc, 2) == [(1, 0x0000), (2, 0x0000)]
+            finally:
+                _resume(assoc)
+    finally:
+        for server in scp_in_process.running.servers:
+            server.unbind(evt.EVT_DIMSE_RECV, _ignore)
+    assert served_here == []
+    assert _stored_bytes(scp_in_process, second).endswith(two)
+
+
+def _ignore(event: Event) -> None:
+    pass
+
+
+def test_a_command_set_pynetdicom_cannot_decode_gets_an_a_abort(
+    scp_in_process: InProcessNode,
+    store_and_echo_peer: tuple[Association, int, int],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """pynetdicom's own loop let the error end its thread: no A-ABORT, a bare close."""
+    assoc, store_cx, _ = store_and_echo_peer
+    received: list[str] = []
+    assoc.bind(evt.EVT_PDU_RECV, lambda event: received.append(type(event.pdu).__name__))
+    command = bytearray(_command(1, _image(8)))
+    field = command.index(struct.pack("<HHIH", 0, 0x0100, 2, 0x0001))
+    command[field + 8 : field + 10] = struct.pack("<H", 0xD601)  # no such Command Field
+    assoc.dul.socket.send(_pdu(_pdv(store_cx, 0x03, bytes(command))))  # type: ignore[union-attr]
+    _resume(assoc)
+    wait_until(lambda: assoc.is_aborted, timeout_s=10, what="the association to end")
+    assert "A_ABORT_RQ" in received
+    assert any(
+        "aborting the association with AE 'PEER' at 127.0.0.1:" in r.getMessage()
+        and "a received message could not be decoded" in r.getMessage()
+        for r in caplog.records
+    )
+    wait_until(
+        lambda: not scp_in_process.running.ae.active_associations,
+        timeout_s=10,
+        what="the node's association to end",
+    )
+    with mr_store_association(scp_in_process.port) as again:
+        assert again.send_c_store(_image(8)).Status == 0x0000
+
+
+def test_an_invalid_request_ends_the_association_before_the_next_is_stored(
+    scp_in_process: InProcessNode,
+    raw_peer: tuple[Association, int],
+    served_here: list[int],
+) -> None:
+    """The node reads no further PDU while events of the last one wait (one per PDV)."""
+    assoc, cx = raw_peer
+    invalid, valid = _image(8), _image(8)
+    command = bytearray(_command(1, invalid))
+    priority = command.index(struct.pack("<HHIH", 0, 0x0700, 2, 0))
+    command[priority + 8 : priority + 10] = struct.pack("<H", 3)  # pynetdicom refuses it
+    send = assoc.dul.socket.send  # type: ignore[union-attr]
+    send(
+        _pdu(_pdv(cx, 0x03, bytes(command)), _pdv(cx, 0x02, _data_set(invalid)))
+        + _pdu(_pdv(cx, 0x03, _command(2, valid)), _pdv(cx, 0x02, _data_set(valid)))
+    )
+    _resume(assoc)
+    wait_until(lambda: assoc.is_aborted, timeout_s=10, what="the node's A-ABORT")
+    assert served_here == []
+    assert not _indexed(scp_in_process, valid.SOPInstanceUID)
