@@ -36,6 +36,16 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC210
+DICOM_UID_LENGTH = 64
+
+
+# The request names the instance the sender records as stored: the data set must be that
+# instance, or the node would acknowledge a UID it does not hold. DCMTK's storescp and
+# Orthanc refuse a mismatch with 0xA900 too.
+_NAMED_IN_REQUEST = (
+    ("SOPInstanceUID", 0x00080018, "AffectedSOPInstanceUID"),
+    ("SOPClassUID", 0x00080016, "AffectedSOPClassUID"),
+)
 
 
 @dataclass
@@ -271,6 +281,24 @@ class Receiver:
                 f": {value}" if value else "",
             )
             return _failure(DATASET_DOES_NOT_MATCH_SOP_CLASS, comment, tag)
+        for name, tag, affected in _NAMED_IN_REQUEST:
+            in_data_set = text(ds, tag)
+            in_request = str(getattr(event.request, affected) or "")
+            if not in_data_set or _same_uid(in_data_set, in_request):
+                continue  # a data set without a SOP Class UID is stored as before
+            stats.failed += 1
+            logger.warning(
+                "C-STORE from %s refused: the data set's %s %s is not the %s %s of the "
+                "request (0xA900); the sender would record an instance the node does not hold",
+                who,
+                name,
+                in_data_set,
+                affected,
+                in_request,
+            )
+            return _failure(
+                DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{name} differs from {affected}", tag
+            )
         try:
             message = self._record(event, ds, raw, uids, stats)
         except StorageError as exc:
@@ -380,6 +408,14 @@ class Receiver:
 
 class IndexNotAnswering(StorageError):
     """The index has not committed a store's row within ``storage.index_timeout_s``."""
+
+
+def _same_uid(in_data_set: str, in_request: str) -> bool:
+    # DCMTK's storescu cuts a longer UID (which the node keeps) to the 64 characters DICOM
+    # allows in the request.
+    return in_data_set == in_request or (
+        len(in_request) == DICOM_UID_LENGTH and in_data_set.startswith(in_request)
+    )
 
 
 def _failure(status: int, comment: str, offending_tag: int | None = None) -> Dataset:

@@ -94,11 +94,16 @@ def associate(node: NodeProcess, *, aet: str = SCU_AET) -> tuple[AE, Association
     return ae, assoc
 
 
-def crafted_file(path: Path, body: bytes, *, sop_class: str = MRImageStorage) -> Path:
-    """A Part 10 file with valid File Meta Information and ``body`` as the dataset bytes."""
+def crafted_file(
+    path: Path, body: bytes, *, sop_class: str = MRImageStorage, sop_instance: str | None = None
+) -> Path:
+    """A Part 10 file with valid File Meta Information and ``body`` as the dataset bytes.
+
+    Sent with ``raw_send``, the request names the meta's SOP Class and Instance UIDs.
+    """
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.MediaStorageSOPInstanceUID = sop_instance or generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = generate_uid()
     buffer = io.BytesIO()
@@ -729,7 +734,19 @@ def test_malformed_input_is_refused(node: NodeProcess, tmp_path: Path, raw_send:
     overlong.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498." + "3" * UID_LENGTH
     overlong_path = tmp_path / "overlong.dcm"
     overlong.save_as(overlong_path, enforce_file_format=True)
+    other_class = pydicom.dcmread(good.paths[0])
+    other_class.SOPClassUID = CTImageStorage
+    other_class_path = tmp_path / "other_class_source.dcm"
+    other_class.save_as(other_class_path, enforce_file_format=True)
+    other_class_body = dataset_bytes(other_class_path)
     cases: list[tuple[str, Path, int, str]] = [
+        # the request names another instance (or class) than the data set is: storing it
+        # would acknowledge a UID the node does not hold
+        ("another instance", crafted_file(tmp_path / "other_instance.dcm", body),
+         DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID differs from AffectedSOPInstanceUID"),
+        ("another class", crafted_file(tmp_path / "other_class.dcm", other_class_body,
+                                       sop_instance=other_class.SOPInstanceUID),
+         DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from AffectedSOPClassUID"),
         # the dataset's last element (Pixel Data) is cut short: its UIDs are all readable
         ("truncated", crafted_file(tmp_path / "truncated.dcm", body[:-100]), CANNOT_UNDERSTAND,
          "cannot decode"),
@@ -754,6 +771,11 @@ def test_malformed_input_is_refused(node: NodeProcess, tmp_path: Path, raw_send:
     log = node.log_text()
     assert "the dataset is empty (0xC210)" in log
     assert "SOPInstanceUID is missing or empty (0xA900)" in log
+    assert (
+        f"the data set's SOPInstanceUID {pydicom.dcmread(good.paths[0]).SOPInstanceUID} is not "
+        "the AffectedSOPInstanceUID"
+    ) in log
+    assert f"the data set's SOPClassUID {CTImageStorage} is not the AffectedSOPClassUID" in log
     assert f"SeriesInstanceUID is 281 characters, more than the {UID_LENGTH} the index" in log
     assert_nothing_indexed(node)
     assert echoscu(node.port).returncode == 0  # the node keeps serving
