@@ -9,6 +9,7 @@ rest (binary VRs, other character sets) go through pydicom. Both give the same t
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydicom import Dataset
@@ -21,6 +22,11 @@ _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
 # Character-set dependent: raw bytes are the value when they are plain ASCII (no ISO 2022
 # escape). LT/ST/UT are left out: a backslash there is text, not a value delimiter.
 _TEXT_VRS = frozenset({"LO", "SH", "PN"})
+# A decimal number as DICOM writes IS and DS values (PS3.5 6.2).
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+# Stripped from both ends of each value: space padding, NUL padding (some devices pad UIs
+# and text with it), and stray control whitespace, in whatever order they come.
+_PADDING = " \t\n\r\v\f\x00"
 
 
 def as_text(value: Any) -> str:
@@ -29,13 +35,15 @@ def as_text(value: Any) -> str:
         return ""
     if isinstance(value, MultiValue | list | tuple):
         return "\\".join(as_text(v) for v in value)
-    return str(value).strip().rstrip("\x00")
+    return str(value).strip(_PADDING)
 
 
 def as_int(value: Any) -> int | None:
-    """An integer, or None; "3.0" is 3 (as pydicom reads IS), "3.5" and "x" are None."""
+    """An integer, or None; "3.0" is 3 (as pydicom reads IS), "3.5", "x" and "1_2" are None."""
     if value is None or value == "":
         return None
+    if isinstance(value, str) and not _NUMBER.fullmatch(value.strip()):
+        return None  # Python's int() and float() also take "1_2" and other scripts' digits
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -59,7 +67,9 @@ def _raw_text(elem: RawDataElement) -> str | None:
             return None
     if not (vr in _ASCII_VRS or vr in _TEXT_VRS) or not raw.isascii() or b"\x1b" in raw:
         return None
-    return "\\".join(part.strip().rstrip("\x00") for part in raw.decode("ascii").split("\\"))
+    if vr == "PN" and b"=" in raw:
+        return None  # component groups: pydicom drops empty ones and their padding
+    return "\\".join(part.strip(_PADDING) for part in raw.decode("ascii").split("\\"))
 
 
 def text(ds: Dataset, tag: int) -> str:

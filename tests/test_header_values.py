@@ -99,3 +99,40 @@ def test_malformed_number_is_indexed_as_absent() -> None:
     ds = pydicom.dcmread(io.BytesIO(element), force=True)
     assert integer(ds, 0x00280008) is None
     assert text(pydicom.dcmread(io.BytesIO(element), force=True), 0x00280008) == "x1"
+
+
+def _raw(tag: int, vr: bytes, value: bytes) -> bytes:
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(
+    ("keyword", "vr", "value"),
+    [
+        ("BodyPartExamined", b"CS", b"LIVER\t\x00"),  # control whitespace, then NUL padding
+        ("PatientID", b"LO", b"\x00 ID7 \x00"),  # NUL on both ends
+        ("StudyDate", b"DA", b"20261121 \x00 "),
+        ("ImagePositionPatient", b"DS", b"1.5\t\x00\\-2 "),
+        ("PatientName", b"PN", b"Doe^Jane="),  # an empty second component group
+        ("PatientName", b"PN", b"Doe^Jane = "),
+    ],
+)
+def test_padding_in_any_order_reads_as_pydicom_reads_it(
+    keyword: str, vr: bytes, value: bytes
+) -> None:
+    """Found by comparing the two readers on random values: the raw one stripped spaces
+    before NULs only, and kept a PN's empty component groups."""
+    tag = tag_for_keyword(keyword)
+    assert tag is not None
+    element = _raw(tag, vr, value)
+    expected = as_text(pydicom.dcmread(io.BytesIO(element), force=True)[tag].value)
+    assert text(pydicom.dcmread(io.BytesIO(element), force=True), tag) == expected
+
+
+def test_numbers_python_reads_but_dicom_does_not_are_absent() -> None:
+    assert as_int("1_2") is None  # int("1_2") is 12
+    assert as_int("\u0661\u0662") is None  # Arabic-Indic digits: int() reads 12
+    assert as_int(" 12 ") == 12
+    assert as_int("1e2") == 100  # DS-style exponent: pydicom reads IS "1e2" as 100
+    element = _raw(0x00280008, b"IS", b"1_2 ")
+    assert integer(pydicom.dcmread(io.BytesIO(element), force=True), 0x00280008) is None
