@@ -37,6 +37,7 @@ from io import BytesIO
 from typing import Any
 
 from pynetdicom import _config, evt
+from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
@@ -332,6 +333,10 @@ class _EventDrivenDUL(DULServiceProvider):
         finally:
             self._waker.close()
             self._wakee.close()
+            if self.assoc.requestor.primitive is None:
+                # The association's thread waits up to the ACSE timeout (30 s) for a
+                # request that cannot come now: the peer hung up, or sent something else.
+                self.to_user_queue.put(None)  # pynetdicom's "no request": it ends
 
     def _run_loop(self) -> None:
         """pynetdicom 3.0's DUL loop (``DULServiceProvider.run_reactor``) without its sleep
@@ -524,10 +529,35 @@ def make_event_driven(assoc: Association) -> None:
     dimse._prepare(work)
 
 
+class _GuardedACSE(ACSE):
+    """An acceptor's ACSE: a request it cannot negotiate ends with an A-ABORT and a log line.
+
+    pynetdicom raises out of its negotiation for some malformed A-ASSOCIATE-RQs (a
+    presentation context without a transfer syntax, or without an abstract syntax). The
+    association's thread then ended: the requestor got no answer, and its connection and
+    network thread stayed until it hung up.
+    """
+
+    def negotiate_association(self) -> None:
+        try:
+            super().negotiate_association()
+        except Exception as exc:
+            logger.warning(
+                "association request from %s aborted: it cannot be negotiated "
+                "(a malformed A-ASSOCIATE-RQ): %s: %s",
+                _describe_peer(self.assoc),
+                type(exc).__name__,
+                exc,
+            )
+            self.send_abort(0x02)  # as the service provider: the request was invalid
+            self.assoc.kill()
+
+
 class EventDrivenRequestHandler(RequestHandler):
     """pynetdicom's request handler, with event-driven acceptor associations."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
+        assoc.acse.__class__ = _GuardedACSE
         make_event_driven(assoc)
         return assoc

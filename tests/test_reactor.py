@@ -20,6 +20,9 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import PresentationContext
 
 from dicom_node import reactor
 from dicom_node.pdata import encode_store_success
@@ -261,3 +264,61 @@ def test_acceptor_reads_with_the_large_reader(scp_in_process: InProcessNode) -> 
         assert assoc.send_c_echo().Status == 0x0000
     finally:
         assoc.release()
+
+
+def _acceptor_threads() -> list[threading.Thread]:
+    """The node's association threads and their network threads, alive now."""
+    return [
+        t
+        for t in threading.enumerate()
+        if isinstance(t, Association | pynetdicom.dul.DULServiceProvider) and t.is_alive()
+    ]
+
+
+def _request_without_transfer_syntax() -> bytes:
+    request = A_ASSOCIATE()
+    request.application_context_name = "1.2.840.10008.3.1.1.1"
+    request.calling_ae_title = "PEER"
+    request.called_ae_title = "DICOMNODE"
+    context = PresentationContext()
+    context.context_id = 1
+    context.abstract_syntax = VERIFICATION  # and no transfer syntax: malformed
+    request.presentation_context_definition_list = [context]
+    length = MaximumLengthNotification()
+    length.maximum_length_received = 16384
+    request.user_information = [length]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(request)
+    return pdu.encode()
+
+
+def test_a_request_pynetdicom_cannot_negotiate_gets_an_a_abort(
+    scp_in_process: InProcessNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pynetdicom raised out of its negotiation: the requestor got no answer, and the
+    connection and its network thread stayed until the requestor hung up."""
+    with socket.create_connection(("127.0.0.1", scp_in_process.port), timeout=10) as raw:
+        raw.sendall(_request_without_transfer_syntax())
+        answer = raw.recv(10)
+        assert answer[:1] == b"\x07"  # A-ABORT
+        wait_until(lambda: not _acceptor_threads(), timeout_s=10, what="the acceptor to end")
+    assert any(
+        "association request from AE 'PEER' at 127.0.0.1:" in r.getMessage()
+        and "aborted: it cannot be negotiated" in r.getMessage()
+        for r in caplog.records
+    )
+    again = _scu().associate("127.0.0.1", scp_in_process.port, ae_title="DICOMNODE")
+    assert again.is_established  # the node keeps serving
+    again.release()
+
+
+def test_a_connection_that_ends_before_its_request_leaves_no_thread(
+    scp_in_process: InProcessNode,
+) -> None:
+    """The association's thread waited the ACSE timeout (30 s) for a request that could
+    no longer come: a port scanner or a TCP health check held a thread per connection."""
+    for payload in (b"", b"\x01\x00\x00\x00"):  # nothing; half a PDU header
+        with socket.create_connection(("127.0.0.1", scp_in_process.port), timeout=10) as raw:
+            raw.sendall(payload)
+            wait_until(_acceptor_threads, timeout_s=5, what="the node to take the connection")
+        wait_until(lambda: not _acceptor_threads(), timeout_s=5, what="the acceptor to end")
