@@ -336,7 +336,8 @@ class _EventDrivenDUL(DULServiceProvider):
             if self.assoc.requestor.primitive is None:
                 # The association's thread waits up to the ACSE timeout (30 s) for a
                 # request that cannot come now: the peer hung up, or sent something else.
-                self.to_user_queue.put(None)  # pynetdicom's "no request": it ends
+                # None is what pynetdicom's wait returns on its timeout: the thread ends.
+                self.to_user_queue.put(None)  # type: ignore[arg-type]
 
     def _run_loop(self) -> None:
         """pynetdicom 3.0's DUL loop (``DULServiceProvider.run_reactor``) without its sleep
