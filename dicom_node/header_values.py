@@ -22,6 +22,7 @@ _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
 # Character-set dependent: raw bytes are the value when they are plain ASCII (no ISO 2022
 # escape). LT/ST/UT are left out: a backslash there is text, not a value delimiter.
 _TEXT_VRS = frozenset({"LO", "SH", "PN"})
+_IS_MIN, _IS_MAX = -(2**31), 2**31 - 1  # PS3.5 6.2
 # A decimal number as DICOM writes IS and DS values (PS3.5 6.2).
 _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 # Stripped from both ends of each value: space padding, NUL padding (some devices pad UIs
@@ -39,20 +40,27 @@ def as_text(value: Any) -> str:
 
 
 def as_int(value: Any) -> int | None:
-    """An integer, or None; "3.0" is 3 (as pydicom reads IS), "3.5", "x" and "1_2" are None."""
+    """An integer, or None; "3.0" is 3 (as pydicom reads IS), "3.5", "x" and "1_2" are None.
+
+    So is a number outside the range DICOM allows an IS (a signed 32-bit integer): the
+    index's integer columns could not hold it (SQLite: 64 bits, PostgreSQL: 32), and the
+    store failed with 0xA700 on every retry.
+    """
     if value is None or value == "":
         return None
     if isinstance(value, str) and not _NUMBER.fullmatch(value.strip()):
         return None  # Python's int() and float() also take "1_2" and other scripts' digits
     try:
-        return int(value)
+        number = int(value)
     except (TypeError, ValueError):
-        pass
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return int(number) if number.is_integer() else None
+        try:
+            decimal = float(value)
+        except (TypeError, ValueError):
+            return None
+        if not decimal.is_integer():
+            return None
+        number = int(decimal)
+    return number if _IS_MIN <= number <= _IS_MAX else None
 
 
 def _raw_text(elem: RawDataElement) -> str | None:

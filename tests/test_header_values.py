@@ -7,8 +7,10 @@ import struct
 
 import pydicom
 import pytest
+from inprocess import InProcessNode, minimal_mr_dataset, mr_store_association
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+from sqlalchemy import text as sql
 
 from dicom_node.header_values import as_int, as_text, integer, text
 
@@ -136,3 +138,34 @@ def test_numbers_python_reads_but_dicom_does_not_are_absent() -> None:
     assert as_int("1e2") == 100  # DS-style exponent: pydicom reads IS "1e2" as 100
     element = _raw(0x00280008, b"IS", b"1_2 ")
     assert integer(pydicom.dcmread(io.BytesIO(element), force=True), 0x00280008) is None
+
+
+def test_numbers_outside_the_is_range_are_absent() -> None:
+    assert as_int("2147483647") == 2**31 - 1
+    assert as_int("-2147483648") == -(2**31)
+    assert as_int("2147483648") is None  # PostgreSQL's integer column ends here
+    assert as_int("1e+20") is None  # SQLite's ends at 2**63
+    assert as_int(10**20) is None
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("keyword", ["InstanceNumber", "SeriesNumber", "NumberOfFrames"])
+def test_an_out_of_range_number_is_stored_and_indexed_as_absent(
+    scp_in_process: InProcessNode, keyword: str
+) -> None:
+    """It was refused with 0xA700 'internal error: Python int too large to convert to
+    SQLite INTEGER' on every retry (on PostgreSQL from 2**31 on)."""
+    ds = minimal_mr_dataset()
+    setattr(ds, keyword, "99999999999999999999")  # pydicom writes it as 1e+20
+    with mr_store_association(scp_in_process.port) as assoc:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    with scp_in_process.index.engine.connect() as conn:
+        row = conn.execute(
+            sql(
+                "SELECT i.instance_number, i.number_of_frames, se.series_number "
+                "FROM instances i JOIN series se ON i.series_pk = se.id "
+                "WHERE i.sop_instance_uid = :uid"
+            ),
+            {"uid": ds.SOPInstanceUID},
+        ).one()
+    assert tuple(row) == (None, 1, None)

@@ -12,14 +12,17 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 from peers import NodeProcess, free_port, storescu, wait_until
+from pydicom import Dataset, dcmread
 from sqlalchemy import text
 
+from dicom_node.instance_attributes import instance_record
 from storage.database import Index
 from storage.instances import InstanceRecord, complete_due_series, record_instance
 from storage.queue import JobSpec, claim_job, create_job
@@ -245,6 +248,48 @@ def test_header_values_longer_than_their_columns_are_indexed(fresh_db: str) -> N
         assert value and sent.startswith(value), name
     assert row[2] == "1970-01-"  # the column holds 8 characters
     assert len(row[5]) == 256
+
+
+@pytest.mark.filterwarnings("ignore:The value length:UserWarning")  # "-999999999999", as meant
+def test_header_numbers_beyond_postgresqls_integer_are_indexed_as_absent(
+    fresh_db: str,
+) -> None:
+    """An IS of 12 digits is a valid string but no valid IS (DICOM: 32 bits): PostgreSQL's
+    integer column refused it ('integer out of range'), and the store got 0xA700 on every
+    retry. It is indexed as absent; the file keeps it."""
+    index = Index(fresh_db)
+    ds = Dataset()
+    ds.InstanceNumber = "999999999999"
+    ds.SeriesNumber = "-999999999999"
+    ds.NumberOfFrames = "999999999999"
+    reread = dcmread(BytesIO(_encoded(ds)), force=True)  # raw elements, as received
+    uids = {"SOPInstanceUID": "1.2.3.1", "SeriesInstanceUID": "1.2.3", "StudyInstanceUID": "1.2"}
+    record = instance_record(
+        reread,
+        uids,
+        "1.2.840.10008.5.1.4.1.1.4",
+        "1.2.840.10008.1.2.1",
+        "1.2.3/1.dcm",
+        1,
+        calling_ae_title="SCU",
+        peer_address="127.0.0.1",
+        association_id="a",
+    )
+    record_instance(index, record)
+    with index.engine.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT i.instance_number, i.number_of_frames, se.series_number "
+                "FROM instances i JOIN series se ON i.series_pk = se.id"
+            )
+        ).one()
+    assert tuple(row) == (None, 1, None)
+
+
+def _encoded(ds: Dataset) -> bytes:
+    out = BytesIO()
+    ds.save_as(out, implicit_vr=False, little_endian=True)
+    return out.getvalue()
 
 
 def test_each_job_is_claimed_by_exactly_one_worker(fresh_db: str) -> None:
