@@ -9,6 +9,7 @@ rest (binary VRs, other character sets) go through pydicom. Both give the same t
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -16,6 +17,9 @@ from pydicom import Dataset
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.multival import MultiValue
+from pydicom.tag import Tag
+
+logger = logging.getLogger(__name__)
 
 # Always in the default repertoire (PS3.5 6.2): the raw bytes are the value.
 _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
@@ -89,7 +93,16 @@ def text(ds: Dataset, tag: int) -> str:
         fast = _raw_text(elem)
         if fast is not None:
             return fast
-    return as_text(ds[tag].value)
+    try:
+        return as_text(ds[tag].value)
+    except Exception as exc:
+        # pydicom's decoders fail on some byte sequences (an IndexError in its ISO 2022
+        # JIS decoder): the store must not fail for an index value. The file keeps it.
+        logger.debug("value of %s cannot be decoded (%s: %s)", Tag(tag), type(exc).__name__, exc)
+        raw = elem.value if isinstance(elem, RawDataElement) else None
+        if not isinstance(raw, bytes):
+            return ""
+        return raw.decode("ascii", "replace").strip(_PADDING)
 
 
 def integer(ds: Dataset, tag: int) -> int | None:
@@ -103,5 +116,5 @@ def integer(ds: Dataset, tag: int) -> int | None:
             return as_int(fast)
     try:
         return as_int(ds[tag].value)
-    except ValueError:  # pydicom refuses to convert a malformed IS: index it as absent
+    except Exception:  # pydicom refuses to convert a malformed IS: index it as absent
         return None

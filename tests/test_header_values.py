@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import io
 import struct
+from pathlib import Path
 
 import pydicom
 import pytest
-from inprocess import InProcessNode, minimal_mr_dataset, mr_store_association
+from inprocess import MR_IMAGE_STORAGE, InProcessNode, minimal_mr_dataset, mr_store_association
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import _config as pynetdicom_config
 from sqlalchemy import text as sql
 
 from dicom_node.header_values import as_int, as_text, integer, text
@@ -169,3 +173,52 @@ def test_an_out_of_range_number_is_stored_and_indexed_as_absent(
             {"uid": ds.SOPInstanceUID},
         ).one()
     assert tuple(row) == (None, 1, None)
+
+
+def _pn_pydicom_cannot_decode() -> bytes:
+    """Explicit VR LE elements: a person name pydicom 3's ISO 2022 JIS decoder fails on."""
+    return _raw(0x00080005, b"CS", b"ISO 2022 IR 87") + _raw(0x00100010, b"PN", b"=\xe9. ")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_value_pydicom_cannot_decode_is_indexed_best_effort() -> None:
+    with pytest.raises(IndexError):  # pydicom's own failure, which the index must survive
+        str(pydicom.dcmread(io.BytesIO(_pn_pydicom_cannot_decode()), force=True).PatientName)
+    ds = pydicom.dcmread(io.BytesIO(_pn_pydicom_cannot_decode()), force=True)
+    assert text(ds, 0x00100010) == "=\ufffd."
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_store_with_a_value_pydicom_cannot_decode_succeeds(
+    scp_in_process: InProcessNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was refused with 0xA700 'internal error: string index out of range', which a
+    sender retries forever; the file keeps the name as sent."""
+    sop_uid = "1.2.826.0.1.3680043.8.498.4242"
+    body = b"".join(
+        (
+            _raw(0x00080005, b"CS", b"ISO 2022 IR 87"),
+            _raw(0x00080016, b"UI", MR_IMAGE_STORAGE.encode() + b"\0"),
+            _raw(0x00080018, b"UI", sop_uid.encode()),
+            _raw(0x00080060, b"CS", b"MR"),
+            _raw(0x00100010, b"PN", b"=\xe9. "),
+            _raw(0x0020000D, b"UI", b"1.2.826.0.1.3680043.8.498.42"),
+            _raw(0x0020000E, b"UI", b"1.2.826.0.1.3680043.8.498.4200"),
+        )
+    )
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = generate_uid()
+    header = io.BytesIO()
+    header.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(header, meta, enforce_standard=True)
+    path = tmp_path / "name.dcm"
+    path.write_bytes(header.getvalue() + body)
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)  # as it is
+    with mr_store_association(scp_in_process.port) as assoc:
+        assert assoc.send_c_store(path).Status == 0x0000
+    with scp_in_process.index.engine.connect() as conn:
+        name = conn.execute(sql("SELECT patient_name FROM patients")).scalar_one()
+    assert name == "=\ufffd."
