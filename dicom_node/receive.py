@@ -270,6 +270,11 @@ class Receiver:
                     "(DICOM allows 64)"
                 )
                 comment = f"{name} is longer than {UID_LENGTH} characters"
+            elif "\x00" in value:
+                # Not padding (that is stripped): no index can key on it (PostgreSQL
+                # refuses NUL in text, so every retry would fail with 0xA700).
+                why, comment = "holds a NUL character", f"{name} holds a NUL character"
+                value = value.replace("\x00", "\\x00")
             else:
                 continue
             stats.failed += 1

@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -121,8 +122,9 @@ _INSTANCE_FIELDS = (*_INSTANCE_COPIED, "series_pk", "version", "received_at")
 UID_KEYS = ("sop_instance_uid", "series_instance_uid", "study_instance_uid")
 
 
-def _column_limits() -> tuple[tuple[str, int], ...]:
-    """(record field, characters its narrowest column holds) for each text field."""
+def _column_limits() -> tuple[tuple[str, int | None], ...]:
+    """(record field, characters its narrowest column holds, or None) for each text field
+    from the headers (not the UID keys, nor the path the node made)."""
     renamed = {"patient_birth_date": "birth_date", "patient_sex": "sex"}
     lengths: dict[str, int] = {}
     for model in (Patient, Study, Series, Instance):
@@ -131,9 +133,9 @@ def _column_limits() -> tuple[tuple[str, int], ...]:
             if isinstance(length, int):
                 lengths[column.name] = min(lengths.get(column.name, length), length)
     return tuple(
-        (f.name, lengths[renamed.get(f.name, f.name)])
+        (f.name, lengths.get(renamed.get(f.name, f.name)))
         for f in fields(InstanceRecord)
-        if f.name not in UID_KEYS and renamed.get(f.name, f.name) in lengths
+        if f.name not in (*UID_KEYS, "path") and f.type in ("str", str)
     )
 
 
@@ -141,12 +143,21 @@ _LIMITS = _column_limits()
 
 
 def _fitted(rec: InstanceRecord) -> InstanceRecord:
-    """``rec`` with each text cut to what its column holds. PostgreSQL refuses a longer
-    value (SQLite keeps it): a birth date sent as 1970-01-01 or an overlong description
-    would fail the store on every retry. The file keeps every byte as sent."""
-    over = {
-        name: value[:limit] for name, limit in _LIMITS if len(value := getattr(rec, name)) > limit
-    }
+    """``rec`` with each text cut to what its column holds, and without NUL characters.
+
+    PostgreSQL refuses a longer value (SQLite keeps it), and a NUL anywhere in text (some
+    devices leave one inside a value, with what followed it in their buffer): a birth date
+    sent as 1970-01-01 or such a description would fail the store on every retry. The file
+    keeps every byte as sent.
+    """
+    over: dict[str, Any] = {}
+    for name, limit in _LIMITS:
+        value = getattr(rec, name)
+        fitted = value.replace("\x00", "") if "\x00" in value else value
+        if limit is not None and len(fitted) > limit:
+            fitted = fitted[:limit]
+        if fitted is not value:
+            over[name] = fitted
     return replace(rec, **over) if over else rec
 
 

@@ -250,6 +250,36 @@ def test_header_values_longer_than_their_columns_are_indexed(fresh_db: str) -> N
     assert len(row[5]) == 256
 
 
+def test_nul_characters_inside_header_values_are_left_out_of_the_index(fresh_db: str) -> None:
+    """PostgreSQL refuses NUL in text ('PostgreSQL text fields cannot contain NUL (0x00)
+    bytes'): a device that leaves one inside a value failed every store with 0xA700."""
+    index = Index(fresh_db)
+    record = InstanceRecord(
+        sop_instance_uid="1.2.3.1",
+        series_instance_uid="1.2.3",
+        study_instance_uid="1.2",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path="1.2.3/1.dcm",
+        size_bytes=1,
+        modality="MR",
+        patient_name="Doe^Jane\x00\x00garbage",
+        study_description="Abdomen\x00",
+        series_description="VIBE\x00dixon",
+        image_type="ORIGINAL\\PRIMARY\x00\\M",
+    )
+    record_instance(index, record)
+    with index.engine.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT p.patient_name, st.study_description, se.series_description, "
+                "se.image_type FROM instances i JOIN series se ON i.series_pk = se.id "
+                "JOIN studies st ON se.study_pk = st.id JOIN patients p ON st.patient_pk = p.id"
+            )
+        ).one()
+    assert tuple(row) == ("Doe^Janegarbage", "Abdomen", "VIBEdixon", "ORIGINAL\\PRIMARY\\M")
+
+
 @pytest.mark.filterwarnings("ignore:The value length:UserWarning")  # "-999999999999", as meant
 def test_header_numbers_beyond_postgresqls_integer_are_indexed_as_absent(
     fresh_db: str,

@@ -730,6 +730,10 @@ def test_malformed_input_is_refused(node: NodeProcess, tmp_path: Path, raw_send:
     del no_sop.SOPInstanceUID
     no_sop_path = tmp_path / "no_sop.dcm"
     no_sop.save_as(no_sop_path, enforce_file_format=True)
+    nul_uid = pydicom.dcmread(good.paths[0])
+    nul_uid.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1\x002"  # a NUL inside, not padding
+    nul_uid_path = tmp_path / "nul_uid.dcm"
+    nul_uid.save_as(nul_uid_path, enforce_file_format=True)
     overlong = pydicom.dcmread(good.paths[0])
     overlong.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498." + "3" * UID_LENGTH
     overlong_path = tmp_path / "overlong.dcm"
@@ -756,6 +760,8 @@ def test_malformed_input_is_refused(node: NodeProcess, tmp_path: Path, raw_send:
          CANNOT_UNDERSTAND, "cannot decode"),
         ("empty", crafted_file(tmp_path / "empty.dcm", b""), CANNOT_UNDERSTAND, "empty"),
         ("no SOPInstanceUID", no_sop_path, DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID"),
+        ("NUL in StudyInstanceUID", nul_uid_path, DATASET_DOES_NOT_MATCH_SOP_CLASS,
+         "StudyInstanceUID holds a NUL character"),
         ("overlong SeriesInstanceUID", overlong_path, DATASET_DOES_NOT_MATCH_SOP_CLASS,
          f"SeriesInstanceUID is longer than {UID_LENGTH}"),
     ]  # fmt: skip
@@ -776,6 +782,9 @@ def test_malformed_input_is_refused(node: NodeProcess, tmp_path: Path, raw_send:
         "the AffectedSOPInstanceUID"
     ) in log
     assert f"the data set's SOPClassUID {CTImageStorage} is not the AffectedSOPClassUID" in log
+    assert (
+        "StudyInstanceUID holds a NUL character (0xA900): 1.2.826.0.1.3680043.8.498.1\\x002" in log
+    )
     assert f"SeriesInstanceUID is 281 characters, more than the {UID_LENGTH} the index" in log
     assert_nothing_indexed(node)
     assert echoscu(node.port).returncode == 0  # the node keeps serving
