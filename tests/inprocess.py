@@ -38,17 +38,21 @@ class InProcessNode:
 
 @contextmanager
 def inprocess_node(
-    data_dir: Path, node: dict[str, object] | None = None
+    data_dir: Path, node: dict[str, object] | None = None, database_url: str | None = None
 ) -> Iterator[InProcessNode]:
     """A Storage SCP accepting any calling AE on a free port, its store under ``data_dir``.
 
-    ``node``: more ``node:`` settings (``max_pdu_bytes``, ...).
+    ``node``: more ``node:`` settings (``max_pdu_bytes``, ...); ``database_url``: an index
+    other than the SQLite one under ``data_dir``.
     """
     port = free_port()
+    storage: dict[str, object] = {"data_dir": str(data_dir)}
+    if database_url is not None:
+        storage["database_url"] = database_url
     settings = Settings.model_validate(
         {
             "node": {"port": port, "accept_unknown_callers": True, **(node or {})},
-            "storage": {"data_dir": str(data_dir)},
+            "storage": storage,
         }
     )
     index, store = open_store(settings)

@@ -8,12 +8,19 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from inprocess import MR_IMAGE_STORAGE, InProcessNode, minimal_mr_dataset, mr_store_association
+from inprocess import (
+    MR_IMAGE_STORAGE,
+    InProcessNode,
+    inprocess_node,
+    minimal_mr_dataset,
+    mr_store_association,
+)
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import _config as pynetdicom_config
+from random_headers import check_random_headers_are_stored
 from sqlalchemy import text as sql
 
 from dicom_node.header_values import as_int, as_text, integer, text
@@ -222,3 +229,13 @@ def test_a_store_with_a_value_pydicom_cannot_decode_succeeds(
     with scp_in_process.index.engine.connect() as conn:
         name = conn.execute(sql("SELECT patient_name FROM patients")).scalar_one()
     assert name == "=\ufffd."
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_images_with_random_header_values_are_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pynetdicom_config, "LOG_HANDLER_LEVEL", "none")  # as at INFO
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)  # as they are
+    with inprocess_node(tmp_path / "data") as node:
+        check_random_headers_are_stored(node, tmp_path, range(120))

@@ -18,8 +18,11 @@ from typing import Any
 
 import psutil
 import pytest
+from inprocess import inprocess_node
 from peers import NodeProcess, free_port, storescu, wait_until
 from pydicom import Dataset, dcmread
+from pynetdicom import _config as pynetdicom_config
+from random_headers import check_random_headers_are_stored
 from sqlalchemy import text
 
 from dicom_node.instance_attributes import instance_record
@@ -713,3 +716,14 @@ def test_a_hung_index_server_gets_0xA700_and_a_log_line_that_says_so(
         assert check["report"]["instances_checked"] == 4, check  # 3 before, 1 (once) after
     finally:
         server.remove()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_images_with_random_header_values_are_stored_on_postgresql(
+    fresh_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL enforces what SQLite lets by: column lengths, integer range, no NUL."""
+    monkeypatch.setattr(pynetdicom_config, "LOG_HANDLER_LEVEL", "none")  # as at INFO
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)  # as they are
+    with inprocess_node(tmp_path / "data", database_url=fresh_db) as node:
+        check_random_headers_are_stored(node, tmp_path, range(120))
