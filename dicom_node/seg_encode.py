@@ -319,13 +319,18 @@ _TYPE2_COPIED = (
 )
 
 
+# Character sets defined only as code extensions of a default repertoire (PS3.3 C.12.1.1.2).
+_EXTENSION_ONLY = frozenset({"ISO 2022 IR 87", "ISO 2022 IR 159"})
+
+
 def _for_highdicom(sources: list[Dataset]) -> list[Dataset]:
     """``sources``, the first replaced by a copy where highdicom would refuse what the
     standard allows.
 
     highdicom takes the SEG's patient, study, character set and geometry from the first
     source. The copy holds absent Type 2 attributes empty, an ISO 2022 character set whose
-    first value is empty (the default repertoire) as ``ISO 2022 IR 6``, a multi-frame
+    first value is empty (the default repertoire) as ``ISO 2022 IR 6``, as it does a JIS
+    set given alone, a multi-frame
     image's pixel measures and orientation shared where its frames hold them each, and a
     missing slice thickness. Its UIDs and frames are the source's, so the SEG references
     the source as it is; the source itself is left as it was.
@@ -335,6 +340,11 @@ def _for_highdicom(sources: list[Dataset]) -> list[Dataset]:
     charset = first.get("SpecificCharacterSet")
     if isinstance(charset, MultiValue) and len(charset) > 1 and not charset[0]:
         changes["SpecificCharacterSet"] = ["ISO 2022 IR 6", *charset[1:]]
+    elif charset in _EXTENSION_ONLY:
+        # A Japanese multi-byte set alone, without the default repertoire it extends (as
+        # some devices write it): pydicom cannot code a name with an empty component in
+        # it ("Doe^^John": IndexError), so the job failed.
+        changes["SpecificCharacterSet"] = ["ISO 2022 IR 6", charset]
     if int(first.get("NumberOfFrames", 1) or 1) > 1:
         shared = _shared_geometry(first)
         if shared is not None:

@@ -485,6 +485,9 @@ HEADER_VARIANTS: dict[str, Callable[[Dataset], None]] = {
     "latin-1": _name("ISO_IR 100", "Müller^Jörg"),
     "utf-8": _name("ISO_IR 192", "Müller^Jörg=山田^太郎"),
     "iso-2022-japanese": _name(["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"),
+    # The JIS set alone, without the default repertoire (some devices): pydicom could not
+    # code a name with an empty component in it
+    "iso-2022-japanese-alone": _name("ISO 2022 IR 87", "Yamada^^Tarou"),
 }
 
 
