@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from dicom_node.errors import SeriesError
 from dicom_node.sop_classes import SEGMENTABLE, class_names, not_segmentable
@@ -376,7 +378,17 @@ def _floats(value: object, count: int, what: str, name: str) -> list[float]:
         raise SeriesError(f"{name}: {what} is not numeric ({value!r})") from exc
     if len(numbers) != count:
         raise SeriesError(f"{name}: {what} has {len(numbers)} values, expected {count}")
+    if not all(math.isfinite(n) for n in numbers):
+        # "nan" and "inf" convert: a volume placed or scaled by them is no volume.
+        raise SeriesError(f"{name}: {what} is not a finite number ({value!r})")
     return numbers
+
+
+def _rescale(value: object, default: float, what: str, name: str) -> float:
+    if value is None or value == "":
+        return default
+    values = value if isinstance(value, MultiValue | list | tuple) else [value]
+    return _floats(values, 1, what, name)[0]
 
 
 def _group_value(header: Dataset, per_frame: Dataset | None, sequence: str, keyword: str) -> Any:
@@ -554,8 +566,8 @@ def _make_frame(
         pixel_spacing=(pixel_spacing[0], pixel_spacing[1]),
         rows=rows,
         columns=columns,
-        slope=1.0 if slope in (None, "") else float(slope),  # type: ignore[arg-type]
-        intercept=0.0 if intercept in (None, "") else float(intercept),  # type: ignore[arg-type]
+        slope=_rescale(slope, 1.0, "Rescale Slope", where),
+        intercept=_rescale(intercept, 0.0, "Rescale Intercept", where),
         localizer=localizer,
     )
 
@@ -866,6 +878,9 @@ def _sort_and_check_geometry(
 # ---- pixels -------------------------------------------------------------------------
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _read_pixels(instances: list[_Instance], frames: list[_Frame]) -> np.ndarray:
     array = np.empty((len(frames), frames[0].rows, frames[0].columns), dtype=np.float32)
     for z, plane in _planes(instances, frames):
@@ -892,6 +907,11 @@ def _planes(instances: list[_Instance], frames: list[_Frame]) -> Iterator[tuple[
             plane = pixels[index].astype(np.float64)
             if frame.slope != 1.0 or frame.intercept != 0.0:
                 plane = plane * frame.slope + frame.intercept
+                if not np.all(np.abs(plane) <= _FLOAT32_MAX):  # False for inf and NaN too
+                    raise SeriesError(
+                        f"{instances[source].name}: Rescale Slope {frame.slope:g} and "
+                        f"Intercept {frame.intercept:g} give values no volume can hold"
+                    )
             yield z, plane
 
 

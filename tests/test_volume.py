@@ -355,6 +355,34 @@ def test_mixed_orientations_are_refused(tmp_path: Path) -> None:
     assert written.paths
 
 
+BAD_VALUES = {
+    # (keyword, value, on one slice or all): what the refusal names
+    "position not a number": ("ImagePositionPatient", ["nan", "0", "0"], "not a finite number"),
+    "pixel spacing infinite": ("PixelSpacing", ["inf", "2"], "Pixel Spacing is not a finite"),
+    "slope not a number": ("RescaleSlope", "nan", "Rescale Slope is not a finite number"),
+    "slope with two values": ("RescaleSlope", "1\\2", "Rescale Slope has 2 values"),
+    "intercept with two values": ("RescaleIntercept", "0\\1", "Rescale Intercept has 2"),
+    "slope beyond float32": ("RescaleSlope", "1e300", "give values no volume can hold"),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom: invalid DS values, as meant
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_geometry_and_rescale_values_that_are_no_numbers_are_refused(
+    tmp_path: Path, case: str
+) -> None:
+    """Found by building volumes from series with random values: NaN positions gave a
+    volume with NaN in its affine, NaN or overflowing rescales NaN or inf voxels for the
+    model, and multi-valued rescales a TypeError instead of a reason."""
+    keyword, value, reason = BAD_VALUES[case]
+    written = write(tmp_path, shape=(6, 16, 16))
+    ds = pydicom.dcmread(written.paths[3])
+    setattr(ds, keyword, value)
+    ds.save_as(written.paths[3])
+    with pytest.raises(SeriesError, match=reason):
+        volume_from_folder(tmp_path / "s")
+
+
 def test_gap_is_refused(tmp_path: Path) -> None:
     dp.write_gap_series(tmp_path / "gap", PHANTOM, missing=7)
     with pytest.raises(SeriesError, match="slices are missing"):
