@@ -376,7 +376,9 @@ class _EventDrivenDUL(DULServiceProvider):
                 logger.error(
                     "aborting the association with %s: %s (%s in state %s): %s: %s",
                     _describe_peer(self.assoc),
-                    _WHAT_FAILED.get(event, "handling a network event"),
+                    "a received message could not be decoded"
+                    if event == "Evt10"  # a P-DATA-TF received
+                    else "a network event could not be handled",
                     event,
                     self.state_machine.current_state,
                     type(exc).__name__,
@@ -475,9 +477,6 @@ class _EventDrivenDIMSE(DIMSEServiceProvider):
             self.dul.send_pdu(pdata)
             return
         super().send_msg(primitive, context_id)
-
-
-_WHAT_FAILED = {"Evt10": "a received message could not be decoded"}
 
 
 def _describe_peer(assoc: Association) -> str:

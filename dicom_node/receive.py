@@ -36,7 +36,7 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC210
-DICOM_UID_LENGTH = 64
+_DICOM_UID_LENGTH = 64
 
 
 # The request names the instance the sender records as stored: the data set must be that
@@ -419,7 +419,7 @@ def _same_uid(in_data_set: str, in_request: str) -> bool:
     # DCMTK's storescu cuts a longer UID (which the node keeps) to the 64 characters DICOM
     # allows in the request.
     return in_data_set == in_request or (
-        len(in_request) == DICOM_UID_LENGTH and in_data_set.startswith(in_request)
+        len(in_request) == _DICOM_UID_LENGTH and in_data_set.startswith(in_request)
     )
 
 

@@ -329,11 +329,11 @@ def _for_highdicom(sources: list[Dataset]) -> list[Dataset]:
 
     highdicom takes the SEG's patient, study, character set and geometry from the first
     source. The copy holds absent Type 2 attributes empty, an ISO 2022 character set whose
-    first value is empty (the default repertoire) as ``ISO 2022 IR 6``, as it does a JIS
-    set given alone, a multi-frame
-    image's pixel measures and orientation shared where its frames hold them each, and a
-    missing slice thickness. Its UIDs and frames are the source's, so the SEG references
-    the source as it is; the source itself is left as it was.
+    first value is empty (the default repertoire), or a JIS set given alone, with
+    ``ISO 2022 IR 6`` first, a multi-frame image's pixel measures and orientation shared
+    where its frames hold them each, and a missing slice thickness. Its UIDs and frames are
+    the source's, so the SEG references the source as it is; the source itself is left as
+    it was.
     """
     first = sources[0]
     changes: dict[str, object] = {k: None for k in _TYPE2_COPIED if k not in first}
