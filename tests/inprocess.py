@@ -6,6 +6,7 @@ For tests that inject failures or look at pynetdicom's objects: a node in a subp
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
 
 from dicom_node.config import Settings
 from dicom_node.receive import Receiver
@@ -94,3 +96,21 @@ def mr_store_association(port: int) -> Iterator[Association]:
         yield assoc
     finally:
         assoc.release()
+
+
+def acceptor_threads(node: InProcessNode) -> list[threading.Thread]:
+    """The node's association threads and their network threads, alive now (the test's
+    own requestor associations and other nodes' threads left out)."""
+    ae = node.running.ae
+
+    def owner(thread: threading.Thread) -> object:
+        return thread.assoc if isinstance(thread, DULServiceProvider) else thread
+
+    return [
+        thread
+        for thread in threading.enumerate()
+        if isinstance(assoc := owner(thread), Association)
+        and assoc.is_acceptor
+        and assoc.ae is ae
+        and thread.is_alive()
+    ]

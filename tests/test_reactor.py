@@ -13,7 +13,7 @@ import tracemalloc
 
 import pynetdicom.dul
 import pytest
-from inprocess import InProcessNode, minimal_mr_dataset, mr_store_association
+from inprocess import InProcessNode, acceptor_threads, minimal_mr_dataset, mr_store_association
 from peers import wait_until
 from pydicom.uid import generate_uid
 from pynetdicom import AE
@@ -266,15 +266,6 @@ def test_acceptor_reads_with_the_large_reader(scp_in_process: InProcessNode) -> 
         assoc.release()
 
 
-def _acceptor_threads() -> list[threading.Thread]:
-    """The node's association threads and their network threads, alive now."""
-    return [
-        t
-        for t in threading.enumerate()
-        if isinstance(t, Association | pynetdicom.dul.DULServiceProvider) and t.is_alive()
-    ]
-
-
 def _request_without_transfer_syntax() -> bytes:
     request = A_ASSOCIATE()
     request.application_context_name = "1.2.840.10008.3.1.1.1"
@@ -301,7 +292,9 @@ def test_a_request_pynetdicom_cannot_negotiate_gets_an_a_abort(
         raw.sendall(_request_without_transfer_syntax())
         answer = raw.recv(10)
         assert answer[:1] == b"\x07"  # A-ABORT
-        wait_until(lambda: not _acceptor_threads(), timeout_s=10, what="the acceptor to end")
+        wait_until(
+            lambda: not acceptor_threads(scp_in_process), timeout_s=10, what="the acceptor to end"
+        )
     assert any(
         "association request from AE 'PEER' at 127.0.0.1:" in r.getMessage()
         and "aborted: it cannot be negotiated" in r.getMessage()
@@ -320,5 +313,11 @@ def test_a_connection_that_ends_before_its_request_leaves_no_thread(
     for payload in (b"", b"\x01\x00\x00\x00"):  # nothing; half a PDU header
         with socket.create_connection(("127.0.0.1", scp_in_process.port), timeout=10) as raw:
             raw.sendall(payload)
-            wait_until(_acceptor_threads, timeout_s=5, what="the node to take the connection")
-        wait_until(lambda: not _acceptor_threads(), timeout_s=5, what="the acceptor to end")
+            wait_until(
+                lambda: acceptor_threads(scp_in_process),
+                timeout_s=5,
+                what="the node to take the connection",
+            )
+        wait_until(
+            lambda: not acceptor_threads(scp_in_process), timeout_s=5, what="the acceptor to end"
+        )

@@ -28,13 +28,11 @@ from dataclasses import dataclass, field
 from io import BytesIO
 
 import numpy as np
-import pynetdicom.dul
 import pytest
-from inprocess import MR_IMAGE_STORAGE, InProcessNode, minimal_mr_dataset
+from inprocess import MR_IMAGE_STORAGE, InProcessNode, acceptor_threads, minimal_mr_dataset
 from peers import wait_until
 from pydicom import Dataset
 from pynetdicom import AE
-from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode, encode
@@ -281,14 +279,6 @@ def _stored_as_sent(node: InProcessNode, sop_uid: str, data: bytes) -> bool:
     return path is not None and node.store.absolute(path).read_bytes().endswith(data)
 
 
-def _node_threads() -> list[threading.Thread]:
-    return [
-        t
-        for t in threading.enumerate()
-        if isinstance(t, Association | pynetdicom.dul.DULServiceProvider) and t.is_alive()
-    ]
-
-
 @pytest.fixture
 def thread_deaths() -> Iterator[list[str]]:
     deaths: list[str] = []
@@ -313,7 +303,11 @@ def test_random_pdu_streams_lose_nothing_and_end_cleanly(
         if status == 0x0000 and message_id in scenario.data_sets:
             sop_uid, data = scenario.data_sets[message_id]
             assert _stored_as_sent(scp_in_process, sop_uid, data), (seed, message_id)
-    wait_until(lambda: not _node_threads(), timeout_s=10, what="the association to end")
+    wait_until(
+        lambda: not acceptor_threads(scp_in_process),
+        timeout_s=10,
+        what="the association to end",
+    )
     assert thread_deaths == []
     scu = AE(ae_title="PEER")
     scu.add_requested_context(VERIFICATION)
