@@ -12,13 +12,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from peers import free_port
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_ECHO_RQ
+from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import PresentationContext
 
 from dicom_node.config import Settings
 from dicom_node.receive import Receiver
@@ -83,6 +89,47 @@ def minimal_mr_dataset() -> Dataset:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
+
+
+def mr_image(size: int, seed: int) -> Dataset:
+    """A ``size`` x ``size`` 16-bit MR image of random pixels (``seed``), with new UIDs."""
+    ds = minimal_mr_dataset()
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    pixels = np.random.default_rng(seed).integers(0, 4096, (size, size), np.uint16)
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def echo_command_set(message_id: int) -> bytes:
+    """The encoded command set of a C-ECHO-RQ (Implicit VR Little Endian)."""
+    echo = C_ECHO()
+    echo.MessageID = message_id
+    echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    message = C_ECHO_RQ()
+    message.primitive_to_message(echo)
+    ((_, first),) = next(iter(message.encode_msg(1, 0))).presentation_data_value_list
+    return bytes(first[1:])  # less the message control header
+
+
+def association_request(contexts: list[PresentationContext]) -> bytes:
+    """An encoded A-ASSOCIATE-RQ from PEER to DICOMNODE proposing ``contexts``, as they are
+    (a test may make them malformed)."""
+    request = A_ASSOCIATE()
+    request.application_context_name = "1.2.840.10008.3.1.1.1"
+    request.calling_ae_title = "PEER"
+    request.called_ae_title = "DICOMNODE"
+    request.presentation_context_definition_list = contexts
+    length = MaximumLengthNotification()
+    length.maximum_length_received = 16384
+    request.user_information = [length]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(request)
+    return pdu.encode()
 
 
 @contextmanager

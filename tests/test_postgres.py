@@ -161,21 +161,22 @@ def fresh_db(postgres_url: str) -> Iterator[str]:
     yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
 
 
-def _record(index: Index, series: str, i: int, ae: str = "SCU") -> None:
-    record_instance(
-        index,
-        InstanceRecord(
-            sop_instance_uid=f"{series}.{i}",
-            series_instance_uid=series,
-            study_instance_uid="1.2",
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-            transfer_syntax_uid="1.2.840.10008.1.2.1",
-            path=f"{series}/{i}.dcm",
-            size_bytes=1,
-            modality="MR",
-            calling_ae_title=ae,
-        ),
+def _mr_record(series: str, i: int, **values: Any) -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=f"{series}.{i}",
+        series_instance_uid=series,
+        study_instance_uid="1.2",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=f"{series}/{i}.dcm",
+        size_bytes=1,
+        modality="MR",
+        **values,
     )
+
+
+def _record(index: Index, series: str, i: int, ae: str = "SCU") -> None:
+    record_instance(index, _mr_record(series, i, calling_ae_title=ae))
 
 
 def test_migrations_and_concurrent_receivers(fresh_db: str) -> None:
@@ -224,17 +225,7 @@ def test_header_values_longer_than_their_columns_are_indexed(fresh_db: str) -> N
     1970-01-01 or an overlong description used to fail the store with 0xA700 on every
     retry. The index keeps as much as its column holds; the file keeps the bytes sent."""
     index = Index(fresh_db)
-    record = InstanceRecord(
-        sop_instance_uid="1.2.3.1",
-        series_instance_uid="1.2.3",
-        study_instance_uid="1.2",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        path="1.2.3/1.dcm",
-        size_bytes=1,
-        modality="MR",
-        **LONG_VALUES,  # type: ignore[arg-type]
-    )
+    record = _mr_record("1.2.3", 1, **LONG_VALUES)
     record_instance(index, record)
     with index.engine.connect() as conn:
         row = conn.execute(
@@ -257,15 +248,9 @@ def test_nul_characters_inside_header_values_are_left_out_of_the_index(fresh_db:
     """PostgreSQL refuses NUL in text ('PostgreSQL text fields cannot contain NUL (0x00)
     bytes'): a device that leaves one inside a value failed every store with 0xA700."""
     index = Index(fresh_db)
-    record = InstanceRecord(
-        sop_instance_uid="1.2.3.1",
-        series_instance_uid="1.2.3",
-        study_instance_uid="1.2",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        path="1.2.3/1.dcm",
-        size_bytes=1,
-        modality="MR",
+    record = _mr_record(
+        "1.2.3",
+        1,
         patient_name="Doe^Jane\x00\x00garbage",
         study_description="Abdomen\x00",
         series_description="VIBE\x00dixon",

@@ -13,15 +13,19 @@ import tracemalloc
 
 import pynetdicom.dul
 import pytest
-from inprocess import InProcessNode, acceptor_threads, minimal_mr_dataset, mr_store_association
+from inprocess import (
+    InProcessNode,
+    acceptor_threads,
+    association_request,
+    minimal_mr_dataset,
+    mr_store_association,
+)
 from peers import wait_until
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 
 from dicom_node import reactor
@@ -267,20 +271,10 @@ def test_acceptor_reads_with_the_large_reader(scp_in_process: InProcessNode) -> 
 
 
 def _request_without_transfer_syntax() -> bytes:
-    request = A_ASSOCIATE()
-    request.application_context_name = "1.2.840.10008.3.1.1.1"
-    request.calling_ae_title = "PEER"
-    request.called_ae_title = "DICOMNODE"
     context = PresentationContext()
     context.context_id = 1
     context.abstract_syntax = VERIFICATION  # and no transfer syntax: malformed
-    request.presentation_context_definition_list = [context]
-    length = MaximumLengthNotification()
-    length.maximum_length_received = 16384
-    request.user_information = [length]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(request)
-    return pdu.encode()
+    return association_request([context])
 
 
 def test_a_request_pynetdicom_cannot_negotiate_gets_an_a_abort(

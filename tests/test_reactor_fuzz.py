@@ -27,17 +27,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
 
-import numpy as np
 import pytest
-from inprocess import MR_IMAGE_STORAGE, InProcessNode, acceptor_threads, minimal_mr_dataset
+from inprocess import (
+    MR_IMAGE_STORAGE,
+    InProcessNode,
+    acceptor_threads,
+    association_request,
+    echo_command_set,
+    mr_image,
+)
 from peers import wait_until
 from pydicom import Dataset
 from pynetdicom import AE
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
-from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode, encode
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 from sqlalchemy import select
 
@@ -60,22 +64,12 @@ CUT = b""  # marks "close the connection here" in a scenario's PDU list
 
 
 def _association_request() -> bytes:
-    request = A_ASSOCIATE()
-    request.application_context_name = "1.2.840.10008.3.1.1.1"
-    request.calling_ae_title = "PEER"
-    request.called_ae_title = "DICOMNODE"
     contexts = []
     for number, (abstract, transfer) in enumerate(CONTEXTS):
         context = build_context(abstract, [transfer])
         context.context_id = 2 * number + 1
         contexts.append(context)
-    request.presentation_context_definition_list = contexts
-    length = MaximumLengthNotification()
-    length.maximum_length_received = 16384
-    request.user_information = [length]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(request)
-    return pdu.encode()
+    return association_request(contexts)
 
 
 def _pdv(context_id: int, control: int, data: bytes) -> bytes:
@@ -87,17 +81,7 @@ def _pdu(body: bytes, pdu_type: int = 0x04) -> bytes:
 
 
 def _image(rng: random.Random) -> Dataset:
-    ds = minimal_mr_dataset()
-    size = rng.choice([4, 16, 40])
-    ds.Rows = ds.Columns = size
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    pixels = np.random.default_rng(rng.randrange(1 << 30)).integers(0, 4096, (size, size))
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    return ds
+    return mr_image(rng.choice([4, 16, 40]), seed=rng.randrange(1 << 30))
 
 
 def _store_command(message_id: int, ds: Dataset, rng: random.Random) -> bytes:
@@ -129,17 +113,6 @@ def _store_command(message_id: int, ds: Dataset, rng: random.Random) -> bytes:
     return encoded
 
 
-def _echo_command(message_id: int) -> bytes:
-    primitive = C_ECHO()
-    primitive.MessageID = message_id
-    primitive.AffectedSOPClassUID = VERIFICATION
-    message = C_ECHO_RQ()
-    message.primitive_to_message(primitive)
-    encoded = encode(message.command_set, True, True)
-    assert encoded is not None
-    return encoded
-
-
 def _pieces(data: bytes, rng: random.Random) -> list[bytes]:
     cuts = sorted({rng.randrange(1, len(data)) for _ in range(rng.randrange(3))})
     return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
@@ -158,7 +131,7 @@ def _scenario(seed: int) -> Scenario:
     for message_id in range(1, rng.randrange(2, 5)):
         context = MR_EXPLICIT if rng.random() < 0.85 else rng.choice([MR_IMPLICIT, ECHO, 7, 2])
         if rng.random() < 0.15:
-            pdvs.append(_pdv(ECHO, 0x03, _echo_command(message_id)))
+            pdvs.append(_pdv(ECHO, 0x03, echo_command_set(message_id)))
             continue
         ds = _image(rng)
         data = encode(ds, context == MR_IMPLICIT, True)

@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
-import numpy as np
 import pytest
 from inprocess import (
     MR_IMAGE_STORAGE,
     InProcessNode,
+    echo_command_set,
     inprocess_node,
-    minimal_mr_dataset,
+    mr_image,
     mr_store_association,
 )
 from peers import wait_until
@@ -54,15 +54,7 @@ def served_here(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def _image(rows: int = 64) -> Dataset:
-    ds = minimal_mr_dataset()
-    ds.Rows = ds.Columns = rows
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = np.random.default_rng(rows).integers(0, 4096, (rows, rows), np.uint16).tobytes()
-    return ds
+    return mr_image(rows, seed=rows)
 
 
 def _data_set(ds: Dataset) -> bytes:
@@ -327,16 +319,6 @@ def test_unknown_context_left_to_pynetdicom(
     assert not _indexed(scp_in_process, ds.SOPInstanceUID)
 
 
-def _echo_command(message_id: int) -> bytes:
-    echo = C_ECHO()
-    echo.MessageID = message_id
-    echo.AffectedSOPClassUID = VERIFICATION
-    message = C_ECHO_RQ()
-    message.primitive_to_message(echo)
-    ((_, first),) = next(iter(message.encode_msg(1, 0))).presentation_data_value_list
-    return first[1:]
-
-
 def _answers(assoc: Association, count: int) -> list[tuple[int, int]]:
     """(message ID, status) of the next ``count`` responses, sorted; up to 5 s for each."""
     assoc.dimse_timeout = 5
@@ -371,7 +353,7 @@ def test_requests_for_pynetdicom_sharing_a_pdu_are_each_answered(
     """pynetdicom's decoder drops the PDVs after a message's last fragment in its PDU."""
     assoc, _, echo_cx = store_and_echo_peer
     assoc.dul.socket.send(  # type: ignore[union-attr]
-        _pdu(_pdv(echo_cx, 0x03, _echo_command(1)), _pdv(echo_cx, 0x03, _echo_command(2)))
+        _pdu(_pdv(echo_cx, 0x03, echo_command_set(1)), _pdv(echo_cx, 0x03, echo_command_set(2)))
     )
     assert _answers(assoc, 2) == [(1, 0x0000), (2, 0x0000)]
 
