@@ -543,7 +543,8 @@ def _make_frame(
     iop = np.array(_floats(orientation, 6, "Image Orientation (Patient)", where))
     row, col = iop[:3], iop[3:]
     if not (
-        abs(np.linalg.norm(row) - 1) < 1e-2
+        np.all(np.abs(iop) <= 1.01)  # a cosine; also keeps the norms below from overflowing
+        and abs(np.linalg.norm(row) - 1) < 1e-2
         and abs(np.linalg.norm(col) - 1) < 1e-2
         and abs(float(np.dot(row, col))) < 1e-2
     ):
@@ -906,7 +907,8 @@ def _planes(instances: list[_Instance], frames: list[_Frame]) -> Iterator[tuple[
                 )
             plane = pixels[index].astype(np.float64)
             if frame.slope != 1.0 or frame.intercept != 0.0:
-                plane = plane * frame.slope + frame.intercept
+                with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+                    plane = plane * frame.slope + frame.intercept
                 if not np.all(np.abs(plane) <= _FLOAT32_MAX):  # False for inf and NaN too
                     raise SeriesError(
                         f"{instances[source].name}: Rescale Slope {frame.slope:g} and "
