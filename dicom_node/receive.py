@@ -43,8 +43,8 @@ _DICOM_UID_LENGTH = 64
 # instance, or the node would acknowledge a UID it does not hold. DCMTK's storescp and
 # Orthanc refuse a mismatch with 0xA900 too.
 _NAMED_IN_REQUEST = (
-    ("SOPInstanceUID", 0x00080018, "AffectedSOPInstanceUID"),
-    ("SOPClassUID", 0x00080016, "AffectedSOPClassUID"),
+    ("SOPInstanceUID", dict(REQUIRED_UIDS)["SOPInstanceUID"], "AffectedSOPInstanceUID"),
+    ("SOPClassUID", TAG["SOPClassUID"], "AffectedSOPClassUID"),
 )
 
 
