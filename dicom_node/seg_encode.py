@@ -340,7 +340,7 @@ def _for_highdicom(sources: list[Dataset]) -> list[Dataset]:
     charset = first.get("SpecificCharacterSet")
     if isinstance(charset, MultiValue) and len(charset) > 1 and not charset[0]:
         changes["SpecificCharacterSet"] = ["ISO 2022 IR 6", *charset[1:]]
-    elif charset in _EXTENSION_ONLY:
+    elif isinstance(charset, str) and charset in _EXTENSION_ONLY:
         # A Japanese multi-byte set alone, without the default repertoire it extends (as
         # some devices write it): pydicom cannot code a name with an empty component in
         # it ("Doe^^John": IndexError), so the job failed.

@@ -488,6 +488,11 @@ HEADER_VARIANTS: dict[str, Callable[[Dataset], None]] = {
     # The JIS set alone, without the default repertoire (some devices): pydicom could not
     # code a name with an empty component in it
     "iso-2022-japanese-alone": _name("ISO 2022 IR 87", "Yamada^^Tarou"),
+    # The default repertoire named rather than left empty: any multi-valued set whose first
+    # value was not empty failed the job ("TypeError: unhashable type: 'MultiValue'")
+    "iso-2022-japanese-named-default": _name(
+        ["ISO 2022 IR 6", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"
+    ),
 }
 
 
