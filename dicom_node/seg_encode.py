@@ -42,7 +42,6 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from pydicom import Dataset
-from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
     UID,
@@ -55,6 +54,7 @@ from pydicom.valuerep import PersonName
 
 from dicom_node import __version__
 from dicom_node.errors import DicomNodeError
+from dicom_node.seg_source_text import SourceText, restore_source_text, source_text
 
 logger = logging.getLogger(__name__)
 
@@ -319,32 +319,21 @@ _TYPE2_COPIED = (
 )
 
 
-# Character sets defined only as code extensions of a default repertoire (PS3.3 C.12.1.1.2).
-_EXTENSION_ONLY = frozenset({"ISO 2022 IR 87", "ISO 2022 IR 159"})
-
-
-def _for_highdicom(sources: list[Dataset]) -> list[Dataset]:
+def _for_highdicom(sources: list[Dataset]) -> tuple[list[Dataset], SourceText]:
     """``sources``, the first replaced by a copy where highdicom would refuse what the
-    standard allows.
+    standard allows, and the source text ``restore_source_text`` puts back into the SEG.
 
     highdicom takes the SEG's patient, study, character set and geometry from the first
-    source. The copy holds absent Type 2 attributes empty, an ISO 2022 character set whose
-    first value is empty (the default repertoire), or a JIS set given alone, with
-    ``ISO 2022 IR 6`` first, a multi-frame image's pixel measures and orientation shared
+    source. The copy holds absent Type 2 attributes empty, the character set and text values
+    ``source_text`` gives, a multi-frame image's pixel measures and orientation shared
     where its frames hold them each, and a missing slice thickness. Its UIDs and frames are
     the source's, so the SEG references the source as it is; the source itself is left as
     it was.
     """
     first = sources[0]
     changes: dict[str, object] = {k: None for k in _TYPE2_COPIED if k not in first}
-    charset = first.get("SpecificCharacterSet")
-    if isinstance(charset, MultiValue) and len(charset) > 1 and not charset[0]:
-        changes["SpecificCharacterSet"] = ["ISO 2022 IR 6", *charset[1:]]
-    elif isinstance(charset, str) and charset in _EXTENSION_ONLY:
-        # A Japanese multi-byte set alone, without the default repertoire it extends (as
-        # some devices write it): pydicom cannot code a name with an empty component in
-        # it ("Doe^^John": IndexError), so the job failed.
-        changes["SpecificCharacterSet"] = ["ISO 2022 IR 6", charset]
+    text_changes, text = source_text(first)
+    changes.update(text_changes)
     if int(first.get("NumberOfFrames", 1) or 1) > 1:
         shared = _shared_geometry(first)
         if shared is not None:
@@ -352,7 +341,7 @@ def _for_highdicom(sources: list[Dataset]) -> list[Dataset]:
     elif first.get("SliceThickness") in (None, ""):
         changes["SliceThickness"] = _slice_distance(sources)
     if not changes:
-        return sources
+        return sources, text
     copied = copy.copy(first)
     # Its own element table, and new elements in it: pydicom assigns to an element in
     # place, which would change the source's value too.
@@ -361,7 +350,7 @@ def _for_highdicom(sources: list[Dataset]) -> list[Dataset]:
         if keyword in copied:
             delattr(copied, keyword)
         setattr(copied, keyword, value)
-    return [copied, *sources[1:]]
+    return [copied, *sources[1:]], text
 
 
 def _slice_distance(sources: list[Dataset]) -> float | None:
@@ -572,7 +561,7 @@ def encode_seg(
     digest = _check_sha256(weights_sha256)
     _check_label_map(label_map)
     sources, n_planes = _source_geometry(source_images)
-    sources = _for_highdicom(sources)
+    sources, source_text = _for_highdicom(sources)
     plane_positions = None
     if source_frames is not None:
         plane_positions = _plane_positions_of_frames(sources, source_frames)
@@ -660,6 +649,7 @@ def encode_seg(
         workers=workers if comp is not SegCompression.NONE else 0,
         plane_positions=plane_positions,
     )
+    restore_source_text(seg, first, source_text)
     if source_frames is not None:
         _reference_only(seg, set(source_frames))
     logger.info(

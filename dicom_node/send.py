@@ -16,6 +16,7 @@ from pynetdicom.association import Association
 
 from dicom_node.config import DicomWebDestination, PeerSettings, Settings
 from dicom_node.errors import DeliveryError
+from dicom_node.seg_source_text import keep_text_as_stored
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ def store_seg(
             dataset = dcmread(send)
             if dataset.file_meta.TransferSyntaxUID.is_compressed:
                 dataset.decompress()
+            keep_text_as_stored(dataset)  # the patient text the PACS files it by
             send = dataset
         status = assoc.send_c_store(send)
         if not status or "Status" not in status:

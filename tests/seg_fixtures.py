@@ -7,12 +7,16 @@ the fields of ``inference.catalogue`` that ``dicom_node.seg_encode`` reads.
 from __future__ import annotations
 
 import datetime
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 from pydicom import Dataset
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -170,3 +174,25 @@ def write_series(images: list[Dataset], folder: Path) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+Charset = str | list[str] | None
+
+
+def stored_series(charset: Charset, values: dict[str, bytes | str]) -> list[Dataset]:
+    """The phantom series with these values, as a job reads it from the store."""
+    sources = []
+    for ds in mr_series():
+        if charset is None:
+            ds.pop("SpecificCharacterSet", None)
+        else:
+            ds.SpecificCharacterSet = charset
+        for keyword, value in values.items():
+            tag = tag_for_keyword(keyword)
+            assert tag is not None
+            # A bytes value is written as it is: the source holds exactly these bytes.
+            ds[tag] = DataElement(tag, dictionary_VR(tag), value)
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        sources.append(pydicom.dcmread(io.BytesIO(buffer.getvalue())))
+    return sources

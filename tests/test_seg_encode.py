@@ -493,6 +493,12 @@ HEADER_VARIANTS: dict[str, Callable[[Dataset], None]] = {
     "iso-2022-japanese-named-default": _name(
         ["ISO 2022 IR 6", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"
     ),
+    # Korean, which highdicom's list of character sets lacks (ValueError)
+    "iso-2022-korean": _name(["ISO 2022 IR 6", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동"),
+    "iso-2022-japanese-katakana": _name(
+        ["ISO 2022 IR 13", "ISO 2022 IR 87"], "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"
+    ),
+    "gb18030": _name("GB18030", "Wang^XiaoDong=王^小东="),
 }
 
 

@@ -17,8 +17,9 @@ def _errors(output: str) -> list[str]:
 def _run(tool: str, *args: Path) -> str:
     if shutil.which(tool) is None:
         pytest.skip(f"{tool} not installed (Debian package dicom3tools)")
-    run = subprocess.run([tool, *map(str, args)], capture_output=True, text=True, timeout=300)
-    return run.stdout + run.stderr
+    run = subprocess.run([tool, *map(str, args)], capture_output=True, timeout=300)
+    # It prints values as their bytes, in whatever character set the file declares.
+    return (run.stdout + run.stderr).decode("utf-8", errors="replace")
 
 
 def dciodvfy(path: Path) -> str:
