@@ -101,6 +101,8 @@ _TRANSFER_SYNTAX: dict[SegCompression, UID] = {
 
 # highdicom 0.28 refuses encapsulated syntaxes other than JPEG 2000 for 1-bit BINARY frames
 # (RLE and JPEG-LS codecs do not take 1-bit samples); LABELMAP frames are 8/16-bit and take all.
+_JPEG2000_MIN_SIDE = 32
+
 ALLOWED_COMPRESSIONS: dict[SegFormat, tuple[SegCompression, ...]] = {
     SegFormat.BINARY: (SegCompression.NONE, SegCompression.JPEG2000),
     SegFormat.LABELMAP: (
@@ -572,6 +574,16 @@ def encode_seg(
             f"label_map shape {label_map.shape} does not match the sources "
             f"({n_planes} planes of {int(first.Rows)}x{int(first.Columns)})"
         )
+    if comp is SegCompression.JPEG2000 and min(label_map.shape[1:]) < _JPEG2000_MIN_SIDE:
+        # openjpeg codes no frame with a side under 32 pixels (highdicom refuses them); the
+        # radiologist still gets a SEG.
+        logger.warning(
+            "series %s: its %dx%d images are too small for JPEG 2000; the SEG is uncompressed",
+            first.SeriesInstanceUID,
+            label_map.shape[1],
+            label_map.shape[2],
+        )
+        comp = SegCompression.NONE
 
     labels = _labels_by_id(catalogue)
     counts = _voxel_counts(label_map)

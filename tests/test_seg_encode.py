@@ -17,6 +17,7 @@ import pytest
 from dicom_phantoms import geometry_per_frame
 from pydicom import Dataset
 from pydicom.dataelem import DataElement
+from pydicom.uid import ExplicitVRLittleEndian
 from seg_fixtures import (
     CATALOGUE,
     OTHER_SHA256,
@@ -109,6 +110,24 @@ def test_every_supported_compression_decodes_to_the_label_map(
     assert back.SOPClassUID == (
         LABELMAP_SOP_CLASS if fmt is SegFormat.LABELMAP else BINARY_SOP_CLASS
     )
+
+
+@pytest.mark.parametrize("fmt", [SegFormat.BINARY, SegFormat.LABELMAP], ids=lambda v: v.value)
+def test_images_too_small_for_jpeg2000_give_an_uncompressed_seg(
+    fmt: SegFormat, caplog: pytest.LogCaptureFixture
+) -> None:
+    """openjpeg codes no frame with a side under 32 pixels: the job failed with highdicom's
+    ValueError and the radiologist got no SEG."""
+    small = mr_series(4, 20, 40)
+    label_map = small_label_map((4, 20, 40))
+    seg = _encode(label_map, small, format=fmt, compression=SegCompression.JPEG2000)
+    assert seg.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    back = hd.seg.segread(io.BytesIO(seg_to_bytes(seg)))
+    decoded = back.get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in small], combine_segments=True, relabel=True
+    )
+    np.testing.assert_array_equal(decoded, _expected_segments(label_map))
+    assert "20x40 images are too small for JPEG 2000; the SEG is uncompressed" in caplog.text
 
 
 def _decoded_by_frame(seg: hd.seg.Segmentation, source: Dataset, planes: int) -> np.ndarray:
