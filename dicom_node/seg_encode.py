@@ -99,10 +99,11 @@ _TRANSFER_SYNTAX: dict[SegCompression, UID] = {
     SegCompression.JPEG2000: JPEG2000Lossless,
 }
 
-# highdicom 0.28 refuses encapsulated syntaxes other than JPEG 2000 for 1-bit BINARY frames
-# (RLE and JPEG-LS codecs do not take 1-bit samples); LABELMAP frames are 8/16-bit and take all.
+# openjpeg codes no frame with a side under this (highdicom refuses them).
 _JPEG2000_MIN_SIDE = 32
 
+# highdicom 0.28 refuses encapsulated syntaxes other than JPEG 2000 for 1-bit BINARY frames
+# (RLE and JPEG-LS codecs do not take 1-bit samples); LABELMAP frames are 8/16-bit and take all.
 ALLOWED_COMPRESSIONS: dict[SegFormat, tuple[SegCompression, ...]] = {
     SegFormat.BINARY: (SegCompression.NONE, SegCompression.JPEG2000),
     SegFormat.LABELMAP: (
@@ -575,8 +576,7 @@ def encode_seg(
             f"({n_planes} planes of {int(first.Rows)}x{int(first.Columns)})"
         )
     if comp is SegCompression.JPEG2000 and min(label_map.shape[1:]) < _JPEG2000_MIN_SIDE:
-        # openjpeg codes no frame with a side under 32 pixels (highdicom refuses them); the
-        # radiologist still gets a SEG.
+        # The radiologist still gets a SEG.
         logger.warning(
             "series %s: its %dx%d images are too small for JPEG 2000; the SEG is uncompressed",
             first.SeriesInstanceUID,

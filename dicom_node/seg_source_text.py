@@ -54,7 +54,7 @@ class SourceText:
 
     charset: str | list[str] | None = None
     # The first source's elements to put back, by tag: text elements as their bytes.
-    elements: dict[BaseTag, DataElement] = field(default_factory=dict)
+    elements: dict[BaseTag, DataElement | RawDataElement] = field(default_factory=dict)
     # Those highdicom was handed empty: the SEG gets each of them from the source.
     arguments: set[BaseTag] = field(default_factory=set)
 
@@ -84,23 +84,22 @@ def source_text(first: Dataset) -> tuple[dict[str, object], SourceText]:
         changes["SpecificCharacterSet"] = None  # highdicom refuses an empty value
 
     for elem in list(first.elements()):
-        tag = elem.tag
+        if not isinstance(elem, RawDataElement):
+            continue
         vr = _vr(elem)
-        if isinstance(elem, RawDataElement) and vr in _TEXT_VRS:
-            text.elements[tag] = _as_stored(elem, vr)
+        if vr in _TEXT_VRS:
+            text.elements[elem.tag] = _as_stored(elem, vr)
         if vr in _TEXT_VRS or vr in _DEFAULT_REPERTOIRE_VRS or vr == "SQ":
             # Decoded now, with the source's character set, not with the stand-in of the
             # copy highdicom reads them from.
             with contextlib.suppress(Exception):  # undecodable text: put back as bytes
-                first[tag]
-        converted = first.get_item(tag)
-        if tag not in text.elements and isinstance(converted, DataElement):
-            text.elements[tag] = converted
+                first[elem.tag]
     for keyword in _ARGUMENTS:
         tag = Tag(keyword)
         if tag in first:
             changes[keyword] = None
             text.arguments.add(tag)
+            text.elements.setdefault(tag, first.get_item(tag))
     return changes, text
 
 
