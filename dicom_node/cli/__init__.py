@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 
 from dicom_node.config import Settings, load_settings
 from dicom_node.errors import DicomNodeError
@@ -57,6 +58,13 @@ def settings_of(ctx: typer.Context) -> Settings:
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
+
+
+def console(width: int | None = None, *, stderr: bool = False) -> Console:
+    """The console the CLI prints its tables and progress on. Their cells hold values from
+    DICOM headers, peers and job reasons, shown as they are: with rich's markup on, a series
+    description holding "[/x]" stopped the command (MarkupError) and "[red]" vanished."""
+    return Console(width=width, stderr=stderr, markup=False)
 
 
 def human(value: Any) -> str:

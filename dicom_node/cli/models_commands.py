@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from dicom_node.cli import print_json, settings_of
+from dicom_node.cli import console, print_json, settings_of
 
 
 def register(app: typer.Typer) -> None:
@@ -120,7 +119,7 @@ def list_models_command(
             m.weights_sha256[:12],
             "built-in" if m.builtin else str(m.root),
         )
-    Console().print(table)
+    console().print(table)
     if not models:
         typer.echo(f"no models in {settings.models_dir}; add one with `dicom-node models add PATH`")
 

@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 
-from dicom_node.cli import human, print_json, settings_of
+from dicom_node.cli import console, human, print_json, settings_of
 from dicom_node.errors import DicomNodeError
 from storage.models import Delivery, DeliveryState, Job, JobState, Series, SeriesVersion
 
@@ -128,7 +127,7 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     table = Table(*columns)
     for row in rows:
         table.add_row(*(human(row[c]) for c in columns))
-    Console(width=220).print(table)
+    console(220).print(table)
 
 
 def jobs_list(

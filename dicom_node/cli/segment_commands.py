@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dicom_node.cli import print_json, settings_of
+from dicom_node.cli import console, print_json, settings_of
 from dicom_node.errors import DicomNodeError
 from dicom_node.value_warnings import summarised_value_warnings
 
@@ -52,15 +51,15 @@ def segment(
     settings = settings_of(ctx)
     if not path.exists():
         raise DicomNodeError(f"{path} does not exist")
-    console = Console(stderr=True)
+    progress_console = console(stderr=True)
     with (
         summarised_value_warnings(str(path)),
         tempfile.TemporaryDirectory() as tmp,
         Progress(
             SpinnerColumn(),
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             TimeElapsedColumn(),
-            console=console,
+            console=progress_console,
             disable=as_json,
         ) as progress,
     ):
@@ -100,7 +99,7 @@ def segment(
     table = Table("id", "label", "volume (ml)")
     for label in data["labels"]:
         table.add_row(str(label["id"]), label["name"], f"{label['ml']:.2f}")
-    Console().print(table)
+    console().print(table)
     if result.stack:
         typer.echo(f"segmented {result.stack}")
     for note in result.notes:

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 
-from dicom_node.cli import print_json, settings_of
+from dicom_node.cli import console, print_json, settings_of
 from dicom_node.errors import DicomNodeError
 from storage.models import Instance, Series, SeriesVersion, Study
 
@@ -77,7 +76,7 @@ def list_series(
             item["state"],
             str(item["instances"]),
         )
-    Console(width=200).print(table)
+    console(200).print(table)
 
 
 def show_series(
