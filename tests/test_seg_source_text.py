@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import random
-import warnings
 from pathlib import Path
 
 import pydicom
@@ -132,6 +131,7 @@ _CHARSETS: list[Charset] = [
 _BYTES = b"AB^=. \x1b$B()\xe9\xa4\x80\xff\x000"
 
 
+@pytest.mark.filterwarnings("ignore")  # pydicom warns of each invalid value
 def test_random_patient_and_study_values_are_kept() -> None:
     """120 seeded sources with random bytes in one patient or study attribute and a random
     character set: before, 80 of them failed the job and 18 came back changed."""
@@ -150,13 +150,11 @@ def test_random_patient_and_study_values_are_kept() -> None:
         if keyword in _DEFAULT_REPERTOIRE:
             # pydicom reads these without their trailing padding and pads with a space
             want_value = want_value.rstrip(b" \x00")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                seg = _seg_of(sources)
-            except Exception:  # any failure is the finding
-                outcomes["failed"].append(seed)
-                continue
+        try:
+            seg = _seg_of(sources)
+        except Exception:  # any failure is the finding
+            outcomes["failed"].append(seed)
+            continue
         got = seg.get_item(tag)
         got_value = got.value if got is not None else None
         if keyword in _DEFAULT_REPERTOIRE and isinstance(got_value, bytes):
