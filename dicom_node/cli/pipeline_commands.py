@@ -132,9 +132,7 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 def jobs_list(
     ctx: typer.Context,
-    state: Annotated[
-        str | None, typer.Option(help="queued, running, succeeded, failed, retry_wait, cancelled")
-    ] = None,
+    state: Annotated[JobState | None, typer.Option(help="only jobs in this state")] = None,
     limit: Annotated[int, typer.Option()] = 50,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -143,7 +141,7 @@ def jobs_list(
     with index.session() as session:
         query = select(Job).order_by(Job.id.desc()).limit(limit)
         if state:
-            query = query.where(Job.state == JobState(state))
+            query = query.where(Job.state == state)
         rows = [_job_dict(j) for j in session.scalars(query)]
     if as_json:
         print_json(rows)
@@ -231,7 +229,7 @@ def _cancelled(outcome: tuple[_State, bool] | None, what: str, refused: str) -> 
 def deliveries_list(
     ctx: typer.Context,
     state: Annotated[
-        str | None, typer.Option(help="pending, sending, delivered, dead, cancelled")
+        DeliveryState | None, typer.Option(help="only deliveries in this state")
     ] = None,
     limit: Annotated[int, typer.Option()] = 50,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -241,7 +239,7 @@ def deliveries_list(
     with index.session() as session:
         query = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
         if state:
-            query = query.where(Delivery.state == DeliveryState(state))
+            query = query.where(Delivery.state == state)
         rows = [_delivery_dict(d) for d in session.scalars(query)]
     if as_json:
         print_json(rows)
