@@ -181,7 +181,7 @@ Charset = str | list[str] | None
 
 def stored_series(charset: Charset, values: dict[str, bytes | str]) -> list[Dataset]:
     """The phantom series with these values, as a job reads it from the store."""
-    sources = []
+    sources: list[Dataset] = []
     for ds in mr_series():
         if charset is None:
             ds.pop("SpecificCharacterSet", None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import random
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -19,10 +20,14 @@ from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.uid import ExplicitVRLittleEndian
 from seg_fixtures import (
+    ANATOMY,
     CATALOGUE,
     OTHER_SHA256,
     PRESENT_IDS,
     WEIGHTS_SHA256,
+    Catalogue,
+    Code,
+    Label,
     enhanced_mr,
     mr_series,
     small_label_map,
@@ -128,6 +133,78 @@ def test_images_too_small_for_jpeg2000_give_an_uncompressed_seg(
     )
     np.testing.assert_array_equal(decoded, _expected_segments(label_map))
     assert "20x40 images are too small for JPEG 2000; the SEG is uncompressed" in caplog.text
+
+
+# 300 labels: more than a LABELMAP's 8-bit pixels hold
+_MANY = Catalogue(
+    labels=[
+        Label(i, f"s{i}", ANATOMY, Code("SCT", "10200004", "Liver"), None, (i % 256, 0, 0))
+        for i in range(1, 301)
+    ]
+)
+
+
+def _random_label_map(rnd: random.Random) -> np.ndarray:
+    shape = (rnd.randint(1, 5), rnd.randint(1, 80), rnd.randint(1, 80))
+    labels = rnd.choice([1, 3, 40, 300])
+    rng = np.random.default_rng(rnd.randrange(2**32))
+    label_map = np.zeros(shape, np.uint16)
+    mode = rnd.choice(["dense", "sparse", "one voxel", "one plane"])
+    if mode == "dense":
+        label_map[:] = rng.integers(0, labels + 1, size=shape)
+    elif mode == "sparse":
+        where = rng.random(shape) < 0.05
+        label_map[where] = rng.integers(1, labels + 1, size=int(where.sum()))
+    elif mode == "one voxel":
+        label_map[tuple(rnd.randrange(n) for n in shape)] = rnd.randint(1, labels)
+    else:
+        label_map[rnd.randrange(shape[0])] = rng.integers(0, labels + 1, size=shape[1:])
+    if label_map.max() <= 255 and rnd.random() < 0.5:
+        label_map = label_map.astype(np.uint8)
+    return label_map
+
+
+def test_random_label_maps_encode_write_and_decode() -> None:
+    """40 seeded label maps: shapes 1-5 x 1-80 x 1-80, 1-300 labels, dense to one voxel,
+    every format and compression. The fast writer gives save_as's bytes and the SEG decodes
+    to the label map. Before 8d13e11, 10 of them (images with a side under 32 pixels and
+    JPEG 2000) failed."""
+    failures: list[str] = []
+    for seed in range(40):
+        rnd = random.Random(seed)
+        label_map = _random_label_map(rnd)
+        fmt = rnd.choice(list(SegFormat))
+        comp = rnd.choice(ALLOWED_COMPRESSIONS[fmt])
+        case = f"seed {seed}: {label_map.shape} {fmt.value}/{comp.value}"
+        series = mr_series(*label_map.shape, seed=seed)
+        if not label_map.any():
+            continue
+        try:
+            seg = encode_seg(
+                label_map,
+                series,
+                _MANY,
+                model_name="demo",
+                model_version="1.0",
+                weights_sha256=WEIGHTS_SHA256,
+                format=fmt,
+                compression=comp,
+            )
+        except Exception as exc:  # any failure is the finding
+            failures.append(f"{case}: {type(exc).__name__}: {exc}")
+            continue
+        written = seg_to_bytes(seg)
+        buffer = io.BytesIO()
+        seg.save_as(buffer, enforce_file_format=True)
+        assert written == buffer.getvalue(), case
+        decoded = hd.seg.segread(io.BytesIO(written)).get_pixels_by_source_instance(
+            [ds.SOPInstanceUID for ds in series], combine_segments=True, relabel=False
+        )
+        expected = np.zeros(label_map.shape, np.int64)
+        for label_id, number in segment_mapping(label_map, _MANY).items():
+            expected[label_map == label_id] = number
+        np.testing.assert_array_equal(np.asarray(decoded, np.int64), expected, err_msg=case)
+    assert failures == []
 
 
 def _decoded_by_frame(seg: hd.seg.Segmentation, source: Dataset, planes: int) -> np.ndarray:

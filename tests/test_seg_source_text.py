@@ -37,7 +37,7 @@ def _seg_bytes(sources: list[Dataset]) -> bytes:
     seg = encode_seg(
         small_label_map(),
         sources,
-        CATALOGUE,  # type: ignore[arg-type]
+        CATALOGUE,
         model_name="demo",
         model_version="1.0",
         weights_sha256=WEIGHTS_SHA256,
