@@ -166,6 +166,10 @@ _TOUCH_VERSION = (
     update(_versions)
     .where(
         _versions.c.id == bindparam("b_version_pk"),
+        # The row remembered, not one that took its key: SQLite gives the keys of deleted
+        # rows again, and another process may have received the series again after a prune.
+        _versions.c.series_pk == bindparam("b_series_pk"),
+        _versions.c.version == bindparam("b_version"),
         _versions.c.state == SeriesState.RECEIVING,
         select(_series.c.id)
         .where(
@@ -339,7 +343,7 @@ class InstanceWriter:
         """
         uid = rec.series_instance_uid
         known = staged.get(uid) or self._known.get(uid)
-        if known is not None and self._touch(conn, known.version_pk, uid, now):
+        if known is not None and self._touch(conn, known, uid, now):
             return known, ""
         row = conn.execute(
             select(
@@ -359,7 +363,7 @@ class InstanceWriter:
         cur = _Current(
             row.id, version_pk or 0, row.current_version, row.calling_ae_title, row.peer_address
         )
-        if version_pk is not None and self._touch(conn, version_pk, uid, now):
+        if version_pk is not None and self._touch(conn, cur, uid, now):
             return cur, ""
         # The current version is complete: this instance opens the next one.
         number = row.current_version + 1
@@ -368,10 +372,17 @@ class InstanceWriter:
         return _Current(row.id, new_pk, number, row.calling_ae_title, row.peer_address), "version"
 
     @staticmethod
-    def _touch(conn: Connection, version_pk: int, series_uid: str, now: dt.datetime) -> bool:
+    def _touch(conn: Connection, cur: _Current, series_uid: str, now: dt.datetime) -> bool:
         """Update the version's arrival time if it is still receiving and still this series'."""
         result = conn.execute(
-            _TOUCH_VERSION, {"b_version_pk": version_pk, "b_series_uid": series_uid, "b_now": now}
+            _TOUCH_VERSION,
+            {
+                "b_version_pk": cur.version_pk,
+                "b_series_pk": cur.series_pk,
+                "b_version": cur.version,
+                "b_series_uid": series_uid,
+                "b_now": now,
+            },
         )
         return result.rowcount == 1
 

@@ -21,6 +21,7 @@ from storage.committer import GroupCommitter, _Pending
 from storage.database import Index
 from storage.filestore import FileStore
 from storage.instances import InstanceRecord, InstanceWriter, complete_due_series
+from storage.retention import delete_series
 
 
 def _rec(series: str, i: int | str, *, path: str | None = None) -> InstanceRecord:
@@ -154,3 +155,28 @@ def test_rows_wait_for_their_files(index: Index) -> None:
     assert pending[0].result is not None and pending[2].result is not None
     assert isinstance(pending[1].error, StorageError)
     assert _counts(index) == {("1.2.4", 1): (3, 3, "receiving")}
+
+
+def test_a_series_received_again_after_its_deletion_by_another_process(
+    index: Index, tmp_path: Path
+) -> None:
+    """Each receiver process remembers its series' receiving version by key, and SQLite gives
+    the keys of deleted rows again. Once another process had received a deleted series
+    again, the stale memory passed the version check: images went to a version and series
+    that were not theirs, or failed with 0xA700 (FOREIGN KEY constraint failed) until
+    the process restarted."""
+    first, second = InstanceWriter(index), InstanceWriter(index)
+    first.record([_rec("1.2.3", 1)])
+    complete_due_series(index, 0.0, on_release=False)
+    first.record([_rec("1.2.3", 2)])  # version 2; `first` remembers it
+    complete_due_series(index, 0.0, on_release=False)
+    delete_series(index, FileStore(tmp_path / "store"), "1.2.3")
+    # The other process: a new series takes the deleted series' key, 1.2.3 comes again.
+    second.record([_rec("1.2.9", 1)])
+    second.record([_rec("1.2.3", 3)])
+    (again,) = first.record([_rec("1.2.3", 4)])
+    assert again.version == 1
+    assert _counts(index) == {
+        ("1.2.9", 1): (1, 1, "receiving"),
+        ("1.2.3", 1): (2, 2, "receiving"),
+    }
