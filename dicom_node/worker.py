@@ -158,6 +158,14 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
         job.attempts,
         len(paths),
     )
+    earlier = ctx.store.job_results(job.id)
+    if earlier:
+        # From an earlier attempt, or from a deleted job whose number SQLite gave again (a
+        # crash between a prune's commit and its file removal): never to be sent as this
+        # job's SEG or fallback.
+        for name in earlier:
+            ctx.store.remove(name)
+        logger.info("%s: removed earlier result files %s", tag, ", ".join(earlier))
     deliveries = resolve_destinations(ctx.settings, series, list(job.destinations))
     timings: dict[str, float] = {
         "queue_s": max(0.0, (job.started_at - job.created_at).total_seconds())

@@ -18,7 +18,7 @@ import yaml
 from sqlalchemy import update
 
 from dicom_node.config import RuleSettings, Settings, WorkerSettings
-from dicom_node.errors import DicomNodeError
+from dicom_node.errors import DicomNodeError, ModelError
 from dicom_node.routing import SeriesFacts, facts_from_folder, route
 from dicom_node.scheduler import Scheduler, queue_series
 from dicom_node.worker import PermanentJobError, WorkerPool, _Slot, resolve_destinations
@@ -541,6 +541,24 @@ def test_an_unexpected_error_is_retried_only_when_it_may_pass(
     (record,) = [r for r in caplog.records if r.name == "dicom_node.worker"]
     assert f"job {job_id} study " in record.getMessage() and f"({outcome}" in record.getMessage()
     assert record.exc_info is not None  # the traceback, for a bug report
+
+
+def test_a_job_starts_with_no_result_files_but_its_own(index: Index, tmp_path: Path) -> None:
+    """SQLite gives a deleted job's number again: a BINARY fallback left in its results
+    folder (a crash between a prune's commit and its file removal) was sent as the new job's
+    fallback, another patient's SEG, to a PACS that refuses Label Map SEGs."""
+    from dicom_node.worker import JobContext, process_one
+    from storage.filestore import FileStore
+
+    job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, []))
+    assert job_id is not None
+    store = FileStore(tmp_path / "store", 0, fsync=False)
+    left = store.result_path(job_id, "fallback-binary.dcm")
+    store.write_atomic(left, b"DICM another series' SEG")
+    ctx = JobContext(Settings(storage={"data_dir": tmp_path}), index, store, "host:1")
+    assert process_one(ctx, _ModelsRaising(ModelError("no model")))  # type: ignore[arg-type]
+    assert store.job_results(job_id) == []
+    assert not store.absolute(left).exists()
 
 
 def test_a_cancelled_job_stays_cancelled(index: Index) -> None:
