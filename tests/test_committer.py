@@ -7,8 +7,11 @@ moves to the new version), concurrent stores, and one failing record among good 
 
 from __future__ import annotations
 
+import contextlib
+import random
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -16,11 +19,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from dicom_node.errors import StorageError
+from dicom_node.errors import DicomNodeError, StorageError
 from storage.committer import GroupCommitter, _Pending
 from storage.database import Index
 from storage.filestore import FileStore
-from storage.instances import InstanceRecord, InstanceWriter, complete_due_series
+from storage.instances import (
+    InstanceRecord,
+    InstanceWriter,
+    complete_due_series,
+    mark_association_released,
+)
 from storage.retention import delete_series
 
 
@@ -180,3 +188,76 @@ def test_a_series_received_again_after_its_deletion_by_another_process(
         ("1.2.9", 1): (1, 1, "receiving"),
         ("1.2.3", 1): (2, 2, "receiving"),
     }
+
+
+def test_random_stores_completions_and_deletions_keep_the_counts(tmp_path: Path) -> None:
+    """Model-based: two or three receiver processes' writers store random batches (an image
+    may be sent again, to another series, or of another study), series complete, senders
+    release, an operator deletes series. After each step every version's count equals its
+    rows, each series has one receiving version at most, and no image is indexed twice.
+    Seeds 250-349; the key-reuse defect above failed 3 of them."""
+    failures: list[str] = []
+    for seed in range(250, 350):
+        rnd = random.Random(seed)
+        index = Index(f"sqlite:///{tmp_path / f'index-{seed}.sqlite'}")
+        store = FileStore(tmp_path / f"store-{seed}")
+        writers = [InstanceWriter(index) for _ in range(rnd.randint(1, 3))]
+        try:
+            for _ in range(rnd.randint(5, 40)):
+                _random_step(rnd, index, store, writers)
+                problem = _inconsistency(index)
+                if problem:
+                    failures.append(f"seed {seed}: {problem}")
+                    break
+        except StorageError as exc:
+            failures.append(f"seed {seed}: {exc}")
+        index.engine.dispose()
+    assert failures == []
+
+
+def _random_step(
+    rnd: random.Random, index: Index, store: FileStore, writers: list[InstanceWriter]
+) -> None:
+    step = rnd.random()
+    if step < 0.65:
+        batch = []
+        for _ in range(rnd.randint(1, 4)):
+            series, sop = rnd.choice(["1.2.3", "1.2.4", "1.2.5"]), f"9.{rnd.randrange(12)}"
+            batch.append(
+                replace(
+                    _rec(series, sop, path=f"p{rnd.randrange(3)}/{sop}"),
+                    study_instance_uid=rnd.choice(["1.2", "1.2", "1.3"]),
+                    association_id=f"a{rnd.randrange(3)}",
+                    expected_count=rnd.choice([None, None, 3, 5]),
+                )
+            )
+        rnd.choice(writers).record(batch)
+    elif step < 0.8:
+        complete_due_series(index, 0.0, on_release=False)
+    elif step < 0.9:
+        mark_association_released(index, f"a{rnd.randrange(3)}")
+        complete_due_series(index, 3600.0, on_release=True)
+    else:
+        series = rnd.choice(["1.2.3", "1.2.4", "1.2.5"])
+        complete_due_series(index, 0.0, on_release=False)
+        with contextlib.suppress(DicomNodeError):  # not in the index
+            delete_series(index, store, series)
+
+
+def _inconsistency(index: Index) -> str:
+    counts = _counts(index)
+    wrong = {key: value for key, value in counts.items() if value[0] != value[1]}
+    receiving = Counter(series for (series, _), value in counts.items() if value[2] == "receiving")
+    with index.engine.connect() as conn:
+        twice = conn.execute(
+            text("SELECT sop_instance_uid FROM instances GROUP BY 1 HAVING COUNT(*) > 1")
+        ).all()
+        lost = conn.execute(
+            text(
+                "SELECT COUNT(*) FROM instances i WHERE NOT EXISTS (SELECT 1 FROM series_versions"
+                " v WHERE v.series_pk = i.series_pk AND v.version = i.version)"
+            )
+        ).scalar()
+    if wrong or any(n > 1 for n in receiving.values()) or twice or lost:
+        return f"counts {wrong}, receiving {receiving}, twice {twice}, without a version {lost}"
+    return ""
