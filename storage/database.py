@@ -8,7 +8,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -72,6 +72,28 @@ def create_index_engine(url: str, *, fsync: bool = True) -> Engine:
     return engine
 
 
+_T = TypeVar("_T")
+
+
+def rolled_back_for_a_conflict(exc: BaseException) -> bool:
+    """Whether the server rolled the transaction back for a conflict with another one
+    (SQLSTATE class 40: a deadlock, a serialization failure): running it again resolves it."""
+    orig = getattr(exc, "orig", None)
+    return str(getattr(orig, "sqlstate", None) or "").startswith("40")
+
+
+def retried_on_conflict(call: Callable[[], _T], tries: int = 3) -> _T:
+    """``call()``, run again when the server rolled its transaction back for a conflict
+    (a deadlock with a store on PostgreSQL)."""
+    for _ in range(tries - 1):
+        try:
+            return call()
+        except OperationalError as exc:
+            if not rolled_back_for_a_conflict(exc):
+                raise
+    return call()
+
+
 def unavailable_reason(exc: BaseException) -> str | None:
     """Why the index cannot be reached, when ``exc`` (or an exception it was raised from)
     says so: a refused or lost connection, a server shutting down, a database file that
@@ -83,7 +105,7 @@ def unavailable_reason(exc: BaseException) -> str | None:
         if isinstance(seen, DBAPIError) and (
             seen.connection_invalidated or isinstance(seen, OperationalError | InterfaceError)
         ):
-            if str(getattr(seen.orig, "sqlstate", None) or "").startswith("40"):
+            if rolled_back_for_a_conflict(seen):
                 return None
             lines = str(seen.orig or seen).strip().splitlines()
             return lines[0] if lines else type(seen.orig or seen).__name__

@@ -16,7 +16,7 @@ from sqlalchemy import Connection, Table, bindparam, func, insert, select, updat
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from dicom_node.errors import StorageError
-from storage.database import Index
+from storage.database import Index, retried_on_conflict, rolled_back_for_a_conflict
 from storage.models import (
     Base,
     Instance,
@@ -255,6 +255,11 @@ class InstanceWriter:
                 last_exc = exc
                 continue
             except OperationalError as exc:
+                if rolled_back_for_a_conflict(exc):
+                    # A deadlock with another receiver or the completion check (PostgreSQL):
+                    # the server chose this transaction to roll back; the next try passes.
+                    last_exc = exc
+                    continue
                 raise StorageError(f"index unavailable: {exc.orig}") from exc
             # Only committed rows are remembered: a rolled-back primary key can be reused.
             self._known.update(staged)
@@ -497,15 +502,18 @@ def _instance_fields(rec: InstanceRecord, cur: _Current, now: dt.datetime) -> di
 
 
 def mark_association_released(index: Index, association_id: str) -> None:
-    with index.session() as session, session.begin():
-        session.execute(
-            update(SeriesVersion)
-            .where(
-                SeriesVersion.last_association_id == association_id,
-                SeriesVersion.state == SeriesState.RECEIVING,
+    def mark() -> None:
+        with index.session() as session, session.begin():
+            session.execute(
+                update(SeriesVersion)
+                .where(
+                    SeriesVersion.last_association_id == association_id,
+                    SeriesVersion.state == SeriesState.RECEIVING,
+                )
+                .values(association_released=True)
             )
-            .values(association_released=True)
-        )
+
+    retried_on_conflict(mark)
 
 
 @dataclass(frozen=True)
@@ -532,6 +540,12 @@ def complete_due_series(
     index: Index, quiet_period_s: float, *, on_release: bool
 ) -> list[CompletedSeries]:
     """Mark receiving versions complete when quiet long enough, or released with the count met."""
+    return retried_on_conflict(lambda: _complete_due_series(index, quiet_period_s, on_release))
+
+
+def _complete_due_series(
+    index: Index, quiet_period_s: float, on_release: bool
+) -> list[CompletedSeries]:
     now = utcnow()
     cutoff = now - dt.timedelta(seconds=quiet_period_s)
     done: list[CompletedSeries] = []

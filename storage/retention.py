@@ -8,10 +8,10 @@ import re
 from dataclasses import dataclass
 
 from sqlalchemy import case, delete, func, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from dicom_node.errors import DicomNodeError
-from storage.database import Index
+from storage.database import Index, rolled_back_for_a_conflict
 from storage.filestore import FileStore
 from storage.models import (
     Delivery,
@@ -113,7 +113,16 @@ def delete_series(index: Index, store: FileStore, series_instance_uid: str) -> P
         )
     if series_pk is None:
         raise DicomNodeError(f"series {series_instance_uid} is not in the index")
-    removed = _remove_series(index, store, series_pk, None, dry_run=False, verb="deleted")
+    try:
+        removed = _remove_series(index, store, series_pk, None, dry_run=False, verb="deleted")
+    except (IntegrityError, OperationalError) as exc:
+        if isinstance(exc, OperationalError) and not rolled_back_for_a_conflict(exc):
+            raise
+        # Its rows and files are all kept (the transaction was rolled back).
+        removed = (
+            "images of it arrived while it was being deleted, and it was kept: delete it "
+            "once its new version completes"
+        )
     if isinstance(removed, str):
         raise DicomNodeError(f"series {series_instance_uid} not deleted: {removed}")
     uid, count, size = removed

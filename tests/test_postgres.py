@@ -25,10 +25,18 @@ from pynetdicom import _config as pynetdicom_config
 from random_headers import check_random_headers_are_stored
 from sqlalchemy import text
 
+from dicom_node.errors import DicomNodeError
 from dicom_node.instance_attributes import instance_record
 from storage.database import Index
-from storage.instances import InstanceRecord, complete_due_series, record_instance
+from storage.filestore import FileStore
+from storage.instances import (
+    InstanceRecord,
+    InstanceWriter,
+    complete_due_series,
+    record_instance,
+)
 from storage.queue import JobSpec, claim_job, create_job
+from storage.retention import delete_series
 
 pytestmark = pytest.mark.peers
 
@@ -201,6 +209,90 @@ def test_migrations_and_concurrent_receivers(fresh_db: str) -> None:
     assert not errors, errors
     (done,) = complete_due_series(index, 0.0, on_release=False)
     assert done.instance_count == 40
+
+
+def test_a_store_chosen_as_a_deadlock_victim_is_recorded_on_its_next_try(fresh_db: str) -> None:
+    """PostgreSQL rolls one transaction of a deadlock back, as designed, to be run again.
+    The receiver answered that one with 0xA700 'index unavailable: deadlock detected'. Here
+    another transaction holds the second of the two series' versions a store locks (in
+    series order), then waits for the first: the store, waiting longer, is the one rolled
+    back, and its next try records it."""
+    index = Index(fresh_db)
+    writer = InstanceWriter(index)
+    writer.record([_mr_record("1.2.3", 0), _mr_record("1.2.4", 0)])
+    with index.engine.connect() as conn:
+        versions = dict(
+            conn.execute(
+                text(
+                    "SELECT s.series_instance_uid, v.id FROM series_versions v "
+                    "JOIN series s ON s.id = v.series_pk"
+                )
+            ).all()
+        )
+    outcome: list[object] = []
+    other = index.engine.connect()
+    touch = text("UPDATE series_versions SET last_received_at = now() WHERE id = :id")
+    try:
+        other.execute(touch, {"id": versions["1.2.4"]})
+        store = threading.Thread(
+            target=lambda: outcome.append(
+                _try(lambda: writer.record([_mr_record("1.2.3", 1), _mr_record("1.2.4", 1)]))
+            )
+        )
+        store.start()
+        time.sleep(0.5)  # the store holds 1.2.3's version and waits for 1.2.4's
+        other.execute(touch, {"id": versions["1.2.3"]})  # deadlock: one of the two is undone
+        other.commit()
+    finally:
+        other.close()
+    store.join(timeout=30)
+    (result,) = outcome
+    assert not isinstance(result, BaseException), result
+    with index.engine.connect() as conn:
+        counts = conn.execute(
+            text("SELECT instance_count FROM series_versions ORDER BY id")
+        ).scalars()
+        assert list(counts) == [2, 2]
+
+
+def test_a_series_deleted_while_an_image_of_it_arrives_is_kept(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    """`series delete` checked that no version was receiving, then an image opened a new
+    one before the delete committed: the operator got a traceback (ForeignKeyViolation).
+    Now the series is kept, with the image, and the refusal says why."""
+    index = Index(fresh_db)
+    writer = InstanceWriter(index)
+    writer.record([_mr_record("1.2.3", 0)])
+    complete_due_series(index, 0.0, on_release=False)
+    arrived, deleting = threading.Event(), threading.Event()
+
+    def hold_the_commit() -> None:
+        arrived.set()
+        deleting.wait(timeout=10)
+        time.sleep(0.5)  # the delete is under way, waiting for this transaction
+
+    store = threading.Thread(
+        target=lambda: writer.record([_mr_record("1.2.3", 1)], before_commit=hold_the_commit)
+    )
+    store.start()
+    arrived.wait(timeout=10)
+    deleting.set()
+    with pytest.raises(DicomNodeError, match="images of it arrived while it was being deleted"):
+        delete_series(index, FileStore(tmp_path / "store"), "1.2.3")
+    store.join(timeout=30)
+    with index.engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT version, state, instance_count FROM series_versions ORDER BY version")
+        ).all()
+    assert [tuple(row) for row in rows] == [(1, "complete", 1), (2, "receiving", 1)]
+
+
+def _try(call: Callable[[], object]) -> object:
+    try:
+        return call()
+    except BaseException as exc:  # surfaced by the caller
+        return exc
 
 
 LONG_VALUES = {
