@@ -255,6 +255,36 @@ def test_a_store_chosen_as_a_deadlock_victim_is_recorded_on_its_next_try(fresh_d
         assert list(counts) == [2, 2]
 
 
+def test_a_completion_check_chosen_as_a_deadlock_victim_completes_on_its_next_try(
+    fresh_db: str,
+) -> None:
+    """The same for the completion check, which updates the due versions in key order."""
+    index = Index(fresh_db)
+    InstanceWriter(index).record([_mr_record("1.2.3", 0), _mr_record("1.2.4", 0)])
+    with index.engine.connect() as conn:
+        first, second = conn.execute(text("SELECT id FROM series_versions ORDER BY id")).scalars()
+    outcome: list[object] = []
+    other = index.engine.connect()
+    touch = text("UPDATE series_versions SET last_association_id = 'x' WHERE id = :id")
+    try:
+        other.execute(touch, {"id": second})
+        check = threading.Thread(
+            target=lambda: outcome.append(
+                _try(lambda: complete_due_series(index, 0.0, on_release=False))
+            )
+        )
+        check.start()
+        time.sleep(0.5)  # the check holds the first version and waits for the second
+        other.execute(touch, {"id": first})  # deadlock: one of the two is undone
+        other.commit()
+    finally:
+        other.close()
+    check.join(timeout=30)
+    (result,) = outcome
+    assert isinstance(result, list), result
+    assert sorted(done.series_instance_uid for done in result) == ["1.2.3", "1.2.4"]
+
+
 def test_a_series_deleted_while_an_image_of_it_arrives_is_kept(
     fresh_db: str, tmp_path: Path
 ) -> None:
