@@ -196,3 +196,19 @@ def stored_series(charset: Charset, values: dict[str, bytes | str]) -> list[Data
         ds.save_as(buffer, enforce_file_format=True)
         sources.append(pydicom.dcmread(io.BytesIO(buffer.getvalue())))
     return sources
+
+
+def seg_file_of(sources: list[Dataset]) -> bytes:
+    """The SEG file a job writes for ``sources`` (the demo model, the small label map)."""
+    from dicom_node.seg_encode import encode_seg
+    from dicom_node.seg_write import seg_to_bytes
+
+    seg = encode_seg(
+        small_label_map(),
+        sources,
+        CATALOGUE,
+        model_name="demo",
+        model_version="1.0",
+        weights_sha256=WEIGHTS_SHA256,
+    )
+    return seg_to_bytes(seg)

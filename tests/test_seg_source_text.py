@@ -15,11 +15,8 @@ import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.datadict import tag_for_keyword
-from seg_fixtures import CATALOGUE, WEIGHTS_SHA256, Charset, small_label_map, stored_series
+from seg_fixtures import Charset, seg_file_of, stored_series
 from validators import dciodvfy
-
-from dicom_node.seg_encode import encode_seg
-from dicom_node.seg_write import seg_to_bytes
 
 
 def _stored_bytes(ds: Dataset, keyword: str) -> bytes:
@@ -32,22 +29,9 @@ def _stored_bytes(ds: Dataset, keyword: str) -> bytes:
     return value
 
 
-def _seg_bytes(sources: list[Dataset]) -> bytes:
-    """The SEG file a job writes for ``sources``."""
-    seg = encode_seg(
-        small_label_map(),
-        sources,
-        CATALOGUE,
-        model_name="demo",
-        model_version="1.0",
-        weights_sha256=WEIGHTS_SHA256,
-    )
-    return seg_to_bytes(seg)
-
-
 def _seg_of(sources: list[Dataset]) -> Dataset:
     """That SEG, read back: its values stay raw until decoded."""
-    return pydicom.dcmread(io.BytesIO(_seg_bytes(sources)))
+    return pydicom.dcmread(io.BytesIO(seg_file_of(sources)))
 
 
 KOREAN = (
@@ -106,7 +90,7 @@ def test_dciodvfy_finds_no_error_in_the_seg_of_an_iso_2022_source(
 ) -> None:
     charset, values, _ = CASES[case]
     path = tmp_path / "seg.dcm"
-    path.write_bytes(_seg_bytes(stored_series(charset, values)))
+    path.write_bytes(seg_file_of(stored_series(charset, values)))
     dciodvfy(path)
     assert _stored_bytes(pydicom.dcmread(path), "PatientName") == values["PatientName"]
 

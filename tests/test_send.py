@@ -14,12 +14,11 @@ import pytest
 from peers import STORESCP, dcmtk_env, free_port, make_tls_files, port_open, wait_until
 from pydicom import Dataset, dcmread
 from pynetdicom import AE, evt
-from seg_fixtures import CATALOGUE, mr_series, small_label_map, stored_series
+from seg_fixtures import CATALOGUE, mr_series, seg_file_of, small_label_map, stored_series
 
 from dicom_node.config import NodeSettings, PeerSettings, Settings, TLSSettings
 from dicom_node.errors import DeliveryError
 from dicom_node.seg_encode import encode_seg
-from dicom_node.seg_write import seg_to_bytes
 from dicom_node.send import SEGMENTATION_STORAGE, echo_peer, store_seg
 
 LABEL_MAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
@@ -147,17 +146,8 @@ def test_an_implicit_only_pacs_gets_the_source_text_as_stored(
 ) -> None:
     """Sent in another transfer syntax, the SEG is encoded again; its patient text must still
     be the source's bytes, as the PACS files it by them."""
-    sources = stored_series(charset, {keyword: stored})
-    seg = encode_seg(
-        small_label_map(),
-        sources,
-        CATALOGUE,
-        model_name="demo",
-        model_version="1.0",
-        weights_sha256=SHA,
-    )
     path = tmp_path / "seg.dcm"
-    path.write_bytes(seg_to_bytes(seg))
+    path.write_bytes(seg_file_of(stored_series(charset, {keyword: stored})))
     pacs = pacs_factory([SEGMENTATION_STORAGE], (IMPLICIT_VR_LE,))
     assert store_seg(Settings(), pacs.peer(), path) == ""
     (got,) = pacs.received
