@@ -129,6 +129,11 @@ def _walk(root: Path) -> Iterator[tuple[str, float]]:
                 mtime = os.stat(os.path.join(folder, name)).st_mtime
             except FileNotFoundError:  # removed by the node meanwhile
                 continue
+            except OSError as exc:  # a link that loops, a file this user may not read
+                logger.warning(
+                    "store check: left out %s: %s", (base / name).as_posix(), exc.strerror
+                )
+                continue
             yield (base / name).as_posix(), mtime
 
 

@@ -238,3 +238,20 @@ def check_repair_and_forget(index: Index, store: FileStore, tmp_path: Path) -> N
     assert check_store(index, store, grace_s=0).consistent
     with index.session() as session:
         assert session.scalars(select(SeriesVersion.instance_count)).all() == [449]
+
+
+def test_a_link_that_loops_in_the_store_is_left_out_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`store check` ended in an OSError traceback (too many levels of symbolic links)."""
+    index = Index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    store = FileStore(tmp_path / "store")
+    folder = store.root / "1.2" / "1.2.3"
+    folder.mkdir(parents=True)
+    (folder / "loop.dcm").symlink_to("loop.dcm")
+    (folder / "stray.dcm").write_bytes(b"DICM")
+    report = check_store(index, store, grace_s=0)
+    assert report.unreferenced_images == ["1.2/1.2.3/stray.dcm"]
+    assert "store check: left out 1.2/1.2.3/loop.dcm: Too many levels of symbolic links" in (
+        caplog.text
+    )
