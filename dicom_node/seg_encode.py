@@ -308,43 +308,25 @@ def _source_geometry(source_images: Sequence[Dataset] | Dataset) -> tuple[list[D
     return sources, len(sources)
 
 
-# Type 2 (present, maybe empty) in the source's Patient and General Study modules; highdicom
-# copies them into the SEG and fails where a source leaves one out, as some do.
-_TYPE2_COPIED = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "StudyID",
-)
-
-
 def _for_highdicom(sources: list[Dataset]) -> tuple[list[Dataset], SourceText]:
-    """``sources``, the first replaced by a copy where highdicom would refuse what the
-    standard allows, and the source text ``restore_source_text`` puts back into the SEG.
+    """``sources``, the first replaced by a copy highdicom accepts what the standard allows
+    in, and the source text ``restore_source_text`` puts back into the SEG.
 
     highdicom takes the SEG's patient, study, character set and geometry from the first
-    source. The copy holds absent Type 2 attributes empty, the character set and text values
+    source. The copy holds the patient and study values and the character set
     ``source_text`` gives, a multi-frame image's pixel measures and orientation shared
     where its frames hold them each, and a missing slice thickness. Its UIDs and frames are
     the source's, so the SEG references the source as it is; the source itself is left as
     it was.
     """
     first = sources[0]
-    changes: dict[str, object] = {k: None for k in _TYPE2_COPIED if k not in first}
-    text_changes, text = source_text(first)
-    changes.update(text_changes)
+    changes, text = source_text(first)
     if int(first.get("NumberOfFrames", 1) or 1) > 1:
         shared = _shared_geometry(first)
         if shared is not None:
             changes["SharedFunctionalGroupsSequence"] = [shared]
     elif first.get("SliceThickness") in (None, ""):
         changes["SliceThickness"] = _slice_distance(sources)
-    if not changes:
-        return sources, text
     copied = copy.copy(first)
     # Its own element table, and new elements in it: pydicom assigns to an element in
     # place, which would change the source's value too.

@@ -29,7 +29,8 @@ __all__ = ["SourceText", "keep_text_as_stored", "restore_source_text", "source_t
 _TEXT_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 _DEFAULT_REPERTOIRE_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"})
 # What highdicom reads from the first source as arguments (and checks), where it copies the
-# other attributes of these modules as elements.
+# other attributes of these modules as elements. It fails where a source leaves one of the
+# Type 2 ones out, as some do: the copy it is handed holds each of them empty.
 _ARGUMENTS = (
     "PatientID",
     "PatientName",
@@ -55,17 +56,19 @@ class SourceText:
     charset: str | list[str] | None = None
     # The first source's elements to put back, by tag: text elements as their bytes.
     elements: dict[BaseTag, DataElement | RawDataElement] = field(default_factory=dict)
-    # Those highdicom was handed empty: the SEG gets each of them from the source.
+    # The arguments the source has: the SEG gets each of them from the source.
     arguments: set[BaseTag] = field(default_factory=set)
 
 
 def source_text(first: Dataset) -> tuple[dict[str, object], SourceText]:
     """The changes the copy of ``first`` handed to highdicom needs, and what to restore.
 
-    The SEG's character set is the source's, except that an ISO 2022 set whose first value
-    is empty (the default repertoire) or multi-byte (a JIS set alone, as some devices write
-    it) gets ``ISO 2022 IR 6`` first: the same meaning, in a form pydicom can code the
-    SEG's own text in ("Doe^^John" in the JIS set alone: IndexError).
+    Every attribute highdicom reads as an argument is empty in the copy, and put back from
+    the source where the source has it. The SEG's character set is the source's, except
+    that an ISO 2022 set whose first value is empty (the default repertoire) or multi-byte
+    (a JIS set alone, as some devices write it) gets ``ISO 2022 IR 6`` first: the same
+    meaning, in a form pydicom can code the SEG's own text in ("Doe^^John" in the JIS set
+    alone: IndexError).
     """
     text = SourceText()
     charset = first.get("SpecificCharacterSet")
@@ -95,9 +98,9 @@ def source_text(first: Dataset) -> tuple[dict[str, object], SourceText]:
             with contextlib.suppress(Exception):  # undecodable text: put back as bytes
                 first[elem.tag]
     for keyword in _ARGUMENTS:
+        changes[keyword] = None
         tag = Tag(keyword)
         if tag in first:
-            changes[keyword] = None
             text.arguments.add(tag)
             text.elements.setdefault(tag, first.get_item(tag))
     return changes, text
