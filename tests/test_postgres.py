@@ -349,17 +349,12 @@ def test_header_values_longer_than_their_columns_are_indexed(fresh_db: str) -> N
     index = Index(fresh_db)
     record = _mr_record("1.2.3", 1, **LONG_VALUES)
     record_instance(index, record)
-    with index.engine.connect() as conn:
-        row = conn.execute(
-            text(
-                "SELECT p.patient_name, p.patient_id, p.birth_date, st.study_date, "
-                "st.accession_number, st.study_description, se.series_description, "
-                "se.protocol_name, se.body_part_examined, se.image_type, "
-                "se.frame_of_reference_uid, i.image_orientation "
-                "FROM instances i JOIN series se ON i.series_pk = se.id "
-                "JOIN studies st ON se.study_pk = st.id JOIN patients p ON st.patient_pk = p.id"
-            )
-        ).one()
+    row = _indexed(
+        index,
+        "p.patient_name, p.patient_id, p.birth_date, st.study_date, st.accession_number, "
+        "st.study_description, se.series_description, se.protocol_name, "
+        "se.body_part_examined, se.image_type, se.frame_of_reference_uid, i.image_orientation",
+    )
     for value, (name, sent) in zip(row, LONG_VALUES.items(), strict=True):
         assert value and sent.startswith(value), name
     assert row[2] == "1970-01-"  # the column holds 8 characters
@@ -379,15 +374,22 @@ def test_nul_characters_inside_header_values_are_left_out_of_the_index(fresh_db:
         image_type="ORIGINAL\\PRIMARY\x00\\M",
     )
     record_instance(index, record)
+    row = _indexed(
+        index, "p.patient_name, st.study_description, se.series_description, se.image_type"
+    )
+    assert tuple(row) == ("Doe^Janegarbage", "Abdomen", "VIBEdixon", "ORIGINAL\\PRIMARY\\M")
+
+
+def _indexed(index: Index, columns: str) -> Any:
+    """``columns`` of the one instance indexed, with its series (se), study (st) and
+    patient (p) rows."""
     with index.engine.connect() as conn:
-        row = conn.execute(
+        return conn.execute(
             text(
-                "SELECT p.patient_name, st.study_description, se.series_description, "
-                "se.image_type FROM instances i JOIN series se ON i.series_pk = se.id "
+                f"SELECT {columns} FROM instances i JOIN series se ON i.series_pk = se.id "
                 "JOIN studies st ON se.study_pk = st.id JOIN patients p ON st.patient_pk = p.id"
             )
         ).one()
-    assert tuple(row) == ("Doe^Janegarbage", "Abdomen", "VIBEdixon", "ORIGINAL\\PRIMARY\\M")
 
 
 @pytest.mark.filterwarnings("ignore:The value length:UserWarning")  # "-999999999999", as meant
