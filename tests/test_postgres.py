@@ -229,24 +229,12 @@ def test_a_store_chosen_as_a_deadlock_victim_is_recorded_on_its_next_try(fresh_d
                 )
             ).all()
         )
-    outcome: list[object] = []
-    other = index.engine.connect()
-    touch = text("UPDATE series_versions SET last_received_at = now() WHERE id = :id")
-    try:
-        other.execute(touch, {"id": versions["1.2.4"]})
-        store = threading.Thread(
-            target=lambda: outcome.append(
-                _try(lambda: writer.record([_mr_record("1.2.3", 1), _mr_record("1.2.4", 1)]))
-            )
-        )
-        store.start()
-        time.sleep(0.5)  # the store holds 1.2.3's version and waits for 1.2.4's
-        other.execute(touch, {"id": versions["1.2.3"]})  # deadlock: one of the two is undone
-        other.commit()
-    finally:
-        other.close()
-    store.join(timeout=30)
-    (result,) = outcome
+    result = _deadlock_victim(
+        index,
+        lambda: writer.record([_mr_record("1.2.3", 1), _mr_record("1.2.4", 1)]),
+        versions["1.2.3"],
+        versions["1.2.4"],
+    )
     assert not isinstance(result, BaseException), result
     with index.engine.connect() as conn:
         counts = conn.execute(
@@ -263,24 +251,9 @@ def test_a_completion_check_chosen_as_a_deadlock_victim_completes_on_its_next_tr
     InstanceWriter(index).record([_mr_record("1.2.3", 0), _mr_record("1.2.4", 0)])
     with index.engine.connect() as conn:
         first, second = conn.execute(text("SELECT id FROM series_versions ORDER BY id")).scalars()
-    outcome: list[object] = []
-    other = index.engine.connect()
-    touch = text("UPDATE series_versions SET last_association_id = 'x' WHERE id = :id")
-    try:
-        other.execute(touch, {"id": second})
-        check = threading.Thread(
-            target=lambda: outcome.append(
-                _try(lambda: complete_due_series(index, 0.0, on_release=False))
-            )
-        )
-        check.start()
-        time.sleep(0.5)  # the check holds the first version and waits for the second
-        other.execute(touch, {"id": first})  # deadlock: one of the two is undone
-        other.commit()
-    finally:
-        other.close()
-    check.join(timeout=30)
-    (result,) = outcome
+    result = _deadlock_victim(
+        index, lambda: complete_due_series(index, 0.0, on_release=False), first, second
+    )
     assert isinstance(result, list), result
     assert sorted(done.series_instance_uid for done in result) == ["1.2.3", "1.2.4"]
 
@@ -318,11 +291,32 @@ def test_a_series_deleted_while_an_image_of_it_arrives_is_kept(
     assert [tuple(row) for row in rows] == [(1, "complete", 1), (2, "receiving", 1)]
 
 
-def _try(call: Callable[[], object]) -> object:
+def _deadlock_victim(index: Index, call: Callable[[], object], first: int, second: int) -> object:
+    """What ``call`` returns, or raises, when it locks version row ``first`` and then
+    ``second`` while another transaction holds ``second`` and then asks for ``first``.
+    PostgreSQL rolls one of the two back; ``call``, waiting longer, is the one."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # returned to the test
+            outcome.append(exc)
+
+    other = index.engine.connect()
+    touch = text("UPDATE series_versions SET last_association_id = 'x' WHERE id = :id")
     try:
-        return call()
-    except BaseException as exc:  # surfaced by the caller
-        return exc
+        other.execute(touch, {"id": second})
+        thread = threading.Thread(target=run)
+        thread.start()
+        time.sleep(0.5)  # ``call`` holds ``first`` and waits for ``second``
+        other.execute(touch, {"id": first})  # the deadlock
+        other.commit()
+    finally:
+        other.close()
+    thread.join(timeout=30)
+    (result,) = outcome
+    return result
 
 
 LONG_VALUES = {
