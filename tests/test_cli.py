@@ -22,16 +22,7 @@ def test_series_list_shows_a_description_with_brackets(tmp_path: Path) -> None:
     with inprocess_node(data_dir) as node, mr_store_association(node.port) as assoc:
         status = assoc.send_c_store(image)
         assert status.Status == 0x0000
-    config = tmp_path / "config.yaml"
-    config.write_text(f"storage:\n  data_dir: {data_dir}\n")
-    listed = subprocess.run(
-        [str(DICOM_NODE), "-c", str(config), "series", "list"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
-    )
+    listed = _dicom_node(data_dir, "series", "list")
     assert listed.returncode == 0, listed.stderr
     assert DESCRIPTION in listed.stdout, listed.stdout
 
@@ -47,18 +38,9 @@ def test_an_unknown_state_is_refused_with_the_choices(
     tmp_path: Path, noun: str, choices: str
 ) -> None:
     """It ended in a ValueError traceback, exit code 1."""
-    config = tmp_path / "config.yaml"
-    config.write_text(f"storage:\n  data_dir: {tmp_path / 'data'}\n")
 
     def listed(state: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(DICOM_NODE), "-c", str(config), noun, "list", "--state", state, "--json"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-            env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"},
-        )
+        return _dicom_node(tmp_path / "data", noun, "list", "--state", state, "--json")
 
     refused = listed("bogus")
     assert refused.returncode == 2, refused.stderr
@@ -67,3 +49,18 @@ def test_an_unknown_state_is_refused_with_the_choices(
     accepted = listed("cancelled")
     assert accepted.returncode == 0, accepted.stderr
     assert accepted.stdout.strip() == "[]"
+
+
+def _dicom_node(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``dicom-node ARGS`` as an administrator runs it, on a node whose data is in
+    ``data_dir``, in a wide terminal."""
+    config = data_dir.parent / "config.yaml"
+    config.write_text(f"storage:\n  data_dir: {data_dir}\n")
+    return subprocess.run(
+        [str(DICOM_NODE), "-c", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"},
+    )
