@@ -18,6 +18,7 @@ from typing import Any
 from pynetdicom.association import Association
 
 from dicom_node.config import Settings
+from dicom_node.scu_responses import keep_responses_for_sender
 from dicom_node.send import (
     VERIFICATION,
     client_tls,
@@ -77,7 +78,7 @@ def _check_port(
     kwargs: dict[str, Any] = {"ae_title": settings.node.ae_title}
     if tls is not None:
         kwargs["tls_args"] = (tls, None)  # no server name: the node's own port
-    assoc = ae.associate(host, port, **kwargs)
+    assoc = keep_responses_for_sender(ae.associate(host, port, **kwargs))
     if assoc.is_rejected:
         # Alive: e.g. at node.max_associations, which the next check may find free again.
         rejection = assoc.acceptor.primitive

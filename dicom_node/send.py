@@ -16,6 +16,7 @@ from pynetdicom.association import Association
 
 from dicom_node.config import DicomWebDestination, PeerSettings, Settings
 from dicom_node.errors import DeliveryError
+from dicom_node.scu_responses import keep_responses_for_sender
 from dicom_node.seg_source_text import keep_text_as_stored
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def associate(ae: AE, settings: Settings, peer: PeerSettings) -> Association:
     kwargs: dict[str, Any] = {"ae_title": peer.ae_title}
     if peer.tls:
         kwargs["tls_args"] = (client_tls(settings), None)
-    assoc = ae.associate(peer.host, peer.port, **kwargs)
+    assoc = keep_responses_for_sender(ae.associate(peer.host, peer.port, **kwargs))
     if assoc.is_established:
         set_nodelay(assoc)
     return assoc

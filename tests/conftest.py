@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,31 @@ from typing import Any
 import pytest
 from inprocess import InProcessNode, inprocess_node
 from peers import SHARED_DATA, NodeProcess, Orthanc, PeerUnavailable
+from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom.association import Association
+
+from dicom_node.scu_responses import keep_responses_for_sender
 
 NodeFactory = Callable[..., NodeProcess]
 OrthancFactory = Callable[..., Orthanc]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def scu_responses_kept() -> Iterator[None]:
+    """The tests' own pynetdicom SCUs, which stand in for scanners, guarded against
+    pynetdicom's response race as the node's are (``dicom_node.scu_responses``): on a
+    loaded machine a test's C-STORE otherwise now and then gets no status. pynetdicom's
+    own ``associate`` stays reachable as ``AE.associate.__wrapped__``."""
+    unguarded = AE.associate
+
+    @functools.wraps(unguarded)
+    def associate(self: AE, *args: Any, **kwargs: Any) -> Association:
+        return keep_responses_for_sender(unguarded(self, *args, **kwargs))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AE, "associate", associate)
+        yield
 
 
 @pytest.fixture

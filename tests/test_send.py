@@ -8,6 +8,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from seg_fixtures import CATALOGUE, mr_series, seg_file_of, small_label_map, sto
 
 from dicom_node.config import NodeSettings, PeerSettings, Settings, TLSSettings
 from dicom_node.errors import DeliveryError
+from dicom_node.health import check_ports
 from dicom_node.seg_encode import encode_seg
 from dicom_node.send import SEGMENTATION_STORAGE, echo_peer, store_seg
 
@@ -297,3 +299,81 @@ def test_a_tls_peer_whose_certificate_the_node_does_not_trust(
     ):
         store_seg(settings, _tls_peer(port), segs[1])
     assert list((tmp_path / "received").iterdir()) == []
+
+
+# -- pynetdicom's SCU race: the reactor takes the response a send_* call waits for ---------------
+
+
+class _RacedCheckpoint(threading.Event):
+    """An association's reactor checkpoint that loses pynetdicom's race once.
+
+    The first time a ``send_*`` call clears it, the reactor goes on as if it had passed just
+    before (the call already sees its flag set) and is held there until the response is on
+    the queue, as when the scheduler parks that thread; ``taken`` is set once the reactor
+    has then read the queue. Later clears pause it as pynetdicom intends."""
+
+    def __init__(self, assoc: Any) -> None:
+        super().__init__()
+        self.set()
+        self.queue = assoc.dimse.msg_queue
+        self.raced = False
+        self.taken = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self.is_set() or self.raced:
+            return super().wait(timeout)
+        self.raced = True
+        wait_until(lambda: self.queue.qsize(), timeout_s=10, interval_s=0.001, what="a response")
+        return True
+
+
+@pytest.fixture
+def raced(monkeypatch: pytest.MonkeyPatch) -> list[_RacedCheckpoint]:
+    """Every association requested from here on loses the race on its first ``send_*``;
+    the list holds their checkpoints. pynetdicom's own ``associate``: not the tests' guard."""
+    associate = getattr(AE.associate, "__wrapped__", AE.associate)
+    checkpoints: list[_RacedCheckpoint] = []
+
+    def racing_associate(self: AE, *args: Any, **kwargs: Any) -> Any:
+        assoc = associate(self, *args, **kwargs)
+        if assoc.is_established:
+            checkpoint = _RacedCheckpoint(assoc)
+            assoc._reactor_checkpoint = checkpoint
+            get_msg = assoc.dimse.get_msg
+
+            def reactor_first(block: bool = False) -> Any:
+                if block:  # the send_* call: parked until the reactor has had its go
+                    checkpoint.taken.wait(10)
+                item = get_msg(block=block)
+                if not block and checkpoint.raced:
+                    checkpoint.taken.set()
+                return item
+
+            assoc.dimse.get_msg = reactor_first
+            checkpoints.append(checkpoint)
+        return assoc
+
+    monkeypatch.setattr(AE, "associate", racing_associate)
+    return checkpoints
+
+
+def test_a_response_the_reactor_takes_still_reaches_the_node_s_scu(
+    tmp_path: Path, segs: tuple[Path, Path], raced: list[_RacedCheckpoint]
+) -> None:
+    """CI once saw a C-STORE get no status: the association's reactor thread took the
+    response and dropped it ("Received unexpected C-STORE service message"). The node's
+    deliveries, echoes and health checks must get it all the same, and at once, not at the
+    DIMSE timeout."""
+    settings = Settings(node=NodeSettings(network_timeout_s=5))
+    with _storescp(tmp_path / "received") as port:
+        peer = PeerSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+        echo = echo_peer(settings, peer)
+        assert echo["ok"], echo
+        assert echo["seconds"] < 4, echo
+        assert store_seg(settings, peer, segs[1]) == ""
+        own = Settings(node=NodeSettings(port=port, network_timeout_s=5))
+        (check,) = check_ports(own, timeout_s=5).values()  # status --check's C-ECHO
+        assert check.answered and "0x0000" in check.detail, check
+    assert [checkpoint.raced and checkpoint.taken.is_set() for checkpoint in raced] == [True] * 3
+    (received,) = (tmp_path / "received").iterdir()
+    assert dcmread(received).SOPClassUID == SEGMENTATION_STORAGE
