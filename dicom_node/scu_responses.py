@@ -6,7 +6,8 @@ They clear a checkpoint, then wait for a flag the reactor sets just *before* it 
 that checkpoint and clears just after. A reactor that had passed the checkpoint when it was
 cleared still shows the flag set: the call sends its request, the reactor takes the
 response off the queue, logs "Received unexpected C-STORE service message" and drops it,
-and the call returns an empty status at the DIMSE timeout (pynetdicom 3.0.4, issue #875).
+and the call returns an empty status at the DIMSE timeout (pynetdicom 3.0.4; the symptom
+reported in pynetdicom issue #875).
 CI met it once, on a loaded machine, in a test's C-STORE; the node's own deliveries and
 health checks use the same calls.
 
