@@ -18,7 +18,8 @@ Sender: DCMTK ``storescu +sd +r -xe`` (TCP_NODELAY=1), files in Explicit VR Litt
    node without the option);
 Each line also gives the CPU per image of the receiver (its process tree, with the
 children storescp --fork reaped) and of the storescu senders, with their medians at the end:
-on a machine of few cores their sum bounds the images per second;
+on a machine of few cores their sum bounds the images per second: the end gives, from it,
+the four-association ratio the node would reach if it kept every core busy;
 3. the node's peak RSS (its whole process tree, sampled every 50 ms with psutil) while it
    receives ``--rss-images`` images on one association.
 
@@ -32,6 +33,7 @@ ratios and their median (single runs on this VM move by +-15%).
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shutil
 import statistics
@@ -202,6 +204,12 @@ def senders_cpu_s() -> float:
 
 # CPU milliseconds per image, by label: (receiver, senders).
 CPU: dict[str, list[tuple[float, float]]] = {}
+CORES = os.cpu_count() or 1
+
+
+def cpu_per_image(label: str) -> float:
+    """Median CPU per image of a receiver and its senders together (ms)."""
+    return sum(statistics.median(pair[i] for pair in CPU[label]) for i in (0, 1))
 
 
 def timed(
@@ -222,7 +230,11 @@ def timed(
         receiver = (tree_cpu_s(receiver_pid) - before[0]) * 1000 / images
         senders = (senders_cpu_s() - before[1]) * 1000 / images
         CPU.setdefault(label, []).append((receiver, senders))
-        line += f"   CPU/image: receiver {receiver:.2f} ms, senders {senders:.2f} ms"
+        busy = (receiver + senders) * images / seconds / 1000
+        line += (
+            f"   CPU/image: receiver {receiver:.2f} ms, senders {senders:.2f} ms"
+            f" ({busy:.1f} of {CORES} cores busy)"
+        )
     print(line)
 
 
@@ -403,6 +415,19 @@ def main() -> None:
         senders = statistics.median(s for _, s in pairs)
         print(f"  {label:<50} {receiver:5.2f} ms  senders {senders:5.2f} ms")
     print("  (no target: on a machine of few cores, receiver + senders CPU bounds images/s)")
+    fork = statistics.median(results[f"{p} assoc -> storescp --fork"])
+    for fsync in modes:
+        mode = _mode(fsync)
+        nodes = [f"{p} assoc -> node (receiver_processes {k}){mode}" for k in (p, 1)]
+        most = CORES * 1000 / min(cpu_per_image(label) for label in nodes)
+        print(
+            f"{p} associations{mode}: node / storescp --fork with every core busy "
+            f"= {most / fork:.2f}"
+        )
+    print(
+        f"  (no target: {CORES} cores / (node + senders CPU per image) is the most images/s "
+        "the node can take, over storescp --fork's measured images/s)"
+    )
     peak_mb = rss.peak / 1e6
     print(f"node peak RSS (process tree) receiving {args.rss_images} images = {peak_mb:.0f} MB")
     print("  (target < 300 MB)")
