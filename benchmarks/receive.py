@@ -207,9 +207,10 @@ CPU: dict[str, list[tuple[float, float]]] = {}
 CORES = os.cpu_count() or 1
 
 
-def cpu_per_image(label: str) -> float:
-    """Median CPU per image of a receiver and its senders together (ms)."""
-    return sum(statistics.median(pair[i] for pair in CPU[label]) for i in (0, 1))
+def cpu_medians(label: str) -> tuple[float, float]:
+    """Median CPU per image (ms) over the rounds: (receiver, senders)."""
+    pairs = CPU[label]
+    return statistics.median(r for r, _ in pairs), statistics.median(s for _, s in pairs)
 
 
 def timed(
@@ -410,16 +411,15 @@ def main() -> None:
         print("  (no target: what the node's per-image file and folder sync costs DCMTK)")
     print()
     print("CPU per image, median of the rounds (receiver process tree; the storescu senders):")
-    for label, pairs in CPU.items():
-        receiver = statistics.median(r for r, _ in pairs)
-        senders = statistics.median(s for _, s in pairs)
+    for label in CPU:
+        receiver, senders = cpu_medians(label)
         print(f"  {label:<50} {receiver:5.2f} ms  senders {senders:5.2f} ms")
     print("  (no target: on a machine of few cores, receiver + senders CPU bounds images/s)")
     fork = statistics.median(results[f"{p} assoc -> storescp --fork"])
     for fsync in modes:
         mode = _mode(fsync)
         nodes = [f"{p} assoc -> node (receiver_processes {k}){mode}" for k in (p, 1)]
-        most = CORES * 1000 / min(cpu_per_image(label) for label in nodes)
+        most = CORES * 1000 / min(sum(cpu_medians(label)) for label in nodes)
         print(
             f"{p} associations{mode}: node / storescp --fork with every core busy "
             f"= {most / fork:.2f}"
