@@ -8,13 +8,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     OMP_WAIT_POLICY=PASSIVE
 
 WORKDIR /app
-COPY pyproject.toml README.md config.yaml ./
+COPY pyproject.toml README.md config.yaml constraints.txt ./
 COPY dicom_node ./dicom_node
 COPY inference ./inference
 COPY storage ./storage
 
-# Pin the base image's torch so nnunetv2's dependencies cannot replace it.
-RUN python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > /tmp/constraints.txt \
+COPY scripts/docker_constraints.py ./scripts/
+
+# The tested versions (constraints.txt) of every package the base image lacks; its own
+# packages (torch and what torch pins) stay, and torch is pinned so that nnunetv2's
+# dependencies cannot replace it.
+RUN python scripts/docker_constraints.py constraints.txt /tmp/constraints.txt \
     && pip install --no-cache-dir -c /tmp/constraints.txt ".[postgres]"
 
 RUN sed -i 's|^  data_dir: var |  data_dir: /data|' /app/config.yaml \

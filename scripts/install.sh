@@ -7,8 +7,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 TORCH=$(grep -E '^torch==' constraints.txt | head -n1)
-# torch first, on its own, so the constraint below can pin it.
-.venv/bin/pip install -q "$TORCH"
+# torch first, on its own, so the constraint below can pin it (its dependencies at their
+# pinned versions too).
+.venv/bin/pip install -q -c constraints.txt "$TORCH"
 EXTRAS=""
 if [ "${1:-}" = "--test" ]; then EXTRAS="[test,postgres]"; fi
 .venv/bin/pip install -q -c constraints.txt -e ".${EXTRAS}"

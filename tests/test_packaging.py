@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+from packaging.requirements import Requirement
 
 from dicom_node.config import load_settings
 
@@ -62,3 +67,91 @@ def test_invalid_config_gives_a_readable_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "ae_title" in result.stderr and "Traceback" not in result.stderr
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: not an exact pin: {line!r}"
+            pins[_canonical(name)] = version.strip()
+    return pins
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirement_closure() -> set[str]:
+    """Every distribution dicom-node[test,postgres] needs here, directly or not."""
+    seen: set[str] = set()
+    todo: list[tuple[str, frozenset[str]]] = [("dicom-node", frozenset({"test", "postgres"}))]
+    while todo:
+        name, extras = todo.pop()
+        for text in metadata.distribution(name).requires or []:
+            req = Requirement(text)
+            if req.marker is not None and not any(
+                req.marker.evaluate({"extra": extra}) for extra in extras | {""}
+            ):
+                continue
+            key = _canonical(req.name)
+            if key not in seen:
+                seen.add(key)
+                todo.append((req.name, frozenset(req.extras)))
+    return seen
+
+
+# torchvision follows whichever torch is installed (the Dockerfile's base brings another);
+# pip freeze never lists argparse (the standard library's module shadows the backport).
+_UNPINNED = {"torchvision", "argparse"}
+
+
+def test_constraints_pin_every_package_the_tests_run_with() -> None:
+    pins = _pins()
+    needed = _requirement_closure() - _UNPINNED
+    assert {"pynetdicom", "pydicom", "highdicom", "sqlalchemy", "numpy"} <= needed
+    missing = sorted(needed - pins.keys())
+    assert not missing, f"not pinned in constraints.txt (scripts/update-constraints.sh): {missing}"
+    differing = {
+        name: (metadata.version(name), pins[name])
+        for name in needed
+        if metadata.version(name).split("+")[0] != pins[name]
+    }
+    assert not differing, (
+        f"installed (left) is not the pinned version (right); scripts/install.sh --test "
+        f"installs the pins: {differing}"
+    )
+
+
+def _docker_constraints() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "docker_constraints", ROOT / "scripts" / "docker_constraints.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_docker_image_keeps_its_base_packages_and_takes_the_other_pins() -> None:
+    lines = [
+        "# a comment",
+        "torch==2.13.0",
+        "sympy==1.14.0",
+        "dynamic_network_architectures==0.4.4",
+        "",
+        "pynetdicom==3.0.4",
+    ]
+    base = {"torch": "2.6.0+cu124", "sympy": "1.13.1", "dynamic-network-architectures": "0.4.3"}
+    assert _docker_constraints().image_constraints(lines, base) == [
+        "torch==2.6.0",
+        "pynetdicom==3.0.4",
+    ]
+    # Without torch in the base, the pinned one is installed.
+    assert _docker_constraints().image_constraints(lines, {}) == [
+        "torch==2.13.0",
+        "sympy==1.14.0",
+        "dynamic_network_architectures==0.4.4",
+        "pynetdicom==3.0.4",
+    ]
