@@ -31,6 +31,6 @@ EOF
   "$scratch/venv/bin/pip" freeze --all --exclude-editable \
     | grep -v -i -E '^(dicom-node|torch|torchvision|pip)([=@ ]|$)' \
     | LC_ALL=C sort -f
-} >constraints.txt.new
-mv constraints.txt.new constraints.txt
+} >"$scratch/constraints.txt"
+cp "$scratch/constraints.txt" constraints.txt
 echo "constraints.txt: $(grep -c '==' constraints.txt) pins written; now run scripts/test.sh"
