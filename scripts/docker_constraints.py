@@ -24,8 +24,8 @@ def canonical(name: str) -> str:
 
 
 def image_constraints(lines: Iterable[str], installed: dict[str, str]) -> list[str]:
-    """``lines`` of a constraints file, less the packages in ``installed`` (canonical name
-    -> version), which are pinned to their installed versions only if torch."""
+    """``lines`` of a constraints file, less the pins of packages in ``installed``
+    (canonical name -> version); torch, if installed, is pinned to its installed version."""
     kept = []
     for line in lines:
         line = line.strip()

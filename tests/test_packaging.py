@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import re
 import shutil
 import subprocess
 import sys
@@ -69,18 +68,27 @@ def test_invalid_config_gives_a_readable_error(tmp_path: Path) -> None:
     assert "ae_title" in result.stderr and "Traceback" not in result.stderr
 
 
+def _load_docker_constraints() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "docker_constraints", ROOT / "scripts" / "docker_constraints.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+docker_constraints = _load_docker_constraints()
+
+
 def _pins() -> dict[str, str]:
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             name, _, version = line.partition("==")
             assert version, f"constraints.txt: not an exact pin: {line!r}"
-            pins[_canonical(name)] = version.strip()
+            pins[docker_constraints.canonical(name)] = version.strip()
     return pins
-
-
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _requirement_closure() -> set[str]:
@@ -95,7 +103,7 @@ def _requirement_closure() -> set[str]:
                 req.marker.evaluate({"extra": extra}) for extra in extras | {""}
             ):
                 continue
-            key = _canonical(req.name)
+            key = docker_constraints.canonical(req.name)
             if key not in seen:
                 seen.add(key)
                 todo.append((req.name, frozenset(req.extras)))
@@ -124,16 +132,6 @@ def test_constraints_pin_every_package_the_tests_run_with() -> None:
     )
 
 
-def _docker_constraints() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "docker_constraints", ROOT / "scripts" / "docker_constraints.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_docker_image_keeps_its_base_packages_and_takes_the_other_pins() -> None:
     lines = [
         "# a comment",
@@ -144,12 +142,12 @@ def test_docker_image_keeps_its_base_packages_and_takes_the_other_pins() -> None
         "pynetdicom==3.0.4",
     ]
     base = {"torch": "2.6.0+cu124", "sympy": "1.13.1", "dynamic-network-architectures": "0.4.3"}
-    assert _docker_constraints().image_constraints(lines, base) == [
+    assert docker_constraints.image_constraints(lines, base) == [
         "torch==2.6.0",
         "pynetdicom==3.0.4",
     ]
     # Without torch in the base, the pinned one is installed.
-    assert _docker_constraints().image_constraints(lines, {}) == [
+    assert docker_constraints.image_constraints(lines, {}) == [
         "torch==2.13.0",
         "sympy==1.14.0",
         "dynamic_network_architectures==0.4.4",
