@@ -28,7 +28,13 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_metrics_count_what_the_index_holds(node_factory: NodeFactory, tmp_path: Path) -> None:
     port = free_port()
-    node = node_factory(overrides={"metrics": {"port": port}, "completion": {"quiet_period_s": 1}})
+    node = node_factory(
+        overrides={
+            "metrics": {"port": port},
+            "completion": {"quiet_period_s": 1},
+            "storage": {"min_free_disk_mb": 1},  # reported in bytes
+        }
+    )
     node.wait_for_log(f"metrics at http://127.0.0.1:{port}/metrics")
     before = _scrape(port)
     assert before[("dicom_node_instances", ())] == 0
@@ -51,7 +57,7 @@ def test_metrics_count_what_the_index_holds(node_factory: NodeFactory, tmp_path:
     for state in ("pending", "sending", "delivered", "dead"):
         assert metrics[("dicom_node_deliveries", (("state", state),))] == 0
     assert metrics[("dicom_node_store_free_bytes", ())] > 0
-    assert metrics[("dicom_node_store_min_free_bytes", ())] >= 0
+    assert metrics[("dicom_node_store_min_free_bytes", ())] == 1024 * 1024
     info = (("ae_title", node.ae_title), ("version", __version__))
     assert metrics[("dicom_node_info", info)] == 1
     assert node.cli_json("status", "--json")["instances"] == 5
