@@ -101,4 +101,6 @@ def test_quiet_period_with_fewer_images_than_announced_says_so(
         what="completion of the whole series (on release)",
     )
     assert "announced" not in str(_state(node, whole.series_instance_uid)["completion_reason"])
+    log = node.log_text()  # read again: it holds the whole series' completion now
+    assert f"series {whole.series_instance_uid} (study " in log
     assert f"series {whole.series_instance_uid} version 1 complete with" not in log

@@ -504,7 +504,9 @@ def test_cli_segment_says_which_images_it_left_out_as_copies(
 def test_cli_segment_on_a_real_siemens_sagittal_series(
     name: str, tmp_path: Path, shared_data: Path, demo: tuple[ModelInfo, Segmenter]
 ) -> None:
-    """Mechanics only: the demo model knows no real anatomy, so a SEG or a clean "nothing"."""
+    """Mechanics only: the demo model knows no real anatomy, but it labels a good part of
+    these series (100-104 frames of 4 segments), so a SEG must come back: a "no structure was
+    found" here would mean a change on the way to the model (a turned volume, say)."""
     series = shared_data / name
     if not series.is_dir():
         pytest.skip(f"{series} is absent")
@@ -516,11 +518,7 @@ def test_cli_segment_on_a_real_siemens_sagittal_series(
     completed = offline_cli(
         ["segment", str(series), "--model", "demo", "--out", str(out), "--json"], tmp_path
     )
-    if completed.returncode != 0:
-        assert completed.returncode == 2, completed.stderr[-3000:]
-        assert "no structure was found" in completed.stderr, completed.stderr[-3000:]
-        assert "Traceback" not in completed.stderr
-        return
+    assert completed.returncode == 0, completed.stderr[-3000:]
     seg_path = Path(json.loads(completed.stdout)["seg"])
     seg = pydicom.dcmread(seg_path)
     assert _referenced_instances(seg) == sources

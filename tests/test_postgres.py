@@ -438,17 +438,22 @@ def test_each_job_is_claimed_by_exactly_one_worker(fresh_db: str) -> None:
         assert job_id is not None
         job_ids.append(job_id)
     claimed: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+    errors: list[BaseException] = []
 
     def work(name: str) -> None:
         mine = Index(fresh_db, migrate=False)
-        while (job := claim_job(mine, f"host-{name}:1", heartbeat_timeout_s=600)) is not None:
-            claimed[name].append(job.id)
+        try:
+            while (job := claim_job(mine, f"host-{name}:1", heartbeat_timeout_s=600)) is not None:
+                claimed[name].append(job.id)
+        except BaseException as exc:  # a worker dying under contention is a failure too
+            errors.append(exc)
 
     workers = [threading.Thread(target=work, args=(n,)) for n in claimed]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
+    assert errors == []
     everything = sorted(j for ids in claimed.values() for j in ids)
     assert everything == sorted(job_ids)  # all claimed, none twice
 

@@ -564,7 +564,11 @@ def test_a_job_over_its_time_limit_is_stopped_and_failed(
     assert "timed out after 1 s" in job["reason"]
     assert "exceeded workers.job_timeout_s" in node.log_text()
     assert echoscu(node.port).returncode == 0  # a fresh worker took the dead one's place
-    wait_until(lambda: node.log_text().count("ready") >= 2, timeout_s=120, what="a new worker")
+    wait_until(
+        lambda: len(re.findall(r"worker \S+ ready", node.log_text())) >= 2,
+        timeout_s=120,
+        what="a new worker",
+    )
 
 
 @pytest.mark.slow

@@ -38,12 +38,16 @@ class Pacs:
         syntaxes: tuple[str, ...] = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5"),
     ) -> None:
         self.received: list[Dataset] = []
+        # Set by a test: each C-STORE waits there for the others before it is answered.
+        self.together: threading.Barrier | None = None
         self.port = free_port()
         ae = AE(ae_title="PACS")
         for uid in sop_classes:
             ae.add_supported_context(uid, list(syntaxes))
 
         def on_store(event: evt.Event) -> int:
+            if self.together is not None:
+                self.together.wait()  # raises when the others never come: a failure status
             ds = event.dataset
             ds.file_meta = event.file_meta
             self.received.append(ds)
@@ -215,14 +219,22 @@ def test_an_unreachable_pacs_is_retryable(segs: tuple[Path, Path]) -> None:
 
 def test_sends_run_in_parallel_threads(pacs_factory: type[Pacs], segs: tuple[Path, Path]) -> None:
     pacs = pacs_factory([SEGMENTATION_STORAGE])
-    threads = [
-        threading.Thread(target=store_seg, args=(Settings(), pacs.peer(), segs[1]))
-        for _ in range(3)
-    ]
+    # Answered only once all three are in the PACS at once: sends serialised would time out.
+    pacs.together = threading.Barrier(3, timeout=20)
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            store_seg(Settings(), pacs.peer(), segs[1])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert errors == []
     assert len(pacs.received) == 3
 
 

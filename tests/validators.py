@@ -11,7 +11,8 @@ import pytest
 
 
 def _errors(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("Error")]
+    # "Abort": the tool could not read a file at all (missing, not DICOM), and checked nothing.
+    return [line for line in output.splitlines() if line.startswith(("Error", "Abort"))]
 
 
 def _run(tool: str, *args: Path) -> str:
@@ -19,7 +20,10 @@ def _run(tool: str, *args: Path) -> str:
         pytest.skip(f"{tool} not installed (Debian package dicom3tools)")
     run = subprocess.run([tool, *map(str, args)], capture_output=True, timeout=300)
     # It prints values as their bytes, in whatever character set the file declares.
-    return (run.stdout + run.stderr).decode("utf-8", errors="replace")
+    output = (run.stdout + run.stderr).decode("utf-8", errors="replace")
+    # Exit status 1 with errors, an abort or a usage message: none of them is a pass.
+    assert run.returncode == 0, f"{tool} exited with {run.returncode}:\n{output}"
+    return output
 
 
 def dciodvfy(path: Path) -> str:
