@@ -129,13 +129,32 @@ class InferenceSettings(_Strict):
     cpu_threads: int = Field(0, ge=0)  # 0: all cores
 
 
+# What the SEG encoder writes (dicom_node.seg_encode.ALLOWED_COMPRESSIONS, which a test keeps
+# equal; not imported here, as it loads highdicom): 1-bit BINARY frames only native or JPEG 2000.
+COMPRESSIONS_BY_FORMAT: dict[str, tuple[str, ...]] = {
+    "binary": ("none", "jpeg2000"),
+    "labelmap": ("none", "rle", "jpegls", "jpeg2000"),
+}
+
+
 class OutputProfile(_Strict):
     format: Literal["binary", "labelmap"] = "binary"
-    compression: Literal["none", "rle", "jpegls", "jpeg2000", "explicit"] = "none"
+    compression: Literal["none", "rle", "jpegls", "jpeg2000"] = "none"
     fallback_to_binary: bool = True  # destinations refusing Label Map SEG get BINARY
     # A series of several stacks (echoes, time points, Dixon contrasts): which one to segment.
     stack: Literal["first", "last"] = "first"
     stack_image_type: str | None = None  # e.g. W: the stack whose Image Type has this value
+
+    @model_validator(mode="after")
+    def _compression_fits_format(self) -> OutputProfile:
+        # Refused at start: otherwise every job of the rule would fail.
+        allowed = COMPRESSIONS_BY_FORMAT[self.format]
+        if self.compression not in allowed:
+            raise ValueError(
+                f"compression {self.compression!r} cannot be used with format "
+                f"{self.format!r}: use one of {', '.join(allowed)}"
+            )
+        return self
 
 
 class RuleMatch(_Strict):

@@ -43,6 +43,11 @@ def test_absolute_paths_are_kept(tmp_path: Path) -> None:
             "peers: [{name: pacs, ae_title: DICOMNODE, host: pacs, port: 104}]",
             r"peers \['pacs'\] have this node's own AE title 'DICOMNODE'",
         ),
+        (
+            "rules: [{name: r, model: demo, profile: {format: binary, compression: rle}}]",
+            r"compression 'rle' cannot be used with format 'binary': use one of none, jpeg2000",
+        ),
+        ("rules: [{name: r, model: demo, profile: {compression: explicit}}]", "compression"),
         ("nodes: {}", "nodes"),
         ("node: [", "YAML"),
     ],
@@ -108,3 +113,13 @@ def test_text_output_values_read_as_a_person_would() -> None:
     assert human(["origin", "pacs"]) == "origin, pacs"
     assert human({"load_s": 0.1234, "inference_s": 7.5}) == "load_s 0.12, inference_s 7.50"
     assert human(3) == "3"
+
+
+def test_the_config_allows_exactly_the_compressions_the_seg_encoder_writes() -> None:
+    from dicom_node.config import COMPRESSIONS_BY_FORMAT
+    from dicom_node.seg_encode import ALLOWED_COMPRESSIONS
+
+    encoder = {
+        fmt.value: tuple(c.value for c in comps) for fmt, comps in ALLOWED_COMPRESSIONS.items()
+    }
+    assert encoder == COMPRESSIONS_BY_FORMAT
