@@ -54,6 +54,22 @@ def js_parser() -> Path:
         )
         if run.returncode != 0:
             pytest.skip(f"npm ci failed (offline registry?): {run.stderr.strip()[-500:]}")
+    # Loading the parser says nothing about a SEG, only about this Node.js: older ones
+    # (18, 20.0-20.18, 22.0-22.11 tried) cannot import dcmjs's CommonJS exports from it.
+    probe = subprocess.run(
+        [node, "--input-type=module", "-e", "await import('@cornerstonejs/adapters')"],
+        cwd=JS_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if probe.returncode != 0:
+        version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout
+        errors = [line for line in probe.stderr.splitlines() if "Error" in line]
+        pytest.skip(
+            f"Node.js {version.strip()} cannot load OHIF's SEG parser (it needs 20.19+ or "
+            f"22.12+): {(errors or [probe.stderr.strip()])[-1][:300]}"
+        )
     return JS_DIR / "parse_seg.mjs"
 
 
