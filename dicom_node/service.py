@@ -170,7 +170,13 @@ class Service:
 
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            # What did start stops with it: a worker process spawned just before would
+            # otherwise outlive the failed start and die on its own, with a traceback.
+            self.stop()
+            raise
         while not wake.wait(1.0):
             self.replace_dead_receivers()
         self.stop()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import NodeFactory
-from peers import free_port, make_mr_series, storescu, wait_until
+from peers import DICOM_NODE, free_port, make_mr_series, storescu, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_node import __version__
@@ -84,3 +87,33 @@ def test_an_unreachable_index_reads_as_down(tmp_path: Path) -> None:
     assert samples["dicom_node_index_up"] == 0
     assert "dicom_node_instances" not in samples
     assert samples["dicom_node_info"] == 1
+
+
+def test_a_metrics_port_in_use_stops_the_start_cleanly(tmp_path: Path) -> None:
+    """The port is taken once the DICOM port listens and a worker process is running: what
+    started stops again (before, the worker outlived the node and died with a traceback)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "node": {"port": free_port(), "bind_address": "127.0.0.1"},
+                    "storage": {"data_dir": "var", "min_free_disk_mb": 0},
+                    "workers": {"processes": 1},
+                    "metrics": {"port": port},
+                }
+            )
+        )
+        run = subprocess.run(
+            [str(DICOM_NODE), "-c", str(config), "serve"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert run.returncode == 2, run.stderr
+    assert f"error: cannot serve metrics on 127.0.0.1:{port}" in run.stderr, run.stderr
+    assert "worker-1" in run.stderr and "dicom_node.service: stopped" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
