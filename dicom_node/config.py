@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,7 +30,9 @@ def _check_ae_title(value: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No .inf (or NaN): an endless interval or timeout overflows the waits and date
+    # arithmetic it reaches, and ends the thread that runs it.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TLSSettings(_Strict):
@@ -44,6 +47,10 @@ class TLSSettings(_Strict):
     def _files_given(self) -> TLSSettings:
         if self.enabled and (self.certificate is None or self.key is None):
             raise ValueError("tls.enabled needs tls.certificate and tls.key (PEM files)")
+        if (self.certificate is None) != (self.key is None):
+            # Also the client certificate to peers with tls: true; one without the other
+            # would silently present none.
+            raise ValueError("tls.certificate and tls.key go together: set both or neither")
         if self.enabled and self.require_client_certificate and self.ca_certificate is None:
             raise ValueError(
                 "tls.require_client_certificate needs tls.ca_certificate "
@@ -57,7 +64,7 @@ class NodeSettings(_Strict):
     bind_address: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
     max_associations: int = Field(16, ge=1, le=1000)
-    max_pdu_bytes: int = Field(262144, ge=0)
+    max_pdu_bytes: int = Field(262144, ge=0, le=2**32 - 1)  # the PDU length field's limit
     accept_unknown_callers: bool = False
     # True: a configured peer's AE title is accepted only from the address of its `host`.
     check_caller_host: bool = False
@@ -68,6 +75,14 @@ class NodeSettings(_Strict):
     tls: TLSSettings = TLSSettings()
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @model_validator(mode="after")
+    def _sane(self) -> NodeSettings:
+        if 0 < self.max_pdu_bytes < 4096:
+            raise ValueError("node.max_pdu_bytes must be 0 (unlimited) or at least 4096")
+        if self.tls.enabled and self.tls.port == self.port:
+            raise ValueError(f"node.tls.port and node.port are both {self.port}: use two ports")
+        return self
 
 
 class PeerSettings(_Strict):
@@ -94,6 +109,23 @@ class StorageSettings(_Strict):
     retention: str | None = None
     retention_check_interval_s: float = Field(3600.0, gt=0.0)
 
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str | None) -> str | None:
+        if value:
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError
+
+            try:
+                backend = make_url(value).get_backend_name()
+            except ArgumentError as exc:
+                raise ValueError(f"not a database URL: {exc}") from exc
+            if backend not in ("sqlite", "postgresql"):
+                raise ValueError(
+                    f"{backend!r} is not supported: use postgresql+psycopg://... or sqlite:///..."
+                )
+        return value
+
     @field_validator("retention")
     @classmethod
     def _valid_retention(cls, value: str | None) -> str | None:
@@ -115,7 +147,9 @@ class StorageSettings(_Strict):
 
 
 class CompletionSettings(_Strict):
-    quiet_period_s: float = Field(30.0, ge=0.0)
+    # At 0 every series still arriving would count as complete at each check: a SEG of
+    # part of the series, and a new version for the rest.
+    quiet_period_s: float = Field(30.0, ge=1.0)
     check_interval_s: float = Field(0.5, gt=0.0)
     complete_on_release_when_count_matches: bool = True
 
@@ -158,14 +192,24 @@ class OutputProfile(_Strict):
 
 
 class RuleMatch(_Strict):
-    modality: list[str] | None = None
+    # An empty list would match nothing (or, for image_type_contains, everything).
+    modality: list[str] | None = Field(None, min_length=1)
     series_description: str | None = None  # regular expression, searched
     protocol_name: str | None = None
-    image_type_contains: list[str] | None = None
-    body_part_examined: list[str] | None = None
-    calling_ae_title: list[str] | None = None
+    image_type_contains: list[str] | None = Field(None, min_length=1)
+    body_part_examined: list[str] | None = Field(None, min_length=1)
+    calling_ae_title: list[str] | None = Field(None, min_length=1)
     min_images: int | None = Field(None, ge=1)
     max_images: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _count_range(self) -> RuleMatch:
+        if self.min_images and self.max_images and self.min_images > self.max_images:
+            raise ValueError(
+                f"min_images {self.min_images} is more than max_images {self.max_images}: "
+                "the rule could never match"
+            )
+        return self
 
     @field_validator("series_description", "protocol_name")
     @classmethod
@@ -190,6 +234,15 @@ class DicomWebDestination(_Strict):
     name: str
     url: str
     headers: dict[str, str] = {}
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        # Otherwise each delivery would fail on it, and be retried for hours.
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+        return value
 
 
 class WorkerSettings(_Strict):
@@ -234,7 +287,7 @@ class Settings(_Strict):
     metrics: MetricsSettings = MetricsSettings()
 
     @model_validator(mode="after")
-    def _unique_names(self) -> Settings:
+    def _consistent(self) -> Settings:
         names = [p.name for p in self.peers] + [d.name for d in self.dicomweb]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes or "origin" in names:
@@ -252,6 +305,14 @@ class Settings(_Strict):
                 f"peers {own} have this node's own AE title {self.node.ae_title!r}: "
                 "each DICOM node needs its own title; change node.ae_title or the peer's"
             )
+        titles = [p.ae_title for p in self.peers]
+        shared = sorted({t for t in titles if titles.count(t) > 1})
+        if shared:
+            # A series' results go back to the peer whose AE title sent it ("origin"): with
+            # two, one device's patient would go to the other.
+            raise ValueError(
+                f"peers share AE titles {shared}: each device needs its own calling AE title"
+            )
         known = set(names) | {"origin"}
         for rule in self.rules:
             unknown = [d for d in rule.destinations if d not in known]
@@ -260,6 +321,14 @@ class Settings(_Strict):
                     f"rule {rule.name!r} names unknown destinations {unknown}: "
                     "add them under peers or dicomweb, or use 'origin'"
                 )
+            again = sorted({d for d in rule.destinations if rule.destinations.count(d) > 1})
+            if again:
+                raise ValueError(f"rule {rule.name!r} names destinations twice: {again}")
+        listening = {self.node.port} | ({self.node.tls.port} if self.node.tls.enabled else set())
+        if self.metrics.port in listening:
+            raise ValueError(
+                f"metrics.port {self.metrics.port} is a DICOM port of this node: use another"
+            )
         return self
 
     @property
@@ -303,7 +372,12 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
             return p
         return base / p
 
-    storage = settings.storage.model_copy(update={"data_dir": fix(settings.storage.data_dir)})
+    storage = settings.storage.model_copy(
+        update={
+            "data_dir": fix(settings.storage.data_dir),
+            "database_url": _sqlite_file_from(settings.storage.database_url, base),
+        }
+    )
     inference = settings.inference.model_copy(
         update={"models_dir": fix(settings.inference.models_dir)}
     )
@@ -319,3 +393,19 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     return settings.model_copy(
         update={"storage": storage, "inference": inference, "node": node, "logging": logging_}
     )
+
+
+def _sqlite_file_from(url: str | None, base: Path) -> str | None:
+    """A relative SQLite file is taken from the config's folder, as every other path: from
+    the working directory, a command run elsewhere would open (and create) another index."""
+    if not url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return url
+    if database.startswith("file:") or Path(database).is_absolute():
+        return url
+    return parsed.set(database=str(base / database)).render_as_string(hide_password=False)

@@ -24,6 +24,15 @@ def test_relative_paths_are_taken_from_the_config_folder(tmp_path: Path) -> None
     assert settings.models_dir == tmp_path / "etc" / "var" / "models"
 
 
+def test_a_relative_sqlite_index_is_taken_from_the_config_folder(tmp_path: Path) -> None:
+    """Not from the working directory: a command run elsewhere would open an empty index."""
+    cfg = tmp_path / "etc" / "config.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text("storage: {database_url: 'sqlite:///db/index.sqlite'}\n")
+    url = load_settings(cfg).storage.effective_database_url
+    assert url == f"sqlite:///{tmp_path / 'etc' / 'db' / 'index.sqlite'}"
+
+
 def test_absolute_paths_are_kept(tmp_path: Path) -> None:
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"storage: {{data_dir: {tmp_path / 'abs'}}}\n")
@@ -48,6 +57,31 @@ def test_absolute_paths_are_kept(tmp_path: Path) -> None:
             r"compression 'rle' cannot be used with format 'binary': use one of none, jpeg2000",
         ),
         ("rules: [{name: r, model: demo, profile: {compression: explicit}}]", "compression"),
+        (
+            "peers: [{name: a, ae_title: STORESCU, host: a, port: 104},"
+            " {name: b, ae_title: STORESCU, host: b, port: 104}]",
+            r"peers share AE titles \['STORESCU'\]",
+        ),
+        (
+            "peers: [{name: a, ae_title: A, host: a, port: 104}]\n"
+            "rules: [{name: r, model: demo, destinations: [a, origin, a]}]",
+            r"rule 'r' names destinations twice: \['a'\]",
+        ),
+        ("node: {port: 11112}\nmetrics: {port: 11112}", "metrics.port 11112 is a DICOM port"),
+        (
+            "node: {port: 2762, tls: {enabled: true, certificate: c.pem, key: k.pem,"
+            " require_client_certificate: false}}",
+            "node.tls.port and node.port are both 2762",
+        ),
+        ("node: {tls: {certificate: c.pem}}", "tls.certificate and tls.key go together"),
+        ("node: {max_pdu_bytes: 100}", "0 \\(unlimited\\) or at least 4096"),
+        ("node: {max_pdu_bytes: 4294967296}", "max_pdu_bytes"),
+        ("completion: {quiet_period_s: 0}", "quiet_period_s"),
+        ("completion: {check_interval_s: .inf}", "check_interval_s"),
+        ("rules: [{name: r, model: demo, match: {min_images: 50, max_images: 10}}]", "never match"),
+        ("rules: [{name: r, model: demo, match: {modality: []}}]", "modality"),
+        ("dicomweb: [{name: web, url: pacs/dicom-web}]", "not an http:// or https:// URL"),
+        ("storage: {database_url: 'mysql://u@h/db'}", "'mysql' is not supported"),
         ("nodes: {}", "nodes"),
         ("node: [", "YAML"),
     ],
