@@ -315,7 +315,9 @@ def delivery_failed(
         if not retryable or delivery.attempts >= max_attempts:
             delivery.state = DeliveryState.DEAD
             return delivery.state, None
-        delay = min(backoff_max_s, backoff_initial_s * 2 ** max(0, delivery.attempts - 1))
+        # The exponent capped: 2**1024 seconds overflow a float (max_attempts has no bound).
+        doublings = min(max(0, delivery.attempts - 1), 64)
+        delay = min(backoff_max_s, backoff_initial_s * 2**doublings)
         delivery.state = DeliveryState.PENDING
         delivery.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
         return delivery.state, delay

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_LONGEST_S = 100 * 365.25 * 86400
 
 
 def parse_duration(text: str) -> dt.timedelta:
@@ -40,7 +41,11 @@ def parse_duration(text: str) -> dt.timedelta:
         raise ValueError(
             f"duration {text!r} not understood: use a number and s, m, h, d or w (30d)"
         )
-    return dt.timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2)])
+    seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    if seconds > _LONGEST_S:
+        # "Now minus it" would fall before year 1 and fail every sweep: no retention keeps all.
+        raise ValueError(f"duration {text!r} is more than 100 years")
+    return dt.timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)

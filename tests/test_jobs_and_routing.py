@@ -423,6 +423,11 @@ def test_deliveries_back_off_then_dead_letter_then_retry(index: Index) -> None:
     assert retry_delivery(index) == 1
     again = claim_delivery(index, lease_s=60)
     assert again is not None and again.attempts == 1
+    with index.session() as session, session.begin():  # a very patient outbox.max_attempts
+        session.execute(update(Delivery).values(attempts=1100))
+    state, delay = delivery_failed(index, again.id, "refused", retryable=True, max_attempts=5000,
+                                   backoff_initial_s=10.0, backoff_max_s=25.0)  # fmt: skip
+    assert (state, delay) == (DeliveryState.PENDING, 25.0)  # 10.0 * 2**1099 s overflowed
 
 
 def test_a_send_cut_off_by_a_crash_is_due_again(index: Index) -> None:

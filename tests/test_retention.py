@@ -131,6 +131,8 @@ def check_prune(index: Index, store: FileStore) -> None:
 def test_durations() -> None:
     assert parse_duration("30d") == dt.timedelta(days=30)
     assert parse_duration(" 1.5h ") == dt.timedelta(minutes=90)
+    with pytest.raises(ValueError, match="more than 100 years"):
+        parse_duration("1000000d")  # meant as "forever": now minus it is before year 1
     with pytest.raises(ValueError, match="use a number and s, m, h, d or w"):
         parse_duration("a month")
 
