@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from dicom_node.child_process import die_with_parent
 from dicom_node.completion import CompletionListener, CompletionMonitor
 from dicom_node.config import Settings
+from dicom_node.errors import ConfigError, DeliveryError
 from dicom_node.index_outage import log_failure
 from dicom_node.logging_setup import configure_logging
 from dicom_node.receive import Receiver
@@ -79,6 +80,7 @@ class Service:
         self._stopped = threading.Event()
 
     def start(self) -> None:
+        _check_client_tls(self.settings)
         processes = self.settings.node.receiver_processes
         # Each process takes the full max_associations: which process accepts a connection
         # is a race, so an even split could refuse senders while others had room.
@@ -181,6 +183,20 @@ class Service:
             self.replace_dead_receivers()
         self.stop()
         exit_leaving_hung_commits(self.receiver.close())
+
+
+def _check_client_tls(settings: Settings) -> None:
+    """The certificate, key and CA for peers with ``tls: true`` load: found at start, not at
+    each delivery (retried for hours) after the first series."""
+    tls_peers = [peer.name for peer in settings.peers if peer.tls]
+    if not tls_peers:
+        return
+    from dicom_node.send import client_tls
+
+    try:
+        client_tls(settings)
+    except DeliveryError as exc:
+        raise ConfigError(f"{exc} (needed to send to {', '.join(tls_peers)})") from exc
 
 
 def settle_heap() -> None:

@@ -12,7 +12,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from peers import STORESCP, dcmtk_env, free_port, make_tls_files, port_open, wait_until
+from peers import (
+    DICOM_NODE,
+    STORESCP,
+    dcmtk_env,
+    free_port,
+    make_tls_files,
+    port_open,
+    wait_until,
+)
 from pydicom import Dataset, dcmread
 from pynetdicom import AE, evt
 from seg_fixtures import CATALOGUE, mr_series, seg_file_of, small_label_map, stored_series
@@ -311,6 +319,25 @@ def test_a_tls_peer_whose_certificate_the_node_does_not_trust(
     ):
         store_seg(settings, _tls_peer(port), segs[1])
     assert list((tmp_path / "received").iterdir()) == []
+
+
+def test_a_tls_peer_without_loadable_client_files_stops_the_start(tmp_path: Path) -> None:
+    """Found at start, not by every delivery to the peer after the first series."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"node: {{port: {free_port()}, bind_address: 127.0.0.1,"
+        " tls: {certificate: node.pem, key: node.key}}\n"
+        "storage: {data_dir: var, min_free_disk_mb: 0}\n"
+        "workers: {processes: 0}\n"
+        "peers: [{name: pacs, ae_title: PACS, host: 127.0.0.1, port: 2762, tls: true}]\n"
+    )
+    run = subprocess.run(
+        [str(DICOM_NODE), "-c", str(config), "serve"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 2, run.stderr
+    assert "error: cannot load node.tls certificate, key or CA" in run.stderr, run.stderr
+    assert "(needed to send to pacs)" in run.stderr, run.stderr
+    assert "listening as AE" not in run.stderr, run.stderr
 
 
 # -- pynetdicom's SCU race: the reactor takes the response a send_* call waits for ---------------
