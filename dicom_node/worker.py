@@ -256,7 +256,12 @@ def process_one(
     ctx: JobContext, models: ModelCache, current: Synchronized[int] | None = None
 ) -> bool:
     """Claim and run one job; False when none was runnable."""
-    job = claim_job(ctx.index, ctx.worker, ctx.settings.workers.heartbeat_timeout_s)
+    job = claim_job(
+        ctx.index,
+        ctx.worker,
+        ctx.settings.workers.heartbeat_timeout_s,
+        max_attempts=ctx.settings.workers.max_attempts,
+    )
     if job is None:
         return False
     if current is not None:
@@ -388,6 +393,10 @@ class WorkerPool:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._timed_out: set[int] = set()  # killed for the time limit, not yet marked failed
+        # Jobs whose worker process died under them (out of memory, a crash in a native
+        # decoder), not yet marked: each death costs an attempt, so such a job ends failed
+        # instead of killing worker after worker ahead of every newer job.
+        self._died: dict[int, str] = {}
 
     def _spawn(self, number: int) -> _Slot:
         current = self._context.Value("i", 0)
@@ -447,15 +456,27 @@ class WorkerPool:
                 slot.process.join(5)
                 self._timed_out.add(job)
             if not slot.process.is_alive() and not self._stopping.is_set():
-                logger.warning(
-                    "worker %s exited (code %s); starting a new one",
-                    slot.process.name,
-                    slot.process.exitcode,
-                )
+                code = slot.process.exitcode
+                held = slot.current.value
+                if held and held not in self._timed_out:
+                    logger.error(
+                        "job %d: worker %s died (exit code %s) while running it; "
+                        "starting a new worker",
+                        held,
+                        slot.process.name,
+                        code,
+                    )
+                    self._died[held] = (
+                        f"its worker process died (exit code {code}) while running it"
+                    )
+                else:
+                    logger.warning(
+                        "worker %s exited (code %s); starting a new one", slot.process.name, code
+                    )
                 # Started before its jobs are released: that needs the index, which
                 # may be the reason it exited.
                 self._slots[number - 1] = self._spawn(number)
-                release_orphaned_jobs(self.index, keep=self._timed_out)
+                release_orphaned_jobs(self.index, keep=self._timed_out | self._died.keys())
         # Marked after the replacement is started (and again next round while the index is
         # away), so that a stopped worker is replaced whatever the index does.
         for job in sorted(self._timed_out):
@@ -467,6 +488,16 @@ class WorkerPool:
                 max_attempts=0,
             )
             self._timed_out.discard(job)
+        workers = self.settings.workers
+        for job, reason in sorted(self._died.items()):
+            fail_job(
+                self.index,
+                job,
+                reason,
+                retry_in_s=workers.retry_delay_s,
+                max_attempts=workers.max_attempts,
+            )
+            del self._died[job]
 
     def _cancelled(self, job_id: int) -> bool:
         try:

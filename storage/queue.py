@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from storage.database import Index
 from storage.models import Delivery, DeliveryState, Job, JobState, utcnow
@@ -47,8 +48,15 @@ def create_job(index: Index, series_version_pk: int, spec: JobSpec) -> int | Non
         return None
 
 
-def claim_job(index: Index, worker: str, heartbeat_timeout_s: float) -> Job | None:
-    """Take the oldest runnable job: queued, due for retry, or running with a lapsed heartbeat."""
+def claim_job(
+    index: Index, worker: str, heartbeat_timeout_s: float, *, max_attempts: int | None = None
+) -> Job | None:
+    """Take the oldest runnable job: queued, due for retry, or running with a lapsed heartbeat.
+
+    A lapsed job that has had ``max_attempts`` attempts is marked failed instead: its
+    workers keep dying or losing the index on it, and taken over each time it would
+    stand for ever before every newer job.
+    """
     now = utcnow()
     stale = now - dt.timedelta(seconds=heartbeat_timeout_s)
     runnable = or_(
@@ -62,6 +70,9 @@ def claim_job(index: Index, worker: str, heartbeat_timeout_s: float) -> Job | No
             if candidate is None:
                 return None
             if candidate.state == JobState.RUNNING:
+                if max_attempts is not None and candidate.attempts >= max_attempts:
+                    _give_up(session, candidate, now)
+                    continue
                 logger.warning(
                     "job %d: worker %s stopped sending heartbeats; taking the job over",
                     candidate.id,
@@ -88,6 +99,20 @@ def claim_job(index: Index, worker: str, heartbeat_timeout_s: float) -> Job | No
                 session.refresh(candidate)
                 return candidate
     return None
+
+
+def _give_up(session: Session, job: Job, now: dt.datetime) -> None:
+    reason = (
+        f"its worker {job.worker} stopped (died, or lost the index) in each of its "
+        f"{job.attempts} attempts (workers.max_attempts)"
+    )
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.state == JobState.RUNNING, Job.attempts == job.attempts)
+        .values(state=JobState.FAILED, reason=reason, finished_at=now, next_attempt_at=None)
+    )
+    if done.rowcount == 1:  # type: ignore[attr-defined]
+        logger.error("job %d failed: %s", job.id, reason)
 
 
 def heartbeat(index: Index, job_id: int, worker: str) -> bool:

@@ -391,6 +391,35 @@ def test_a_job_whose_worker_died_is_taken_over(index: Index) -> None:
     assert taken is not None and taken.worker == "host:2" and taken.attempts == 2
 
 
+def test_a_job_whose_workers_keep_dying_fails_after_its_attempts(index: Index) -> None:
+    """A series that kills each worker taking it (out of memory, a crashing decoder) must
+    not be taken over for ever: it stood before every newer job (oldest first)."""
+    version_pk = _complete_series(index)
+    job_id = create_job(index, version_pk, JobSpec("r", "demo", {}, []))
+    newer = create_job(index, _complete_series(index, "1.2.4"), JobSpec("r", "demo", {}, []))
+
+    def lapse() -> None:
+        with index.session() as session, session.begin():
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(heartbeat_at=utcnow() - dt.timedelta(seconds=120))
+            )
+
+    for attempt in (1, 2):
+        job = claim_job(index, f"host:{attempt}", heartbeat_timeout_s=60, max_attempts=2)
+        assert job is not None and job.id == job_id and job.attempts == attempt
+        lapse()
+    after = claim_job(index, "host:3", heartbeat_timeout_s=60, max_attempts=2)
+    assert after is not None and after.id == newer  # the next job, not the doomed one again
+    with index.session() as session:
+        doomed = session.get(Job, job_id)
+        assert doomed is not None and doomed.state == JobState.FAILED
+        assert "host:2 stopped (died, or lost the index) in each of its 2 attempts" in (
+            doomed.reason
+        )
+
+
 def test_deliveries_back_off_then_dead_letter_then_retry(index: Index) -> None:
     version_pk = _complete_series(index)
     job_id = create_job(index, version_pk, JobSpec("r", "demo", {}, ["origin"]))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
+import signal
 import socket
 import struct
 import threading
@@ -569,6 +571,34 @@ def test_a_job_over_its_time_limit_is_stopped_and_failed(
         timeout_s=120,
         what="a new worker",
     )
+
+
+@pytest.mark.slow
+def test_a_job_whose_worker_process_dies_fails_with_the_exit_code(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    """As the kernel's out-of-memory killer would: the job is failed with the cause (after
+    workers.max_attempts deaths), not run again for ever ahead of every newer job."""
+    settings = pipeline()
+    settings["workers"]["max_attempts"] = 1
+    node = node_factory(overrides=settings)
+    series = phantom_series(
+        tmp_path / "series", seed=7012, shape=(96, 128, 128), spacing=(1.5, 1.0, 1.0)
+    )
+    sent = storescu(node.port, [series.paths[0].parent])
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    (running,) = wait_until(
+        lambda: node.query("SELECT id, worker FROM jobs WHERE state = 'running'"),
+        timeout_s=SEG_TIMEOUT_S,
+        interval_s=0.2,
+        what="a running job",
+    )
+    os.kill(int(running["worker"].rpartition(":")[2]), signal.SIGKILL)
+    wait_until(lambda: any(j["state"] == "failed" for j in jobs(node)), timeout_s=60,
+               interval_s=0.5, what="the job failed")  # fmt: skip
+    (job,) = jobs(node)
+    assert job["reason"] == "its worker process died (exit code -9) while running it", job
+    node.wait_for_log(f"job {running['id']}: worker worker-1 died (exit code -9) while running it")
 
 
 @pytest.mark.slow
