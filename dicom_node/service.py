@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from dicom_node.child_process import die_with_parent
 from dicom_node.completion import CompletionListener, CompletionMonitor
 from dicom_node.config import Settings
-from dicom_node.errors import ConfigError, DeliveryError
+from dicom_node.errors import ConfigError, DeliveryError, StorageError
 from dicom_node.index_outage import log_failure
 from dicom_node.logging_setup import configure_logging
 from dicom_node.receive import Receiver
@@ -48,8 +48,17 @@ ComponentFactory = Callable[["Service"], Component]
 
 def open_store(settings: Settings) -> tuple[Index, FileStore]:
     storage = settings.storage
+    if storage.data_dir.exists() and not storage.data_dir.is_dir():
+        raise StorageError(f"storage.data_dir {storage.data_dir} is a file, not a folder")
+    try:
+        # The folders first: an index folder that cannot be made fails with its cause.
+        storage.data_dir.mkdir(parents=True, exist_ok=True)
+        store = FileStore(storage.store_dir, storage.min_free_disk_mb, fsync=storage.fsync)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot use storage.data_dir {storage.data_dir}: {exc.strerror or exc}"
+        ) from exc
     index = Index(storage.effective_database_url, fsync=storage.fsync)
-    store = FileStore(storage.store_dir, storage.min_free_disk_mb, fsync=storage.fsync)
     return index, store
 
 

@@ -51,6 +51,46 @@ def test_an_unknown_state_is_refused_with_the_choices(
     assert accepted.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        # Tracebacks before: an id or limit over SQLite's integer range (OverflowError), a
+        # port over 65535 (ValidationError), a compression the format cannot take or an
+        # --out that is a file (both only after the series was read and segmented), size 0.
+        (["jobs", "show", "99999999999999999999999"], "less than or equal to 9223372036854775807"),
+        (["deliveries", "cancel", "99999999999999999999"], "less than or equal to"),
+        (["series", "list", "--limit", "99999999999999999999"], "less than or equal to"),
+        (["echo", "AE@localhost:99999"], "port 99999 is not between 1 and 65535"),
+        (["segment", "{series}", "--compression", "rle"], "cannot be used with --format binary"),
+        (["segment", "{series}", "--out", "{file}"], "is a file: give the folder"),
+        (["models", "check", "demo", "--size", "0"], "greater than or equal to 8"),
+        # Exit 0 before: a delivery that does not exist "retried", no worker started at all.
+        (["deliveries", "retry", "999"], "delivery 999 does not exist or is not dead"),
+        (["worker", "--processes", "-2"], "greater than or equal to 1"),
+    ],
+)
+def test_bad_arguments_get_an_error_not_a_traceback(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "1.dcm").write_bytes(b"not read: the arguments are refused first")
+    (tmp_path / "file").write_text("")
+    filled = [a.format(series=series, file=tmp_path / "file") for a in args]
+    run = _dicom_node(tmp_path / "data", *filled)
+    assert run.returncode == 2, (run.returncode, run.stdout, run.stderr)
+    assert "Traceback" not in run.stderr, run.stderr
+    assert expected in " ".join(run.stderr.replace("│", " ").split()), run.stderr
+
+
+def test_a_data_dir_that_is_a_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "data").write_text("")
+    run = _dicom_node(tmp_path / "data", "store", "check")
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert f"storage.data_dir {tmp_path / 'data'} is a file, not a folder" in run.stderr
+
+
 def _dicom_node(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``dicom-node ARGS`` as an administrator runs it, on a node whose data is in
     ``data_dir``, in a wide terminal."""

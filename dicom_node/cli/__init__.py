@@ -23,6 +23,7 @@ app = typer.Typer(
 )
 
 DEFAULT_CONFIG = Path("config.yaml")
+MAX_ROW_ID = 2**63 - 1  # an index key (and LIMIT): a larger number fails in the database driver
 
 
 @app.callback()

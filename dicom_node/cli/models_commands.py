@@ -127,7 +127,9 @@ def list_models_command(
 def check_model(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="model name")],
-    size: Annotated[int, typer.Option(help="edge of the random test volume in voxels")] = 32,
+    size: Annotated[
+        int, typer.Option(help="edge of the random test volume in voxels", min=8, max=512)
+    ] = 32,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Load a model and run a small random volume through it; print the times."""

@@ -38,6 +38,8 @@ def _resolve_peer(ctx: typer.Context, peer: str) -> PeerSettings:
     if found is not None:
         return found
     match = _ADDRESS.match(peer)
+    if match and not 1 <= int(match["port"]) <= 65535:
+        raise ConfigError(f"{peer!r}: port {match['port']} is not between 1 and 65535")
     if match:
         return PeerSettings(
             name=peer, ae_title=match["ae"], host=match["host"], port=int(match["port"])

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 from sqlalchemy import select
 
-from dicom_node.cli import console, human, print_json, settings_of
+from dicom_node.cli import MAX_ROW_ID, console, human, print_json, settings_of
 from dicom_node.errors import DicomNodeError
 from storage.models import Delivery, DeliveryState, Job, JobState, Series, SeriesVersion
 
@@ -133,7 +133,7 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 def jobs_list(
     ctx: typer.Context,
     state: Annotated[JobState | None, typer.Option(help="only jobs in this state")] = None,
-    limit: Annotated[int, typer.Option()] = 50,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_ROW_ID)] = 50,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List jobs, newest first."""
@@ -163,7 +163,7 @@ def jobs_list(
 
 def jobs_show(
     ctx: typer.Context,
-    job_id: Annotated[int, typer.Argument()],
+    job_id: Annotated[int, typer.Argument(max=MAX_ROW_ID)],
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """One job with its deliveries."""
@@ -189,7 +189,7 @@ def jobs_show(
         )
 
 
-def jobs_retry(ctx: typer.Context, job_id: Annotated[int, typer.Argument()]) -> None:
+def jobs_retry(ctx: typer.Context, job_id: Annotated[int, typer.Argument(max=MAX_ROW_ID)]) -> None:
     """Queue a failed, cancelled (or finished) job again."""
     from storage.queue import retry_job
 
@@ -199,7 +199,7 @@ def jobs_retry(ctx: typer.Context, job_id: Annotated[int, typer.Argument()]) -> 
     typer.echo(f"job {job_id} queued again")
 
 
-def jobs_cancel(ctx: typer.Context, job_id: Annotated[int, typer.Argument()]) -> None:
+def jobs_cancel(ctx: typer.Context, job_id: Annotated[int, typer.Argument(max=MAX_ROW_ID)]) -> None:
     """Cancel a queued, waiting or running job: nothing is sent."""
     from storage.queue import cancel_job
 
@@ -231,7 +231,7 @@ def deliveries_list(
     state: Annotated[
         DeliveryState | None, typer.Option(help="only deliveries in this state")
     ] = None,
-    limit: Annotated[int, typer.Option()] = 50,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_ROW_ID)] = 50,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List deliveries, newest first."""
@@ -252,7 +252,8 @@ def deliveries_list(
 def deliveries_retry(
     ctx: typer.Context,
     delivery_id: Annotated[
-        int | None, typer.Argument(help="one delivery; all dead ones if omitted")
+        int | None,
+        typer.Argument(help="one delivery; all dead ones if omitted", max=MAX_ROW_ID),
     ] = None,
 ) -> None:
     """Send dead-lettered deliveries again now."""
@@ -260,10 +261,17 @@ def deliveries_retry(
 
     index, _ = _index(ctx)
     count = retry_delivery(index, delivery_id)
+    if delivery_id is not None and not count:
+        raise DicomNodeError(
+            f"delivery {delivery_id} does not exist or is not dead or cancelled: "
+            "only those can be sent again"
+        )
     typer.echo(f"{count} deliveries due again")
 
 
-def deliveries_cancel(ctx: typer.Context, delivery_id: Annotated[int, typer.Argument()]) -> None:
+def deliveries_cancel(
+    ctx: typer.Context, delivery_id: Annotated[int, typer.Argument(max=MAX_ROW_ID)]
+) -> None:
     """Stop a pending delivery: it is not sent."""
     from storage.queue import cancel_delivery
 
@@ -388,7 +396,9 @@ def _status_text(data: dict[str, Any]) -> str:
 
 def worker(
     ctx: typer.Context,
-    processes: Annotated[int | None, typer.Option(help="default: workers.processes")] = None,
+    processes: Annotated[
+        int | None, typer.Option(help="default: workers.processes", min=1, max=64)
+    ] = None,
 ) -> None:
     """Run extra inference workers on the same index and store (another machine, or more GPUs)."""
     import signal

@@ -12,6 +12,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dicom_node.cli import console, print_json, settings_of
+from dicom_node.config import COMPRESSIONS_BY_FORMAT
 from dicom_node.errors import DicomNodeError
 from dicom_node.value_warnings import summarised_value_warnings
 
@@ -48,9 +49,18 @@ def segment(
         raise typer.BadParameter("--format must be binary or labelmap")
     if stack not in ("first", "last"):
         raise typer.BadParameter("--stack must be first or last")
+    allowed = COMPRESSIONS_BY_FORMAT[format]
+    if compression not in allowed:
+        # Before the series is read and segmented, not after.
+        raise typer.BadParameter(
+            f"--compression {compression!r} cannot be used with --format {format}: "
+            f"use one of {', '.join(allowed)}"
+        )
     settings = settings_of(ctx)
     if not path.exists():
         raise DicomNodeError(f"{path} does not exist")
+    if out.exists() and not out.is_dir():
+        raise DicomNodeError(f"--out {out} is a file: give the folder to write the SEG into")
     progress_console = console(stderr=True)
     with (
         summarised_value_warnings(str(path)),

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 from sqlalchemy import select
 
-from dicom_node.cli import console, print_json, settings_of
+from dicom_node.cli import MAX_ROW_ID, console, print_json, settings_of
 from dicom_node.errors import DicomNodeError
 from storage.models import Instance, Series, SeriesVersion, Study
 
@@ -43,7 +43,7 @@ def _summary(series: Series, study: Study, version: SeriesVersion) -> dict[str, 
 def list_series(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json")] = False,
-    limit: Annotated[int, typer.Option(help="newest N series")] = 100,
+    limit: Annotated[int, typer.Option(help="newest N series", min=1, max=MAX_ROW_ID)] = 100,
 ) -> None:
     """List series with the state of their newest version."""
     from dicom_node.service import open_store
