@@ -65,7 +65,7 @@ def test_an_unknown_state_is_refused_with_the_choices(
         (["segment", "{series}", "--out", "{file}"], "is a file: give the folder"),
         (["models", "check", "demo", "--size", "0"], "greater than or equal to 8"),
         # Exit 0 before: a delivery that does not exist "retried", no worker started at all.
-        (["deliveries", "retry", "999"], "delivery 999 does not exist or is not dead"),
+        (["deliveries", "retry", "999"], "delivery 999 does not exist, or is being sent"),
         (["worker", "--processes", "-2"], "greater than or equal to 1"),
     ],
 )

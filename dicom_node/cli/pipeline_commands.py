@@ -263,8 +263,7 @@ def deliveries_retry(
     count = retry_delivery(index, delivery_id)
     if delivery_id is not None and not count:
         raise DicomNodeError(
-            f"delivery {delivery_id} does not exist or is not dead or cancelled: "
-            "only those can be sent again"
+            f"delivery {delivery_id} does not exist, or is being sent or delivered already"
         )
     typer.echo(f"{count} deliveries due again")
 
