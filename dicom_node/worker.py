@@ -225,10 +225,23 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
         timings=timings,
         reason="; ".join(notes),
         deliveries=deliveries,
+        worker=ctx.worker,
     ):
-        for name in ctx.store.job_results(job.id):
-            ctx.store.remove(name)
-        logger.warning("%s: cancelled while running; its SEG is discarded, nothing is sent", tag)
+        if cancel_requested(ctx.index, job.id):
+            for name in ctx.store.job_results(job.id):
+                ctx.store.remove(name)
+            logger.warning(
+                "%s: cancelled while running; its SEG is discarded, nothing is sent", tag
+            )
+        else:
+            # Taken over by another worker (this one's heartbeat lapsed, the index away):
+            # its result is the job's; only this attempt's own SEG file goes.
+            ctx.store.remove(seg_rel)
+            logger.warning(
+                "%s: another worker took the job over while this one ran it; this "
+                "attempt's SEG is discarded",
+                tag,
+            )
         return
     found = ", ".join(f"{name} {ml:.1f} ml" for _, name, ml in result.volumes_ml if ml > 0)
     logger.info(
@@ -284,7 +297,7 @@ def process_one(
         if ctx.results_ready is not None:
             ctx.results_ready.set()
     except PermanentJobError as exc:
-        fail_job(ctx.index, job.id, str(exc), retry_in_s=None, max_attempts=0)
+        fail_job(ctx.index, job.id, str(exc), retry_in_s=None, max_attempts=0, worker=ctx.worker)
         logger.error("%s: failed after %.2f s: %s", ctx.job_tag, time.monotonic() - started, exc)
     except Exception as exc:
         reason = unavailable_reason(exc)
@@ -304,6 +317,7 @@ def process_one(
             f"{type(exc).__name__}: {exc}",
             retry_in_s=None if same_again else ctx.settings.workers.retry_delay_s,
             max_attempts=0 if same_again else ctx.settings.workers.max_attempts,
+            worker=ctx.worker,
         )
         if same_again:
             outcome = "not retried: it fails the same way each time"

@@ -11,11 +11,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from dicom_node.errors import DicomNodeError
 from storage.database import Index
 from storage.models import Delivery, DeliveryState, Job, JobState, utcnow
 
@@ -101,6 +103,14 @@ def claim_job(
     return None
 
 
+def _running(job_id: int, worker: str | None) -> list[Any]:
+    """WHERE clauses: the job is running (and, with ``worker``, that worker's)."""
+    clauses: list[Any] = [Job.id == job_id, Job.state == JobState.RUNNING]
+    if worker is not None:
+        clauses.append(Job.worker == worker)
+    return clauses
+
+
 def _give_up(session: Session, job: Job, now: dt.datetime) -> None:
     reason = (
         f"its worker {job.worker} stopped (died, or lost the index) in each of its "
@@ -135,20 +145,30 @@ def finish_job(
     timings: dict[str, float],
     reason: str = "",
     deliveries: list[tuple[str, str]] | None = None,
+    worker: str | None = None,
 ) -> bool:
     """Mark a running job succeeded and queue its deliveries (destination, resolved peer) at
-    once. False, and nothing changed, when the job is no longer running (cancelled)."""
+    once. False, and nothing changed, when the job is no longer running (cancelled) or,
+    with ``worker``, no longer that worker's (taken over after its heartbeat lapsed)."""
     now = utcnow()
     with index.session() as session, session.begin():
-        job = session.get(Job, job_id, with_for_update=True)
-        if job is None or job.state != JobState.RUNNING:
+        # One conditional UPDATE, not a read then a write: SQLite ignores FOR UPDATE and
+        # begins a transaction only at its first write, so a cancel committed between the
+        # two would be overwritten.
+        done = session.execute(
+            update(Job)
+            .where(*_running(job_id, worker))
+            .values(
+                state=JobState.SUCCEEDED,
+                finished_at=now,
+                seg_path=seg_path,
+                seg_sop_instance_uid=seg_sop_instance_uid,
+                timings=timings,
+                reason=reason,
+            )
+        )
+        if done.rowcount != 1:  # type: ignore[attr-defined]
             return False
-        job.state = JobState.SUCCEEDED
-        job.finished_at = now
-        job.seg_path = seg_path
-        job.seg_sop_instance_uid = seg_sop_instance_uid
-        job.timings = timings
-        job.reason = reason
         existing = {
             d.destination
             for d in session.scalars(select(Delivery).where(Delivery.job_pk == job_id))
@@ -190,25 +210,34 @@ def fail_job(
     *,
     retry_in_s: float | None,
     max_attempts: int,
+    worker: str | None = None,
 ) -> JobState:
     """Record a failure: wait and retry when allowed and attempts remain, else failed for good.
-    A job no longer running (cancelled) keeps its state and reason."""
+    A job no longer running (cancelled), or with ``worker`` no longer that worker's, keeps
+    its state and reason."""
     now = utcnow()
     with index.session() as session, session.begin():
-        job = session.get(Job, job_id, with_for_update=True)
+        job = session.get(Job, job_id)
         if job is None:
             return JobState.FAILED
-        if job.state != JobState.RUNNING:
+        if job.state != JobState.RUNNING or (worker is not None and job.worker != worker):
             return job.state
-        job.reason = reason
-        job.finished_at = now
-        if retry_in_s is not None and job.attempts < max_attempts:
-            job.state = JobState.RETRY_WAIT
-            job.next_attempt_at = now + dt.timedelta(seconds=retry_in_s)
-        else:
-            job.state = JobState.FAILED
-            job.next_attempt_at = None
-        return job.state
+        retry = retry_in_s is not None and job.attempts < max_attempts
+        state = JobState.RETRY_WAIT if retry else JobState.FAILED
+        done = session.execute(
+            update(Job)
+            # The attempts read: a takeover in between (a new attempt) is left alone.
+            .where(*_running(job_id, worker), Job.attempts == job.attempts)
+            .values(
+                state=state,
+                reason=reason,
+                finished_at=now,
+                next_attempt_at=now + dt.timedelta(seconds=retry_in_s or 0) if retry else None,
+            )
+        )
+        if done.rowcount != 1:  # type: ignore[attr-defined]
+            return session.scalar(select(Job.state).where(Job.id == job_id)) or JobState.FAILED
+        return state
 
 
 CANCELLED = "cancelled by the operator"
@@ -219,18 +248,26 @@ def cancel_job(index: Index, job_id: int) -> tuple[JobState, bool] | None:
     cancelled). A running job's worker is stopped by its pool (``cancel_requested``); a
     result it still reports is discarded (``finish_job`` leaves a cancelled job alone).
     None when there is no such job."""
-    with index.session() as session, session.begin():
-        job = session.get(Job, job_id, with_for_update=True)
-        if job is None:
-            return None
-        before = job.state
-        if before not in (JobState.QUEUED, JobState.RETRY_WAIT, JobState.RUNNING):
-            return before, False
-        job.state = JobState.CANCELLED
-        job.reason = f"{CANCELLED} (was {before.value})"
-        job.finished_at = utcnow()
-        job.next_attempt_at = None
-        return before, True
+    for _ in range(5):
+        with index.session() as session, session.begin():
+            before = session.scalar(select(Job.state).where(Job.id == job_id))
+            if before is None:
+                return None
+            if before not in (JobState.QUEUED, JobState.RETRY_WAIT, JobState.RUNNING):
+                return before, False
+            done = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == before)  # not one finished meanwhile
+                .values(
+                    state=JobState.CANCELLED,
+                    reason=f"{CANCELLED} (was {before.value})",
+                    finished_at=utcnow(),
+                    next_attempt_at=None,
+                )
+            )
+            if done.rowcount == 1:  # type: ignore[attr-defined]
+                return before, True
+    raise DicomNodeError(f"job {job_id} kept changing state; try again")
 
 
 def cancel_requested(index: Index, job_id: int) -> bool:
@@ -373,12 +410,13 @@ def cancel_delivery(index: Index, delivery_id: int) -> tuple[DeliveryState, bool
     cancelled and never sent. One being sent right now is left to finish. (its state
     before, whether it was cancelled), or None when there is no such delivery."""
     with index.session() as session, session.begin():
-        delivery = session.get(Delivery, delivery_id, with_for_update=True)
-        if delivery is None:
-            return None
-        before = delivery.state
-        if before != DeliveryState.PENDING:
-            return before, False
-        delivery.state = DeliveryState.CANCELLED
-        delivery.last_error = CANCELLED
-        return before, True
+        done = session.execute(
+            update(Delivery)
+            # Conditional: one the outbox claimed meanwhile is being sent, and not cancelled.
+            .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING)
+            .values(state=DeliveryState.CANCELLED, last_error=CANCELLED)
+        )
+        if done.rowcount == 1:  # type: ignore[attr-defined]
+            return DeliveryState.PENDING, True
+        before = session.scalar(select(Delivery.state).where(Delivery.id == delivery_id))
+        return None if before is None else (before, False)

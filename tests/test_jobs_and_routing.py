@@ -9,13 +9,15 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import update
+from sqlalchemy import event, select, update
 
 from dicom_node.config import RuleSettings, Settings, WorkerSettings
 from dicom_node.errors import DicomNodeError, ModelError
@@ -28,6 +30,7 @@ from storage.instances import InstanceRecord, complete_due_series, record_instan
 from storage.models import Delivery, DeliveryState, Job, JobState, Series, utcnow
 from storage.queue import (
     JobSpec,
+    cancel_delivery,
     cancel_job,
     cancel_requested,
     claim_delivery,
@@ -389,6 +392,76 @@ def test_a_job_whose_worker_died_is_taken_over(index: Index) -> None:
         )
     taken = claim_job(index, "host:2", heartbeat_timeout_s=60)
     assert taken is not None and taken.worker == "host:2" and taken.attempts == 2
+
+
+def _just_before(index: Index, statement: str, action: Callable[[], object]) -> list[object]:
+    """Run ``action`` on another thread (its own connection) once, just before this
+    process's next SQL statement starting with ``statement``; returns what it returned."""
+    done: list[object] = []
+
+    def hook(conn: Any, cursor: Any, sql: str, *_args: Any) -> None:
+        if not done and sql.startswith(statement):
+            done.append(None)
+            worker = threading.Thread(target=lambda: done.append(action()))
+            worker.start()
+            worker.join(30)
+
+    event.listen(index.engine, "before_cursor_execute", hook)
+    return done
+
+
+def test_a_cancel_committed_while_a_job_finishes_is_not_overwritten(index: Index) -> None:
+    """SQLite ignores FOR UPDATE and begins a transaction only at the first write: finishing
+    read RUNNING, an operator's cancel committed, and the finish then wrote SUCCEEDED and
+    queued the deliveries the operator had just stopped."""
+    job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, ["origin"]))
+    assert job_id is not None and claim_job(index, "host:1", heartbeat_timeout_s=60)
+    raced = _just_before(index, "UPDATE jobs", lambda: cancel_job(index, job_id))
+    finished = finish_job(index, job_id, seg_path="results/1/seg.dcm",
+                          seg_sop_instance_uid="2.25.1", timings={},
+                          deliveries=[("origin", "pacs")], worker="host:1")  # fmt: skip
+    assert raced[1:] == [(JobState.RUNNING, True)]  # the cancel ran in between
+    assert finished is False
+    with index.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.state == JobState.CANCELLED
+        assert session.scalars(select(Delivery)).all() == []
+
+
+def test_a_finish_or_failure_of_a_job_taken_over_is_ignored(index: Index) -> None:
+    """The first worker's heartbeat lapsed (the index was away) and another took the job
+    over: the first one's late result or failure must not end the second one's run."""
+    job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, ["origin"]))
+    assert job_id is not None and claim_job(index, "host:1", heartbeat_timeout_s=60)
+    with index.session() as session, session.begin():
+        session.execute(update(Job).values(heartbeat_at=utcnow() - dt.timedelta(seconds=120)))
+    assert claim_job(index, "host:2", heartbeat_timeout_s=60) is not None
+    assert not finish_job(index, job_id, seg_path="results/1/a.dcm", seg_sop_instance_uid="2.25.9",
+                          timings={}, deliveries=[("origin", "pacs")], worker="host:1")  # fmt: skip
+    state = fail_job(index, job_id, "late", retry_in_s=1.0, max_attempts=3, worker="host:1")
+    assert state == JobState.RUNNING
+    with index.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and (job.state, job.worker) == (JobState.RUNNING, "host:2")
+    assert finish_job(index, job_id, seg_path="results/1/b.dcm", seg_sop_instance_uid="2.25.8",
+                      timings={}, deliveries=[("origin", "pacs")], worker="host:2")  # fmt: skip
+
+
+def test_a_cancel_of_a_delivery_the_outbox_claims_meanwhile_leaves_it_sending(
+    index: Index,
+) -> None:
+    job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, ["origin"]))
+    assert job_id is not None and claim_job(index, "host:1", heartbeat_timeout_s=60)
+    assert finish_job(index, job_id, seg_path="results/1/seg.dcm", seg_sop_instance_uid="2.25.1",
+                      timings={}, deliveries=[("origin", "pacs")])  # fmt: skip
+    with index.session() as session:
+        (delivery_id,) = session.scalars(select(Delivery.id)).all()
+    raced = _just_before(index, "UPDATE deliveries", lambda: claim_delivery(index, lease_s=60))
+    assert cancel_delivery(index, delivery_id) == (DeliveryState.SENDING, False)
+    assert len(raced) == 2 and raced[1] is not None  # the outbox claimed it in between
+    with index.session() as session:
+        delivery = session.get(Delivery, delivery_id)
+        assert delivery is not None and delivery.state == DeliveryState.SENDING
 
 
 def test_a_job_whose_workers_keep_dying_fails_after_its_attempts(index: Index) -> None:
