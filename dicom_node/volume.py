@@ -299,6 +299,11 @@ def _describe_series(uid: str, instances: list[_Instance]) -> str:
 
 # ---- headers ------------------------------------------------------------------------
 
+# A file that is not there or not readable fails the job for good (its reason says which);
+# any other OSError (an I/O error, too many open files, a stale network mount) may pass,
+# and propagates for the job to be retried.
+_GONE: tuple[type[OSError], ...] = (FileNotFoundError, IsADirectoryError, PermissionError)
+
 
 def _read_header(item: PathOrDataset) -> _Instance:
     if isinstance(item, Dataset):
@@ -318,7 +323,7 @@ def _read_header(item: PathOrDataset) -> _Instance:
         header = pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, EOFError, ValueError) as exc:
         raise SeriesError(f"{path.name} is not a readable DICOM file: {exc}") from exc
-    except OSError as exc:
+    except _GONE as exc:
         raise SeriesError(f"cannot read {path}: {exc}") from exc
     return _Instance(header, path, None, path.name)
 
@@ -922,13 +927,17 @@ def _decode(instance: _Instance) -> np.ndarray:
     if dataset is None:
         try:
             dataset = pydicom.dcmread(str(instance.path))
-        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        except (InvalidDicomError, EOFError, ValueError) as exc:
+            raise SeriesError(f"cannot read {instance.name}: {exc}") from exc
+        except _GONE as exc:
             raise SeriesError(f"cannot read {instance.name}: {exc}") from exc
         if not any(k in dataset for k in _PIXEL_KEYWORDS):
             raise SeriesError(f"image {instance.name} has no pixel data")
     syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
     try:
         pixels: np.ndarray = dataset.pixel_array
+    except MemoryError:
+        raise  # not the image's fault: the job is retried (several workers decoding at once)
     except Exception as exc:  # decoders raise many types; all mean "cannot decode"
         syntax_name = getattr(syntax, "name", syntax) or "unknown transfer syntax"
         raise SeriesError(

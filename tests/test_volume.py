@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import itertools
 import random
 import shutil
@@ -843,3 +844,39 @@ def test_random_header_damage_gives_a_finite_volume_or_a_reason(tmp_path: Path) 
         assert np.isfinite(volume.array).all(), case
         outcomes["volume"] += 1
     assert outcomes["volume"] > 0 and outcomes["refused"] > 0, outcomes
+
+
+# ---- failures that are not the series' fault ------------------------------------------
+
+
+def test_an_io_error_reading_the_series_is_not_called_a_bad_series(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SeriesError fails the job for good; an I/O error (a failing disk, a stale network
+    mount, too many open files) may pass, so it propagates and the job is retried."""
+    written = write(tmp_path)
+
+    def failing(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr("dicom_node.volume.pydicom.dcmread", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        volume_from_series(written.paths)
+    monkeypatch.undo()
+    gone = written.paths[0]
+    gone.unlink()
+    with pytest.raises(SeriesError, match=f"cannot read .*{gone.name}"):
+        volume_from_series(written.paths)
+
+
+def test_running_out_of_memory_decoding_pixels_is_not_called_undecodable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written = write(tmp_path)
+
+    def no_memory(_self: pydicom.Dataset) -> np.ndarray:
+        raise MemoryError
+
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(no_memory))
+    with pytest.raises(MemoryError):
+        volume_from_series(written.paths)
