@@ -140,7 +140,8 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
         if version is None:
             raise PermanentJobError("its series version is no longer in the index (pruned?)")
         series = session.get(Series, version.series_pk)
-        assert series is not None
+        if series is None:  # a foreign key prevents it; said plainly if it happens
+            raise PermanentJobError("its series is no longer in the index")
         study_uid = series.study.study_instance_uid
         rows = session.execute(
             select(Instance.path, Instance.version)
@@ -297,8 +298,10 @@ def process_one(
         if ctx.results_ready is not None:
             ctx.results_ready.set()
     except PermanentJobError as exc:
-        fail_job(ctx.index, job.id, str(exc), retry_in_s=None, max_attempts=0, worker=ctx.worker)
+        # Logged first: if the index is away, recording the failure raises, and the cause
+        # would otherwise appear nowhere (the job runs again once the index answers).
         logger.error("%s: failed after %.2f s: %s", ctx.job_tag, time.monotonic() - started, exc)
+        fail_job(ctx.index, job.id, str(exc), retry_in_s=None, max_attempts=0, worker=ctx.worker)
     except Exception as exc:
         reason = unavailable_reason(exc)
         if reason is not None:
@@ -311,14 +314,24 @@ def process_one(
             )
             raise
         same_again = isinstance(exc, SAME_AGAIN)
-        state = fail_job(
-            ctx.index,
-            job.id,
-            f"{type(exc).__name__}: {exc}",
-            retry_in_s=None if same_again else ctx.settings.workers.retry_delay_s,
-            max_attempts=0 if same_again else ctx.settings.workers.max_attempts,
-            worker=ctx.worker,
-        )
+        try:
+            state = fail_job(
+                ctx.index,
+                job.id,
+                f"{type(exc).__name__}: {exc}",
+                retry_in_s=None if same_again else ctx.settings.workers.retry_delay_s,
+                max_attempts=0 if same_again else ctx.settings.workers.max_attempts,
+                worker=ctx.worker,
+            )
+        except Exception:
+            # The index went away meanwhile: the job's own error is logged here, or nowhere.
+            logger.exception(
+                "%s: error after %.2f s, not recorded (the index did not answer): %s",
+                ctx.job_tag,
+                time.monotonic() - started,
+                exc,
+            )
+            raise
         if same_again:
             outcome = "not retried: it fails the same way each time"
         else:

@@ -650,6 +650,41 @@ def test_an_unexpected_error_is_retried_only_when_it_may_pass(
     assert record.exc_info is not None  # the traceback, for a bug report
 
 
+@pytest.mark.parametrize(
+    "exc", [ModelError("no model 'vibe' installed"), OSError(28, "No space left on device")]
+)
+def test_a_job_error_is_logged_even_when_the_index_cannot_record_it(
+    index: Index,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    exc: Exception,
+) -> None:
+    """The index went away between the claim and the failure: recording it raises, the job
+    runs again later, and its error must still be in the log with the job's tag."""
+    from dicom_node import worker
+    from storage.filestore import FileStore
+
+    job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, []))
+    assert job_id is not None
+    ctx = worker.JobContext(
+        Settings(storage={"data_dir": tmp_path}),
+        index,
+        FileStore(tmp_path / "store", 0, fsync=False),
+        "host:1",
+    )
+
+    def away(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("the index did not answer")
+
+    monkeypatch.setattr(worker, "fail_job", away)
+    caplog.set_level("ERROR", logger="dicom_node.worker")
+    with pytest.raises(RuntimeError, match="did not answer"):
+        worker.process_one(ctx, _ModelsRaising(exc))  # type: ignore[arg-type]
+    logged = [r.getMessage() for r in caplog.records if r.name == "dicom_node.worker"]
+    assert any(f"job {job_id} study " in m and str(exc) in m for m in logged), logged
+
+
 def test_a_job_starts_with_no_result_files_but_its_own(index: Index, tmp_path: Path) -> None:
     """SQLite gives a deleted job's number again: a BINARY fallback left in its results
     folder (a crash between a prune's commit and its file removal) was sent as the new job's
