@@ -619,7 +619,10 @@ def _installing(models_dir: Path, model_name: str, overwrite: bool) -> Iterator[
     models_dir.mkdir(parents=True, exist_ok=True)
     final = models_dir / model_name
     if final.exists() and not overwrite:
-        raise ModelError(f"model {model_name!r} is already installed at {final}; remove it first")
+        raise ModelError(
+            f"model {model_name!r} is already installed at {final}: install over it with "
+            "replace (dicom-node models add --replace), or choose another name"
+        )
     staging = Path(tempfile.mkdtemp(prefix=f".install-{model_name}-", dir=models_dir))
     try:
         yield staging

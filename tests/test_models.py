@@ -203,6 +203,9 @@ def test_install_from_folder(tmp_path: Path) -> None:
     assert not (tmp_path / "models" / "tiny" / "nnunet" / "fold_0" / "progress.png").exists()
     assert [m.name for m in list_models(tmp_path / "models") if not m.builtin] == ["tiny"]
     assert load_model_info("tiny", tmp_path / "models").weights_sha256 == info.weights_sha256
+    with pytest.raises(ModelError, match=r"already installed .*models add --replace"):
+        install_model(src, tmp_path / "models")  # the message names the way out
+    assert install_model(src, tmp_path / "models", overwrite=True).name == "tiny"
 
 
 def test_install_from_zip_with_overrides(tmp_path: Path) -> None:
