@@ -67,6 +67,10 @@ def test_an_unknown_state_is_refused_with_the_choices(
         # Exit 0 before: a delivery that does not exist "retried", no worker started at all.
         (["deliveries", "retry", "999"], "delivery 999 does not exist, or is being sent"),
         (["worker", "--processes", "-2"], "greater than or equal to 1"),
+        # Unclear before: an empty UID read as the current folder, or printed as nothing.
+        (["rules", "test", ""], "give a Series Instance UID or a folder (the argument is empty)"),
+        (["series", "show", ""], "no series '' in the index"),
+        (["jobs", "retry", "7"], "no job 7"),
     ],
 )
 def test_bad_arguments_get_an_error_not_a_traceback(

@@ -703,6 +703,19 @@ def test_a_job_starts_with_no_result_files_but_its_own(index: Index, tmp_path: P
     assert not store.absolute(left).exists()
 
 
+def test_retrying_a_job_that_is_not_finished_says_its_state(index: Index, tmp_path: Path) -> None:
+    job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, []))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage: {{data_dir: {tmp_path}}}\n")  # its index.sqlite
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("dicom-node")), "-c", str(config), "jobs", "retry",
+         str(job_id)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert f"job {job_id} is queued: only a failed, cancelled or succeeded job" in run.stderr
+
+
 def test_a_cancelled_job_stays_cancelled(index: Index) -> None:
     check_cancel(index)
 

@@ -53,6 +53,9 @@ def rules_test(
     from dicom_node.scheduler import facts_from_index
 
     settings = settings_of(ctx)
+    if not target.strip():
+        # Path("") is the current folder: it would be read as a folder of images.
+        raise DicomNodeError("give a Series Instance UID or a folder (the argument is empty)")
     path = Path(target)
     if path.is_dir():
         facts = facts_from_folder(path, calling_ae)
@@ -195,7 +198,14 @@ def jobs_retry(ctx: typer.Context, job_id: Annotated[int, typer.Argument(max=MAX
 
     index, _ = _index(ctx)
     if not retry_job(index, job_id):
-        raise DicomNodeError(f"job {job_id} does not exist or is not finished")
+        with index.session() as session:
+            state = session.scalar(select(Job.state).where(Job.id == job_id))
+        if state is None:
+            raise DicomNodeError(f"no job {job_id}")
+        raise DicomNodeError(
+            f"job {job_id} is {state.value}: only a failed, cancelled or succeeded job is "
+            "queued again"
+        )
     typer.echo(f"job {job_id} queued again")
 
 

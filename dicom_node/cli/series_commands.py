@@ -91,7 +91,7 @@ def show_series(
     with index.session() as session:
         series = session.scalar(select(Series).where(Series.series_instance_uid == uid))
         if series is None:
-            raise DicomNodeError(f"no series {uid} in the index (see `dicom-node series list`)")
+            raise DicomNodeError(f"no series {uid!r} in the index (see `dicom-node series list`)")
         study = series.study
         versions = [_summary(series, study, v) for v in series.versions]
         instances = [
