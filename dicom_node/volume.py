@@ -303,6 +303,7 @@ def _describe_series(uid: str, instances: list[_Instance]) -> str:
 # any other OSError (an I/O error, too many open files, a stale network mount) may pass,
 # and propagates for the job to be retried.
 _GONE: tuple[type[OSError], ...] = (FileNotFoundError, IsADirectoryError, PermissionError)
+_UNREADABLE: tuple[type[Exception], ...] = (InvalidDicomError, EOFError, ValueError, *_GONE)
 
 
 def _read_header(item: PathOrDataset) -> _Instance:
@@ -927,9 +928,7 @@ def _decode(instance: _Instance) -> np.ndarray:
     if dataset is None:
         try:
             dataset = pydicom.dcmread(str(instance.path))
-        except (InvalidDicomError, EOFError, ValueError) as exc:
-            raise SeriesError(f"cannot read {instance.name}: {exc}") from exc
-        except _GONE as exc:
+        except _UNREADABLE as exc:
             raise SeriesError(f"cannot read {instance.name}: {exc}") from exc
         if not any(k in dataset for k in _PIXEL_KEYWORDS):
             raise SeriesError(f"image {instance.name} has no pixel data")

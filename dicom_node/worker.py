@@ -419,11 +419,11 @@ class WorkerPool:
         self._slots: list[_Slot] = []
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._timed_out: set[int] = set()  # killed for the time limit, not yet marked failed
-        # Jobs whose worker process died under them (out of memory, a crash in a native
-        # decoder), not yet marked: each death costs an attempt, so such a job ends failed
-        # instead of killing worker after worker ahead of every newer job.
-        self._died: dict[int, str] = {}
+        # Jobs whose worker was killed for the time limit, or died under them (out of
+        # memory, a crash in a native decoder), not yet marked: job -> (reason, retry_in_s,
+        # max_attempts). Each death costs an attempt, so such a job ends failed instead of
+        # killing worker after worker ahead of every newer job.
+        self._to_fail: dict[int, tuple[str, float | None, int]] = {}
 
     def _spawn(self, number: int) -> _Slot:
         current = self._context.Value("i", 0)
@@ -481,11 +481,12 @@ class WorkerPool:
                 )
                 slot.process.kill()
                 slot.process.join(5)
-                self._timed_out.add(job)
+                reason = f"timed out after {timeout:.0f} s (workers.job_timeout_s)"
+                self._to_fail[job] = (reason, None, 0)
             if not slot.process.is_alive() and not self._stopping.is_set():
                 code = slot.process.exitcode
                 held = slot.current.value
-                if held and held not in self._timed_out:
+                if held and held not in self._to_fail:
                     logger.error(
                         "job %d: worker %s died (exit code %s) while running it; "
                         "starting a new worker",
@@ -493,8 +494,10 @@ class WorkerPool:
                         slot.process.name,
                         code,
                     )
-                    self._died[held] = (
-                        f"its worker process died (exit code {code}) while running it"
+                    self._to_fail[held] = (
+                        f"its worker process died (exit code {code}) while running it",
+                        self.settings.workers.retry_delay_s,
+                        self.settings.workers.max_attempts,
                     )
                 else:
                     logger.warning(
@@ -503,28 +506,12 @@ class WorkerPool:
                 # Started before its jobs are released: that needs the index, which
                 # may be the reason it exited.
                 self._slots[number - 1] = self._spawn(number)
-                release_orphaned_jobs(self.index, keep=self._timed_out | self._died.keys())
+                release_orphaned_jobs(self.index, keep=self._to_fail.keys())
         # Marked after the replacement is started (and again next round while the index is
         # away), so that a stopped worker is replaced whatever the index does.
-        for job in sorted(self._timed_out):
-            fail_job(
-                self.index,
-                job,
-                f"timed out after {timeout:.0f} s (workers.job_timeout_s)",
-                retry_in_s=None,
-                max_attempts=0,
-            )
-            self._timed_out.discard(job)
-        workers = self.settings.workers
-        for job, reason in sorted(self._died.items()):
-            fail_job(
-                self.index,
-                job,
-                reason,
-                retry_in_s=workers.retry_delay_s,
-                max_attempts=workers.max_attempts,
-            )
-            del self._died[job]
+        for job, (reason, retry_in_s, max_attempts) in sorted(self._to_fail.items()):
+            fail_job(self.index, job, reason, retry_in_s=retry_in_s, max_attempts=max_attempts)
+            del self._to_fail[job]
 
     def _cancelled(self, job_id: int) -> bool:
         try:

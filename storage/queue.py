@@ -118,7 +118,7 @@ def _give_up(session: Session, job: Job, now: dt.datetime) -> None:
     )
     done = session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.state == JobState.RUNNING, Job.attempts == job.attempts)
+        .where(*_running(job.id, None), Job.attempts == job.attempts)
         .values(state=JobState.FAILED, reason=reason, finished_at=now, next_attempt_at=None)
     )
     if done.rowcount == 1:  # type: ignore[attr-defined]

@@ -38,12 +38,11 @@ def _resolve_peer(ctx: typer.Context, peer: str) -> PeerSettings:
     if found is not None:
         return found
     match = _ADDRESS.match(peer)
-    if match and not 1 <= int(match["port"]) <= 65535:
-        raise ConfigError(f"{peer!r}: port {match['port']} is not between 1 and 65535")
     if match:
-        return PeerSettings(
-            name=peer, ae_title=match["ae"], host=match["host"], port=int(match["port"])
-        )
+        port = int(match["port"])
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"{peer!r}: port {port} is not between 1 and 65535")
+        return PeerSettings(name=peer, ae_title=match["ae"], host=match["host"], port=port)
     known = ", ".join(p.name for p in settings.peers) or "none configured"
     raise ConfigError(
         f"unknown peer {peer!r}: use a configured peer name ({known}) or AE@host:port"
