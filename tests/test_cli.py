@@ -61,6 +61,7 @@ def test_an_unknown_state_is_refused_with_the_choices(
         (["deliveries", "cancel", "99999999999999999999"], "less than or equal to"),
         (["series", "list", "--limit", "99999999999999999999"], "less than or equal to"),
         (["echo", "AE@localhost:99999"], "port 99999 is not between 1 and 65535"),
+        (["echo", "A\\B@localhost:104"], "AE title 'A\\\\B' is invalid"),
         (["segment", "{series}", "--compression", "rle"], "cannot be used with --format binary"),
         (["segment", "{series}", "--out", "{file}"], "is a file: give the folder"),
         (["models", "check", "demo", "--size", "0"], "greater than or equal to 8"),

@@ -6,6 +6,7 @@ import re
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from dicom_node.cli import print_json, settings_of
 from dicom_node.config import PeerSettings
@@ -42,7 +43,10 @@ def _resolve_peer(ctx: typer.Context, peer: str) -> PeerSettings:
         port = int(match["port"])
         if not 1 <= port <= 65535:
             raise ConfigError(f"{peer!r}: port {port} is not between 1 and 65535")
-        return PeerSettings(name=peer, ae_title=match["ae"], host=match["host"], port=port)
+        try:
+            return PeerSettings(name=peer, ae_title=match["ae"], host=match["host"], port=port)
+        except ValidationError as exc:  # an AE title the settings model refuses
+            raise ConfigError(f"{peer!r}: {exc.errors()[0]['msg']}") from exc
     known = ", ".join(p.name for p in settings.peers) or "none configured"
     raise ConfigError(
         f"unknown peer {peer!r}: use a configured peer name ({known}) or AE@host:port"
