@@ -276,13 +276,15 @@ def cancel_requested(index: Index, job_id: int) -> bool:
         return session.scalar(select(Job.state).where(Job.id == job_id)) == JobState.CANCELLED
 
 
+SUPERSEDED = "job queued again: the new SEG is sent when it finishes"
 _FINISHED_JOBS = (JobState.FAILED, JobState.SUCCEEDED, JobState.CANCELLED)
 
 
 def retry_job(index: Index, job_id: int, spec: JobSpec | None = None) -> bool:
     """Operator's retry: queue a failed, cancelled or succeeded job again with fresh attempts; with
-    ``spec``, under that model, profile and destinations (the rule as configured now).
-    False when the job is queued, running or waiting for a retry already."""
+    ``spec``, under that model, profile and destinations (the rule as configured now). Its
+    pending deliveries are cancelled (``SUPERSEDED``). False when the job is queued, running
+    or waiting for a retry already."""
     values: dict[str, object] = {
         "state": JobState.QUEUED,
         "attempts": 0,
@@ -299,7 +301,17 @@ def retry_job(index: Index, job_id: int, spec: JobSpec | None = None) -> bool:
         result = session.execute(
             update(Job).where(Job.id == job_id, Job.state.in_(_FINISHED_JOBS)).values(values)
         )
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        if not result.rowcount:  # type: ignore[attr-defined]
+            return False
+        # A succeeded job's unsent deliveries would send the SEG the re-run replaces (its
+        # worker removes the file first, so they would be dead-lettered as "missing"). They
+        # stop here; finish_job queues them again with the new SEG.
+        session.execute(
+            update(Delivery)
+            .where(Delivery.job_pk == job_id, Delivery.state == DeliveryState.PENDING)
+            .values(state=DeliveryState.CANCELLED, last_error=SUPERSEDED)
+        )
+        return True
 
 
 def job_for(index: Index, series_version_pk: int, rule_name: str) -> Job | None:

@@ -36,6 +36,7 @@ from storage.queue import (
     claim_delivery,
     claim_job,
     create_job,
+    delivery_done,
     delivery_failed,
     fail_job,
     finish_job,
@@ -545,6 +546,35 @@ def test_a_send_cut_off_by_a_crash_is_due_again(index: Index) -> None:
     assert claim_delivery(index, lease_s=3600) is None
     assert release_interrupted(index) == 1  # what `serve` does at start
     assert claim_delivery(index, lease_s=3600) is not None
+
+
+def test_a_succeeded_job_queued_again_stops_sending_its_old_seg(index: Index) -> None:
+    """Its worker removes the old SEG before it runs: an unsent delivery of it was
+    dead-lettered as "SEG file missing". It waits for the new SEG instead."""
+    version_pk = _complete_series(index)
+    job_id = create_job(index, version_pk, JobSpec("r", "demo", {}, ["origin", "archive"]))
+    assert job_id is not None
+    assert claim_job(index, "host:1", heartbeat_timeout_s=60) is not None
+    assert finish_job(index, job_id, seg_path="results/1/a.dcm", seg_sop_instance_uid="2.25.1",
+                      timings={}, deliveries=[("origin", "pacs"), ("archive", "vna")])  # fmt: skip
+    sent = claim_delivery(index, lease_s=60)
+    assert sent is not None
+    delivery_done(index, sent.id, 0.1)
+    assert retry_job(index, job_id)
+    assert claim_delivery(index, lease_s=60) is None  # the old SEG is not sent
+    with index.session() as session:
+        rows = {d.destination: d for d in session.scalars(select(Delivery))}
+    unsent = rows["archive" if sent.destination == "origin" else "origin"]
+    assert unsent.state == DeliveryState.CANCELLED
+    assert unsent.last_error == "job queued again: the new SEG is sent when it finishes"
+    assert rows[sent.destination].state == DeliveryState.DELIVERED  # history kept
+    # The re-run's SEG goes to both again.
+    assert claim_job(index, "host:1", heartbeat_timeout_s=60) is not None
+    assert finish_job(index, job_id, seg_path="results/1/b.dcm", seg_sop_instance_uid="2.25.1",
+                      timings={}, deliveries=[("origin", "pacs"), ("archive", "vna")])  # fmt: skip
+    again = [claim_delivery(index, lease_s=60) for _ in range(2)]
+    assert {d.seg_path for d in again if d is not None} == {"results/1/b.dcm"}
+    assert all(d is not None and d.attempts == 1 for d in again)
 
 
 def test_origin_is_resolved_by_calling_ae_or_refused(index: Index) -> None:

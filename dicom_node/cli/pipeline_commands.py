@@ -193,7 +193,8 @@ def jobs_show(
 
 
 def jobs_retry(ctx: typer.Context, job_id: Annotated[int, typer.Argument(max=MAX_ROW_ID)]) -> None:
-    """Queue a failed, cancelled (or finished) job again."""
+    """Queue a failed, cancelled or succeeded job again (its unsent deliveries wait for the
+    new SEG)."""
     from storage.queue import retry_job
 
     index, _ = _index(ctx)
