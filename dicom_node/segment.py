@@ -25,6 +25,7 @@ from dicom_node.volume import (
     reorient_to_closest_canonical,
     volume_from_series,
 )
+from inference.log_context import labelled
 from inference.model_store import ModelInfo, load_model_info
 from inference.predictor import Segmenter
 
@@ -98,7 +99,7 @@ def segment_volume(
 ) -> SegmentResult:
     if volume.modality and volume.modality != info.descriptor.modality:
         logger.warning(
-            "series %s is %s but model %s was trained on %s",
+            labelled("series %s is %s but model %s was trained on %s"),
             volume.series_instance_uid,
             volume.modality,
             info.name,

@@ -29,6 +29,7 @@ from dicom_node.errors import DicomNodeError, ModelError, SeriesError
 from dicom_node.index_outage import IndexOutage
 from dicom_node.logging_setup import configure_logging
 from dicom_node.value_warnings import summarised_value_warnings
+from inference.log_context import log_label
 from storage.database import Index, unavailable_reason
 from storage.filestore import FileStore
 from storage.models import Instance, Job, JobState, Series, SeriesVersion, utcnow
@@ -182,18 +183,19 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
     # The rule's profile as queued with the job (keys added later take their defaults).
     profile = OutputProfile.model_validate(job.profile)
     try:
-        result = segment_series(
-            paths,
-            info,
-            segmenter,
-            StackChoice(profile.stack, profile.stack_image_type),
-            # Images sent again in a later version replace the earlier copies.
-            versions=[row.version for row in rows],
-            format=profile.format,
-            compression=profile.compression,
-            binary_fallback=profile.format != "binary" and profile.fallback_to_binary,
-            instance_number=version.version,
-        )
+        with log_label(tag):  # inference's lines (and its CUDA fallbacks) name the job
+            result = segment_series(
+                paths,
+                info,
+                segmenter,
+                StackChoice(profile.stack, profile.stack_image_type),
+                # Images sent again in a later version replace the earlier copies.
+                versions=[row.version for row in rows],
+                format=profile.format,
+                compression=profile.compression,
+                binary_fallback=profile.format != "binary" and profile.fallback_to_binary,
+                instance_number=version.version,
+            )
     except EmptySegmentationError:
         timings["total_s"] = time.monotonic() - started
         finish_job(

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from dicom_node.errors import ModelError
+from inference.log_context import labelled
 from inference.model_store import ModelInfo, ModelPart
 
 if TYPE_CHECKING:
@@ -312,7 +313,7 @@ class Segmenter:
                 np.copyto(combined, labels, where=labels != 0)
             if self.model.has_parts:
                 logger.info(
-                    "model %s part %d/%d (%s) done in %.2f s",
+                    labelled("model %s part %d/%d (%s) done in %.2f s"),
                     self.model.name,
                     index,
                     len(self._parts),
@@ -321,7 +322,7 @@ class Segmenter:
                 )
         assert combined is not None  # a model has at least one part
         logger.info(
-            "model %s segmented %s at spacing %s in %.2f s",
+            labelled("model %s segmented %s at spacing %s in %.2f s"),
             self.model.name,
             data.shape[1:],
             tuple(round(s, 3) for s in spacing),
@@ -345,7 +346,7 @@ class Segmenter:
             if self.device.type != "cuda":
                 raise
             logger.warning(
-                "model %s: CUDA out of memory for %s; retrying with results on the CPU",
+                labelled("model %s: CUDA out of memory for %s; retrying with results on the CPU"),
                 self.model.name,
                 data.shape[1:],
             )
@@ -356,7 +357,7 @@ class Segmenter:
             return self._run(predictor, data, spacing)
         except torch.cuda.OutOfMemoryError:
             logger.warning(
-                "model %s: still out of CUDA memory; running this volume on the CPU",
+                labelled("model %s: still out of CUDA memory; running this volume on the CPU"),
                 self.model.name,
             )
         finally:

@@ -8,6 +8,7 @@ around it (the Segmenter's fallback logic) is the real code.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 from test_models import make_model
 
+from inference.log_context import log_label
 from inference.model_store import install_model
 from inference.predictor import Segmenter
 
@@ -66,10 +68,13 @@ def test_out_of_memory_retries_with_logits_on_the_cpu(
 ) -> None:
     stand_in = GpuPredictorStandIn(fails_on_device=True, fails_with_cpu_logits=False)
     _use(segmenter, stand_in)
-    assert segmenter.predict(VOLUME, (1.0, 1.0, 1.0)).shape == VOLUME.shape
+    caplog.set_level(logging.INFO, logger="inference")
+    with log_label("job 7 series 1.2.3 v1"):  # as the worker labels a job's inference
+        assert segmenter.predict(VOLUME, (1.0, 1.0, 1.0)).shape == VOLUME.shape
     assert stand_in.calls == [("cuda", True), ("cuda", False)]
     assert stand_in.perform_everything_on_device is True  # restored for the next volume
-    assert "CUDA out of memory" in caplog.text
+    assert "job 7 series 1.2.3 v1: model tiny: CUDA out of memory" in caplog.text
+    assert "job 7 series 1.2.3 v1: model tiny segmented" in caplog.text
 
 
 def test_still_out_of_memory_runs_on_the_cpu_then_returns_to_the_gpu(segmenter: Segmenter) -> None:

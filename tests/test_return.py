@@ -73,6 +73,7 @@ def test_orthanc_sends_a_series_and_gets_its_seg_back(
     job_line = f"job {job['id']} study {uids.study_instance_uid} series {uids.series_instance_uid}"
     assert job_line in log
     assert "succeeded in" in log and "delivered in" in log
+    assert f"{job_line} v1: model demo segmented" in log  # inference's own line names the job
 
 
 @pytest.mark.slow
