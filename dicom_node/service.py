@@ -14,11 +14,12 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any, Protocol
 
-from dicom_node.child_process import die_with_parent
+from dicom_node.child_process import Restarts, die_with_parent
 from dicom_node.completion import CompletionListener, CompletionMonitor
 from dicom_node.config import Settings
 from dicom_node.errors import ConfigError, DeliveryError, StorageError
@@ -86,6 +87,7 @@ class Service:
         self.components: list[Component] = []
         self._scp: RunningSCP | None = None
         self._children: list[multiprocessing.process.BaseProcess] = []
+        self._restarts: list[Restarts] = []
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -96,6 +98,7 @@ class Service:
         self._scp = start_scp(self.settings, self.receiver, shared=processes > 1)
         if processes > 1:
             self._children = [self._spawn_receiver(number) for number in range(1, processes)]
+            self._restarts = [Restarts(started=time.monotonic()) for _ in self._children]
             logger.info(
                 "%d receiver processes share the listening port %d",
                 processes,
@@ -125,19 +128,39 @@ class Service:
         end, and every image it acknowledged is stored."""
         if self._stopped.is_set():
             return
-        for number, child in enumerate(self._children, start=1):
-            if not child.is_alive():
-                logger.warning(
-                    "receiver process %s exited (code %s); starting a new one",
-                    child.name,
-                    child.exitcode,
-                )
-                self._children[number - 1] = self._spawn_receiver(number)
+        for number, (child, restarts) in enumerate(
+            zip(self._children, self._restarts, strict=True), start=1
+        ):
+            if child.is_alive():
+                continue
+            now = time.monotonic()
+            if restarts.due is None:  # its exit not handled yet
+                delay = restarts.exited(now)
+                if delay:
+                    logger.error(
+                        "receiver process %s exited (code %s) %d times in a row within %.0f s "
+                        "of starting (its own log lines before each exit say why); starting "
+                        "it again in %.0f s",
+                        child.name,
+                        child.exitcode,
+                        restarts.quick_exits,
+                        Restarts.QUICK_S,
+                        delay,
+                    )
+                else:
+                    logger.warning(
+                        "receiver process %s exited (code %s); starting a new one",
+                        child.name,
+                        child.exitcode,
+                    )
                 if child.pid is not None:
                     # Off this loop: the sweep lists every series folder of the store.
                     threading.Thread(
                         target=self._sweep_after, args=(child.name, child.pid), daemon=True
                     ).start()
+            if now >= (restarts.due or 0.0):
+                self._children[number - 1] = self._spawn_receiver(number)
+                restarts.restarted(now)
 
     def _sweep_after(self, name: str, pid: int) -> None:
         """Remove what a dead receiver process was writing (the others write on)."""

@@ -16,14 +16,14 @@ import socket
 import threading
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import Synchronized
 from typing import TYPE_CHECKING, Protocol
 
 import psutil
 from sqlalchemy import select
 
-from dicom_node.child_process import die_with_parent
+from dicom_node.child_process import Restarts, die_with_parent
 from dicom_node.config import OutputProfile, Settings
 from dicom_node.errors import DicomNodeError, ModelError, SeriesError
 from dicom_node.index_outage import IndexOutage
@@ -403,6 +403,7 @@ class _Slot:
     stop: Synchronized[int]
     job_seen: int = 0
     job_since: float = 0.0
+    restarts: Restarts = field(default_factory=Restarts)
 
 
 class WorkerPool:
@@ -426,6 +427,7 @@ class WorkerPool:
         # max_attempts). Each death costs an attempt, so such a job ends failed instead of
         # killing worker after worker ahead of every newer job.
         self._to_fail: dict[int, tuple[str, float | None, int]] = {}
+        self._clock = time.monotonic
 
     def _spawn(self, number: int) -> _Slot:
         current = self._context.Value("i", 0)
@@ -444,11 +446,17 @@ class WorkerPool:
         process.start()
         return _Slot(process, current, stop)
 
+    def _start(self, number: int, restarts: Restarts | None = None) -> _Slot:
+        slot = self._spawn(number)
+        slot.restarts = restarts or Restarts()
+        slot.restarts.restarted(self._clock())
+        return slot
+
     def start(self) -> None:
         released = release_orphaned_jobs(self.index)
         if released:
             logger.info("%d jobs of stopped workers will be run again", released)
-        self._slots = [self._spawn(n) for n in range(1, self.processes + 1)]
+        self._slots = [self._start(n) for n in range(1, self.processes + 1)]
         self._thread = threading.Thread(target=self._supervise, name="worker-pool", daemon=True)
         self._thread.start()
 
@@ -468,8 +476,10 @@ class WorkerPool:
         timeout = self.settings.workers.job_timeout_s
         for number, slot in enumerate(self._slots, start=1):
             job = slot.current.value
+            now = self._clock()
             if job != slot.job_seen:
-                slot.job_seen, slot.job_since = job, time.monotonic()
+                slot.job_seen, slot.job_since = job, now
+            stopped = False  # by this supervisor, on purpose
             if job and self._cancelled(job):
                 # The operator cancelled it (`jobs cancel`): free the worker now. The
                 # respawn below starts a fresh one.
@@ -477,7 +487,8 @@ class WorkerPool:
                 slot.process.kill()
                 slot.process.join(5)
                 slot.current.value = 0
-            elif job and time.monotonic() - slot.job_since > timeout:
+                stopped = True
+            elif job and now - slot.job_since > timeout:
                 logger.error(
                     "job %d exceeded workers.job_timeout_s=%.0f s; stopping it", job, timeout
                 )
@@ -485,35 +496,54 @@ class WorkerPool:
                 slot.process.join(5)
                 reason = f"timed out after {timeout:.0f} s (workers.job_timeout_s)"
                 self._to_fail[job] = (reason, None, 0)
-            if not slot.process.is_alive() and not self._stopping.is_set():
-                code = slot.process.exitcode
-                held = slot.current.value
-                if held and held not in self._to_fail:
-                    logger.error(
-                        "job %d: worker %s died (exit code %s) while running it; "
-                        "starting a new worker",
-                        held,
-                        slot.process.name,
-                        code,
-                    )
-                    self._to_fail[held] = (
-                        f"its worker process died (exit code {code}) while running it",
-                        self.settings.workers.retry_delay_s,
-                        self.settings.workers.max_attempts,
-                    )
-                else:
-                    logger.warning(
-                        "worker %s exited (code %s); starting a new one", slot.process.name, code
-                    )
+                stopped = True
+            if slot.process.is_alive() or self._stopping.is_set():
+                continue
+            if slot.restarts.due is None:
+                self._handle_exit(slot, stopped, now)
+            if now >= (slot.restarts.due or 0.0):
                 # Started before its jobs are released: that needs the index, which
                 # may be the reason it exited.
-                self._slots[number - 1] = self._spawn(number)
+                self._slots[number - 1] = self._start(number, slot.restarts)
                 release_orphaned_jobs(self.index, keep=self._to_fail.keys())
         # Marked after the replacement is started (and again next round while the index is
         # away), so that a stopped worker is replaced whatever the index does.
         for job, (reason, retry_in_s, max_attempts) in sorted(self._to_fail.items()):
             fail_job(self.index, job, reason, retry_in_s=retry_in_s, max_attempts=max_attempts)
             del self._to_fail[job]
+
+    def _handle_exit(self, slot: _Slot, stopped: bool, now: float) -> None:
+        """Log a worker's exit once, mark the job it held, and choose when it starts again."""
+        code = slot.process.exitcode
+        held = slot.current.value
+        slot.current.value = 0
+        delay = slot.restarts.exited(now, on_purpose=stopped)
+        again = f"starting it again in {delay:.0f} s" if delay else "starting a new worker"
+        if held and held not in self._to_fail:
+            logger.error(
+                "job %d: worker %s died (exit code %s) while running it; %s",
+                held,
+                slot.process.name,
+                code,
+                again,
+            )
+            self._to_fail[held] = (
+                f"its worker process died (exit code {code}) while running it",
+                self.settings.workers.retry_delay_s,
+                self.settings.workers.max_attempts,
+            )
+        elif delay:
+            logger.error(
+                "worker %s exited (code %s) %d times in a row within %.0f s of starting "
+                "(its own log lines before each exit say why); %s",
+                slot.process.name,
+                code,
+                slot.restarts.quick_exits,
+                Restarts.QUICK_S,
+                again,
+            )
+        else:
+            logger.warning("worker %s exited (code %s); %s", slot.process.name, code, again)
 
     def _cancelled(self, job_id: int) -> bool:
         try:
