@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Collection
@@ -366,14 +367,22 @@ def worker_main(
 
         torch.set_num_threads(settings.inference.cpu_threads)
     from dicom_node.segment import ModelCache
+    from inference.predictor import pick_device
 
+    try:
+        device = pick_device(settings.inference.device)
+    except ModelError as exc:
+        # Before claiming: every job would fail for good (a GPU driver broken by an update,
+        # say). The jobs wait in the queue; the supervisor tries again, later and later.
+        logger.error("worker %s cannot run jobs: %s; they wait in the queue", worker_id(), exc)
+        sys.exit(3)
     index = Index(
         settings.storage.effective_database_url, migrate=False, fsync=settings.storage.fsync
     )
     store = FileStore(settings.storage.store_dir, 0, fsync=settings.storage.fsync)
     ctx = JobContext(settings, index, store, worker_id(), results_ready)
     models = ModelCache(settings.models_dir, settings.inference)
-    logger.info("worker %s ready", ctx.worker)
+    logger.info("worker %s ready (inference on %s)", ctx.worker, device)
     outage = IndexOutage(f"worker {ctx.worker}", logger)
     while not stop.value:
         if work_available is not None:

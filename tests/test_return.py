@@ -14,6 +14,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+import torch
 from dicom_phantoms import write_mixed_orientation_series, write_stacked_series
 from e2e import (
     SEG_TIMEOUT_S,
@@ -600,6 +602,33 @@ def test_a_job_whose_worker_process_dies_fails_with_the_exit_code(
     (job,) = jobs(node)
     assert job["reason"] == "its worker process died (exit code -9) while running it", job
     node.wait_for_log(f"job {running['id']}: worker worker-1 died (exit code -9) while running it")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks a machine without the configured CUDA device"
+)
+def test_a_worker_without_its_configured_device_leaves_jobs_queued(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    """A GPU driver broken by an update: each job used to fail for good at model load, to be
+    retried one by one. The worker says why it cannot start; the jobs wait."""
+    settings = pipeline()
+    settings["inference"]["device"] = "cuda"
+    node = node_factory(overrides=settings)
+    series = phantom_series(tmp_path / "series", seed=7013)
+    sent = storescu(node.port, [series.paths[0].parent])
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    node.wait_for_log(
+        "cannot run jobs: inference.device is 'cuda' but no CUDA device is available; use "
+        "'auto'; they wait in the queue"
+    )
+    node.wait_for_log("worker worker-1 exited (code 3) 2 times in a row within 60 s of starting")
+    wait_until(lambda: bool(jobs(node)), timeout_s=60, what="a queued job")
+    time.sleep(2)  # a worker that could claim it would have
+    assert [job["state"] for job in jobs(node)] == ["queued"]
+    assert "ready (inference on" not in node.log_text()
+    assert echoscu(node.port).returncode == 0  # receiving goes on
 
 
 @pytest.mark.slow
