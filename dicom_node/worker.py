@@ -492,17 +492,14 @@ class WorkerPool:
             if job and self._cancelled(job):
                 # The operator cancelled it (`jobs cancel`): free the worker now. The
                 # respawn below starts a fresh one.
-                logger.warning("job %d was cancelled; stopping its worker", job)
-                slot.process.kill()
-                slot.process.join(5)
-                slot.current.value = 0
-                stopped = True
-            elif job and now - slot.job_since > timeout:
+                if self._kill_running(slot, job):
+                    logger.warning("job %d was cancelled; stopping its worker", job)
+                    slot.current.value = 0
+                    stopped = True
+            elif job and now - slot.job_since > timeout and self._kill_running(slot, job):
                 logger.error(
                     "job %d exceeded workers.job_timeout_s=%.0f s; stopping it", job, timeout
                 )
-                slot.process.kill()
-                slot.process.join(5)
                 reason = f"timed out after {timeout:.0f} s (workers.job_timeout_s)"
                 self._to_fail[job] = (reason, None, 0)
                 stopped = True
@@ -520,6 +517,19 @@ class WorkerPool:
         for job, (reason, retry_in_s, max_attempts) in sorted(self._to_fail.items()):
             fail_job(self.index, job, reason, retry_in_s=retry_in_s, max_attempts=max_attempts)
             del self._to_fail[job]
+
+    @staticmethod
+    def _kill_running(slot: _Slot, job: int) -> bool:
+        """Kill the worker if it is still running ``job``. While the index was asked about
+        it, the worker may have finished it and claimed the next; holding the lock of
+        ``current`` keeps it from moving on (it sets ``current`` under that lock) until the
+        kill is done."""
+        with slot.current.get_lock():
+            if slot.current.value != job:
+                return False
+            slot.process.kill()
+            slot.process.join(5)
+            return True
 
     def _handle_exit(self, slot: _Slot, stopped: bool, now: float) -> None:
         """Log a worker's exit once, mark the job it held, and choose when it starts again."""

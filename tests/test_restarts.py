@@ -1,8 +1,11 @@
-"""A child process (worker, receiver) that keeps exiting as it starts is started again after a
-growing delay, not every second; one that crashed after a while is started again at once.
+"""How the supervisors start again, and stop, their child processes (workers, receivers).
 
-The processes here are stand-ins that are already dead, and the clock is the test's: the
-supervisors' own code decides what to start when.
+A child process that keeps exiting as it starts is started again after a growing delay, not
+every second; one that crashed after a while is started again at once. A worker is killed
+for a cancelled or overrun job only while it still runs that job.
+
+The processes here are stand-ins (already dead, or recording a kill), and the clock is the
+test's: the supervisors' own code decides what to start or kill, and when.
 """
 
 from __future__ import annotations
@@ -125,3 +128,56 @@ def test_a_receiver_process_that_exits_as_it_starts_is_started_again_later_and_l
         "starting (its own log lines before each exit say why); starting it again in 4 s"
         in caplog.text
     )
+
+
+class _Running(_Exited):
+    """A live worker process that records being killed."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.killed = False
+
+    def is_alive(self) -> bool:
+        return not self.killed
+
+    def kill(self) -> None:
+        self.killed = True
+
+
+@pytest.mark.parametrize("why", ["cancelled", "timed out"])
+def test_a_worker_that_moved_on_to_the_next_job_is_not_killed_for_the_last(
+    index: Index, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the supervisor asks the index whether job 1 was cancelled, or once job 1 is over
+    its time limit, its worker finishes it and claims job 2: job 2 must not be killed."""
+    context = multiprocessing.get_context("spawn")
+    process = _Running("worker-1")
+    slot = _Slot(process, context.Value("i", 1), context.Value("i", 0))  # type: ignore[arg-type]
+    clock = [0.0]
+
+    class Pool(WorkerPool):
+        def _cancelled(self, job_id: int) -> bool:
+            if why == "timed out":
+                return False
+            slot.current.value = 2  # the worker moved on meanwhile
+            return job_id == 1
+
+    settings = Settings(workers={"job_timeout_s": 10})
+    pool = Pool(settings, index, 1)
+    pool._clock = lambda: clock[0]
+    pool._slots = [slot]
+    caplog.set_level(logging.INFO, logger="dicom_node.worker")
+    pool._supervise_once()  # job 1 seen at 0 s
+    if why == "timed out":
+        clock[0] = 11.0
+        real_kill = WorkerPool._kill_running
+
+        def moved_on_first(slot_: _Slot, job: int) -> bool:
+            slot_.current.value = 2  # finished job 1 just as its time ran out
+            return real_kill(slot_, job)
+
+        pool._kill_running = moved_on_first  # type: ignore[method-assign]
+        pool._supervise_once()
+    assert not process.killed
+    assert pool._slots[0] is slot and slot.current.value == 2
+    assert "stopping" not in caplog.text and not pool._to_fail
