@@ -7,6 +7,7 @@ For tests that inject failures or look at pynetdicom's objects: a node in a subp
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,13 +69,22 @@ def inprocess_node(
     try:
         yield InProcessNode(running, port, index, store)
     finally:
-        remaining = list(running.ae.active_associations)
-        running.abort_remaining()
-        # Their threads log the release or abort: let them, before the test's log capture
-        # closes (a line written after that is a "Logging error" in the test output).
-        for assoc in remaining:
-            assoc.join(timeout=5)
         running.stop_accepting()
+        # The associations' threads log their release or abort: let them, before the test's
+        # log capture closes (a line written after that is a "Logging error" in the test
+        # output). A connection accepted just before the stop starts its association's
+        # thread from a request thread that nothing joins: wait until none has appeared
+        # for a moment.
+        deadline = time.monotonic() + 15
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - quiet_since < 0.3:
+            remaining = list(running.ae.active_associations)
+            if remaining:
+                running.abort_remaining()
+                for assoc in remaining:
+                    assoc.join(timeout=5)
+                quiet_since = time.monotonic()
+            time.sleep(0.02)
         index.dispose()
 
 
