@@ -238,12 +238,13 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
                 "%s: cancelled while running; its SEG is discarded, nothing is sent", tag
             )
         else:
-            # Taken over by another worker (this one's heartbeat lapsed, the index away):
-            # its result is the job's; only this attempt's own SEG file goes.
-            ctx.store.remove(seg_rel)
+            # Taken over by another worker (this one's heartbeat lapsed, the index away).
+            # Its files are left alone: a SEG's name is its UID, derived from the series
+            # and the model, so the new run writes (or has written, and may be sending) a
+            # file of the same name. The next run of the job clears the folder.
             logger.warning(
-                "%s: another worker took the job over while this one ran it; this "
-                "attempt's SEG is discarded",
+                "%s: another worker took the job over while this one ran it; its run's "
+                "result stands, this one's is not recorded",
                 tag,
             )
         return

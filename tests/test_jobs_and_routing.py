@@ -733,6 +733,54 @@ def test_a_job_starts_with_no_result_files_but_its_own(index: Index, tmp_path: P
     assert not store.absolute(left).exists()
 
 
+def test_a_worker_whose_job_was_taken_over_leaves_the_new_runs_seg(
+    index: Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SEG's file name is its UID, the same for every run of a job: the worker whose
+    heartbeat lapsed removed the SEG the new run had made and queued for sending."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from dicom_node.segment import SegmentResult
+    from dicom_node.worker import JobContext, process_one
+    from storage.filestore import FileStore
+
+    job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, []))
+    assert job_id is not None
+    store = FileStore(tmp_path / "store", 0, fsync=False)
+    seg = Dataset()
+    seg.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    seg.SOPInstanceUID = "2.25.42"
+    seg.file_meta = FileMetaDataset()
+    seg.file_meta.MediaStorageSOPClassUID = seg.SOPClassUID
+    seg.file_meta.MediaStorageSOPInstanceUID = seg.SOPInstanceUID
+    seg.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    seg_rel = store.result_path(job_id, "2.25.42.dcm")
+
+    def taken_over_while_running(*args: object, **kwargs: object) -> SegmentResult:
+        with index.session() as session, session.begin():  # host:1's heartbeat lapsed
+            session.execute(update(Job).values(heartbeat_at=utcnow() - dt.timedelta(hours=1)))
+        assert claim_job(index, "host:2", heartbeat_timeout_s=60) is not None
+        store.write_atomic(seg_rel, b"DICM the new run's SEG")
+        assert finish_job(index, job_id, seg_path=seg_rel, seg_sop_instance_uid="2.25.42",
+                          timings={}, worker="host:2")  # fmt: skip
+        return SegmentResult(seg, None, [], "1.2", "1.2.3", {})
+
+    monkeypatch.setattr("dicom_node.segment.segment_series", taken_over_while_running)
+    ctx = JobContext(Settings(storage={"data_dir": tmp_path}), index, store, "host:1")
+    caplog.set_level(logging.WARNING, logger="dicom_node.worker")
+    assert process_one(ctx, _ModelsGiving())  # type: ignore[arg-type]
+    assert store.absolute(seg_rel).exists()  # the file the new run's deliveries send
+    job = _job(index, job_id)
+    assert (job.state, job.worker, job.seg_path) == (JobState.SUCCEEDED, "host:2", seg_rel)
+    assert "another worker took the job over while this one ran it" in caplog.text
+
+
+class _ModelsGiving:
+    def get(self, name: str) -> Any:
+        return None, None  # the stand-in segment_series needs no model
+
+
 def test_retrying_a_job_that_is_not_finished_says_its_state(index: Index, tmp_path: Path) -> None:
     job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, []))
     config = tmp_path / "config.yaml"
