@@ -64,6 +64,11 @@ class IndexCollector(Collector):
             value=counts.jobs_failed_24h,
         )
         yield GaugeMetricFamily(
+            "dicom_node_oldest_waiting_job_seconds",
+            "How long the job waiting longest for a worker has waited (0: none waits)",
+            value=counts.oldest_waiting_job_s or 0.0,
+        )
+        yield GaugeMetricFamily(
             "dicom_node_store_free_bytes",
             "Free space where images are stored",
             value=self.store.free_bytes(),

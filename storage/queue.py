@@ -289,7 +289,7 @@ def retry_job(index: Index, job_id: int, spec: JobSpec | None = None) -> bool:
         "state": JobState.QUEUED,
         "attempts": 0,
         "reason": "",
-        "next_attempt_at": None,
+        "next_attempt_at": utcnow(),  # queued since (status: how long jobs wait)
     }
     if spec is not None:
         values |= {

@@ -6,7 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 
 from storage.database import Index
 from storage.models import (
@@ -28,6 +28,9 @@ class IndexCounts:
     jobs: dict[str, int]  # by state; states without jobs are 0
     deliveries: dict[str, int]  # by state; states without deliveries are 0
     jobs_failed_24h: int
+    # How long the job waiting longest for a worker has waited (queued, or due for a retry),
+    # in seconds; None when none waits. Grows while no worker can run jobs.
+    oldest_waiting_job_s: float | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -50,10 +53,23 @@ def index_counts(index: Index) -> IndexCounts:
         failed = session.scalar(
             select(func.count(Job.id)).where(Job.state == JobState.FAILED, Job.finished_at >= since)
         )
+        now = utcnow()
+        # Waiting since: queued (retry_job sets next_attempt_at to when), or due for a retry.
+        waiting_since = session.scalar(
+            select(func.min(func.coalesce(Job.next_attempt_at, Job.created_at))).where(
+                or_(
+                    Job.state == JobState.QUEUED,
+                    and_(Job.state == JobState.RETRY_WAIT, Job.next_attempt_at <= now),
+                )
+            )
+        )
     return IndexCounts(
         instances=instances,
         series_versions={s.value: versions.get(s.value, 0) for s in SeriesState},
         jobs={s.value: jobs.get(s.value, 0) for s in JobState},
         deliveries={s.value: deliveries.get(s.value, 0) for s in DeliveryState},
         jobs_failed_24h=int(failed or 0),
+        oldest_waiting_job_s=None
+        if waiting_since is None
+        else max(0.0, (now - waiting_since).total_seconds()),
     )

@@ -781,6 +781,37 @@ class _ModelsGiving:
         return None, None  # the stand-in segment_series needs no model
 
 
+def test_status_says_how_long_the_longest_waiting_job_has_waited(index: Index) -> None:
+    """What an administrator alerts on when no worker runs jobs (dicom_node_oldest_waiting_
+    job_seconds, `status`'s longest wait): queued, or due for a retry; from its retry when
+    the operator queued it again."""
+
+    def age_h(job_id: int, **values: object) -> None:
+        with index.session() as session, session.begin():
+            session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+    assert index_counts(index).oldest_waiting_job_s is None
+    first = create_job(index, _complete_series(index, "1.2.3"), JobSpec("r", "demo", {}, []))
+    second = create_job(index, _complete_series(index, "1.2.4"), JobSpec("r", "demo", {}, []))
+    assert first is not None and second is not None
+    hours = dt.timedelta(hours=1)
+    age_h(first, created_at=utcnow() - 2 * hours)
+    age_h(second, created_at=utcnow() - 1 * hours)
+    assert index_counts(index).oldest_waiting_job_s == pytest.approx(7200, abs=60)
+    # The first fails, to be retried in an hour: not waiting for a worker until then.
+    assert claim_job(index, "host:1", heartbeat_timeout_s=60) is not None
+    assert fail_job(index, first, "busy", retry_in_s=3600, max_attempts=3) == JobState.RETRY_WAIT
+    assert index_counts(index).oldest_waiting_job_s == pytest.approx(3600, abs=60)
+    age_h(first, next_attempt_at=utcnow() - 3 * hours)  # due for three hours
+    assert index_counts(index).oldest_waiting_job_s == pytest.approx(3 * 3600, abs=60)
+    # Failed for good, then queued again by the operator: waiting since then.
+    age_h(first, state=JobState.FAILED, next_attempt_at=None)
+    age_h(second, state=JobState.SUCCEEDED)
+    assert index_counts(index).oldest_waiting_job_s is None
+    assert retry_job(index, first)
+    assert index_counts(index).oldest_waiting_job_s == pytest.approx(0, abs=60)
+
+
 def test_retrying_a_job_that_is_not_finished_says_its_state(index: Index, tmp_path: Path) -> None:
     job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, []))
     config = tmp_path / "config.yaml"

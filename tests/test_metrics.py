@@ -59,6 +59,7 @@ def test_metrics_count_what_the_index_holds(node_factory: NodeFactory, tmp_path:
         assert metrics[("dicom_node_jobs", (("state", state),))] == 0
     for state in ("pending", "sending", "delivered", "dead"):
         assert metrics[("dicom_node_deliveries", (("state", state),))] == 0
+    assert metrics[("dicom_node_oldest_waiting_job_seconds", ())] == 0  # none waits
     assert metrics[("dicom_node_store_free_bytes", ())] > 0
     assert metrics[("dicom_node_store_min_free_bytes", ())] == 1024 * 1024
     info = (("ae_title", node.ae_title), ("version", __version__))

@@ -629,6 +629,8 @@ def test_a_worker_without_its_configured_device_leaves_jobs_queued(
     assert [job["state"] for job in jobs(node)] == ["queued"]
     assert "ready (inference on" not in node.log_text()
     assert echoscu(node.port).returncode == 0  # receiving goes on
+    status = node.cli_json("status", "--json")  # what monitoring alerts on
+    assert status["queue_depth"] == 1 and status["oldest_waiting_job_s"] >= 2
 
 
 @pytest.mark.slow

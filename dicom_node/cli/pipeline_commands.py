@@ -340,6 +340,7 @@ def status(
         "jobs": {state: n for state, n in counts.jobs.items() if n},
         "deliveries": {state: n for state, n in counts.deliveries.items() if n},
         "queue_depth": counts.queue_depth,
+        "oldest_waiting_job_s": counts.oldest_waiting_job_s,
         "jobs_failed_24h": counts.jobs_failed_24h,
         "free_disk_mb": store.free_bytes() // (1024 * 1024),
         "last_job_errors": failed_jobs,
@@ -372,6 +373,17 @@ def _counted(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {state}" for state, n in counts.items()) or "none"
 
 
+def _waited(seconds: float | None) -> str:
+    """How long the job waiting longest for a worker has waited, for a person."""
+    if seconds is None:
+        return "no job waits for a worker"
+    minutes = int(seconds // 60)
+    if minutes < 1:
+        return "under a minute"
+    text = f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
+    return f"{text} (a job waits for a worker)"
+
+
 def _status_text(data: dict[str, Any]) -> str:
     """``status`` for a person: one fact per line, the errors listed under their heading."""
     failed_jobs, failed_deliveries = data["last_job_errors"], data["last_delivery_errors"]
@@ -381,6 +393,7 @@ def _status_text(data: dict[str, Any]) -> str:
         f"free disk:          {data['free_disk_mb']:,} MB",
         f"jobs:               {_counted(data['jobs'])}",
         f"queue depth:        {data['queue_depth']}",
+        f"longest wait:       {_waited(data['oldest_waiting_job_s'])}",
         f"jobs failed (24 h): {data['jobs_failed_24h']}",
         f"deliveries:         {_counted(data['deliveries'])}",
     ]
