@@ -171,6 +171,21 @@ COMPRESSIONS_BY_FORMAT: dict[str, tuple[str, ...]] = {
 }
 
 
+def image_type_value(value: str) -> str:
+    """One value of Image Type (0008,0008) as a rule names it: matched without case or
+    surrounding spaces. Blank, or several values joined by a backslash, it would match no
+    series (and each job would fall back or the rule never fire), so it is refused."""
+    text = value.strip()
+    if not text:
+        raise ValueError("an Image Type value cannot be blank")
+    if "\\" in text:
+        raise ValueError(
+            f"{value!r} holds several Image Type values: name one (a rule's "
+            "image_type_contains takes a list, e.g. [ORIGINAL, PRIMARY])"
+        )
+    return text.upper()
+
+
 class OutputProfile(_Strict):
     format: Literal["binary", "labelmap"] = "binary"
     compression: Literal["none", "rle", "jpegls", "jpeg2000"] = "none"
@@ -178,6 +193,11 @@ class OutputProfile(_Strict):
     # A series of several stacks (echoes, time points, Dixon contrasts): which one to segment.
     stack: Literal["first", "last"] = "first"
     stack_image_type: str | None = None  # e.g. W: the stack whose Image Type has this value
+
+    @field_validator("stack_image_type")
+    @classmethod
+    def _one_value(cls, value: str | None) -> str | None:
+        return None if value is None else image_type_value(value)
 
     @model_validator(mode="after")
     def _compression_fits_format(self) -> OutputProfile:
@@ -210,6 +230,11 @@ class RuleMatch(_Strict):
                 "the rule could never match"
             )
         return self
+
+    @field_validator("image_type_contains")
+    @classmethod
+    def _image_type_values(cls, values: list[str] | None) -> list[str] | None:
+        return None if values is None else [image_type_value(v) for v in values]
 
     @field_validator("series_description", "protocol_name")
     @classmethod

@@ -64,6 +64,8 @@ def test_an_unknown_state_is_refused_with_the_choices(
         (["echo", "A\\B@localhost:104"], "AE title 'A\\\\B' is invalid"),
         (["segment", "{series}", "--compression", "rle"], "cannot be used with --format binary"),
         (["segment", "{series}", "--out", "{file}"], "is a file: give the folder"),
+        # Before: a stack named by a value no image carries, then a warning and another stack.
+        (["segment", "{series}", "--stack-image-type", "W\\F"], "holds several Image Type"),
         (["models", "check", "demo", "--size", "0"], "greater than or equal to 8"),
         # Exit 0 before: a delivery that does not exist "retried", no worker started at all.
         (["deliveries", "retry", "999"], "delivery 999 does not exist, or is being sent"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.cli import config_first
-from dicom_node.config import load_settings
+from dicom_node.config import RuleSettings, load_settings
 from dicom_node.errors import ConfigError
 
 
@@ -81,6 +81,12 @@ def test_absolute_paths_are_kept(tmp_path: Path) -> None:
         ("rules: [{name: r, model: demo, match: {min_images: 50, max_images: 10}}]", "never match"),
         ("rules: [{name: r, model: demo, match: {modality: []}}]", "modality"),
         ("dicomweb: [{name: web, url: pacs/dicom-web}]", "not an http:// or https:// URL"),
+        (
+            "rules: [{name: r, model: demo, profile: {stack_image_type: 'DIXON\\W'}}]",
+            r"'DIXON\\\\W' holds several Image Type values: name one",
+        ),
+        ("rules: [{name: r, model: demo, profile: {stack_image_type: ' '}}]", "blank"),
+        ("rules: [{name: r, model: demo, match: {image_type_contains: [M, '']}}]", "blank"),
         ("storage: {database_url: 'mysql://u@h/db'}", "'mysql' is not supported"),
         ("nodes: {}", "nodes"),
         ("node: [", "YAML"),
@@ -147,6 +153,19 @@ def test_text_output_values_read_as_a_person_would() -> None:
     assert human(["origin", "pacs"]) == "origin, pacs"
     assert human({"load_s": 0.1234, "inference_s": 7.5}) == "load_s 0.12, inference_s 7.50"
     assert human(3) == "3"
+
+
+def test_image_type_values_are_matched_without_case_or_spaces() -> None:
+    rule = RuleSettings.model_validate(
+        {
+            "name": "r",
+            "model": "demo",
+            "match": {"image_type_contains": ["original", " m "]},
+            "profile": {"stack_image_type": " w"},
+        }
+    )
+    assert rule.match.image_type_contains == ["ORIGINAL", "M"]
+    assert rule.profile.stack_image_type == "W"
 
 
 def test_the_config_allows_exactly_the_compressions_the_seg_encoder_writes() -> None:

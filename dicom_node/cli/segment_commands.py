@@ -12,7 +12,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dicom_node.cli import console, print_json, settings_of
-from dicom_node.config import COMPRESSIONS_BY_FORMAT
+from dicom_node.config import COMPRESSIONS_BY_FORMAT, image_type_value
 from dicom_node.errors import DicomNodeError
 from dicom_node.value_warnings import summarised_value_warnings
 
@@ -49,6 +49,11 @@ def segment(
         raise typer.BadParameter("--format must be binary or labelmap")
     if stack not in ("first", "last"):
         raise typer.BadParameter("--stack must be first or last")
+    if stack_image_type is not None:
+        try:
+            stack_image_type = image_type_value(stack_image_type)
+        except ValueError as exc:
+            raise typer.BadParameter(f"--stack-image-type: {exc}") from exc
     allowed = COMPRESSIONS_BY_FORMAT[format]
     if compression not in allowed:
         # Before the series is read and segmented, not after.
