@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dicom_node.errors import ConfigError
+from dicom_node.errors import ConfigError, validation_problems
 
 AE_TITLE_RE = re.compile(
     r"^[\x20-\x5b\x5d-\x7e]{1,16}$"
@@ -386,7 +386,7 @@ def load_settings(path: Path | None) -> Settings:
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"configuration {path} is invalid:\n{exc}") from exc
+        raise ConfigError(f"configuration {path} is invalid:\n{validation_problems(exc)}") from exc
     base = path.resolve().parent
     return _resolve_paths(settings, base)
 

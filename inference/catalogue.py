@@ -14,7 +14,7 @@ from typing import Annotated
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dicom_node.errors import ModelError
+from dicom_node.errors import ModelError, validation_problems
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,8 @@ def parse_catalogue(raw: object, origin: str = "<data>") -> Catalogue:
     try:
         return Catalogue.model_validate(raw)
     except ValidationError as exc:
-        raise ModelError(f"label catalogue {origin} is invalid:\n{exc}") from exc
+        problems = validation_problems(exc)
+        raise ModelError(f"label catalogue {origin} is invalid:\n{problems}") from exc
 
 
 def dump_catalogue(catalogue: Catalogue) -> str:

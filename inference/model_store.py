@@ -36,7 +36,7 @@ from pydantic import (
     model_validator,
 )
 
-from dicom_node.errors import ModelError
+from dicom_node.errors import ModelError, validation_problems
 from inference.catalogue import (
     ANATOMICAL_STRUCTURE,
     LEFT,
@@ -285,7 +285,8 @@ def read_descriptor(file: Path) -> ModelDescriptor:
     try:
         return ModelDescriptor.model_validate(raw)
     except ValidationError as exc:
-        raise ModelError(f"model descriptor {file} is invalid:\n{exc}") from exc
+        problems = validation_problems(exc)
+        raise ModelError(f"model descriptor {file} is invalid:\n{problems}") from exc
 
 
 def write_descriptor(descriptor: ModelDescriptor, file: Path) -> None:
@@ -595,8 +596,12 @@ def _existing_descriptor(src: Path) -> ModelDescriptor | None:
                 try:
                     raw = yaml.safe_load(zf.read(DESCRIPTOR))
                     return ModelDescriptor.model_validate(raw)
-                except (yaml.YAMLError, ValidationError) as exc:
+                except yaml.YAMLError as exc:
                     raise ModelError(f"{src}: {DESCRIPTOR} is invalid: {exc}") from exc
+                except ValidationError as exc:
+                    raise ModelError(
+                        f"{src}: {DESCRIPTOR} is invalid:\n{validation_problems(exc)}"
+                    ) from exc
     return None
 
 
@@ -642,7 +647,9 @@ def _write_new_descriptor(
     try:
         descriptor = ModelDescriptor.model_validate(fields)
     except ValidationError as exc:
-        raise ModelError(f"model descriptor for {fields['name']!r} is invalid:\n{exc}") from exc
+        raise ModelError(
+            f"model descriptor for {fields['name']!r} is invalid:\n{validation_problems(exc)}"
+        ) from exc
     if len(descriptor.input_channels) != channels:
         raise ModelError(
             f"model.yaml lists {len(descriptor.input_channels)} input channels but "

@@ -155,6 +155,25 @@ def test_text_output_values_read_as_a_person_would() -> None:
     assert human(3) == "3"
 
 
+def test_an_invalid_config_lists_one_line_per_problem_with_its_key(tmp_path: Path) -> None:
+    """Not pydantic's report: type codes, input reprs and a web link under each error."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        "node: {port: 70000}\nnodes: {}\n"
+        "rules: [{name: r, model: demo, profile: {compression: explicit}}, {model: x}]\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(cfg)
+    assert str(caught.value).splitlines() == [
+        f"configuration {cfg} is invalid:",
+        "  node.port: Input should be less than or equal to 65535 (given 70000)",
+        "  rules[0].profile.compression: Input should be 'none', 'rle', 'jpegls' or 'jpeg2000' "
+        "(given 'explicit')",
+        "  rules[1].name: required",
+        "  nodes: unknown key (misspelt, or in the wrong section?)",
+    ]
+
+
 def test_image_type_values_are_matched_without_case_or_spaces() -> None:
     rule = RuleSettings.model_validate(
         {

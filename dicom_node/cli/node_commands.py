@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from dicom_node.cli import print_json, settings_of
 from dicom_node.config import PeerSettings
-from dicom_node.errors import ConfigError
+from dicom_node.errors import ConfigError, validation_problems
 
 _ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d+)$")
 
@@ -46,7 +46,7 @@ def _resolve_peer(ctx: typer.Context, peer: str) -> PeerSettings:
         try:
             return PeerSettings(name=peer, ae_title=match["ae"], host=match["host"], port=port)
         except ValidationError as exc:  # an AE title the settings model refuses
-            raise ConfigError(f"{peer!r}: {exc.errors()[0]['msg']}") from exc
+            raise ConfigError(f"{peer!r}: {validation_problems(exc).strip()}") from exc
     known = ", ".join(p.name for p in settings.peers) or "none configured"
     raise ConfigError(
         f"unknown peer {peer!r}: use a configured peer name ({known}) or AE@host:port"
