@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from dicom_node.config import Settings, load_settings
-from dicom_node.errors import DicomNodeError
+from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.logging_setup import configure_logging
 
 app = typer.Typer(
@@ -20,6 +20,9 @@ app = typer.Typer(
     help="DICOM node: receive series, segment them with nnU-Net v2, return DICOM-SEG.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain help and usage errors ("Error: ..." under the usage line), as other tools on a
+    # server print them, rather than boxes drawn around them.
+    rich_markup_mode=None,
 )
 
 DEFAULT_CONFIG = Path("config.yaml")
@@ -128,6 +131,10 @@ def config_first(argv: list[str]) -> list[str]:
         else:
             rest.append(arg)
         i += 1
+    given = [a.removeprefix("--config=") for a in moved if a not in _CONFIG_FLAGS]
+    if len(given) > 1:
+        # click would take the last silently: a command meant for one node run on another's.
+        raise ConfigError(f"--config given {len(given)} times ({', '.join(given)}): give one")
     return moved + rest
 
 
