@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dicom_node.config import RuleSettings, Settings
@@ -26,9 +26,17 @@ logger = logging.getLogger(__name__)
 
 
 def facts_from_index(session: Session, series: Series, version: SeriesVersion) -> SeriesFacts:
+    """What the rules see of ``version``: the series as its job will read it, every image
+    up to this version (a later version's job segments the whole series, not its own late
+    images, so a rule's image count must not see only those)."""
     sop_classes = session.scalars(
         select(Instance.sop_class_uid).where(Instance.series_pk == series.id).distinct()
     ).all()
+    image_count = session.scalar(
+        select(func.count(Instance.id)).where(
+            Instance.series_pk == series.id, Instance.version <= version.version
+        )
+    )
     return SeriesFacts(
         series_instance_uid=series.series_instance_uid,
         modality=series.modality,
@@ -37,7 +45,7 @@ def facts_from_index(session: Session, series: Series, version: SeriesVersion) -
         image_type=tuple(v for v in series.image_type.split("\\") if v),
         body_part_examined=series.body_part_examined,
         calling_ae_title=series.calling_ae_title,
-        image_count=version.instance_count,
+        image_count=int(image_count or 0),
         sop_class_uids=tuple(sorted(sop_classes)),
     )
 

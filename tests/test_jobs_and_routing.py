@@ -193,6 +193,32 @@ def test_scheduler_queues_one_job_per_version_and_rule(index: Index) -> None:
     assert create_job(index, version_pk, spec) is None  # one job per (version, rule)
 
 
+def test_a_later_version_is_routed_on_the_whole_series_its_job_reads(index: Index) -> None:
+    """Three late images of a 12-image series: version 2's job segments all 15, so the
+    rules must see 15, not 3 (min_images: 10 left it unprocessed; a rule for small
+    series would have sent the whole series to another model)."""
+    _complete_series(index, n=12)
+    scheduler = Scheduler(Settings(rules=rules()), index)
+    assert scheduler.route_pending() == 1
+    for i in range(12, 15):  # new images, after completion: version 2
+        record_instance(
+            index,
+            InstanceRecord(
+                sop_instance_uid=f"1.2.3.{i}", series_instance_uid="1.2.3",
+                study_instance_uid="1.2", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"x/{i}.dcm", size_bytes=1,
+                modality="MR", series_description="t1_vibe", image_type="ORIGINAL\\PRIMARY",
+                calling_ae_title="PACS",
+            ),
+        )  # fmt: skip
+    (late,) = complete_due_series(index, 0.0, on_release=False)
+    assert (late.version, late.instance_count) == (2, 3)
+    assert scheduler.route_pending() == 1
+    with index.session() as session:
+        jobs = session.execute(select(Job.rule_name, Job.series_version_pk)).all()
+    assert sorted(jobs) == [("vibe", late.series_version_pk - 1), ("vibe", late.series_version_pk)]
+
+
 def test_unmatched_series_is_kept_and_logged(
     index: Index, caplog: pytest.LogCaptureFixture
 ) -> None:
