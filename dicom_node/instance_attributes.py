@@ -64,19 +64,16 @@ TAG: dict[str, int] = {
         "Columns",
         "NumberOfFrames",
         "NumberOfSeriesRelatedInstances",
-        "ImagesInAcquisition",
     )
     if (tag := tag_for_keyword(keyword)) is not None
 }
 
 
 def expected_count(ds: Dataset) -> int | None:
-    # Only trust announcements that describe the whole series.
-    for keyword in ("NumberOfSeriesRelatedInstances", "ImagesInAcquisition"):
-        count = integer(ds, TAG[keyword])
-        if count:
-            return count
-    return None
+    # Only an announcement of the whole series. Not Images in Acquisition: it counts one
+    # acquisition, and a series of several sent one acquisition per association would
+    # complete on the first release and be segmented on part of its images.
+    return integer(ds, TAG["NumberOfSeriesRelatedInstances"]) or None
 
 
 def instance_record(

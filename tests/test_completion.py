@@ -12,10 +12,12 @@ from pydicom import dcmread
 pytestmark = pytest.mark.peers
 
 
-def _announce(paths: list[Path], count: int) -> None:
+def _announce(
+    paths: list[Path], count: int, keyword: str = "NumberOfSeriesRelatedInstances"
+) -> None:
     for path in paths:
         ds = dcmread(path)
-        ds.ImagesInAcquisition = count
+        setattr(ds, keyword, count)
         ds.save_as(path)
 
 
@@ -37,7 +39,11 @@ def test_release_with_the_announced_count_completes_at_once(
     silent = make_mr_series(tmp_path / "b", 6, seed=2)
     short = make_mr_series(tmp_path / "c", 6, seed=3)
     _announce(short.paths[:5], 6)  # announces 6, sends 5
-    sent = storescu(node.port, [tmp_path / "a", tmp_path / "b", *short.paths[:5]])
+    # Images in Acquisition counts one acquisition: a series of two, sent one per
+    # association, must not complete when the first association is released.
+    first_acquisition = make_mr_series(tmp_path / "d", 3, seed=5)
+    _announce(first_acquisition.paths, 3, "ImagesInAcquisition")
+    sent = storescu(node.port, [tmp_path / "a", tmp_path / "b", *short.paths[:5], tmp_path / "d"])
     assert sent.returncode == 0, sent.stdout + sent.stderr
 
     wait_until(
@@ -51,6 +57,7 @@ def test_release_with_the_announced_count_completes_at_once(
     # Neither the unannounced nor the incomplete series is complete: they wait out the quiet period.
     assert _state(node, silent.series_instance_uid)["state"] == "receiving"
     assert _state(node, short.series_instance_uid)["state"] == "receiving"
+    assert _state(node, first_acquisition.series_instance_uid)["state"] == "receiving"
     assert "version 1 complete: 6 instances, association released" in node.log_text()
 
 
