@@ -576,9 +576,22 @@ def _complete_due_series(
                 )
             if not reason:
                 continue
-            version.state = SeriesState.COMPLETE
-            version.completed_at = now
-            version.completion_reason = reason
+            # Conditional on what was read: an image committed since (SQLite reads outside
+            # the write transaction; PostgreSQL reads without locking) makes the facts
+            # stale, and the version waits for the next check.
+            closed = session.execute(
+                update(SeriesVersion)
+                .where(
+                    SeriesVersion.id == version.id,
+                    SeriesVersion.state == SeriesState.RECEIVING,
+                    SeriesVersion.instance_count == version.instance_count,
+                    SeriesVersion.last_received_at == version.last_received_at,
+                )
+                .values(state=SeriesState.COMPLETE, completed_at=now, completion_reason=reason)
+                .execution_options(synchronize_session=False)
+            )
+            if closed.rowcount != 1:  # type: ignore[attr-defined]
+                continue
             done.append(
                 CompletedSeries(
                     series_instance_uid=series.series_instance_uid,

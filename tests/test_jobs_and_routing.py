@@ -26,8 +26,22 @@ from dicom_node.scheduler import Scheduler, queue_series
 from dicom_node.worker import PermanentJobError, WorkerPool, _Slot, resolve_destinations
 from inference.model_store import BUILTIN_MODELS
 from storage.database import Index
-from storage.instances import InstanceRecord, complete_due_series, record_instance
-from storage.models import Delivery, DeliveryState, Job, JobState, Series, utcnow
+from storage.instances import (
+    InstanceRecord,
+    complete_due_series,
+    mark_association_released,
+    record_instance,
+)
+from storage.models import (
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    Series,
+    SeriesState,
+    SeriesVersion,
+    utcnow,
+)
 from storage.queue import (
     JobSpec,
     cancel_delivery,
@@ -435,6 +449,35 @@ def _just_before(index: Index, statement: str, action: Callable[[], object]) -> 
 
     event.listen(index.engine, "before_cursor_execute", hook)
     return done
+
+
+def test_an_image_committed_while_completion_closes_the_version_keeps_it_open(
+    index: Index,
+) -> None:
+    """Completion read 2/2 images and a released association; another association's image
+    committed before its write, and the version was closed on those stale facts (3 images,
+    a reason of '2/2', the rest of that association opening version 2)."""
+
+    def image(i: int, association: str) -> InstanceRecord:
+        return InstanceRecord(
+            sop_instance_uid=f"1.2.3.{i}", series_instance_uid="1.2.3", study_instance_uid="1.2",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.4", transfer_syntax_uid="1.2.840.10008.1.2.1",
+            path=f"x/{i}.dcm", size_bytes=1, expected_count=2, association_id=association,
+        )  # fmt: skip
+
+    for i in range(2):
+        record_instance(index, image(i, "A"))
+    mark_association_released(index, "A")
+    other = Index(index.engine.url.render_as_string(hide_password=False), migrate=False)
+    raced = _just_before(
+        index, "UPDATE series_versions", lambda: record_instance(other, image(2, "B"))
+    )
+    assert complete_due_series(index, 30.0, on_release=True) == []
+    assert raced[1:] and raced[1].version == 1  # type: ignore[attr-defined]
+    with index.session() as session:
+        (version,) = session.scalars(select(SeriesVersion)).all()
+        assert (version.state, version.instance_count) == (SeriesState.RECEIVING, 3)
+    other.dispose()
 
 
 def test_a_cancel_committed_while_a_job_finishes_is_not_overwritten(index: Index) -> None:
