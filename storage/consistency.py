@@ -19,7 +19,7 @@ from sqlalchemy import case, delete, select, update
 
 from storage.database import Index
 from storage.filestore import RESULTS_DIR, TMP_PREFIX, FileStore
-from storage.models import Instance, Job, Series, SeriesState, SeriesVersion, utcnow
+from storage.models import Instance, Job, JobState, Series, SeriesState, SeriesVersion, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +68,11 @@ def check_store(index: Index, store: FileStore, grace_s: float = 60.0) -> StoreR
                 ).join(Series, Instance.series_pk == Series.id)
             )
         }
+        # Only a succeeded job's SEG must exist: one queued again keeps the seg_path of its
+        # last run, whose file its worker removes as the new run starts.
         jobs = {
-            job_id: seg_path for job_id, seg_path in session.execute(select(Job.id, Job.seg_path))
+            job_id: seg_path if state == JobState.SUCCEEDED else ""
+            for job_id, seg_path, state in session.execute(select(Job.id, Job.seg_path, Job.state))
         }
     report.instances_checked = len(indexed)
     for path, (size, sop, series_uid) in sorted(indexed.items()):

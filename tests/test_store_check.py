@@ -240,6 +240,38 @@ def check_repair_and_forget(index: Index, store: FileStore, tmp_path: Path) -> N
         assert session.scalars(select(SeriesVersion.instance_count)).all() == [449]
 
 
+def test_only_a_succeeded_jobs_seg_must_exist(tmp_path: Path) -> None:
+    """A job queued again keeps its last run's seg_path while its worker removes that file:
+    `store check` (run from cron) reported it missing for the whole re-run, and for good if
+    the re-run failed."""
+    from storage.instances import InstanceRecord, complete_due_series, record_instance
+    from storage.queue import JobSpec, claim_job, create_job, fail_job, finish_job, retry_job
+
+    index = Index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    store = FileStore(tmp_path / "store", 0, fsync=False)
+    image = store.relative_path("1.2", "1.2.3", "1.2.3.1")
+    store.write_atomic(image, b"DICM" * 10)
+    record_instance(index, InstanceRecord(
+        sop_instance_uid="1.2.3.1", series_instance_uid="1.2.3", study_instance_uid="1.2",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.4", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=image, size_bytes=40,
+    ))  # fmt: skip
+    (version,) = complete_due_series(index, 0, on_release=False)
+    job_id = create_job(index, version.series_version_pk, JobSpec("r", "demo", {}, []))
+    assert job_id is not None and claim_job(index, "host:1", 60) is not None
+    seg = store.result_path(job_id, "2.25.9.dcm")
+    store.write_atomic(seg, b"SEG")
+    assert finish_job(index, job_id, seg_path=seg, seg_sop_instance_uid="2.25.9", timings={})
+    store.absolute(seg).unlink()  # a succeeded job's SEG gone: reported
+    missing = check_store(index, store, grace_s=0).missing
+    assert [(m.kind, m.path) for m in missing] == [("seg", seg)]
+
+    assert retry_job(index, job_id) and claim_job(index, "host:1", 60) is not None
+    assert check_store(index, store, grace_s=0).consistent  # re-running, no SEG yet
+    fail_job(index, job_id, "model crashed", retry_in_s=None, max_attempts=1)
+    assert check_store(index, store, grace_s=0).consistent  # failed: it has no SEG
+
+
 def test_a_link_that_loops_in_the_store_is_left_out_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
