@@ -36,6 +36,11 @@ _LONGEST_S = 100 * 365.25 * 86400
 
 def parse_duration(text: str) -> dt.timedelta:
     """'90s', '15m', '12h', '30d', '2w' -> timedelta."""
+    if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*M\s*", text):
+        # Read as minutes, "6M" meant as six months would prune six minutes after completion.
+        raise ValueError(
+            f"duration {text!r} is ambiguous: m is minutes; for months give days (180d)"
+        )
     match = _DURATION.match(text.lower())
     if not match:
         raise ValueError(

@@ -131,6 +131,10 @@ def check_prune(index: Index, store: FileStore) -> None:
 def test_durations() -> None:
     assert parse_duration("30d") == dt.timedelta(days=30)
     assert parse_duration(" 1.5h ") == dt.timedelta(minutes=90)
+    assert parse_duration("15m") == dt.timedelta(minutes=15)
+    assert parse_duration("2D") == dt.timedelta(days=2)
+    with pytest.raises(ValueError, match="ambiguous: m is minutes; for months give days"):
+        parse_duration("6M")  # six months to an administrator, six minutes to the parser
     with pytest.raises(ValueError, match="more than 100 years"):
         parse_duration("1000000d")  # meant as "forever": now minus it is before year 1
     with pytest.raises(ValueError, match="use a number and s, m, h, d or w"):
