@@ -11,6 +11,7 @@ may lose the latest files, as with Orthanc and DCMTK's storescp.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -152,6 +153,41 @@ class FileStore:
                 parent.rmdir()
             except OSError:
                 break
+
+    def inode(self, relative: str) -> int | None:
+        """The file's inode number (which file it is), or None when it is missing."""
+        try:
+            return (self.root / relative).stat().st_ino
+        except OSError:
+            return None
+
+    def remove_unchanged(self, relative: str, inode: int) -> bool:
+        """Remove the file if it is still the one with ``inode``; False, and the file left in
+        place, when it is another: an image sent again since and written there (it is
+        renamed into place, so it has a new inode), which its new row will name.
+
+        The file is first renamed aside (a temporary's name: a crash leaves it to the
+        sweep), so a copy written meanwhile is never the one removed.
+        """
+        path = self.root / relative
+        aside = path.parent / temporary_name()
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        if aside.stat().st_ino != inode:
+            # Not ours: put it back, unless an even newer copy has been written there.
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, path)
+            aside.unlink()
+            return False
+        aside.unlink()
+        for parent in (path.parent, path.parent.parent):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        return True
 
     def result_path(self, job_id: int, name: str) -> str:
         """Where a job's output file ``name`` goes, relative to the root."""

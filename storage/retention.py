@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import re
 from dataclasses import dataclass
 
-from sqlalchemy import case, delete, func, select
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from dicom_node.errors import DicomNodeError
@@ -152,14 +153,30 @@ def _remove_series(
 
     With ``cutoff``, every version must have completed before it.
     """
-    with index.session() as session, session.begin():
+    with contextlib.ExitStack() as stack:
+        if not dry_run:
+            stack.enter_context(index.writer_turn())  # receivers queue behind it, briefly
+        session = stack.enter_context(index.session())
+        stack.enter_context(session.begin())
+        if not dry_run:
+            # Lock first, then check: the checks below must hold until the deletes commit.
+            # SQLite reads outside a write transaction until the first write, and
+            # PostgreSQL's reads lock nothing: an image (or a delivery retried) committed
+            # in between was deleted with the series, acknowledged or not. The no-op
+            # UPDATE takes SQLite's write lock; FOR UPDATE holds off PostgreSQL's inserts
+            # that reference the series row.
+            session.execute(select(Series.id).where(Series.id == series_pk).with_for_update())
+            session.execute(
+                update(Series)
+                .where(Series.id == series_pk)
+                .values(series_instance_uid=Series.series_instance_uid)
+            )
         series = session.get(Series, series_pk)
         if series is None:
             return "it is not in the index"
         versions = session.scalars(
             select(SeriesVersion).where(SeriesVersion.series_pk == series.id)
         ).all()
-        # Checked again inside the transaction: an image may have arrived since.
         receiving = [v.version for v in versions if v.state != SeriesState.COMPLETE]
         if receiving:
             return (
@@ -204,9 +221,12 @@ def _remove_series(
         size = sum(i.size_bytes for i in instances)
         if dry_run:
             return uid, len(instances), size
-        paths = [i.path for i in instances]
+        # Which file each row names now: one written at the same path after the commit
+        # (the image sent again) is another file, and stays.
+        images = [(i.path, store.inode(i.path)) for i in instances]
+        results: list[str] = []
         for job_id in job_ids:  # the SEG (Job.seg_path) and a BINARY fallback beside it
-            paths += store.job_results(job_id)
+            results += store.job_results(job_id)
         session.execute(delete(Delivery).where(Delivery.job_pk.in_(job_ids)))
         session.execute(delete(Job).where(Job.id.in_(job_ids)))
         session.execute(delete(Instance).where(Instance.series_pk == series.id))
@@ -226,7 +246,10 @@ def _remove_series(
                     patient = session.get(Patient, patient_pk)
                     if patient is not None:
                         session.delete(patient)
-    for path in paths:
+    for path, inode in images:
+        if inode is not None:
+            store.remove_unchanged(path, inode)
+    for path in results:
         store.remove(path)
     logger.info("%s series %s: %d instances", verb, uid, len(instances))
     return uid, len(instances), size

@@ -263,7 +263,9 @@ def test_a_series_deleted_while_an_image_of_it_arrives_is_kept(
 ) -> None:
     """`series delete` checked that no version was receiving, then an image opened a new
     one before the delete committed: the operator got a traceback (ForeignKeyViolation).
-    Now the series is kept, with the image, and the refusal says why."""
+    Now the series is kept, with the image, and the refusal says why: the delete locks the
+    series row before it checks, so it waits for the image's transaction and then sees the
+    version that image opened."""
     index = Index(fresh_db)
     writer = InstanceWriter(index)
     writer.record([_mr_record("1.2.3", 0)])
@@ -281,7 +283,7 @@ def test_a_series_deleted_while_an_image_of_it_arrives_is_kept(
     store.start()
     arrived.wait(timeout=10)
     deleting.set()
-    with pytest.raises(DicomNodeError, match="images of it arrived while it was being deleted"):
+    with pytest.raises(DicomNodeError, match="version 2 is still receiving: wait until it"):
         delete_series(index, FileStore(tmp_path / "store"), "1.2.3")
     store.join(timeout=30)
     with index.engine.connect() as conn:

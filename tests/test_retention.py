@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import NodeFactory
 from peers import make_mr_series, storescu, wait_until
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from dicom_node.errors import DicomNodeError
+from storage.consistency import check_store
 from storage.database import Index
 from storage.filestore import FileStore
 from storage.instances import InstanceRecord, complete_due_series, record_instance
@@ -126,6 +129,74 @@ def check_prune(index: Index, store: FileStore) -> None:
     assert left == ["1.2.0", "1.2.1", "1.3.0", "1.3.1", "1.4.0", "1.4.1"]
     assert studies == ["1.2", "2.1"] and patients == ["P1"]  # still referenced: kept
     assert prune(index, store, HOUR).series == []  # nothing else qualifies
+
+
+def _resend(index: Index, store: FileStore) -> None:
+    """Image 0 of series 1.2.3 sent again (same SOP Instance UID): its file, then its row."""
+    _receive(index, store, "1.2.3", n=1)
+
+
+def _acknowledged_image_kept(index: Index, store: FileStore) -> None:
+    with index.session() as session:
+        rows = session.scalars(select(Instance.path)).all()
+    assert rows == ["1.2/1.2.3/1.2.3.0.dcm"]  # the image sent again is indexed
+    assert store.absolute(rows[0]).is_file()  # and on disk
+    assert check_store(index, store, grace_s=0).consistent
+
+
+def test_an_image_sent_again_while_its_series_is_pruned_is_kept(
+    index: Index, store: FileStore
+) -> None:
+    """Prune checked the series, then deleted its rows: an image sent again in between
+    (acknowledged to the sender) was deleted with it. Prune now locks before it checks, so
+    the image waits and lands in a new series."""
+    _receive(index, store, "1.2.3")
+    complete_due_series(index, 0.0, on_release=False)
+    _age(index, 48)
+    receiver = Index(index.engine.url.render_as_string(hide_password=False), migrate=False)
+    sender: list[threading.Thread] = []
+
+    def resend_during_the_prune(*_: object) -> None:
+        if not sender:
+            sender.append(threading.Thread(target=_resend, args=(receiver, store)))
+            sender[0].start()
+            sender[0].join(2)  # it commits now, unless the prune holds the index
+
+    event.listen(index.engine, "before_cursor_execute", lambda *a: (
+        resend_during_the_prune() if a[2].startswith("DELETE") else None
+    ))  # fmt: skip
+    assert prune(index, store, HOUR).series == ["1.2.3"]
+    sender[0].join(30)
+    assert not sender[0].is_alive()
+    _acknowledged_image_kept(index, store)
+    receiver.dispose()
+
+
+def test_an_image_sent_again_as_its_series_files_are_removed_is_kept(
+    index: Index, store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files go after the rows' commit, by path: the image sent again in between was written
+    at the same path, and prune removed it (its new row then named no file)."""
+    _receive(index, store, "1.2.3")
+    complete_due_series(index, 0.0, on_release=False)
+    _age(index, 48)
+    sent = []
+
+    def resend_first(original: Any) -> Any:
+        def remove(path: str, *args: Any) -> Any:
+            if not sent and path.endswith("1.2.3.0.dcm"):
+                sent.append(path)
+                _resend(index, store)
+            return original(path, *args)
+
+        return remove
+
+    monkeypatch.setattr(store, "remove", resend_first(store.remove))
+    if hasattr(store, "remove_unchanged"):
+        monkeypatch.setattr(store, "remove_unchanged", resend_first(store.remove_unchanged))
+    assert prune(index, store, HOUR).series == ["1.2.3"]
+    assert sent  # the image was sent again between the commit and the removal
+    _acknowledged_image_kept(index, store)
 
 
 def test_durations() -> None:
