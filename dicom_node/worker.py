@@ -22,7 +22,7 @@ from multiprocessing.sharedctypes import Synchronized
 from typing import TYPE_CHECKING, Protocol
 
 import psutil
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from dicom_node.child_process import Restarts, die_with_parent
 from dicom_node.config import OutputProfile, Settings
@@ -151,8 +151,23 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
             .order_by(Instance.id)
         ).all()
         paths = [ctx.store.absolute(row.path) for row in rows]
+        newest = session.scalar(
+            select(func.max(SeriesVersion.version)).where(SeriesVersion.series_pk == series.id)
+        )
     tag = f"job {job.id} study {study_uid} series {series.series_instance_uid} v{version.version}"
     ctx.job_tag = tag
+    if newest is not None and newest > version.version:
+        # Images came after this version (it waited in the queue, or is retried): a later
+        # version's job segments every image. This one would read the series without them,
+        # or without images sent again (their rows now belong to the later version).
+        reason = (
+            f"superseded by version {newest} of the series, received after this one: "
+            "its job segments every image; no SEG made here"
+        )
+        finish_job(ctx.index, job.id, seg_path="", seg_sop_instance_uid="", timings={},
+                   reason=reason, worker=ctx.worker)  # fmt: skip
+        logger.info("%s: %s", tag, reason)
+        return
     logger.info(
         "%s: started (model %s, rule %s, attempt %d, %d images)",
         tag,

@@ -881,6 +881,31 @@ def test_status_says_how_long_the_longest_waiting_job_has_waited(index: Index) -
     assert index_counts(index).oldest_waiting_job_s == pytest.approx(0, abs=60)
 
 
+def test_a_job_of_a_version_a_later_one_supersedes_makes_no_seg(
+    index: Index, tmp_path: Path
+) -> None:
+    """Version 1's job waited in the queue while the sender sent 4 of its 12 images again:
+    their rows belong to version 2 now, and version 1's job segmented the other 8 and sent
+    that partial SEG (or, the whole series sent again, failed on no images). Version 2's
+    job segments every image; version 1's stops, saying so."""
+    from dicom_node.worker import JobContext, process_one
+    from storage.filestore import FileStore
+
+    job_id = create_job(index, _complete_series(index, n=12), JobSpec("r", "demo", {}, []))
+    assert job_id is not None
+    _complete_series(index, n=4)  # images 0-3 sent again: version 2
+    ctx = JobContext(Settings(storage={"data_dir": tmp_path}), index,
+                     FileStore(tmp_path / "store", 0, fsync=False), "host:1")  # fmt: skip
+    # No model is loaded: the job stops before.
+    assert process_one(ctx, _ModelsRaising(ModelError("no model")))  # type: ignore[arg-type]
+    job = _job(index, job_id)
+    assert job.state == JobState.SUCCEEDED and job.seg_path == ""
+    assert job.reason == (
+        "superseded by version 2 of the series, received after this one: its job segments "
+        "every image; no SEG made here"
+    )
+
+
 def test_retrying_a_job_that_is_not_finished_says_its_state(index: Index, tmp_path: Path) -> None:
     job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, []))
     config = tmp_path / "config.yaml"
