@@ -30,6 +30,7 @@ from dicom_node.scp import RunningSCP, start_scp
 from storage.database import Index
 from storage.filestore import FileStore
 from storage.instances import CompletedSeries
+from storage.retention import finish_removals
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Service:
         swept = self.store.sweep_temporaries()
         if swept:
             logger.info("removed %d partial files left by an earlier crash", swept)
+        finish_removals(self.index, self.store)  # a prune or delete the crash cut short
         self.receiver = Receiver(
             self.store,
             self.index,

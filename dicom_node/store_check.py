@@ -32,6 +32,7 @@ from storage.database import Index
 from storage.filestore import FileStore
 from storage.instances import InstanceRecord, InstanceWriter
 from storage.models import Instance
+from storage.retention import finish_removals
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Repair:
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, why): left alone
     removed: list[str] = field(default_factory=list)  # partial files, SEGs of no job
     forgotten: int = 0  # rows of missing files removed (--forget-missing)
+    finished_removals: int = 0  # prunes or deletes a crash interrupted, finished
 
 
 def repair_store(
@@ -57,6 +59,8 @@ def repair_store(
 ) -> Repair:
     """Act on ``report`` (from ``check_store``); run ``check_store`` again to see the result."""
     result = Repair()
+    # First: their files are not lost images (the report left them out) and go.
+    result.finished_removals = finish_removals(index, store)
     leftovers = report.temporaries + report.unreferenced_results
     remove_files(store, leftovers)
     result.removed = leftovers

@@ -18,7 +18,7 @@ from pathlib import Path
 from sqlalchemy import case, delete, select, update
 
 from storage.database import Index
-from storage.filestore import RESULTS_DIR, TMP_PREFIX, FileStore
+from storage.filestore import REMOVING_DIR, RESULTS_DIR, TMP_PREFIX, FileStore
 from storage.models import Instance, Job, JobState, Series, SeriesState, SeriesVersion, utcnow
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ class StoreReport:
     unreferenced_images: list[str] = field(default_factory=list)  # files no instance row names
     unreferenced_results: list[str] = field(default_factory=list)  # results/<id>/ of no job
     temporaries: list[str] = field(default_factory=list)  # partial writes left by a crash
+    # A prune or delete a crash interrupted (its record in .removing/): the files it was
+    # removing are not lost images; --repair finishes the removal.
+    interrupted_removals: list[str] = field(default_factory=list)
     recent: int = 0  # files younger than the grace period, not judged
 
     @property
@@ -49,6 +52,7 @@ class StoreReport:
             or self.unreferenced_images
             or self.unreferenced_results
             or self.temporaries
+            or self.interrupted_removals
         )
 
 
@@ -56,6 +60,11 @@ def check_store(index: Index, store: FileStore, grace_s: float = 60.0) -> StoreR
     """Compare the store's files with the index's rows; changes nothing."""
     report = StoreReport()
     cutoff = time.time() - grace_s
+    removing: set[str] = set()
+    for record, (images, results) in store.pending_removals().items():
+        report.interrupted_removals.append(record)
+        removing.update(path for path, _ in images)
+        removing.update(results)
     with index.session() as session:
         indexed = {
             path: (size, sop, series_uid)
@@ -91,6 +100,8 @@ def check_store(index: Index, store: FileStore, grace_s: float = 60.0) -> StoreR
 
     for relative, mtime in _walk(store.root):
         parts = relative.split("/")
+        if parts[0] == REMOVING_DIR or relative in removing:
+            continue
         if parts[-1].startswith(TMP_PREFIX):
             if mtime > cutoff:
                 report.recent += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -33,6 +34,9 @@ TMP_PREFIX = ".tmp-"
 _HOST = re.sub(r"[^0-9A-Za-z.\-]", "-", socket.gethostname()) or "host"
 STALE_TMP_S = 3600.0  # a temporary this old is abandoned whoever wrote it: no write takes this
 RESULTS_DIR = "results"  # <root>/results/<job id>/: the SEGs the node made
+# <root>/.removing/<id>.json: the files a prune or delete removes after its commit, until
+# they are gone. Left by a crash, it tells store check those files are not lost images.
+REMOVING_DIR = ".removing"
 _UID_SAFE = re.compile(r"[^0-9A-Za-z.\-]")
 # Used as they are: at most 64 safe characters, no '_' (a digest name has one).
 _UID_PLAIN = re.compile(r"[0-9A-Za-z\-]([0-9A-Za-z.\-]{0,62}[0-9A-Za-z\-])?")
@@ -188,6 +192,32 @@ class FileStore:
             except OSError:
                 break
         return True
+
+    def begin_removal(self, images: list[tuple[str, int]], results: list[str]) -> str:
+        """Record, durably, the files about to be removed (images with their inodes, and
+        result files); returns the record's path, for ``end_removal`` once they are gone."""
+        record = f"{REMOVING_DIR}/{uuid.uuid4().hex}.json"
+        self.write_atomic(record, json.dumps({"images": images, "results": results}).encode())
+        return record
+
+    def end_removal(self, record: str) -> None:
+        path = self.root / record
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # another removal's record is still there
+            path.parent.rmdir()
+
+    def pending_removals(self) -> dict[str, tuple[list[tuple[str, int]], list[str]]]:
+        """Removals a crash interrupted: record -> (images with inodes, result files)."""
+        pending = {}
+        for file in sorted((self.root / REMOVING_DIR).glob("*.json")):
+            try:
+                data = json.loads(file.read_text())
+                images = [(str(path), int(inode)) for path, inode in data["images"]]
+                results = [str(path) for path in data["results"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable: its files are then judged as any others
+            pending[f"{REMOVING_DIR}/{file.name}"] = (images, results)
+        return pending
 
     def result_path(self, job_id: int, name: str) -> str:
         """Where a job's output file ``name`` goes, relative to the root."""

@@ -223,10 +223,14 @@ def _remove_series(
             return uid, len(instances), size
         # Which file each row names now: one written at the same path after the commit
         # (the image sent again) is another file, and stays.
-        images = [(i.path, store.inode(i.path)) for i in instances]
+        images = [(i.path, inode) for i in instances if (inode := store.inode(i.path)) is not None]
         results: list[str] = []
         for job_id in job_ids:  # the SEG (Job.seg_path) and a BINARY fallback beside it
             results += store.job_results(job_id)
+        # Before the commit: a crash between it and the last file's removal leaves files
+        # that no row names; this record keeps `store check --repair` from indexing them
+        # again (a deleted wrong-patient series back as a complete one).
+        record = store.begin_removal(images, results)
         session.execute(delete(Delivery).where(Delivery.job_pk.in_(job_ids)))
         session.execute(delete(Job).where(Job.id.in_(job_ids)))
         session.execute(delete(Instance).where(Instance.series_pk == series.id))
@@ -246,10 +250,42 @@ def _remove_series(
                     patient = session.get(Patient, patient_pk)
                     if patient is not None:
                         session.delete(patient)
-    for path, inode in images:
-        if inode is not None:
-            store.remove_unchanged(path, inode)
-    for path in results:
-        store.remove(path)
+    _remove_files(store, images, results)
+    store.end_removal(record)
     logger.info("%s series %s: %d instances", verb, uid, len(instances))
     return uid, len(instances), size
+
+
+def _remove_files(store: FileStore, images: list[tuple[str, int]], results: list[str]) -> None:
+    for path, inode in images:
+        store.remove_unchanged(path, inode)
+    for path in results:
+        store.remove(path)
+
+
+def finish_removals(index: Index, store: FileStore) -> int:
+    """Finish the removals a crash interrupted (``FileStore.pending_removals``): the files
+    no row names any more go; a record whose transaction never committed leaves its files
+    with their rows. Returns how many records were finished."""
+    pending = store.pending_removals()
+    for record, (images, results) in pending.items():
+        with index.session() as session:
+            named = set(
+                session.scalars(
+                    select(Instance.path).where(Instance.path.in_([p for p, _ in images]))
+                )
+            )
+            jobs = set(session.scalars(select(Job.id)))
+        _remove_files(
+            store,
+            [(path, inode) for path, inode in images if path not in named],
+            [path for path in results if not _of_job(path, jobs)],
+        )
+        store.end_removal(record)
+        logger.info("finished an interrupted removal (%s)", record)
+    return len(pending)
+
+
+def _of_job(result: str, jobs: set[int]) -> bool:
+    folder = result.split("/")[1] if result.count("/") >= 2 else ""
+    return folder.isdigit() and int(folder) in jobs

@@ -22,6 +22,7 @@ from storage.models import (
     DeliveryState,
     Instance,
     Patient,
+    Series,
     SeriesVersion,
     Study,
     utcnow,
@@ -197,6 +198,74 @@ def test_an_image_sent_again_as_its_series_files_are_removed_is_kept(
     assert prune(index, store, HOUR).series == ["1.2.3"]
     assert sent  # the image was sent again between the commit and the removal
     _acknowledged_image_kept(index, store)
+
+
+class _Killed(BaseException):
+    """The process dying (kill -9, power cut) at that point."""
+
+
+def test_a_delete_cut_short_by_a_crash_is_finished_not_undone(
+    index: Index, store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows commit, then files go: a crash in between left files no row names, and
+    `store check --repair` (the README's advice after a crash) indexed them again: a
+    series deleted as the wrong patient's came back, partial, as complete."""
+    from dicom_node.store_check import repair_store
+
+    _receive(index, store, "1.2.3", n=6)
+    complete_due_series(index, 0.0, on_release=False)
+    removed: list[str] = []
+
+    def dies_at_the_third(original: Any) -> Any:
+        def remove(path: str, *args: Any) -> Any:
+            if len(removed) == 2:
+                raise _Killed
+            removed.append(path)
+            return original(path, *args)
+
+        return remove
+
+    monkeypatch.setattr(store, "remove", dies_at_the_third(store.remove))
+    if hasattr(store, "remove_unchanged"):
+        monkeypatch.setattr(store, "remove_unchanged", dies_at_the_third(store.remove_unchanged))
+    with pytest.raises(_Killed):
+        delete_series(index, store, "1.2.3")
+    monkeypatch.undo()
+    report = check_store(index, store, grace_s=0)
+    assert report.unreferenced_images == []  # not taken for lost images
+    assert len(report.interrupted_removals) == 1 and not report.consistent
+    repaired = repair_store(index, store, report)
+    assert (repaired.indexed, repaired.finished_removals) == (0, 1)
+    with index.session() as session:
+        assert session.scalars(select(Series.series_instance_uid)).all() == []
+    assert not any(store.absolute("1.2/1.2.3").glob("*.dcm"))
+    assert check_store(index, store, grace_s=0).consistent
+
+
+def test_a_removal_record_whose_delete_never_committed_keeps_the_files(
+    index: Index, store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record is written before the commit: a crash in between leaves the rows, and
+    finishing the record must then keep their files."""
+    from storage.retention import finish_removals
+
+    _receive(index, store, "1.2.3", n=2)
+    complete_due_series(index, 0.0, on_release=False)
+    begin = store.begin_removal
+
+    def record_then_die(*args: Any) -> str:
+        begin(*args)
+        raise _Killed
+
+    monkeypatch.setattr(store, "begin_removal", record_then_die)
+    with pytest.raises(_Killed):
+        delete_series(index, store, "1.2.3")
+    monkeypatch.undo()
+    assert finish_removals(index, store) == 1
+    with index.session() as session:
+        paths = session.scalars(select(Instance.path)).all()
+    assert len(paths) == 2 and all(store.absolute(path).is_file() for path in paths)
+    assert check_store(index, store, grace_s=0).consistent
 
 
 def test_durations() -> None:

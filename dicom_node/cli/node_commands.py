@@ -156,7 +156,8 @@ def check(
             typer.echo(
                 f"repaired: indexed {repaired.indexed} images of {len(repaired.series)} series, "
                 f"removed {len(repaired.removed)} leftover files, "
-                f"forgot {repaired.forgotten} rows of missing files"
+                f"forgot {repaired.forgotten} rows of missing files, "
+                f"finished {repaired.finished_removals} interrupted prunes or deletes"
             )
             for path, why in repaired.unreadable:
                 typer.echo(f"  not indexed: {path}: {why}")
@@ -175,6 +176,10 @@ def check(
         _list("images no index row names (--repair indexes them)", report.unreferenced_images)
         _list("SEGs of no job (--repair removes them)", report.unreferenced_results)
         _list("partial files from a crash (--repair removes them)", report.temporaries)
+        _list(
+            "prunes or deletes a crash interrupted (--repair finishes them)",
+            report.interrupted_removals,
+        )
         typer.echo("consistent" if report.consistent else "NOT consistent")
     if not report.consistent:
         raise typer.Exit(1)
