@@ -6,7 +6,7 @@ import contextlib
 import datetime as dt
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -59,6 +59,8 @@ class PruneResult:
     series: list[str]
     instances: int
     bytes_freed: int
+    # Old enough, but kept for now: (series UID, why), e.g. a delivery still pending.
+    kept: list[tuple[str, str]] = field(default_factory=list)
 
 
 _UNFINISHED_JOBS = (JobState.QUEUED, JobState.RUNNING, JobState.RETRY_WAIT)
@@ -77,6 +79,7 @@ def prune(
     """
     cutoff = utcnow() - older_than
     pruned: list[str] = []
+    kept: list[tuple[str, str]] = []
     count = 0
     freed = 0
     for series_pk in _candidates(index, cutoff):
@@ -86,12 +89,18 @@ def prune(
             logger.warning("could not prune series row %d: %s", series_pk, exc)
             continue
         if isinstance(removed, str):  # no longer qualifies (an image arrived, a job queued)
+            with index.session() as session:
+                uid = session.scalar(
+                    select(Series.series_instance_uid).where(Series.id == series_pk)
+                )
+            if uid is not None:
+                kept.append((uid, removed))
             continue
         uid, instances, size = removed
         pruned.append(uid)
         count += instances
         freed += size
-    return PruneResult(series=pruned, instances=count, bytes_freed=freed)
+    return PruneResult(series=pruned, instances=count, bytes_freed=freed, kept=kept)
 
 
 def _candidates(index: Index, cutoff: dt.datetime) -> list[int]:

@@ -938,6 +938,8 @@ def test_store_prune(node: NodeProcess, tmp_path: Path) -> None:
     assert dry["series"] == [series.series_instance_uid]
     assert dry["instances"] == 3
     assert dry["dry_run"] is True
+    listed = node.cli("store", "prune", "--older-than", "0s", "--dry-run")
+    assert f"series that would go: 1\n  {series.series_instance_uid}" in listed.stdout
     assert len(node.stored_files()) == 3
     assert len(node.instance_rows(series.series_instance_uid)) == 3
 

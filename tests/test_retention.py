@@ -111,7 +111,10 @@ def check_prune(index: Index, store: FileStore) -> None:
                timings={}, deliveries=[("pacs", "PACS@127.0.0.1:104")])  # fmt: skip
     delivery = claim_delivery(index, lease_s=60)
     assert delivery is not None
-    assert prune(index, store, HOUR).series == []  # the delivery is still being sent
+    busy = prune(index, store, HOUR)
+    assert busy.series == []  # the delivery is still being sent, and the administrator
+    assert (f"delivery {delivery.id} is sending: wait until it is delivered or dead"
+            in dict(busy.kept)["1.1"])  # is told why the disk was not freed  # fmt: skip
     delivery_failed(index, delivery.id, "refused", retryable=False, max_attempts=1,
                     backoff_initial_s=1, backoff_max_s=1)  # fmt: skip
 

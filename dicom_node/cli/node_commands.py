@@ -100,6 +100,7 @@ def prune(
                 "instances": result.instances,
                 "bytes_freed": result.bytes_freed,
                 "dry_run": dry_run,
+                "kept": [{"series": uid, "why": why} for uid, why in result.kept],
             }
         )
     else:
@@ -108,6 +109,9 @@ def prune(
             f"{verb} {len(result.series)} series, {result.instances} instances, "
             f"{result.bytes_freed / 1e6:.1f} MB"
         )
+        if dry_run:
+            _list("series that would go", result.series)
+        _list("old enough but kept for now", [f"{uid}: {why}" for uid, why in result.kept])
 
 
 def check(
