@@ -97,6 +97,12 @@ def associate(ae: AE, settings: Settings, peer: PeerSettings) -> Association:
     assoc = keep_responses_for_sender(ae.associate(peer.host, peer.port, **kwargs))
     if assoc.is_established:
         set_nodelay(assoc)
+        # pynetdicom clears the socket's timeout once connected: a peer that stops reading
+        # (its storage hung, its TCP stack alive) then blocked the send, and the outbox
+        # with it, for ever. A send or read stalled this long now ends the association.
+        sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+        if sock is not None:
+            sock.settimeout(settings.node.network_timeout_s)
     return assoc
 
 

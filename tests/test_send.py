@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from peers import (
     wait_until,
 )
 from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from seg_fixtures import CATALOGUE, mr_series, seg_file_of, small_label_map, stored_series
 
@@ -223,6 +226,71 @@ def test_an_unreachable_pacs_is_retryable(segs: tuple[Path, Path]) -> None:
     with pytest.raises(DeliveryError, match="unreachable") as caught:
         store_seg(Settings(), peer, segs[1])
     assert caught.value.retryable is True
+
+
+def _stalling_proxy(target_port: int) -> int:
+    """A port that forwards to ``target_port`` until the association is accepted, then
+    stops reading what the sender writes: a PACS whose storage hung while its TCP stack
+    still answers."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        client, _ = listener.accept()
+        server = socket.create_connection(("127.0.0.1", target_port))
+        accepted = threading.Event()
+
+        def upstream() -> None:
+            while not accepted.is_set():
+                data = client.recv(65536)
+                if not data:
+                    return
+                server.sendall(data)
+
+        def downstream() -> None:
+            while data := server.recv(65536):
+                client.sendall(data)
+                accepted.set()
+
+        threading.Thread(target=upstream, daemon=True).start()
+        threading.Thread(target=downstream, daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return int(listener.getsockname()[1])
+
+
+def test_a_pacs_that_stops_reading_ends_the_send_after_the_network_timeout(
+    pacs_factory: type[Pacs], tmp_path: Path
+) -> None:
+    """pynetdicom clears the socket timeout once connected: the send blocked for ever, and
+    the node's one outbox thread with it (no SEG went anywhere until a restart)."""
+    big = Dataset()  # larger than every socket buffer on the way
+    big.SOPClassUID = SEGMENTATION_STORAGE
+    big.SOPInstanceUID = "2.25.77"
+    big.PixelData = bytes(40 * 1024 * 1024)
+    big["PixelData"].VR = "OB"
+    big.file_meta = FileMetaDataset()
+    big.file_meta.MediaStorageSOPClassUID = SEGMENTATION_STORAGE
+    big.file_meta.MediaStorageSOPInstanceUID = big.SOPInstanceUID
+    big.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "big.dcm"
+    big.save_as(path, enforce_file_format=True)
+    pacs = pacs_factory([SEGMENTATION_STORAGE])
+    peer = PeerSettings(name="pacs", ae_title="PACS", host="127.0.0.1",
+                        port=_stalling_proxy(pacs.port))  # fmt: skip
+    outcome: list[BaseException | str] = []
+
+    def send() -> None:
+        try:
+            outcome.append(store_seg(Settings(node={"network_timeout_s": 2}), peer, path))
+        except BaseException as exc:  # returned to the test
+            outcome.append(exc)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    sender.join(60)
+    assert not sender.is_alive(), "the send still hangs"
+    (error,) = outcome
+    assert isinstance(error, DeliveryError) and error.retryable, error
 
 
 def test_sends_run_in_parallel_threads(pacs_factory: type[Pacs], segs: tuple[Path, Path]) -> None:
