@@ -93,6 +93,7 @@ class Outbox:
                 max_attempts=outbox.max_attempts,
                 backoff_initial_s=outbox.backoff_initial_s,
                 backoff_max_s=outbox.backoff_max_s,
+                attempt=delivery.attempts,
             )
             if state == DeliveryState.DEAD:
                 logger.error(
@@ -117,10 +118,20 @@ class Outbox:
                 max_attempts=self.settings.outbox.max_attempts,
                 backoff_initial_s=self.settings.outbox.backoff_initial_s,
                 backoff_max_s=self.settings.outbox.backoff_max_s,
+                attempt=delivery.attempts,
             )
             return True
         elapsed = time.monotonic() - started
-        delivery_done(self.index, delivery.id, elapsed, note)
+        if not delivery_done(self.index, delivery.id, elapsed, note, attempt=delivery.attempts):
+            # Its job ran again meanwhile and queued its new SEG on this delivery.
+            logger.info(
+                "%s: SEG %s sent in %.2f s, superseded meanwhile by a new run of the job; "
+                "its new SEG goes next",
+                tag,
+                delivery.sop_instance_uid,
+                elapsed,
+            )
+            return True
         logger.info(
             "%s: SEG %s delivered in %.2f s%s",
             tag,

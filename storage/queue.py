@@ -360,14 +360,32 @@ def claim_delivery(index: Index, lease_s: float) -> Delivery | None:
     return None
 
 
-def delivery_done(index: Index, delivery_id: int, duration_s: float, note: str = "") -> None:
+def _sent(delivery_id: int, attempt: int | None) -> list[Any]:
+    """WHERE clauses: the delivery is being sent (and, with ``attempt``, by that claim). A
+    re-run's finish_job sets it pending with the new SEG meanwhile: the old send's outcome
+    must not mark the new SEG delivered, or dead."""
+    clauses: list[Any] = [Delivery.id == delivery_id, Delivery.state == DeliveryState.SENDING]
+    if attempt is not None:
+        clauses.append(Delivery.attempts == attempt)
+    return clauses
+
+
+def delivery_done(
+    index: Index, delivery_id: int, duration_s: float, note: str = "", *, attempt: int | None = None
+) -> bool:
+    """Mark a delivery sent; False, and nothing changed, when it is no longer this send's."""
     with index.session() as session, session.begin():
-        delivery = session.get(Delivery, delivery_id)
-        if delivery is not None:
-            delivery.state = DeliveryState.DELIVERED
-            delivery.delivered_at = utcnow()
-            delivery.duration_s = duration_s
-            delivery.last_error = note
+        done = session.execute(
+            update(Delivery)
+            .where(*_sent(delivery_id, attempt))
+            .values(
+                state=DeliveryState.DELIVERED,
+                delivered_at=utcnow(),
+                duration_s=duration_s,
+                last_error=note,
+            )
+        )
+        return bool(done.rowcount)  # type: ignore[attr-defined]
 
 
 def delivery_failed(
@@ -379,22 +397,33 @@ def delivery_failed(
     max_attempts: int,
     backoff_initial_s: float,
     backoff_max_s: float,
+    attempt: int | None = None,
 ) -> tuple[DeliveryState, float | None]:
-    """Back off exponentially; dead-letter after ``max_attempts`` or a permanent error."""
+    """Back off exponentially; dead-letter after ``max_attempts`` or a permanent error. A
+    delivery no longer this send's (``attempt``: see ``_sent``) keeps its state."""
     with index.session() as session, session.begin():
         delivery = session.get(Delivery, delivery_id)
         if delivery is None:
             return DeliveryState.DEAD, None
-        delivery.last_error = error
-        if not retryable or delivery.attempts >= max_attempts:
-            delivery.state = DeliveryState.DEAD
-            return delivery.state, None
-        # The exponent capped: 2**1024 seconds overflow a float (max_attempts has no bound).
-        doublings = min(max(0, delivery.attempts - 1), 64)
-        delay = min(backoff_max_s, backoff_initial_s * 2**doublings)
-        delivery.state = DeliveryState.PENDING
-        delivery.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
-        return delivery.state, delay
+        attempts = delivery.attempts
+        if not retryable or attempts >= max_attempts:
+            state, delay, due = DeliveryState.DEAD, None, delivery.next_attempt_at
+        else:
+            # The exponent capped: 2**1024 s overflow a float (max_attempts has no bound).
+            doublings = min(max(0, attempts - 1), 64)
+            delay = min(backoff_max_s, backoff_initial_s * 2**doublings)
+            state, due = DeliveryState.PENDING, utcnow() + dt.timedelta(seconds=delay)
+        done = session.execute(
+            update(Delivery)
+            .where(*_sent(delivery_id, attempt), Delivery.attempts == attempts)
+            .values(state=state, last_error=error, next_attempt_at=due)
+            .execution_options(synchronize_session=False)
+        )
+        if done.rowcount != 1:  # type: ignore[attr-defined]
+            return session.scalar(
+                select(Delivery.state).where(Delivery.id == delivery_id)
+            ) or DeliveryState.DEAD, None
+        return state, delay
 
 
 def retry_delivery(index: Index, delivery_id: int | None = None) -> int:

@@ -646,6 +646,35 @@ def test_a_succeeded_job_queued_again_stops_sending_its_old_seg(index: Index) ->
     assert all(d is not None and d.attempts == 1 for d in again)
 
 
+@pytest.mark.parametrize("outcome", ["delivered", "failed for good"])
+def test_a_send_overtaken_by_a_re_run_leaves_the_new_seg_to_send(
+    index: Index, outcome: str
+) -> None:
+    """The old SEG was being sent when the job's re-run finished and queued its new SEG on
+    the delivery: the old send's end marked the new SEG delivered (never sent), or dead."""
+    job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, ["origin"]))
+    assert job_id is not None and claim_job(index, "host:1", heartbeat_timeout_s=60)
+    assert finish_job(index, job_id, seg_path="results/1/old.dcm", seg_sop_instance_uid="2.25.1",
+                      timings={}, deliveries=[("origin", "pacs")])  # fmt: skip
+    sending = claim_delivery(index, lease_s=60)
+    assert sending is not None
+    assert retry_job(index, job_id) and claim_job(index, "host:1", heartbeat_timeout_s=60)
+    assert finish_job(index, job_id, seg_path="results/1/new.dcm", seg_sop_instance_uid="2.25.2",
+                      timings={}, deliveries=[("origin", "pacs")])  # fmt: skip
+    if outcome == "delivered":
+        assert not delivery_done(index, sending.id, 0.5, attempt=sending.attempts)
+    else:
+        delivery_failed(index, sending.id, "refused", retryable=False, max_attempts=10,
+                        backoff_initial_s=1, backoff_max_s=1, attempt=sending.attempts)  # fmt: skip
+    again = claim_delivery(index, lease_s=60)  # the new SEG goes
+    assert again is not None and again.id == sending.id
+    assert (again.seg_path, again.sop_instance_uid, again.attempts) == (
+        "results/1/new.dcm",
+        "2.25.2",
+        1,
+    )
+
+
 def test_origin_is_resolved_by_calling_ae_or_refused(index: Index) -> None:
     _complete_series(index, ae="ORTHANC")
     settings = Settings.model_validate(
