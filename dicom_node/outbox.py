@@ -55,7 +55,11 @@ class Outbox:
     def send(self, delivery: Delivery) -> str:
         path = self.store.absolute(delivery.seg_path)
         if not path.exists():
-            raise DeliveryError(f"SEG file {path} is missing", retryable=False)
+            raise DeliveryError(
+                f"SEG file {path} is missing: `dicom-node jobs retry {delivery.job_pk}` makes "
+                "it again and sends it",
+                retryable=False,
+            )
         name = delivery.resolved_peer or delivery.destination
         peer = self.settings.peer_by_name(name)
         if peer is not None:

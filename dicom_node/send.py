@@ -13,6 +13,7 @@ from typing import Any
 from pydicom import Dataset, dcmread
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 
 from dicom_node.config import DicomWebDestination, PeerSettings, Settings
 from dicom_node.errors import DeliveryError
@@ -109,7 +110,10 @@ def associate(ae: AE, settings: Settings, peer: PeerSettings) -> Association:
 def no_association(settings: Settings, peer: PeerSettings, assoc: Association) -> str:
     """Why ``associate`` gave no association: rejected, no TLS, or unreachable."""
     if assoc.is_rejected:
-        return "rejected the association"
+        primitive = assoc.acceptor.primitive
+        reason = getattr(primitive, "reason_str", "") if primitive is not None else ""
+        # "calling AE title not recognised": the PACS has not registered this node's AE title.
+        return f"rejected the association: {reason}" if reason else "rejected the association"
     if peer.tls:
         refusal = tls_refusal(peer.host, peer.port, client_tls(settings), 5.0)
         if refusal is not None:
@@ -224,13 +228,31 @@ def store_seg(
         code = int(status.Status)
         if code != 0 and not (0xB000 <= code <= 0xBFFF):
             comment = str(status.get("ErrorComment", ""))
-            raise DeliveryError(f"{where} answered C-STORE with 0x{code:04X} {comment}".strip())
+            raise DeliveryError(
+                f"{where} answered C-STORE with 0x{code:04X} ({status_meaning(code)}) "
+                f"{comment}".strip()
+            )
         if code:
             note = (note + f"; warning status 0x{code:04X}").lstrip("; ")
     finally:
         if assoc.is_established:
             assoc.release()
     return note
+
+
+def status_meaning(code: int) -> str:
+    """What a C-STORE status means, as the standard names it (for the log and `deliveries
+    list`): "Refused: Out of Resources", "Data Set Does Not Match SOP Class", ..."""
+    found = STORAGE_SERVICE_CLASS_STATUS.get(code) or GENERAL_STATUS.get(code)
+    if found is not None:
+        return str(found[1])
+    if 0xA700 <= code <= 0xA7FF:
+        return "Refused: Out of Resources"
+    if 0xA900 <= code <= 0xA9FF:
+        return "Data Set Does Not Match SOP Class"
+    if 0xC000 <= code <= 0xCFFF:
+        return "Cannot Understand"
+    return "unknown status"
 
 
 def stow_seg(destination: DicomWebDestination, path: Path) -> str:
@@ -243,10 +265,13 @@ def stow_seg(destination: DicomWebDestination, path: Path) -> str:
         client.store_instances(datasets=[dcmread(path)])
     except HTTPError as exc:
         code = exc.response.status_code if exc.response is not None else 0
+        # The server's reason, where it gives one (a 400 or 409 names what it refused).
+        body = " ".join((exc.response.text if exc.response is not None else "").split())[:300]
         # Client errors other than timeouts and throttling will not improve by waiting.
         retryable = code >= 500 or code in (0, 408, 429)
         raise DeliveryError(
-            f"STOW-RS to {destination.url} failed: HTTP {code}", retryable=retryable
+            f"STOW-RS to {destination.url} failed: HTTP {code}" + (f": {body}" if body else ""),
+            retryable=retryable,
         ) from exc
     except RequestException as exc:
         raise DeliveryError(f"STOW-RS to {destination.url} failed: {exc}") from exc

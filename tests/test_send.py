@@ -293,6 +293,28 @@ def test_a_pacs_that_stops_reading_ends_the_send_after_the_network_timeout(
     assert isinstance(error, DeliveryError) and error.retryable, error
 
 
+def test_a_refusal_says_what_the_status_means_and_why_the_association_was_rejected(
+    segs: tuple[Path, Path],
+) -> None:
+    """A bare '0xA700' or 'rejected the association' sent the administrator to the
+    standard; pynetdicom has the meaning of the status and the rejection's reason."""
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(SEGMENTATION_STORAGE, DEFAULT_TS)
+    ae.require_calling_aet = ["SOMEONE"]  # not this node
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    try:
+        peer = PeerSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+        with pytest.raises(DeliveryError, match="rejected the association: Calling AE title"):
+            store_seg(Settings(), peer, segs[1])
+        ae.require_calling_aet = []
+        server.bind(evt.EVT_C_STORE, lambda event: 0xA700)
+        with pytest.raises(DeliveryError, match=r"with 0xA700 \(Refused: Out of Resources\)"):
+            store_seg(Settings(), peer, segs[1])
+    finally:
+        server.shutdown()
+
+
 def test_sends_run_in_parallel_threads(pacs_factory: type[Pacs], segs: tuple[Path, Path]) -> None:
     pacs = pacs_factory([SEGMENTATION_STORAGE])
     # Answered only once all three are in the PACS at once: sends serialised would time out.
