@@ -32,12 +32,15 @@ class SeriesError(DicomNodeError):
 class DeliveryError(DicomNodeError):
     """Sending a result to a destination failed.
 
-    ``retryable`` tells the outbox whether waiting and trying again can help.
+    ``retryable`` tells the outbox whether waiting and trying again can help;
+    ``peer_down`` that the destination itself failed (unreachable, no association, the
+    connection lost), not this one result: its other results wait as well.
     """
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    def __init__(self, message: str, *, retryable: bool = True, peer_down: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.peer_down = peer_down
 
 
 class _Validation(Protocol):

@@ -6,6 +6,7 @@ repeated after a crash replaces rather than duplicates.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
@@ -20,7 +21,12 @@ from dicom_node.worker import EventLike
 from storage.database import Index
 from storage.filestore import FileStore
 from storage.models import Delivery, DeliveryState, Job, utcnow
-from storage.queue import claim_delivery, delivery_done, delivery_failed
+from storage.queue import (
+    claim_delivery,
+    delivery_done,
+    delivery_failed,
+    postpone_destination,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +117,19 @@ class Outbox:
                     delay or 0,
                     exc,
                 )
+                if exc.peer_down and delay:
+                    name = delivery.resolved_peer or delivery.destination
+                    waiting = postpone_destination(
+                        self.index, name, utcnow() + dt.timedelta(seconds=delay)
+                    )
+                    if waiting:
+                        logger.warning(
+                            "%s is down: its %d other pending deliveries wait %.0f s too, "
+                            "so deliveries to other destinations go first",
+                            name,
+                            waiting,
+                            delay,
+                        )
             return True
         except Exception as exc:  # unexpected: keep the outbox alive, retry later
             logger.exception("%s: unexpected error", tag)

@@ -183,7 +183,9 @@ def store_seg(
                 f"{where} does not accept SOP class {sop_class} (nor a fallback)",
                 retryable=False,
             )
-        raise DeliveryError(f"{where} {no_association(settings, peer, assoc)}", retryable=True)
+        raise DeliveryError(
+            f"{where} {no_association(settings, peer, assoc)}", retryable=True, peer_down=True
+        )
     note = ""
     try:
         # An accepted context carries its one transfer syntax as a one-item list.
@@ -224,7 +226,9 @@ def store_seg(
             send = dataset
         status = assoc.send_c_store(send)
         if not status or "Status" not in status:
-            raise DeliveryError(f"{where} sent no C-STORE response (connection lost)")
+            raise DeliveryError(
+                f"{where} sent no C-STORE response (connection lost)", peer_down=True
+            )
         code = int(status.Status)
         if code != 0 and not (0xB000 <= code <= 0xBFFF):
             comment = str(status.get("ErrorComment", ""))
@@ -273,8 +277,8 @@ def stow_seg(destination: DicomWebDestination, path: Path) -> str:
             f"STOW-RS to {destination.url} failed: HTTP {code}" + (f": {body}" if body else ""),
             retryable=retryable,
         ) from exc
-    except RequestException as exc:
-        raise DeliveryError(f"STOW-RS to {destination.url} failed: {exc}") from exc
+    except RequestException as exc:  # no answer: the server itself
+        raise DeliveryError(f"STOW-RS to {destination.url} failed: {exc}", peer_down=True) from exc
     return ""
 
 

@@ -426,6 +426,27 @@ def delivery_failed(
         return state, delay
 
 
+def postpone_destination(index: Index, destination: str, until: dt.datetime) -> int:
+    """Pending deliveries to ``destination`` (the peer a delivery resolved to, else the
+    destination it names) due before ``until`` wait until then: it is down, and each
+    attempt on it would cost a connection or association timeout while the deliveries to
+    other destinations waited behind it. Returns how many."""
+    with index.session() as session, session.begin():
+        result = session.execute(
+            update(Delivery)
+            .where(
+                Delivery.state == DeliveryState.PENDING,
+                Delivery.next_attempt_at < until,
+                or_(
+                    Delivery.resolved_peer == destination,
+                    and_(Delivery.resolved_peer == "", Delivery.destination == destination),
+                ),
+            )
+            .values(next_attempt_at=until)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 def retry_delivery(index: Index, delivery_id: int | None = None) -> int:
     """Operator's retry: dead deliveries (one dead or cancelled when ``delivery_id`` is
     given) become pending now."""

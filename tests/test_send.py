@@ -315,6 +315,68 @@ def test_a_refusal_says_what_the_status_means_and_why_the_association_was_reject
         server.shutdown()
 
 
+def test_a_destination_that_is_down_does_not_hold_up_the_others(
+    pacs_factory: type[Pacs], segs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """One outbox sends in order of due time: each SEG for an archive that is down cost a
+    connection (or association) timeout before the reading PACS got its SEG. After the
+    first failure, the others for that archive wait with it."""
+    import datetime as dt
+
+    from sqlalchemy import select as sql_select
+    from sqlalchemy import update
+
+    from dicom_node.outbox import Outbox
+    from storage.database import Index
+    from storage.filestore import FileStore
+    from storage.instances import InstanceRecord, complete_due_series, record_instance
+    from storage.models import Delivery, DeliveryState, utcnow
+    from storage.queue import JobSpec, claim_job, create_job, finish_job
+
+    pacs = pacs_factory([SEGMENTATION_STORAGE])
+    settings = Settings(
+        storage={"data_dir": tmp_path / "data"},
+        peers=[pacs.peer(), {"name": "archive", "ae_title": "VNA", "host": "127.0.0.1",
+                             "port": free_port()}],
+    )  # fmt: skip
+    index = Index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    store = FileStore(tmp_path / "store", 0, fsync=False)
+    seg = store.result_path(1, "seg.dcm")
+    store.write_atomic(seg, segs[1].read_bytes())
+    for series in ("1.2.3", "1.2.4"):
+        record_instance(index, InstanceRecord(
+            sop_instance_uid=f"{series}.1", series_instance_uid=series, study_instance_uid="1.2",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.4", transfer_syntax_uid="1.2.840.10008.1.2.1",
+            path=f"x/{series}.dcm", size_bytes=1,
+        ))  # fmt: skip
+    versions = complete_due_series(index, 0.0, on_release=False)
+    for version, destinations in zip(versions, (["archive"], ["archive", "pacs"]), strict=True):
+        job_id = create_job(index, version.series_version_pk, JobSpec("r", "demo", {}, []))
+        assert job_id is not None and claim_job(index, "host:1", 60) is not None
+        assert finish_job(index, job_id, seg_path=seg, seg_sop_instance_uid="2.25.5", timings={},
+                          deliveries=[(d, d) for d in destinations])  # fmt: skip
+    due = utcnow() - dt.timedelta(minutes=1)
+    with index.session() as session, session.begin():  # archive, archive, then the PACS
+        for order, (job_pk, destination) in enumerate(
+            [(1, "archive"), (2, "archive"), (2, "pacs")]
+        ):
+            session.execute(
+                update(Delivery)
+                .where(Delivery.job_pk == job_pk, Delivery.destination == destination)
+                .values(next_attempt_at=due + dt.timedelta(seconds=order))
+            )
+    outbox = Outbox(settings, index, store)
+    assert outbox.deliver_one()  # the archive: refused connection
+    assert outbox.deliver_one()  # the PACS next, not the archive's second SEG
+    with index.session() as session:
+        rows = session.scalars(sql_select(Delivery))
+        states = {(d.job_pk, d.destination): d.state for d in rows}
+    assert states[(2, "pacs")] == DeliveryState.DELIVERED
+    assert states[(2, "archive")] == DeliveryState.PENDING  # waits with the first
+    assert len(pacs.received) == 1
+    index.dispose()
+
+
 def test_sends_run_in_parallel_threads(pacs_factory: type[Pacs], segs: tuple[Path, Path]) -> None:
     pacs = pacs_factory([SEGMENTATION_STORAGE])
     # Answered only once all three are in the PACS at once: sends serialised would time out.
