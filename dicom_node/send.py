@@ -199,14 +199,14 @@ def store_seg(
             for sop, syntaxes in accepted_syntaxes.items()
             if syntaxes & {syntax, *_UNCOMPRESSED, fallback_syntax or ""}
         }
-        send: Path | Dataset = path
+        send, sent_syntax, sent_class = path, syntax, sop_class
         if sop_class not in accepted:
             if (
                 fallback is not None
                 and fallback_syntax is not None
                 and SEGMENTATION_STORAGE in accepted
             ):
-                send = fallback
+                send, sent_syntax, sent_class = fallback, fallback_syntax, SEGMENTATION_STORAGE
                 note = f"{where} refuses SOP class {sop_class}; sent the BINARY SEG instead"
                 logger.info("%s", note)
             else:
@@ -214,22 +214,24 @@ def store_seg(
                     f"{where} does not accept SOP class {sop_class} (nor a fallback)",
                     retryable=False,
                 )
-        sent_syntax = fallback_syntax if send is fallback else syntax
-        sent_class = SEGMENTATION_STORAGE if send is fallback else sop_class
-        if sent_syntax not in accepted_syntaxes.get(sent_class, set()):
-            # Only an uncompressed syntax was accepted: send the pixel data uncompressed
-            # (pynetdicom encodes the dataset in the context's explicit or implicit VR).
-            dataset = dcmread(send)
-            if dataset.file_meta.TransferSyntaxUID.is_compressed:
-                dataset.decompress()
-            keep_text_as_stored(dataset)  # the patient text the PACS files it by
-            send = dataset
-        status = assoc.send_c_store(send)
-        if not status or "Status" not in status:
-            raise DeliveryError(
-                f"{where} sent no C-STORE response (connection lost)", peer_down=True
+        code, status = _c_store(assoc, where, send, sent_syntax, sent_class, accepted_syntaxes)
+        if (
+            _refuses_the_sop_class(code)
+            and send is path
+            and fallback is not None
+            and fallback_syntax is not None
+            and SEGMENTATION_STORAGE in accepted
+        ):
+            # It accepted the Label Map context, then refused the instance itself (some
+            # PACS negotiate every storage class they know of and store fewer).
+            note = (
+                f"{where} refused {sop_class} with 0x{code:04X} ({status_meaning(code)}); "
+                "sent the BINARY SEG instead"
             )
-        code = int(status.Status)
+            logger.info("%s", note)
+            code, status = _c_store(
+                assoc, where, fallback, fallback_syntax, SEGMENTATION_STORAGE, accepted_syntaxes
+            )
         if code != 0 and not (0xB000 <= code <= 0xBFFF):
             comment = str(status.get("ErrorComment", ""))
             raise DeliveryError(
@@ -242,6 +244,35 @@ def store_seg(
         if assoc.is_established:
             assoc.release()
     return note
+
+
+def _c_store(
+    assoc: Association,
+    where: str,
+    send: Path,
+    syntax: str,
+    sop_class: str,
+    accepted_syntaxes: dict[str, set[str]],
+) -> tuple[int, Dataset]:
+    """C-STORE ``send`` on ``assoc``: (status code, status); raises when none came back."""
+    item: Path | Dataset = send
+    if syntax not in accepted_syntaxes.get(sop_class, set()):
+        # Only an uncompressed syntax was accepted: send the pixel data uncompressed
+        # (pynetdicom encodes the dataset in the context's explicit or implicit VR).
+        dataset = dcmread(send)
+        if dataset.file_meta.TransferSyntaxUID.is_compressed:
+            dataset.decompress()
+        keep_text_as_stored(dataset)  # the patient text the PACS files it by
+        item = dataset
+    status = assoc.send_c_store(item)
+    if not status or "Status" not in status:
+        raise DeliveryError(f"{where} sent no C-STORE response (connection lost)", peer_down=True)
+    return int(status.Status), status
+
+
+def _refuses_the_sop_class(code: int) -> bool:
+    """Refused: SOP Class Not Supported, or Data Set Does Not Match SOP Class."""
+    return code == 0x0122 or 0xA900 <= code <= 0xA9FF
 
 
 def status_meaning(code: int) -> str:

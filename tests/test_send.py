@@ -377,6 +377,36 @@ def test_a_destination_that_is_down_does_not_hold_up_the_others(
     index.dispose()
 
 
+@pytest.mark.parametrize("refusal", [0x0122, 0xA900])
+def test_a_pacs_refusing_the_label_map_it_negotiated_gets_the_binary_fallback(
+    segs: tuple[Path, Path], refusal: int
+) -> None:
+    """Some PACS accept every storage context they know of, then refuse the instance: the
+    BINARY fallback was chosen at negotiation only, so the result never arrived (retried,
+    then dead-lettered)."""
+    ae = AE(ae_title="PACS")
+    for uid in (SEGMENTATION_STORAGE, LABEL_MAP_SEG):
+        ae.add_supported_context(uid, DEFAULT_TS)
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        if event.request.AffectedSOPClassUID == LABEL_MAP_SEG:
+            return refusal
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0
+
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])  # fmt: skip
+    try:
+        peer = PeerSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+        note = store_seg(Settings(), peer, segs[0], segs[1])
+    finally:
+        server.shutdown()
+    assert received == [str(dcmread(segs[1], stop_before_pixels=True).SOPInstanceUID)]
+    assert f"with 0x{refusal:04X}" in note and "sent the BINARY SEG instead" in note
+
+
 def test_sends_run_in_parallel_threads(pacs_factory: type[Pacs], segs: tuple[Path, Path]) -> None:
     pacs = pacs_factory([SEGMENTATION_STORAGE])
     # Answered only once all three are in the PACS at once: sends serialised would time out.
