@@ -118,7 +118,17 @@ def no_association(settings: Settings, peer: PeerSettings, assoc: Association) -
         refusal = tls_refusal(peer.host, peer.port, client_tls(settings), 5.0)
         if refusal is not None:
             return f"failed the TLS handshake: {refusal}"
-    return "is unreachable"
+    # pynetdicom reports a refused connection and an unanswered A-ASSOCIATE-RQ alike
+    # (aborted). They send an administrator to different places: the network, or the PACS.
+    try:
+        with socket.create_connection((peer.host, peer.port), timeout=5.0):
+            pass
+    except OSError:
+        return "is unreachable (connection refused or timed out: host, port, firewall?)"
+    return (
+        "accepts connections but did not answer the association request (its DICOM "
+        "service hung or overloaded, or another service on that port?)"
+    )
 
 
 def echo_peer(settings: Settings, peer: PeerSettings) -> dict[str, Any]:

@@ -407,6 +407,23 @@ def test_a_pacs_refusing_the_label_map_it_negotiated_gets_the_binary_fallback(
     assert f"with 0x{refusal:04X}" in note and "sent the BINARY SEG instead" in note
 
 
+def test_a_pacs_that_never_answers_the_association_is_not_called_unreachable(
+    segs: tuple[Path, Path],
+) -> None:
+    """A hung PACS service accepts the TCP connection and never answers: 'is unreachable'
+    sent the administrator to the network and firewall instead of the PACS."""
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody answers
+    peer = PeerSettings(name="pacs", ae_title="PACS", host="127.0.0.1",
+                        port=silent.getsockname()[1])  # fmt: skip
+    try:
+        with pytest.raises(DeliveryError, match="did not answer the association request") as e:
+            store_seg(Settings(node={"network_timeout_s": 2}), peer, segs[1])
+    finally:
+        silent.close()
+    assert e.value.retryable and e.value.peer_down
+    assert "unreachable" not in str(e.value)
+
+
 def test_sends_run_in_parallel_threads(pacs_factory: type[Pacs], segs: tuple[Path, Path]) -> None:
     pacs = pacs_factory([SEGMENTATION_STORAGE])
     # Answered only once all three are in the PACS at once: sends serialised would time out.
