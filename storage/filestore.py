@@ -152,11 +152,7 @@ class FileStore:
     def remove(self, relative: str) -> None:
         path = self.root / relative
         path.unlink(missing_ok=True)
-        for parent in (path.parent, path.parent.parent):
-            try:
-                parent.rmdir()
-            except OSError:
-                break
+        _remove_empty_folders(path)
 
     def inode(self, relative: str) -> int | None:
         """The file's inode number (which file it is), or None when it is missing."""
@@ -186,11 +182,7 @@ class FileStore:
             aside.unlink()
             return False
         aside.unlink()
-        for parent in (path.parent, path.parent.parent):
-            try:
-                parent.rmdir()
-            except OSError:
-                break
+        _remove_empty_folders(path)
         return True
 
     def begin_removal(self, images: list[tuple[str, int]], results: list[str]) -> str:
@@ -266,6 +258,15 @@ def temporary_name(pid: int | None = None, host: str | None = None) -> str:
     """A fresh temporary's name, owned by ``pid`` on ``host`` (default: this process)."""
     owner = f"{host or _HOST}~{os.getpid() if pid is None else pid}"
     return f"{TMP_PREFIX}{owner}~{uuid.uuid4().hex}"
+
+
+def _remove_empty_folders(path: Path) -> None:
+    """The series and study folders of a removed file, once empty."""
+    for parent in (path.parent, path.parent.parent):
+        try:
+            parent.rmdir()
+        except OSError:
+            break
 
 
 def _tmp_owner(name: str) -> tuple[str, int] | None:
