@@ -56,5 +56,12 @@ class Restarts:
         self.due = now + delay
         return delay
 
+    def in_a_row(self) -> str:
+        """For the log line of a process that keeps exiting as it starts."""
+        return (
+            f"{self.quick_exits} times in a row within {self.QUICK_S:.0f} s of starting "
+            "(its own log lines before each exit say why)"
+        )
+
     def restarted(self, now: float) -> None:
         self.started, self.due = now, None

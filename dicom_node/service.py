@@ -140,13 +140,10 @@ class Service:
                 delay = restarts.exited(now)
                 if delay:
                     logger.error(
-                        "receiver process %s exited (code %s) %d times in a row within %.0f s "
-                        "of starting (its own log lines before each exit say why); starting "
-                        "it again in %.0f s",
+                        "receiver process %s exited (code %s) %s; starting it again in %.0f s",
                         child.name,
                         child.exitcode,
-                        restarts.quick_exits,
-                        Restarts.QUICK_S,
+                        restarts.in_a_row(),
                         delay,
                     )
                 else:

@@ -569,12 +569,10 @@ class WorkerPool:
             )
         elif delay:
             logger.error(
-                "worker %s exited (code %s) %d times in a row within %.0f s of starting "
-                "(its own log lines before each exit say why); %s",
+                "worker %s exited (code %s) %s; %s",
                 slot.process.name,
                 code,
-                slot.restarts.quick_exits,
-                Restarts.QUICK_S,
+                slot.restarts.in_a_row(),
                 again,
             )
         else:
