@@ -83,9 +83,14 @@ def tls_refusal(host: str, port: int, context: ssl.SSLContext, timeout_s: float)
     return None
 
 
+def _raw_socket(assoc: Association) -> socket.socket | None:
+    """The association's TCP (or TLS) socket, once connected."""
+    return getattr(getattr(assoc.dul, "socket", None), "socket", None)
+
+
 def set_nodelay(assoc: Association) -> None:
     """Nagle's algorithm costs ~40 ms per C-STORE on loopback and LAN (PEERS.md)."""
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    sock = _raw_socket(assoc)
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -101,7 +106,7 @@ def associate(ae: AE, settings: Settings, peer: PeerSettings) -> Association:
         # pynetdicom clears the socket's timeout once connected: a peer that stops reading
         # (its storage hung, its TCP stack alive) then blocked the send, and the outbox
         # with it, for ever. A send or read stalled this long now ends the association.
-        sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+        sock = _raw_socket(assoc)
         if sock is not None:
             sock.settimeout(settings.node.network_timeout_s)
     return assoc
