@@ -19,6 +19,7 @@ from dicom_node.periodic import Periodic
 from dicom_node.routing import SeriesFacts, route
 from dicom_node.rule_models import rule_model_problems
 from storage.database import Index
+from storage.instances import up_to_version
 from storage.models import Instance, Series, SeriesState, SeriesVersion, utcnow
 from storage.queue import JobSpec, create_job, job_for, retry_job
 
@@ -33,9 +34,7 @@ def facts_from_index(session: Session, series: Series, version: SeriesVersion) -
         select(Instance.sop_class_uid).where(Instance.series_pk == series.id).distinct()
     ).all()
     image_count = session.scalar(
-        select(func.count(Instance.id)).where(
-            Instance.series_pk == series.id, Instance.version <= version.version
-        )
+        select(func.count(Instance.id)).where(*up_to_version(series.id, version.version))
     )
     return SeriesFacts(
         series_instance_uid=series.series_instance_uid,

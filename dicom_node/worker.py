@@ -33,6 +33,7 @@ from dicom_node.value_warnings import summarised_value_warnings
 from inference.log_context import log_label
 from storage.database import Index, unavailable_reason
 from storage.filestore import FileStore
+from storage.instances import up_to_version
 from storage.models import Instance, Job, JobState, Series, SeriesVersion, utcnow
 from storage.queue import cancel_requested, claim_job, fail_job, finish_job, heartbeat
 
@@ -147,7 +148,7 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
         study_uid = series.study.study_instance_uid
         rows = session.execute(
             select(Instance.path, Instance.version)
-            .where(Instance.series_pk == series.id, Instance.version <= version.version)
+            .where(*up_to_version(series.id, version.version))
             .order_by(Instance.id)
         ).all()
         paths = [ctx.store.absolute(row.path) for row in rows]

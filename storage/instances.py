@@ -532,6 +532,12 @@ class CompletedSeries:
         return fewer_than_announced(self.instance_count, self.expected_count)
 
 
+def up_to_version(series_pk: int, version: int) -> list[Any]:
+    """WHERE clauses: the images of series version ``version`` as its job reads them, every
+    image of the series so far (what the routing rules count as well)."""
+    return [Instance.series_pk == series_pk, Instance.version <= version]
+
+
 def fewer_than_announced(instance_count: int, expected_count: int | None) -> bool:
     return bool(expected_count) and instance_count < (expected_count or 0)
 
