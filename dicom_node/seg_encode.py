@@ -319,23 +319,50 @@ def _for_highdicom(sources: list[Dataset]) -> tuple[list[Dataset], SourceText]:
     the source's, so the SEG references the source as it is; the source itself is left as
     it was.
     """
+    sources = [_with_sop_class(ds) for ds in sources]
     first = sources[0]
-    changes, text = source_text(first)
+    # source_text decodes the elements it reads in the dataset it is given: the copy's, so
+    # that the source keeps its bytes for the next encode (the binary fallback).
+    copied = _own_copy(first)
+    changes, text = source_text(copied)
     if int(first.get("NumberOfFrames", 1) or 1) > 1:
         shared = _shared_geometry(first)
         if shared is not None:
             changes["SharedFunctionalGroupsSequence"] = [shared]
     elif first.get("SliceThickness") in (None, ""):
         changes["SliceThickness"] = _slice_distance(sources)
-    copied = copy.copy(first)
-    # Its own element table, and new elements in it: pydicom assigns to an element in
-    # place, which would change the source's value too.
-    copied._dict = dict(first._dict)
     for keyword, value in changes.items():
         if keyword in copied:
             delattr(copied, keyword)
         setattr(copied, keyword, value)
     return [copied, *sources[1:]], text
+
+
+def _own_copy(ds: Dataset) -> Dataset:
+    copied = copy.copy(ds)
+    # Its own element table: pydicom decodes a raw element in its table, and would change
+    # the source's too. An element to change must be deleted and added anew: pydicom
+    # assigns a value to the element object, which the source shares.
+    copied._dict = dict(ds._dict)
+    return copied
+
+
+def _with_sop_class(ds: Dataset) -> Dataset:
+    """``ds``, or a copy with the SOP Class UID of its file meta where its own is empty, as
+    some devices write it (the SEG references each source by its class, Type 1)."""
+    if str(ds.get("SOPClassUID", "") or ""):
+        return ds
+    meta = getattr(ds, "file_meta", None)
+    media = str(meta.get("MediaStorageSOPClassUID", "") or "") if meta is not None else ""
+    if not media:
+        raise ValueError(
+            f"source image {ds.get('SOPInstanceUID', '?')} has no SOP Class UID, in its "
+            "data set or its file meta: the SEG cannot reference it"
+        )
+    copied = _own_copy(ds)
+    copied.pop("SOPClassUID", None)  # added anew: assigning would change the source's too
+    copied.SOPClassUID = media
+    return copied
 
 
 def _slice_distance(sources: list[Dataset]) -> float | None:

@@ -18,6 +18,7 @@ import pytest
 from dicom_phantoms import geometry_per_frame
 from pydicom import Dataset
 from pydicom.dataelem import DataElement
+from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 from seg_fixtures import (
     ANATOMY,
@@ -362,6 +363,30 @@ def test_every_source_instance_is_referenced(series: list[Dataset], label_map: n
     }
     assert referenced == {ds.SOPInstanceUID for ds in series}
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series[0].SeriesInstanceUID
+
+
+def test_sources_with_an_empty_sop_class_are_referenced_by_their_file_meta(
+    series: list[Dataset], label_map: np.ndarray
+) -> None:
+    """Some devices write an empty SOP Class UID (the JPEG 2000 CT in ../shared); the node
+    stores them under the class of their file meta. highdicom failed on them with a bare
+    KeyError(''); the SEG references them by their file meta's class, a Type 1 value."""
+    sources = copy.deepcopy(series)
+    for ds in sources:
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.SOPClassUID = ""
+    seg = _encode(label_map, sources)
+    classes = {
+        item.ReferencedSOPClassUID
+        for ref_series in seg.ReferencedSeriesSequence
+        for item in ref_series.ReferencedInstanceSequence
+    }
+    assert classes == {series[0].SOPClassUID}
+    assert all(ds.SOPClassUID == "" for ds in sources)  # the caller's datasets unchanged
+    del sources[3].file_meta.MediaStorageSOPClassUID
+    with pytest.raises(ValueError, match=f"{sources[3].SOPInstanceUID} has no SOP Class UID"):
+        _encode(label_map, sources)
 
 
 def test_uids_are_deterministic(series: list[Dataset], label_map: np.ndarray) -> None:

@@ -83,6 +83,23 @@ def test_the_seg_keeps_the_source_bytes(case: str) -> None:
     assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
 
 
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("case", CASES)
+def test_a_second_seg_of_the_same_sources_keeps_the_bytes(case: str) -> None:
+    """A job encodes twice from one set of sources: the Label Map SEG, then its binary
+    fallback. The first encode decoded the source's elements in place, so the fallback
+    re-encoded the decoded text (U+FFFD for bytes invalid in the character set)."""
+    charset, values, _ = CASES[case]
+    sources = stored_series(charset, values)
+    stored = {keyword: _stored_bytes(sources[0], keyword) for keyword in values}
+    _seg_of(sources)
+    for keyword in values:
+        assert _stored_bytes(sources[0], keyword) == stored[keyword], keyword
+    second = _seg_of(sources)
+    for keyword in values:
+        assert _stored_bytes(second, keyword) == stored[keyword], keyword
+
+
 @pytest.mark.peers
 @pytest.mark.parametrize("case", ["korean-alone", "chinese-iso-2022"])
 def test_dciodvfy_finds_no_error_in_the_seg_of_an_iso_2022_source(
