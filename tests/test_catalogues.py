@@ -43,6 +43,41 @@ def test_left_and_right_labels_carry_the_modifier(name: str) -> None:
             assert label.modifier is None, label.name
 
 
+def _dicom_meanings() -> dict[str, set[str]]:
+    """SNOMED CT code -> its meanings in DICOM's concept tables (PS3.16, as pydicom ships
+    them): an independent source of what each code means."""
+    from pydicom.sr._concepts_dict import concepts
+
+    meanings: dict[str, set[str]] = {}
+    for by_code in concepts["SCT"].values():
+        for code, (meaning, _cids) in by_code.items():
+            meanings.setdefault(code, set()).add(meaning.lower())
+    return meanings
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_no_label_is_coded_with_a_concept_of_the_other_side(name: str) -> None:
+    """TotalSegmentator's csv codes both subclavian arteries 29700009, which DICOM lists as
+    the right subclavian artery only: the left one read "right subclavian artery, left".
+    A lateralised concept must agree with the label's side (and its modifier)."""
+    meanings = _dicom_meanings()
+    for label in load_catalogue(name).labels:
+        words = set(label.name.lower().split("_"))
+        for code in (label.type, label.anatomic_region):
+            if code is None or code.scheme != "SCT":
+                continue
+            said = " ".join(meanings.get(code.code, set()))
+            for side, other in (("left", "right"), ("right", "left")):
+                if side in words:
+                    assert other not in said.split(), (label.name, code.code, said)
+            if "left" not in words and "right" not in words:
+                assert "left" not in said.split() and "right" not in said.split(), (
+                    label.name,
+                    code.code,
+                    said,
+                )
+
+
 def test_sizes_and_ids() -> None:
     vibe = load_catalogue("vibe")
     assert len(vibe.labels) == 71
