@@ -18,11 +18,13 @@ Decisions a caller relies on:
   is not a valid instance.
 * **UIDs.** The Series Instance UID is derived from (source Series Instance UID, model name,
   weights SHA-256, format); the SOP Instance UID also from the source images (and frames)
-  segmented. Re-running the same model on the same images yields the same UIDs, so a PACS holds
-  the result once, not a duplicate per run. Other images (more of the series arrived, another
-  stack of it) give other content, so a new SOP Instance UID in the same SEG series: DICOM does
-  not allow new content under an old UID, and many PACS (Orthanc by default) keep the first copy
-  of a UID and silently ignore a re-send. The compression is left out on purpose: it changes the
+  segmented and from a digest of the content: the segmented voxels, each segment's name, codes
+  and colour, and the model version. Re-running the same model on the same images yields the
+  same UIDs, so a PACS holds the result once, not a duplicate per run. Other images (more of
+  the series arrived, another stack of it), other voxels or corrected codes are other content,
+  so a new SOP Instance UID in the same SEG series: DICOM does not allow new content under an
+  old UID, and many PACS (Orthanc by default) keep the first copy of a UID and silently ignore
+  a re-send. The compression is left out on purpose: it changes the
   encoding, not the content. Tracking UIDs are derived from (source series, model name, label
   name) so a structure keeps its identity across re-runs with new weights.
 """
@@ -30,6 +32,7 @@ Decisions a caller relies on:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import re
@@ -448,17 +451,37 @@ def seg_uids(
     weights_sha256: str,
     format: SegFormat | str = SegFormat.BINARY,
     source_instances: Sequence[str] = (),
+    content: str = "",
 ) -> tuple[UID, UID]:
     """(Series Instance UID, SOP Instance UID) of the SEG of this model on this series.
 
     ``source_instances``: what was segmented (SOP Instance UIDs, ``uid:frame`` for frames of
-    a multi-frame image), in any order; it changes the SOP Instance UID only.
+    a multi-frame image), in any order; ``content``: a digest of what the SEG says
+    (``_content_digest``). Both change the SOP Instance UID only.
     """
     fmt = SegFormat(format)
     digest = _check_sha256(weights_sha256)
     parts = (source_series_uid, model_name, digest, fmt.value)
     inputs = json.dumps(sorted(source_instances))
-    return _derived_uid("series", *parts), _derived_uid("instance", *parts, inputs)
+    instance_parts = (*parts, inputs) if not content else (*parts, inputs, content)
+    return _derived_uid("series", *parts), _derived_uid("instance", *instance_parts)
+
+
+def _content_digest(pixels: np.ndarray, present: Sequence[LabelLike], model_version: str) -> str:
+    """What the SEG says, beyond its inputs: the segmented voxels, each segment's name,
+    codes and colour, and the model's version. A corrected code, a new model version or other
+    voxels (other inference settings) are new content, so a new SOP Instance UID: a PACS
+    keeps the first copy of a UID and ignores a re-send under it."""
+    hasher = hashlib.blake2b(digest_size=16)
+    hasher.update(json.dumps([model_version, list(pixels.shape), str(pixels.dtype)]).encode())
+    for label in present:
+        described = [label.id, label.name, list(label.color)]
+        for attr in ("category", "type", "modifier", "anatomic_region", "anatomic_region_modifier"):
+            code = getattr(label, attr, None)
+            described.append(None if code is None else [code.scheme, code.code, code.meaning])
+        hasher.update(json.dumps(described).encode())
+    hasher.update(np.ascontiguousarray(pixels).data)
+    return hasher.hexdigest()
 
 
 def _segmented_instances(
@@ -619,6 +642,7 @@ def encode_seg(
         weights_sha256=digest,
         format=fmt,
         source_instances=_segmented_instances(sources, source_frames),
+        content=_content_digest(pixels, present, model_version),
     )
     version = f"{model_version} sha256:{digest[:16]}"
     if len(version) > _LO_MAX:

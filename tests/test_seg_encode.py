@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import random
@@ -411,6 +412,42 @@ def test_uids_are_deterministic(series: list[Dataset], label_map: np.ndarray) ->
     ]
     for uid in (first.SOPInstanceUID, first.SeriesInstanceUID):
         assert len(uid) <= 64
+
+
+def test_other_content_is_a_new_instance_of_the_same_seg_series(
+    series: list[Dataset], label_map: np.ndarray
+) -> None:
+    """Other voxels (other inference settings), a corrected code or colour, a new model
+    version: other content, so a new SOP Instance UID. Before, they kept the UID, and a PACS
+    keeping the first copy of a UID ignored the corrected SEG."""
+    first = _encode(label_map, series)
+    moved = label_map.copy()
+    moved[moved == PRESENT_IDS[0]] = 0
+    moved[0, 0, 0] = PRESENT_IDS[0]
+    recoded = Catalogue(
+        labels=[
+            dataclasses.replace(lb, type=Code("SCT", "36765005", "Subclavian artery"))
+            if lb.id == PRESENT_IDS[0]
+            else lb
+            for lb in CATALOGUE.labels
+        ]
+    )
+    others = {
+        "voxels": _encode(moved, series),
+        "code": encode_seg(
+            label_map,
+            series,
+            recoded,
+            model_name="demo",
+            model_version="1.0",
+            weights_sha256=WEIGHTS_SHA256,
+        ),
+        "version": _encode(label_map, series, model_version="1.1"),
+    }
+    for what, other in others.items():
+        assert other.SeriesInstanceUID == first.SeriesInstanceUID, what
+        assert other.SOPInstanceUID != first.SOPInstanceUID, what
+    assert _encode(label_map.copy(), series).SOPInstanceUID == first.SOPInstanceUID
 
 
 def test_other_source_images_are_a_new_instance_of_the_same_seg_series(
