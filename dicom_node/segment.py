@@ -107,7 +107,11 @@ def segment_volume(
         )
     timings: dict[str, float] = {}
     started = time.monotonic()
-    canonical, canonical_affine, back = reorient_to_closest_canonical(volume.array, volume.affine)
+    # The patient directions the model's array axes x, y, z were trained on (model.yaml).
+    axes = str(getattr(info.descriptor, "orientation", "LPS"))
+    canonical, canonical_affine, back = reorient_to_closest_canonical(
+        volume.array, volume.affine, axes
+    )
     spacing = tuple(float(s) for s in np.linalg.norm(canonical_affine[:3, :3], axis=0)[::-1])
     labels = segmenter.predict(canonical, (spacing[0], spacing[1], spacing[2]))
     label_map = back(labels)

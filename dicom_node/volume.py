@@ -996,38 +996,56 @@ class AxisReorientation:
         return t
 
 
+# Each axis code letter: the patient axis (DICOM's x, y, z: towards L, P, S) and its sign.
+_AXIS_LETTERS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
+
+
+def axis_targets(axes: str) -> list[tuple[int, int]]:
+    """(patient axis, sign) each index axis x, y, z points to, from codes such as "LPS" (the
+    node's own) or "RAS" (NIfTI's canonical, what TotalSegmentator's models were trained on)."""
+    targets = [_AXIS_LETTERS.get(letter) for letter in axes.upper()]
+    if len(axes) != 3 or None in targets or len({t[0] for t in targets if t}) != 3:
+        raise ValueError(
+            f"axis codes {axes!r}: give three letters, one of L/R, one of P/A and one of S/I "
+            "(e.g. LPS or RAS)"
+        )
+    return [t for t in targets if t is not None]
+
+
 def closest_canonical_reorientation(
-    affine: np.ndarray, shape_zyx: Sequence[int]
+    affine: np.ndarray, shape_zyx: Sequence[int], axes: str = "LPS"
 ) -> AxisReorientation:
-    """The axis permutation/flip making index axes x, y, z point closest to L, P, S."""
+    """The axis permutation/flip making index axes x, y, z point closest to the patient
+    directions ``axes`` names (L, P, S by default)."""
+    targets = axis_targets(axes)
     direction = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     best: tuple[float, tuple[int, int, int]] | None = None
     # Try all 6 assignments; the best maximises the summed |cosine| (unique for any
     # grid less than 45 degrees oblique; ties broken by the first found).
     for perm in itertools.permutations(range(3)):
-        score = sum(abs(direction[j, perm[j]]) for j in range(3))
+        score = sum(abs(direction[targets[j][0], perm[j]]) for j in range(3))
         if best is None or score > best[0] + 1e-9:
             best = (score, (perm[0], perm[1], perm[2]))
     permutation = best[1] if best is not None else (0, 1, 2)
-    flips = (
-        bool(direction[0, permutation[0]] < 0),
-        bool(direction[1, permutation[1]] < 0),
-        bool(direction[2, permutation[2]] < 0),
+    flips = tuple(
+        bool(targets[j][1] * direction[targets[j][0], permutation[j]] < 0) for j in range(3)
     )
     z, y, x = (int(n) for n in shape_zyx)
-    return AxisReorientation(permutation, flips, (z, y, x))
+    return AxisReorientation(permutation, (flips[0], flips[1], flips[2]), (z, y, x))
 
 
 def reorient_to_closest_canonical(
-    volume_array: np.ndarray, affine: np.ndarray
+    volume_array: np.ndarray, affine: np.ndarray, axes: str = "LPS"
 ) -> tuple[np.ndarray, np.ndarray, Callable[[np.ndarray], np.ndarray]]:
-    """Permute/flip a (z, y, x) array so x -> L, y -> P, z -> S as closely as possible.
+    """Permute/flip a (z, y, x) array so x, y, z point as closely as possible to the patient
+    directions ``axes`` names: L, P, S by default; R, A, S for a model trained on NIfTI's
+    canonical orientation.
 
     Returns the canonical array, its affine, and a function mapping an array on the
     canonical grid (a predicted label map) back onto the source grid exactly.
     No resampling: an oblique grid stays oblique, only its axes are reordered.
     """
-    reorientation = closest_canonical_reorientation(affine, volume_array.shape[:3])
+    reorientation = closest_canonical_reorientation(affine, volume_array.shape[:3], axes)
     canonical = reorientation.apply(volume_array)
     canonical_affine = affine @ reorientation.transform()
     return canonical, canonical_affine, reorientation.invert

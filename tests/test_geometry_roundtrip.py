@@ -47,7 +47,7 @@ from dicom_node.errors import ModelError
 from dicom_node.segment import ModelCache, segment_series
 from dicom_node.volume import StackChoice, Volume, volume_from_series
 from inference.catalogue import Catalogue
-from inference.demo.phantoms import PhantomSpec, sample_phantom
+from inference.demo.phantoms import PhantomSpec, default_origin, sample_phantom
 from inference.demo.phantoms import grid_points as phantom_grid_points
 from inference.model_store import BUILTIN_MODELS, ModelInfo
 from inference.predictor import Segmenter
@@ -280,6 +280,43 @@ def test_exact_with_an_oracle_model(
     decoded = st.decode_on_source(st.read_seg(seg_path), volume, catalogue)
     truth = st.truth_labels(spec, written.affine, written.shape)
     assert int((decoded != truth).sum()) == 0
+
+
+class _RasOracleSegmenter(_OracleSegmenter):
+    """The oracle of a model trained on NIfTI's canonical (RAS) arrays, as TotalSegmentator's
+    are: index x runs towards the patient's right, y towards anterior."""
+
+    def predict(self, volume: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
+        lps_origin = default_origin(volume.shape, spacing_zyx)
+        points = phantom_grid_points(
+            volume.shape,
+            spacing_zyx,
+            origin=(-lps_origin[0], -lps_origin[1], lps_origin[2]),
+            direction=np.diag([-1.0, -1.0, 1.0]),
+        )
+        _, labels = sample_phantom(self.spec, points, noise=False)
+        return labels.reshape(volume.shape)
+
+
+@pytest.mark.parametrize("orientation", ["axial", "sagittal"])
+def test_a_model_trained_on_ras_arrays_gets_ras_arrays(
+    tmp_path: Path, spec: PhantomSpec, orientation: str
+) -> None:
+    """model.yaml's orientation turns the series to the axes the model was trained on: a RAS
+    model fed the node's LPS array saw the patient rotated 180 degrees (left and right
+    swapped), and its SEG was wrong; given RAS, its SEG equals the truth."""
+    written = _write(tmp_path / "series", spec, {"orientation": orientation})
+    volume = volume_from_series(written.paths)
+    truth = st.truth_labels(spec, written.affine, written.shape)
+    info = _oracle_info()
+    wrong = segment_series(written.paths, info, _RasOracleSegmenter(spec))
+    info.descriptor.orientation = "RAS"
+    right = segment_series(written.paths, info, _RasOracleSegmenter(spec))
+    for result, exact in ((wrong, False), (right, True)):
+        seg_path = tmp_path / f"seg-{exact}.dcm"
+        result.seg.save_as(seg_path, enforce_file_format=True)
+        decoded = st.decode_on_source(st.read_seg(seg_path), volume, info.catalogue)
+        assert (int((decoded != truth).sum()) == 0) is exact
 
 
 class _NeverCalled:

@@ -171,6 +171,43 @@ def test_canonical_matches_simpleitk_dicomorient(tmp_path: Path, orientation: st
     )
 
 
+AXES_CASES = list(itertools.product(["RAS", "LAS", "PIR", "SAL"], ["axial", "sagittal", "coronal"]))
+
+
+@pytest.mark.parametrize(
+    ("axes", "orientation"), AXES_CASES, ids=[f"{a}-{o}" for a, o in AXES_CASES]
+)
+def test_other_model_axes_match_simpleitk_dicomorient(
+    tmp_path: Path, axes: str, orientation: str
+) -> None:
+    """A model trained on NIfTI's canonical orientation (TotalSegmentator: x towards the
+    patient's right, y anterior) gets its array that way: the node's LPS array is rotated
+    180 degrees for it. SimpleITK turns the same image to the same axes independently."""
+    written = write(tmp_path, orientation=orientation, patient_position="FFS")
+    volume = volume_from_series(written.paths)
+    turned, affine, inverse = reorient_to_closest_canonical(volume.array, volume.affine, axes)
+
+    image = sitk.GetImageFromArray(volume.array)
+    image.SetSpacing(volume.spacing_zyx[::-1])
+    image.SetOrigin(tuple(volume.origin))
+    image.SetDirection(tuple(volume.direction.flatten()))
+    oriented = sitk.DICOMOrient(image, axes)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(oriented), turned)
+    np.testing.assert_allclose(oriented.GetOrigin(), affine[:3, 3], atol=1e-6)
+    direction = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    np.testing.assert_allclose(
+        np.array(oriented.GetDirection()).reshape(3, 3), direction, atol=1e-9
+    )
+    np.testing.assert_array_equal(inverse(turned), volume.array)
+
+
+@pytest.mark.parametrize("axes", ["LPX", "LLS", "RA", "LPSS", ""])
+def test_invalid_model_axes_are_refused(tmp_path: Path, axes: str) -> None:
+    volume = volume_from_series(write(tmp_path).paths)
+    with pytest.raises(ValueError, match="one of L/R, one of P/A and one of S/I"):
+        reorient_to_closest_canonical(volume.array, volume.affine, axes)
+
+
 def test_canonical_is_identity_for_axial_hfs(tmp_path: Path) -> None:
     volume = volume_from_series(write(tmp_path).paths)
     canonical, affine, _ = reorient_to_closest_canonical(volume.array, volume.affine)
