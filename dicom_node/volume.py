@@ -49,6 +49,7 @@ _REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 # Tolerances. Positions come as decimal strings (DS) rounded by scanners to ~1e-3..1e-5 mm.
 _ORIENTATION_TOL = 1e-3  # difference of direction cosines meaning "same plane"
 _SPACING_REL_TOL = 0.15  # a step this much off the median step is a gap or overlap
+_OFF_GRID_STEPS = 0.25  # how far a slice may lie from the even grid, in steps
 _IN_PLANE_TOL_PIXELS = 0.1  # drift off the normal, in pixels, before refusing as tilt
 _MAX_SCOUTS = 3  # other-plane images dropped silently; more means a mixed series
 _SAME_POSITION_MM = 1e-3  # closer than this along the normal: the same slice position
@@ -397,6 +398,15 @@ def _rescale(value: object, default: float, what: str, name: str) -> float:
     return _floats(values, 1, what, name)[0]
 
 
+def _slope(value: object, name: str) -> float:
+    slope = _rescale(value, 1.0, "Rescale Slope", name)
+    if slope == 0:
+        # Not allowed (PS3.3 C.11.1.1.2 maps stored values to output units): every pixel of
+        # the image would become the intercept, a blank slice the model reads as anatomy.
+        raise SeriesError(f"{name}: Rescale Slope is 0, which makes every pixel the same")
+    return slope
+
+
 def _group_value(header: Dataset, per_frame: Dataset | None, sequence: str, keyword: str) -> Any:
     """An attribute from a functional group, per-frame first, then shared."""
     shared = header.get("SharedFunctionalGroupsSequence")
@@ -573,7 +583,7 @@ def _make_frame(
         pixel_spacing=(pixel_spacing[0], pixel_spacing[1]),
         rows=rows,
         columns=columns,
-        slope=_rescale(slope, 1.0, "Rescale Slope", where),
+        slope=_slope(slope, where),
         intercept=_rescale(intercept, 0.0, "Rescale Intercept", where),
         localizer=localizer,
     )
@@ -873,6 +883,18 @@ def _sort_and_check_geometry(
             "resample it on the scanner or send an untilted reconstruction"
         )
     step = float(distance[-1] - distance[0]) / (len(frames) - 1)
+    # Each step within 15% of the median still lets a spacing that changes gradually (or in
+    # two parts) stray from the even grid the volume is: the model would see the anatomy
+    # stretched, by millimetres at the far end. A quarter of a step is far above rounding.
+    off_grid = np.abs(distance - (distance[0] + step * np.arange(len(frames))))
+    worst = int(np.argmax(off_grid))
+    if off_grid[worst] > _OFF_GRID_STEPS * step:
+        raise SeriesError(
+            f"uneven slice spacing: the steps range from {steps.min():.3f} to "
+            f"{steps.max():.3f} mm, and slice {worst} (of {len(frames)}) lies "
+            f"{off_grid[worst]:.2f} mm from where an even spacing of {step:.3f} mm puts it; "
+            "the series cannot form one volume (send a reconstruction with even spacing)"
+        )
     spacing_between_rows, spacing_between_columns = frames[0].pixel_spacing
     affine = np.eye(4)
     affine[:3, 0] = row * spacing_between_columns

@@ -403,6 +403,8 @@ BAD_VALUES = {
     "slope with two values": ("RescaleSlope", "1\\2", "Rescale Slope has 2 values"),
     "intercept with two values": ("RescaleIntercept", "0\\1", "Rescale Intercept has 2"),
     "slope beyond float32": ("RescaleSlope", "1e300", "give values no volume can hold"),
+    # Not allowed: the slice became a constant (the intercept) in the model's input
+    "slope zero": ("RescaleSlope", "0", "Rescale Slope is 0"),
 }
 
 
@@ -427,6 +429,44 @@ def test_gap_is_refused(tmp_path: Path) -> None:
     dp.write_gap_series(tmp_path / "gap", PHANTOM, missing=7)
     with pytest.raises(SeriesError, match="slices are missing"):
         volume_from_folder(tmp_path / "gap")
+
+
+def _place_slices(paths: list[Path], steps: list[float]) -> None:
+    """Move the axial slices (in their order along z) to the positions these steps give."""
+    order = sorted(paths, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    z = np.concatenate([[0.0], np.cumsum(steps)])
+    for path, position in zip(order, z, strict=True):
+        ds = pydicom.dcmread(path)
+        ds.ImagePositionPatient = [
+            ds.ImagePositionPatient[0],
+            ds.ImagePositionPatient[1],
+            round(float(position), 4),
+        ]
+        ds.save_as(path)
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [[1.0] * 20 + [1.12] * 19, list(np.linspace(1.0, 1.14, 39))],
+    ids=["two-spacings", "gradual"],
+)
+def test_spacing_that_drifts_from_an_even_grid_is_refused(
+    tmp_path: Path, steps: list[float]
+) -> None:
+    """Each step within 15% of the median, yet the even grid the volume is put the far
+    slices millimetres from their headers' positions: the model saw stretched anatomy."""
+    written = write(tmp_path, shape=(40, 8, 8))
+    _place_slices(written.paths, steps)
+    with pytest.raises(SeriesError, match=r"lies \d+\.\d+ mm from where an even spacing"):
+        volume_from_folder(tmp_path / "s")
+
+
+def test_positions_rounded_by_the_scanner_are_an_even_grid(tmp_path: Path) -> None:
+    written = write(tmp_path, shape=(40, 8, 8))
+    jitter = np.random.default_rng(0).uniform(-0.02, 0.02, 39)
+    _place_slices(written.paths, list(1.0 + np.diff(np.concatenate([[0.0], jitter]))))
+    volume = volume_from_folder(tmp_path / "s")
+    assert volume.spacing_zyx[0] == pytest.approx(1.0, abs=0.01)
 
 
 def _copy(path: Path, target: Path, *, other_pixels: bool) -> str:
