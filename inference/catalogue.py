@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from dicom_node.errors import ModelError, validation_problems
 
@@ -23,6 +30,21 @@ CATALOGUE_DIR = Path(__file__).resolve().parent / "catalogues"
 Colour = Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=3, max_length=3)]
 
 
+def _default_repertoire(text: str) -> str:
+    # The SEG writes names and meanings under the source's character set, which may be
+    # none (ASCII): other characters would be invalid there (dciodvfy) or replaced by "?".
+    # A backslash separates values in DICOM.
+    if any(not " " <= ch <= "~" or ch == "\\" for ch in text):
+        raise ValueError(
+            "use ASCII letters, digits, spaces and punctuation only (no backslash): a SEG "
+            "writes it in DICOM's default character set"
+        )
+    return text
+
+
+DicomText = Annotated[str, AfterValidator(_default_repertoire)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -30,9 +52,9 @@ class _Strict(BaseModel):
 class Code(_Strict):
     """One coded concept, as DICOM writes it: (scheme, value, meaning)."""
 
-    scheme: str = Field(min_length=1, max_length=16)
-    code: str = Field(min_length=1, max_length=64)
-    meaning: str = Field(min_length=1, max_length=64)
+    scheme: DicomText = Field(min_length=1, max_length=16)
+    code: DicomText = Field(min_length=1, max_length=64)
+    meaning: DicomText = Field(min_length=1, max_length=64)
 
 
 ANATOMICAL_STRUCTURE = Code(scheme="SCT", code="123037004", meaning="Anatomical Structure")
@@ -42,7 +64,7 @@ RIGHT = Code(scheme="SCT", code="24028007", meaning="Right")
 
 class Label(_Strict):
     id: int = Field(ge=1, le=65535)
-    name: str = Field(min_length=1, max_length=64)
+    name: DicomText = Field(min_length=1, max_length=64)
     category: Code
     type: Code
     modifier: Code | None = None

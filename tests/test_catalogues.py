@@ -112,6 +112,36 @@ def test_validation_refuses_duplicates_and_id_zero() -> None:
         load_catalogue("no_such_catalogue")
 
 
+@pytest.mark.parametrize(
+    ("where", "text"),
+    [
+        ("name", "Leber"),
+        ("meaning", "Leber (Hepar) \u00fc"),
+        ("name", "liver\\left"),
+        ("code", "1\t2"),
+    ],
+)
+def test_text_outside_dicoms_default_characters_is_refused(where: str, text: str) -> None:
+    """A SEG writes label names and code meanings under the source's character set, which
+    is often none (ASCII): "\u00fc" there was invalid (dciodvfy) or came out as "?"."""
+    label: dict[str, object] = {
+        "id": 1,
+        "name": "liver",
+        "category": {"scheme": "SCT", "code": "123037004", "meaning": "Anatomical Structure"},
+        "type": {"scheme": "SCT", "code": "10200004", "meaning": "Liver"},
+        "color": [1, 2, 3],
+    }
+    if where == "name":
+        label["name"] = text
+    else:
+        label["type"] = {"scheme": "SCT", "code": "10200004", "meaning": "Liver", where: text}
+    if text == "Leber":
+        assert isinstance(parse_catalogue({"name": "x", "labels": [label]}), Catalogue)
+        return
+    with pytest.raises(ModelError, match="DICOM's default character set"):
+        parse_catalogue({"name": "x", "labels": [label]})
+
+
 def _class_maps() -> dict[str, dict[int, str]]:
     src = (REFERENCE / "totalsegmentator_class_maps.py.txt").read_text()
     start = src.index("class_map = {") + len("class_map = ")
