@@ -14,7 +14,9 @@ import hashlib
 import logging
 import re
 import shutil
+import stat
 import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -25,6 +27,10 @@ from dicom_node.errors import ModelError
 logger = logging.getLogger(__name__)
 
 FOLD_RE = re.compile(r"^fold_(\d+|all)$")
+# nnUNetv2_find_best_configuration writes these beside the folds, each with its own
+# dataset.json and plans.json: results, not a second model.
+CROSSVAL_PREFIX = "crossval_results"
+MACOS_METADATA = "__MACOSX"  # macOS Finder adds it to every zip it makes
 
 Fold = int | Literal["all"]
 
@@ -68,21 +74,40 @@ def _parse_fold(text: str) -> Fold:
     return "all" if text == "all" else int(text)
 
 
+def zip_members(zf: zipfile.ZipFile, where: Path) -> dict[str, zipfile.ZipInfo]:
+    """The zip's members by name with '/' between folders, directories without their '/'.
+
+    Zips made on Windows may separate folders with '\\'; a name that would land outside the
+    folder it is extracted to is refused.
+    """
+    out: dict[str, zipfile.ZipInfo] = {}
+    for info in zf.infolist():
+        name = info.filename.replace("\\", "/").rstrip("/")
+        if not name:
+            continue
+        p = PurePosixPath(name)
+        if p.is_absolute() or ".." in p.parts or p.parts[0].endswith(":"):
+            raise ModelError(
+                f"{where}: zip member {info.filename!r} escapes the archive; refusing it"
+            )
+        out[name] = info
+    return out
+
+
 def _list_files(path: Path) -> list[PurePosixPath]:
     """Relative paths of the files under a directory or in a zip (depth-limited for folders)."""
     if path.is_dir():
         found: list[PurePosixPath] = []
-        # Depth 5 covers Dataset/trainer__plans__cfg/fold_N/checkpoint plus one wrapping folder.
+        # Depth 5 covers wrapper/Dataset/trainer__plans__cfg/fold_N/checkpoint.
         for pattern in ("*", "*/*", "*/*/*", "*/*/*/*", "*/*/*/*/*"):
             found += [PurePosixPath(p.relative_to(path).as_posix()) for p in path.glob(pattern)]
         return found
     if path.is_file() and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            names = [n.rstrip("/") for n in zf.namelist()]
-        for name in names:
-            p = PurePosixPath(name)
-            if p.is_absolute() or ".." in p.parts:
-                raise ModelError(f"{path}: zip member {name!r} escapes the archive; refusing it")
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = list(zip_members(zf, path))
+        except zipfile.BadZipFile as exc:
+            raise ModelError(f"{path} is a damaged zip file ({exc}): copy it again") from exc
         # Zips may omit directory entries: add every parent so folders can be found.
         out = {PurePosixPath(n) for n in names}
         for n in list(out):
@@ -109,13 +134,28 @@ def find_nnunet_folder(
     """Locate the trainer folder in ``path`` (a folder or an nnU-Net export zip).
 
     The folder may be ``path`` itself or nested up to two levels below it (e.g.
-    ``Dataset291_X/nnUNetTrainer__nnUNetPlans__3d_fullres``). Raises ``ModelError`` naming what
+    ``Dataset291_X/nnUNetTrainer__nnUNetPlans__3d_fullres``), three when everything sits in
+    one wrapping folder (a zip made of the folder holding the dataset). A trained-model folder
+    has plans.json, dataset.json and fold_N/; ``crossval_results_*`` folders and a stray
+    dataset.json beside the trainer folder are not one. Raises ``ModelError`` naming what
     is missing: plans.json, dataset.json, a fold_N folder, or a fold's checkpoint.
     """
     path = Path(path)
     files = set(_list_files(path))
     root = PurePosixPath(".")
-    candidates = [root, *sorted({p for p in files if len(p.parts) <= 2})]
+    tops = {p.parts[0] for p in files if p.parts[0] != MACOS_METADATA}
+    wrapped = len(tops) == 1 and any(len(p.parts) > 1 for p in files)
+    max_depth = 3 if wrapped else 2
+    candidates = [
+        root,
+        *sorted(
+            p
+            for p in files
+            if len(p.parts) <= max_depth
+            and p.parts[0] != MACOS_METADATA
+            and not any(part.startswith(CROSSVAL_PREFIX) for part in p.parts)
+        ),
+    ]
 
     def has(folder: PurePosixPath, name: str) -> bool:
         return (folder / name if folder != root else PurePosixPath(name)) in files
@@ -136,11 +176,15 @@ def find_nnunet_folder(
         marked = [c for c in marked if _split_trainer_folder_name(c.name)[2] == configuration] or [
             c for c in marked if c == root
         ]
+    # A folder with all three is the model; the others only explain what is missing.
+    complete = [c for c in marked if all(has(c, m) for m in markers) and fold_dirs(c)]
+    marked = complete or marked
     if not marked:
         raise ModelError(
             f"{path} holds no nnU-Net trained-model folder (nothing with plans.json, dataset.json "
-            "or fold_N/ within two levels): give the <trainer>__<plans>__<configuration> folder "
-            "or the zip made by nnUNetv2_export_model_to_zip"
+            "or fold_N/ within two levels, three inside one wrapping folder): give the "
+            "<trainer>__<plans>__<configuration> folder or the zip made by "
+            "nnUNetv2_export_model_to_zip"
         )
     if len(marked) > 1:
         # An export zip can hold several configurations; 3d_fullres is the usual choice.
@@ -213,26 +257,55 @@ def compute_weights_sha256(nnunet_dir: Path, folds: Iterable[Fold], checkpoint: 
 # --- copying --------------------------------------------------------------------------------
 
 
+def _is_torch_checkpoint(file: Path) -> bool:
+    # torch.save has written a zip archive since PyTorch 1.6 (nnU-Net v2 needs 2.x): a file
+    # that is not one was cut short or is something else.
+    return zipfile.is_zipfile(file)
+
+
 def copy_model_files(found: NnunetFolder, dest: Path) -> None:
-    """Copy the trainer folder's json files and the used checkpoints to ``dest``."""
+    """Copy the trainer folder's json files and the used checkpoints to ``dest``.
+
+    Refuses a zip member that is a symbolic link (it would be installed as a file holding the
+    link's target) and a checkpoint that is not a PyTorch checkpoint.
+    """
     dest.mkdir(parents=True)
     wanted = [PurePosixPath("plans.json"), PurePosixPath("dataset.json")]
     wanted += [PurePosixPath("dataset_fingerprint.json")]
-    wanted += [PurePosixPath(fold_dir(f)) / found.checkpoint for f in found.folds]
+    checkpoints = [PurePosixPath(fold_dir(f)) / found.checkpoint for f in found.folds]
+    wanted += checkpoints
     if found.is_zip:
         with zipfile.ZipFile(found.source) as zf:
-            members = set(zf.namelist())
+            members = zip_members(zf, found.source)
             for rel in wanted:
-                member = str(found.inner / rel) if str(found.inner) != "." else str(rel)
-                if member not in members:
+                info = members.get(str(found.inner / rel))
+                if info is None:
                     continue  # only the optional fingerprint may be absent (checked earlier)
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise ModelError(
+                        f"{found.source}: {info.filename} is a symbolic link in the zip, not the "
+                        "file itself; make the zip again with the files (nnUNetv2_export_model_"
+                        "to_zip, or zip without --symlinks)"
+                    )
                 target = dest / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(member) as fin, target.open("wb") as fout:
-                    shutil.copyfileobj(fin, fout, 1 << 20)
+                try:
+                    with zf.open(info) as fin, target.open("wb") as fout:
+                        shutil.copyfileobj(fin, fout, 1 << 20)
+                except (zipfile.BadZipFile, zlib.error) as exc:
+                    raise ModelError(
+                        f"{found.source} is damaged ({info.filename}: {exc}): copy it again"
+                    ) from exc
     else:
         for rel in wanted:
             source = found.path / rel
             if source.is_file():
                 (dest / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, dest / rel)
+    for rel in checkpoints:
+        if not _is_torch_checkpoint(dest / rel):
+            raise ModelError(
+                f"{found.source}: {found.inner / rel} is not a PyTorch checkpoint (torch.save "
+                "writes a zip archive; this file is not one): it is damaged or was cut short, "
+                "copy it again from where the model was trained"
+            )

@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import colorsys
 import contextlib
+import dataclasses
+import errno
 import hashlib
 import json
 import logging
+import os
 import re
+import secrets
 import shutil
-import tempfile
+import socket
+import time
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -69,10 +74,47 @@ BUILTIN_MODELS: dict[str, Path] = {"demo": Path(__file__).resolve().parent / "de
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PRIVATE_SCHEME = "99DICOMNODE"  # DICOM reserves "99..." for private coding schemes
 
+DEFAULT_ORIENTATION = "LPS"  # the node's volumes: x to the patient's left, y posterior, z up
+_AXIS_PAIRS = ("LR", "PA", "SI")
+# Shipped catalogues of TotalSegmentator's models: it runs nibabel's as_closest_canonical
+# (RAS) before nnU-Net, so its networks learnt RAS arrays.
+TOTALSEGMENTATOR_CATALOGUES = ("total", "total_mr")
+TILE_STEP_SIZE = 0.5  # nnU-Net's default
+# TotalSegmentator predicts its 1.5 mm "total" parts with step 0.8 (0.5 for its 3 mm model
+# and for total_mr): totalsegmentator/nnunet.py, nnUNet_predict_image.
+TOTALSEGMENTATOR_TOTAL_TILE_STEP_SIZE = 0.8
+
 
 def _plain_checkpoint(value: str) -> str:
     if "/" in value or "\\" in value or value in ("", ".", ".."):
         raise ValueError(f"checkpoint must be a file name inside fold_N, not {value!r}")
+    return value
+
+
+def orientation_problem(value: object) -> str | None:
+    """Why ``value`` is not an orientation (three axis codes such as LPS or RAS), or None."""
+    text = value if isinstance(value, str) else ""
+    axes = [next((i for i, pair in enumerate(_AXIS_PAIRS) if c in pair), -1) for c in text]
+    if len(text) == 3 and text.isupper() and sorted(axes) == [0, 1, 2]:
+        return None
+    return (
+        f"{value!r} is not an orientation: give three capital letters, one of L/R, one of "
+        "P/A and one of S/I, saying where the image's x, y and z axes point in the images the "
+        "model was trained on (LPS: DICOM's patient axes; RAS: NIfTI after nibabel's "
+        "as_closest_canonical)"
+    )
+
+
+def parse_orientation(value: object, where: str) -> str:
+    """An orientation as written by people and tools: "ras", "RAS" or ["R", "A", "S"]."""
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        value = "".join(value)
+    if isinstance(value, str):
+        value = value.strip().upper()
+    problem = orientation_problem(value)
+    if problem is not None:
+        raise ModelError(f"{where}: {problem}")
+    assert isinstance(value, str)
     return value
 
 
@@ -130,6 +172,10 @@ class ModelDescriptor(BaseModel):
     # A model published as several nnU-Net models, each segmenting some of the structures
     # (TotalSegmentator): run in this order, a later part's label wins where two overlap.
     parts: list[PartDescriptor] | None = None
+    # Where the voxel axes i, j, k (the volume's x, y, z) pointed in the images the network
+    # was trained on, as nibabel axis codes; the volume is turned to it before prediction.
+    # A model.yaml without it is LPS: the node's own volumes, as the demo model was trained.
+    orientation: str = DEFAULT_ORIENTATION
 
     @field_validator("name")
     @classmethod
@@ -145,6 +191,14 @@ class ModelDescriptor(BaseModel):
     @classmethod
     def _plain_file_name(cls, value: str) -> str:
         return _plain_checkpoint(value)
+
+    @field_validator("orientation")
+    @classmethod
+    def _axis_codes(cls, value: str) -> str:
+        problem = orientation_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _one_model_or_parts(self) -> ModelDescriptor:
@@ -203,6 +257,8 @@ class ModelInfo:
     weights_sha256: str
     parts: tuple[ModelPart, ...]
     builtin: bool = False
+    # What an install decided for the operator to confirm (an assumed orientation); not kept.
+    notes: tuple[str, ...] = ()
 
     @property
     def has_parts(self) -> bool:
@@ -244,6 +300,7 @@ class ModelInfo:
             "configuration": d.configuration,
             "trainer": d.trainer,
             "catalogue": d.catalogue,
+            "orientation": d.orientation,
             "labels": len(self.catalogue.labels),
             "weights_sha256": self.weights_sha256,
             "builtin": self.builtin,
@@ -491,6 +548,9 @@ def _load_part(name: str, folder: Path, p: PartDescriptor) -> ModelPart:
 
 def _load_from_root(root: Path, builtin: bool = False) -> ModelInfo:
     d = read_descriptor(root / DESCRIPTOR)
+    if "orientation" not in d.model_fields_set and d.catalogue in TOTALSEGMENTATOR_CATALOGUES:
+        # Installed before model.yaml said: TotalSegmentator's networks learnt RAS arrays.
+        d = d.model_copy(update={"orientation": "RAS"})
     catalogue = _resolve_catalogue(d, root)
     if d.parts is None:
         # A model of one part: its top-level fields describe that part.
@@ -529,13 +589,23 @@ def _check_label_map_fits(part: ModelPart, catalogue: Catalogue, root: Path) -> 
         )
 
 
+def _unreadable(root: Path, exc: OSError) -> ModelError:
+    return ModelError(
+        f"{root} cannot be read ({exc.strerror or exc}): the user running dicom-node needs "
+        f"read access to the model's folder and files (e.g. chmod -R a+rX {root})"
+    )
+
+
 def load_model_info(name: str, models_dir: Path) -> ModelInfo:
     """The installed model ``name``, else the built-in one of that name."""
     if not NAME_RE.match(name):
         raise ModelError(f"model name {name!r} is invalid")
     root = models_dir / name
-    if (root / DESCRIPTOR).is_file():
-        return _load_from_root(root)
+    try:
+        if (root / DESCRIPTOR).is_file():
+            return _load_from_root(root)
+    except OSError as exc:
+        raise _unreadable(root, exc) from exc
     if name in BUILTIN_MODELS and (BUILTIN_MODELS[name] / DESCRIPTOR).is_file():
         return _load_from_root(BUILTIN_MODELS[name], builtin=True)
     available = sorted({m.name for m in list_models(models_dir)})
@@ -545,27 +615,47 @@ def load_model_info(name: str, models_dir: Path) -> ModelInfo:
     )
 
 
-def list_models(models_dir: Path) -> list[ModelInfo]:
-    """Installed models, then built-in ones not shadowed by an installed model of that name.
+def scan_models(models_dir: Path) -> tuple[list[ModelInfo], list[str]]:
+    """Installed models, then built-in ones not shadowed by an installed model of that name;
+    and a line for each model folder that cannot be used, saying why.
 
-    A broken installed model is logged and left out, so one bad folder does not hide the rest.
+    One broken or unreadable folder does not hide the rest.
     """
     out: list[ModelInfo] = []
-    if models_dir.is_dir():
-        roots = [p for p in models_dir.iterdir() if not p.name.startswith(".")]
-        for root in sorted(p for p in roots if (p / DESCRIPTOR).is_file()):
-            try:
+    problems: list[str] = []
+    try:
+        roots = (
+            sorted(p for p in models_dir.iterdir() if not p.name.startswith("."))
+            if models_dir.is_dir()
+            else []
+        )
+    except OSError as exc:
+        problems.append(str(_unreadable(models_dir, exc)))
+        roots = []
+    for root in roots:
+        try:
+            if (root / DESCRIPTOR).is_file():
                 out.append(_load_from_root(root))
-            except ModelError as exc:
-                logger.warning("model folder %s is unusable: %s", root, exc)
+        except OSError as exc:
+            problems.append(str(_unreadable(root, exc)))
+        except ModelError as exc:
+            problems.append(f"{root} is unusable: {exc}")
     names = {m.name for m in out}
     for name, root in sorted(BUILTIN_MODELS.items()):
         if name not in names and (root / DESCRIPTOR).is_file():
             try:
                 out.append(_load_from_root(root, builtin=True))
-            except ModelError as exc:
-                logger.warning("built-in model %s is unusable: %s", name, exc)
-    return out
+            except (ModelError, OSError) as exc:
+                problems.append(f"built-in model {name} is unusable: {exc}")
+    return out, problems
+
+
+def list_models(models_dir: Path) -> list[ModelInfo]:
+    """``scan_models``' models; its problems are logged."""
+    models, problems = scan_models(models_dir)
+    for problem in problems:
+        logger.warning("%s", problem)
+    return models
 
 
 # --- installing -----------------------------------------------------------------------------
@@ -617,23 +707,128 @@ def _check_name(model_name: str) -> str:
     return model_name
 
 
+STAGING_PREFIX = ".install-"
+ASIDE_PREFIX = ".replaced-"  # the previous version during --replace, deleted after
+# <prefix><model>-<host>-<pid>-<random>: which process on which machine owns the folder.
+_OWNED_RE = re.compile(r"^\.(install|replaced)-(.+)-([A-Za-z0-9]+)-(\d+)-[a-z0-9_]+$")
+# Staging folders of versions that did not record their process: surely dead after a day.
+_UNOWNED_STAGING_AGE_S = 24 * 3600
+
+
+def _host_tag() -> str:
+    # Models folders may be shared between machines: a pid is only checked on its own host.
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a process id we wrote: leave the folder alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, but another user's
+    return True
+
+
+def _clean_interrupted_installs(models_dir: Path) -> None:
+    """Tidy what killed installs left: their staging folders go, and a model that a
+    ``--replace`` set aside comes back when its new version was never renamed in."""
+    host = _host_tag()
+    try:
+        entries = sorted(models_dir.iterdir())
+    except OSError as exc:
+        logger.warning("cannot look for interrupted installs in %s: %s", models_dir, exc)
+        return
+    for entry in entries:
+        owned = _OWNED_RE.match(entry.name)
+        try:
+            if owned is None:
+                if (
+                    entry.name.startswith(STAGING_PREFIX)
+                    and entry.is_dir()
+                    and time.time() - entry.stat().st_mtime > _UNOWNED_STAGING_AGE_S
+                ):
+                    shutil.rmtree(entry)
+                    logger.info("removed %s, left by an install that was stopped", entry)
+                continue
+            kind, name, owner_host, pid = owned.groups()
+            if owner_host != host or _process_alive(int(pid)):
+                continue
+            final = models_dir / name
+            if kind == "replaced" and not final.exists() and NAME_RE.match(name):
+                entry.rename(final)
+                logger.warning(
+                    "model %s: restored the installed version, which an install with --replace "
+                    "had set aside when it was stopped; the new version was not installed",
+                    name,
+                )
+            else:
+                shutil.rmtree(entry)
+                logger.info("removed %s, left by an install that was stopped", entry)
+        except OSError as exc:
+            logger.warning("cannot tidy %s, left by an install that was stopped: %s", entry, exc)
+
+
+def _make_readable(folder: Path) -> None:
+    # The service may run as another user than the one installing: it must read the model.
+    for path in (folder, *folder.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _install_failed(exc: OSError, model_name: str, models_dir: Path) -> ModelError:
+    reason = exc.strerror or str(exc)
+    path = exc.filename2 or exc.filename  # shutil's copies give the destination second
+    where = f" ({path})" if path else ""
+    full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    hint = " Free space there, or set inference.models_dir to a larger disk." if full else ""
+    return ModelError(
+        f"cannot install model {model_name!r} into {models_dir}: {reason}{where}. Nothing was "
+        f"installed and an installed model of that name is unchanged.{hint}"
+    )
+
+
 @contextlib.contextmanager
 def _installing(models_dir: Path, model_name: str, overwrite: bool) -> Iterator[Path]:
     """A staging folder beside the models, renamed to ``<models_dir>/<name>`` only when the
     body succeeds: a failed install leaves nothing behind and an installed model untouched."""
-    models_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _install_failed(exc, model_name, models_dir) from exc
+    _clean_interrupted_installs(models_dir)
     final = models_dir / model_name
     if final.exists() and not overwrite:
         raise ModelError(
             f"model {model_name!r} is already installed at {final}: install over it with "
             "replace (dicom-node models add --replace), or choose another name"
         )
-    staging = Path(tempfile.mkdtemp(prefix=f".install-{model_name}-", dir=models_dir))
+    owner = f"{model_name}-{_host_tag()}-{os.getpid()}-"
+    staging = models_dir / f"{STAGING_PREFIX}{owner}{secrets.token_hex(4)}"
+    try:
+        staging.mkdir()
+    except OSError as exc:
+        raise _install_failed(exc, model_name, models_dir) from exc
     try:
         yield staging
+        _make_readable(staging)
         if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
+            # Never a moment without a whole model: the old one is set aside, not deleted,
+            # until the new one is in (a killed install puts it back next time).
+            aside = models_dir / f"{ASIDE_PREFIX}{owner}{secrets.token_hex(4)}"
+            final.rename(aside)
+            try:
+                staging.rename(final)
+            except BaseException:
+                aside.rename(final)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            staging.rename(final)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _install_failed(exc, model_name, models_dir) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -658,6 +853,118 @@ def _write_new_descriptor(
     write_descriptor(descriptor, staging / DESCRIPTOR)
 
 
+def _check_folds(folds: Iterable[Fold] | None) -> list[Fold] | None:
+    if folds is None:
+        return None
+    chosen = list(folds)
+    repeated = sorted({str(f) for f in chosen if chosen.count(f) > 1})
+    if repeated:
+        raise ModelError(
+            f"folds: fold {', '.join(repeated)} is given more than once; give each fold once "
+            "(e.g. 0,1,2,3,4)"
+        )
+    return chosen
+
+
+def _check_checkpoint(checkpoint: str | None) -> str | None:
+    try:
+        return None if checkpoint is None else _plain_checkpoint(checkpoint)
+    except ValueError as exc:
+        raise ModelError(f"{exc} (checkpoint_final.pth or checkpoint_best.pth)") from exc
+
+
+def _config_spacing(plans: dict[str, Any], configuration: str | None) -> list[float] | None:
+    """The target spacing of a configuration in plans.json (following ``inherits_from``)."""
+    configs = plans.get("configurations")
+    seen: set[str] = set()
+    while (
+        isinstance(configs, dict)
+        and isinstance(configuration, str)
+        and configuration in configs
+        and configuration not in seen
+    ):
+        seen.add(configuration)
+        config = configs[configuration]
+        if not isinstance(config, dict):
+            return None
+        spacing = config.get("spacing")
+        if isinstance(spacing, list) and all(isinstance(v, (int, float)) for v in spacing):
+            return [float(v) for v in spacing]
+        configuration = config.get("inherits_from")
+    return None
+
+
+def _default_tile_step_size(
+    cat_ref: str, plans: dict[str, Any], configuration: str | None, *, parts: bool = False
+) -> float:
+    """As TotalSegmentator runs its models: 0.8 for its "total" task at 1.5 mm (the five
+    parts, or one of them), 0.5 for its 3 mm model, total_mr and everything else."""
+    if cat_ref != "total":
+        return TILE_STEP_SIZE
+    spacing = _config_spacing(plans, configuration)
+    if parts or (spacing and max(spacing) < 3.0):
+        return TOTALSEGMENTATOR_TOTAL_TILE_STEP_SIZE
+    return TILE_STEP_SIZE
+
+
+def _declared_orientation(
+    dataset: dict[str, Any], plans: dict[str, Any], where: str
+) -> tuple[str, str] | None:
+    """(orientation, the file saying so) from one nnU-Net model's json files, or None."""
+    if dataset.get("orientation") is not None:  # TotalVibeSegmentator writes it
+        value = parse_orientation(dataset["orientation"], f"{where}: dataset.json orientation")
+        return value, "dataset.json"
+    if plans.get("image_reader_writer") == "NibabelIOWithReorient":
+        return "RAS", "plans.json (NibabelIOWithReorient reads images as RAS)"
+    return None
+
+
+def _is_totalsegmentator(cat_ref: str, names: Iterable[str]) -> bool:
+    return cat_ref in TOTALSEGMENTATOR_CATALOGUES or any("totalseg" in n.lower() for n in names)
+
+
+def _choose_orientation(
+    model_name: str,
+    override: str | None,
+    existing: ModelDescriptor | None,
+    json_files: Sequence[tuple[dict[str, Any], dict[str, Any], str]],
+    totalsegmentator: bool,
+) -> tuple[str, str | None]:
+    """The model's orientation and, where it was assumed, a note for the operator.
+
+    The operator's ``--orientation``, else an installed model.yaml that gives one, else what
+    the model's files (``json_files``: each nnU-Net model's dataset.json, plans.json and
+    where it is) say, else RAS for TotalSegmentator, else LPS (assumed).
+    """
+    if override is not None:
+        return parse_orientation(override, "--orientation"), None
+    if existing is not None and "orientation" in existing.model_fields_set:
+        return existing.orientation, None
+    declared = [_declared_orientation(*files) for files in json_files]
+    said = {value for value, _ in filter(None, declared)}
+    if len(said) > 1:
+        raise ModelError(
+            f"model {model_name}: its parts were trained on differently oriented images "
+            f"({', '.join(sorted(said))}); they cannot run as one model"
+        )
+    if said:
+        value = said.pop()
+        why = next(d[1] for d in declared if d is not None and d[0] == value)
+        logger.info("model %s: orientation %s, from %s", model_name, value, why)
+        return value, None
+    if totalsegmentator:
+        logger.info("model %s: orientation RAS, as TotalSegmentator's models", model_name)
+        return "RAS", None
+    note = (
+        f"orientation {DEFAULT_ORIENTATION} assumed: nothing in the model says how its training "
+        "images were oriented. If it was trained on NIfTI files turned to RAS (nibabel "
+        "as_closest_canonical, NibabelIOWithReorient), install it again with --replace "
+        "--orientation RAS. Check left and right on one real study before routing to it."
+    )
+    logger.info("model %s: orientation %s assumed", model_name, DEFAULT_ORIENTATION)
+    return DEFAULT_ORIENTATION, note
+
+
 def install_model(
     src: Path | Sequence[Path],
     models_dir: Path,
@@ -672,6 +979,7 @@ def install_model(
     use_mirroring: bool | None = None,
     description: str | None = None,
     version: str | None = None,
+    orientation: str | None = None,
     overwrite: bool = False,
 ) -> ModelInfo:
     """Install a trained-model folder or export zip as ``<models_dir>/<name>``.
@@ -680,9 +988,13 @@ def install_model(
     writes one derived from the folder name, the folds present and ``dataset.json``. The
     catalogue is ``catalogue`` (a shipped name or a YAML file, copied in), else the source's,
     else one built from ``dataset.json`` labels. The weights' sha256 is cached in model.yaml.
+    ``orientation`` (e.g. RAS) overrides what is derived from the model's files
+    (``_choose_orientation``); an assumed one is in the returned info's ``notes``.
 
     Several sources make one model of parts (``install_parts``).
     """
+    folds = _check_folds(folds)
+    checkpoint = _check_checkpoint(checkpoint)
     overrides: dict[str, Any] = {
         "modality": modality,
         "tile_step_size": tile_step_size,
@@ -707,6 +1019,7 @@ def install_model(
             catalogue=catalogue,
             folds=folds,
             checkpoint=checkpoint,
+            orientation=orientation,
             overwrite=overwrite,
             **overrides,
         )
@@ -737,6 +1050,16 @@ def install_model(
                 (staging / CATALOGUE_FILE).write_text(dump_catalogue(cat_obj), encoding="utf-8")
                 cat_ref = CATALOGUE_FILE
         label_map = label_map_for(cat_obj, dataset, str(source), trust_ids=trust_label_ids)
+        plans = _read_json(nnunet_dest / "plans.json")
+        model_orientation, note = _choose_orientation(
+            model_name,
+            orientation,
+            existing,
+            [(dataset, plans, str(source))],
+            _is_totalsegmentator(
+                cat_ref, [source.name, *found.inner.parts, str(dataset.get("name", ""))]
+            ),
+        )
 
         channels = _channels(dataset)
         base = existing.model_dump() if existing else {}
@@ -747,7 +1070,7 @@ def install_model(
             "description": f"nnU-Net v2 model installed from {source.name}",
             "modality": _guess_modality(channels),
             "input_channels": channels,
-            "tile_step_size": 0.5,
+            "tile_step_size": _default_tile_step_size(cat_ref, plans, found.configuration),
             "use_mirroring": False,
             "configuration": found.configuration,
             "trainer": found.trainer,
@@ -761,20 +1084,22 @@ def install_model(
                 "checkpoint": ckpt,
                 "catalogue": cat_ref,
                 "label_map": label_map,
+                "orientation": model_orientation,
             }
         )
         fields["weights_sha256"] = compute_weights_sha256(nnunet_dest, found.folds, ckpt)
         _write_new_descriptor(fields, overrides, len(channels), staging)
     info = _load_from_root(models_dir / model_name)
     logger.info(
-        "installed model %s from %s: folds %s, %d labels, weights sha256 %s",
+        "installed model %s from %s: folds %s, %d labels, orientation %s, weights sha256 %s",
         model_name,
         source,
         info.folds_text(),
         len(info.catalogue.labels),
+        info.descriptor.orientation,
         info.weights_sha256[:12],
     )
-    return info
+    return dataclasses.replace(info, notes=(note,) if note else ())
 
 
 def _catalogue_for_parts(
@@ -815,6 +1140,7 @@ def install_parts(
     catalogue: str | Path | None = None,
     folds: Iterable[Fold] | None = None,
     checkpoint: str | None = None,
+    orientation: str | None = None,
     overwrite: bool = False,
     **overrides: Any,
 ) -> ModelInfo:
@@ -827,7 +1153,9 @@ def install_parts(
     the catalogue by name; the catalogue is ``catalogue``, else the installed model's, else
     the shipped one naming exactly the parts' structures, else one built from the names.
     """
-    fold_choice = list(folds) if folds is not None else None
+    fold_choice = _check_folds(folds)
+    checkpoint = _check_checkpoint(checkpoint)
+    _check_distinct_sources(sources)
     existing = _existing_descriptor(sources[0]) if len(sources) == 1 else None
     specs: list[tuple[Path, PartDescriptor | None]]
     if existing is not None and existing.parts is not None:
@@ -866,6 +1194,7 @@ def install_parts(
             folders.append(folder)
             datasets.append(_read_json(staging / PARTS_SUBDIR / folder / "dataset.json"))
         part_labels: list[dict[int, str]] = []
+        plans = [_read_json(staging / PARTS_SUBDIR / f / "plans.json") for f in folders]
         for (source, _, _), dataset in zip(founds, datasets, strict=True):
             try:
                 part_labels.append(_dataset_labels(dataset))
@@ -908,6 +1237,25 @@ def install_parts(
                     label_map=_part_label_map(cat_obj, dataset, where),
                 )
             )
+        _check_distinct_weights(parts, founds)
+        model_orientation, note = _choose_orientation(
+            model_name,
+            orientation,
+            existing,
+            [
+                (d, p, f"{source} (part {i})")
+                for i, ((source, _, _), d, p) in enumerate(
+                    zip(founds, datasets, plans, strict=True), start=1
+                )
+            ],
+            _is_totalsegmentator(
+                cat_ref,
+                [
+                    *(n for source, _, found in founds for n in (source.name, *found.inner.parts)),
+                    *(str(d.get("name", "")) for d in datasets),
+                ],
+            ),
+        )
         covered = {_label_key(n) for labels in part_labels for n in labels.values()}
         uncovered = [lab.name for lab in cat_obj.labels if _label_key(lab.name) not in covered]
         if uncovered:
@@ -929,10 +1277,13 @@ def install_parts(
             + ", ".join(s.name for s in sources),
             "modality": _guess_modality(channels[0]),
             "input_channels": channels[0],
-            "tile_step_size": 0.5,
+            "tile_step_size": _default_tile_step_size(
+                cat_ref, plans[0], founds[0][2].configuration, parts=True
+            ),
             "use_mirroring": False,
             **base,
             "name": model_name,
+            "orientation": model_orientation,
             "catalogue": cat_ref,
             "parts": [p.model_dump() for p in parts],
             "weights_sha256": combine_part_hashes(str(p.weights_sha256) for p in parts),
@@ -940,15 +1291,42 @@ def install_parts(
         _write_new_descriptor(fields, overrides, len(channels[0]), staging)
     info = _load_from_root(models_dir / model_name)
     logger.info(
-        "installed model %s from %d parts (%s): folds %s, %d labels, weights sha256 %s",
+        "installed model %s from %d parts (%s): folds %s, %d labels, orientation %s, "
+        "weights sha256 %s",
         model_name,
         len(parts),
         ", ".join(folders),
         info.folds_text(),
         len(info.catalogue.labels),
+        info.descriptor.orientation,
         info.weights_sha256[:12],
     )
-    return info
+    return dataclasses.replace(info, notes=(note,) if note else ())
+
+
+def _check_distinct_sources(sources: Sequence[Path]) -> None:
+    seen: dict[Path, Path] = {}
+    for source in sources:
+        key = source.resolve()
+        if key in seen:
+            raise ModelError(
+                f"{source} is given twice: give each part of the model once, in the order they run"
+            )
+        seen[key] = source
+
+
+def _check_distinct_weights(
+    parts: Sequence[PartDescriptor], founds: Sequence[tuple[Path, Any, NnunetFolder]]
+) -> None:
+    # The same part under two file names would run twice and hide nothing it lacks.
+    first: dict[str | None, Path] = {}
+    for part, (source, _, _) in zip(parts, founds, strict=True):
+        if part.weights_sha256 in first:
+            raise ModelError(
+                f"{first[part.weights_sha256]} and {source} hold the same weights: the same "
+                "part is given twice; give each part of the model once"
+            )
+        first[part.weights_sha256] = source
 
 
 def _part_label_map(catalogue: Catalogue, dataset: dict[str, Any], where: str) -> dict[int, int]:

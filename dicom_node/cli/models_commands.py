@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -50,6 +51,21 @@ def add_model(
     folds: Annotated[
         str | None, typer.Option(help="comma-separated folds, e.g. 0,1,2 (default: all present)")
     ] = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="the checkpoint file in each fold_N: checkpoint_final.pth (default) or "
+            "checkpoint_best.pth"
+        ),
+    ] = None,
+    orientation: Annotated[
+        str | None,
+        typer.Option(
+            help="where the x, y, z axes of the images the model was trained on point, e.g. "
+            "RAS (NIfTI turned to RAS, as TotalSegmentator) or LPS (DICOM's patient axes); "
+            "default: from the model's files, else LPS"
+        ),
+    ] = None,
     replace: Annotated[bool, typer.Option(help="replace an installed model of that name")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -82,32 +98,49 @@ def add_model(
         trust_label_ids=trust_label_ids,
         modality=mod,
         folds=fold_list,
+        checkpoint=checkpoint,
+        orientation=orientation,
         overwrite=replace,
     )
+    notes = list(info.notes)
+    if replace:
+        # Workers keep each model loaded: they read the new files only when started again.
+        notes.append(
+            "running workers keep the previous weights until `dicom-node serve` is restarted"
+        )
     if as_json:
-        print_json(info.summary())
+        print_json({**info.summary(), "notes": notes})
         return
     typer.echo(
         f"installed {info.name} at {info.root}: {info.descriptor.modality}, "
         + (f"{len(info.parts)} parts, " if info.has_parts else "")
         + f"folds {info.folds_text()}, "
         f"{len(info.catalogue.labels)} labels (catalogue {info.descriptor.catalogue}), "
+        f"orientation {info.descriptor.orientation}, "
+        f"tile step {info.descriptor.tile_step_size}, "
         f"weights sha256 {info.weights_sha256}"
     )
+    for note in notes:
+        typer.echo(f"note: {note}")
 
 
 def list_models_command(
     ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False
 ) -> None:
-    """List installed and built-in models."""
-    from inference.model_store import list_models
+    """List installed and built-in models, and the model folders that cannot be used."""
+    from inference.model_store import scan_models
 
     settings = settings_of(ctx)
-    models = list_models(settings.models_dir)
+    models, problems = scan_models(settings.models_dir)
     if as_json:
         print_json([m.summary() for m in models])
+        for problem in problems:
+            typer.echo(f"problem: {problem}", err=True)
         return
-    table = Table("name", "version", "modality", "folds", "labels", "catalogue", "sha256", "where")
+    columns = ("name", "version", "modality", "folds", "labels", "catalogue", "orientation")
+    table = Table(*columns, "sha256", "where")
+    for column in table.columns:
+        column.overflow = "fold"  # a long path or name wraps; never cut with "…"
     for m in models:
         table.add_row(
             m.name,
@@ -116,10 +149,14 @@ def list_models_command(
             m.folds_text(),
             str(len(m.catalogue.labels)),
             m.descriptor.catalogue,
+            m.descriptor.orientation,
             m.weights_sha256[:12],
             "built-in" if m.builtin else str(m.root),
         )
-    console().print(table)
+    # Piped or logged, there is no screen to fit: print each row whole on one line.
+    console(None if sys.stdout.isatty() else 10_000).print(table)
+    for problem in problems:
+        typer.echo(f"problem: {problem}")
     if not models:
         typer.echo(f"no models in {settings.models_dir}; add one with `dicom-node models add PATH`")
 
