@@ -153,3 +153,40 @@ def test_docker_image_keeps_its_base_packages_and_takes_the_other_pins() -> None
         "dynamic_network_architectures==0.4.4",
         "pynetdicom==3.0.4",
     ]
+
+
+def _fake_checkout(tmp_path: Path) -> Path:
+    """scripts/install.sh in a copy of the project's install inputs, with a .venv whose pip
+    only records how it was called."""
+    root = tmp_path / "checkout"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "install.sh", root / "scripts" / "install.sh")
+    for name in ("pyproject.toml", "constraints.txt"):
+        shutil.copy(ROOT / name, root / name)
+    bin_dir = root / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    for tool in ("python", "dicom-node"):
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "pip").write_text(f'#!/bin/sh\necho "$@" >> "{root}/pip-calls"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return root
+
+
+def test_install_needs_no_package_index_when_nothing_changed(tmp_path: Path) -> None:
+    """scripts/run-node.sh runs the install at every start: pip's isolated build fetched
+    setuptools from the index each time, so a server without internet access could not
+    restart the node. Once installed from these inputs, nothing is fetched."""
+    root = _fake_checkout(tmp_path)
+    script = ["bash", str(root / "scripts" / "install.sh")]
+    calls = root / "pip-calls"
+    subprocess.run([*script, "--test"], check=True)
+    assert calls.read_text().count("install") == 2  # torch, then the project
+    calls.unlink()
+    for extras in ([], ["--test"]):  # the test install covers the plain one
+        subprocess.run([*script, *extras], check=True)
+        assert not calls.exists()
+    with (root / "constraints.txt").open("a") as constraints:
+        constraints.write("# changed\n")
+    subprocess.run(script, check=True)
+    assert calls.read_text().count("install") == 2
