@@ -48,6 +48,7 @@ from inference.catalogue import (
     RIGHT,
     Catalogue,
     Code,
+    DicomText,
     Label,
     dump_catalogue,
     load_catalogue,
@@ -152,7 +153,9 @@ class ModelDescriptor(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    version: str = "1.0"
+    # Written into every SEG (Algorithm Version, Series Description): DICOM's default
+    # character set, as catalogue text.
+    version: DicomText = Field("1.0", min_length=1, max_length=40)
     description: str = ""
     modality: Literal["MR", "CT"]
     input_channels: list[str] = Field(min_length=1)

@@ -397,3 +397,17 @@ def test_model_yaml_orientation_is_validated_and_defaults_to_lps(tmp_path: Path)
         descriptor.write_text(yaml.safe_dump({**data, "orientation": wrong}))
         with pytest.raises(ModelError, match=r"orientation: .* is not an orientation"):
             load_model_info("tiny", tmp_path / "models")
+
+
+def test_a_version_outside_dicoms_default_characters_is_refused(tmp_path: Path) -> None:
+    """The version goes into every SEG (Algorithm Version): under a source without a
+    character set, "ü" was invalid there (dciodvfy) or came out as "?"."""
+    src = make_model(tmp_path / "src")
+    with pytest.raises(ModelError, match="DICOM's default character set"):
+        install_model(src, tmp_path / "models", "m", version="2.0 f\u00fcr Leber")
+    info = install_model(src, tmp_path / "models", "m", version="2.0-nako")
+    descriptor = yaml.safe_load((info.root / "model.yaml").read_text())
+    descriptor["version"] = "v\u00e9"
+    (info.root / "model.yaml").write_text(yaml.safe_dump(descriptor, allow_unicode=True))
+    with pytest.raises(ModelError, match=r"version.*DICOM's default character set"):
+        load_model_info("m", tmp_path / "models")
