@@ -411,3 +411,16 @@ def test_a_version_outside_dicoms_default_characters_is_refused(tmp_path: Path) 
     (info.root / "model.yaml").write_text(yaml.safe_dump(descriptor, allow_unicode=True))
     with pytest.raises(ModelError, match=r"version.*DICOM's default character set"):
         load_model_info("m", tmp_path / "models")
+
+
+def test_a_model_of_two_input_channels_is_installed_with_a_note(tmp_path: Path) -> None:
+    """TotalVibeSegmentator's newer releases take the ROI model's segmentation as a second
+    input channel, which the node cannot feed: models add says so, and that its jobs fail."""
+    src = make_model(tmp_path / "src")
+    _edit_json(
+        src / TRAINER_DIR / "dataset.json", channel_names={"0": "MRI", "1": "noNorm"}, roi=278
+    )
+    added = _cli(tmp_path, "add", str(src), "--name", "two", "--json")
+    assert added.exit_code == 0, added.output
+    notes = json.loads(added.stdout)["notes"]
+    assert any("needs 2 input channels (MRI, noNorm)" in n and "jobs routed" in n for n in notes)

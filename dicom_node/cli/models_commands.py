@@ -72,6 +72,7 @@ def add_model(
     """Install a model into the models folder (copied; the source is left as it is)."""
     if not paths:
         raise typer.BadParameter("give the model's folder or zip")
+    from dicom_node.rule_models import unfeedable
     from inference.model_store import install_model
 
     settings = settings_of(ctx)
@@ -103,6 +104,11 @@ def add_model(
         overwrite=replace,
     )
     notes = list(info.notes)
+    why = unfeedable(info)
+    if why is not None:
+        # Installed all the same (a later node may feed it), but not silently: every job
+        # routed to it would fail.
+        notes.append(f"{why}: jobs routed to it fail (README, Known limits)")
     if replace:
         # Workers keep each model loaded: they read the new files only when started again.
         notes.append(
