@@ -131,10 +131,13 @@ class _EventDrivenDUL(DULServiceProvider):
     _wakee: socket.socket
     _command: list[PDV]
     _store: _IncomingStore | None
+    # The context of the message last left to pynetdicom: its data set must come on it.
+    _message_context: int | None
 
     def _prepare(self, on_user_item: Callable[[], None]) -> None:
         self._command = []
         self._store = None
+        self._message_context = None
         self._wakee, self._waker = socket.socketpair()
         self._wakee.setblocking(False)
         self._waker.setblocking(False)
@@ -214,6 +217,12 @@ class _EventDrivenDUL(DULServiceProvider):
         if sock is None:
             self.event_queue.put("Evt17")
             return None
+        if self.state_machine.current_state == "Sta13":
+            # An A-ABORT (or rejection) was sent: what the peer still sends is not read (its
+            # bytes, parsed as PDU headers, logged an error each 6 bytes); the connection is
+            # closed, as the ARTIM timer would close it.
+            self.event_queue.put("Evt17")
+            return None
         try:
             head = sock.recv(PDU_HEADER.size)
             if len(head) < PDU_HEADER.size:
@@ -235,8 +244,28 @@ class _EventDrivenDUL(DULServiceProvider):
                 )
                 self.event_queue.put("Evt19")
                 return None
+            limit = self.assoc.acceptor.maximum_length
+            if established and limit and length > limit:
+                # PS3.8 D.1: never longer than the maximum this node negotiated. Read whole,
+                # a peer could make the node hold up to 4 GiB per association.
+                logger.error(
+                    "P-DATA-TF of %d bytes, more than the %d bytes this node accepts (the "
+                    "maximum PDU length it offered the peer): aborting association",
+                    length,
+                    limit,
+                )
+                self.event_queue.put("Evt19")
+                return None
             body = sock.recv(length)
-        except (OSError, TimeoutError) as exc:
+        except TimeoutError:
+            logger.error(
+                "the peer sent nothing for %g s inside a PDU (node.network_timeout_s): "
+                "aborting association",
+                self.assoc.network_timeout,
+            )
+            self.event_queue.put("Evt17")
+            return None
+        except OSError as exc:
             logger.error("connection closed before the entire PDU was received: %s", exc)
             self.event_queue.put("Evt17")
             return None
@@ -274,8 +303,26 @@ class _EventDrivenDUL(DULServiceProvider):
                     self._store = None
                     self._serve_store(store)
             elif not pdv.is_command:
-                rest.append(pdv.raw)  # data set of a message pynetdicom is assembling
+                # The data set of a message pynetdicom is assembling, which never compares
+                # contexts: it stored a data set sent on another context than its command,
+                # under the command's transfer syntax (PS3.8 9.3.1: one context per message).
+                if pdv.context_id != self._message_context:
+                    raise MalformedPDU(
+                        f"data set PDV of context {pdv.context_id}, where its command came "
+                        + (
+                            f"on context {self._message_context}"
+                            if self._message_context is not None
+                            else "not at all"
+                        )
+                    )
+                rest.append(pdv.raw)
             else:
+                if self._command and pdv.context_id != self._command[0].context_id:
+                    raise MalformedPDU(
+                        f"command fragments on contexts {self._command[0].context_id} and "
+                        f"{pdv.context_id}"
+                    )
+                self._message_context = None
                 self._command.append(pdv)
                 if pdv.is_last:
                     self._store = self._take_command(rest)
@@ -292,6 +339,7 @@ class _EventDrivenDUL(DULServiceProvider):
                 request = _store_primitive(parsed, context_id)
         if request is None:
             rest.extend(pdv.raw for pdv in pdvs)
+            self._message_context = context_id  # its data set, if any, comes on it
             return None
         return _IncomingStore(context_id, request)
 

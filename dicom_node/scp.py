@@ -89,6 +89,10 @@ class _NodeServer(ThreadedAssociationServer):
         client, address = self.socket.accept()
         with contextlib.suppress(OSError):
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A peer that stops inside a PDU (or stops reading our answer) held its association,
+        # and a slot of node.max_associations, until it closed the connection: pynetdicom's
+        # timeouts cannot end a read blocked in the kernel, and neither could a stop.
+        client.settimeout(self.ae.network_timeout)
         if self.ssl_context is not None:
             client = self.ssl_context.wrap_socket(
                 client, server_side=True, do_handshake_on_connect=False
@@ -401,6 +405,12 @@ class RunningSCP:
 
     def abort_remaining(self) -> None:
         for assoc in self.ae.active_associations:
+            # A read blocked on a silent peer returns at once (end of stream), so the abort
+            # does not wait for it; the A-ABORT can still be written.
+            sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RD)
             assoc.abort()
 
 
