@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -19,6 +19,13 @@ from dicom_node.errors import ConfigError, validation_problems
 AE_TITLE_RE = re.compile(
     r"^[\x20-\x5b\x5d-\x7e]{1,16}$"
 )  # default character repertoire, no backslash
+
+
+# The index's name columns (storage.models: Job.rule_name and model_name, Delivery.destination
+# and resolved_peer): a longer name passed here and failed each job of it on PostgreSQL,
+# which enforces VARCHAR lengths (SQLite does not). A test keeps the two equal.
+NAME_LENGTH = 128
+_Name = Annotated[str, Field(max_length=NAME_LENGTH)]
 
 
 def _check_ae_title(value: str) -> str:
@@ -86,7 +93,7 @@ class NodeSettings(_Strict):
 
 
 class PeerSettings(_Strict):
-    name: str
+    name: _Name
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
@@ -248,15 +255,15 @@ class RuleMatch(_Strict):
 
 
 class RuleSettings(_Strict):
-    name: str
+    name: _Name
     match: RuleMatch = RuleMatch()
-    model: str
+    model: _Name
     profile: OutputProfile = OutputProfile()
-    destinations: list[str] = ["origin"]
+    destinations: list[_Name] = ["origin"]
 
 
 class DicomWebDestination(_Strict):
-    name: str
+    name: _Name
     url: str
     headers: dict[str, str] = {}
 

@@ -11,13 +11,13 @@ import logging
 import threading
 import time
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from dicom_node.config import Settings
 from dicom_node.errors import DeliveryError
 from dicom_node.index_outage import IndexOutage
 from dicom_node.send import store_seg, stow_seg
-from dicom_node.worker import EventLike
+from dicom_node.worker import EventLike, gone_here, worker_id
 from storage.database import Index
 from storage.filestore import FileStore
 from storage.models import Delivery, DeliveryState, Job, utcnow
@@ -26,20 +26,51 @@ from storage.queue import (
     delivery_done,
     delivery_failed,
     postpone_destination,
+    worker_label,
 )
 
 logger = logging.getLogger(__name__)
 
 
 def release_interrupted(index: Index) -> int:
-    """Sends cut off by a crash are due again now (one outbox per index: `serve`)."""
+    """Sends cut off by this node's crash are due again now; returns how many.
+
+    On SQLite, every delivery being sent: one machine holds the index and runs its one
+    outbox (`serve`), which is starting. On PostgreSQL, several machines' outboxes share
+    the index: only those whose sender (``worker_id``) was a process of this host and PID
+    namespace that has ended. Releasing every one sent another machine's send in progress
+    a second time, at once; those, and sends of a container since restarted (a new PID
+    namespace), are taken again once their lease (outbox.lease_s) lapses."""
+    mine_only = index.engine.dialect.name != "sqlite"
+    released = 0
+    others: list[str] = []
     with index.session() as session, session.begin():
-        result = session.execute(
-            update(Delivery)
-            .where(Delivery.state == DeliveryState.SENDING)
-            .values(state=DeliveryState.PENDING, next_attempt_at=utcnow())
+        sending = session.execute(
+            select(Delivery.id, Delivery.sender).where(Delivery.state == DeliveryState.SENDING)
+        ).all()
+        for delivery_id, sender in sending:
+            if mine_only and not (sender and gone_here(sender)):
+                others.append(f"delivery {delivery_id} by {worker_label(sender or '?')}")
+                continue
+            result = session.execute(
+                update(Delivery)
+                # Its sender unchanged: not one another outbox took over meanwhile.
+                .where(
+                    Delivery.id == delivery_id,
+                    Delivery.state == DeliveryState.SENDING,
+                    Delivery.sender.is_(None) if sender is None else Delivery.sender == sender,
+                )
+                .values(state=DeliveryState.PENDING, next_attempt_at=utcnow())
+            )
+            released += int(result.rowcount)  # type: ignore[attr-defined]
+    if others:
+        logger.info(
+            "%d deliveries are being sent by other processes, left to them (sent again if "
+            "their lease, outbox.lease_s, lapses): %s",
+            len(others),
+            ", ".join(others),
         )
-        return int(result.rowcount)  # type: ignore[attr-defined]
+    return released
 
 
 class Outbox:
@@ -57,6 +88,7 @@ class Outbox:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._outage = IndexOutage("outbox", logger)
+        self.sender = worker_id()  # recorded on each claim: see release_interrupted
 
     def send(self, delivery: Delivery) -> str:
         path = self.store.absolute(delivery.seg_path)
@@ -77,7 +109,7 @@ class Outbox:
         raise DeliveryError(f"destination {name!r} is no longer configured", retryable=False)
 
     def deliver_one(self) -> bool:
-        delivery = claim_delivery(self.index, self.settings.outbox.lease_s)
+        delivery = claim_delivery(self.index, self.settings.outbox.lease_s, sender=self.sender)
         if delivery is None:
             return False
         with self.index.session() as session:

@@ -27,7 +27,7 @@ from dicom_node.index_outage import log_failure
 from dicom_node.logging_setup import configure_logging
 from dicom_node.receive import Receiver
 from dicom_node.scp import RunningSCP, start_scp
-from storage.database import Index
+from storage.database import Index, warn_of_clock_skew
 from storage.filestore import FileStore
 from storage.instances import CompletedSeries
 from storage.retention import finish_removals
@@ -74,6 +74,7 @@ class Service:
     ) -> None:
         self.settings = settings
         self.index, self.store = open_store(settings)
+        warn_of_clock_skew(self.index)  # machines sharing a PostgreSQL index compare clocks
         swept = self.store.sweep_temporaries()
         if swept:
             logger.info("removed %d partial files left by an earlier crash", swept)

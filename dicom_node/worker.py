@@ -8,6 +8,8 @@ and kills a job that outruns ``workers.job_timeout_s``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -19,6 +21,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import Synchronized
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import psutil
@@ -35,7 +38,14 @@ from storage.database import Index, unavailable_reason
 from storage.filestore import FileStore
 from storage.instances import up_to_version
 from storage.models import Instance, Job, JobState, Series, SeriesVersion, utcnow
-from storage.queue import cancel_requested, claim_job, fail_job, finish_job, heartbeat
+from storage.queue import (
+    cancel_requested,
+    claim_job,
+    fail_job,
+    finish_job,
+    heartbeat,
+    worker_label,
+)
 
 if TYPE_CHECKING:  # segment imports torch/nnU-Net: only worker processes load it
     from pydicom import Dataset
@@ -74,26 +84,62 @@ SAME_AGAIN: tuple[type[Exception], ...] = (
 )
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+@functools.cache
+def namespace_token() -> str:
+    """What tells this process's PID namespace and boot from every other: containers with
+    one hostname (``docker --network host``, a ``hostname:`` set alike in compose) each
+    count their PIDs from 1, so ``host:pid`` alone named processes of two of them alike,
+    and one released the other's running jobs as those of a dead process. Empty where
+    /proc does not say (not Linux): identities are ``host:pid`` there, as before."""
+    parts: list[str] = []
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    if not parts:
+        return ""
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
+def worker_id(pid: int | None = None) -> str:
+    """This process's identity in the index (a job's worker, a delivery's sender):
+    ``host:pid/token``, or that of ``pid``, a process of this PID namespace. Log lines show
+    ``host:pid`` (``storage.queue.worker_label``)."""
+    token = namespace_token()
+    name = f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
+    return f"{name}/{token}" if token else name
+
+
+def gone_here(identity: str) -> bool:
+    """Whether ``identity`` (``worker_id``) is a process of this host, PID namespace and
+    boot that has ended. False for any other: this process cannot tell whether that one
+    lives, so its row waits for its heartbeat or lease to lapse."""
+    name, _, token = identity.partition("/")
+    host, _, pid = name.rpartition(":")
+    return (
+        host == socket.gethostname()
+        and token == namespace_token()
+        and pid.isdigit()
+        and not psutil.pid_exists(int(pid))
+    )
 
 
 def release_orphaned_jobs(index: Index, keep: Collection[int] = ()) -> int:
-    """Jobs left RUNNING by dead worker processes of this host become claimable at once;
-    not those in ``keep`` (stopped for the time limit: they are to be marked failed)."""
-    host = socket.gethostname()
+    """Jobs left RUNNING by dead worker processes of this host (and PID namespace) become
+    claimable at once; not those in ``keep`` (stopped for the time limit: they are to be
+    marked failed)."""
     released = 0
     with index.session() as session, session.begin():
         for job in session.scalars(select(Job).where(Job.state == JobState.RUNNING)):
-            if job.id in keep:
+            if job.id in keep or not gone_here(job.worker):
                 continue
-            name, _, pid = job.worker.rpartition(":")
-            if name == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
-                job.heartbeat_at = utcnow().replace(year=2000)
-                released += 1
-                logger.info(
-                    "job %d: its worker %s is gone; released for another", job.id, job.worker
-                )
+            job.heartbeat_at = utcnow().replace(year=2000)
+            released += 1
+            logger.info(
+                "job %d: its worker %s is gone; released for another",
+                job.id,
+                worker_label(job.worker),
+            )
     return released
 
 
@@ -215,14 +261,19 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
             )
     except EmptySegmentationError:
         timings["total_s"] = time.monotonic() - started
-        finish_job(
+        if not finish_job(
             ctx.index,
             job.id,
             seg_path="",
             seg_sop_instance_uid="",
             timings=timings,
             reason="the model found none of its structures in this series: no SEG produced",
-        )
+            worker=ctx.worker,
+        ):
+            # Without worker=, a run taken over meanwhile marked the new run's job
+            # succeeded, empty, under it.
+            _not_recorded(ctx, job.id, tag)
+            return
         logger.warning("%s: no structure found; nothing to send (%.2f s)", tag, timings["total_s"])
         return
     except (SeriesError, ModelError, ValueError) as exc:
@@ -247,22 +298,7 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
         deliveries=deliveries,
         worker=ctx.worker,
     ):
-        if cancel_requested(ctx.index, job.id):
-            for name in ctx.store.job_results(job.id):
-                ctx.store.remove(name)
-            logger.warning(
-                "%s: cancelled while running; its SEG is discarded, nothing is sent", tag
-            )
-        else:
-            # Taken over by another worker (this one's heartbeat lapsed, the index away).
-            # Its files are left alone: a SEG's name is its UID, derived from the series
-            # and the model, so the new run writes (or has written, and may be sending) a
-            # file of the same name. The next run of the job clears the folder.
-            logger.warning(
-                "%s: another worker took the job over while this one ran it; its run's "
-                "result stands, this one's is not recorded",
-                tag,
-            )
+        _not_recorded(ctx, job.id, tag)
         return
     found = ", ".join(f"{name} {ml:.1f} ml" for _, name, ml in result.volumes_ml if ml > 0)
     logger.info(
@@ -276,6 +312,24 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
         found or "no structures",
         "".join(f"; {note}" for note in notes),
     )
+
+
+def _not_recorded(ctx: JobContext, job_id: int, tag: str) -> None:
+    """A finished run's result was not recorded: the job is no longer this worker's."""
+    if cancel_requested(ctx.index, job_id):
+        for name in ctx.store.job_results(job_id):
+            ctx.store.remove(name)
+        logger.warning("%s: cancelled while running; its SEG is discarded, nothing is sent", tag)
+    else:
+        # Taken over by another worker (this one's heartbeat lapsed, the index away).
+        # Its files are left alone: a SEG's name is its UID, derived from the series
+        # and the model, so the new run writes (or has written, and may be sending) a
+        # file of the same name. The next run of the job clears the folder.
+        logger.warning(
+            "%s: another worker took the job over while this one ran it; its run's "
+            "result stands, this one's is not recorded",
+            tag,
+        )
 
 
 def _encode(ds: Dataset) -> bytes:
@@ -391,7 +445,9 @@ def worker_main(
     except ModelError as exc:
         # Before claiming: every job would fail for good (a GPU driver broken by an update,
         # say). The jobs wait in the queue; the supervisor tries again, later and later.
-        logger.error("worker %s cannot run jobs: %s; they wait in the queue", worker_id(), exc)
+        logger.error(
+            "worker %s cannot run jobs: %s; they wait in the queue", worker_label(worker_id()), exc
+        )
         sys.exit(3)
     index = Index(
         settings.storage.effective_database_url, migrate=False, fsync=settings.storage.fsync
@@ -399,8 +455,9 @@ def worker_main(
     store = FileStore(settings.storage.store_dir, 0, fsync=settings.storage.fsync)
     ctx = JobContext(settings, index, store, worker_id(), results_ready)
     models = ModelCache(settings.models_dir, settings.inference)
-    logger.info("worker %s ready (inference on %s)", ctx.worker, device)
-    outage = IndexOutage(f"worker {ctx.worker}", logger)
+    label = worker_label(ctx.worker)  # host:pid, as log lines name workers
+    logger.info("worker %s ready (inference on %s)", label, device)
+    outage = IndexOutage(f"worker {label}", logger)
     while not stop.value:
         if work_available is not None:
             work_available.clear()  # before claiming: a job queued from now on wakes us
@@ -408,7 +465,7 @@ def worker_main(
             busy = process_one(ctx, models, current)
         except Exception as exc:  # keep the worker alive
             if not outage.failed(exc):
-                logger.exception("worker %s: claiming a job failed", ctx.worker)
+                logger.exception("worker %s: claiming a job failed", label)
             busy = False
         else:
             outage.succeeded()
@@ -419,7 +476,14 @@ def worker_main(
             else:
                 time.sleep(settings.workers.poll_interval_s)
     index.dispose()
-    logger.info("worker %s stopped", ctx.worker)
+    logger.info("worker %s stopped", label)
+
+
+def _identity(slot: _Slot) -> str | None:
+    """The identity (``worker_id``) the slot's worker process claims jobs under; None when
+    it has no pid (never started)."""
+    pid = slot.process.pid
+    return None if pid is None else worker_id(pid)
 
 
 @dataclass
@@ -450,9 +514,9 @@ class WorkerPool:
         self._thread: threading.Thread | None = None
         # Jobs whose worker was killed for the time limit, or died under them (out of
         # memory, a crash in a native decoder), not yet marked: job -> (reason, retry_in_s,
-        # max_attempts). Each death costs an attempt, so such a job ends failed instead of
-        # killing worker after worker ahead of every newer job.
-        self._to_fail: dict[int, tuple[str, float | None, int]] = {}
+        # max_attempts, that worker's identity). Each death costs an attempt, so such a job
+        # ends failed instead of killing worker after worker ahead of every newer job.
+        self._to_fail: dict[int, tuple[str, float | None, int, str | None]] = {}
         self._clock = time.monotonic
 
     def _spawn(self, number: int) -> _Slot:
@@ -518,7 +582,7 @@ class WorkerPool:
                     "job %d exceeded workers.job_timeout_s=%.0f s; stopping it", job, timeout
                 )
                 reason = f"timed out after {timeout:.0f} s (workers.job_timeout_s)"
-                self._to_fail[job] = (reason, None, 0)
+                self._to_fail[job] = (reason, None, 0, _identity(slot))
                 stopped = True
             if slot.process.is_alive() or self._stopping.is_set():
                 continue
@@ -531,8 +595,17 @@ class WorkerPool:
                 release_orphaned_jobs(self.index, keep=self._to_fail.keys())
         # Marked after the replacement is started (and again next round while the index is
         # away), so that a stopped worker is replaced whatever the index does.
-        for job, (reason, retry_in_s, max_attempts) in sorted(self._to_fail.items()):
-            fail_job(self.index, job, reason, retry_in_s=retry_in_s, max_attempts=max_attempts)
+        for job, (reason, retry_in_s, max_attempts, worker) in sorted(self._to_fail.items()):
+            # Only while it is still that worker's: once its heartbeat lapsed (the index
+            # was away meanwhile) a worker elsewhere may run it, and that attempt stands.
+            fail_job(
+                self.index,
+                job,
+                reason,
+                retry_in_s=retry_in_s,
+                max_attempts=max_attempts,
+                worker=worker,
+            )
             del self._to_fail[job]
 
     @staticmethod
@@ -567,6 +640,7 @@ class WorkerPool:
                 f"its worker process died (exit code {code}) while running it",
                 self.settings.workers.retry_delay_s,
                 self.settings.workers.max_attempts,
+                _identity(slot),
             )
         elif delay:
             logger.error(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
 import logging
 import os
@@ -12,17 +13,24 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event
+from alembic.util import CommandError
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.errors import StorageError
+from storage.models import utcnow
 
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 CONNECT_TIMEOUT_S = 10
 KEEPALIVE_IDLE_S = 30
+# pg_advisory_xact_lock key that serialises migrations of one PostgreSQL index ("dicomnod"
+# in ASCII): nodes starting at once would otherwise run the same migration side by side.
+MIGRATION_LOCK_KEY = 0x6469636F6D6E6F64
+# More than this between a machine's clock and the PostgreSQL server's is logged at start.
+CLOCK_SKEW_LIMIT_S = 2.0
 
 
 def _sqlite_pragmas(fsync: bool) -> Callable[[Any, Any], None]:
@@ -114,11 +122,20 @@ def unavailable_reason(exc: BaseException) -> str | None:
 
 
 def upgrade(engine: Engine) -> None:
-    """Bring the schema to the newest migration (idempotent, safe at every start)."""
+    """Bring the schema to the newest migration (idempotent, safe at every start, and on
+    PostgreSQL safe for several nodes starting at once)."""
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     try:
         with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Held until this transaction ends: a second node waits here, then reads
+                # the version the first committed and has nothing to do. Without it both
+                # created the same tables (UniqueViolation), or both ran 0002 and the
+                # second failed to move alembic_version from 0001.
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+                )
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
     except SQLAlchemyError as exc:
@@ -126,6 +143,51 @@ def upgrade(engine: Engine) -> None:
         if reason is not None:
             raise StorageError(f"index unavailable at {engine.url!r}: {reason}") from exc
         raise StorageError(f"cannot migrate the index at {engine.url!r}: {exc}") from exc
+    except CommandError as exc:
+        # Alembic's own: e.g. an index migrated by a newer release than this node's.
+        raise StorageError(f"cannot migrate the index at {engine.url!r}: {exc}") from exc
+
+
+def clock_skew_s(index: Index) -> float | None:
+    """How many seconds this machine's UTC clock is ahead of the PostgreSQL server's
+    (negative: behind); None on SQLite, whose index one machine's clock writes.
+
+    Machines sharing an index compare timestamps that their own clocks wrote (a series'
+    quiet period, a job's heartbeat, a delivery's lease): the server's clock stands for
+    theirs. Raises what the query raises when the server does not answer."""
+    if index.engine.dialect.name != "postgresql":
+        return None
+    with index.engine.connect() as connection:
+        before = utcnow()
+        # clock_timestamp(): the time as the query runs (now() is the transaction's start).
+        server: dt.datetime = connection.execute(
+            text("SELECT clock_timestamp() AT TIME ZONE 'UTC'")
+        ).scalar_one()
+        after = utcnow()
+    # Against the middle of the round trip: the network delay is not skew.
+    return ((before + (after - before) / 2) - server).total_seconds()
+
+
+def warn_of_clock_skew(index: Index, limit_s: float = CLOCK_SKEW_LIMIT_S) -> float | None:
+    """Log a WARNING when this machine's clock and the PostgreSQL server's differ by more
+    than ``limit_s``; returns the skew (None on SQLite, or when it could not be measured).
+    For a node's start: a failure to measure is logged, never raised."""
+    try:
+        skew = clock_skew_s(index)
+    except SQLAlchemyError as exc:
+        logger.warning("could not compare this machine's clock with the index server's: %s", exc)
+        return None
+    if skew is not None and abs(skew) > limit_s:
+        logger.warning(
+            "this machine's clock is %.1f s %s the index server's (PostgreSQL at %s): keep "
+            "every machine sharing the index synchronised (NTP, chrony); otherwise series "
+            "complete before their quiet period, running jobs are taken over and deliveries "
+            "sent again while they are still being sent",
+            abs(skew),
+            "ahead of" if skew > 0 else "behind",
+            index.engine.url.render_as_string(hide_password=True),
+        )
+    return skew
 
 
 class Index:

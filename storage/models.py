@@ -10,6 +10,7 @@ import enum
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Enum,
     Float,
@@ -145,7 +146,8 @@ class Instance(Base):
     columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
     number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
     path: Mapped[str] = mapped_column(Text)  # relative to the store root
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    # 64-bit: a large multi-frame or whole-slide file passes 2 GiB (migration 0003).
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
     peer_address: Mapped[str] = mapped_column(String(64), default="")
     association_id: Mapped[str] = mapped_column(String(64), default="")
@@ -198,5 +200,8 @@ class Delivery(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Which process claimed it last (dicom_node.worker.worker_id; migration 0003): at its
+    # start a node takes back only its own interrupted sends, never another machine's.
+    sender: Mapped[str | None] = mapped_column(String(128), nullable=True)
     job: Mapped[Job] = relationship()
     __table_args__ = (UniqueConstraint("job_pk", "destination", name="uq_delivery_dest"),)

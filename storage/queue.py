@@ -68,7 +68,16 @@ def claim_job(
     )
     for _ in range(5):
         with index.session() as session, session.begin():
-            candidate = session.scalar(select(Job).where(runnable).order_by(Job.id).limit(1))
+            # PostgreSQL: a row another worker is claiming right now is skipped, not
+            # picked by everyone (all but one lost the UPDATE below, and after five such
+            # rounds gave up while jobs were queued). SQLite ignores it: one writer at a time.
+            candidate = session.scalar(
+                select(Job)
+                .where(runnable)
+                .order_by(Job.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
             if candidate is None:
                 return None
             if candidate.state == JobState.RUNNING:
@@ -78,7 +87,7 @@ def claim_job(
                 logger.warning(
                     "job %d: worker %s stopped sending heartbeats; taking the job over",
                     candidate.id,
-                    candidate.worker,
+                    worker_label(candidate.worker),
                 )
             result = session.execute(
                 update(Job)
@@ -103,6 +112,12 @@ def claim_job(
     return None
 
 
+def worker_label(worker: str) -> str:
+    """A worker's identity as log lines show it: ``host:pid``, without the token of its
+    PID namespace and boot (``dicom_node.worker.worker_id``)."""
+    return worker.partition("/")[0]
+
+
 def _running(job_id: int, worker: str | None) -> list[Any]:
     """WHERE clauses: the job is running (and, with ``worker``, that worker's)."""
     clauses: list[Any] = [Job.id == job_id, Job.state == JobState.RUNNING]
@@ -113,7 +128,7 @@ def _running(job_id: int, worker: str | None) -> list[Any]:
 
 def _give_up(session: Session, job: Job, now: dt.datetime) -> None:
     reason = (
-        f"its worker {job.worker} stopped (died, or lost the index) in each of its "
+        f"its worker {worker_label(job.worker)} stopped (died, or lost the index) in each of its "
         f"{job.attempts} attempts (workers.max_attempts)"
     )
     done = session.execute(
@@ -326,8 +341,9 @@ def job_for(index: Index, series_version_pk: int, rule_name: str) -> Job | None:
 # -- deliveries ------------------------------------------------------------------------------
 
 
-def claim_delivery(index: Index, lease_s: float) -> Delivery | None:
-    """Take a due delivery: pending and due, or sending with a lapsed lease (sender killed)."""
+def claim_delivery(index: Index, lease_s: float, *, sender: str | None = None) -> Delivery | None:
+    """Take a due delivery: pending and due, or sending with a lapsed lease (sender killed).
+    ``sender``, the claiming process (``dicom_node.worker.worker_id``), is recorded with it."""
     now = utcnow()
     due = and_(
         Delivery.state.in_([DeliveryState.PENDING, DeliveryState.SENDING]),
@@ -351,6 +367,7 @@ def claim_delivery(index: Index, lease_s: float) -> Delivery | None:
                     state=DeliveryState.SENDING,
                     attempts=candidate.attempts + 1,
                     next_attempt_at=now + dt.timedelta(seconds=lease_s),
+                    sender=sender,
                 )
             )
             if result.rowcount == 1:  # type: ignore[attr-defined]

@@ -245,12 +245,22 @@ def _remove_series(
         session.execute(delete(Instance).where(Instance.series_pk == series.id))
         session.execute(delete(SeriesVersion).where(SeriesVersion.series_pk == series.id))
         study_pk = series.study_pk
+        # The study's row locked before its series are counted, and the patient's before
+        # its studies are (always series, study, patient: no deadlock between removals).
+        # On PostgreSQL (READ COMMITTED) two removals of the last two series of a study
+        # each counted the other's series, deleted but not yet committed, and neither
+        # removed the study or its patient. Locked, the second counts after the first
+        # committed. (SQLite: writer_turn and its write lock serialise removals already.)
+        session.execute(select(Study.id).where(Study.id == study_pk).with_for_update())
         session.delete(series)
         session.flush()
         if not session.scalar(select(func.count(Series.id)).where(Series.study_pk == study_pk)):
             study = session.get(Study, study_pk)
             if study is not None:
                 patient_pk = study.patient_pk
+                session.execute(
+                    select(Patient.id).where(Patient.id == patient_pk).with_for_update()
+                )
                 session.delete(study)
                 session.flush()
                 if not session.scalar(

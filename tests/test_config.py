@@ -195,3 +195,45 @@ def test_the_config_allows_exactly_the_compressions_the_seg_encoder_writes() -> 
         fmt.value: tuple(c.value for c in comps) for fmt, comps in ALLOWED_COMPRESSIONS.items()
     }
     assert encoder == COMPRESSIONS_BY_FORMAT
+
+
+LONG = "liver-" + "x" * 123  # 129 characters: one more than the index's name columns
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"rules": [{"name": LONG, "model": "demo"}]}, "rules[0].name"),
+        ({"rules": [{"name": "r", "model": LONG}]}, "rules[0].model"),
+        ({"peers": [{"name": LONG, "ae_title": "P", "host": "p", "port": 104}]}, "peers[0].name"),
+        ({"dicomweb": [{"name": LONG, "url": "http://pacs/dicom-web"}]}, "dicomweb[0].name"),
+        ({"rules": [{"name": "r", "model": "demo", "destinations": [LONG]}]}, "destinations[0]"),
+    ],
+)
+def test_a_name_longer_than_its_index_column_is_refused_at_start(
+    tmp_path: Path, values: dict[str, object], key: str
+) -> None:
+    """PostgreSQL enforces the 128 characters of a job's rule and model names and of a
+    delivery's destination: such a name passed here, and each of its jobs failed at
+    create_job with DataError (SQLite stored it)."""
+    import yaml
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(cfg)
+    assert f"{key}: String should have at most 128 characters" in str(caught.value)
+    just_fits = json.loads(json.dumps(values).replace(LONG, LONG[:-1]))
+    cfg.write_text(yaml.safe_dump(just_fits))
+    try:
+        load_settings(cfg)
+    except ConfigError as exc:  # the destination names no peer: another problem
+        assert "at most 128" not in str(exc)
+
+
+def test_the_name_limit_is_the_length_of_the_index_columns_names_go_into() -> None:
+    from dicom_node.config import NAME_LENGTH
+    from storage.models import Delivery, Job
+
+    columns = [Job.rule_name, Job.model_name, Delivery.destination, Delivery.resolved_peer]
+    assert {c.type.length for c in columns} == {NAME_LENGTH}  # type: ignore[attr-defined]

@@ -1040,3 +1040,173 @@ def test_cancelling_a_running_job_stops_its_worker(
         assert pool._slots[0].process.is_alive()  # a fresh worker took its place
     finally:
         pool.stop()
+
+
+def _no_such_pid() -> int:
+    """A process id that no process of this PID namespace has."""
+    import psutil
+
+    return max(psutil.pids()) + 12345
+
+
+def test_a_worker_of_another_container_with_this_hostname_keeps_its_job(
+    index: Index, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Containers with one hostname (``--network host``, ``hostname:`` alike in compose)
+    count their PIDs each from 1: a worker of the other one, alive, looked like a dead
+    process of this one, and a starting pool released its running job to any worker."""
+    from dicom_node import worker
+
+    pid = _no_such_pid()
+    with monkeypatch.context() as other_container:
+        # raising=False: the token is what the identity has to carry
+        other_container.setattr(worker, "namespace_token", lambda: "0a1b2c3d4e5f", raising=False)
+        other_container.setattr(worker.os, "getpid", lambda: pid)
+        elsewhere = worker.worker_id()
+    with monkeypatch.context() as this_container:
+        this_container.setattr(worker.os, "getpid", lambda: pid + 1)
+        dead_here = worker.worker_id()  # a worker of this namespace that has ended
+    theirs = create_job(index, _complete_series(index, "1.2.3"), JobSpec("r", "demo", {}, []))
+    ours = create_job(index, _complete_series(index, "1.2.4"), JobSpec("r", "demo", {}, []))
+    assert claim_job(index, elsewhere, heartbeat_timeout_s=60) is not None
+    assert claim_job(index, dead_here, heartbeat_timeout_s=60) is not None
+    caplog.set_level(logging.INFO, logger="dicom_node.worker")
+    assert worker.release_orphaned_jobs(index) == 1
+    assert heartbeat(index, theirs, elsewhere)  # still theirs
+    taken = claim_job(index, "host:9", heartbeat_timeout_s=60)
+    assert taken is not None and taken.id == ours and taken.attempts == 2
+    assert claim_job(index, "host:10", heartbeat_timeout_s=60) is None
+    host = dead_here.split(":")[0]
+    # Log lines name a worker host:pid, without its namespace token.
+    assert f"job {ours}: its worker {host}:{pid + 1} is gone; released for another" in (caplog.text)
+
+
+def test_a_worker_identity_tells_pid_namespaces_apart_and_reads_as_host_and_pid() -> None:
+    import os
+    import socket
+
+    from dicom_node.worker import gone_here, namespace_token, worker_id
+    from storage.queue import worker_label
+
+    me = worker_id()
+    assert worker_label(me) == f"{socket.gethostname()}:{os.getpid()}"
+    if os.path.exists("/proc/self/ns/pid"):
+        assert me == f"{socket.gethostname()}:{os.getpid()}/{namespace_token()}"
+    assert not gone_here(me)  # alive
+    assert gone_here(worker_id(_no_such_pid()))
+    assert not gone_here(f"{socket.gethostname()}:{_no_such_pid()}/{'f' * 12}")  # elsewhere
+    assert not gone_here(f"another-host:{_no_such_pid()}")
+
+
+def test_a_worker_whose_job_was_taken_over_records_no_empty_result(
+    index: Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The model found nothing, but meanwhile another worker took the job over: the first
+    one's finish marked the new run's job succeeded, with no SEG, under it."""
+    from dicom_node.seg_encode import EmptySegmentationError
+    from dicom_node.worker import JobContext, process_one
+    from storage.filestore import FileStore
+
+    job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, []))
+    assert job_id is not None
+
+    def taken_over_then_empty(*args: object, **kwargs: object) -> None:
+        with index.session() as session, session.begin():  # host:1's heartbeat lapsed
+            session.execute(update(Job).values(heartbeat_at=utcnow() - dt.timedelta(hours=1)))
+        assert claim_job(index, "host:2", heartbeat_timeout_s=60) is not None
+        raise EmptySegmentationError("no labelled voxel")
+
+    monkeypatch.setattr("dicom_node.segment.segment_series", taken_over_then_empty)
+    store = FileStore(tmp_path / "store", 0, fsync=False)
+    ctx = JobContext(Settings(storage={"data_dir": tmp_path}), index, store, "host:1")
+    caplog.set_level(logging.WARNING, logger="dicom_node.worker")
+    assert process_one(ctx, _ModelsGiving())  # type: ignore[arg-type]
+    job = _job(index, job_id)
+    assert (job.state, job.worker, job.attempts) == (JobState.RUNNING, "host:2", 2)
+    assert "another worker took the job over while this one ran it" in caplog.text
+    assert "no structure found" not in caplog.text
+
+
+class _DeadWorker:
+    """A worker process that was killed (out of memory) while it ran a job."""
+
+    exitcode = -9
+
+    def __init__(self, name: str, pid: int | None) -> None:
+        self.name, self.pid = name, pid
+
+    def is_alive(self) -> bool:
+        return False
+
+    def kill(self) -> None:
+        pass
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+
+def test_a_supervisor_leaves_a_job_its_dead_worker_lost_to_another_machine(
+    index: Index, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's heartbeat lapsed (the index was away), a worker elsewhere took the job
+    over, then the first died: its supervisor's failure must not end the new attempt."""
+    import multiprocessing
+
+    from dicom_node import worker
+
+    pid = _no_such_pid()
+    with monkeypatch.context() as patch:
+        patch.setattr(worker.os, "getpid", lambda: pid)
+        dying = worker.worker_id()
+    job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, []))
+    assert claim_job(index, dying, heartbeat_timeout_s=60) is not None
+    with index.session() as session, session.begin():
+        session.execute(update(Job).values(heartbeat_at=utcnow() - dt.timedelta(hours=1)))
+    assert claim_job(index, "elsewhere:7/0a1b2c3d4e5f", heartbeat_timeout_s=60) is not None
+    context = multiprocessing.get_context("spawn")
+
+    def slot(pid: int | None, job: int) -> _Slot:
+        process: Any = _DeadWorker("worker-1", pid)
+        return _Slot(process, context.Value("i", job), context.Value("i", 0))
+
+    class Pool(WorkerPool):
+        def _spawn(self, number: int) -> _Slot:
+            return slot(None, 0)  # its replacement, idle
+
+    pool = Pool(Settings(), index, 1)
+    pool._slots = [slot(pid, job_id)]
+    pool._supervise_once()  # sees it dead, starts another, marks the job it held
+    job = _job(index, job_id)
+    assert (job.state, job.worker, job.attempts) == (
+        JobState.RUNNING,
+        "elsewhere:7/0a1b2c3d4e5f",
+        2,
+    )
+    assert not pool._to_fail
+
+
+def test_the_outbox_records_which_process_sends_a_delivery(
+    index: Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """So that a node starting takes back only its own interrupted sends."""
+    from dicom_node.outbox import Outbox
+    from dicom_node.worker import worker_id
+    from storage.filestore import FileStore
+
+    job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, ["origin"]))
+    assert job_id is not None and claim_job(index, "host:1", heartbeat_timeout_s=60)
+    assert finish_job(index, job_id, seg_path="s", seg_sop_instance_uid="2.25.1", timings={},
+                      deliveries=[("origin", "pacs")])  # fmt: skip
+    senders = []
+
+    def send(self: Outbox, delivery: Delivery) -> str:
+        with index.session() as session:
+            row = session.get(Delivery, delivery.id)
+            assert row is not None
+            senders.append((row.state, row.sender))
+        return ""
+
+    monkeypatch.setattr(Outbox, "send", send)
+    outbox = Outbox(Settings(), index, FileStore(tmp_path / "store", 0, fsync=False))
+    assert outbox.deliver_one()
+    assert senders == [(DeliveryState.SENDING, worker_id())]

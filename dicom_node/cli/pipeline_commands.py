@@ -430,12 +430,14 @@ def worker(
     from dicom_node.rule_models import rule_model_problems
     from dicom_node.service import open_store
     from dicom_node.worker import WorkerPool
+    from storage.database import warn_of_clock_skew
 
     wake = threading.Event()  # a stop asked for while starting is honoured once started
     signal.signal(signal.SIGTERM, lambda *_: wake.set())
     signal.signal(signal.SIGINT, lambda *_: wake.set())
     settings = settings_of(ctx)
     index, _ = open_store(settings)
+    warn_of_clock_skew(index)  # its heartbeats are compared with other machines' clocks
     for problem in rule_model_problems(settings):  # this machine's models run the jobs
         if problem.stops_jobs:
             logger.warning("%s: jobs of that rule that this worker takes will fail", problem)
