@@ -17,7 +17,7 @@ from dicom_node.config import Settings
 from dicom_node.errors import DeliveryError
 from dicom_node.index_outage import IndexOutage
 from dicom_node.send import store_seg, stow_seg
-from dicom_node.worker import EventLike, gone_here, worker_id
+from dicom_node.worker import EventLike, fallback_path, gone_here, worker_id
 from storage.database import Index
 from storage.filestore import FileStore
 from storage.models import Delivery, DeliveryState, Job, utcnow
@@ -101,7 +101,9 @@ class Outbox:
         name = delivery.resolved_peer or delivery.destination
         peer = self.settings.peer_by_name(name)
         if peer is not None:
-            fallback = path.parent / "fallback-binary.dcm"
+            fallback = self.store.absolute(fallback_path(delivery.seg_path))
+            if not fallback.exists():  # written by a release before 2026-12: one per job
+                fallback = path.parent / "fallback-binary.dcm"
             return store_seg(self.settings, peer, path, fallback if fallback.exists() else None)
         for web in self.settings.dicomweb:
             if web.name == name:

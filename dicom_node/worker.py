@@ -21,7 +21,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import Synchronized
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Protocol
 
 import psutil
@@ -283,9 +283,7 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
     seg_rel = ctx.store.result_path(job.id, f"{seg_uid}.dcm")
     ctx.store.write_atomic(seg_rel, _encode(result.seg))
     if result.binary_fallback is not None:
-        ctx.store.write_atomic(
-            ctx.store.result_path(job.id, "fallback-binary.dcm"), _encode(result.binary_fallback)
-        )
+        ctx.store.write_atomic(fallback_path(seg_rel), _encode(result.binary_fallback))
     timings["total_s"] = time.monotonic() - started
     notes = ([f"segmented {result.stack}"] if result.stack else []) + result.notes
     if not finish_job(
@@ -314,6 +312,13 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
     )
 
 
+def fallback_path(seg_path: str) -> str:
+    """Where a job's BINARY fallback of the SEG at ``seg_path`` is: named after that SEG, so
+    that a run taken over, whose SEG (other voxels) has another UID, cannot put its own
+    fallback in place of the new run's."""
+    return str(PurePosixPath(seg_path).with_suffix(".binary.dcm"))
+
+
 def _not_recorded(ctx: JobContext, job_id: int, tag: str) -> None:
     """A finished run's result was not recorded: the job is no longer this worker's."""
     if cancel_requested(ctx.index, job_id):
@@ -322,9 +327,9 @@ def _not_recorded(ctx: JobContext, job_id: int, tag: str) -> None:
         logger.warning("%s: cancelled while running; its SEG is discarded, nothing is sent", tag)
     else:
         # Taken over by another worker (this one's heartbeat lapsed, the index away).
-        # Its files are left alone: a SEG's name is its UID, derived from the series
-        # and the model, so the new run writes (or has written, and may be sending) a
-        # file of the same name. The next run of the job clears the folder.
+        # Its files are left alone: a SEG's name is its UID, derived from the series, the
+        # model and the content, so the new run may write (or have written, and be
+        # sending) a file of the same name. The next run of the job clears the folder.
         logger.warning(
             "%s: another worker took the job over while this one ran it; its run's "
             "result stands, this one's is not recorded",

@@ -874,6 +874,54 @@ def test_a_worker_whose_job_was_taken_over_leaves_the_new_runs_seg(
     assert "another worker took the job over while this one ran it" in caplog.text
 
 
+def test_a_run_taken_over_keeps_its_fallback_apart_from_the_new_runs(
+    index: Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SEG's UID follows its content, so the new run of a job taken over (on another
+    device: other voxels) may make a SEG of another name; the BINARY fallbacks of both runs
+    were one file, fallback-binary.dcm, and the run taken over put its own in place of the
+    one the new run's deliveries send. Each fallback is now named after its SEG."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from dicom_node.segment import SegmentResult
+    from dicom_node.worker import JobContext, fallback_path, process_one
+    from storage.filestore import FileStore
+
+    def seg(uid: str) -> Dataset:
+        ds = Dataset()
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+        ds.SOPInstanceUID = uid
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        return ds
+
+    job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, []))
+    assert job_id is not None
+    store = FileStore(tmp_path / "store", 0, fsync=False)
+    new_seg = store.result_path(job_id, "2.25.42.dcm")
+    new_fallback = fallback_path(new_seg)
+    assert new_fallback == f"results/{job_id}/2.25.42.binary.dcm"
+
+    def taken_over_while_running(*args: object, **kwargs: object) -> SegmentResult:
+        with index.session() as session, session.begin():  # host:1's heartbeat lapsed
+            session.execute(update(Job).values(heartbeat_at=utcnow() - dt.timedelta(hours=1)))
+        assert claim_job(index, "host:2", heartbeat_timeout_s=60) is not None
+        store.write_atomic(new_seg, b"DICM the new run's SEG")
+        store.write_atomic(new_fallback, b"DICM the new run's fallback")
+        assert finish_job(index, job_id, seg_path=new_seg, seg_sop_instance_uid="2.25.42",
+                          timings={}, worker="host:2")  # fmt: skip
+        return SegmentResult(seg("2.25.41"), seg("2.25.43"), [], "1.2", "1.2.3", {})
+
+    monkeypatch.setattr("dicom_node.segment.segment_series", taken_over_while_running)
+    ctx = JobContext(Settings(storage={"data_dir": tmp_path}), index, store, "host:1")
+    assert process_one(ctx, _ModelsGiving())  # type: ignore[arg-type]
+    assert store.absolute(new_fallback).read_bytes() == b"DICM the new run's fallback"
+    assert store.absolute(new_seg).read_bytes() == b"DICM the new run's SEG"
+
+
 class _ModelsGiving:
     def get(self, name: str) -> Any:
         return None, None  # the stand-in segment_series needs no model
