@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,20 @@ def _dicom_node(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
         check=False,
         env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"},
     )
+
+
+def test_the_health_check_on_a_node_without_its_index(tmp_path: Path) -> None:
+    """A wrong or unmounted storage.data_dir: `status` made an empty index there and
+    reported all well; the health check now fails (exit 1, what Docker's HEALTHCHECK reads
+    as unhealthy; 2 is reserved there), still checks the ports, and --json says why."""
+    data = tmp_path / "data"
+    checked = _dicom_node(data, "status", "--check", "--json", "--timeout-s", "1")
+    assert checked.returncode == 1, (checked.stdout, checked.stderr)
+    report = json.loads(checked.stdout)
+    assert report["index_up"] is False
+    assert f"no index at {data / 'index.sqlite'}" in report["index_error"]
+    assert report["listening"]  # the ports were checked all the same
+    assert "Traceback" not in checked.stderr
+    assert not (data / "index.sqlite").exists()  # nothing made where the index should be
+    plain = _dicom_node(data, "status")
+    assert plain.returncode == 2 and "no index at" in plain.stderr

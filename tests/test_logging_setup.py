@@ -13,6 +13,7 @@ import pytest
 from pynetdicom import _config as pynetdicom_config
 
 from dicom_node.config import LoggingSettings
+from dicom_node.errors import ConfigError
 from dicom_node.logging_setup import configure_logging
 
 
@@ -32,8 +33,44 @@ def _restore_logging(monkeypatch: pytest.MonkeyPatch) -> None:
     [("INFO", "none"), ("WARNING", "none"), ("DEBUG", "standard")],
 )
 def test_pynetdicom_message_handlers_follow_the_log_level(level: str, handlers: str) -> None:
+    """At DEBUG pynetdicom's handlers decode every PDU to log it: its logger must then let
+    those lines through (it stayed at WARNING, and the decoding was for nothing)."""
     configure_logging(LoggingSettings(level=level))  # type: ignore[arg-type]
     assert handlers == pynetdicom_config.LOG_HANDLER_LEVEL
+    pynetdicom = logging.getLogger("pynetdicom")
+    assert pynetdicom.isEnabledFor(logging.DEBUG) is (level == "DEBUG")
+    assert not pynetdicom.isEnabledFor(logging.INFO) or level == "DEBUG"
+
+
+def test_json_lines_keep_the_traceback(tmp_path: Path) -> None:
+    """An unexpected error's traceback, which the text format prints below its line, was
+    dropped from JSON lines: the operator had the message and nothing of where it came from."""
+    log_file = tmp_path / "node.log"
+    script = (
+        "import logging\n"
+        "from dicom_node.config import LoggingSettings\n"
+        "from dicom_node.logging_setup import configure_logging\n"
+        f"configure_logging(LoggingSettings(json_lines=True, file={str(log_file)!r}))\n"
+        "try:\n"
+        "    1 / 0\n"
+        "except ZeroDivisionError:\n"
+        "    logging.getLogger('dicom_node.receive').exception('C-STORE failed unexpectedly')\n"
+    )
+    subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60, check=True)
+    (line,) = log_file.read_text().splitlines()
+    record = json.loads(line)
+    assert record["message"] == "C-STORE failed unexpectedly"
+    assert "ZeroDivisionError: division by zero" in record["exc_info"]
+    assert "Traceback" in record["exc_info"]
+
+
+def test_a_log_file_that_cannot_be_written_is_a_config_error(tmp_path: Path) -> None:
+    """Every command logs, the health check too: a log folder on a read-only volume (or
+    under a file) stopped each with a raw traceback."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"logging.file .*node.log cannot be written"):
+        configure_logging(LoggingSettings(file=blocker / "node.log"))
 
 
 def test_library_warnings_become_log_lines(tmp_path: Path) -> None:

@@ -8,10 +8,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.table import Table
-from sqlalchemy import select
+from sqlalchemy import make_url, select
 
 from dicom_node.cli import MAX_ROW_ID, console, human, print_json, settings_of
-from dicom_node.errors import DicomNodeError
+from dicom_node.errors import DicomNodeError, StorageError
 from storage.models import Delivery, DeliveryState, Job, JobState, Series, SeriesVersion
 
 logger = logging.getLogger(__name__)
@@ -310,9 +310,51 @@ def status(
     ] = 5.0,
 ) -> None:
     """Queue depth, failures and the last errors; with --check, whether the node answers."""
+    settings = settings_of(ctx)
+    problems: list[str] = []
+    try:
+        data: dict[str, Any] = {"index_up": True, **_index_status(ctx)}
+    except StorageError as exc:
+        if not check:
+            raise  # without --check: the index alone, its reason as the error
+        # The health check still says what it can: the ports, and the index's reason.
+        data = {"index_up": False, "index_error": str(exc)}
+        problems.append(str(exc))
+    if check:
+        from dicom_node.health import check_ports
+
+        answers = check_ports(settings, timeout_s)
+        data["listening"] = {where: answer.answered for where, answer in answers.items()}
+        data["answers"] = {where: answer.detail for where, answer in answers.items()}
+        problems += [
+            f"{'nothing accepts connections on' if answer.refused else 'no answer on'} "
+            f"{where}: {answer.detail}"
+            for where, answer in answers.items()
+            if not answer.answered
+        ]
+    if as_json:
+        print_json(data)
+    elif data["index_up"]:
+        typer.echo(_status_text(data))
+    if problems:
+        # Exit 1: what Docker's HEALTHCHECK reads as unhealthy (2 is reserved there).
+        typer.echo(f"error: {'; '.join(problems)}", err=True)
+        raise typer.Exit(1)
+
+
+def _index_status(ctx: typer.Context) -> dict[str, Any]:
+    """What `status` says from the index; StorageError where it cannot be read."""
     from dicom_node.rule_models import rule_model_problems
     from storage.stats import index_counts
 
+    settings = settings_of(ctx)
+    url = make_url(settings.storage.effective_database_url)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        # Opening it would make an empty one: a wrong or unmounted data_dir looked healthy.
+        raise StorageError(
+            f"no index at {url.database}: is storage.data_dir ({settings.storage.data_dir}) "
+            "the node's, and mounted?"
+        )
     index, store = _index(ctx)  # an unreachable index fails here, with its reason
     counts = index_counts(index)
     with index.session() as session:
@@ -334,7 +376,7 @@ def status(
                 .limit(5)
             )
         ]
-    data = {
+    return {
         "series_receiving": counts.series_versions["receiving"],
         "instances": counts.instances,
         "jobs": {state: n for state, n in counts.jobs.items() if n},
@@ -346,27 +388,8 @@ def status(
         "last_job_errors": failed_jobs,
         "last_delivery_errors": failed_deliveries,
         # A rule's model not installed here, unusable or of another modality (logged at start).
-        "rule_problems": [str(p) for p in rule_model_problems(settings_of(ctx))],
+        "rule_problems": [str(p) for p in rule_model_problems(settings)],
     }
-    silent: list[str] = []
-    if check:
-        from dicom_node.health import check_ports
-
-        answers = check_ports(settings_of(ctx), timeout_s)
-        data["listening"] = {where: answer.answered for where, answer in answers.items()}
-        data["answers"] = {where: answer.detail for where, answer in answers.items()}
-        silent = [
-            f"{'nothing accepts connections on' if answer.refused else 'no answer on'} "
-            f"{where}: {answer.detail}"
-            for where, answer in answers.items()
-            if not answer.answered
-        ]
-    if as_json:
-        print_json(data)
-    else:
-        typer.echo(_status_text(data))
-    if silent:
-        raise DicomNodeError("; ".join(silent))
 
 
 def _counted(counts: dict[str, int]) -> str:
