@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from dicom_node import __version__
 from dicom_node.config import Settings
 from dicom_node.errors import ConfigError
+from dicom_node.index_outage import IndexOutage
 from storage.database import Index
 from storage.filestore import FileStore
 from storage.stats import index_counts
@@ -34,17 +35,36 @@ class IndexCollector(Collector):
         self.settings = settings
         self.index = index
         self.store = store
+        # One line when the index goes away and one when it is back, not one per scrape.
+        self._outage = IndexOutage("metrics", logger)
 
     def collect(self) -> Iterator[Metric]:
         info = InfoMetricFamily("dicom_node", "This node: version and AE title")
         info.add_metric([], {"version": __version__, "ae_title": self.settings.node.ae_title})
         yield info
+        # The disk first, and whatever the index does: a full disk and a lost index are
+        # what an administrator most needs to see, and one must not hide the other.
+        try:
+            free = self.store.free_bytes()
+        except OSError as exc:
+            logger.warning("metrics: cannot read the store's free space: %s", exc)
+        else:
+            yield GaugeMetricFamily(
+                "dicom_node_store_free_bytes", "Free space where images are stored", value=free
+            )
+        yield GaugeMetricFamily(
+            "dicom_node_store_min_free_bytes",
+            "Free space below which stores are refused (0xA700)",
+            value=self.settings.storage.min_free_disk_mb * 1024 * 1024,
+        )
         try:
             counts = index_counts(self.index)
         except Exception as exc:  # an unreachable index is itself worth seeing
-            logger.warning("metrics: cannot read the index: %s", exc)
+            if not self._outage.failed(exc):
+                logger.warning("metrics: cannot read the index: %s", exc)
             yield GaugeMetricFamily("dicom_node_index_up", "1 if the index answered", value=0)
             return
+        self._outage.succeeded()
         yield GaugeMetricFamily("dicom_node_index_up", "1 if the index answered", value=1)
         yield GaugeMetricFamily(
             "dicom_node_instances", "Images stored and indexed", value=counts.instances
@@ -67,16 +87,6 @@ class IndexCollector(Collector):
             "dicom_node_oldest_waiting_job_seconds",
             "How long the job waiting longest for a worker has waited (0: none waits)",
             value=counts.oldest_waiting_job_s or 0.0,
-        )
-        yield GaugeMetricFamily(
-            "dicom_node_store_free_bytes",
-            "Free space where images are stored",
-            value=self.store.free_bytes(),
-        )
-        yield GaugeMetricFamily(
-            "dicom_node_store_min_free_bytes",
-            "Free space below which stores are refused (0xA700)",
-            value=self.settings.storage.min_free_disk_mb * 1024 * 1024,
         )
 
 

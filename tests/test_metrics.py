@@ -88,6 +88,28 @@ def test_an_unreachable_index_reads_as_down(tmp_path: Path) -> None:
     assert samples["dicom_node_index_up"] == 0
     assert "dicom_node_instances" not in samples
     assert samples["dicom_node_info"] == 1
+    # The disk is still reported: a full disk and a lost index often come together.
+    assert samples["dicom_node_store_free_bytes"] > 0
+    assert "dicom_node_store_min_free_bytes" in samples
+
+
+def test_a_store_that_cannot_be_read_leaves_the_other_metrics(tmp_path: Path) -> None:
+    """The store's free space read outside any guard: a store folder gone (an unmounted
+    volume) made every scrape fail (HTTP 500), index_up included."""
+    import shutil
+
+    from dicom_node.config import Settings
+    from dicom_node.metrics import IndexCollector
+    from storage.database import Index
+    from storage.filestore import FileStore
+
+    index = Index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    collector = IndexCollector(Settings(), index, FileStore(tmp_path / "store", 0))
+    shutil.rmtree(tmp_path / "store")
+    samples = {s.name: s.value for family in collector.collect() for s in family.samples}
+    assert samples["dicom_node_index_up"] == 1
+    assert "dicom_node_store_free_bytes" not in samples
+    index.dispose()
 
 
 def test_a_metrics_port_in_use_stops_the_start_cleanly(tmp_path: Path) -> None:
