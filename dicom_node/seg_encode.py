@@ -58,8 +58,11 @@ from pydicom.valuerep import PersonName
 from dicom_node import __version__
 from dicom_node.errors import DicomNodeError
 from dicom_node.seg_source_text import SourceText, restore_source_text, source_text
+from inference.log_context import LabelFilter
 
 logger = logging.getLogger(__name__)
+# In a job, each line names it (job, study, series, version): the worker's label.
+logger.addFilter(LabelFilter())
 
 __all__ = [
     "EmptySegmentationError",

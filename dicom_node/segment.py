@@ -55,9 +55,7 @@ class ModelCache:
     def get(self, name: str) -> tuple[ModelInfo, Segmenter]:
         if name not in self._loaded:
             info = load_model_info(name, self.models_dir)
-            started = time.monotonic()
-            segmenter = Segmenter(info, self.settings)
-            logger.info("model %s loaded in %.2f s", name, time.monotonic() - started)
+            segmenter = Segmenter(info, self.settings)  # it logs the load, its device and time
             self._loaded[name] = (info, segmenter)
         return self._loaded[name]
 

@@ -38,8 +38,11 @@ from pydicom.multival import MultiValue
 
 from dicom_node.errors import SeriesError
 from dicom_node.sop_classes import SEGMENTABLE, class_names, not_segmentable
+from inference.log_context import LabelFilter
 
 logger = logging.getLogger(__name__)
+# In a job, each line names it (job, study, series, version): the worker's label.
+logger.addFilter(LabelFilter())
 
 PathOrDataset = str | Path | Dataset
 

@@ -239,7 +239,8 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
     }
     load_started = time.monotonic()
     try:
-        info, segmenter = models.get(job.model_name)
+        with log_label(tag):  # the model's loading lines name the job that waited for it
+            info, segmenter = models.get(job.model_name)
     except ModelError as exc:
         raise PermanentJobError(str(exc)) from exc
     timings["model_s"] = time.monotonic() - load_started

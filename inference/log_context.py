@@ -3,6 +3,7 @@ such as a CUDA out-of-memory retry says which job it was about. Inference knows 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -25,3 +26,13 @@ def labelled(message: str) -> str:
     label = _label.get()
     # The label is text, not a format: a % in it must not consume the message's arguments.
     return f"{label.replace('%', '%%')}: {message}" if label else message
+
+
+class LabelFilter(logging.Filter):
+    """Puts the current label in front of every line of the logger it is added to: for a
+    module whose lines all concern the labelled work (reading the series, encoding its SEG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and _label.get():
+            record.msg = labelled(record.msg)
+        return True

@@ -173,7 +173,7 @@ class Segmenter:
             for part in model.parts
         ]
         logger.info(
-            "model %s loaded in %.2f s: device %s, %sfolds %s, step %.2f, mirroring %s",
+            labelled("model %s loaded in %.2f s: device %s, %sfolds %s, step %.2f, mirroring %s"),
             model.name,
             time.perf_counter() - started,
             self.options.device,

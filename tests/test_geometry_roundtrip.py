@@ -22,6 +22,7 @@ The phantom is a held-out one (training used seeds 0..43).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -317,6 +318,30 @@ def test_a_model_trained_on_ras_arrays_gets_ras_arrays(
         result.seg.save_as(seg_path, enforce_file_format=True)
         decoded = st.decode_on_source(st.read_seg(seg_path), volume, info.catalogue)
         assert (int((decoded != truth).sum()) == 0) is exact
+
+
+def test_a_jobs_series_and_seg_lines_name_the_job(
+    tmp_path: Path, spec: PhantomSpec, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reading the series and encoding its SEG log lines (images left out, the SEG encoded)
+    that named neither the job nor, for some, the series: among several workers' lines an
+    operator could not tell which job they were about."""
+    from inference.log_context import log_label
+
+    written = _write(tmp_path / "series", spec, {"orientation": "axial"})
+    caplog.set_level(logging.INFO)
+    with log_label("job 7 study 1.2 series 1.2.3 v1"):
+        segment_series(written.paths, _oracle_info(), _OracleSegmenter(spec))
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name in ("dicom_node.volume", "dicom_node.seg_encode")
+    ]
+    assert any("encoded SEG" in line for line in lines), lines
+    assert all(line.startswith("job 7 study 1.2 series 1.2.3 v1: ") for line in lines), lines
+    caplog.clear()
+    segment_series(written.paths, _oracle_info(), _OracleSegmenter(spec))  # no job: no label
+    assert all(not r.getMessage().startswith("job ") for r in caplog.records)
 
 
 class _NeverCalled:
