@@ -129,16 +129,27 @@ class Outbox:
             note = self.send(delivery)
         except DeliveryError as exc:
             outbox = self.settings.outbox
-            state, delay = delivery_failed(
-                self.index,
-                delivery.id,
-                str(exc),
-                retryable=exc.retryable,
-                max_attempts=outbox.max_attempts,
-                backoff_initial_s=outbox.backoff_initial_s,
-                backoff_max_s=outbox.backoff_max_s,
-                attempt=delivery.attempts,
-            )
+            try:
+                state, delay = delivery_failed(
+                    self.index,
+                    delivery.id,
+                    str(exc),
+                    retryable=exc.retryable,
+                    max_attempts=outbox.max_attempts,
+                    backoff_initial_s=outbox.backoff_initial_s,
+                    backoff_max_s=outbox.backoff_max_s,
+                    attempt=delivery.attempts,
+                )
+            except Exception:
+                # The peer's answer is in no row: the log is where the operator finds it.
+                logger.error(
+                    "%s: attempt %d failed: %s; the index could not record it (tried "
+                    "again once its lease, outbox.lease_s, lapses)",
+                    tag,
+                    delivery.attempts,
+                    exc,
+                )
+                raise
             if state == DeliveryState.DEAD:
                 logger.error(
                     "%s: attempt %d failed, dead-lettered: %s", tag, delivery.attempts, exc
@@ -179,7 +190,18 @@ class Outbox:
             )
             return True
         elapsed = time.monotonic() - started
-        if not delivery_done(self.index, delivery.id, elapsed, note, attempt=delivery.attempts):
+        try:
+            done = delivery_done(self.index, delivery.id, elapsed, note, attempt=delivery.attempts)
+        except Exception:
+            logger.error(
+                "%s: SEG %s sent in %.2f s, but the index could not record it: it is sent "
+                "again once its lease lapses (the PACS holds one copy of a UID)",
+                tag,
+                delivery.sop_instance_uid,
+                elapsed,
+            )
+            raise
+        if not done:
             # Its job ran again meanwhile and queued its new SEG on this delivery.
             logger.info(
                 "%s: SEG %s sent in %.2f s, superseded meanwhile by a new run of the job; "

@@ -1258,3 +1258,49 @@ def test_the_outbox_records_which_process_sends_a_delivery(
     outbox = Outbox(Settings(), index, FileStore(tmp_path / "store", 0, fsync=False))
     assert outbox.deliver_one()
     assert senders == [(DeliveryState.SENDING, worker_id())]
+
+
+@pytest.mark.parametrize("outcome", ["refused", "sent"])
+def test_a_send_the_index_cannot_record_is_logged_with_its_outcome(
+    index: Index,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    outcome: str,
+) -> None:
+    """The outbox logged a send's outcome only after the index recorded it: with the index
+    gone at that moment, the PACS's refusal (or the delivery itself) was in no row and no
+    log line."""
+    from sqlalchemy.exc import OperationalError
+
+    from dicom_node import outbox as outbox_module
+    from dicom_node.errors import DeliveryError
+    from dicom_node.outbox import Outbox
+    from storage.filestore import FileStore
+
+    job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, ["origin"]))
+    assert job_id is not None and claim_job(index, "host:1", heartbeat_timeout_s=60)
+    assert finish_job(index, job_id, seg_path="s", seg_sop_instance_uid="2.25.1", timings={},
+                      deliveries=[("origin", "pacs")])  # fmt: skip
+
+    def send(self: Outbox, delivery: Delivery) -> str:
+        if outcome == "refused":
+            raise DeliveryError("PACS answered 0xA700 (Refused: Out of Resources)")
+        return ""
+
+    def index_gone(*args: object, **kwargs: object) -> None:
+        raise OperationalError("UPDATE deliveries", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(Outbox, "send", send)
+    monkeypatch.setattr(outbox_module, "delivery_failed", index_gone)
+    monkeypatch.setattr(outbox_module, "delivery_done", index_gone)
+    outbox = Outbox(Settings(), index, FileStore(tmp_path / "store", 0, fsync=False))
+    with pytest.raises(OperationalError):
+        outbox.deliver_one()
+    said = {
+        "refused": "attempt 1 failed: PACS answered 0xA700 (Refused: Out of Resources); "
+        "the index could not record it",
+        "sent": "SEG 2.25.1 sent in",
+    }
+    assert said[outcome] in caplog.text
+    assert "could not record it" in caplog.text
