@@ -44,6 +44,8 @@ from storage.queue import (
     fail_job,
     finish_job,
     heartbeat,
+    index_job_tag,
+    job_tag,
     worker_label,
 )
 
@@ -136,8 +138,8 @@ def release_orphaned_jobs(index: Index, keep: Collection[int] = ()) -> int:
             job.heartbeat_at = utcnow().replace(year=2000)
             released += 1
             logger.info(
-                "job %d: its worker %s is gone; released for another",
-                job.id,
+                "%s: its worker %s is gone; released for another",
+                job_tag(session, job.id),
                 worker_label(job.worker),
             )
     return released
@@ -580,12 +582,17 @@ class WorkerPool:
                 # The operator cancelled it (`jobs cancel`): free the worker now. The
                 # respawn below starts a fresh one.
                 if self._kill_running(slot, job):
-                    logger.warning("job %d was cancelled; stopping its worker", job)
+                    # At INFO: the operator asked for it.
+                    logger.info(
+                        "%s was cancelled; stopping its worker", index_job_tag(self.index, job)
+                    )
                     slot.current.value = 0
                     stopped = True
             elif job and now - slot.job_since > timeout and self._kill_running(slot, job):
                 logger.error(
-                    "job %d exceeded workers.job_timeout_s=%.0f s; stopping it", job, timeout
+                    "%s exceeded workers.job_timeout_s=%.0f s; stopping it",
+                    index_job_tag(self.index, job),
+                    timeout,
                 )
                 reason = f"timed out after {timeout:.0f} s (workers.job_timeout_s)"
                 self._to_fail[job] = (reason, None, 0, _identity(slot))
@@ -636,8 +643,8 @@ class WorkerPool:
         again = f"starting it again in {delay:.0f} s" if delay else "starting a new worker"
         if held and held not in self._to_fail:
             logger.error(
-                "job %d: worker %s died (exit code %s) while running it; %s",
-                held,
+                "%s: worker %s died (exit code %s) while running it; %s",
+                index_job_tag(self.index, held),
                 slot.process.name,
                 code,
                 again,

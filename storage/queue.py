@@ -19,7 +19,16 @@ from sqlalchemy.orm import Session
 
 from dicom_node.errors import DicomNodeError
 from storage.database import Index
-from storage.models import Delivery, DeliveryState, Job, JobState, utcnow
+from storage.models import (
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    Series,
+    SeriesVersion,
+    Study,
+    utcnow,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +94,8 @@ def claim_job(
                     _give_up(session, candidate, now)
                     continue
                 logger.warning(
-                    "job %d: worker %s stopped sending heartbeats; taking the job over",
-                    candidate.id,
+                    "%s: worker %s stopped sending heartbeats; taking the job over",
+                    job_tag(session, candidate.id),
                     worker_label(candidate.worker),
                 )
             result = session.execute(
@@ -110,6 +119,32 @@ def claim_job(
                 session.refresh(candidate)
                 return candidate
     return None
+
+
+def job_tag(session: Session, job_id: int) -> str:
+    """``job N study S series U vV``: how log lines name a job (as the worker's do); ``job
+    N`` alone when its series cannot be read."""
+    row = session.execute(
+        select(Study.study_instance_uid, Series.series_instance_uid, SeriesVersion.version)
+        .select_from(Job)
+        .join(SeriesVersion, SeriesVersion.id == Job.series_version_pk)
+        .join(Series, Series.id == SeriesVersion.series_pk)
+        .join(Study, Study.id == Series.study_pk)
+        .where(Job.id == job_id)
+    ).first()
+    if row is None:
+        return f"job {job_id}"
+    return f"job {job_id} study {row[0]} series {row[1]} v{row[2]}"
+
+
+def index_job_tag(index: Index, job_id: int) -> str:
+    """``job_tag`` in a session of its own; ``job N`` when the index cannot say (a log
+    line about the job must not fail for want of its series)."""
+    try:
+        with index.session() as session:
+            return job_tag(session, job_id)
+    except Exception:  # the index away: the line still names the job
+        return f"job {job_id}"
 
 
 def worker_label(worker: str) -> str:
@@ -137,7 +172,7 @@ def _give_up(session: Session, job: Job, now: dt.datetime) -> None:
         .values(state=JobState.FAILED, reason=reason, finished_at=now, next_attempt_at=None)
     )
     if done.rowcount == 1:  # type: ignore[attr-defined]
-        logger.error("job %d failed: %s", job.id, reason)
+        logger.error("%s failed: %s", job_tag(session, job.id), reason)
 
 
 def heartbeat(index: Index, job_id: int, worker: str) -> bool:

@@ -1082,7 +1082,11 @@ def test_cancelling_a_running_job_stops_its_worker(
         while first.is_alive() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not first.is_alive()
-        assert f"job {job_id} was cancelled; stopping its worker" in caplog.text
+        # Named as the worker names a job: with its study, series and version.
+        assert re.search(
+            rf"job {job_id} study \S+ series \S+ v1 was cancelled; stopping its worker",
+            caplog.text,
+        )
         while pool._slots[0].process is first and time.monotonic() < deadline:
             time.sleep(0.1)
         assert pool._slots[0].process.is_alive()  # a fresh worker took its place
@@ -1126,7 +1130,11 @@ def test_a_worker_of_another_container_with_this_hostname_keeps_its_job(
     assert claim_job(index, "host:10", heartbeat_timeout_s=60) is None
     host = dead_here.split(":")[0]
     # Log lines name a worker host:pid, without its namespace token.
-    assert f"job {ours}: its worker {host}:{pid + 1} is gone; released for another" in (caplog.text)
+    assert re.search(
+        rf"job {ours} study \S+ series \S+ v1: its worker {host}:{pid + 1} is gone; "
+        "released for another",
+        caplog.text,
+    )
 
 
 def test_a_worker_identity_tells_pid_namespaces_apart_and_reads_as_host_and_pid() -> None:

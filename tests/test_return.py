@@ -596,12 +596,15 @@ def test_a_job_whose_worker_process_dies_fails_with_the_exit_code(
         interval_s=0.2,
         what="a running job",
     )
-    os.kill(int(running["worker"].rpartition(":")[2]), signal.SIGKILL)
+    # host:pid, or host:pid/<namespace token>
+    os.kill(int(running["worker"].partition("/")[0].rpartition(":")[2]), signal.SIGKILL)
     wait_until(lambda: any(j["state"] == "failed" for j in jobs(node)), timeout_s=60,
                interval_s=0.5, what="the job failed")  # fmt: skip
     (job,) = jobs(node)
     assert job["reason"] == "its worker process died (exit code -9) while running it", job
-    node.wait_for_log(f"job {running['id']}: worker worker-1 died (exit code -9) while running it")
+    node.wait_for_log(": worker worker-1 died (exit code -9) while running it")
+    died = next(line for line in node.log_text().splitlines() if "worker-1 died" in line)
+    assert f"job {running['id']} study " in died and " series " in died  # named in full
 
 
 @pytest.mark.slow

@@ -313,7 +313,7 @@ def status(
     settings = settings_of(ctx)
     problems: list[str] = []
     try:
-        data: dict[str, Any] = {"index_up": True, **_index_status(ctx)}
+        data: dict[str, Any] = {"index_up": True, **_index_status(ctx, must_exist=check)}
     except StorageError as exc:
         if not check:
             raise  # without --check: the index alone, its reason as the error
@@ -342,14 +342,18 @@ def status(
         raise typer.Exit(1)
 
 
-def _index_status(ctx: typer.Context) -> dict[str, Any]:
-    """What `status` says from the index; StorageError where it cannot be read."""
+def _index_status(ctx: typer.Context, *, must_exist: bool) -> dict[str, Any]:
+    """What `status` says from the index; StorageError where it cannot be read, or, with
+    ``must_exist`` (the health check), where a SQLite index is not there yet."""
     from dicom_node.rule_models import rule_model_problems
     from storage.stats import index_counts
 
     settings = settings_of(ctx)
     url = make_url(settings.storage.effective_database_url)
-    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+    missing = (
+        url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists()
+    )
+    if must_exist and missing:
         # Opening it would make an empty one: a wrong or unmounted data_dir looked healthy.
         raise StorageError(
             f"no index at {url.database}: is storage.data_dir ({settings.storage.data_dir}) "
