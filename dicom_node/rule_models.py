@@ -49,6 +49,16 @@ def rule_problems(
     unfed = unfeedable(found)
     if unfed:
         out.append(RuleProblem(where + unfed, stops_jobs=True))
+    roi = found.descriptor.roi_model
+    if roi is not None:
+        if roi not in models:
+            try:
+                models[roi] = load_model_info(roi, models_dir)
+            except ModelError as exc:
+                models[roi] = exc
+        if isinstance(models[roi], ModelError):
+            text = f"model {found.name!r} needs ROI model {roi!r} first: {models[roi]}"
+            out.append(RuleProblem(where + text, stops_jobs=True))
     wanted = [m.upper() for m in rule.match.modality or []]
     if wanted and found.descriptor.modality not in wanted:
         text = (
@@ -62,8 +72,8 @@ def rule_problems(
 def unfeedable(info: ModelInfo) -> str | None:
     """Why the node cannot give this model its inputs, if it cannot."""
     channels = info.descriptor.input_channels
-    if len(channels) == 1:
-        return None
+    if len(channels) == 1 or (len(channels) == 2 and info.descriptor.roi_model is not None):
+        return None  # the series; and the ROI model's segmentation of it
     return (
         f"model {info.name!r} needs {len(channels)} input channels ({', '.join(channels)}); "
         "the node feeds a model one series as one channel"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from dicom_node.seg_encode import encode_seg, label_volumes_ml
 from dicom_node.volume import (
     StackChoice,
     Volume,
-    reorient_to_closest_canonical,
+    closest_canonical_reorientation,
     volume_from_series,
 )
 from inference.log_context import labelled
@@ -84,6 +84,35 @@ def _uses_every_frame(volume: Volume, source: Dataset) -> bool:
     return numbers == list(range(1, int(source.get("NumberOfFrames", 1)) + 1))
 
 
+InputModels = Callable[[str], tuple[ModelInfo, Segmenter]]
+
+
+def _spacing_zyx(affine: np.ndarray) -> tuple[float, float, float]:
+    spacing = [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)[::-1]]
+    return (spacing[0], spacing[1], spacing[2])
+
+
+def _roi_segmentation(
+    volume: Volume, model_name: str, roi_model: str, input_models: InputModels | None
+) -> np.ndarray:
+    """The ROI model's label map of ``volume``, on the volume's own grid: what a model of
+    two inputs (TotalVibeSegmentator) takes beside the image, as TotalVibeSegmentator's own
+    pipeline gives it (the ROI model's label values, in its orientation)."""
+    if input_models is None:
+        raise ModelError(
+            f"model {model_name!r} takes the segmentation of model {roi_model!r} as its "
+            "second input; segment with a model cache that can load it"
+        )
+    roi_info, roi_segmenter = input_models(roi_model)
+    turn = closest_canonical_reorientation(
+        volume.affine, volume.array.shape[:3], roi_info.descriptor.orientation
+    )
+    labels = roi_segmenter.predict(
+        turn.apply(volume.array), _spacing_zyx(volume.affine @ turn.transform())
+    )
+    return turn.invert(labels)
+
+
 def segment_volume(
     volume: Volume,
     info: ModelInfo,
@@ -94,7 +123,10 @@ def segment_volume(
     binary_fallback: bool = False,
     weights_sha256: str | None = None,
     instance_number: int = 1,
+    input_models: InputModels | None = None,
 ) -> SegmentResult:
+    """``input_models``: gives a model by name, for a model whose second input is another
+    model's segmentation of the image (``roi_model`` in its model.yaml)."""
     if volume.modality and volume.modality != info.descriptor.modality:
         logger.warning(
             labelled("series %s is %s but model %s was trained on %s"),
@@ -107,12 +139,15 @@ def segment_volume(
     started = time.monotonic()
     # The patient directions the model's array axes x, y, z were trained on (model.yaml).
     axes = str(getattr(info.descriptor, "orientation", "LPS"))
-    canonical, canonical_affine, back = reorient_to_closest_canonical(
-        volume.array, volume.affine, axes
-    )
-    spacing = tuple(float(s) for s in np.linalg.norm(canonical_affine[:3, :3], axis=0)[::-1])
-    labels = segmenter.predict(canonical, (spacing[0], spacing[1], spacing[2]))
-    label_map = back(labels)
+    turn = closest_canonical_reorientation(volume.affine, volume.array.shape[:3], axes)
+    canonical = turn.apply(volume.array)
+    roi_model = getattr(info.descriptor, "roi_model", None)
+    if roi_model is not None:
+        roi = _roi_segmentation(volume, info.name, roi_model, input_models)
+        # Its labels as a second channel, on the same grid as the image.
+        canonical = np.stack([canonical, turn.apply(roi).astype(np.float32)])
+    labels = segmenter.predict(canonical, _spacing_zyx(volume.affine @ turn.transform()))
+    label_map = turn.invert(labels)
     timings["inference_s"] = time.monotonic() - started
 
     started = time.monotonic()

@@ -261,6 +261,7 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
                 compression=profile.compression,
                 binary_fallback=profile.format != "binary" and profile.fallback_to_binary,
                 instance_number=version.version,
+                input_models=models.get,  # a model taking another's segmentation (ROI)
             )
     except EmptySegmentationError:
         timings["total_s"] = time.monotonic() - started

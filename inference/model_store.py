@@ -179,6 +179,9 @@ class ModelDescriptor(BaseModel):
     # was trained on, as nibabel axis codes; the volume is turned to it before prediction.
     # A model.yaml without it is LPS: the node's own volumes, as the demo model was trained.
     orientation: str = DEFAULT_ORIENTATION
+    # A model of two inputs whose second is another model's segmentation of the same image
+    # (TotalVibeSegmentator: its ROI model, Dataset278): that model's name. It runs first.
+    roi_model: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -202,6 +205,19 @@ class ModelDescriptor(BaseModel):
         if problem is not None:
             raise ValueError(problem)
         return value
+
+    @model_validator(mode="after")
+    def _roi_input(self) -> ModelDescriptor:
+        if self.roi_model is None:
+            return self
+        if not NAME_RE.match(self.roi_model) or self.roi_model == self.name:
+            raise ValueError(f"roi_model: {self.roi_model!r} is not another model's name")
+        if len(self.input_channels) != 2:
+            raise ValueError(
+                "roi_model is for a model of two inputs (the image, then the ROI model's "
+                f"segmentation); this one has {len(self.input_channels)}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_model_or_parts(self) -> ModelDescriptor:
@@ -983,6 +999,7 @@ def install_model(
     description: str | None = None,
     version: str | None = None,
     orientation: str | None = None,
+    roi_model: str | None = None,
     overwrite: bool = False,
 ) -> ModelInfo:
     """Install a trained-model folder or export zip as ``<models_dir>/<name>``.
@@ -1004,7 +1021,11 @@ def install_model(
         "use_mirroring": use_mirroring,
         "description": description,
         "version": version,
+        "roi_model": roi_model,
     }
+    if roi_model is not None:
+        # Installed first: its jobs would fail at every series otherwise.
+        load_model_info(roi_model, models_dir)
     sources = [Path(src)] if isinstance(src, (str, Path)) else [Path(s) for s in src]
     if not sources:
         raise ModelError("give the model's folder or zip")
@@ -1102,7 +1123,16 @@ def install_model(
         info.descriptor.orientation,
         info.weights_sha256[:12],
     )
-    return dataclasses.replace(info, notes=(note,) if note else ())
+    notes = [note] if note else []
+    roi = dataset.get("roi")
+    if roi is not None and info.descriptor.roi_model is None:
+        # TotalVibeSegmentator's way of saying its second input is another model's output.
+        notes.append(
+            f"dataset.json names a ROI model (Dataset{roi}) whose segmentation is this "
+            "model's second input: install that model first, then this one again with "
+            "--roi-model NAME --replace"
+        )
+    return dataclasses.replace(info, notes=tuple(notes))
 
 
 def _catalogue_for_parts(

@@ -121,6 +121,17 @@ class _Options:
     perform_everything_on_device: bool
 
 
+def model_spacing_zyx(predictor: Any) -> list[float]:
+    """The spacing nnU-Net resamples to, in the order of the arrays it is given (its plans
+    list it in their transposed order)."""
+    configured = [float(v) for v in predictor.configuration_manager.spacing]
+    forward = list(predictor.plans_manager.transpose_forward)
+    spacing = [0.0] * len(configured)
+    for i, axis in enumerate(forward):
+        spacing[axis] = configured[i]
+    return spacing
+
+
 class Segmenter:
     """One loaded model. ``predict`` takes a (z, y, x) or (c, z, y, x) array and its spacing."""
 
@@ -298,9 +309,13 @@ class Segmenter:
 
         started = time.perf_counter()
         combined: np.ndarray | None = None
+        label_input = self.model.descriptor.roi_model is not None
         for index, loaded in enumerate(self._parts, start=1):
             part_started = time.perf_counter()
-            seg = np.asarray(self._predict_with_fallback(loaded.predictor, data, spacing))
+            if label_input:
+                seg = self._predict_on_model_grid(loaded.predictor, data, spacing)
+            else:
+                seg = np.asarray(self._predict_with_fallback(loaded.predictor, data, spacing))
             if seg.shape != data.shape[1:]:
                 raise ModelError(
                     f"model {self.model.name} returned shape {seg.shape} for input {data.shape[1:]}"
@@ -329,6 +344,35 @@ class Segmenter:
             time.perf_counter() - started,
         )
         return combined
+
+    def _predict_on_model_grid(
+        self, predictor: Any, data: np.ndarray, spacing: list[float]
+    ) -> np.ndarray:
+        """For a model whose second channel is a label map (another model's segmentation):
+        both channels resampled to the model's spacing first, the image as nnU-Net resamples
+        images, the label map by nearest neighbour (as TotalVibeSegmentator's own pipeline
+        does); nnU-Net would interpolate the label values as intensities. The label map
+        predicted on that grid comes back by nearest neighbour too."""
+        from nnunetv2.preprocessing.resampling.default_resampling import (
+            compute_new_shape,
+            resample_data_or_seg_to_shape,
+        )
+
+        target = model_spacing_zyx(predictor)
+        shape = data.shape[1:]
+        new_shape = compute_new_shape(shape, spacing, target)
+        image = resample_data_or_seg_to_shape(
+            data[:1], new_shape, spacing, target, is_seg=False, order=3, order_z=0
+        )
+        labels = resample_data_or_seg_to_shape(
+            data[1:], new_shape, spacing, target, is_seg=True, order=0, order_z=0
+        )
+        on_grid = np.concatenate([image, labels.astype(np.float32)]).astype(np.float32)
+        seg = np.asarray(self._predict_with_fallback(predictor, on_grid, list(target)))
+        back = resample_data_or_seg_to_shape(
+            seg[np.newaxis], shape, target, spacing, is_seg=True, order=0, order_z=0
+        )
+        return np.asarray(back[0])
 
     @staticmethod
     def _run(predictor: Any, data: np.ndarray, spacing: list[float]) -> np.ndarray:

@@ -344,6 +344,50 @@ def test_a_jobs_series_and_seg_lines_name_the_job(
     assert all(not r.getMessage().startswith("job ") for r in caplog.records)
 
 
+class _TwoInputOracle(_OracleSegmenter):
+    """A perfect model of two inputs: checks that its second channel is the ROI model's
+    segmentation on its own (LPS) grid, then labels the phantom."""
+
+    def predict(self, volume: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
+        assert volume.ndim == 4 and volume.shape[0] == 2, volume.shape
+        truth = super().predict(volume[0], spacing_zyx)
+        np.testing.assert_array_equal(volume[1], truth.astype(np.float32))
+        return truth
+
+
+@pytest.mark.parametrize("orientation", ["axial", "sagittal"])
+def test_a_model_taking_a_roi_models_segmentation_gets_it_on_its_own_grid(
+    tmp_path: Path, spec: PhantomSpec, orientation: str
+) -> None:
+    """TotalVibeSegmentator takes, beside the image, its ROI model's segmentation of it: the
+    ROI model runs first, in its own orientation (RAS here), and its label map reaches the
+    main model (LPS) voxel for voxel on the image's grid."""
+    written = _write(tmp_path / "series", spec, {"orientation": orientation})
+    volume = volume_from_series(written.paths)
+    truth = st.truth_labels(spec, written.affine, written.shape)
+    roi_info = _oracle_info()
+    roi_info.descriptor.orientation = "RAS"
+    info = _oracle_info()
+    info.descriptor.input_channels = ["MRI", "roi"]
+    info.descriptor.roi_model = "roi"
+    given: list[str] = []
+
+    def input_models(name: str) -> tuple[Any, Any]:
+        given.append(name)
+        return roi_info, _RasOracleSegmenter(spec)
+
+    result = segment_series(written.paths, info, _TwoInputOracle(spec), input_models=input_models)
+    assert given == ["roi"]
+    seg_path = tmp_path / "seg.dcm"
+    result.seg.save_as(seg_path, enforce_file_format=True)
+    decoded = st.decode_on_source(st.read_seg(seg_path), volume, info.catalogue)
+    assert int((decoded != truth).sum()) == 0
+    with pytest.raises(
+        ModelError, match="takes the segmentation of model 'roi' as its second input"
+    ):
+        segment_series(written.paths, info, _TwoInputOracle(spec))
+
+
 class _NeverCalled:
     def predict(self, volume: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
         raise AssertionError("a model the node cannot feed was run")

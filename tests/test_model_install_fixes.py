@@ -424,3 +424,52 @@ def test_a_model_of_two_input_channels_is_installed_with_a_note(tmp_path: Path) 
     assert added.exit_code == 0, added.output
     notes = json.loads(added.stdout)["notes"]
     assert any("needs 2 input channels (MRI, noNorm)" in n and "jobs routed" in n for n in notes)
+
+
+# --- models of two inputs (TotalVibeSegmentator and its ROI model) ----------------------------
+
+
+def test_a_model_taking_a_roi_models_segmentation_is_fed_it(tmp_path: Path) -> None:
+    """TotalVibeSegmentator's main model takes the segmentation of its ROI model (Dataset278)
+    as a second input. Installed with --roi-model, its jobs run the ROI model first; the
+    label map reaches the network resampled by nearest neighbour to the model's spacing
+    (nnU-Net would interpolate label values as intensities), and the result comes back on
+    the series' grid."""
+    import numpy as np
+
+    from dicom_node.config import InferenceSettings
+    from dicom_node.rule_models import unfeedable
+    from dicom_node.segment import ModelCache
+    from inference.predictor import Segmenter
+
+    src = make_model(tmp_path / "src", channels=2)
+    models = tmp_path / "models"
+    with pytest.raises(ModelError, match="model 'nosuch' is not installed"):
+        install_model(src, models, "vibe2", roi_model="nosuch")
+    noted = install_model(src, models, "vibe2")
+    assert any("--roi-model" in note and "Dataset278" in note for note in noted.notes)
+    assert unfeedable(noted) is not None  # its jobs would fail: said at install and start
+    info = install_model(src, models, "vibe2", roi_model="demo", overwrite=True)
+    assert info.descriptor.roi_model == "demo" and unfeedable(info) is None
+
+    cache = ModelCache(models, InferenceSettings(device="cpu"))
+    _, segmenter = cache.get("vibe2")
+    seen: list[tuple[np.ndarray, list[float]]] = []
+    run = Segmenter._run
+
+    def spy(predictor: Any, data: np.ndarray, spacing: list[float]) -> np.ndarray:
+        seen.append((data.copy(), list(spacing)))
+        return run(predictor, data, spacing)
+
+    image = np.random.default_rng(0).normal(300, 100, (20, 30, 30)).astype(np.float32)
+    roi = np.zeros(image.shape, np.float32)
+    roi[5:15, 10:20, 10:25] = 3.0
+    roi[8:12, 12:18, 12:18] = 1.0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Segmenter, "_run", staticmethod(spy))
+        labels = segmenter.predict(np.stack([image, roi]), (3.0, 1.0, 1.0))
+    assert labels.shape == image.shape
+    ((data, spacing),) = seen
+    assert spacing == [2.0, 2.0, 2.0]  # the model's, from plans.json: nnU-Net resamples nothing
+    assert data.shape == (2, 30, 15, 15)
+    assert set(np.unique(data[1])) <= {0.0, 1.0, 3.0}  # labels, not interpolated values

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _plans() -> dict[str, Any]:
+def _plans(channels: int = 1) -> dict[str, Any]:
     arch = {
         "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
         "arch_kwargs": {
@@ -56,8 +56,9 @@ def _plans() -> dict[str, Any]:
         "patch_size": [16, 16, 16],
         "median_image_size_in_voxels": [24, 24, 24],
         "spacing": [2.0, 2.0, 2.0],
-        "normalization_schemes": ["ZScoreNormalization"],
-        "use_mask_for_norm": [False],
+        # A second channel is a label map (TotalVibeSegmentator's ROI input): not normalised.
+        "normalization_schemes": ["ZScoreNormalization"] + ["NoNormalization"] * (channels - 1),
+        "use_mask_for_norm": [False] * channels,
         "resampling_fn_data": resample,
         "resampling_fn_seg": resample,
         "resampling_fn_probabilities": resample,
@@ -94,7 +95,7 @@ def _plans() -> dict[str, Any]:
         "experiment_planner_used": "ExperimentPlanner",
         "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": {
-            "0": {
+            str(c): {
                 "max": 1000.0,
                 "mean": 300.0,
                 "median": 300.0,
@@ -103,6 +104,7 @@ def _plans() -> dict[str, Any]:
                 "percentile_99_5": 900.0,
                 "std": 100.0,
             }
+            for c in range(channels)
         },
     }
 
@@ -115,13 +117,13 @@ DATASET = {
 }
 
 
-def _weights(seed: int) -> dict[str, torch.Tensor]:
+def _weights(seed: int, channels: int = 1) -> dict[str, torch.Tensor]:
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
     torch.manual_seed(seed)
     kw = _plans()["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
     net = PlainConvUNet(
-        input_channels=1,
+        input_channels=channels,
         num_classes=3,
         n_stages=3,
         features_per_stage=kw["features_per_stage"],
@@ -140,24 +142,31 @@ def _weights(seed: int) -> dict[str, torch.Tensor]:
     return net.state_dict()
 
 
-def make_model(base: Path, folds: tuple[int, ...] = (0,), weights_only: bool = False) -> Path:
-    """Write Dataset999_Tiny/<trainer>__<plans>__3d_fullres under ``base``; return its parent."""
+def make_model(
+    base: Path, folds: tuple[int, ...] = (0,), weights_only: bool = False, channels: int = 1
+) -> Path:
+    """Write Dataset999_Tiny/<trainer>__<plans>__3d_fullres under ``base``; return its parent.
+    ``channels`` 2: the second input is a label map (as TotalVibeSegmentator's ROI input)."""
     folder = base / "Dataset999_Tiny" / TRAINER_DIR
     folder.mkdir(parents=True)
-    plans = _plans()
+    plans = _plans(channels)
+    dataset = dict(DATASET)
+    if channels == 2:
+        dataset["channel_names"] = {"0": "MRI", "1": "noNorm"}
+        dataset["roi"] = 278
     (folder / "plans.json").write_text(json.dumps(plans))
-    (folder / "dataset.json").write_text(json.dumps(DATASET))
+    (folder / "dataset.json").write_text(json.dumps(dataset))
     for fold in folds:
         (folder / f"fold_{fold}").mkdir()
         ckpt: dict[str, Any] = {
-            "network_weights": _weights(seed=fold),
+            "network_weights": _weights(seed=fold, channels=channels),
             "trainer_name": "nnUNetTrainer",
             "inference_allowed_mirroring_axes": (0, 1, 2),
             "init_args": {
                 "plans": plans,
                 "configuration": "3d_fullres",
                 "fold": fold,
-                "dataset_json": DATASET,
+                "dataset_json": dataset,
             },
         }
         if not weights_only:

@@ -66,6 +66,13 @@ def add_model(
             "default: from the model's files, else LPS"
         ),
     ] = None,
+    roi_model: Annotated[
+        str | None,
+        typer.Option(
+            help="for a model of two inputs (TotalVibeSegmentator): the installed model whose "
+            "segmentation of the image is the second input (its ROI model, Dataset278)"
+        ),
+    ] = None,
     replace: Annotated[bool, typer.Option(help="replace an installed model of that name")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -101,6 +108,7 @@ def add_model(
         folds=fold_list,
         checkpoint=checkpoint,
         orientation=orientation,
+        roi_model=roi_model,
         overwrite=replace,
     )
     notes = list(info.notes)

@@ -90,9 +90,17 @@ def segment(
             StackChoice("last" if stack == "last" else "first", stack_image_type),
         )
         progress.update(step, advance=1, description=f"loading model {model}")
-        info, segmenter = ModelCache(settings.models_dir, settings.inference).get(model)
+        models = ModelCache(settings.models_dir, settings.inference)
+        info, segmenter = models.get(model)
         progress.update(step, advance=1, description=f"segmenting {volume.array.shape} voxels")
-        result = segment_volume(volume, info, segmenter, format=format, compression=compression)
+        result = segment_volume(
+            volume,
+            info,
+            segmenter,
+            format=format,
+            compression=compression,
+            input_models=models.get,
+        )
         progress.update(step, advance=1, description="writing the SEG")
         out.mkdir(parents=True, exist_ok=True)
         target = out / f"SEG_{result.seg.SOPInstanceUID}.dcm"
