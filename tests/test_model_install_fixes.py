@@ -473,3 +473,19 @@ def test_a_model_taking_a_roi_models_segmentation_is_fed_it(tmp_path: Path) -> N
     assert spacing == [2.0, 2.0, 2.0]  # the model's, from plans.json: nnU-Net resamples nothing
     assert data.shape == (2, 30, 15, 15)
     assert set(np.unique(data[1])) <= {0.0, 1.0, 3.0}  # labels, not interpolated values
+
+
+def test_a_rule_whose_model_lacks_its_roi_model_is_reported(tmp_path: Path) -> None:
+    """Said at start and by `rules test`, not only as one failed job per series."""
+    from dicom_node.config import RuleSettings
+    from dicom_node.rule_models import rule_problems
+
+    models = tmp_path / "models"
+    install_model(make_model(tmp_path / "roi"), models, "roi")
+    install_model(make_model(tmp_path / "src", channels=2), models, "vibe2", roi_model="roi")
+    rule = RuleSettings(name="vibe", model="vibe2")
+    assert rule_problems(rule, models) == []
+    shutil.rmtree(models / "roi")
+    (problem,) = rule_problems(rule, models)
+    assert problem.stops_jobs
+    assert str(problem).startswith("rule 'vibe': model 'vibe2' needs ROI model 'roi' first: ")
