@@ -7,6 +7,7 @@ without per-process counters to merge.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ from storage.stats import index_counts
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
+COUNT_TIMEOUT_S = 5.0  # seconds a scrape waits for the index's counts
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,6 +40,8 @@ class IndexCollector(Collector):
         self.store = store
         # One line when the index goes away and one when it is back, not one per scrape.
         self._outage = IndexOutage("metrics", logger)
+        # One reader: scrapes of a hung index queue behind it instead of piling up threads.
+        self._counts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="metrics")
 
     def collect(self) -> Iterator[Metric]:
         info = InfoMetricFamily("dicom_node", "This node: version and AE title")
@@ -58,7 +63,13 @@ class IndexCollector(Collector):
             value=self.settings.storage.min_free_disk_mb * 1024 * 1024,
         )
         try:
-            counts = index_counts(self.index)
+            # Within Prometheus' scrape timeout (10 s by default): an index server that hangs
+            # (connect timeout 10 s) failed the whole scrape, and index_up 0 was never seen.
+            counts = self._counts.submit(index_counts, self.index).result(COUNT_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            logger.warning("metrics: the index did not answer within %g s", COUNT_TIMEOUT_S)
+            yield GaugeMetricFamily("dicom_node_index_up", "1 if the index answered", value=0)
+            return
         except Exception as exc:  # an unreachable index is itself worth seeing
             if not self._outage.failed(exc):
                 logger.warning("metrics: cannot read the index: %s", exc)

@@ -140,3 +140,30 @@ def test_a_metrics_port_in_use_stops_the_start_cleanly(tmp_path: Path) -> None:
     assert f"error: cannot serve metrics on 127.0.0.1:{port}" in run.stderr, run.stderr
     assert "worker-1" in run.stderr and "dicom_node.service: stopped" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr, run.stderr
+
+
+def test_an_index_that_hangs_reads_as_down_within_the_scrape(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PostgreSQL server that accepts but never answers held the scrape for the connect
+    timeout (10 s, Prometheus' own scrape timeout): the scrape failed as a whole, and the
+    alert on index_up == 0 never fired."""
+    import threading
+
+    from dicom_node import metrics
+    from dicom_node.config import Settings
+    from storage.database import Index
+    from storage.filestore import FileStore
+
+    release = threading.Event()
+    monkeypatch.setattr(metrics, "COUNT_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(metrics, "index_counts", lambda index: release.wait(10))
+    index = Index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    collector = metrics.IndexCollector(Settings(), index, FileStore(tmp_path / "store", 0))
+    try:
+        samples = {s.name: s.value for family in collector.collect() for s in family.samples}
+    finally:
+        release.set()
+    assert samples["dicom_node_index_up"] == 0
+    assert samples["dicom_node_store_free_bytes"] > 0
+    index.dispose()
