@@ -237,7 +237,9 @@ def _oracle_info() -> SimpleNamespace:
         name="oracle",
         catalogue=load_catalogue("demo"),
         weights_sha256="0" * 64,
-        descriptor=SimpleNamespace(modality="MR", version="1", input_channels=["MRI"]),
+        descriptor=SimpleNamespace(
+            modality="MR", version="1", input_channels=["MRI"], orientation="LPS", roi_model=None
+        ),
     )
 
 
