@@ -25,11 +25,12 @@ from dicom_node.volume import (
     closest_canonical_reorientation,
     volume_from_series,
 )
-from inference.log_context import labelled
+from inference.log_context import LabelFilter
 from inference.model_store import ModelInfo, load_model_info
 from inference.predictor import Segmenter
 
 logger = logging.getLogger(__name__)
+logger.addFilter(LabelFilter())  # in a job, each line names it (the worker's label)
 
 
 @dataclass
@@ -87,9 +88,19 @@ def _uses_every_frame(volume: Volume, source: Dataset) -> bool:
 InputModels = Callable[[str], tuple[ModelInfo, Segmenter]]
 
 
-def _spacing_zyx(affine: np.ndarray) -> tuple[float, float, float]:
-    spacing = [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)[::-1]]
-    return (spacing[0], spacing[1], spacing[2])
+def _segment_in(
+    volume: Volume, segmenter: Segmenter, axes: str, second: np.ndarray | None = None
+) -> np.ndarray:
+    """``segmenter``'s label map of ``volume`` (with ``second``, a label map on the volume's
+    grid, as its second channel), on the volume's grid: the volume is turned to the patient
+    directions ``axes`` its array axes x, y, z were trained on, and the result back."""
+    turn = closest_canonical_reorientation(volume.affine, volume.array.shape[:3], axes)
+    data = turn.apply(volume.array)
+    if second is not None:
+        data = np.stack([data, turn.apply(second).astype(np.float32)])
+    affine = volume.affine @ turn.transform()
+    z, y, x = (float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)[::-1])
+    return turn.invert(segmenter.predict(data, (z, y, x)))
 
 
 def _roi_segmentation(
@@ -104,13 +115,7 @@ def _roi_segmentation(
             "second input; segment with a model cache that can load it"
         )
     roi_info, roi_segmenter = input_models(roi_model)
-    turn = closest_canonical_reorientation(
-        volume.affine, volume.array.shape[:3], roi_info.descriptor.orientation
-    )
-    labels = roi_segmenter.predict(
-        turn.apply(volume.array), _spacing_zyx(volume.affine @ turn.transform())
-    )
-    return turn.invert(labels)
+    return _segment_in(volume, roi_segmenter, roi_info.descriptor.orientation)
 
 
 def segment_volume(
@@ -129,7 +134,7 @@ def segment_volume(
     model's segmentation of the image (``roi_model`` in its model.yaml)."""
     if volume.modality and volume.modality != info.descriptor.modality:
         logger.warning(
-            labelled("series %s is %s but model %s was trained on %s"),
+            "series %s is %s but model %s was trained on %s",
             volume.series_instance_uid,
             volume.modality,
             info.name,
@@ -137,17 +142,14 @@ def segment_volume(
         )
     timings: dict[str, float] = {}
     started = time.monotonic()
-    # The patient directions the model's array axes x, y, z were trained on (model.yaml).
-    axes = str(getattr(info.descriptor, "orientation", "LPS"))
-    turn = closest_canonical_reorientation(volume.affine, volume.array.shape[:3], axes)
-    canonical = turn.apply(volume.array)
     roi_model = getattr(info.descriptor, "roi_model", None)
-    if roi_model is not None:
-        roi = _roi_segmentation(volume, info.name, roi_model, input_models)
-        # Its labels as a second channel, on the same grid as the image.
-        canonical = np.stack([canonical, turn.apply(roi).astype(np.float32)])
-    labels = segmenter.predict(canonical, _spacing_zyx(volume.affine @ turn.transform()))
-    label_map = turn.invert(labels)
+    roi = (
+        None if roi_model is None else _roi_segmentation(volume, info.name, roi_model, input_models)
+    )
+    # Turned to the patient directions the model was trained on (model.yaml orientation).
+    label_map = _segment_in(
+        volume, segmenter, str(getattr(info.descriptor, "orientation", "LPS")), roi
+    )
     timings["inference_s"] = time.monotonic() - started
 
     started = time.monotonic()

@@ -22,13 +22,15 @@ import numpy as np
 import torch
 
 from dicom_node.errors import ModelError
-from inference.log_context import labelled
+from inference.log_context import LabelFilter
 from inference.model_store import ModelInfo, ModelPart
 
 if TYPE_CHECKING:
     from dicom_node.config import InferenceSettings
 
 logger = logging.getLogger(__name__)
+# In a job, each line names it (the worker's label): inference knows no jobs.
+logger.addFilter(LabelFilter())
 
 DeviceChoice = Literal["auto", "cuda", "mps", "cpu"]
 
@@ -184,7 +186,7 @@ class Segmenter:
             for part in model.parts
         ]
         logger.info(
-            labelled("model %s loaded in %.2f s: device %s, %sfolds %s, step %.2f, mirroring %s"),
+            "model %s loaded in %.2f s: device %s, %sfolds %s, step %.2f, mirroring %s",
             model.name,
             time.perf_counter() - started,
             self.options.device,
@@ -328,7 +330,7 @@ class Segmenter:
                 np.copyto(combined, labels, where=labels != 0)
             if self.model.has_parts:
                 logger.info(
-                    labelled("model %s part %d/%d (%s) done in %.2f s"),
+                    "model %s part %d/%d (%s) done in %.2f s",
                     self.model.name,
                     index,
                     len(self._parts),
@@ -337,7 +339,7 @@ class Segmenter:
                 )
         assert combined is not None  # a model has at least one part
         logger.info(
-            labelled("model %s segmented %s at spacing %s in %.2f s"),
+            "model %s segmented %s at spacing %s in %.2f s",
             self.model.name,
             data.shape[1:],
             tuple(round(s, 3) for s in spacing),
@@ -390,7 +392,7 @@ class Segmenter:
             if self.device.type != "cuda":
                 raise
             logger.warning(
-                labelled("model %s: CUDA out of memory for %s; retrying with results on the CPU"),
+                "model %s: CUDA out of memory for %s; retrying with results on the CPU",
                 self.model.name,
                 data.shape[1:],
             )
@@ -401,7 +403,7 @@ class Segmenter:
             return self._run(predictor, data, spacing)
         except torch.cuda.OutOfMemoryError:
             logger.warning(
-                labelled("model %s: still out of CUDA memory; running this volume on the CPU"),
+                "model %s: still out of CUDA memory; running this volume on the CPU",
                 self.model.name,
             )
         finally:
