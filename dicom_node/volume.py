@@ -39,6 +39,7 @@ from pydicom.multival import MultiValue
 from dicom_node.errors import SeriesError
 from dicom_node.sop_classes import SEGMENTABLE, class_names, not_segmentable
 from inference.log_context import LabelFilter
+from inference.model_store import orientation_problem
 
 logger = logging.getLogger(__name__)
 # In a job, each line names it (job, study, series, version): the worker's label.
@@ -1028,13 +1029,11 @@ _AXIS_LETTERS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 
 def axis_targets(axes: str) -> list[tuple[int, int]]:
     """(patient axis, sign) each index axis x, y, z points to, from codes such as "LPS" (the
     node's own) or "RAS" (NIfTI's canonical, what TotalSegmentator's models were trained on)."""
-    targets = [_AXIS_LETTERS.get(letter) for letter in axes.upper()]
-    if len(axes) != 3 or None in targets or len({t[0] for t in targets if t}) != 3:
-        raise ValueError(
-            f"axis codes {axes!r}: give three letters, one of L/R, one of P/A and one of S/I "
-            "(e.g. LPS or RAS)"
-        )
-    return [t for t in targets if t is not None]
+    # The rule is model.yaml's (orientation_problem): one check for both.
+    problem = orientation_problem(axes.upper())
+    if problem is not None:
+        raise ValueError(problem)
+    return [_AXIS_LETTERS[letter] for letter in axes.upper()]
 
 
 def closest_canonical_reorientation(

@@ -43,6 +43,7 @@ from storage.queue import (
     claim_job,
     fail_job,
     finish_job,
+    format_job_tag,
     heartbeat,
     index_job_tag,
     job_tag,
@@ -203,7 +204,7 @@ def run_job(ctx: JobContext, job: Job, models: ModelCache) -> None:
         newest = session.scalar(
             select(func.max(SeriesVersion.version)).where(SeriesVersion.series_pk == series.id)
         )
-    tag = f"job {job.id} study {study_uid} series {series.series_instance_uid} v{version.version}"
+    tag = format_job_tag(job.id, study_uid, series.series_instance_uid, version.version)
     ctx.job_tag = tag
     if newest is not None and newest > version.version:
         # Images came after this version (it waited in the queue, or is retried): a later

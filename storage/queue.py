@@ -121,9 +121,14 @@ def claim_job(
     return None
 
 
+def format_job_tag(job_id: int, study_uid: str, series_uid: str, version: int) -> str:
+    """``job N study S series U vV``: how every log line about a job names it."""
+    return f"job {job_id} study {study_uid} series {series_uid} v{version}"
+
+
 def job_tag(session: Session, job_id: int) -> str:
-    """``job N study S series U vV``: how log lines name a job (as the worker's do); ``job
-    N`` alone when its series cannot be read."""
+    """The job's ``format_job_tag``, read from the index; ``job N`` alone when its series
+    cannot be read."""
     row = session.execute(
         select(Study.study_instance_uid, Series.series_instance_uid, SeriesVersion.version)
         .select_from(Job)
@@ -134,7 +139,7 @@ def job_tag(session: Session, job_id: int) -> str:
     ).first()
     if row is None:
         return f"job {job_id}"
-    return f"job {job_id} study {row[0]} series {row[1]} v{row[2]}"
+    return format_job_tag(job_id, row[0], row[1], row[2])
 
 
 def index_job_tag(index: Index, job_id: int) -> str:
