@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_ECHO_RQ
-from pynetdicom.dimse_primitives import C_ECHO
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
@@ -124,6 +125,21 @@ def echo_command_set(message_id: int) -> bytes:
     message.primitive_to_message(echo)
     ((_, first),) = next(iter(message.encode_msg(1, 0))).presentation_data_value_list
     return bytes(first[1:])  # less the message control header
+
+
+def store_command_set(ds: Dataset, message_id: int = 1) -> Dataset:
+    """The command set of a C-STORE-RQ of ``ds`` (medium priority), to encode as it is or
+    after a test changed it."""
+    primitive = C_STORE()
+    primitive.MessageID = message_id
+    primitive.AffectedSOPClassUID = ds.SOPClassUID
+    primitive.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    primitive.Priority = 0
+    primitive.DataSet = BytesIO(b"\0\0")
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    command: Dataset = message.command_set
+    return command
 
 
 def association_request(contexts: list[PresentationContext]) -> bytes:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from sqlalchemy import event, select, update
+from test_restarts import ExitedProcess
 
 from dicom_node.config import RuleSettings, Settings, WorkerSettings
 from dicom_node.errors import DicomNodeError, ModelError
@@ -1183,22 +1184,14 @@ def test_a_worker_whose_job_was_taken_over_records_no_empty_result(
     assert "no structure found" not in caplog.text
 
 
-class _DeadWorker:
+class _DeadWorker(ExitedProcess):
     """A worker process that was killed (out of memory) while it ran a job."""
 
     exitcode = -9
 
     def __init__(self, name: str, pid: int | None) -> None:
-        self.name, self.pid = name, pid
-
-    def is_alive(self) -> bool:
-        return False
-
-    def kill(self) -> None:
-        pass
-
-    def join(self, timeout: float | None = None) -> None:
-        pass
+        super().__init__(name)
+        self.pid = pid  # type: ignore[assignment]
 
 
 def test_a_supervisor_leaves_a_job_its_dead_worker_lost_to_another_machine(

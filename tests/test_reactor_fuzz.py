@@ -35,12 +35,11 @@ from inprocess import (
     association_request,
     echo_command_set,
     mr_image,
+    store_command_set,
 )
 from peers import wait_until
 from pydicom import Dataset
 from pynetdicom import AE
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.presentation import build_context
 from sqlalchemy import select
@@ -86,15 +85,7 @@ def _image(rng: random.Random) -> Dataset:
 
 def _store_command(message_id: int, ds: Dataset, rng: random.Random) -> tuple[bytes, bool]:
     """The C-STORE-RQ command set, and whether an element of it was changed."""
-    primitive = C_STORE()
-    primitive.MessageID = message_id
-    primitive.AffectedSOPClassUID = ds.SOPClassUID
-    primitive.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    primitive.Priority = 0
-    primitive.DataSet = BytesIO(b"\0\0")
-    message = C_STORE_RQ()
-    message.primitive_to_message(primitive)
-    command = message.command_set
+    command = store_command_set(ds, message_id)
     changed = rng.random() < 0.25
     if changed:  # one element changed: pynetdicom's answer or an abort
         change = rng.randrange(6)

@@ -49,7 +49,7 @@ def test_the_delay_doubles_while_it_exits_quickly_and_resets_after_a_long_run() 
     assert restarts.exited(now + 1, on_purpose=True) == 0.0  # stopped by its supervisor
 
 
-class _Exited:
+class ExitedProcess:
     """A child process that has exited with status 1."""
 
     exitcode = 1
@@ -84,7 +84,8 @@ def test_a_worker_that_exits_as_it_starts_is_started_again_later_and_later(
     class Pool(WorkerPool):
         def _spawn(self, number: int) -> _Slot:
             starts.append(clock[0])
-            return _Slot(_Exited(f"worker-{number}"), context.Value("i", 0), context.Value("i", 0))  # type: ignore[arg-type]
+            process = ExitedProcess(f"worker-{number}")
+            return _Slot(process, context.Value("i", 0), context.Value("i", 0))  # type: ignore[arg-type]
 
     pool = Pool(Settings(), index, 1)
     pool._clock = lambda: clock[0]
@@ -112,9 +113,9 @@ def test_a_receiver_process_that_exits_as_it_starts_is_started_again_later_and_l
     )
     service = Service(Settings(storage={"data_dir": tmp_path}))  # not started: no port
 
-    def spawn(number: int) -> _Exited:
+    def spawn(number: int) -> ExitedProcess:
         starts.append(clock[0])
-        return _Exited(f"receiver-{number}")
+        return ExitedProcess(f"receiver-{number}")
 
     monkeypatch.setattr(service, "_spawn_receiver", spawn)
     service._children = [spawn(1)]  # type: ignore[list-item]
@@ -130,7 +131,7 @@ def test_a_receiver_process_that_exits_as_it_starts_is_started_again_later_and_l
     )
 
 
-class _Running(_Exited):
+class _Running(ExitedProcess):
     """A live worker process that records being killed."""
 
     def __init__(self, name: str) -> None:

@@ -13,18 +13,21 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
-from io import BytesIO
 from pathlib import Path
 
 import pytest
-from inprocess import InProcessNode, association_request, inprocess_node, mr_image
+from inprocess import (
+    InProcessNode,
+    association_request,
+    inprocess_node,
+    mr_image,
+    store_command_set,
+)
 from peers import wait_until
 from pydicom import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.presentation import build_context
 from sqlalchemy import func, select
@@ -90,15 +93,7 @@ def _associate(port: int) -> socket.socket:
 
 
 def _command(ds: Dataset) -> bytes:
-    primitive = C_STORE()
-    primitive.MessageID = 1
-    primitive.AffectedSOPClassUID = ds.SOPClassUID
-    primitive.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    primitive.Priority = 0
-    primitive.DataSet = BytesIO(b"\0\0")
-    message = C_STORE_RQ()
-    message.primitive_to_message(primitive)
-    encoded = encode(message.command_set, True, True)
+    encoded = encode(store_command_set(ds), True, True)
     assert encoded is not None
     return encoded
 
