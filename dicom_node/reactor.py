@@ -331,12 +331,11 @@ class _EventDrivenDUL(DULServiceProvider):
     def _take_command(self, rest: list[memoryview]) -> _IncomingStore | None:
         """Take a complete command set: a C-STORE to serve here, or left to pynetdicom."""
         pdvs, self._command = self._command, []
-        context_id = pdvs[-1].context_id
+        context_id = pdvs[-1].context_id  # every fragment's: _take_pdvs refuses a mixture
         request = None
-        if all(pdv.context_id == context_id for pdv in pdvs):
-            parsed = parse_store_request(b"".join(pdv.data for pdv in pdvs))
-            if parsed is not None and self._serves(parsed, context_id):
-                request = _store_primitive(parsed, context_id)
+        parsed = parse_store_request(b"".join(pdv.data for pdv in pdvs))
+        if parsed is not None and self._serves(parsed, context_id):
+            request = _store_primitive(parsed, context_id)
         if request is None:
             rest.extend(pdv.raw for pdv in pdvs)
             self._message_context = context_id  # its data set, if any, comes on it
