@@ -2,15 +2,18 @@
 
     .venv/bin/python benchmarks/receive.py [--images 300] [--rss-images 1000] [--size 512]
         [--parallel 4] [--fsync both|on|off] [--max-associations 16] [--rounds 1]
+        [--receiver-processes 1,2,4]
 
 Sender: DCMTK ``storescu +sd +r -xe`` (TCP_NODELAY=1), files in Explicit VR Little Endian.
 1. one association, ``--images`` 512x512 16-bit MR images, to: the node (1 receiver
    process), ``storescp`` (TCP_NODELAY=1, writing to a folder) and Orthanc;
 2. four parallel storescu processes, ``--images``/4 images each (the same 300 images split
-   in four folders), to: ``storescp --fork``, the node with ``receiver_processes: 4`` and
-   with 1, and Orthanc; where a C compiler is installed also to ``storescp --fork`` with
-   ``sync_on_close.c`` preloaded, which fdatasyncs each file and fsyncs its folder as the
-   node does (storescp syncs nothing): printed for context, it has no target;
+   in four folders), to: ``storescp --fork``, the node with each ``receiver_processes``
+   of ``--receiver-processes`` (default: 1, the number of cores and ``--parallel``; the
+   best of them is the node's figure), and Orthanc; where a C compiler is installed also
+   to ``storescp --fork`` with ``sync_on_close.c`` preloaded, which fdatasyncs each file
+   and fsyncs its folder as the node does (storescp syncs nothing): printed for context,
+   it has no target;
    With ``--fsync both`` (default) the node runs both with ``storage.fsync: true`` (every
    image on disk before its acknowledgement, as the default config) and ``false`` (no
    fsync, like storescp; Orthanc 1.10 fdatasyncs each file but not its index); ``on``
@@ -246,6 +249,7 @@ def run_round(
     modes: list[bool],
     maxa: int,
     results: dict[str, list[float]],
+    processes_tried: list[int],
     shim: Path | None = None,
 ) -> None:
     """Sections 1 and 2 once, each receiver fresh and empty."""
@@ -319,7 +323,7 @@ def run_round(
     finally:
         orthanc.stop()
     for fsync in modes:
-        for processes in (p, 1):
+        for processes in processes_tried:
             multi = node(tmp / f"node{p}x{processes}-{fsync}", processes, maxa, fsync)
             try:
                 timed(
@@ -344,7 +348,15 @@ def main() -> None:
     parser.add_argument("--max-associations", type=int, default=16)
     # The VM's disk and neighbours move single runs by +-15%: repeat, report the median.
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--receiver-processes",
+        type=_counts,
+        default=None,
+        help="receiver_processes values to try with parallel senders, e.g. 1,2,4 "
+        "(default: 1, the number of cores, --parallel)",
+    )
     args = parser.parse_args()
+    processes_tried: list[int] = args.receiver_processes or sorted({1, CORES, args.parallel})
     modes = {"both": [True, False], "on": [True], "off": [False]}[args.fsync]
     maxa = args.max_associations
 
@@ -370,31 +382,45 @@ def main() -> None:
         for round_number in range(1, args.rounds + 1):
             if args.rounds > 1:
                 print(f"-- round {round_number} of {args.rounds}")
-            run_round(tmp / f"round{round_number}", series, parts, modes, maxa, results, shim)
+            run_round(
+                tmp / f"round{round_number}",
+                series,
+                parts,
+                modes,
+                maxa,
+                results,
+                processes_tried,
+                shim,
+            )
 
-        # 3. memory while receiving
-        rss_node = node(tmp / "node-rss", 1, maxa, modes[0])
-        try:
-            with PeakRss(rss_node.pid) as rss:
-                timed(
-                    "1 assoc -> node (RSS run)",
-                    args.rss_images,
-                    lambda: send(rss_node.port, [big.folder], rss_node.ae_title),
-                    results,
-                )
-        finally:
-            rss_node.stop()
+        # 3. memory while receiving (--rss-images 0: skipped)
+        rss: PeakRss | None = None
+        if args.rss_images:
+            rss_node = node(tmp / "node-rss", 1, maxa, modes[0])
+            try:
+                with PeakRss(rss_node.pid) as rss:
+                    timed(
+                        "1 assoc -> node (RSS run)",
+                        args.rss_images,
+                        lambda: send(rss_node.port, [big.folder], rss_node.ae_title),
+                        results,
+                    )
+            finally:
+                rss_node.stop()
 
     print()
     p = args.parallel
     for fsync in modes:
         mode = _mode(fsync)
         node_one = ratios(results[f"1 assoc -> node{mode}"], results["1 assoc -> Orthanc"])
+        # Each round's best receiver_processes: what an administrator would configure.
         node_par = [
-            max(a, b)
-            for a, b in zip(
-                results[f"{p} assoc -> node (receiver_processes {p}){mode}"],
-                results[f"{p} assoc -> node (receiver_processes 1){mode}"],
+            max(each)
+            for each in zip(
+                *(
+                    results[f"{p} assoc -> node (receiver_processes {k}){mode}"]
+                    for k in processes_tried
+                ),
                 strict=True,
             )
         ]
@@ -418,7 +444,7 @@ def main() -> None:
     fork = statistics.median(results[f"{p} assoc -> storescp --fork"])
     for fsync in modes:
         mode = _mode(fsync)
-        nodes = [f"{p} assoc -> node (receiver_processes {k}){mode}" for k in (p, 1)]
+        nodes = [f"{p} assoc -> node (receiver_processes {k}){mode}" for k in processes_tried]
         most = CORES * 1000 / min(sum(cpu_medians(label)) for label in nodes)
         print(
             f"{p} associations{mode}: node / storescp --fork with every core busy "
@@ -428,9 +454,10 @@ def main() -> None:
         f"  (no target: {CORES} cores / (node + senders CPU per image) is the most images/s "
         "the node can take, over storescp --fork's measured images/s)"
     )
-    peak_mb = rss.peak / 1e6
-    print(f"node peak RSS (process tree) receiving {args.rss_images} images = {peak_mb:.0f} MB")
-    print("  (target < 300 MB)")
+    if rss is not None:
+        peak_mb = rss.peak / 1e6
+        print(f"node peak RSS (process tree) receiving {args.rss_images} images = {peak_mb:.0f} MB")
+        print("  (target < 300 MB)")
 
 
 def ratios(ours: list[float], theirs: list[float]) -> str:
@@ -440,6 +467,13 @@ def ratios(ours: list[float], theirs: list[float]) -> str:
         return f"{each[0]:.2f}"
     listed = " ".join(f"{r:.2f}" for r in each)
     return f"{statistics.median(each):.2f} median of {len(each)} rounds ({listed})"
+
+
+def _counts(value: str) -> list[int]:
+    counts = sorted({int(part) for part in value.split(",") if part.strip()})
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError("give receiver process counts of 1 or more, e.g. 1,2,4")
+    return counts
 
 
 def _synced(parallel: int) -> str:
