@@ -222,8 +222,8 @@ def store_seg(
                 and SEGMENTATION_STORAGE in accepted
             ):
                 send, sent_syntax, sent_class = fallback, fallback_syntax, SEGMENTATION_STORAGE
+                # Logged by the outbox with the delivery's id, in its outcome line.
                 note = f"{where} refuses SOP class {sop_class}; sent the BINARY SEG instead"
-                logger.info("%s", note)
             else:
                 raise DeliveryError(
                     f"{where} does not accept SOP class {sop_class} (nor a fallback)",
@@ -243,14 +243,15 @@ def store_seg(
                 f"{where} refused {sop_class} with 0x{code:04X} ({status_meaning(code)}); "
                 "sent the BINARY SEG instead"
             )
-            logger.info("%s", note)
             code, status = _c_store(
                 assoc, where, fallback, fallback_syntax, SEGMENTATION_STORAGE, accepted_syntaxes
             )
         if code != 0 and not (0xB000 <= code <= 0xBFFF):
             comment = str(status.get("ErrorComment", ""))
+            # After a fallback, say so: the refusal that led to it is part of the answer.
             raise DeliveryError(
-                f"{where} answered C-STORE with 0x{code:04X} ({status_meaning(code)}) "
+                (f"{note}; " if note else "")
+                + f"{where} answered C-STORE with 0x{code:04X} ({status_meaning(code)}) "
                 f"{comment}".strip()
             )
         if code:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import subprocess
@@ -405,6 +406,39 @@ def test_a_pacs_refusing_the_label_map_it_negotiated_gets_the_binary_fallback(
         server.shutdown()
     assert received == [str(dcmread(segs[1], stop_before_pixels=True).SOPInstanceUID)]
     assert f"with 0x{refusal:04X}" in note and "sent the BINARY SEG instead" in note
+
+
+def test_a_refused_binary_fallback_is_reported_with_the_refusal_that_led_to_it(
+    segs: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PACS refusing the Label Map SEG and then its BINARY fallback: the delivery's error
+    said only that the BINARY SEG was refused, as if the Label Map one was never tried, and
+    the fallback was logged on a line of its own without the delivery it belonged to."""
+    ae = AE(ae_title="PACS")
+    for uid in (SEGMENTATION_STORAGE, LABEL_MAP_SEG):
+        ae.add_supported_context(uid, DEFAULT_TS)
+
+    def on_store(event: evt.Event) -> int:
+        return 0x0122 if event.request.AffectedSOPClassUID == LABEL_MAP_SEG else 0xA700
+
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])  # fmt: skip
+    try:
+        peer = PeerSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+        with (
+            caplog.at_level(logging.INFO, logger="dicom_node.send"),
+            pytest.raises(DeliveryError) as e,
+        ):
+            store_seg(Settings(), peer, segs[0], segs[1])
+    finally:
+        server.shutdown()
+    message = str(e.value)
+    assert f"refused {LABEL_MAP_SEG} with 0x0122" in message
+    assert "sent the BINARY SEG instead" in message
+    assert message.endswith("answered C-STORE with 0xA700 (Refused: Out of Resources)")
+    # The outbox logs the outcome once, with the delivery's id; no untagged line here.
+    assert not [r for r in caplog.records if "BINARY SEG" in r.getMessage()]
 
 
 def test_a_pacs_that_never_answers_the_association_is_not_called_unreachable(
