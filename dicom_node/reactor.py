@@ -37,13 +37,14 @@ from io import BytesIO
 from typing import Any
 
 from pynetdicom import _config, evt
+from pynetdicom._globals import APPLICATION_CONTEXT_NAME
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler
@@ -577,15 +578,26 @@ def make_event_driven(assoc: Association) -> None:
 
 
 class _GuardedACSE(ACSE):
-    """An acceptor's ACSE: a request it cannot negotiate ends with an A-ABORT and a log line.
+    """An acceptor's ACSE: a request it cannot negotiate ends with an A-ABORT and a log line,
+    one for another application context than DICOM's with an A-ASSOCIATE-RJ.
 
     pynetdicom raises out of its negotiation for some malformed A-ASSOCIATE-RQs (a
     presentation context without a transfer syntax, or without an abstract syntax). The
     association's thread then ended: the requestor got no answer, and its connection and
-    network thread stayed until it hung up.
+    network thread stayed until it hung up. pynetdicom never looks at the application
+    context name: it accepted any (PS3.8 7.1.1.2 has the acceptor reject it).
     """
 
     def negotiate_association(self) -> None:
+        request = self.requestor.primitive
+        if request is not None and not is_dicom_application_context(request):
+            self.requestor.ae_title = request.calling_ae_title  # as pynetdicom's negotiation
+            # Permanent, service user, application context name not supported (PS3.8
+            # 9.3.4), as storescp answers; Receiver.on_rejected logs it.
+            self.send_reject(0x01, 0x01, 0x02)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
         try:
             super().negotiate_association()
         except Exception as exc:
@@ -598,6 +610,12 @@ class _GuardedACSE(ACSE):
             )
             self.send_abort(0x02)  # as the service provider: the request was invalid
             self.assoc.kill()
+
+
+def is_dicom_application_context(request: A_ASSOCIATE) -> bool:
+    """The request names the DICOM Application Context (a NUL or space padding tolerated)."""
+    name = str(request.application_context_name or "").rstrip("\0 ")
+    return name == APPLICATION_CONTEXT_NAME
 
 
 class EventDrivenRequestHandler(RequestHandler):

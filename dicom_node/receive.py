@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from pydicom import Dataset
+from pynetdicom._globals import APPLICATION_CONTEXT_NAME
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 
@@ -24,6 +25,7 @@ from dicom_node.health import is_own_check
 from dicom_node.index_outage import log_failure
 from dicom_node.instance_attributes import REQUIRED_UIDS, TAG, check_complete, instance_record
 from dicom_node.part10 import file_header
+from dicom_node.reactor import is_dicom_application_context
 from storage.committer import GroupCommitter
 from storage.database import Index
 from storage.filestore import FileStore
@@ -158,8 +160,14 @@ class Receiver:
         called = str(getattr(requestor.primitive, "called_ae_title", "")).strip()
         allowed = [str(t).strip() for t in ae.require_calling_aet]
         level = logging.WARNING
-        # pynetdicom does not hand the reason over; these are its checks, in its order.
-        if ae.require_called_aet and called != str(ae.ae_title).strip():
+        # pynetdicom does not hand the reason over; these are the node's check (made first,
+        # by dicom_node.reactor) and pynetdicom's, in their order.
+        if requestor.primitive is not None and not is_dicom_application_context(
+            requestor.primitive
+        ):
+            name = str(requestor.primitive.application_context_name or "")
+            why = f"application context name {name!r} is not DICOM's ({APPLICATION_CONTEXT_NAME})"
+        elif ae.require_called_aet and called != str(ae.ae_title).strip():
             why = f"called AE title {called!r} is not this node's ({str(ae.ae_title).strip()!r})"
         elif allowed and calling not in allowed:
             why = (

@@ -239,3 +239,46 @@ def test_stopping_the_node_does_not_wait_for_a_stalled_peer(
         for assoc in remaining:
             assoc.join(timeout=10)
         assert remaining and not any(assoc.is_alive() for assoc in remaining)
+
+
+def _with_application_context(request: bytes, name: bytes) -> bytes:
+    """The A-ASSOCIATE-RQ with ``name`` in its Application Context Item (PS3.8 9.3.2: the
+    first variable item, at byte 74)."""
+    item_type, _, length = struct.unpack_from(">BBH", request, 74)
+    assert item_type == 0x10
+    item = struct.pack(">BBH", 0x10, 0, len(name)) + name
+    changed = request[:74] + item + request[78 + length :]
+    return changed[:2] + struct.pack(">I", len(changed) - 6) + changed[6:]
+
+
+@pytest.mark.parametrize("name", [b"1.2.3.4", b""])
+def test_an_application_context_other_than_dicoms_is_rejected(
+    node: InProcessNode, caplog: pytest.LogCaptureFixture, name: bytes
+) -> None:
+    """PS3.8 7.1.1.2: the acceptor rejects an application context it does not support with
+    A-ASSOCIATE-RJ permanent, service user, reason 2 (as storescp does). The node accepted
+    any name, an empty one too."""
+    context = build_context(MR, [EXPLICIT])
+    context.context_id = 1
+    request = _with_application_context(association_request([context]), name)
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+        sock.sendall(request)
+        pdu_type, body = _read_pdu(sock)
+    assert (pdu_type, body[1:4]) == (0x03, bytes([0x01, 0x01, 0x02]))  # A-ASSOCIATE-RJ
+    rejected = [r for r in caplog.records if "association rejected" in r.getMessage()]
+    assert [r.levelname for r in rejected] == ["WARNING"]
+    message = rejected[0].getMessage()
+    assert "calling AE 'PEER' at 127.0.0.1:" in message
+    assert f"application context name '{name.decode()}' is not DICOM's" in message
+
+
+def test_the_dicom_application_context_padded_with_a_nul_is_accepted(node: InProcessNode) -> None:
+    context = build_context(MR, [EXPLICIT])
+    context.context_id = 1
+    request = association_request([context])
+    padded = _with_application_context(request, b"1.2.840.10008.3.1.1.1\0")
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+        sock.sendall(padded)
+        assert _read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
+        sock.sendall(struct.pack(">BBI", 0x05, 0, 4) + b"\0" * 4)
+        assert _answer(sock) == 0x06  # A-RELEASE-RP
