@@ -12,7 +12,7 @@ from dicom_node.config import Settings
 from dicom_node.periodic import Periodic
 from storage.database import Index
 from storage.filestore import FileStore
-from storage.retention import parse_duration, prune
+from storage.retention import finish_removals, parse_duration, prune
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,11 @@ class RetentionSweeper:
         )
 
     def sweep(self) -> None:
+        # First the removals left unfinished: by this process (a prune whose transaction
+        # failed), by a process gone since, or by a machine whose record is stale (one
+        # that never came back, a container restarted in a new PID namespace). Otherwise
+        # only a restart finished them, and `store check` listed them meanwhile.
+        finish_removals(self.index, self.store)
         result = prune(self.index, self.store, self.older_than)
         if result.series:
             logger.info(

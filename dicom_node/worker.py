@@ -8,8 +8,6 @@ and kills a job that outruns ``workers.job_timeout_s``.
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import logging
 import multiprocessing
 import os
@@ -21,7 +19,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import Synchronized
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Protocol
 
 import psutil
@@ -35,7 +33,7 @@ from dicom_node.logging_setup import configure_logging
 from dicom_node.value_warnings import summarised_value_warnings
 from inference.log_context import log_label
 from storage.database import Index, unavailable_reason
-from storage.filestore import FileStore
+from storage.filestore import FileStore, namespace_token
 from storage.instances import up_to_version
 from storage.models import Instance, Job, JobState, Series, SeriesVersion, utcnow
 from storage.queue import (
@@ -85,23 +83,6 @@ SAME_AGAIN: tuple[type[Exception], ...] = (
     NotImplementedError,
     AssertionError,
 )
-
-
-@functools.cache
-def namespace_token() -> str:
-    """What tells this process's PID namespace and boot from every other: containers with
-    one hostname (``docker --network host``, a ``hostname:`` set alike in compose) each
-    count their PIDs from 1, so ``host:pid`` alone named processes of two of them alike,
-    and one released the other's running jobs as those of a dead process. Empty where
-    /proc does not say (not Linux): identities are ``host:pid`` there, as before."""
-    parts: list[str] = []
-    with contextlib.suppress(OSError):
-        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
-    with contextlib.suppress(OSError):
-        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
-    if not parts:
-        return ""
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
 def worker_id(pid: int | None = None) -> str:

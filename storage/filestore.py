@@ -12,6 +12,7 @@ may lose the latest files, as with Orthanc and DCMTK's storescp.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -32,7 +33,9 @@ TMP_PREFIX = ".tmp-"
 # only what no running process will rename: a store shared by several machines (workers on
 # one index) or a receiver process replaced while the others write on.
 _HOST = re.sub(r"[^0-9A-Za-z.\-]", "-", socket.gethostname()) or "host"
-STALE_TMP_S = 3600.0  # a temporary this old is abandoned whoever wrote it: no write takes this
+# A temporary (or removal record) this old is abandoned whoever wrote it: no write (or
+# removal of one series) takes this long.
+STALE_TMP_S = 3600.0
 RESULTS_DIR = "results"  # <root>/results/<job id>/: the SEGs the node made
 # <root>/.removing/<id>.json: the files a prune or delete removes after its commit, until
 # they are gone. Left by a crash, it tells store check those files are not lost images.
@@ -187,9 +190,15 @@ class FileStore:
 
     def begin_removal(self, images: list[tuple[str, int]], results: list[str]) -> str:
         """Record, durably, the files about to be removed (images with their inodes, and
-        result files); returns the record's path, for ``end_removal`` once they are gone."""
+        result files); returns the record's path, for ``end_removal`` once they are gone.
+
+        The record names its owner, this process: another node starting on the shared store
+        meanwhile must leave it alone (``pending_removals(abandoned_only=True)``).
+        """
         record = f"{REMOVING_DIR}/{uuid.uuid4().hex}.json"
-        self.write_atomic(record, json.dumps({"images": images, "results": results}).encode())
+        owner = {"host": _HOST, "pid": os.getpid(), "namespace": namespace_token()}
+        content = {"owner": owner, "images": images, "results": results}
+        self.write_atomic(record, json.dumps(content).encode())
         return record
 
     def end_removal(self, record: str) -> None:
@@ -198,16 +207,34 @@ class FileStore:
         with contextlib.suppress(OSError):  # another removal's record is still there
             path.parent.rmdir()
 
-    def pending_removals(self) -> dict[str, tuple[list[tuple[str, int]], list[str]]]:
-        """Removals a crash interrupted: record -> (images with inodes, result files)."""
+    def pending_removals(
+        self, *, abandoned_only: bool = False
+    ) -> dict[str, tuple[list[tuple[str, int]], list[str]]]:
+        """Removals under way or that a crash interrupted: record -> (images with inodes,
+        result files).
+
+        ``abandoned_only``: only those whose owner no longer runs (as ``sweep_temporaries``
+        judges a temporary's writer), which another process may finish. A removal under way
+        in another process or on another machine sharing the store is its owner's to end:
+        finished before its delete committed, its files stayed (their rows still named them)
+        and its record went, so a crash of the owner after the commit left files that
+        neither a row nor a record named, taken for lost images by ``store check``.
+        """
         pending = {}
+        now = time.time()
+        booted = psutil.boot_time()
         for file in sorted((self.root / REMOVING_DIR).glob("*.json")):
             try:
                 data = json.loads(file.read_text())
                 images = [(str(path), int(inode)) for path, inode in data["images"]]
                 results = [str(path) for path in data["results"]]
+                written = file.stat().st_mtime
+            except FileNotFoundError:
+                continue  # ended meanwhile
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # unreadable: its files are then judged as any others
+            if abandoned_only and not _removal_abandoned(data.get("owner"), written, now, booted):
+                continue
             pending[f"{REMOVING_DIR}/{file.name}"] = (images, results)
         return pending
 
@@ -245,9 +272,7 @@ class FileStore:
                     written = tmp.stat().st_mtime
                 except FileNotFoundError:  # renamed into place meanwhile
                     continue
-                abandoned = now - written > STALE_TMP_S or (
-                    owner[0] == _HOST and (written < booted or not psutil.pid_exists(owner[1]))
-                )
+                abandoned = _writer_gone(*owner, written, now, booted)
             if abandoned:
                 tmp.unlink(missing_ok=True)
                 count += 1
@@ -267,6 +292,57 @@ def _remove_empty_folders(path: Path) -> None:
             parent.rmdir()
         except OSError:
             break
+
+
+@functools.cache
+def namespace_token() -> str:
+    """What tells this process's PID namespace and boot from every other: containers with
+    one hostname (``docker --network host``, a ``hostname:`` set alike in compose) each
+    count their PIDs from 1, so ``host:pid`` alone named processes of two of them alike
+    (a worker's identity, a removal record's owner). Empty where /proc does not say (not
+    Linux): identities are ``host:pid`` there."""
+    parts: list[str] = []
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12] if parts else ""
+
+
+def _writer_gone(
+    host: str,
+    pid: int,
+    written: float,
+    now: float,
+    booted: float,
+    namespace: str | None = None,
+) -> bool:
+    """Whether the process ``pid`` of ``host`` that wrote a file at ``written`` no longer
+    runs: the file is stale, or the process was of this machine and ran before its last
+    boot or has ended. ``namespace``: its PID namespace and boot, where known; a process of
+    another one (a container) may run on, unseen from here, until the file is stale."""
+    if now - written > STALE_TMP_S:
+        return True
+    if host != _HOST:
+        return False
+    if written < booted:
+        return True
+    return (namespace is None or namespace == namespace_token()) and not psutil.pid_exists(pid)
+
+
+def _removal_abandoned(owner: object, written: float, now: float, booted: float) -> bool:
+    """Whether a removal record's owner (``begin_removal``) no longer runs. As for a
+    temporary, this process's own count as abandoned: those are finished where none of its
+    removals is under way (at start, in a retention round). A record of an older version
+    (no owner) is taken as abandoned, as it was before."""
+    if not isinstance(owner, dict):
+        return True
+    host, pid, namespace = owner.get("host"), owner.get("pid"), owner.get("namespace")
+    if not (isinstance(host, str) and isinstance(pid, int) and isinstance(namespace, str)):
+        return True
+    if (host, pid, namespace) == (_HOST, os.getpid(), namespace_token()):
+        return True
+    return _writer_gone(host, pid, written, now, booted, namespace)
 
 
 def _tmp_owner(name: str) -> tuple[str, int] | None:

@@ -285,8 +285,11 @@ def _remove_files(store: FileStore, images: list[tuple[str, int]], results: list
 def finish_removals(index: Index, store: FileStore) -> int:
     """Finish the removals a crash interrupted (``FileStore.pending_removals``): the files
     no row names any more go; a record whose transaction never committed leaves its files
-    with their rows. Returns how many records were finished."""
-    pending = store.pending_removals()
+    with their rows. Returns how many records were finished.
+
+    Only records whose owner no longer runs: another node's removal under way on the
+    shared store is left to it (or taken once its record is stale)."""
+    pending = store.pending_removals(abandoned_only=True)
     for record, (images, results) in pending.items():
         with index.session() as session:
             named = set(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -82,6 +83,48 @@ def test_a_sweep_takes_only_temporaries_no_running_writer_will_rename(tmp_path: 
         # A replaced receiver process: only its own.
         assert store.sweep_temporaries(live.pid) == 1
         assert [p.name for p in _temporaries(store.root)] == [kept["other machine, young"]]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_only_removals_whose_owner_is_gone_are_for_others_to_finish(tmp_path: Path) -> None:
+    """A prune or `series delete` records the files it removes in .removing/. Another node
+    starting on the shared store (or a `store check --repair`) finished every record, also
+    one whose removal was still under way in a running process or on another machine."""
+    store = FileStore(tmp_path / "store")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "30"])
+
+    def record(what: str, stale: bool = False, **owner: object) -> str:
+        name = store.begin_removal([(f"1.2/1.2.3/{what}.dcm", 1)], [])
+        path = store.absolute(name)
+        content = json.loads(path.read_text())
+        content["owner"].update(owner)
+        if owner.get("host") == "none":
+            del content["owner"]
+        path.write_text(json.dumps(content))
+        if stale:
+            old = time.time() - STALE_TMP_S - 60
+            os.utime(path, (old, old))
+        return name
+
+    try:
+        gone = {
+            record("this process (before it removes anything)"),
+            record("crashed process of this machine", pid=dead.pid),
+            record("older version (no owner)", host="none"),
+            record("other machine, stale", stale=True, host="other-machine"),
+        }
+        kept = {
+            record("running process of this machine", pid=live.pid),
+            record("other machine, young", host="other-machine"),
+            # A container of the same hostname: its pid means nothing here.
+            record("another PID namespace", pid=dead.pid, namespace="0123456789ab"),
+        }
+        assert set(store.pending_removals()) == gone | kept  # store check lists them all
+        assert set(store.pending_removals(abandoned_only=True)) == gone
     finally:
         live.kill()
         live.wait()

@@ -11,6 +11,7 @@ import pytest
 from conftest import NodeFactory
 from peers import make_mr_series, storescu, wait_until
 from sqlalchemy import event, select, update
+from sqlalchemy.exc import OperationalError
 
 from dicom_node.errors import DicomNodeError
 from storage.consistency import check_store
@@ -269,6 +270,38 @@ def test_a_removal_record_whose_delete_never_committed_keeps_the_files(
         paths = session.scalars(select(Instance.path)).all()
     assert len(paths) == 2 and all(store.absolute(path).is_file() for path in paths)
     assert check_store(index, store, grace_s=0).consistent
+
+
+def test_a_retention_round_settles_a_removal_its_own_process_left(
+    index: Index, store: FileStore, tmp_path: Path
+) -> None:
+    """A prune whose transaction failed after it wrote its removal record (the index went
+    away mid-way) left the record: its files stay with their rows, but `store check` kept
+    listing an interrupted removal until the node restarted, and no other node may finish
+    a running node's record. The next retention round settles it."""
+    from dicom_node.config import Settings
+    from dicom_node.retention import RetentionSweeper
+
+    _receive(index, store, "1.2.3")
+    complete_due_series(index, 0.0, on_release=False)
+    _age(index, 48)
+
+    def index_gone(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("DELETE FROM instances"):
+            raise OperationalError(statement, {}, Exception("server closed the connection"))
+
+    event.listen(index.engine, "before_cursor_execute", index_gone)
+    assert prune(index, store, HOUR).series == []
+    event.remove(index.engine, "before_cursor_execute", index_gone)
+    assert len(check_store(index, store, grace_s=0).interrupted_removals) == 1
+    settings = Settings.model_validate(
+        {"storage": {"data_dir": str(tmp_path / "data"), "retention": "1h"}}
+    )
+    RetentionSweeper(settings, index, store).sweep()
+    report = check_store(index, store, grace_s=0)
+    assert report.interrupted_removals == [] and report.consistent
+    with index.session() as session:
+        assert session.scalars(select(Series.series_instance_uid)).all() == []
 
 
 def test_durations() -> None:
