@@ -28,7 +28,7 @@ from dicom_node.part10 import file_header
 from dicom_node.reactor import is_dicom_application_context
 from storage.committer import GroupCommitter
 from storage.database import Index
-from storage.filestore import FileStore
+from storage.filestore import FileStore, WrittenFile
 from storage.instances import InstanceRecord, Recorded, mark_association_released
 from storage.models import UID_LENGTH
 
@@ -133,7 +133,7 @@ class Receiver:
         with self._lock:
             return self._committing
 
-    def _commit(self, record: InstanceRecord, file_done: Future[None]) -> Recorded:
+    def _commit(self, record: InstanceRecord, file_done: Future[WrittenFile]) -> Recorded:
         with self._lock:
             self._committing += 1
         try:
@@ -378,18 +378,18 @@ class Receiver:
         # thread writes and syncs the file (system calls: they let go of it); the COMMIT
         # waits for the file. This way round the file starts at once; a thread woken to write
         # it waited ~0.4 ms for the interpreter while the statements ran.
-        file_done: Future[None] = Future()
+        file_done: Future[WrittenFile] = Future()
         try:
             committing = self._index_threads.submit(self._commit, record, file_done)
         except RuntimeError as exc:  # the interpreter is exiting: no thread takes it
             raise StorageError("the node is shutting down") from exc
         try:
             try:
-                self.store.write_atomic(relative, header, raw)
+                written = WrittenFile.of(self.store.write_atomic(relative, header, raw))
             except BaseException as exc:
                 file_done.set_exception(exc)  # the index thread rolls the row back
                 raise
-            file_done.set_result(None)
+            file_done.set_result(written)
             recorded = self._wait_for_index(committing)
         except IndexNotAnswering:
             # Its transaction may still commit, naming the file: the file stays. If none

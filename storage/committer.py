@@ -20,6 +20,7 @@ from typing import Any
 
 from dicom_node.errors import StorageError
 from storage.database import Index
+from storage.filestore import WrittenFile
 from storage.instances import InstanceRecord, InstanceWriter, Recorded
 
 logger = logging.getLogger(__name__)
@@ -103,4 +104,8 @@ def _wait_ready(batch: list[_Pending]) -> None:
     """Block until every file in ``batch`` is durable; raise the first failure."""
     for pending in batch:
         if pending.ready is not None:
-            pending.ready.result()
+            written = pending.ready.result()
+            if isinstance(written, WrittenFile):
+                # Checked after the statements, which waited for a removal's locks on the
+                # series: a removal takes its images aside before it commits.
+                written.check_still_there()

@@ -18,7 +18,7 @@ from pathlib import Path
 from sqlalchemy import case, delete, select, update
 
 from storage.database import Index
-from storage.filestore import REMOVING_DIR, RESULTS_DIR, TMP_PREFIX, FileStore
+from storage.filestore import REMOVING_DIR, RESULTS_DIR, TMP_PREFIX, FileStore, aside_path
 from storage.models import Instance, Job, JobState, Series, SeriesState, SeriesVersion, utcnow
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def check_store(index: Index, store: FileStore, grace_s: float = 60.0) -> StoreR
     for record, (images, results) in store.pending_removals().items():
         report.interrupted_removals.append(record)
         removing.update(path for path, _ in images)
+        removing.update(aside_path(record, path) for path, _ in images)
         removing.update(results)
     with index.session() as session:
         indexed = {

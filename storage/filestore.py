@@ -22,7 +22,8 @@ import socket
 import time
 import uuid
 from collections.abc import Iterable
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 import psutil
 
@@ -40,6 +41,9 @@ RESULTS_DIR = "results"  # <root>/results/<job id>/: the SEGs the node made
 # <root>/.removing/<id>.json: the files a prune or delete removes after its commit, until
 # they are gone. Left by a crash, it tells store check those files are not lost images.
 REMOVING_DIR = ".removing"
+# <folder>/.removing-<record id>-<name>: an image a removal took from its path before its
+# commit (``take_aside``), until the commit (then it goes) or a rollback (then it is back).
+ASIDE_PREFIX = ".removing-"
 _UID_SAFE = re.compile(r"[^0-9A-Za-z.\-]")
 # Used as they are: at most 64 safe characters, no '_' (a digest name has one).
 _UID_PLAIN = re.compile(r"[0-9A-Za-z\-]([0-9A-Za-z.\-]{0,62}[0-9A-Za-z\-])?")
@@ -201,6 +205,32 @@ class FileStore:
         self.write_atomic(record, json.dumps(content).encode())
         return record
 
+    def take_aside(self, record: str, images: Iterable[str]) -> None:
+        """Move a removal's images from their paths (to ``aside_path``) before it commits.
+
+        A copy of one sent again meanwhile (its row waits for the removal's locks) is
+        taken too, and its receiver, finding its file gone before its own commit, refuses
+        it (``WrittenFile.still_there``). Removed after the commit, by the inode read
+        before it, that copy went although its row committed and it was acknowledged.
+        """
+        for relative in images:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.root / relative, self.root / aside_path(record, relative))
+
+    def settle_aside(self, record: str, relative: str, *, named: bool) -> bool:
+        """End an image ``take_aside`` moved: back at its path when a row still names it
+        (the removal did not commit) and no newer copy took the path, else removed.
+        Returns whether there was one."""
+        aside = aside_path(record, relative)
+        if not (self.root / aside).exists():
+            return False
+        if named:
+            with contextlib.suppress(FileExistsError):  # a newer copy is there: it stays
+                os.link(self.root / aside, self.root / relative)
+                self.sync_folders([(self.root / relative).parent])
+        self.remove(aside)
+        return True
+
     def end_removal(self, record: str) -> None:
         path = self.root / record
         path.unlink(missing_ok=True)
@@ -283,6 +313,49 @@ def temporary_name(pid: int | None = None, host: str | None = None) -> str:
     """A fresh temporary's name, owned by ``pid`` on ``host`` (default: this process)."""
     owner = f"{host or _HOST}~{os.getpid() if pid is None else pid}"
     return f"{TMP_PREFIX}{owner}~{uuid.uuid4().hex}"
+
+
+def aside_path(record: str, relative: str) -> str:
+    """Where the removal ``record`` keeps the image at ``relative`` until it commits."""
+    folder, _, name = relative.rpartition("/")
+    aside = f"{ASIDE_PREFIX}{PurePosixPath(record).stem}-{name}"
+    return f"{folder}/{aside}" if folder else aside
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """A file a receiver wrote and renamed into place, and its inode."""
+
+    path: Path
+    inode: int
+
+    @classmethod
+    def of(cls, path: Path) -> WrittenFile:
+        try:
+            return cls(path, path.stat().st_ino)
+        except FileNotFoundError:
+            raise TakenByRemoval(path) from None
+
+    def check_still_there(self) -> None:
+        """Raise TakenByRemoval unless the file is still at its path: a removal of its
+        series (``FileStore.take_aside``) may have taken it since."""
+        try:
+            there = self.path.stat().st_ino == self.inode
+        except FileNotFoundError:
+            there = False
+        if not there:
+            raise TakenByRemoval(self.path)
+
+
+class TakenByRemoval(StorageError):
+    """A received image's file was taken by a removal of its series before its row
+    committed: the image is not stored (the sender is told to send it again)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"{path.name} was taken by a removal of its series (a prune or series delete) "
+            "as it was stored: not stored, send it again"
+        )
 
 
 def _remove_empty_folders(path: Path) -> None:

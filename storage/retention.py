@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from dicom_node.errors import DicomNodeError
 from storage.database import Index, rolled_back_for_a_conflict
-from storage.filestore import FileStore
+from storage.filestore import FileStore, aside_path
 from storage.models import (
     Delivery,
     DeliveryState,
@@ -162,124 +162,168 @@ def _remove_series(
 
     With ``cutoff``, every version must have completed before it.
     """
-    with contextlib.ExitStack() as stack:
-        if not dry_run:
-            stack.enter_context(index.writer_turn())  # receivers queue behind it, briefly
-        session = stack.enter_context(index.session())
-        stack.enter_context(session.begin())
-        if not dry_run:
-            # Lock first, then check: the checks below must hold until the deletes commit.
-            # SQLite reads outside a write transaction until the first write, and
-            # PostgreSQL's reads lock nothing: an image (or a delivery retried) committed
-            # in between was deleted with the series, acknowledged or not. The no-op
-            # UPDATE takes SQLite's write lock; FOR UPDATE holds off PostgreSQL's inserts
-            # that reference the series row.
-            session.execute(select(Series.id).where(Series.id == series_pk).with_for_update())
-            session.execute(
-                update(Series)
-                .where(Series.id == series_pk)
-                .values(series_instance_uid=Series.series_instance_uid)
-            )
-        series = session.get(Series, series_pk)
-        if series is None:
-            return "it is not in the index"
-        versions = session.scalars(
-            select(SeriesVersion).where(SeriesVersion.series_pk == series.id)
-        ).all()
-        receiving = [v.version for v in versions if v.state != SeriesState.COMPLETE]
-        if receiving:
-            return (
-                f"version {receiving[0]} is still receiving: wait until it completes "
-                "(completion.quiet_period_s)"
-            )
-        if cutoff is not None and any(
-            v.completed_at is None or v.completed_at > cutoff for v in versions
-        ):
-            return "it completed after the cut-off"
-        version_ids = [v.id for v in versions]
-        busy_job = session.execute(
-            select(Job.id, Job.state).where(
-                Job.series_version_pk.in_(version_ids), Job.state.in_(_UNFINISHED_JOBS)
-            )
-        ).first()
-        if busy_job is not None:
-            return (
-                f"job {busy_job.id} is {busy_job.state.value}: wait for it, "
-                f"or `dicom-node jobs cancel {busy_job.id}`"
-            )
-        job_ids = session.scalars(
-            select(Job.id).where(Job.series_version_pk.in_(version_ids))
-        ).all()
-        busy_delivery = session.execute(
-            select(Delivery.id, Delivery.state).where(
-                Delivery.job_pk.in_(job_ids), Delivery.state.in_(_UNFINISHED_DELIVERIES)
-            )
-        ).first()
-        if busy_delivery is not None:
-            cancel = (
-                f", or `dicom-node deliveries cancel {busy_delivery.id}`"
-                if busy_delivery.state == DeliveryState.PENDING
-                else ""
-            )
-            return (
-                f"delivery {busy_delivery.id} is {busy_delivery.state.value}: wait until it "
-                f"is delivered or dead{cancel}"
-            )
-        instances = session.scalars(select(Instance).where(Instance.series_pk == series.id)).all()
-        uid = series.series_instance_uid
-        size = sum(i.size_bytes for i in instances)
-        if dry_run:
-            return uid, len(instances), size
-        # Which file each row names now: one written at the same path after the commit
-        # (the image sent again) is another file, and stays.
-        images = [(i.path, inode) for i in instances if (inode := store.inode(i.path)) is not None]
-        results: list[str] = []
-        for job_id in job_ids:  # the SEG (Job.seg_path) and a BINARY fallback beside it
-            results += store.job_results(job_id)
-        # Before the commit: a crash between it and the last file's removal leaves files
-        # that no row names; this record keeps `store check --repair` from indexing them
-        # again (a deleted wrong-patient series back as a complete one).
-        record = store.begin_removal(images, results)
-        session.execute(delete(Delivery).where(Delivery.job_pk.in_(job_ids)))
-        session.execute(delete(Job).where(Job.id.in_(job_ids)))
-        session.execute(delete(Instance).where(Instance.series_pk == series.id))
-        session.execute(delete(SeriesVersion).where(SeriesVersion.series_pk == series.id))
-        study_pk = series.study_pk
-        # The study's row locked before its series are counted, and the patient's before
-        # its studies are (always series, study, patient: no deadlock between removals).
-        # On PostgreSQL (READ COMMITTED) two removals of the last two series of a study
-        # each counted the other's series, deleted but not yet committed, and neither
-        # removed the study or its patient. Locked, the second counts after the first
-        # committed. (SQLite: writer_turn and its write lock serialise removals already.)
-        session.execute(select(Study.id).where(Study.id == study_pk).with_for_update())
-        session.delete(series)
-        session.flush()
-        if not session.scalar(select(func.count(Series.id)).where(Series.study_pk == study_pk)):
-            study = session.get(Study, study_pk)
-            if study is not None:
-                patient_pk = study.patient_pk
+    # A removal that took its images aside and then failed (its commit too) puts them
+    # back at once, by what the index then holds; a crash leaves that to finish_removals.
+    taken: list[tuple[str, list[tuple[str, int]], list[str]]] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            if not dry_run:
+                stack.enter_context(index.writer_turn())  # receivers queue behind it, briefly
+            session = stack.enter_context(index.session())
+            stack.enter_context(session.begin())
+            if not dry_run:
+                # Lock first, then check: the checks below must hold until the deletes commit.
+                # SQLite reads outside a write transaction until the first write, and
+                # PostgreSQL's reads lock nothing: an image (or a delivery retried) committed
+                # in between was deleted with the series, acknowledged or not. The no-op
+                # UPDATE takes SQLite's write lock; FOR UPDATE holds off PostgreSQL's inserts
+                # that reference the series row.
+                session.execute(select(Series.id).where(Series.id == series_pk).with_for_update())
                 session.execute(
-                    select(Patient.id).where(Patient.id == patient_pk).with_for_update()
+                    update(Series)
+                    .where(Series.id == series_pk)
+                    .values(series_instance_uid=Series.series_instance_uid)
                 )
-                session.delete(study)
-                session.flush()
-                if not session.scalar(
-                    select(func.count(Study.id)).where(Study.patient_pk == patient_pk)
-                ):
-                    patient = session.get(Patient, patient_pk)
-                    if patient is not None:
-                        session.delete(patient)
-    _remove_files(store, images, results)
+            series = session.get(Series, series_pk)
+            if series is None:
+                return "it is not in the index"
+            versions = session.scalars(
+                select(SeriesVersion).where(SeriesVersion.series_pk == series.id)
+            ).all()
+            receiving = [v.version for v in versions if v.state != SeriesState.COMPLETE]
+            if receiving:
+                return (
+                    f"version {receiving[0]} is still receiving: wait until it completes "
+                    "(completion.quiet_period_s)"
+                )
+            if cutoff is not None and any(
+                v.completed_at is None or v.completed_at > cutoff for v in versions
+            ):
+                return "it completed after the cut-off"
+            version_ids = [v.id for v in versions]
+            busy_job = session.execute(
+                select(Job.id, Job.state).where(
+                    Job.series_version_pk.in_(version_ids), Job.state.in_(_UNFINISHED_JOBS)
+                )
+            ).first()
+            if busy_job is not None:
+                return (
+                    f"job {busy_job.id} is {busy_job.state.value}: wait for it, "
+                    f"or `dicom-node jobs cancel {busy_job.id}`"
+                )
+            job_ids = session.scalars(
+                select(Job.id).where(Job.series_version_pk.in_(version_ids))
+            ).all()
+            busy_delivery = session.execute(
+                select(Delivery.id, Delivery.state).where(
+                    Delivery.job_pk.in_(job_ids), Delivery.state.in_(_UNFINISHED_DELIVERIES)
+                )
+            ).first()
+            if busy_delivery is not None:
+                cancel = (
+                    f", or `dicom-node deliveries cancel {busy_delivery.id}`"
+                    if busy_delivery.state == DeliveryState.PENDING
+                    else ""
+                )
+                return (
+                    f"delivery {busy_delivery.id} is {busy_delivery.state.value}: wait until it "
+                    f"is delivered or dead{cancel}"
+                )
+            instances = session.scalars(
+                select(Instance).where(Instance.series_pk == series.id)
+            ).all()
+            uid = series.series_instance_uid
+            size = sum(i.size_bytes for i in instances)
+            if dry_run:
+                return uid, len(instances), size
+            # Which file each row names now: one written at the same path after the commit
+            # (the image sent again) is another file, and stays.
+            images = [
+                (i.path, inode) for i in instances if (inode := store.inode(i.path)) is not None
+            ]
+            results: list[str] = []
+            for job_id in job_ids:  # the SEG (Job.seg_path) and a BINARY fallback beside it
+                results += store.job_results(job_id)
+            # Before the commit: a crash between it and the last file's removal leaves files
+            # that no row names; this record keeps `store check --repair` from indexing them
+            # again (a deleted wrong-patient series back as a complete one).
+            record = store.begin_removal(images, results)
+            taken.append((record, images, results))
+            store.take_aside(record, [path for path, _ in images])
+            session.execute(delete(Delivery).where(Delivery.job_pk.in_(job_ids)))
+            session.execute(delete(Job).where(Job.id.in_(job_ids)))
+            session.execute(delete(Instance).where(Instance.series_pk == series.id))
+            session.execute(delete(SeriesVersion).where(SeriesVersion.series_pk == series.id))
+            study_pk = series.study_pk
+            # The study's row locked before its series are counted, and the patient's before
+            # its studies are (always series, study, patient: no deadlock between removals).
+            # On PostgreSQL (READ COMMITTED) two removals of the last two series of a study
+            # each counted the other's series, deleted but not yet committed, and neither
+            # removed the study or its patient. Locked, the second counts after the first
+            # committed. (SQLite: writer_turn and its write lock serialise removals already.)
+            session.execute(select(Study.id).where(Study.id == study_pk).with_for_update())
+            session.delete(series)
+            session.flush()
+            if not session.scalar(select(func.count(Series.id)).where(Series.study_pk == study_pk)):
+                study = session.get(Study, study_pk)
+                if study is not None:
+                    patient_pk = study.patient_pk
+                    session.execute(
+                        select(Patient.id).where(Patient.id == patient_pk).with_for_update()
+                    )
+                    session.delete(study)
+                    session.flush()
+                    if not session.scalar(
+                        select(func.count(Study.id)).where(Study.patient_pk == patient_pk)
+                    ):
+                        patient = session.get(Patient, patient_pk)
+                        if patient is not None:
+                            session.delete(patient)
+    except BaseException:
+        for record, images, results in taken:
+            try:
+                _settle(index, store, record, images, results)
+            except Exception as exc:  # the index is down: the next start settles it
+                logger.error("could not settle removal %s after a failure: %s", record, exc)
+        raise
+    _remove_files(store, record, images, results)
     store.end_removal(record)
     logger.info("%s series %s: %d instances", verb, uid, len(instances))
     return uid, len(instances), size
 
 
-def _remove_files(store: FileStore, images: list[tuple[str, int]], results: list[str]) -> None:
-    for path, inode in images:
-        store.remove_unchanged(path, inode)
+def _remove_files(
+    store: FileStore, record: str, images: list[tuple[str, int]], results: list[str]
+) -> None:
+    """After the commit: the images taken aside, and the results."""
+    for path, _ in images:
+        store.remove(aside_path(record, path))
     for path in results:
         store.remove(path)
+
+
+def _settle(
+    index: Index,
+    store: FileStore,
+    record: str,
+    images: list[tuple[str, int]],
+    results: list[str],
+) -> None:
+    """End a removal that did not end itself, by what the index holds: an image a row
+    still names stays (or is put back), one no row names goes; so do results of no job."""
+    with index.session() as session:
+        named = set(
+            session.scalars(select(Instance.path).where(Instance.path.in_([p for p, _ in images])))
+        )
+        jobs = set(session.scalars(select(Job.id)))
+    for path, inode in images:
+        if not store.settle_aside(record, path, named=path in named) and path not in named:
+            # A record from before images were taken aside: the file that was there.
+            store.remove_unchanged(path, inode)
+    for path in results:
+        if not _of_job(path, jobs):
+            store.remove(path)
+    store.end_removal(record)
 
 
 def finish_removals(index: Index, store: FileStore) -> int:
@@ -291,19 +335,7 @@ def finish_removals(index: Index, store: FileStore) -> int:
     shared store is left to it (or taken once its record is stale)."""
     pending = store.pending_removals(abandoned_only=True)
     for record, (images, results) in pending.items():
-        with index.session() as session:
-            named = set(
-                session.scalars(
-                    select(Instance.path).where(Instance.path.in_([p for p, _ in images]))
-                )
-            )
-            jobs = set(session.scalars(select(Job.id)))
-        _remove_files(
-            store,
-            [(path, inode) for path, inode in images if path not in named],
-            [path for path in results if not _of_job(path, jobs)],
-        )
-        store.end_removal(record)
+        _settle(index, store, record, images, results)
         logger.info("finished an interrupted removal (%s)", record)
     return len(pending)
 

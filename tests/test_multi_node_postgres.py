@@ -425,22 +425,18 @@ def test_a_starting_node_leaves_another_nodes_removal_in_progress_alone(
     index.dispose()
 
 
-@pytest.mark.peers
-@pytest.mark.xfail(
-    strict=True,
-    reason="known hole: the removal takes the inode of a copy whose row commits after its "
-    "own commit; closing it needs the removal to take its files aside before it commits "
-    "and the receiver to check, before its own commit, that its file is still there",
-)
-def test_an_image_sent_again_while_its_series_is_removed_keeps_its_file(
-    fresh_db: str, tmp_path: Path
-) -> None:
-    """Node A removes a series (a retention round, `series delete`); node B receives one of
-    its images again at that moment. B's file is renamed into place while B's row waits for
-    A's lock on the series; A takes that file's inode as the one to remove, commits, and
-    removes it; B's row commits after (the series made anew) and B acknowledges an image
-    whose file is gone."""
-    from storage.instances import InstanceWriter
+def _removal_racing_a_store(
+    fresh_db: str, tmp_path: Path, copy_written_when: str
+) -> tuple[list[Any], FileStore, str, Index]:
+    """Node A removes series 1.2.3 (a retention round, `series delete`); node B receives
+    its image 0 again at that moment, through the receiver's group committer: its file is
+    renamed into place, then its row waits for A's lock on the series.
+    ``copy_written_when``: ``"before A takes its files"`` or ``"after"``. Returns B's
+    outcome (Recorded or the exception), the store, the image's path and an index."""
+    from concurrent.futures import Future
+
+    from storage.committer import GroupCommitter
+    from storage.filestore import WrittenFile
 
     a, b = Index(fresh_db), Index(fresh_db, migrate=False)
     store = FileStore(tmp_path / "store", 0, fsync=False)
@@ -448,35 +444,83 @@ def test_an_image_sent_again_while_its_series_is_removed_keeps_its_file(
     store.write_atomic(path, b"OLD!")
     record_instance(a, _record("1.2.3", 0, path=path, size_bytes=4))
     complete_due_series(a, 0.0, on_release=False)
-    locked, go = threading.Event(), threading.Event()
+    paused, go = threading.Event(), threading.Event()
+    take_aside = store.take_aside
 
-    @event.listens_for(a.engine, "after_cursor_execute")
-    def _pause(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        # A holds the series row, before it reads the files' inodes.
-        if "FOR UPDATE" in statement and "FROM series" in statement and not locked.is_set():
-            locked.set()
-            go.wait(30)
+    def pause_before(*args: Any) -> None:
+        paused.set()
+        go.wait(30)
+        take_aside(*args)
 
+    def pause_after(*args: Any) -> None:
+        take_aside(*args)
+        paused.set()
+        go.wait(30)
+
+    store.take_aside = pause_before if copy_written_when == "before" else pause_after  # type: ignore[method-assign]
     removal = threading.Thread(target=lambda: delete_series(a, store, "1.2.3"))
     removal.start()
-    assert locked.wait(30)
-    store.write_atomic(path, b"NEW!")  # B's copy, written while its row waits
-    stored: list[Any] = []
-    receiving = threading.Thread(
-        target=lambda: stored.append(
-            InstanceWriter(b).record([_record("1.2.3", 0, path=path, size_bytes=4)])
-        )
-    )
+    assert paused.wait(30)
+    file_done: Future[WrittenFile] = Future()
+    file_done.set_result(WrittenFile.of(store.write_atomic(path, b"NEW!")))  # B's copy
+    outcome: list[Any] = []
+
+    def receive() -> None:
+        try:
+            outcome.append(
+                GroupCommitter(b).commit(_record("1.2.3", 0, path=path, size_bytes=4), file_done)
+            )
+        except Exception as exc:
+            outcome.append(exc)
+
+    receiving = threading.Thread(target=receive)
     receiving.start()
     _wait_for(lambda: _waiting_for_a_lock(fresh_db), "B's row to wait for A's lock")
     go.set()
     removal.join(30)
     receiving.join(30)
+    a.dispose()
+    return outcome, store, path, b
+
+
+@pytest.mark.peers
+def test_an_image_sent_again_as_its_series_is_removed_is_refused_not_lost(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    """B's copy was renamed into place before A read its files: A took the inode of B's
+    copy as the one to remove, committed, removed it, and B's row committed after (the
+    series made anew): B acknowledged an image whose file was gone. Now A takes its files
+    aside before it commits, and B, finding its file gone before its own commit, refuses
+    the image (0xA700: the sender sends it again)."""
+    from storage.consistency import check_store
+    from storage.filestore import TakenByRemoval
+
+    outcome, store, path, b = _removal_racing_a_store(fresh_db, tmp_path, "before")
     try:
-        assert stored, "B's store failed"  # else B acknowledges the image
+        assert len(outcome) == 1 and isinstance(outcome[0], TakenByRemoval), outcome
+        with b.engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM instances")).scalar() == 0
+        assert not store.absolute(path).exists()
+        assert check_store(b, store, grace_s=0).consistent
+        record_instance(b, _record("1.2.3", 0, path=path, size_bytes=4))  # sent again
+    finally:
+        b.dispose()
+
+
+@pytest.mark.peers
+def test_an_image_sent_again_after_its_series_files_are_taken_is_stored(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    """B's copy renamed into place after A took the series' files aside, before A's commit:
+    B's row commits after A's (the series made anew) and names B's copy, which stays."""
+    from storage.consistency import check_store
+
+    outcome, store, path, b = _removal_racing_a_store(fresh_db, tmp_path, "after")
+    try:
+        assert len(outcome) == 1 and not isinstance(outcome[0], Exception), outcome
         with b.engine.connect() as conn:
             assert conn.execute(text("SELECT path FROM instances")).scalars().all() == [path]
         assert store.absolute(path).read_bytes() == b"NEW!", "an acknowledged image is gone"
+        assert check_store(b, store, grace_s=0).consistent
     finally:
-        a.dispose()
         b.dispose()

@@ -286,8 +286,14 @@ def test_a_retention_round_settles_a_removal_its_own_process_left(
     complete_due_series(index, 0.0, on_release=False)
     _age(index, 48)
 
+    gone: list[str] = []
+
     def index_gone(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.startswith("DELETE FROM instances"):
+        # From the delete on, the index is gone: the prune cannot settle its record itself.
+        if statement.startswith("DELETE FROM instances") or (
+            gone and statement.startswith("SELECT instances.path")
+        ):
+            gone.append(statement)
             raise OperationalError(statement, {}, Exception("server closed the connection"))
 
     event.listen(index.engine, "before_cursor_execute", index_gone)
@@ -429,3 +435,49 @@ def test_series_delete_and_jobs_cancel_from_the_command_line(
     assert f"deleted series {uid}: 3 instances" in deleted.stderr  # the log line, for the audit
     assert node.stored_files() == [] and node.instance_rows() == []
     assert node.cli_json("jobs", "list") == [] and node.series_json() == []
+
+
+def test_a_removal_failing_after_taking_its_images_aside_puts_them_back(
+    index: Index, store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal takes its images from their paths before it commits; one that fails after
+    that (its commit too) must put them back at once, not leave acknowledged images
+    under names no row knows until the next start."""
+    _receive(index, store, "1.2.3", n=3)
+    complete_due_series(index, 0.0, on_release=False)
+    take_aside = store.take_aside
+
+    def then_fail(*args: Any) -> None:
+        take_aside(*args)
+        raise RuntimeError("the index went away")
+
+    monkeypatch.setattr(store, "take_aside", then_fail)
+    with pytest.raises(RuntimeError):
+        delete_series(index, store, "1.2.3")
+    with index.session() as session:
+        paths = session.scalars(select(Instance.path)).all()
+    assert len(paths) == 3 and all(store.absolute(path).is_file() for path in paths)
+    assert store.pending_removals() == {}
+    assert check_store(index, store, grace_s=0).consistent
+
+
+def test_a_crash_after_taking_images_aside_is_undone_at_the_next_start(
+    index: Index, store: FileStore
+) -> None:
+    """Killed between taking its images aside and its commit: the rows still name the
+    images, so finishing the record (a start, `store check --repair`) puts them back;
+    `store check` meanwhile does not take them for lost images."""
+    from storage.retention import finish_removals
+
+    _receive(index, store, "1.2.3", n=2)
+    with index.session() as session:
+        paths = session.scalars(select(Instance.path)).all()
+    images = [(path, store.inode(path) or 0) for path in paths]
+    record = store.begin_removal(images, [])
+    store.take_aside(record, paths)  # and the process dies here
+    assert not any(store.absolute(path).exists() for path in paths)
+    report = check_store(index, store, grace_s=0)
+    assert report.unreferenced_images == [] and report.interrupted_removals == [record]
+    assert finish_removals(index, store) == 1
+    assert all(store.absolute(path).is_file() for path in paths)
+    assert check_store(index, store, grace_s=0).consistent
