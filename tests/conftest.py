@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from inprocess import InProcessNode, inprocess_node
+from inprocess import InProcessNode, inprocess_node, logging_kept
 from peers import SHARED_DATA, NodeProcess, Orthanc, PeerUnavailable
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
@@ -35,6 +35,18 @@ def scu_responses_kept() -> Iterator[None]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(AE, "associate", associate)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def logging_restored() -> Iterator[None]:
+    """A CLI command run in this process (typer's ``CliRunner``, in test_models and
+    test_model_install_fixes) configures logging as the node does: the root logger's handlers
+    replaced by one on the runner's stderr, which the runner closes when the command ends,
+    and the root at INFO. Left so for the rest of the run, every later record reaching the
+    root (an association thread's end, between two tests) was a "--- Logging error ---"
+    (ValueError: I/O operation on closed file) in the suite's output."""
+    with logging_kept(capture_handlers=False):
         yield
 
 

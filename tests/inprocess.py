@@ -6,8 +6,10 @@ For tests that inject failures or look at pynetdicom's objects: a node in a subp
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,11 +17,13 @@ from io import BytesIO
 from pathlib import Path
 
 import numpy as np
-from peers import free_port
+from _pytest.logging import LogCaptureHandler
+from peers import free_port, wait_until
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
@@ -187,3 +191,45 @@ def acceptor_threads(node: InProcessNode) -> list[threading.Thread]:
         and assoc.ae is ae
         and thread.is_alive()
     ]
+
+
+def associations_ended(node: InProcessNode) -> None:
+    """Wait until the node's association threads have ended: they log the association's end
+    (released, aborted) after the peer has its answer, and a test that ends first leaves
+    that line to be written after its log capture closed."""
+    wait_until(
+        lambda: not acceptor_threads(node), timeout_s=10, what="the node's associations to end"
+    )
+
+
+@contextmanager
+def logging_kept(*, capture_handlers: bool = True) -> Iterator[None]:
+    """Logging as it was before the block, whatever ``configure_logging`` (a CLI command run
+    in this process) changed in it: the root logger's handlers, every logger's level,
+    pynetdicom's log handler level and the capture of warnings.
+
+    ``capture_handlers=False`` for a block that spans a test's phases (a fixture): pytest's
+    capture handlers of the phase it began in are gone when it ends, and put back they
+    would stay on the root for the rest of the run."""
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    loggers = [root, *root.manager.loggerDict.values()]
+    levels = {logger: logger.level for logger in loggers if isinstance(logger, logging.Logger)}
+    handler_level = pynetdicom_config.LOG_HANDLER_LEVEL
+    showwarning = warnings.showwarning
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:  # pytest's own, which configure_logging removed
+            if capture_handlers or not isinstance(handler, LogCaptureHandler):
+                root.addHandler(handler)  # (a no-op for one still there)
+        for logger, level in levels.items():
+            if logger.level != level:
+                logger.setLevel(level)  # (and clears the loggers' cached levels)
+        pynetdicom_config.LOG_HANDLER_LEVEL = handler_level
+        if warnings.showwarning is not showwarning:
+            logging.captureWarnings(False)

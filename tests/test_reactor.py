@@ -17,6 +17,7 @@ from inprocess import (
     InProcessNode,
     acceptor_threads,
     association_request,
+    associations_ended,
     minimal_mr_dataset,
     mr_store_association,
 )
@@ -150,6 +151,7 @@ def test_store_success_answered_by_the_direct_encoder(
         del ds.SeriesInstanceUID  # refused: answered by pynetdicom's encoder, status intact
         assert assoc.send_c_store(ds).Status == 0xA900
     assert used == [1]
+    associations_ended(scp_in_process)
 
 
 def test_the_acceptor_runs_its_own_loop_and_never_sleeps_between_pdus(
@@ -270,6 +272,7 @@ def test_acceptor_reads_with_the_large_reader(scp_in_process: InProcessNode) -> 
         assert assoc.send_c_echo().Status == 0x0000
     finally:
         assoc.release()
+    associations_ended(scp_in_process)
 
 
 def _request_without_transfer_syntax() -> bytes:
@@ -299,6 +302,7 @@ def test_a_request_pynetdicom_cannot_negotiate_gets_an_a_abort(
     again = _scu().associate("127.0.0.1", scp_in_process.port, ae_title="DICOMNODE")
     assert again.is_established  # the node keeps serving
     again.release()
+    associations_ended(scp_in_process)
 
 
 def test_a_connection_that_ends_before_its_request_leaves_no_thread(

@@ -31,13 +31,12 @@ import pytest
 from inprocess import (
     MR_IMAGE_STORAGE,
     InProcessNode,
-    acceptor_threads,
     association_request,
+    associations_ended,
     echo_command_set,
     mr_image,
     store_command_set,
 )
-from peers import wait_until
 from pydicom import Dataset
 from pynetdicom import AE
 from pynetdicom.dsutils import decode, encode
@@ -291,11 +290,7 @@ def test_random_pdu_streams_lose_nothing_and_end_cleanly(
         if status == 0x0000 and message_id in scenario.data_sets:
             sop_uid, data = scenario.data_sets[message_id]
             assert _stored_as_sent(scp_in_process, sop_uid, data), (seed, message_id)
-    wait_until(
-        lambda: not acceptor_threads(scp_in_process),
-        timeout_s=10,
-        what="the association to end",
-    )
+    associations_ended(scp_in_process)
     assert thread_deaths == []
     scu = AE(ae_title="PEER")
     scu.add_requested_context(VERIFICATION)
@@ -303,3 +298,4 @@ def test_random_pdu_streams_lose_nothing_and_end_cleanly(
     assert again.is_established
     assert again.send_c_echo().Status == 0x0000
     again.release()
+    associations_ended(scp_in_process)  # its end is logged inside the test

@@ -9,17 +9,21 @@ connection open.
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from inprocess import (
     InProcessNode,
     association_request,
+    associations_ended,
     inprocess_node,
+    logging_kept,
     mr_image,
     store_command_set,
 )
@@ -31,8 +35,10 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dsutils import encode
 from pynetdicom.presentation import build_context
 from sqlalchemy import func, select
+from typer.testing import CliRunner
 
 from dicom_node import reactor
+from dicom_node.cli import app
 from storage.models import Instance
 
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -79,17 +85,20 @@ def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
     return pdu_type, body
 
 
-def _associate(port: int) -> socket.socket:
+@contextmanager
+def _associate(node: InProcessNode) -> Iterator[socket.socket]:
+    """A connection with an accepted association; closed after, and the node's side ended."""
     contexts = []
     for number, transfer in enumerate([EXPLICIT, IMPLICIT]):
         context = build_context(MR, [transfer])
         context.context_id = 2 * number + 1
         contexts.append(context)
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(association_request(contexts))
-    pdu_type, _ = _read_pdu(sock)
-    assert pdu_type == 0x02  # A-ASSOCIATE-AC
-    return sock
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+        sock.sendall(association_request(contexts))
+        pdu_type, _ = _read_pdu(sock)
+        assert pdu_type == 0x02  # A-ASSOCIATE-AC
+        yield sock
+    associations_ended(node)
 
 
 def _command(ds: Dataset) -> bytes:
@@ -135,8 +144,9 @@ def test_a_data_set_on_another_context_than_its_command_is_aborted(
     file's meta named the command's transfer syntax. storescp aborts; so does the node."""
     if path == "pynetdicom":
         monkeypatch.setattr(reactor._EventDrivenDUL, "_serves", lambda *_: False)
+    caplog.set_level(logging.INFO, logger="dicom_node.receive")
     ds = mr_image(8, seed=1)
-    with _associate(node.port) as sock:
+    with _associate(node) as sock:
         sock.sendall(_p_data(_pdv(MR_EXPLICIT, 0x03, _command(ds))))
         sock.sendall(_p_data(_pdv(MR_IMPLICIT, 0x02, _explicit(ds))))
         assert _answer(sock) == 0x07  # A-ABORT
@@ -145,6 +155,8 @@ def test_a_data_set_on_another_context_than_its_command_is_aborted(
         "pynetdicom": "data set PDV of context 3, where its command came on context 1",
     }
     assert said[path] in _messages(caplog)
+    # The node's thread sums the association up after the A-ABORT: in this test's log.
+    assert "from AE PEER aborted: 0 stored, 0 failed" in _messages(caplog)
     assert _indexed(node) == 0
 
 
@@ -153,7 +165,7 @@ def test_command_fragments_on_two_contexts_are_aborted(
 ) -> None:
     ds = mr_image(8, seed=2)
     command = _command(ds)
-    with _associate(node.port) as sock:
+    with _associate(node) as sock:
         sock.sendall(
             _p_data(_pdv(MR_IMPLICIT, 0x01, command[:20]), _pdv(MR_EXPLICIT, 0x03, command[20:]))
         )
@@ -171,7 +183,7 @@ def test_a_pdu_longer_than_the_negotiated_maximum_is_aborted_unread(
     ds = mr_image(8, seed=3)
     ds.PixelData = b"\1" * 100_000
     ds.Rows, ds.Columns = 250, 200
-    with _associate(node.port) as sock:
+    with _associate(node) as sock:
         sock.sendall(_p_data(_pdv(MR_EXPLICIT, 0x03, _command(ds))))
         sock.sendall(_p_data(_pdv(MR_EXPLICIT, 0x02, _explicit(ds))))
         assert _answer(sock) == 0x07
@@ -179,7 +191,7 @@ def test_a_pdu_longer_than_the_negotiated_maximum_is_aborted_unread(
     assert _indexed(node) == 0
     # The same image in PDUs of the negotiated size is stored.
     data = _explicit(ds)
-    with _associate(node.port) as sock:
+    with _associate(node) as sock:
         sock.sendall(_p_data(_pdv(MR_EXPLICIT, 0x03, _command(ds))))
         step = 16_000
         for start in range(0, len(data), step):
@@ -212,7 +224,7 @@ def test_a_peer_stalled_inside_a_pdu_gives_its_slot_back(
                 timeout_s=10,
                 what="the stalled associations closed",
             )
-            with _associate(node.port) as sock:  # a sender gets a slot again
+            with _associate(node) as sock:  # a sender gets a slot again
                 sock.sendall(struct.pack(">BBI", 0x05, 0, 4) + b"\0" * 4)
                 assert _answer(sock) == 0x06  # A-RELEASE-RP
         finally:
@@ -225,7 +237,7 @@ def test_stopping_the_node_does_not_wait_for_a_stalled_peer(
 ) -> None:
     """SIGTERM aborts the remaining associations: one whose peer stopped inside a PDU waited
     in the kernel for bytes that never came, and the node never exited."""
-    with inprocess_node(tmp_path / "data") as node, _associate(node.port) as sock:
+    with inprocess_node(tmp_path / "data") as node, _associate(node) as sock:
         ds = mr_image(8, seed=4)
         sock.sendall(_p_data(_pdv(MR_EXPLICIT, 0x03, _command(ds)))[:20])
         wait_until(
@@ -282,3 +294,20 @@ def test_the_dicom_application_context_padded_with_a_nul_is_accepted(node: InPro
         assert _read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
         sock.sendall(struct.pack(">BBI", 0x05, 0, 4) + b"\0" * 4)
         assert _answer(sock) == 0x06  # A-RELEASE-RP
+
+
+def test_logging_is_as_it_was_after_a_cli_command_run_in_this_process(tmp_path: Path) -> None:
+    """A CLI command run in the tests' process configures logging on typer's CliRunner's
+    stderr, closed when the command ends: left so, a later test's association thread
+    logging its end printed "--- Logging error ---" (I/O operation on closed file) in the
+    suite's output. conftest's ``logging_restored`` puts logging back after each test."""
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level, logging.getLogger("pynetdicom").level)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage:\n  data_dir: {tmp_path / 'var'}\n")
+    with logging_kept():
+        listed = CliRunner().invoke(app, ["--config", str(config), "models", "list"])
+        assert listed.exit_code == 0, listed.output
+        (handler,) = root.handlers  # the command's own, on the runner's closed stderr
+        assert isinstance(handler, logging.StreamHandler) and handler.stream.closed
+    assert (list(root.handlers), root.level, logging.getLogger("pynetdicom").level) == before
