@@ -210,7 +210,7 @@ class FileStore:
 
         A copy of one sent again meanwhile (its row waits for the removal's locks) is
         taken too, and its receiver, finding its file gone before its own commit, refuses
-        it (``WrittenFile.still_there``). Removed after the commit, by the inode read
+        it (``WrittenFile.check_still_there``). Removed after the commit, by the inode read
         before it, that copy went although its row committed and it was acknowledged.
         """
         for relative in images:

@@ -10,22 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from inprocess import logging_kept
 from pynetdicom import _config as pynetdicom_config
+from typer.testing import CliRunner
 
+from dicom_node.cli import app
 from dicom_node.config import LoggingSettings
 from dicom_node.errors import ConfigError
 from dicom_node.logging_setup import configure_logging
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging(monkeypatch: pytest.MonkeyPatch) -> None:
-    root = logging.getLogger()
-    monkeypatch.setattr(root, "handlers", list(root.handlers))
-    monkeypatch.setattr(root, "level", root.level)
-    for name in ("pynetdicom", "alembic", "highdicom"):
-        logger = logging.getLogger(name)
-        monkeypatch.setattr(logger, "level", logger.level)
-    monkeypatch.setattr(pynetdicom_config, "LOG_HANDLER_LEVEL", pynetdicom_config.LOG_HANDLER_LEVEL)
 
 
 @pytest.mark.parametrize(
@@ -128,3 +120,20 @@ def test_pydicom_value_warnings_are_summed_up_in_one_line(tmp_path: Path) -> Non
     assert "number of PN components length (4) exceeds" in summary["message"]
     after = [r for r in records if r["logger"] in ("pydicom", "py.warnings")]
     assert len(after) >= 1 and all("(74)" in r["message"] for r in after), after
+
+
+def test_logging_is_as_it_was_after_a_cli_command_run_in_this_process(tmp_path: Path) -> None:
+    """A CLI command run in the tests' process configures logging on typer's CliRunner's
+    stderr, closed when the command ends: left so, a later test's association thread
+    logging its end printed "--- Logging error ---" (I/O operation on closed file) in the
+    suite's output. conftest's ``logging_restored`` puts logging back after each test."""
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level, logging.getLogger("pynetdicom").level)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage:\n  data_dir: {tmp_path / 'var'}\n")
+    with logging_kept():
+        listed = CliRunner().invoke(app, ["--config", str(config), "models", "list"])
+        assert listed.exit_code == 0, listed.output
+        (handler,) = root.handlers  # the command's own, on the runner's closed stderr
+        assert isinstance(handler, logging.StreamHandler) and handler.stream.closed
+    assert (list(root.handlers), root.level, logging.getLogger("pynetdicom").level) == before

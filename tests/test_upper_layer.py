@@ -23,7 +23,6 @@ from inprocess import (
     association_request,
     associations_ended,
     inprocess_node,
-    logging_kept,
     mr_image,
     store_command_set,
 )
@@ -35,10 +34,8 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dsutils import encode
 from pynetdicom.presentation import build_context
 from sqlalchemy import func, select
-from typer.testing import CliRunner
 
 from dicom_node import reactor
-from dicom_node.cli import app
 from storage.models import Instance
 
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -294,20 +291,3 @@ def test_the_dicom_application_context_padded_with_a_nul_is_accepted(node: InPro
         assert _read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
         sock.sendall(struct.pack(">BBI", 0x05, 0, 4) + b"\0" * 4)
         assert _answer(sock) == 0x06  # A-RELEASE-RP
-
-
-def test_logging_is_as_it_was_after_a_cli_command_run_in_this_process(tmp_path: Path) -> None:
-    """A CLI command run in the tests' process configures logging on typer's CliRunner's
-    stderr, closed when the command ends: left so, a later test's association thread
-    logging its end printed "--- Logging error ---" (I/O operation on closed file) in the
-    suite's output. conftest's ``logging_restored`` puts logging back after each test."""
-    root = logging.getLogger()
-    before = (list(root.handlers), root.level, logging.getLogger("pynetdicom").level)
-    config = tmp_path / "config.yaml"
-    config.write_text(f"storage:\n  data_dir: {tmp_path / 'var'}\n")
-    with logging_kept():
-        listed = CliRunner().invoke(app, ["--config", str(config), "models", "list"])
-        assert listed.exit_code == 0, listed.output
-        (handler,) = root.handlers  # the command's own, on the runner's closed stderr
-        assert isinstance(handler, logging.StreamHandler) and handler.stream.closed
-    assert (list(root.handlers), root.level, logging.getLogger("pynetdicom").level) == before
