@@ -16,6 +16,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.util import CommandError
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.errors import StorageError
@@ -105,8 +106,9 @@ def retried_on_conflict(call: Callable[[], _T], tries: int = 3) -> _T:
 def unavailable_reason(exc: BaseException) -> str | None:
     """Why the index cannot be reached, when ``exc`` (or an exception it was raised from)
     says so: a refused or lost connection, a server shutting down, a database file that
-    cannot be opened, locked or written. None for any other error, including a transaction
-    the server rolled back for a conflict (SQLSTATE class 40), which a retry resolves.
+    cannot be opened, locked or written, no pooled connection free within the pool's wait.
+    None for any other error, including a transaction the server rolled back for a conflict
+    (SQLSTATE class 40), which a retry resolves.
     """
     seen: BaseException | None = exc
     while seen is not None:
@@ -117,6 +119,8 @@ def unavailable_reason(exc: BaseException) -> str | None:
                 return None
             lines = str(seen.orig or seen).strip().splitlines()
             return lines[0] if lines else type(seen.orig or seen).__name__
+        if isinstance(seen, PoolTimeoutError):  # no pooled connection freed in time
+            return str(seen).split(" (Background", 1)[0]
         seen = seen.__cause__
     return None
 

@@ -14,9 +14,15 @@ from typing import Any
 
 from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from dicom_node.errors import StorageError
-from storage.database import Index, retried_on_conflict, rolled_back_for_a_conflict
+from storage.database import (
+    Index,
+    retried_on_conflict,
+    rolled_back_for_a_conflict,
+    unavailable_reason,
+)
 from storage.models import (
     Base,
     Instance,
@@ -261,6 +267,9 @@ class InstanceWriter:
                     last_exc = exc
                     continue
                 raise StorageError(f"index unavailable: {exc.orig}") from exc
+            except PoolTimeoutError as exc:
+                # Every pooled connection busy for the pool's whole wait (30 s).
+                raise StorageError(f"index unavailable: {unavailable_reason(exc)}") from exc
             # Only committed rows are remembered: a rolled-back primary key can be reused.
             self._known.update(staged)
             return results

@@ -16,11 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 
 from dicom_node.errors import DicomNodeError, StorageError
 from storage.committer import GroupCommitter, _Pending
-from storage.database import Index
+from storage.database import Index, unavailable_reason
 from storage.filestore import FileStore
 from storage.instances import (
     InstanceRecord,
@@ -271,3 +271,18 @@ def _inconsistency(index: Index) -> str:
     if wrong or any(n > 1 for n in receiving.values()) or twice or lost:
         return f"counts {wrong}, receiving {receiving}, twice {twice}, without a version {lost}"
     return ""
+
+
+def test_no_free_index_connection_is_a_storage_error_naming_it(index: Index) -> None:
+    """Every pooled connection busy past the pool's own wait (30 s, longer than a
+    ``storage.index_timeout_s`` above 30 allows) is the index unavailable: a StorageError
+    (0xA700, one log line), not an unexpected error with a traceback."""
+    index.engine = create_engine(index.url, pool_size=1, max_overflow=0, pool_timeout=0.1)
+    held = index.engine.connect()
+    try:
+        with pytest.raises(StorageError, match=r"index unavailable: .*timed out") as caught:
+            InstanceWriter(index).record([_rec("1.2.3", 1)])
+        assert unavailable_reason(caught.value) is not None
+    finally:
+        held.close()
+    assert InstanceWriter(index).record([_rec("1.2.3", 1)])[0].version == 1
