@@ -30,9 +30,10 @@ import psutil
 from dicom_node.errors import StorageError
 
 TMP_PREFIX = ".tmp-"
-# A temporary's name says who writes it (".tmp-<host>~<pid>~<random>"), so a sweep takes
-# only what no running process will rename: a store shared by several machines (workers on
-# one index) or a receiver process replaced while the others write on.
+# A temporary's name says who writes it (".tmp-<host>~<pid>~<namespace>~<random>"), so a
+# sweep takes only what no running process will rename: a store shared by several machines
+# (workers on one index), containers with one hostname (each may run the node as pid 1), or
+# a receiver process replaced while the others write on.
 _HOST = re.sub(r"[^0-9A-Za-z.\-]", "-", socket.gethostname()) or "host"
 # A temporary (or removal record) this old is abandoned whoever wrote it: no write (or
 # removal of one series) takes this long.
@@ -294,24 +295,28 @@ class FileStore:
         for tmp in self.root.glob(f"*/*/{TMP_PREFIX}*"):
             owner = _tmp_owner(tmp.name)
             if pid is not None:
-                abandoned = owner == (_HOST, pid)
-            elif owner is None or owner == (_HOST, os.getpid()):
+                abandoned = owner is not None and _is_here(owner, pid)
+            elif owner is None or _is_here(owner, os.getpid()):
                 abandoned = True
             else:
                 try:
                     written = tmp.stat().st_mtime
                 except FileNotFoundError:  # renamed into place meanwhile
                     continue
-                abandoned = _writer_gone(*owner, written, now, booted)
+                abandoned = _writer_gone(*owner[:2], written, now, booted, owner[2])
             if abandoned:
                 tmp.unlink(missing_ok=True)
                 count += 1
         return count
 
 
-def temporary_name(pid: int | None = None, host: str | None = None) -> str:
-    """A fresh temporary's name, owned by ``pid`` on ``host`` (default: this process)."""
-    owner = f"{host or _HOST}~{os.getpid() if pid is None else pid}"
+def temporary_name(
+    pid: int | None = None, host: str | None = None, namespace: str | None = None
+) -> str:
+    """A fresh temporary's name, owned by ``pid`` on ``host`` in PID ``namespace``
+    (default: this process)."""
+    space = namespace_token() if namespace is None else namespace
+    owner = f"{host or _HOST}~{os.getpid() if pid is None else pid}~{space}"
     return f"{TMP_PREFIX}{owner}~{uuid.uuid4().hex}"
 
 
@@ -396,11 +401,13 @@ def _writer_gone(
     another one (a container) may run on, unseen from here, until the file is stale."""
     if now - written > STALE_TMP_S:
         return True
-    if host != _HOST:
+    if host != _HOST or namespace not in (None, namespace_token()):
+        # Another machine, or another container or machine of this hostname: its
+        # processes and boot cannot be seen from here.
         return False
     if written < booted:
         return True
-    return (namespace is None or namespace == namespace_token()) and not psutil.pid_exists(pid)
+    return not psutil.pid_exists(pid)
 
 
 def _removal_abandoned(owner: object, written: float, now: float, booted: float) -> bool:
@@ -418,8 +425,17 @@ def _removal_abandoned(owner: object, written: float, now: float, booted: float)
     return _writer_gone(host, pid, written, now, booted, namespace)
 
 
-def _tmp_owner(name: str) -> tuple[str, int] | None:
-    """(host, pid) of a temporary's writer; None for a name without them."""
-    host, _, rest = name[len(TMP_PREFIX) :].partition("~")
-    pid, _, _ = rest.partition("~")
-    return (host, int(pid)) if host and pid.isdigit() else None
+def _tmp_owner(name: str) -> tuple[str, int, str | None] | None:
+    """(host, pid, PID namespace) of a temporary's writer; None for a name without them.
+    The namespace is None in names written before it was part of them (host~pid~random)."""
+    parts = name[len(TMP_PREFIX) :].split("~")
+    if len(parts) not in (3, 4) or not parts[0] or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1]), parts[2] if len(parts) == 4 else None
+
+
+def _is_here(owner: tuple[str, int, str | None], pid: int) -> bool:
+    """Whether ``owner`` is the process ``pid`` of this machine and PID namespace (one
+    written before namespaces were named: of this machine)."""
+    host, its_pid, namespace = owner
+    return (host, its_pid) == (_HOST, pid) and namespace in (None, namespace_token())
