@@ -43,6 +43,9 @@ class StoreReport:
     # A prune or delete a crash interrupted (its record in .removing/): the files it was
     # removing are not lost images; --repair finishes the removal.
     interrupted_removals: list[str] = field(default_factory=list)
+    # Removals whose process still runs (another node, a prune now): their files are not
+    # judged, and they are not faults.
+    removals_in_progress: list[str] = field(default_factory=list)
     recent: int = 0  # files younger than the grace period, not judged
 
     @property
@@ -61,11 +64,19 @@ def check_store(index: Index, store: FileStore, grace_s: float = 60.0) -> StoreR
     report = StoreReport()
     cutoff = time.time() - grace_s
     removing: set[str] = set()
+    taken_aside: set[str] = set()  # images a removal holds aside until its commit
+    abandoned = store.pending_removals(abandoned_only=True)
     for record, (images, results) in store.pending_removals().items():
-        report.interrupted_removals.append(record)
+        if record in abandoned:
+            report.interrupted_removals.append(record)
+        else:
+            report.removals_in_progress.append(record)
         removing.update(path for path, _ in images)
         removing.update(aside_path(record, path) for path, _ in images)
         removing.update(results)
+        taken_aside.update(
+            path for path, _ in images if store.absolute(aside_path(record, path)).is_file()
+        )
     with index.session() as session:
         indexed = {
             path: (size, sop, series_uid)
@@ -87,6 +98,8 @@ def check_store(index: Index, store: FileStore, grace_s: float = 60.0) -> StoreR
     report.instances_checked = len(indexed)
     for path, (size, sop, series_uid) in sorted(indexed.items()):
         problem = _file_problem(store.absolute(path), size)
+        if problem == "missing" and path in taken_aside:
+            continue  # the removal's to settle: gone at its commit, put back otherwise
         if problem:
             report.missing.append(
                 MissingFile("instance", path, f"instance {sop} of series {series_uid}", problem)

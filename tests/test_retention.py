@@ -478,6 +478,36 @@ def test_a_crash_after_taking_images_aside_is_undone_at_the_next_start(
     assert not any(store.absolute(path).exists() for path in paths)
     report = check_store(index, store, grace_s=0)
     assert report.unreferenced_images == [] and report.interrupted_removals == [record]
+    assert report.missing == []  # held aside, not lost: the removal's to put back
     assert finish_removals(index, store) == 1
     assert all(store.absolute(path).is_file() for path in paths)
     assert check_store(index, store, grace_s=0).consistent
+
+
+def test_store_check_tells_a_removal_under_way_elsewhere_from_an_interrupted_one(
+    index: Index, store: FileStore
+) -> None:
+    """A removal whose process still runs (another node deleting a series now) is not a
+    fault: `store check` listed it as "interrupted" and the store as NOT consistent."""
+    import json
+    import subprocess
+
+    _receive(index, store, "1.2.3", n=2)
+    with index.session() as session:
+        paths = session.scalars(select(Instance.path)).all()
+    record = store.begin_removal([(path, store.inode(path) or 0) for path in paths], [])
+    store.take_aside(record, paths)
+    running = subprocess.Popen(["sleep", "30"])
+    try:
+        content = json.loads(store.absolute(record).read_text())
+        content["owner"]["pid"] = running.pid
+        store.absolute(record).write_text(json.dumps(content))
+        report = check_store(index, store, grace_s=0)
+        assert report.removals_in_progress == [record]
+        assert report.interrupted_removals == [] and report.unreferenced_images == []
+        assert report.missing == [] and report.consistent
+    finally:
+        running.kill()
+        running.wait()
+    report = check_store(index, store, grace_s=0)  # its process gone: interrupted
+    assert report.interrupted_removals == [record] and not report.consistent

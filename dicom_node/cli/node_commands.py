@@ -184,6 +184,10 @@ def check(
             "prunes or deletes a crash interrupted (--repair finishes them)",
             report.interrupted_removals,
         )
+        _list(
+            "prunes or deletes under way in a running process (their files not judged)",
+            report.removals_in_progress,
+        )
         typer.echo("consistent" if report.consistent else "NOT consistent")
     if not report.consistent:
         raise typer.Exit(1)
