@@ -36,16 +36,18 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
 
+from pydicom.uid import UID
 from pynetdicom import _config, evt
 from pynetdicom._globals import APPLICATION_CONTEXT_NAME
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE, DIMSEPrimitive, DimseServiceType
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
-from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import ServiceClass, StorageServiceClass, VerificationServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
@@ -63,6 +65,7 @@ from dicom_node.pdata import (
     pdv_pdu,
     split_pdvs,
 )
+from dicom_node.sop_classes import class_names
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +104,20 @@ _OBSERVERS = (
     evt.EVT_DATA_SENT,
     evt.EVT_PDU_SENT,
     evt.EVT_DIMSE_SENT,
+)
+# The one request each service class the node offers takes (PS3.4 A.4, B.2).
+_REQUEST_OF: dict[type[ServiceClass], type[DIMSEPrimitive]] = {
+    VerificationServiceClass: C_ECHO,
+    StorageServiceClass: C_STORE,
+}
+# PS3.7 C.5: the operation is not one agreed on the context; the node has no such SOP class.
+UNRECOGNIZED_OPERATION = 0x0211
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+_ECHOED = (
+    ("AffectedSOPInstanceUID", "AffectedSOPInstanceUID"),
+    ("RequestedSOPInstanceUID", "AffectedSOPInstanceUID"),
+    ("ActionTypeID", "ActionTypeID"),
+    ("EventTypeID", "EventTypeID"),
 )
 
 
@@ -347,6 +364,9 @@ class _EventDrivenDUL(DULServiceProvider):
         assoc = self.assoc
         return (
             context_id in assoc._accepted_cx
+            # A C-STORE on another context (Verification) is refused by _GuardedAssociation.
+            and uid_to_service_class(str(assoc._accepted_cx[context_id].abstract_syntax))
+            is StorageServiceClass
             and not assoc._sent_release
             and uid_to_service_class(request.sop_class_uid) is StorageServiceClass
             and request.sop_class_uid not in assoc.acceptor.accepted_common_extended
@@ -618,11 +638,81 @@ def is_dicom_application_context(request: A_ASSOCIATE) -> bool:
     return name == APPLICATION_CONTEXT_NAME
 
 
+class _GuardedAssociation(Association):
+    """An acceptor association that answers a request its presentation context does not take
+    (a C-FIND on the Verification context, an N-ACTION on a storage one) with the response
+    of the same command and a failure status, and a log line; the association goes on.
+
+    pynetdicom picks the service class by the message's SOP class UID, never the context's:
+    it answered a C-FIND of the Verification SOP class with a C-ECHO-RSP (Success), an
+    N-ACTION of a storage class with a C-STORE-RSP 0xA700 after the node's C-STORE handler
+    failed on it, stored a C-STORE sent on the Verification context, and aborted the
+    association for a SOP class it has no service class for (a C-FIND for Study Root).
+    """
+
+    def _serve_request(self, msg: DimseServiceType, context_id: int) -> None:
+        context = self._accepted_cx.get(context_id)
+        if context is None or self._sent_release or not msg.is_valid_request:
+            super()._serve_request(msg, context_id)  # pynetdicom logs, aborts or ignores it
+            return
+        sop_class = str(
+            getattr(msg, "AffectedSOPClassUID", None) or getattr(msg, "RequestedSOPClassUID", "")
+        )
+        service = self._service_class(str(context.abstract_syntax))
+        taken = _REQUEST_OF.get(service)
+        if taken is None or (type(msg) is taken and self._service_class(sop_class) is service):
+            super()._serve_request(msg, context_id)
+            return
+        supported = any(cx.abstract_syntax == sop_class for cx in self.acceptor.supported_contexts)
+        self._refuse(msg, context_id, context, sop_class, taken, supported)
+
+    def _service_class(self, uid: str) -> type[ServiceClass]:
+        """pynetdicom's choice for a SOP class, SOP Class Common Extended Negotiation included."""
+        extended = self.acceptor.accepted_common_extended.get(UID(uid))
+        return uid_to_service_class(str(extended[0]) if extended else uid)
+
+    def _refuse(
+        self,
+        msg: DimseServiceType,
+        context_id: int,
+        context: PresentationContext,
+        sop_class: str,
+        taken: type[DIMSEPrimitive],
+        supported: bool,
+    ) -> None:
+        status = UNRECOGNIZED_OPERATION if supported else SOP_CLASS_NOT_SUPPORTED
+        logger.warning(
+            "refused %s-RQ from %s (message ID %s, %s) on presentation context %s (%s), "
+            "which takes %s only: answered with status 0x%04X (%s)",
+            msg.msg_type,
+            _describe_peer(self),
+            msg.MessageID,
+            class_names([sop_class]),
+            context_id,
+            class_names([str(context.abstract_syntax)]),
+            taken().msg_type,
+            status,
+            "unrecognized operation" if supported else "SOP class not supported",
+        )
+        response = type(msg)()
+        response.MessageIDBeingRespondedTo = msg.MessageID
+        response.AffectedSOPClassUID = sop_class
+        response.Status = status
+        # U(=) and C(=) in these responses: the request's values (PS3.7 9.3, 10.3).
+        for request_name, response_name in _ECHOED:
+            value = getattr(msg, request_name, None)
+            if value is not None:
+                setattr(response, response_name, value)
+        self.dimse.send_msg(response, context_id)
+
+
 class EventDrivenRequestHandler(RequestHandler):
-    """pynetdicom's request handler, with event-driven acceptor associations."""
+    """pynetdicom's request handler, with event-driven acceptor associations that refuse
+    requests their presentation context does not take."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
+        assoc.__class__ = _GuardedAssociation
         assoc.acse.__class__ = _GuardedACSE
         make_event_driven(assoc)
         return assoc
