@@ -15,7 +15,10 @@ storescu printed the last ``Received Store Response`` and the time Orthanc first
 SEG (polled every 20 ms). All timestamps are UTC wall clock on this one machine.
 
 Target: everything except the configured quiet period and the inference itself <= 2 s.
-Other settings are the defaults of ``config.yaml`` unless given (polling intervals included).
+Other settings are the node's defaults (``dicom_node.config``, as in ``config.yaml``) unless
+given, the completion check and worker/outbox polling intervals included. A job that fails or a
+SEG delivery attempt that fails stops the run with its reason: a retried delivery's figures
+would include the outbox's back-off.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from peers import (
     wait_until,
 )
 
+from dicom_node.config import CompletionSettings, OutboxSettings, WorkerSettings
 from inference.demo.phantoms import FIELD_OF_VIEW_MM, PhantomSpec, sample_phantom
 from inference.model_store import BUILTIN_MODELS
 
@@ -155,7 +159,7 @@ def rows(node: NodeProcess, series_uid: str) -> dict[str, Any]:
         (version["id"],),
     )
     (delivery,) = node.query(
-        "SELECT state, attempts, created_at, delivered_at, duration_s FROM deliveries "
+        "SELECT state, attempts, last_error, created_at, delivered_at, duration_s FROM deliveries "
         "WHERE job_pk = ?",
         (job["id"],),
     )
@@ -173,7 +177,15 @@ def wait_delivered(node: NodeProcess, series_uid: str, timeout_s: float) -> dict
             found = rows(node, series_uid)
         except ValueError:  # not yet a job / delivery row
             return None
-        return found if found["delivery"]["state"] == "delivered" else None
+        delivery = found["delivery"]
+        if delivery["last_error"] or delivery["state"] == "dead":
+            # Not waited out: a retry comes after the outbox's back-off, which is no latency
+            # of the node's to measure.
+            raise RuntimeError(
+                f"the SEG's delivery failed ({delivery['state']}, attempt "
+                f"{delivery['attempts']}): {delivery['last_error']}"
+            )
+        return found if delivery["state"] == "delivered" else None
 
     return wait_until(done, timeout_s=timeout_s, interval_s=0.1, what="the SEG delivered")
 
@@ -181,14 +193,22 @@ def wait_delivered(node: NodeProcess, series_uid: str, timeout_s: float) -> dict
 # -- the run ------------------------------------------------------------------------------------
 
 
+def poll_intervals(args: argparse.Namespace) -> tuple[float, float]:
+    """Worker and outbox poll intervals: ``--poll-interval-s``, else the node's defaults."""
+    if args.poll_interval_s is not None:
+        return args.poll_interval_s, args.poll_interval_s
+    return WorkerSettings().poll_interval_s, OutboxSettings().poll_interval_s
+
+
 def make_node(workdir: Path, orthanc: Orthanc, args: argparse.Namespace) -> NodeProcess:
+    worker_poll_s, outbox_poll_s = poll_intervals(args)
     overrides: dict[str, Any] = {
         "completion": {
             "quiet_period_s": args.quiet_period_s,
             "check_interval_s": args.check_interval_s,
         },
-        "workers": {"processes": 1, "poll_interval_s": args.poll_interval_s},
-        "outbox": {"poll_interval_s": args.poll_interval_s},
+        "workers": {"processes": 1, "poll_interval_s": worker_poll_s},
+        "outbox": {"poll_interval_s": outbox_poll_s},
         "inference": {"device": "cpu", "cpu_threads": args.cpu_threads},
         "rules": [{"name": "phantom-mr", "match": {"modality": ["MR"]}, "model": "demo",
                    "profile": {"format": args.format}, "destinations": ["pacs"]}],
@@ -230,13 +250,14 @@ def report(args: argparse.Namespace, sent: Sent, seen_at: float, found: dict[str
     encode_s = timings.get("encode_s", 0.0)
     write_s = max(0.0, timings.get("total_s", 0.0) - model_s - load_s - inference_s - encode_s)
     completion_s = completed - t0
+    model_state = "loaded by this job" if args.no_warmup else "cached after warm-up"
     phases: list[tuple[str, str, float]] = [
         ("completion wait", "last C-STORE response -> series complete", completion_s),
         ("  of which quiet period", "completion.quiet_period_s (configured)", quiet),
         ("  of which completion overhead", "beyond the quiet period", completion_s - quiet),
         ("schedule", "series complete -> job queued", created - completed),
         ("queue", "job queued -> job started by a worker", started - created),
-        ("load", f"model (cached after warm-up) + read {sent.responses} files", model_s + load_s),
+        ("load", f"model ({model_state}) + read {sent.responses} files", model_s + load_s),
         ("  of which model", "ModelCache.get", model_s),
         ("inference", "reorient + nnU-Net predict (excluded from the target)", inference_s),
         ("encode", "label map -> DICOM-SEG (highdicom) + write the SEG file", encode_s + write_s),
@@ -261,9 +282,10 @@ def report(args: argparse.Namespace, sent: Sent, seen_at: float, found: dict[str
         f"last response -> storescu exit {sent.exited - t0:.3f} s; "
         f"node's last receive {last_received - t0:+.3f} s from the last response"
     )
+    worker_poll_s, outbox_poll_s = poll_intervals(args)
     print(
         f"completion: {version['completion_reason']}; check_interval_s {args.check_interval_s}; "
-        f"worker/outbox poll_interval_s {args.poll_interval_s}; format {args.format}; "
+        f"poll_interval_s worker {worker_poll_s}, outbox {outbox_poll_s}; format {args.format}; "
         f"job {job['state']}, delivery attempts {delivery['attempts']}"
     )
     print()
@@ -288,8 +310,18 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300, help="axial slices (default 300)")
     parser.add_argument("--size", type=int, default=128, help="rows = columns (default 128)")
     parser.add_argument("--quiet-period-s", type=float, default=2.0)
-    parser.add_argument("--check-interval-s", type=float, default=1.0, help="config default 1")
-    parser.add_argument("--poll-interval-s", type=float, default=1.0, help="config default 1")
+    parser.add_argument(
+        "--check-interval-s",
+        type=float,
+        default=CompletionSettings().check_interval_s,
+        help="completion check (default: the node's, %(default)s)",
+    )
+    parser.add_argument(
+        "--poll-interval-s",
+        type=float,
+        help="worker and outbox polling (default: the node's, "
+        f"{WorkerSettings().poll_interval_s} and {OutboxSettings().poll_interval_s})",
+    )
     parser.add_argument("--cpu-threads", type=int, default=0, help="0: all cores (default)")
     parser.add_argument("--format", choices=["binary", "labelmap"], default="binary")
     parser.add_argument("--seed", type=int, default=7201)

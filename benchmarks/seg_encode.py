@@ -11,7 +11,13 @@ Timed, end to end to a file on disk:
 * TotalSegmentator ``save_mask_as_dicomseg`` (reads the DICOM folder itself, BINARY);
 * ours BINARY and LABELMAP (RLE and JPEG-LS) from headers already in memory (what the node has
   after building the volume), written with ``seg_to_bytes`` as the node does; BINARY including
-  the header read from the same folder; BINARY written with pydicom's ``save_as`` instead.
+  the header read from the same folder (the row whose input is TotalSegmentator's: the folder);
+  BINARY written with pydicom's ``save_as`` instead.
+
+The three SEGs written last (TotalSegmentator's, ours BINARY, ours LABELMAP RLE) must decode to
+the same voxels, else the run stops before printing ratios. The output's first line names the
+TotalSegmentator version and the file its writer came from (a stand-in without the package's
+metadata says so).
 
 Run: ``.venv/bin/python benchmarks/seg_encode.py [--repeat 3] [--ts-repeat 1] [--case vibe|ct]``
 (medians; TotalSegmentator's writer takes about a minute per CT run, hence its own count).
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.metadata
 import io
 import logging
 import statistics
@@ -227,19 +234,30 @@ def run_case(
 
 
 def check_same_content(ts_path: Path, binary_path: Path, labelmap_path: Path) -> None:
-    """All three files hold the same voxels (guards the orientation handling above)."""
+    """All three files hold the same voxels (guards the orientation handling above), else exit:
+    times of files that differ are no comparison. Voxel by voxel, as counts per segment would
+    not see a flipped or transposed mask."""
     import highdicom as hd
 
-    counts = []
+    first: np.ndarray | None = None
     for path in (ts_path, binary_path, labelmap_path):
         seg = hd.seg.segread(path)
         uids = [uid for _, _, uid in seg.get_source_image_uids()]
+        # Segments relabelled 1..N in segment-number order: both writers number the labels
+        # present in ascending label order.
         array = seg.get_pixels_by_source_instance(
             sorted(uids), combine_segments=True, relabel=True, assert_missing_frames_are_empty=True
         )
-        counts.append(np.bincount(array.ravel()))
-    same = all(np.array_equal(c, counts[0]) for c in counts[1:])
-    print(f"decoded voxel counts per segment agree across the three files: {same}")
+        if first is None:
+            first = array
+        elif array.shape != first.shape or not np.array_equal(array, first):
+            differ = int(np.count_nonzero(array != first)) if array.shape == first.shape else -1
+            raise SystemExit(
+                f"{path.name} decodes to other voxels than {ts_path.name} ("
+                + (f"{differ} differ" if differ >= 0 else f"shape {array.shape} vs {first.shape}")
+                + "): no ratios printed"
+            )
+    print("decoded voxels agree across the three files")
 
 
 def print_table(case: Case, rows: list[tuple[str, float, int]]) -> None:
@@ -253,15 +271,22 @@ def print_table(case: Case, rows: list[tuple[str, float, int]]) -> None:
         )
 
 
-def _check_peer() -> None:
+def _check_peer() -> str:
+    """Which TotalSegmentator writer runs, for the output: a stand-in on the path would
+    otherwise pass for it."""
     try:
-        import totalsegmentator.dicom_io  # noqa: F401
+        import totalsegmentator.dicom_io as dicom_io
     except ImportError as exc:
         raise SystemExit(
             f"TotalSegmentator's SEG writer cannot be imported ({exc}): install it as this "
             "script's docstring says (pip install --no-deps --target /tmp/ts TotalSegmentator "
             "dicom2nifti; PYTHONPATH=/tmp/ts)"
         ) from exc
+    try:
+        version = importlib.metadata.version("TotalSegmentator")
+    except importlib.metadata.PackageNotFoundError:
+        version = "NOT AN INSTALLED PACKAGE (no TotalSegmentator metadata)"
+    return f"TotalSegmentator {version}, save_mask_as_dicomseg from {dicom_io.__file__}"
 
 
 def main() -> None:
@@ -270,7 +295,8 @@ def main() -> None:
     parser.add_argument("--ts-repeat", type=int, default=1, help="runs of TotalSegmentator's")
     parser.add_argument("--case", choices=sorted(CASES), action="append")
     args = parser.parse_args()
-    _check_peer()  # before minutes of set-up
+    peer = _check_peer()  # before minutes of set-up
+    print(f"peer: {peer}", flush=True)
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="seg-bench-") as tmp:
         for key in args.case or ["vibe", "ct"]:
