@@ -264,16 +264,32 @@ class RuleSettings(_Strict):
 
 class DicomWebDestination(_Strict):
     name: _Name
-    url: str
-    headers: dict[str, str] = {}
+    url: str  # the service root: STOW-RS posts to <url>/studies
+    headers: dict[str, str] = {}  # sent with each request (Authorization); never logged
+    # PEM CA bundle the https server's certificate is checked against, instead of the
+    # public CAs (a hospital's own CA); None: the public CAs.
+    ca_certificate: Path | None = None
+    # A request unanswered this long fails and is retried: a hung server held the outbox.
+    timeout_s: float = Field(60.0, gt=0)
 
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
         # Otherwise each delivery would fail on it, and be retried for hours.
         parsed = urlsplit(value)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+        # The URL is in every failure's text (log, `deliveries list`): no secret in it.
+        if parsed.username is not None or parsed.password is not None:
+            raise ValueError(
+                "the URL holds a user or password: put credentials in headers "
+                "(Authorization: Basic <base64 of user:password>)"
+            )
+        if parsed.query or parsed.fragment:
+            raise ValueError(
+                "the URL has a query or fragment (<url>/studies is appended to it): "
+                "give the service root, and tokens in headers"
+            )
         return value
 
 
@@ -422,8 +438,18 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     )
     node = settings.node.model_copy(update={"tls": tls})
     logging_ = settings.logging.model_copy(update={"file": fix(settings.logging.file)})
+    dicomweb = [
+        web.model_copy(update={"ca_certificate": fix(web.ca_certificate)})
+        for web in settings.dicomweb
+    ]
     return settings.model_copy(
-        update={"storage": storage, "inference": inference, "node": node, "logging": logging_}
+        update={
+            "storage": storage,
+            "inference": inference,
+            "node": node,
+            "logging": logging_,
+            "dicomweb": dicomweb,
+        }
     )
 
 

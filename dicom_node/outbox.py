@@ -99,15 +99,16 @@ class Outbox:
                 retryable=False,
             )
         name = delivery.resolved_peer or delivery.destination
+        fallback = self.store.absolute(fallback_path(delivery.seg_path))
+        if not fallback.exists():  # written by a release before 2026-12: one per job
+            fallback = path.parent / "fallback-binary.dcm"
+        binary = fallback if fallback.exists() else None
         peer = self.settings.peer_by_name(name)
         if peer is not None:
-            fallback = self.store.absolute(fallback_path(delivery.seg_path))
-            if not fallback.exists():  # written by a release before 2026-12: one per job
-                fallback = path.parent / "fallback-binary.dcm"
-            return store_seg(self.settings, peer, path, fallback if fallback.exists() else None)
+            return store_seg(self.settings, peer, path, binary)
         for web in self.settings.dicomweb:
             if web.name == name:
-                return stow_seg(web, path)
+                return stow_seg(web, path, binary)
         raise DeliveryError(f"destination {name!r} is no longer configured", retryable=False)
 
     def deliver_one(self) -> bool:

@@ -7,6 +7,9 @@ import logging
 import socket
 import ssl
 import time
+import uuid
+from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -306,27 +309,165 @@ def status_meaning(code: int) -> str:
     return "unknown status"
 
 
-def stow_seg(destination: DicomWebDestination, path: Path) -> str:
-    """STOW-RS one SEG file to a DICOMweb endpoint."""
-    from dicomweb_client.api import DICOMwebClient
-    from requests import HTTPError, RequestException
+@dataclass(frozen=True)
+class _StowRefusal:
+    """A STOW-RS request the server answered, but did not store the instance on."""
 
-    client = DICOMwebClient(url=destination.url, headers=dict(destination.headers))
-    try:
-        client.store_instances(datasets=[dcmread(path)])
-    except HTTPError as exc:
-        code = exc.response.status_code if exc.response is not None else 0
-        # The server's reason, where it gives one (a 400 or 409 names what it refused).
-        body = " ".join((exc.response.text if exc.response is not None else "").split())[:300]
-        # Client errors other than timeouts and throttling will not improve by waiting.
-        retryable = code >= 500 or code in (0, 408, 429)
+    text: str
+    reason: int | None  # its FailureReason (0008,1197), where the answer gives one
+    retryable: bool
+
+
+def stow_seg(destination: DicomWebDestination, path: Path, fallback: Path | None = None) -> str:
+    """STOW-RS one SEG file to a DICOMweb endpoint; a server refusing its SOP class gets
+    ``fallback`` (the BINARY SEG), as ``store_seg`` does for a DICOM peer.
+
+    One request per try: the outbox retries with its backoff. Returns a note for the
+    delivery record; raises DeliveryError on failure.
+    """
+    where = f"STOW-RS to {destination.url}"
+    outcome = _stow(destination, path, where)
+    note = ""
+    if (
+        isinstance(outcome, _StowRefusal)
+        and outcome.reason is not None
+        and fallback is not None
+        and _refuses_the_sop_class(outcome.reason)
+    ):
+        sop_class = str(dcmread(path, stop_before_pixels=True).SOPClassUID)
+        if sop_class != SEGMENTATION_STORAGE:
+            note = f"{where}: {sop_class} refused ({outcome.text}); sent the BINARY SEG instead"
+            outcome = _stow(destination, fallback, where)
+    if isinstance(outcome, _StowRefusal):
+        # After a fallback, say so: the refusal that led to it is part of the answer.
         raise DeliveryError(
-            f"STOW-RS to {destination.url} failed: HTTP {code}" + (f": {body}" if body else ""),
-            retryable=retryable,
+            (f"{note}; " if note else "") + f"{where} failed: {outcome.text}",
+            retryable=outcome.retryable,
+        )
+    return "; ".join(part for part in (note, outcome) if part)
+
+
+def _stow(destination: DicomWebDestination, path: Path, where: str) -> _StowRefusal | str:
+    """POST ``path`` as it is stored (no decode and re-encode) to ``<url>/studies``.
+
+    Stored: a note for the delivery record (a warning the server gave, or ""). Raises
+    DeliveryError when no answer came or the server is down.
+    """
+    import requests
+
+    ca = destination.ca_certificate
+    if ca is not None and not ca.is_file():
+        # requests raised a bare OSError for it, outside the errors the outbox handles.
+        raise DeliveryError(
+            f"{where}: dicomweb ca_certificate {ca} is not a readable file", retryable=False
+        )
+    boundary = uuid.uuid4().hex  # random: that the file holds it is out of the question
+    body = b"".join(
+        (
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(),
+            path.read_bytes(),
+            f"\r\n--{boundary}--\r\n".encode(),
+        )
+    )
+    headers = {
+        "Accept": "application/dicom+json",  # some servers answer XML unless asked
+        **destination.headers,
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+    }
+    try:
+        response = requests.post(
+            destination.url.rstrip("/") + "/studies",
+            data=body,
+            headers=headers,
+            timeout=destination.timeout_s,
+            verify=str(ca) if ca is not None else True,
+        )
+    except requests.exceptions.SSLError as exc:
+        cause = _cause(exc)
+        hint = (
+            "is dicomweb ca_certificate the CA that signed the server's certificate?"
+            if "CERTIFICATE_VERIFY_FAILED" in cause
+            else "does this port speak https?"
+        )
+        raise DeliveryError(
+            f"{where} failed the TLS handshake: {cause} ({hint})", peer_down=True
         ) from exc
-    except RequestException as exc:  # no answer: the server itself
-        raise DeliveryError(f"STOW-RS to {destination.url} failed: {exc}", peer_down=True) from exc
-    return ""
+    except requests.exceptions.Timeout as exc:
+        raise DeliveryError(
+            f"{where}: no answer within {destination.timeout_s:g} s (dicomweb timeout_s)",
+            peer_down=True,
+        ) from exc
+    except requests.RequestException as exc:  # no answer: the server itself
+        raise DeliveryError(
+            f"{where} failed: {_cause(exc)} (host, port, firewall?)", peer_down=True
+        ) from exc
+    with response:
+        return _stow_outcome(destination, response, where)
+
+
+def _stow_outcome(
+    destination: DicomWebDestination, response: Any, where: str
+) -> _StowRefusal | str:
+    """Read a STOW-RS answer (PS3.18 10.5.3): 200 stored, 202 some stored, 409 none; the
+    instance listed in the Failed SOP Sequence is not stored, whatever the HTTP status."""
+    code = int(response.status_code)
+    answer = _dicom_json(response)
+    failed = list(answer.get("FailedSOPSequence") or []) if answer is not None else []
+    if 200 <= code < 300 and not failed:
+        # Logged by the outbox with the delivery's id, in its outcome line (as a C-STORE
+        # warning status is).
+        for item in (answer.get("ReferencedSOPSequence") or []) if answer is not None else []:
+            warning = item.get("WarningReason")
+            if warning is not None:
+                return f"WarningReason 0x{int(warning):04X} ({status_meaning(int(warning))})"
+        return ""
+    try:
+        text = f"HTTP {code} {HTTPStatus(code).phrase}"
+    except ValueError:
+        text = f"HTTP {code}"
+    reason = None
+    if failed and failed[0].get("FailureReason") is not None:
+        # One instance per request: a failed item is this one.
+        reason = int(failed[0].FailureReason)
+        text += f", FailureReason 0x{reason:04X} ({status_meaning(reason)})"
+    elif failed:
+        text += ", the instance is in its Failed SOP Sequence (no FailureReason)"
+    elif code in (401, 403):
+        text += ": check this destination's headers (credentials missing, wrong or expired)"
+    elif answer is None:
+        # The server's reason, where it gives one in words (a proxy's page, Orthanc's JSON).
+        body = " ".join(response.text.split())[:300]
+        text += f": {body}" if body else ""
+    for secret in destination.headers.values():
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")  # a server echoing a header into its page
+    if reason is not None and 0xA700 <= reason <= 0xA7FF:
+        return _StowRefusal(text, reason, retryable=True)  # out of resources: waiting helps
+    # Client errors other than timeouts and throttling will not improve by waiting.
+    retryable = code >= 500 or code in (408, 429)
+    if code in (502, 503, 504):
+        # The server, or its gateway, is down: its other deliveries wait as well.
+        raise DeliveryError(f"{where} failed: {text}", retryable=True, peer_down=True)
+    return _StowRefusal(text, reason, retryable=retryable)
+
+
+def _dicom_json(response: Any) -> Dataset | None:
+    """The answer's DICOM JSON data set; None if it has none (Orthanc's 409 has no
+    Content-Type, hence the look at the body)."""
+    media = str(response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    text = response.text.lstrip()
+    if media not in ("application/dicom+json", "application/json") and not text.startswith("{"):
+        return None
+    try:
+        return Dataset.from_json(text)
+    except (ValueError, TypeError, KeyError, AttributeError):  # not DICOM JSON after all
+        return None
+
+
+def _cause(exc: BaseException) -> str:
+    """What failed, without requests' and urllib3's wrappers (pool, retries, object ids)."""
+    inner = exc.args[0] if exc.args else None
+    return str(getattr(inner, "reason", None) or inner or exc)
 
 
 def _unique(items: list[str]) -> list[str]:
