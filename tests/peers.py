@@ -657,6 +657,9 @@ class NodeProcess:
 class Orthanc:
     """Orthanc in the foreground (``TCP_NODELAY=1 Orthanc CONFIG.json``), on free ports."""
 
+    # Sent with each of the tests' REST calls (a login, where authentication is enabled).
+    rest_headers: Mapping[str, str] = {}
+
     def __init__(
         self,
         workdir: Path,
@@ -757,6 +760,8 @@ class Orthanc:
         timeout_s: float = 300.0,
     ) -> bytes:
         req = urllib.request.Request(self.url + path, data=body, method=method)
+        for name, value in self.rest_headers.items():
+            req.add_header(name, value)
         if body is not None:
             req.add_header("Content-Type", content_type)
         with urllib.request.urlopen(req, timeout=timeout_s) as response:

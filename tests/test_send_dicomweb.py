@@ -14,7 +14,6 @@ import logging
 import ssl
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.parser import BytesParser
@@ -387,22 +386,7 @@ class LoginOrthanc(Orthanc):
     """Orthanc with ``AuthenticationEnabled``: the tests' own REST calls log in too."""
 
     LOGIN = "Basic " + base64.b64encode(b"node:pa55word").decode()
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        *,
-        content_type: str = "application/json",
-        timeout_s: float = 300.0,
-    ) -> bytes:
-        req = urllib.request.Request(self.url + path, data=body, method=method)
-        req.add_header("Authorization", self.LOGIN)
-        if body is not None:
-            req.add_header("Content-Type", content_type)
-        with urllib.request.urlopen(req, timeout=timeout_s) as response:
-            return bytes(response.read())
+    rest_headers = {"Authorization": LOGIN}
 
 
 @pytest.fixture
