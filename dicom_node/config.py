@@ -7,6 +7,7 @@ Units are in the key names (``quiet_period_s``, ``min_free_disk_mb``).
 from __future__ import annotations
 
 import re
+import ssl
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -47,8 +48,23 @@ class TLSSettings(_Strict):
     port: int = Field(2762, ge=1, le=65535)
     certificate: Path | None = None
     key: Path | None = None
+    # Where set, the only CA trusted: for senders' certificates and for TLS peers' (send.py).
     ca_certificate: Path | None = None
     require_client_certificate: bool = True
+    # OpenSSL cipher list for TLS 1.2, both directions; None: BCP 195's forward-secret AEAD
+    # suites. TLS 1.3's suites are all strong and not affected.
+    ciphers: str | None = None
+
+    @field_validator("ciphers")
+    @classmethod
+    def _known_ciphers(cls, value: str | None) -> str | None:
+        # An unknown list failed each handshake instead of the start.
+        if value is not None:
+            try:
+                ssl.create_default_context().set_ciphers(value)
+            except ssl.SSLError:
+                raise ValueError(f"no cipher suite OpenSSL knows matches {value!r}") from None
+        return value
 
     @model_validator(mode="after")
     def _files_given(self) -> TLSSettings:

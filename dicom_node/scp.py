@@ -10,6 +10,8 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -22,6 +24,7 @@ from dicom_node.config import Settings
 from dicom_node.errors import ConfigError
 from dicom_node.reactor import EventDrivenRequestHandler
 from dicom_node.receive import Receiver
+from dicom_node.send import node_tls_context
 from dicom_node.sop_classes import LABEL_MAP_SEGMENTATION_STORAGE
 
 logger = logging.getLogger(__name__)
@@ -29,6 +32,8 @@ logger = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"
 # Per association already served: how long a receiver process lets idle ones accept first.
 BUSY_ACCEPT_DELAY_S = 0.002
+# node.tls.certificate expiring within this many days: a WARNING at each start.
+CERTIFICATE_RENEWAL_DAYS = 30
 
 # Accepted as sent: uncompressed, deflated, and the common compressed syntaxes.
 TRANSFER_SYNTAXES = [
@@ -118,6 +123,9 @@ class _NodeServer(ThreadedAssociationServer):
         except (OSError, ValueError) as exc:
             if isinstance(exc, TimeoutError):
                 reason = f"no TLS handshake within {self.ae.acse_timeout:g} s"
+            elif isinstance(exc, ssl.SSLCertVerificationError):
+                # OpenSSL's reason alone is the same for an expired certificate and a stranger's.
+                reason = f"{exc.reason}: {exc.verify_message}"
             else:
                 reason = str(getattr(exc, "reason", None) or exc) or type(exc).__name__
             logger.warning(
@@ -143,6 +151,25 @@ def _tls_hint(reason: str) -> str:
         "RECORD_LAYER_FAILURE",
     ):
         return " (not TLS: a sender using the plain DICOM protocol on the TLS port?)"
+    if reason.startswith("CERTIFICATE_VERIFY_FAILED"):
+        return " (the sender's certificate, checked against node.tls.ca_certificate)"
+    if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return (
+            " (the sender sent no certificate; node.tls.require_client_certificate asks for"
+            " one signed by node.tls.ca_certificate)"
+        )
+    if "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason):
+        return (
+            " (the sender refused node.tls.certificate: does it trust the CA that signed it?"
+            " is the certificate still valid?)"
+        )
+    if reason == "UNSUPPORTED_PROTOCOL":
+        return " (the sender offers only TLS 1.1 or older; the node takes TLS 1.2 and 1.3)"
+    if reason == "NO_SHARED_CIPHER":
+        return (
+            " (the sender offers no cipher suite the node takes: TLS 1.2 with ECDHE and"
+            " AES-GCM or ChaCha20-Poly1305 (BCP 195), or TLS 1.3; node.tls.ciphers widens it)"
+        )
     if "CERTIFICATE" in reason or "UNKNOWN_CA" in reason:
         return (
             " (the sender's certificate: none sent, or not signed by node.tls.ca_certificate;"
@@ -261,15 +288,58 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     tls = settings.node.tls
     if tls.certificate is None or tls.key is None:
         raise ConfigError("node.tls needs certificate and key")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.key))
-        if tls.ca_certificate is not None:
-            context.load_verify_locations(cafile=str(tls.ca_certificate))
-    except (OSError, ssl.SSLError) as exc:
+        context = node_tls_context(tls, ssl.Purpose.CLIENT_AUTH)
+    except ValueError as exc:
         raise ConfigError(f"cannot load the TLS certificate/key/CA: {exc}") from exc
     context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
     return context
+
+
+def check_certificate_dates(settings: Settings) -> None:
+    """``node.tls.certificate``, where the node uses it (its TLS port, peers with ``tls``):
+    ConfigError if expired or not yet valid, a WARNING when it expires within
+    ``CERTIFICATE_RENEWAL_DAYS``. OpenSSL loads an expired certificate without a word, and
+    every sender and PACS then refused the node's handshakes."""
+    tls = settings.node.tls
+    if tls.certificate is None or not (tls.enabled or any(p.tls for p in settings.peers)):
+        return
+    validity = certificate_validity(tls.certificate)
+    if validity is None:
+        return  # loaded by OpenSSL, but not in the form read here: its handshakes will tell
+    not_before, not_after = validity
+    now = datetime.now(UTC)
+    if now > not_after:
+        raise ConfigError(
+            f"node.tls.certificate {tls.certificate} expired on {not_after:%Y-%m-%d %H:%M} UTC:"
+            " senders and peers refuse it; install a renewed certificate"
+        )
+    if now < not_before:
+        raise ConfigError(
+            f"node.tls.certificate {tls.certificate} is valid only from"
+            f" {not_before:%Y-%m-%d %H:%M} UTC (is this machine's clock right?)"
+        )
+    left = not_after - now
+    if left < timedelta(days=CERTIFICATE_RENEWAL_DAYS):
+        logger.warning(
+            "node.tls.certificate %s expires on %s UTC, in %d days: renew it before then "
+            "(senders and peers refuse an expired certificate)",
+            tls.certificate,
+            f"{not_after:%Y-%m-%d %H:%M}",
+            left.days,
+        )
+
+
+def certificate_validity(path: Path) -> tuple[datetime, datetime] | None:
+    """notBefore and notAfter of the first certificate of a PEM file; None if unreadable
+    (the ssl module decodes a peer's certificate, never a file's)."""
+    from cryptography import x509
+
+    try:
+        certificate = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return certificate.not_valid_before_utc, certificate.not_valid_after_utc
 
 
 class CallerHostCheck:
@@ -443,6 +513,8 @@ def start_scp(
     listeners: list[tuple[int, ssl.SSLContext | None]] = [(node.port, None)]
     if node.tls.enabled:
         listeners.append((node.tls.port, tls_context(settings)))
+    if adopt is None:  # a receiver process serves what its parent checked
+        check_certificate_dates(settings)
     servers: list[ThreadedAssociationServer] = []
     threads: list[threading.Thread] = []
     for number, (port, context) in enumerate(listeners):

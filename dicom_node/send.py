@@ -18,7 +18,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 
-from dicom_node.config import DicomWebDestination, PeerSettings, Settings
+from dicom_node.config import DicomWebDestination, PeerSettings, Settings, TLSSettings
 from dicom_node.errors import DeliveryError
 from dicom_node.scu_responses import keep_responses_for_sender
 from dicom_node.seg_source_text import keep_text_as_stored
@@ -37,22 +37,73 @@ def scu_ae(settings: Settings) -> AE:
     return ae
 
 
+# BCP 195 (RFC 9325, 4.2) for TLS 1.2: forward-secret AEAD suites only, those DCMTK's default
+# profile proposes; Python's default list also takes CBC suites. TLS 1.3's suites are all AEAD.
+TLS12_CIPHERS = (
+    "@SECLEVEL=2:ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!aDSS"
+)
+
+
+class _KeyHasPassphrase(Exception):
+    pass
+
+
+def _no_passphrase() -> bytes:
+    # Without a callback OpenSSL asks for the passphrase on the terminal: `serve` waited there.
+    raise _KeyHasPassphrase
+
+
+def _file_problem(exc: OSError) -> str:
+    if not isinstance(exc, ssl.SSLError):
+        return str(exc.strerror or exc)
+    hint = {
+        "KEY_VALUES_MISMATCH": "the key is not this certificate's",
+        "NO_CERTIFICATE_OR_CRL_FOUND": "no PEM certificate in it",
+        None: "not a PEM certificate and its PEM private key",  # OpenSSL's "PEM lib"
+    }.get(exc.reason)
+    return f"{hint} ({exc})" if hint else str(exc)
+
+
+def node_tls_context(tls: TLSSettings, purpose: ssl.Purpose) -> ssl.SSLContext:
+    """A context with BCP 195's TLS 1.2 suites (or ``tls.ciphers``), ``tls.certificate`` and
+    ``tls.key``, and ``tls.ca_certificate`` where set as the only CA trusted (else the
+    system's CAs, for SERVER_AUTH). ValueError: which file, and what is wrong with it."""
+    ca = str(tls.ca_certificate) if tls.ca_certificate is not None else None
+    try:
+        # Given a CA file it loads that one alone: with no host name check, the system's CAs
+        # would let any holder of a public CA's certificate, for any name, pass as a peer.
+        context = ssl.create_default_context(purpose, cafile=ca)
+    except OSError as exc:
+        raise ValueError(f"node.tls.ca_certificate {ca}: {_file_problem(exc)}") from exc
+    context.set_ciphers(tls.ciphers or TLS12_CIPHERS)
+    if tls.certificate is not None and tls.key is not None:
+        try:
+            context.load_cert_chain(str(tls.certificate), str(tls.key), password=_no_passphrase)
+        except _KeyHasPassphrase:
+            raise ValueError(
+                f"node.tls.key {tls.key} is encrypted with a passphrase, which the node cannot "
+                "be given: store it without one (openssl pkey -in KEY -out KEY.plain)"
+            ) from None
+        except OSError as exc:
+            raise ValueError(
+                f"node.tls.certificate {tls.certificate} with node.tls.key {tls.key}: "
+                f"{_file_problem(exc)}"
+            ) from exc
+    return context
+
+
 def client_tls(settings: Settings) -> ssl.SSLContext:
     """TLS for a peer marked ``tls: true``: always, never plain TCP in its place.
 
     The node's certificate is the client's where one is configured (``node.tls``); the
-    peer's is checked against ``node.tls.ca_certificate`` and the system's CAs.
+    peer's is checked against ``node.tls.ca_certificate`` alone where set, else against the
+    system's CAs.
     """
-    tls = settings.node.tls
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    context.check_hostname = False  # DICOM peers are addressed by IP; the CA vouches
     try:
-        if tls.certificate is not None and tls.key is not None:
-            context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.key))
-        if tls.ca_certificate is not None:
-            context.load_verify_locations(cafile=str(tls.ca_certificate))
-    except (OSError, ssl.SSLError) as exc:
+        context = node_tls_context(settings.node.tls, ssl.Purpose.SERVER_AUTH)
+    except ValueError as exc:
         raise DeliveryError(f"cannot load node.tls certificate, key or CA: {exc}") from exc
+    context.check_hostname = False  # DICOM peers are addressed by IP; the CA vouches
     return context
 
 
