@@ -29,7 +29,12 @@ from dicom_node.reactor import is_dicom_application_context
 from storage.committer import GroupCommitter
 from storage.database import Index
 from storage.filestore import FileStore, WrittenFile
-from storage.instances import InstanceRecord, Recorded, mark_association_released
+from storage.instances import (
+    InstanceRecord,
+    Recorded,
+    indexed_path,
+    mark_association_released,
+)
 from storage.models import UID_LENGTH
 
 logger = logging.getLogger(__name__)
@@ -383,6 +388,7 @@ class Receiver:
             committing = self._index_threads.submit(self._commit, record, file_done)
         except RuntimeError as exc:  # the interpreter is exiting: no thread takes it
             raise StorageError("the node is shutting down") from exc
+        written: WrittenFile | None = None
         try:
             try:
                 written = WrittenFile.of(self.store.write_atomic(relative, header, raw))
@@ -398,8 +404,8 @@ class Receiver:
             raise
         except BaseException:
             wait([committing])  # its transaction has ended, one way or the other
-            if not existed:  # keep store and index in step: no unindexed new file
-                self.store.remove(relative)
+            if written is not None and not existed:
+                self._discard(written, relative, sop_uid)
             raise
         if recorded.replaced_path:
             self.store.remove(recorded.replaced_path)
@@ -417,6 +423,19 @@ class Receiver:
                 recorded.version,
             )
         return message
+
+    def _discard(self, written: WrittenFile, relative: str, sop_uid: str) -> None:
+        """Remove a file whose row did not commit (store and index in step), unless it is
+        no longer this store's: another copy of the image renamed over it (whose row names
+        it), or a copy whose committed row names the path and whose file this one replaced
+        (the same image on another association at the same moment)."""
+        try:
+            named = indexed_path(self.index, sop_uid) == relative
+        except Exception as exc:  # the index is away: no row can name it
+            logger.debug("could not look up %s before removing its file: %s", sop_uid, exc)
+            named = False
+        if not named:
+            self.store.remove_unchanged(relative, written.inode)
 
 
 class IndexNotAnswering(StorageError):

@@ -342,14 +342,15 @@ class WrittenFile:
             raise TakenByRemoval(path) from None
 
     def check_still_there(self) -> None:
-        """Raise TakenByRemoval unless the file is still at its path: a removal of its
-        series (``FileStore.take_aside``) may have taken it since."""
+        """Raise unless the file is still at its path: TakenByRemoval when a removal of its
+        series (``FileStore.take_aside``) took it since, ReplacedMeanwhile when another copy
+        of the same image (another association's) was renamed over it."""
         try:
-            there = self.path.stat().st_ino == self.inode
+            inode = self.path.stat().st_ino
         except FileNotFoundError:
-            there = False
-        if not there:
-            raise TakenByRemoval(self.path)
+            raise TakenByRemoval(self.path) from None
+        if inode != self.inode:
+            raise ReplacedMeanwhile(self.path)
 
 
 class TakenByRemoval(StorageError):
@@ -357,9 +358,22 @@ class TakenByRemoval(StorageError):
     committed: the image is not stored (the sender is told to send it again)."""
 
     def __init__(self, path: Path) -> None:
+        # The reason first: a C-STORE response's Error Comment keeps 64 characters.
         super().__init__(
-            f"{path.name} was taken by a removal of its series (a prune or series delete) "
-            "as it was stored: not stored, send it again"
+            "taken by a removal of its series (a prune or series delete) as it was stored: "
+            f"not stored, send it again ({path.name})"
+        )
+
+
+class ReplacedMeanwhile(StorageError):
+    """Another copy of the same image (same SOP Instance UID, another association) was
+    renamed over a received image's file before its row committed: that copy's row names
+    the file; this one is not stored (the sender is told to send it again)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            "replaced by another copy of this image stored at the same moment: not stored, "
+            f"send it again ({path.name})"
         )
 
 

@@ -510,6 +510,15 @@ def _instance_fields(rec: InstanceRecord, cur: _Current, now: dt.datetime) -> di
     return fields
 
 
+def indexed_path(index: Index, sop_instance_uid: str) -> str | None:
+    """The file a committed row names for this SOP Instance UID; None without a row."""
+    with index.engine.connect() as conn:
+        path: str | None = conn.execute(
+            select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid)
+        ).scalar_one_or_none()
+    return path
+
+
 def mark_association_released(index: Index, association_id: str) -> None:
     def mark() -> None:
         with index.session() as session, session.begin():
