@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
@@ -161,7 +162,8 @@ def postgres_url() -> Iterator[str]:
 @pytest.fixture
 def fresh_db(postgres_url: str) -> Iterator[str]:
     """An empty database per test on the shared server."""
-    name = f"t{free_port()}"
+    # Not a free port's number: one test's can be another's later, and its database exists.
+    name = f"t{uuid.uuid4().hex[:16]}"
     admin = Index(postgres_url, migrate=False)
     with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text(f"CREATE DATABASE {name}"))
