@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
@@ -458,6 +459,18 @@ def _addresses_of(host: str) -> set[str]:
     return {_plain_address(str(info[4][0])) for info in infos}
 
 
+def _listen_hint(exc: OSError, port: int) -> str:
+    if isinstance(exc, PermissionError) and port < 1024:
+        # Not a port in use: only root, or a process granted the capability, binds below 1024.
+        return (
+            "ports below 1024 need root or CAP_NET_BIND_SERVICE, e.g. AmbientCapabilities= "
+            "in scripts/dicom-node.service, or use a port of 1024 or more"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "node.bind_address is not an address of this machine"
+    return "is another node or PACS using the port?"
+
+
 @dataclass
 class RunningSCP:
     ae: AE
@@ -538,7 +551,7 @@ def start_scp(
                 started.shutdown()
             raise ConfigError(
                 f"cannot listen on {node.bind_address}:{port}: {exc.strerror or exc} "
-                "(is another node or PACS using the port?)"
+                f"({_listen_hint(exc, port)})"
             ) from exc
         server.contexts = [_SharedUIDContext.copy_of(cx) for cx in server.contexts]
         thread = threading.Thread(target=server.serve_forever, name=f"scp-{port}", daemon=True)

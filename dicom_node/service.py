@@ -11,14 +11,20 @@ import gc
 import logging
 import multiprocessing
 import os
+import pwd
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
+from sqlalchemy.engine import make_url
+
+from dicom_node import __version__
 from dicom_node.child_process import Restarts, die_with_parent
 from dicom_node.completion import CompletionListener, CompletionMonitor
 from dicom_node.config import Settings
@@ -28,7 +34,7 @@ from dicom_node.logging_setup import configure_logging
 from dicom_node.receive import Receiver
 from dicom_node.scp import RunningSCP, start_scp
 from storage.database import Index, warn_of_clock_skew
-from storage.filestore import FileStore
+from storage.filestore import REMOVING_DIR, RESULTS_DIR, FileStore
 from storage.instances import CompletedSeries
 from storage.retention import finish_removals
 
@@ -71,9 +77,14 @@ class Service:
         *,
         completion_listeners: list[CompletionListener] | None = None,
         components: list[ComponentFactory] | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.settings = settings
+        log_start(settings, config_path)
         self.index, self.store = open_store(settings)
+        check_writable(self.store, settings)
+        log_storage(self.store, settings)
+        log_inference(settings)
         warn_of_clock_skew(self.index)  # machines sharing a PostgreSQL index compare clocks
         swept = self.store.sweep_temporaries()
         if swept:
@@ -215,6 +226,91 @@ class Service:
             self.replace_dead_receivers()
         self.stop()
         exit_leaving_hung_commits(self.receiver.close())
+
+
+def log_start(settings: Settings, config_path: Path | None) -> None:
+    """The first log line: which release, as whom, with which configuration, listening
+    where. Logged before anything can fail, so that a failed start says what it tried."""
+    node = settings.node
+    logger.info(
+        "dicom-node %s starting (pid %d, user %s), configuration %s: AE %s on %s:%d%s",
+        __version__,
+        os.getpid(),
+        _user_name(),
+        config_path.resolve() if config_path is not None else "none (built-in defaults)",
+        node.ae_title,
+        node.bind_address,
+        node.port,
+        f" and DICOM TLS on port {node.tls.port}" if node.tls.enabled else "",
+    )
+
+
+def log_storage(store: FileStore, settings: Settings) -> None:
+    logger.info(
+        "storage: files in %s (%s MB free, storage.min_free_disk_mb %d), index %s",
+        store.root,
+        f"{store.free_bytes() // 2**20:,}",
+        settings.storage.min_free_disk_mb,
+        shown_url(settings.storage.effective_database_url),
+    )
+
+
+def log_inference(settings: Settings) -> None:
+    """Workers, models and rules; a configured models folder that is not there (a typo, a
+    volume not mounted) is warned of: only the built-in models would run."""
+    from inference.model_store import list_models  # kept out of receiver processes
+
+    models_dir = settings.models_dir
+    there = models_dir.is_dir()
+    workers = settings.workers.processes
+    logger.info(
+        "inference: %s; models in %s%s: %s; %d routing rule(s), %d peer(s)",
+        f"{workers} worker process(es), inference.device {settings.inference.device}"
+        if workers
+        else "no inference workers (workers.processes 0)",
+        models_dir,
+        "" if there else " (none installed)",
+        ", ".join(f"{m.name} (built-in)" if m.builtin else m.name for m in list_models(models_dir))
+        or "none",
+        len(settings.rules),
+        len(settings.peers),
+    )
+    if settings.inference.models_dir is not None and not there:
+        logger.warning(
+            "inference.models_dir %s is not a folder (a typo, a volume not mounted?): "
+            "only the built-in models are available",
+            models_dir,
+        )
+
+
+def shown_url(url: str) -> str:
+    """A database URL as logged: without its password."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a container's user id with no name
+        return str(os.geteuid())
+
+
+def check_writable(store: FileStore, settings: Settings) -> None:
+    """Refuse to start on a store the node cannot write in (its folders made by another
+    user, e.g. root running scripts/run-node.sh before a service user took over): it would
+    answer C-ECHO and the health check, and refuse every image with 0xA700."""
+    folders = [store.root, store.root / RESULTS_DIR, store.root / REMOVING_DIR]
+    for folder in folders[:1] + [f for f in folders[1:] if f.is_dir()]:
+        try:
+            with tempfile.TemporaryFile(dir=folder):  # unnamed where the OS can: nothing left
+                pass
+        except OSError as exc:
+            user = _user_name()
+            raise StorageError(
+                f"cannot write in {folder}: {exc.strerror or exc}; the node runs as user "
+                f"{user}, which needs to own its data (chown -R {user} "
+                f"{settings.storage.data_dir})"
+            ) from exc
 
 
 def _check_client_tls(settings: Settings) -> None:

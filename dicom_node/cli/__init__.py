@@ -50,6 +50,7 @@ def _main(
     settings = load_settings(config)
     configure_logging(settings.logging)
     ctx.obj = settings
+    ctx.meta["config_path"] = config  # for `serve`'s first log line
 
 
 def settings_of(ctx: typer.Context) -> Settings:

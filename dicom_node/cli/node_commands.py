@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Annotated
 
@@ -10,7 +11,9 @@ from pydantic import ValidationError
 
 from dicom_node.cli import print_json, settings_of
 from dicom_node.config import PeerSettings
-from dicom_node.errors import ConfigError, validation_problems
+from dicom_node.errors import ConfigError, DicomNodeError, validation_problems
+
+logger = logging.getLogger(__name__)
 
 _ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d+)$")
 
@@ -30,7 +33,17 @@ def serve(ctx: typer.Context) -> None:
 
     settings = settings_of(ctx)
     listeners, components = default_components(settings)
-    Service(settings, completion_listeners=listeners, components=components).run_until_signal()
+    try:
+        Service(
+            settings,
+            completion_listeners=listeners,
+            components=components,
+            config_path=ctx.meta.get("config_path"),
+        ).run_until_signal()
+    except DicomNodeError as exc:
+        # Also in logging.file, where the start's own lines are: stderr alone had the reason.
+        logger.error("serve failed: %s", exc)
+        raise
 
 
 def _resolve_peer(ctx: typer.Context, peer: str) -> PeerSettings:
