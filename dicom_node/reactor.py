@@ -151,6 +151,8 @@ class _EventDrivenDUL(DULServiceProvider):
     _store: _IncomingStore | None
     # The context of the message last left to pynetdicom: its data set must come on it.
     _message_context: int | None
+    # Set by the node's stop (RunningSCP.abort_remaining) before it cuts the connection.
+    node_stopping = False
 
     def _prepare(self, on_user_item: Callable[[], None]) -> None:
         self._command = []
@@ -284,16 +286,23 @@ class _EventDrivenDUL(DULServiceProvider):
             self.event_queue.put("Evt17")
             return None
         except OSError as exc:
-            logger.error("connection closed before the entire PDU was received: %s", exc)
+            self._log_cut("connection closed before the entire PDU was received: %s", exc)
             self.event_queue.put("Evt17")
             return None
         if len(body) != length:
-            logger.error(
+            self._log_cut(
                 "connection closed inside a PDU (%d of %d bytes received)", len(body), length
             )
             self.event_queue.put("Evt17")
             return None
         return head, body
+
+    def _log_cut(self, message: str, *args: object) -> None:
+        """A connection cut mid-PDU: an ERROR, unless the node's own stop cut it."""
+        if self.node_stopping:
+            logger.info(message + " (the node is stopping)", *args)
+        else:
+            logger.error(message, *args)
 
     def _to_pynetdicom(self, pdu: bytearray) -> None:
         try:
@@ -580,6 +589,13 @@ if not _SUPPORTED:
         "this pynetdicom version lacks the internals dicom_node.reactor relies on: "
         "associations keep pynetdicom's 1 ms polling (slower receiving)"
     )
+
+
+def mark_node_stopping(assoc: Association) -> None:
+    """The node's stop is about to cut ``assoc``'s connection (logged as such, not as an
+    ERROR)."""
+    if isinstance(assoc.dul, _EventDrivenDUL):
+        assoc.dul.node_stopping = True
 
 
 def make_event_driven(assoc: Association) -> None:

@@ -23,7 +23,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Settings
 from dicom_node.errors import ConfigError
-from dicom_node.reactor import EventDrivenRequestHandler
+from dicom_node.reactor import EventDrivenRequestHandler, mark_node_stopping
 from dicom_node.receive import Receiver
 from dicom_node.send import node_tls_context
 from dicom_node.sop_classes import LABEL_MAP_SEGMENTATION_STORAGE
@@ -491,6 +491,7 @@ class RunningSCP:
             # A read blocked on a silent peer returns at once (end of stream), so the abort
             # does not wait for it; the A-ABORT can still be written.
             sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+            mark_node_stopping(assoc)  # its read cut short is no fault to log as one
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RD)
