@@ -32,8 +32,8 @@ from storage.filestore import FileStore, WrittenFile
 from storage.instances import (
     InstanceRecord,
     Recorded,
-    indexed_path,
     mark_association_released,
+    row_held,
 )
 from storage.models import UID_LENGTH
 
@@ -408,7 +408,7 @@ class Receiver:
                 self._discard(written, relative, sop_uid)
             raise
         if recorded.replaced_path:
-            self.store.remove(recorded.replaced_path)
+            self._remove_replaced(recorded.replaced_path, sop_uid)
         message = None
         if recorded.replaced:
             message = (
@@ -424,17 +424,40 @@ class Receiver:
             )
         return message
 
+    def _remove_replaced(self, replaced: str, sop_uid: str) -> None:
+        """Remove the file the image's row named before this store moved it (to another
+        series or study), unless a row names that path again: a copy sent under the old
+        series at the same moment, whose row committed after this one's and was
+        acknowledged. Checked and removed with the row held, so none commits in between
+        (one renamed there meanwhile finds its file gone before its commit: refused)."""
+        try:
+            with row_held(self.index, sop_uid) as named:
+                if named is not None and named != replaced:
+                    self.store.remove(replaced)
+        except Exception as exc:  # the image is stored; store check lists the old file
+            log_failure(
+                logger, exc, "could not remove %s, the earlier file of %s", replaced, sop_uid
+            )
+
     def _discard(self, written: WrittenFile, relative: str, sop_uid: str) -> None:
         """Remove a file whose row did not commit (store and index in step), unless it is
         no longer this store's: another copy of the image renamed over it (whose row names
         it), or a copy whose committed row names the path and whose file this one replaced
-        (the same image on another association at the same moment)."""
+        (the same image on another association at the same moment). Looked up and removed
+        with the row held: a copy checked but not yet committed would otherwise commit
+        right after the look-up, naming the file removed (SQLite; on PostgreSQL a new
+        image's row is not held until it commits)."""
+        looked_up = False
         try:
-            named = indexed_path(self.index, sop_uid) == relative
-        except Exception as exc:  # the index is away: no row can name it
+            with row_held(self.index, sop_uid) as named:
+                looked_up = True
+                if named != relative:
+                    self.store.remove_unchanged(relative, written.inode)
+        except StorageError as exc:
+            if looked_up:  # acted on what it found; only ending the look-up failed
+                return
+            # The index is away: no row can name it.
             logger.debug("could not look up %s before removing its file: %s", sop_uid, exc)
-            named = False
-        if not named:
             self.store.remove_unchanged(relative, written.inode)
 
 

@@ -174,10 +174,18 @@ class FileStore:
         place, when it is another: an image sent again since and written there (it is
         renamed into place, so it has a new inode), which its new row will name.
 
-        The file is first renamed aside (a temporary's name: a crash leaves it to the
-        sweep), so a copy written meanwhile is never the one removed.
+        Another file is not moved at all: renamed aside to look, then back, it was under a
+        temporary's name meanwhile, which a kill -9 then left to the next start's sweep
+        (an acknowledged copy lost), and its own store's check found it gone. The file is
+        renamed aside (a temporary's name: a crash leaves it to the sweep) before it goes,
+        so a copy renamed there after the look is never the one removed.
         """
         path = self.root / relative
+        try:
+            if path.stat().st_ino != inode:
+                return False
+        except FileNotFoundError:
+            return False
         aside = path.parent / temporary_name()
         try:
             os.rename(path, aside)

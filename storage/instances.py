@@ -6,14 +6,16 @@ this module never parses DICOM.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy import Connection, Table, bindparam, func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from dicom_node.errors import StorageError
@@ -278,6 +280,7 @@ class InstanceWriter:
     def _record(
         self, conn: Connection, records: Sequence[InstanceRecord], staged: dict[str, _Current]
     ) -> list[Recorded]:
+        lock_images(conn, [r.sop_instance_uid for r in records])
         now = utcnow()
         by_series: dict[str, list[InstanceRecord]] = {}
         for rec in records:
@@ -510,13 +513,52 @@ def _instance_fields(rec: InstanceRecord, cur: _Current, now: dt.datetime) -> di
     return fields
 
 
-def indexed_path(index: Index, sop_instance_uid: str) -> str | None:
-    """The file a committed row names for this SOP Instance UID; None without a row."""
-    with index.engine.connect() as conn:
-        path: str | None = conn.execute(
-            select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid)
-        ).scalar_one_or_none()
-    return path
+# pg_advisory_xact_lock(class, key): the class keeps these apart from other advisory locks.
+_IMAGE_LOCK_CLASS = 0x64636D69  # "dcmi"
+
+
+def lock_images(conn: Connection, sop_instance_uids: Sequence[str]) -> None:
+    """PostgreSQL: hold each image's lock until the transaction ends, so that a refused
+    store's clean-up (``row_held``) waits for a store of the same image in flight, even of
+    a new image, which has no row to lock yet. Taken in one order by every transaction (no
+    deadlock). A no-op on SQLite, where the writer turn serialises those already."""
+    if conn.dialect.name != "postgresql":
+        return
+    for key in sorted({_image_key(uid) for uid in sop_instance_uids}):
+        conn.execute(
+            text("SELECT pg_advisory_xact_lock(:class_id, :key)"),
+            {"class_id": _IMAGE_LOCK_CLASS, "key": key},
+        )
+
+
+def _image_key(sop_instance_uid: str) -> int:
+    # Stable across processes and machines (Python's hash() is not); a collision only
+    # makes two images wait for each other.
+    digest = hashlib.blake2b(sop_instance_uid.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+@contextlib.contextmanager
+def row_held(index: Index, sop_instance_uid: str) -> Iterator[str | None]:
+    """The file the committed row of this SOP Instance UID names (None without a row), with
+    the row held until the block ends: no store of the image commits meanwhile, and one
+    waiting for it checks its file only after (``WrittenFile.check_still_there``).
+    StorageError when the index cannot be read.
+
+    PostgreSQL: the image's lock (``lock_images``), which a store holds from its first
+    statement to its commit, check included. SQLite: the writer turn, inside which every
+    store's transaction runs.
+    """
+    try:
+        with index.writer_turn(), index.engine.begin() as conn:
+            lock_images(conn, [sop_instance_uid])
+            yield conn.execute(
+                select(_instances.c.path)
+                .where(_instances.c.sop_instance_uid == sop_instance_uid)
+                .with_for_update()
+            ).scalar_one_or_none()
+    except SQLAlchemyError as exc:  # the pool's timeout too
+        raise StorageError(f"index unavailable: {unavailable_reason(exc) or exc}") from exc
 
 
 def mark_association_released(index: Index, association_id: str) -> None:

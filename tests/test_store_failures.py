@@ -6,17 +6,30 @@ The node's real SCP in this process, pynetdicom as the sender; the failures are 
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from inprocess import InProcessNode, minimal_mr_dataset, mr_store_association
+import test_postgres
+from inprocess import InProcessNode, inprocess_node, minimal_mr_dataset, mr_store_association
 from pydicom import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import _config as pynetdicom_config
 from sqlalchemy import text
 
 from dicom_node.errors import StorageError
+from dicom_node.receive import Receiver
+from storage.consistency import check_store
 from storage.database import Index
-from storage.filestore import FileStore
-from storage.instances import InstanceWriter
+from storage.filestore import FileStore, WrittenFile
+from storage.instances import InstanceWriter, Recorded
+
+# The throwaway PostgreSQL server and per-test database of test_postgres.
+postgres_url = test_postgres.postgres_url
+fresh_db = test_postgres.fresh_db
 
 
 def _store(port: int, ds: Dataset) -> Dataset:
@@ -89,11 +102,6 @@ def test_one_image_sent_on_two_associations_at_once_is_never_lost(
     copy was renamed into place, then B's over it; B committed and acknowledged. A, finding
     another file at its path, was refused "taken by a removal" and removed the file there:
     B's acknowledged image. Now A removes only its own file, and says what happened."""
-    import copy
-    import threading
-
-    from storage.consistency import check_store
-
     port, index, store = scp_in_process.port, scp_in_process.index, scp_in_process.store
     image = minimal_mr_dataset()
     write_atomic = FileStore.write_atomic
@@ -135,8 +143,6 @@ def test_a_store_failing_removes_only_its_own_file_that_no_row_names(tmp_path: P
     file that is no longer its own (another copy renamed over it) nor its own copy when a
     committed row names the path (the same image committed by another association, whose
     file this copy replaced: removing it lost that acknowledged image)."""
-    from dicom_node.receive import Receiver
-    from storage.filestore import WrittenFile
     from storage.instances import InstanceRecord, record_instance
 
     index = Index(f"sqlite:///{tmp_path / 'index.sqlite'}")
@@ -177,3 +183,207 @@ def test_a_store_failing_removes_only_its_own_file_that_no_row_names(tmp_path: P
     finally:
         receiver.close()
         index.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.peers)])
+def scp_on_each_index(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[InProcessNode]:
+    """The node's Storage SCP in this process on a SQLite index, then on PostgreSQL (the
+    two hold a row against a concurrent store differently)."""
+    monkeypatch.setattr(pynetdicom_config, "LOG_HANDLER_LEVEL", "none")
+    url = request.getfixturevalue("fresh_db") if request.param == "postgresql" else None
+    with inprocess_node(tmp_path / "data", database_url=url) as node:
+        yield node
+
+
+def _stored_then_moved(node: InProcessNode) -> tuple[Dataset, Dataset, str, str]:
+    """An image stored (its first path), and a copy of it under another series (which
+    moves its row to the second path)."""
+    image = minimal_mr_dataset()
+    assert _store(node.port, copy.deepcopy(image)).Status == 0x0000
+    moved = copy.deepcopy(image)
+    moved.SeriesInstanceUID = generate_uid()
+    first, second = (
+        node.store.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        for ds in (image, moved)
+    )
+    return image, moved, first, second
+
+
+def _indexed_paths(index: Index) -> list[str]:
+    with index.engine.connect() as conn:
+        return list(conn.execute(text("SELECT path FROM instances")).scalars())
+
+
+def test_an_image_moved_to_another_series_leaves_a_copy_stored_at_its_old_path(
+    scp_on_each_index: InProcessNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """X sends a stored image under another series (a corrected study, a sender re-using a
+    UID): its row moves to the new path, and X removes the old file after its commit. Y
+    sends the image under its first series at that moment: its copy is renamed to the old
+    path and its row, committed after X's, names it again. X then removed the old path
+    unconditionally: Y's acknowledged copy. Now X removes it only while no row names it."""
+    node = scp_on_each_index
+    image, moved, first, _ = _stored_then_moved(node)
+    wait_for_index = Receiver._wait_for_index
+    x_committed, y_done = threading.Event(), threading.Event()
+
+    def x_pauses_after_its_commit(self: Receiver, committing: object) -> Recorded:
+        recorded = wait_for_index(self, committing)  # type: ignore[arg-type]
+        if recorded.replaced_path == first and not x_committed.is_set():
+            x_committed.set()  # X's row names the new path; the old file is still there
+            assert y_done.wait(30)
+        return recorded
+
+    monkeypatch.setattr(Receiver, "_wait_for_index", x_pauses_after_its_commit)
+    statuses: dict[str, Dataset] = {}
+
+    def send_x() -> None:
+        statuses["X"] = _store(node.port, moved)
+
+    x = threading.Thread(target=send_x)
+    x.start()
+    assert x_committed.wait(30)
+    statuses["Y"] = _store(node.port, copy.deepcopy(image))  # its row names the old path
+    y_done.set()
+    x.join(30)
+    assert statuses["X"].Status == 0x0000
+    assert statuses["Y"].Status == 0x0000
+    assert _indexed_paths(node.index) == [first]
+    assert node.store.absolute(first).exists(), "Y's acknowledged copy is gone"
+    assert _files(node.store) == [node.store.absolute(first)]
+    assert check_store(node.index, node.store, grace_s=0).consistent
+
+
+def test_a_copy_renamed_to_a_moved_images_old_path_as_it_is_removed_is_refused(
+    scp_on_each_index: InProcessNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but Y's copy is renamed to the old path just as X removes that path: X
+    holds the image's row (its removal is no check-then-remove that Y's commit can slip
+    between), so Y's row waits; X removes the file, and Y, finding its file gone before its
+    commit, is refused (0xA700: the sender sends it again). Never acknowledged, then lost."""
+    node = scp_on_each_index
+    image, moved, first, second = _stored_then_moved(node)
+    remove, write_atomic = FileStore.remove, FileStore.write_atomic
+    x_removing, y_renamed, y_answered = threading.Event(), threading.Event(), threading.Event()
+
+    def x_pauses_as_it_removes(self: FileStore, relative: str) -> None:
+        if relative == first and not x_removing.is_set():
+            x_removing.set()
+            assert y_renamed.wait(30)
+            y_answered.wait(1.0)  # Y's row waits for X's: no answer comes (bounded wait)
+        remove(self, relative)
+
+    def y_signals_its_rename(self: FileStore, relative: str, *parts: bytes) -> Path:
+        written = write_atomic(self, relative, *parts)
+        if x_removing.is_set():
+            y_renamed.set()
+        return written
+
+    monkeypatch.setattr(FileStore, "remove", x_pauses_as_it_removes)
+    monkeypatch.setattr(FileStore, "write_atomic", y_signals_its_rename)
+    statuses: dict[str, Dataset] = {}
+
+    def send_x() -> None:
+        statuses["X"] = _store(node.port, moved)
+
+    x = threading.Thread(target=send_x)
+    x.start()
+    assert x_removing.wait(30)
+    statuses["Y"] = _store(node.port, copy.deepcopy(image))
+    y_answered.set()
+    x.join(30)
+    assert statuses["X"].Status == 0x0000
+    assert statuses["Y"].Status == 0xA700, "Y was acknowledged; its file went with X's removal"
+    assert _indexed_paths(node.index) == [second]
+    assert _files(node.store) == [node.store.absolute(second)]
+    assert check_store(node.index, node.store, grace_s=0).consistent
+
+
+def test_a_refused_copy_never_removes_a_copy_whose_row_commits_meanwhile(
+    scp_on_each_index: InProcessNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new image on two associations at once. A's row fails (the index refused it) while
+    A's file is still being written; B's copy is renamed into place and checked, then A's
+    is renamed over it (the same image). A, refused, found no row naming the path (B had not
+    committed yet) and removed its own file: the one B's row, committed a moment later,
+    names. Now A looks and removes holding what B's check and commit hold: the writer turn
+    (SQLite), the image's lock (PostgreSQL: a new image has no row to lock yet)."""
+    node = scp_on_each_index
+    image = minimal_mr_dataset()
+    path = node.store.relative_path(
+        image.StudyInstanceUID, image.SeriesInstanceUID, image.SOPInstanceUID
+    )
+    record, write_atomic = InstanceWriter.record, FileStore.write_atomic
+    check_still_there, discard = WrittenFile.check_still_there, Receiver._discard
+    a_refused, a_writing = threading.Event(), threading.Event()
+    b_checked, a_discarded = threading.Event(), threading.Event()
+
+    def refusing_a(self: InstanceWriter, *args: object, **kwargs: object) -> list[Recorded]:
+        if not a_refused.is_set():
+            a_refused.set()
+            raise StorageError("index unavailable: database is locked")
+        return record(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    def a_renames_after_b_checked(self: FileStore, relative: str, *parts: bytes) -> Path:
+        if not a_writing.is_set():  # A's: renamed over B's copy once B's check has passed
+            a_writing.set()
+            assert b_checked.wait(30)
+        return write_atomic(self, relative, *parts)
+
+    def b_commits_after_a_discarded(self: WrittenFile) -> None:
+        check_still_there(self)
+        b_checked.set()
+        a_discarded.wait(1.0)  # A's cleanup waits for B's commit: it does not end (bounded)
+
+    def a_discards(self: Receiver, *args: object) -> None:
+        discard(self, *args)  # type: ignore[arg-type]
+        a_discarded.set()
+
+    monkeypatch.setattr(InstanceWriter, "record", refusing_a)
+    monkeypatch.setattr(FileStore, "write_atomic", a_renames_after_b_checked)
+    monkeypatch.setattr(WrittenFile, "check_still_there", b_commits_after_a_discarded)
+    monkeypatch.setattr(Receiver, "_discard", a_discards)
+    statuses: dict[str, Dataset] = {}
+
+    def send_a() -> None:
+        statuses["A"] = _store(node.port, copy.deepcopy(image))
+
+    a = threading.Thread(target=send_a)
+    a.start()
+    assert a_refused.wait(30) and a_writing.wait(30)
+    statuses["B"] = _store(node.port, copy.deepcopy(image))
+    a.join(30)
+    assert statuses["A"].Status == 0xA700
+    assert statuses["B"].Status == 0x0000
+    assert _indexed_paths(node.index) == [path]
+    assert node.store.absolute(path).exists(), "B's acknowledged image is gone"
+    assert check_store(node.index, node.store, grace_s=0).consistent
+
+
+class _Killed(BaseException):
+    """The process dies here (kill -9): nothing after this point runs."""
+
+
+def test_a_refused_store_killed_as_it_cleans_up_leaves_another_copy_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused store removes its file unless another copy was renamed over it (whose row
+    names it). It renamed whatever was there aside under a temporary's name to look, then
+    put another copy back: killed in between, the next start swept that temporary, the
+    other copy, acknowledged. Now another file is never moved."""
+    store = FileStore(tmp_path / "store")
+    relative = store.relative_path("1.2", "1.2.3", "1.2.3.4")
+    mine = WrittenFile.of(store.write_atomic(relative, b"mine"))
+    store.write_atomic(relative, b"theirs")  # another association's copy, acknowledged
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise _Killed
+
+    monkeypatch.setattr("storage.filestore.os.link", killed)  # before it is put back
+    with contextlib.suppress(_Killed):
+        assert not store.remove_unchanged(relative, mine.inode)
+    store.sweep_temporaries()  # the next start
+    assert store.absolute(relative).is_file(), "the acknowledged copy is gone"
+    assert store.absolute(relative).read_bytes() == b"theirs"
