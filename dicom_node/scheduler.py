@@ -20,7 +20,7 @@ from dicom_node.routing import SeriesFacts, route
 from dicom_node.rule_models import rule_model_problems
 from storage.database import Index
 from storage.instances import up_to_version
-from storage.models import Instance, Series, SeriesState, SeriesVersion, utcnow
+from storage.models import Instance, Job, JobState, Series, SeriesState, SeriesVersion, utcnow
 from storage.queue import JobSpec, create_job, job_for, retry_job
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class Scheduler:
             with self.index.session() as session:
                 facts = facts_from_index(session, series, version)
             decision = route(self.settings.rules, facts)
-            rule = decision.rule
+            spec: JobSpec | None = None
             if decision.not_images is not None:
                 logger.info(
                     "series %s version %d: kept, not processed: %s",
@@ -181,15 +181,12 @@ class Scheduler:
                     version.version,
                     decision.not_images,
                 )
-            elif rule is None:
-                logger.info(
-                    "series %s version %d: no routing rule matches; kept, not processed (%s)",
-                    series.series_instance_uid,
-                    version.version,
-                    decision.summary(),
-                )
+            elif decision.rule is None:
+                spec = self._continued(series, version, decision.summary())
             else:
-                job_id = create_job(self.index, version.id, _spec(rule))
+                spec = _spec(decision.rule)
+            if spec is not None:
+                job_id = create_job(self.index, version.id, spec)
                 if job_id is not None:
                     queued += 1
                     if self.on_queued is not None:
@@ -199,14 +196,58 @@ class Scheduler:
                         job_id,
                         series.series_instance_uid,
                         version.version,
-                        rule.name,
-                        rule.model,
+                        spec.rule_name,
+                        spec.model_name,
                     )
             with self.index.session() as session, session.begin():
                 row = session.get(SeriesVersion, version.id)
                 if row is not None:
                     row.routed_at = utcnow()
         return queued
+
+    def _continued(self, series: Series, version: SeriesVersion, reasons: str) -> JobSpec | None:
+        """The job a version that no rule matches gets all the same: the rule of the series'
+        previous job when that job made no SEG and was not cancelled. A later version
+        supersedes a job that has not run yet (see ``worker.run_job``); without this, a
+        version that matches no rule any more (sent again from another AE title, past a
+        rule's max_images) left the series without any SEG. After a SEG it stays kept: a
+        PACS forwarding the study back must not start a round trip."""
+        with self.index.session() as session:
+            row = session.execute(
+                select(Job, SeriesVersion.version)
+                .join(SeriesVersion, Job.series_version_pk == SeriesVersion.id)
+                .where(
+                    SeriesVersion.series_pk == series.id, SeriesVersion.version < version.version
+                )
+                .order_by(SeriesVersion.version.desc(), Job.id.desc())
+                .limit(1)
+            ).first()
+        previous, before = row if row is not None else (None, 0)
+        if previous is None or previous.state == JobState.CANCELLED or previous.seg_path:
+            logger.info(
+                "series %s version %d: no routing rule matches; kept, not processed (%s)",
+                series.series_instance_uid,
+                version.version,
+                reasons,
+            )
+            return None
+        rule = next((r for r in self.settings.rules if r.name == previous.rule_name), None)
+        logger.info(
+            "series %s version %d: no routing rule matches (%s); processed under rule %s all "
+            "the same, as was version %d's job %d, which has made no SEG (%s)",
+            series.series_instance_uid,
+            version.version,
+            reasons,
+            previous.rule_name,
+            before,
+            previous.id,
+            previous.reason or previous.state.value,
+        )
+        if rule is not None:  # the rule as configured now
+            return _spec(rule)
+        return JobSpec(  # queued by an operator with a rule since removed: as it was queued
+            previous.rule_name, previous.model_name, previous.profile, previous.destinations
+        )
 
     def start(self) -> None:
         for problem in rule_model_problems(self.settings):

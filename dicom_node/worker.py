@@ -307,10 +307,20 @@ def fallback_path(seg_path: str) -> str:
 
 def _not_recorded(ctx: JobContext, job_id: int, tag: str) -> None:
     """A finished run's result was not recorded: the job is no longer this worker's."""
-    if cancel_requested(ctx.index, job_id):
+    with ctx.index.session() as session:
+        state = session.scalar(select(Job.state).where(Job.id == job_id))
+    if state is None or state == JobState.CANCELLED:
+        # Gone: `jobs cancel` then `series delete` (a wrong patient's series) before the pool
+        # stopped this worker. Its SEG, written after the deletion, must not stay behind.
         for name in ctx.store.job_results(job_id):
             ctx.store.remove(name)
-        logger.warning("%s: cancelled while running; its SEG is discarded, nothing is sent", tag)
+        logger.warning(
+            "%s: %s; its SEG is discarded, nothing is sent",
+            tag,
+            "cancelled while running"
+            if state is not None
+            else "removed while it ran (its series deleted or pruned)",
+        )
     else:
         # Taken over by another worker (this one's heartbeat lapsed, the index away).
         # Its files are left alone: a SEG's name is its UID, derived from the series, the

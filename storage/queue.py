@@ -42,9 +42,23 @@ class JobSpec:
 
 
 def create_job(index: Index, series_version_pk: int, spec: JobSpec) -> int | None:
-    """Queue one job per (series version, rule); returns its id, or None if it existed."""
+    """Queue one job per (series version, rule); returns its id, or None if it existed (or
+    its series is gone)."""
     try:
         with index.session() as session, session.begin():
+            # The series row shared first: a `series delete` or prune holds it FOR UPDATE from
+            # its check of the series' jobs to its commit. On PostgreSQL a job queued in
+            # between made the deletion fail on its reference ("images of it arrived"), and
+            # then ran: the wrong patient's SEG sent. Waited for, the series is gone. (SQLite
+            # ignores the lock: it has one writer at a time.)
+            series_pk = session.scalar(
+                select(SeriesVersion.series_pk).where(SeriesVersion.id == series_version_pk)
+            )
+            shared = select(Series.id).where(Series.id == series_pk)
+            if series_pk is None or (
+                session.scalar(shared.with_for_update(read=True, key_share=True)) is None
+            ):
+                return None
             job = Job(
                 series_version_pk=series_version_pk,
                 rule_name=spec.rule_name,

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import test_postgres
 import yaml
-from sqlalchemy import event, select, update
+from sqlalchemy import event, select, text, update
 from test_restarts import ExitedProcess
 
 from dicom_node.config import RuleSettings, Settings, WorkerSettings
@@ -62,6 +63,11 @@ from storage.queue import (
 from storage.stats import index_counts
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The throwaway PostgreSQL server and per-test database of test_postgres, for the tests of
+# interleavings that only PostgreSQL allows.
+postgres_url = test_postgres.postgres_url
+fresh_db = test_postgres.fresh_db
 
 RULES = [
     {
@@ -232,6 +238,54 @@ def test_a_later_version_is_routed_on_the_whole_series_its_job_reads(index: Inde
     with index.session() as session:
         jobs = session.execute(select(Job.rule_name, Job.series_version_pk)).all()
     assert sorted(jobs) == [("vibe", late.series_version_pk - 1), ("vibe", late.series_version_pk)]
+
+
+def test_a_later_version_no_rule_matches_continues_under_the_rule_it_superseded(
+    index: Index, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A series from the workstation (rule from-ws, by calling AE), forwarded again by the
+    PACS before its job ran: version 1's job was superseded ("its job segments every
+    image"), and version 2, from another AE title, matched no rule: no SEG at all."""
+    from dicom_node.worker import JobContext, process_one
+    from storage.filestore import FileStore
+
+    settings = Settings(storage={"data_dir": tmp_path}, rules=rules())
+    scheduler = Scheduler(settings, index)
+    _complete_series(index, ae="WS1", n=3)
+    assert scheduler.route_pending() == 1
+    _complete_series(index, ae="PACS", n=3)  # the same images again: version 2
+    caplog.set_level("INFO", logger="dicom_node.scheduler")
+    assert scheduler.route_pending() == 1
+    assert "version 2: no routing rule matches (" in caplog.text
+    assert (
+        "processed under rule from-ws all the same, as was version 1's job 1, which has made "
+        "no SEG (queued)" in caplog.text
+    )
+    ctx = JobContext(settings, index, FileStore(tmp_path / "store", 0, fsync=False), "host:1")
+    assert process_one(ctx, _ModelsRaising(ModelError("no model")))  # type: ignore[arg-type]
+    with index.session() as session:
+        jobs = session.execute(
+            select(SeriesVersion.version, Job.rule_name, Job.state, Job.reason)
+            .join(SeriesVersion, Job.series_version_pk == SeriesVersion.id)
+            .order_by(Job.id)
+        ).all()
+    assert [tuple(j[:3]) for j in jobs] == [
+        (1, "from-ws", JobState.SUCCEEDED),  # superseded: no SEG
+        (2, "from-ws", JobState.QUEUED),
+    ]
+    assert jobs[0].reason.startswith("superseded by version 2")
+    # Once a version's job made a SEG, a later version no rule matches is kept (a PACS
+    # forwarding the study back would otherwise start a round trip), as is one whose job
+    # the operator cancelled.
+    with index.session() as session, session.begin():
+        session.execute(update(Job).where(Job.id == 2).values(seg_path="results/2/seg.dcm"))
+    _complete_series(index, ae="PACS", n=3)  # version 3
+    assert scheduler.route_pending() == 0
+    assert cancel_job(index, 2) == (JobState.QUEUED, True)
+    with index.session() as session, session.begin():
+        session.execute(update(Job).where(Job.id == 2).values(seg_path=""))
+    _complete_series(index, ae="PACS", n=3)  # version 4: version 3 had no job, 2 cancelled
+    assert scheduler.route_pending() == 0
 
 
 def test_unmatched_series_is_kept_and_logged(
@@ -479,6 +533,59 @@ def test_an_image_committed_while_completion_closes_the_version_keeps_it_open(
         (version,) = session.scalars(select(SeriesVersion)).all()
         assert (version.state, version.instance_count) == (SeriesState.RECEIVING, 3)
     other.dispose()
+
+
+@pytest.mark.peers
+def test_a_series_deleted_as_it_is_routed_gets_no_job_on_postgresql(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    """`series delete` just after completion, as the scheduler routed the series: its job
+    was queued between the deletion's check of the jobs and its commit. The deletion then
+    failed on the job's reference, saying `images of it arrived while it was being deleted`,
+    and the job ran: the wrong patient's SEG went to the PACS."""
+    from storage.filestore import FileStore
+    from storage.retention import delete_series
+
+    index = Index(fresh_db)
+    _complete_series(index)
+    routing = Index(fresh_db, migrate=False)
+    scheduler = Scheduler(Settings.model_validate({"rules": EVERY_SERIES}), routing)
+    queued: list[int] = []
+
+    def route() -> None:
+        queued.append(scheduler.route_pending())
+
+    router = threading.Thread(target=route)
+
+    def waiting_for_a_lock() -> bool:
+        with index.engine.connect() as conn:
+            return bool(
+                conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND datname = current_database()"
+                    )
+                ).scalar()
+            )
+
+    def hook(conn: Any, cursor: Any, sql: str, *_args: Any) -> None:
+        # After the deletion found no job, before it deletes anything: the scheduler routes.
+        if sql.startswith("DELETE FROM deliveries") and not router.is_alive() and not queued:
+            router.start()
+            deadline = time.monotonic() + 20
+            while router.is_alive() and not waiting_for_a_lock():
+                assert time.monotonic() < deadline, "the scheduler neither ended nor waited"
+                time.sleep(0.05)
+
+    event.listen(index.engine, "before_cursor_execute", hook)
+    deleted = delete_series(index, FileStore(tmp_path / "store", 0, fsync=False), "1.2.3")
+    router.join(30)
+    assert deleted.series == ["1.2.3"]
+    assert queued == [0]
+    with index.session() as session:
+        assert session.scalars(select(Job)).all() == []
+    routing.dispose()
+    index.dispose()
 
 
 def test_a_cancel_committed_while_a_job_finishes_is_not_overwritten(index: Index) -> None:
@@ -873,6 +980,51 @@ def test_a_worker_whose_job_was_taken_over_leaves_the_new_runs_seg(
     job = _job(index, job_id)
     assert (job.state, job.worker, job.seg_path) == (JobState.SUCCEEDED, "host:2", seg_rel)
     assert "another worker took the job over while this one ran it" in caplog.text
+
+
+def test_a_run_whose_series_was_deleted_meanwhile_leaves_no_seg(
+    index: Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`jobs cancel` then `series delete` (the wrong patient) before the pool stopped the
+    worker: its SEG was written after the deletion and left in the store, as if another
+    worker had taken the job over ("its run's result stands")."""
+    from dicom_node.segment import SegmentResult
+    from dicom_node.worker import JobContext, process_one
+    from storage.filestore import FileStore
+    from storage.retention import delete_series
+
+    job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, []))
+    assert job_id is not None
+    store = FileStore(tmp_path / "store", 0, fsync=False)
+
+    def deleted_while_running(*args: object, **kwargs: object) -> SegmentResult:
+        assert cancel_job(index, job_id) == (JobState.RUNNING, True)
+        assert delete_series(index, store, "1.2.3").series == ["1.2.3"]
+        return SegmentResult(_seg("2.25.42"), None, [], "1.2", "1.2.3", {})
+
+    monkeypatch.setattr("dicom_node.segment.segment_series", deleted_while_running)
+    ctx = JobContext(Settings(storage={"data_dir": tmp_path}), index, store, "host:1")
+    caplog.set_level(logging.WARNING, logger="dicom_node.worker")
+    assert process_one(ctx, _ModelsGiving())  # type: ignore[arg-type]
+    assert store.job_results(job_id) == []
+    assert "removed while it ran (its series deleted or pruned); its SEG is discarded" in (
+        caplog.text
+    )
+    assert "another worker took the job over" not in caplog.text
+
+
+def _seg(uid: str) -> Any:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    ds.SOPInstanceUID = uid
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
 
 
 def test_a_run_taken_over_keeps_its_fallback_apart_from_the_new_runs(
