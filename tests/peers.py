@@ -18,7 +18,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -119,6 +119,26 @@ def dcmtk_env() -> dict[str, str]:
 
 
 # -- DCMTK command-line tools --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def storescp_to(folder: Path, *args: str) -> Iterator[int]:
+    """DCMTK storescp (AE PACS) writing what it receives to ``folder``, with extra arguments
+    (e.g. ``+tls``: its default profile is BCP 195's); yields its port."""
+    port = free_port()
+    folder.mkdir(parents=True)
+    scp = subprocess.Popen(
+        [require_binary(STORESCP), "-aet", "PACS", *args, "-od", str(folder), str(port)],
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: port_open(port), timeout_s=10, what="storescp listening")
+        yield port
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
 
 
 def echoscu(

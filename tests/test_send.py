@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import socket
 import subprocess
 import threading
@@ -16,11 +14,9 @@ import numpy as np
 import pytest
 from peers import (
     DICOM_NODE,
-    STORESCP,
-    dcmtk_env,
     free_port,
     make_tls_files,
-    port_open,
+    storescp_to,
     wait_until,
 )
 from pydicom import Dataset, dcmread
@@ -178,23 +174,10 @@ def test_dcmtk_storescp_accepting_implicit_vr_only_gets_the_binary_seg(
     tmp_path: Path, segs: tuple[Path, Path]
 ) -> None:
     """The same with DCMTK's storescp +xi (implicit VR little endian only) as the old PACS."""
-    if not os.path.exists(STORESCP):
-        pytest.skip(f"{STORESCP} is not installed (apt-get install dcmtk)")
-    port, folder = free_port(), tmp_path / "received"
-    folder.mkdir()
-    scp = subprocess.Popen(
-        [STORESCP, "-aet", "PACS", "+xi", "-od", str(folder), str(port)],
-        env=dcmtk_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    folder = tmp_path / "received"
+    with storescp_to(folder, "+xi") as port:
         peer = PeerSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
-        wait_until(lambda: port_open(port), timeout_s=10, what="storescp listening")
         assert store_seg(Settings(), peer, segs[1]) == ""
-    finally:
-        scp.terminate()
-        scp.wait(timeout=10)
     (received,) = folder.iterdir()
     got = dcmread(received)
     assert got.file_meta.TransferSyntaxUID == IMPLICIT_VR_LE
@@ -482,27 +465,6 @@ def test_sends_run_in_parallel_threads(pacs_factory: type[Pacs], segs: tuple[Pat
 # -- DICOM TLS to a peer marked tls: true, DCMTK's storescp +tls as the PACS --------------------
 
 
-@contextlib.contextmanager
-def _storescp(folder: Path, *args: str) -> Iterator[int]:
-    """DCMTK storescp writing to ``folder``, with extra arguments (e.g. TLS); yields its port."""
-    if not os.path.exists(STORESCP):
-        pytest.skip(f"{STORESCP} is not installed (apt-get install dcmtk)")
-    port = free_port()
-    folder.mkdir(parents=True)
-    scp = subprocess.Popen(
-        [STORESCP, "-aet", "PACS", *args, "-od", str(folder), str(port)],
-        env=dcmtk_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until(lambda: port_open(port), timeout_s=10, what="storescp listening")
-        yield port
-    finally:
-        scp.terminate()
-        scp.wait(timeout=10)
-
-
 def _tls_settings(certificate: Path, key: Path, ca: Path) -> Settings:
     """The node's certificate (its client certificate too) and the CA it trusts; the node's
     own TLS port stays off: sending over TLS does not need it."""
@@ -519,7 +481,7 @@ def test_a_tls_peer_gets_the_seg_over_tls(tmp_path: Path, segs: tuple[Path, Path
     pki = make_tls_files(tmp_path / "pki")
     settings = _tls_settings(pki.client_cert, pki.client_key, pki.ca_cert)
     server = ["+tls", str(pki.server_key), str(pki.server_cert), "+cf", str(pki.ca_cert)]
-    with _storescp(tmp_path / "received", *server) as port:
+    with storescp_to(tmp_path / "received", *server) as port:
         assert echo_peer(settings, _tls_peer(port))["ok"]
         assert store_seg(settings, _tls_peer(port), segs[1]) == ""
     (received,) = (tmp_path / "received").iterdir()
@@ -531,7 +493,7 @@ def test_a_tls_peer_is_never_sent_to_over_plain_tcp(
 ) -> None:
     """No node.tls certificate configured: a peer marked tls still gets TLS (without a client
     certificate), never the SEG in the clear; a peer that does not speak TLS gets nothing."""
-    with _storescp(tmp_path / "received") as port:  # plain DICOM on the peer's port
+    with storescp_to(tmp_path / "received") as port:  # plain DICOM on the peer's port
         with pytest.raises(DeliveryError, match="failed the TLS handshake") as caught:
             store_seg(Settings(), _tls_peer(port), segs[1])
         assert "does this port speak TLS?" in str(caught.value)
@@ -547,7 +509,7 @@ def test_a_tls_peer_whose_certificate_the_node_does_not_trust(
     settings = _tls_settings(node_pki.client_cert, node_pki.client_key, node_pki.ca_cert)
     server = ["+tls", str(pacs_pki.server_key), str(pacs_pki.server_cert), "-ic"]
     with (
-        _storescp(tmp_path / "received", *server) as port,
+        storescp_to(tmp_path / "received", *server) as port,
         pytest.raises(DeliveryError, match="failed the TLS handshake: CERTIFICATE_VERIFY"),
     ):
         store_seg(settings, _tls_peer(port), segs[1])
@@ -636,7 +598,7 @@ def test_a_response_the_reactor_takes_still_reaches_the_node_s_scu(
     response and dropped it ("Received unexpected C-STORE service message"). The node's
     deliveries, echoes and health checks must get it all the same."""
     settings = Settings(node=NodeSettings(network_timeout_s=5))
-    with _storescp(tmp_path / "received") as port:
+    with storescp_to(tmp_path / "received") as port:
         peer = PeerSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
         echo = echo_peer(settings, peer)
         assert echo["ok"], echo

@@ -17,16 +17,15 @@ from peers import (
     DICOM_NODE,
     OPENSSL,
     SCU_AET,
-    STORESCP,
     NodeProcess,
     TlsFiles,
-    dcmtk_env,
     echoscu,
     free_port,
     make_mr_series,
     make_tls_files,
     port_open,
     require_binary,
+    storescp_to,
     wait_until,
 )
 
@@ -200,25 +199,6 @@ def test_tls_client_certificates_refused_with_their_reason_and_ae_titles_still_c
 
 
 @contextlib.contextmanager
-def _storescp(folder: Path, *args: str) -> Iterator[int]:
-    """DCMTK storescp +tls (its default BCP 195 profile) writing to ``folder``; its port."""
-    port = free_port()
-    folder.mkdir(parents=True)
-    scp = subprocess.Popen(
-        [require_binary(STORESCP), "-aet", "PACS", *args, "-od", str(folder), str(port)],
-        env=dcmtk_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until(lambda: port_open(port), timeout_s=10, what="storescp listening")
-        yield port
-    finally:
-        scp.terminate()
-        scp.wait(timeout=10)
-
-
-@contextlib.contextmanager
 def _s_server(certificate: Path, key: Path, *args: str) -> Iterator[int]:
     """``openssl s_server`` as a TLS peer restricted by ``args`` (versions, cipher suites)."""
     port = free_port()
@@ -256,7 +236,7 @@ def test_a_tls_peer_is_trusted_by_node_tls_ca_certificate_alone(
     monkeypatch.setenv("SSL_CERT_FILE", str(public.ca_cert))
     image = make_mr_series(tmp_path / "gen", 1).paths[0]
     server = ["+tls", str(public.server_key), str(public.server_cert), "-ic"]
-    with _storescp(tmp_path / "received", *server) as port:
+    with storescp_to(tmp_path / "received", *server) as port:
         with pytest.raises(DeliveryError) as caught:
             store_seg(_settings(node_pki, ca=node_pki.ca_cert), _peer(port), image)
         message = str(caught.value)
@@ -275,7 +255,7 @@ def test_a_tls_peer_with_an_expired_certificate_fails_the_delivery_with_the_reas
     image = make_mr_series(tmp_path / "gen", 1).paths[0]
     server = ["+tls", str(key), str(certificate), "-ic"]
     with (
-        _storescp(tmp_path / "received", *server) as port,
+        storescp_to(tmp_path / "received", *server) as port,
         pytest.raises(DeliveryError) as caught,
     ):
         store_seg(_settings(pki, ca=pki.ca_cert), _peer(port), image)
