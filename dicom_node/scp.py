@@ -527,8 +527,6 @@ def start_scp(
     listeners: list[tuple[int, ssl.SSLContext | None]] = [(node.port, None)]
     if node.tls.enabled:
         listeners.append((node.tls.port, tls_context(settings)))
-    if adopt is None:  # a receiver process serves what its parent checked
-        check_certificate_dates(settings)
     servers: list[ThreadedAssociationServer] = []
     threads: list[threading.Thread] = []
     for number, (port, context) in enumerate(listeners):

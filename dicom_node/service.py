@@ -32,7 +32,7 @@ from dicom_node.errors import ConfigError, DeliveryError, StorageError
 from dicom_node.index_outage import log_failure
 from dicom_node.logging_setup import configure_logging
 from dicom_node.receive import Receiver
-from dicom_node.scp import RunningSCP, start_scp
+from dicom_node.scp import RunningSCP, check_certificate_dates, start_scp
 from storage.database import Index, warn_of_clock_skew
 from storage.filestore import REMOVING_DIR, RESULTS_DIR, FileStore
 from storage.instances import CompletedSeries
@@ -106,6 +106,7 @@ class Service:
 
     def start(self) -> None:
         _check_client_tls(self.settings)
+        check_certificate_dates(self.settings)
         processes = self.settings.node.receiver_processes
         # Each process takes the full max_associations: which process accepts a connection
         # is a race, so an even split could refuse senders while others had room.
