@@ -44,6 +44,7 @@ from storage.queue import (
     format_job_tag,
     heartbeat,
     index_job_tag,
+    job_state,
     job_tag,
     worker_label,
 )
@@ -307,8 +308,7 @@ def fallback_path(seg_path: str) -> str:
 
 def _not_recorded(ctx: JobContext, job_id: int, tag: str) -> None:
     """A finished run's result was not recorded: the job is no longer this worker's."""
-    with ctx.index.session() as session:
-        state = session.scalar(select(Job.state).where(Job.id == job_id))
+    state = job_state(ctx.index, job_id)
     if state is None or state == JobState.CANCELLED:
         # Gone: `jobs cancel` then `series delete` (a wrong patient's series) before the pool
         # stopped this worker. Its SEG, written after the deletion, must not stay behind.

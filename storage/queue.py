@@ -339,10 +339,15 @@ def cancel_job(index: Index, job_id: int) -> tuple[JobState, bool] | None:
     raise DicomNodeError(f"job {job_id} kept changing state; try again")
 
 
+def job_state(index: Index, job_id: int) -> JobState | None:
+    """The job's state; None once it is gone (its series deleted or pruned)."""
+    with index.session() as session:
+        return session.scalar(select(Job.state).where(Job.id == job_id))
+
+
 def cancel_requested(index: Index, job_id: int) -> bool:
     """Was this job cancelled by the operator (its worker should stop)?"""
-    with index.session() as session:
-        return session.scalar(select(Job.state).where(Job.id == job_id)) == JobState.CANCELLED
+    return job_state(index, job_id) == JobState.CANCELLED
 
 
 SUPERSEDED = "job queued again: the new SEG is sent when it finishes"
