@@ -1034,22 +1034,10 @@ def test_a_run_taken_over_keeps_its_fallback_apart_from_the_new_runs(
     device: other voxels) may make a SEG of another name; the BINARY fallbacks of both runs
     were one file, fallback-binary.dcm, and the run taken over put its own in place of the
     one the new run's deliveries send. Each fallback is now named after its SEG."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
 
     from dicom_node.segment import SegmentResult
     from dicom_node.worker import JobContext, fallback_path, process_one
     from storage.filestore import FileStore
-
-    def seg(uid: str) -> Dataset:
-        ds = Dataset()
-        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
-        ds.SOPInstanceUID = uid
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = uid
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        return ds
 
     job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, []))
     assert job_id is not None
@@ -1066,7 +1054,7 @@ def test_a_run_taken_over_keeps_its_fallback_apart_from_the_new_runs(
         store.write_atomic(new_fallback, b"DICM the new run's fallback")
         assert finish_job(index, job_id, seg_path=new_seg, seg_sop_instance_uid="2.25.42",
                           timings={}, worker="host:2")  # fmt: skip
-        return SegmentResult(seg("2.25.41"), seg("2.25.43"), [], "1.2", "1.2.3", {})
+        return SegmentResult(_seg("2.25.41"), _seg("2.25.43"), [], "1.2", "1.2.3", {})
 
     monkeypatch.setattr("dicom_node.segment.segment_series", taken_over_while_running)
     ctx = JobContext(Settings(storage={"data_dir": tmp_path}), index, store, "host:1")
