@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import test_postgres
 import yaml
-from sqlalchemy import event, select, text, update
+from sqlalchemy import event, select, update
 from test_restarts import ExitedProcess
 
 from dicom_node.config import RuleSettings, Settings, WorkerSettings
@@ -557,23 +557,12 @@ def test_a_series_deleted_as_it_is_routed_gets_no_job_on_postgresql(
 
     router = threading.Thread(target=route)
 
-    def waiting_for_a_lock() -> bool:
-        with index.engine.connect() as conn:
-            return bool(
-                conn.execute(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                        "AND datname = current_database()"
-                    )
-                ).scalar()
-            )
-
     def hook(conn: Any, cursor: Any, sql: str, *_args: Any) -> None:
         # After the deletion found no job, before it deletes anything: the scheduler routes.
         if sql.startswith("DELETE FROM deliveries") and not router.is_alive() and not queued:
             router.start()
             deadline = time.monotonic() + 20
-            while router.is_alive() and not waiting_for_a_lock():
+            while router.is_alive() and not test_postgres.waiting_for_a_lock(fresh_db):
                 assert time.monotonic() < deadline, "the scheduler neither ended nor waited"
                 time.sleep(0.05)
 

@@ -54,22 +54,6 @@ def _head() -> str | None:
     return ScriptDirectory.from_config(_alembic()).get_current_head()
 
 
-def _waiting_for_a_lock(url: str) -> bool:
-    probe = Index(url, migrate=False)
-    try:
-        with probe.engine.connect() as conn:
-            return bool(
-                conn.execute(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                        "AND datname = current_database()"
-                    )
-                ).scalar()
-            )
-    finally:
-        probe.dispose()
-
-
 def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
     deadline = utcnow() + dt.timedelta(seconds=timeout_s)
     while not condition():
@@ -124,7 +108,7 @@ def test_nodes_starting_at_once_migrate_the_index_one_after_the_other(
         assert inside.wait(60), "the first node did not begin migrating"
         second.start()
         # The second waits for the first (for its lock, or on the rows it is writing).
-        _wait_for(lambda: _waiting_for_a_lock(fresh_db), "the second node to wait")
+        _wait_for(lambda: test_postgres.waiting_for_a_lock(fresh_db), "the second node to wait")
     finally:
         go.set()
     outcomes = sorted(outcome.get(timeout=60) for _ in range(2))
@@ -475,7 +459,7 @@ def _removal_racing_a_store(
 
     receiving = threading.Thread(target=receive)
     receiving.start()
-    _wait_for(lambda: _waiting_for_a_lock(fresh_db), "B's row to wait for A's lock")
+    _wait_for(lambda: test_postgres.waiting_for_a_lock(fresh_db), "B's row to wait for A's lock")
     go.set()
     removal.join(30)
     receiving.join(30)

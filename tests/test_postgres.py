@@ -171,6 +171,23 @@ def fresh_db(postgres_url: str) -> Iterator[str]:
     yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
 
 
+def waiting_for_a_lock(url: str) -> bool:
+    """Whether a session of the database at ``url`` waits for a lock now."""
+    probe = Index(url, migrate=False)
+    try:
+        with probe.engine.connect() as conn:
+            return bool(
+                conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND datname = current_database()"
+                    )
+                ).scalar()
+            )
+    finally:
+        probe.dispose()
+
+
 def _mr_record(series: str, i: int, **values: Any) -> InstanceRecord:
     return InstanceRecord(
         sop_instance_uid=f"{series}.{i}",
