@@ -140,6 +140,7 @@ class Outbox:
                     backoff_initial_s=outbox.backoff_initial_s,
                     backoff_max_s=outbox.backoff_max_s,
                     attempt=delivery.attempts,
+                    sender=delivery.sender,
                 )
             except Exception:
                 # The peer's answer is in no row: the log is where the operator finds it.
@@ -188,11 +189,19 @@ class Outbox:
                 backoff_initial_s=self.settings.outbox.backoff_initial_s,
                 backoff_max_s=self.settings.outbox.backoff_max_s,
                 attempt=delivery.attempts,
+                sender=delivery.sender,
             )
             return True
         elapsed = time.monotonic() - started
         try:
-            done = delivery_done(self.index, delivery.id, elapsed, note, attempt=delivery.attempts)
+            done = delivery_done(
+                self.index,
+                delivery.id,
+                elapsed,
+                note,
+                attempt=delivery.attempts,
+                sender=delivery.sender,
+            )
         except Exception:
             logger.error(
                 "%s: SEG %s sent in %.2f s, but the index could not record it: it is sent "

@@ -436,24 +436,34 @@ def claim_delivery(index: Index, lease_s: float, *, sender: str | None = None) -
     return None
 
 
-def _sent(delivery_id: int, attempt: int | None) -> list[Any]:
+def _sent(delivery_id: int, attempt: int | None, sender: str | None) -> list[Any]:
     """WHERE clauses: the delivery is being sent (and, with ``attempt``, by that claim). A
     re-run's finish_job sets it pending with the new SEG meanwhile: the old send's outcome
-    must not mark the new SEG delivered, or dead."""
+    must not mark the new SEG delivered, or dead. The re-run resets the attempt count, so
+    another node's outbox claiming the new SEG meanwhile has the same count: the claim's
+    ``sender`` tells them apart (one outbox sends one delivery at a time)."""
     clauses: list[Any] = [Delivery.id == delivery_id, Delivery.state == DeliveryState.SENDING]
     if attempt is not None:
         clauses.append(Delivery.attempts == attempt)
+        clauses.append(Delivery.sender.is_(None) if sender is None else Delivery.sender == sender)
     return clauses
 
 
 def delivery_done(
-    index: Index, delivery_id: int, duration_s: float, note: str = "", *, attempt: int | None = None
+    index: Index,
+    delivery_id: int,
+    duration_s: float,
+    note: str = "",
+    *,
+    attempt: int | None = None,
+    sender: str | None = None,
 ) -> bool:
-    """Mark a delivery sent; False, and nothing changed, when it is no longer this send's."""
+    """Mark a delivery sent; False, and nothing changed, when it is no longer this send's
+    (the claim of ``attempt`` by ``sender``: see ``_sent``)."""
     with index.session() as session, session.begin():
         done = session.execute(
             update(Delivery)
-            .where(*_sent(delivery_id, attempt))
+            .where(*_sent(delivery_id, attempt, sender))
             .values(
                 state=DeliveryState.DELIVERED,
                 delivered_at=utcnow(),
@@ -474,9 +484,11 @@ def delivery_failed(
     backoff_initial_s: float,
     backoff_max_s: float,
     attempt: int | None = None,
+    sender: str | None = None,
 ) -> tuple[DeliveryState, float | None]:
     """Back off exponentially; dead-letter after ``max_attempts`` or a permanent error. A
-    delivery no longer this send's (``attempt``: see ``_sent``) keeps its state."""
+    delivery no longer this send's (``attempt`` and ``sender``: see ``_sent``) keeps its
+    state."""
     with index.session() as session, session.begin():
         delivery = session.get(Delivery, delivery_id)
         if delivery is None:
@@ -491,7 +503,7 @@ def delivery_failed(
             state, due = DeliveryState.PENDING, utcnow() + dt.timedelta(seconds=delay)
         done = session.execute(
             update(Delivery)
-            .where(*_sent(delivery_id, attempt), Delivery.attempts == attempts)
+            .where(*_sent(delivery_id, attempt, sender), Delivery.attempts == attempts)
             .values(state=state, last_error=error, next_attempt_at=due)
             .execution_options(synchronize_session=False)
         )

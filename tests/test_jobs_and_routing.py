@@ -772,6 +772,45 @@ def test_a_send_overtaken_by_a_re_run_leaves_the_new_seg_to_send(
     )
 
 
+@pytest.mark.parametrize("outcome", ["delivered", "failed for good"])
+def test_a_send_overtaken_by_a_re_run_another_node_is_sending_keeps_that_send(
+    index: Index, outcome: str
+) -> None:
+    """As above, but another node's outbox had already claimed the new SEG when the old send
+    ended: the re-run reset the attempt count, so both claims were attempt 1, and the old
+    send's end marked the new SEG delivered (never sent) or dead, under the other node."""
+    job_id = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, ["origin"]))
+    assert job_id is not None and claim_job(index, "host:1", heartbeat_timeout_s=60)
+    assert finish_job(index, job_id, seg_path="results/1/old.dcm", seg_sop_instance_uid="2.25.1",
+                      timings={}, deliveries=[("origin", "pacs")])  # fmt: skip
+    old_send = claim_delivery(index, lease_s=60, sender="node-a:10/x")
+    assert old_send is not None
+    assert retry_job(index, job_id) and claim_job(index, "host:1", heartbeat_timeout_s=60)
+    assert finish_job(index, job_id, seg_path="results/1/new.dcm", seg_sop_instance_uid="2.25.2",
+                      timings={}, deliveries=[("origin", "pacs")])  # fmt: skip
+    new_send = claim_delivery(index, lease_s=60, sender="node-b:20/y")
+    assert new_send is not None and new_send.id == old_send.id
+    assert new_send.attempts == old_send.attempts == 1
+    if outcome == "delivered":
+        assert not delivery_done(
+            index, old_send.id, 0.5, attempt=old_send.attempts, sender=old_send.sender
+        )
+    else:
+        delivery_failed(index, old_send.id, "refused", retryable=False, max_attempts=10,
+                        backoff_initial_s=1, backoff_max_s=1, attempt=old_send.attempts,
+                        sender=old_send.sender)  # fmt: skip
+    with index.session() as session:
+        row = session.get(Delivery, new_send.id)
+        assert row is not None
+        assert (row.state, row.sender, row.seg_path) == (
+            DeliveryState.SENDING,
+            "node-b:20/y",
+            "results/1/new.dcm",
+        )
+    # The new send's own end is recorded.
+    assert delivery_done(index, new_send.id, 0.5, attempt=new_send.attempts, sender=new_send.sender)
+
+
 def test_origin_is_resolved_by_calling_ae_or_refused(index: Index) -> None:
     _complete_series(index, ae="ORTHANC")
     settings = Settings.model_validate(
