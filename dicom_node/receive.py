@@ -30,6 +30,7 @@ from storage.committer import GroupCommitter
 from storage.database import Index
 from storage.filestore import FileStore, WrittenFile
 from storage.instances import (
+    CommitOutcomeUnknown,
     InstanceRecord,
     Recorded,
     mark_association_released,
@@ -402,10 +403,15 @@ class Receiver:
             # does, `store check` reports it unindexed and `--repair` indexes it. (Removing
             # it once the transaction fails could remove a resent copy a later row names.)
             raise
-        except BaseException:
+        except BaseException as exc:
             wait([committing])  # its transaction has ended, one way or the other
             if written is not None and not existed:
-                self._discard(written, relative, sop_uid)
+                self._discard(
+                    written,
+                    relative,
+                    sop_uid,
+                    committed_maybe=isinstance(exc, CommitOutcomeUnknown),
+                )
             raise
         if recorded.replaced_path:
             self._remove_replaced(recorded.replaced_path, sop_uid)
@@ -439,14 +445,17 @@ class Receiver:
                 logger, exc, "could not remove %s, the earlier file of %s", replaced, sop_uid
             )
 
-    def _discard(self, written: WrittenFile, relative: str, sop_uid: str) -> None:
+    def _discard(
+        self, written: WrittenFile, relative: str, sop_uid: str, *, committed_maybe: bool = False
+    ) -> None:
         """Remove a file whose row did not commit (store and index in step), unless it is
         no longer this store's: another copy of the image renamed over it (whose row names
         it), or a copy whose committed row names the path and whose file this one replaced
         (the same image on another association at the same moment). Looked up and removed
         with the row held: a copy checked but not yet committed would otherwise commit
         right after the look-up, naming the file removed (SQLite; on PostgreSQL a new
-        image's row is not held until it commits)."""
+        image's row is not held until it commits). ``committed_maybe``: the row's COMMIT
+        failed with its outcome unknown; if the look-up fails too, the file stays."""
         looked_up = False
         try:
             with row_held(self.index, sop_uid) as named:
@@ -456,7 +465,18 @@ class Receiver:
         except StorageError as exc:
             if looked_up:  # acted on what it found; only ending the look-up failed
                 return
-            # The index is away: no row can name it.
+            if committed_maybe:
+                # Its row may name the file: removing it could lose an indexed image.
+                logger.warning(
+                    "%s: its index COMMIT failed and the index cannot be read to tell whether "
+                    "it took effect (%s); its file %s is kept: `dicom-node store check` "
+                    "lists it if no row names it, and `--repair` indexes it",
+                    sop_uid,
+                    exc,
+                    relative,
+                )
+                return
+            # The index is away, and the row surely did not commit: no row names the file.
             logger.debug("could not look up %s before removing its file: %s", sop_uid, exc)
             self.store.remove_unchanged(relative, written.inode)
 

@@ -21,7 +21,7 @@ from typing import Any
 from dicom_node.errors import StorageError
 from storage.database import Index
 from storage.filestore import WrittenFile
-from storage.instances import InstanceRecord, InstanceWriter, Recorded
+from storage.instances import CommitOutcomeUnknown, InstanceRecord, InstanceWriter, Recorded
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +79,11 @@ class GroupCommitter:
                 [pending.record for pending in batch], lambda: _wait_ready(batch)
             )
         except Exception as exc:
-            if len(batch) == 1:
-                batch[0].error = exc
+            if len(batch) == 1 or isinstance(exc, CommitOutcomeUnknown):
+                # Unknown: the batch's rows may have committed; recording them again one by
+                # one, and failing, would tell each store its row surely did not.
+                for pending in batch:
+                    pending.error = exc
             else:
                 # One bad record must not fail the others: record each on its own.
                 logger.warning(

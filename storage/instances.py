@@ -225,6 +225,12 @@ _MOVED_AWAY = (
 )
 
 
+class CommitOutcomeUnknown(StorageError):
+    """The index failed during COMMIT itself (a connection to PostgreSQL lost as it
+    committed): the rows may have committed. A store's file then stays unless a look-up
+    finds that no row names it."""
+
+
 class InstanceWriter:
     """Records received instances, several in one transaction when they arrive together.
 
@@ -254,11 +260,13 @@ class InstanceWriter:
         last_exc: Exception | None = None
         for _ in range(5):
             staged: dict[str, _Current] = {}
+            committing = False
             try:
                 with self.index.writer_turn(), self.index.engine.begin() as conn:
                     results = self._record(conn, records, staged)
                     if before_commit is not None:
                         before_commit()
+                    committing = True  # leaving the block commits
             except IntegrityError as exc:  # lost a race creating the same row
                 last_exc = exc
                 continue
@@ -268,6 +276,10 @@ class InstanceWriter:
                     # the server chose this transaction to roll back; the next try passes.
                     last_exc = exc
                     continue
+                if committing:
+                    raise CommitOutcomeUnknown(
+                        f"index unavailable as it committed: {exc.orig}"
+                    ) from exc
                 raise StorageError(f"index unavailable: {exc.orig}") from exc
             except PoolTimeoutError as exc:
                 # Every pooled connection busy for the pool's whole wait (30 s).

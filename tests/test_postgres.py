@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -131,17 +132,22 @@ class PostgresServer:
         """Stop every server process (SIGSTOP) but leave its sockets open: the kernel still
         ACKs, nothing answers, as on a server whose disk or VM has stalled."""
         for proc in self._processes():
-            proc.suspend()
+            with contextlib.suppress(psutil.NoSuchProcess):  # a backend that just ended
+                proc.suspend()
 
     def thaw(self) -> None:
         for proc in self._processes():
-            proc.resume()
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.resume()
 
     def _processes(self) -> list[psutil.Process]:
         if self._proc is None:
             return []
-        root = psutil.Process(self._proc.pid)
-        return [root, *root.children(recursive=True)]
+        try:
+            root = psutil.Process(self._proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:  # the server has ended: stop() reaps it
+            return []
 
     def remove(self) -> None:
         self.thaw()

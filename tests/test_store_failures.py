@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import test_postgres
@@ -18,7 +20,8 @@ from inprocess import InProcessNode, inprocess_node, minimal_mr_dataset, mr_stor
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import _config as pynetdicom_config
-from sqlalchemy import text
+from sqlalchemy import event, text
+from sqlalchemy.exc import OperationalError
 
 from dicom_node.errors import StorageError
 from dicom_node.receive import Receiver
@@ -197,6 +200,51 @@ def scp_on_each_index(
         yield node
 
 
+def test_a_row_whose_commit_failed_unknown_keeps_its_file_when_the_index_cannot_tell(
+    scp_on_each_index: InProcessNode,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The connection to the index was lost during COMMIT, after the row had committed, and
+    the look-up that would tell was refused too: the store took its file back, leaving a
+    committed row naming no file. The sender got 0xA700 either way; the file now stays."""
+    import dicom_node.receive as receive_module
+
+    node = scp_on_each_index
+    armed = threading.Event()
+    statements = InstanceWriter._record
+
+    def recording(self: InstanceWriter, *args: Any, **kwargs: Any) -> list[Recorded]:
+        results = statements(self, *args, **kwargs)
+        armed.set()  # the next COMMIT is this store's
+        return results
+
+    def commit_then_lose_the_connection(conn: Any) -> None:
+        if armed.is_set():
+            armed.clear()
+            conn.connection.dbapi_connection.commit()  # the server committed it ...
+            # ... and the answer never came back.
+            raise OperationalError("COMMIT", None, Exception("server closed the connection"))
+
+    def index_away(index: Index, sop_uid: str) -> Any:
+        raise StorageError("index unavailable: connection refused")
+
+    monkeypatch.setattr(InstanceWriter, "_record", recording)
+    monkeypatch.setattr(receive_module, "row_held", index_away)
+    event.listen(node.index.engine, "commit", commit_then_lose_the_connection)
+    try:
+        with caplog.at_level(logging.WARNING, logger="dicom_node.receive"):
+            rsp = _store(node.port, minimal_mr_dataset())
+    finally:
+        event.remove(node.index.engine, "commit", commit_then_lose_the_connection)
+    assert rsp.Status == 0xA700
+    assert _rows(node.index) == 1
+    assert len(_files(node.store)) == 1  # the file its committed row names
+    assert check_store(node.index, node.store, grace_s=0).consistent
+    assert "as it committed" in rsp.ErrorComment, rsp.ErrorComment
+    assert any("is kept" in r.getMessage() for r in caplog.records), caplog.text
+
+
 def _stored_then_moved(node: InProcessNode) -> tuple[Dataset, Dataset, str, str]:
     """An image stored (its first path), and a copy of it under another series (which
     moves its row to the second path)."""
@@ -337,8 +385,8 @@ def test_a_refused_copy_never_removes_a_copy_whose_row_commits_meanwhile(
         b_checked.set()
         a_discarded.wait(1.0)  # A's cleanup waits for B's commit: it does not end (bounded)
 
-    def a_discards(self: Receiver, *args: object) -> None:
-        discard(self, *args)  # type: ignore[arg-type]
+    def a_discards(self: Receiver, *args: object, **kwargs: bool) -> None:
+        discard(self, *args, **kwargs)  # type: ignore[arg-type]
         a_discarded.set()
 
     monkeypatch.setattr(InstanceWriter, "record", refusing_a)
