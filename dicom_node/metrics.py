@@ -21,6 +21,7 @@ from dicom_node import __version__
 from dicom_node.config import Settings
 from dicom_node.errors import ConfigError
 from dicom_node.index_outage import IndexOutage
+from dicom_node.scp import certificate_in_use, certificate_validity
 from storage.database import Index
 from storage.filestore import FileStore
 from storage.stats import index_counts
@@ -42,11 +43,21 @@ class IndexCollector(Collector):
         self._outage = IndexOutage("metrics", logger)
         # One reader: scrapes of a hung index queue behind it instead of piling up threads.
         self._counts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="metrics")
+        # Read once, as the node reads its certificate once, when it starts.
+        certificate = certificate_in_use(settings)
+        validity = certificate_validity(certificate) if certificate is not None else None
+        self._certificate_expires = validity[1].timestamp() if validity else None
 
     def collect(self) -> Iterator[Metric]:
         info = InfoMetricFamily("dicom_node", "This node: version and AE title")
         info.add_metric([], {"version": __version__, "ae_title": self.settings.node.ae_title})
         yield info
+        if self._certificate_expires is not None:
+            yield GaugeMetricFamily(
+                "dicom_node_tls_certificate_expiry_timestamp_seconds",
+                "When node.tls.certificate, as loaded at start, expires (Unix time)",
+                value=self._certificate_expires,
+            )
         # The disk first, and whatever the index does: a full disk and a lost index are
         # what an administrator most needs to see, and one must not hide the other.
         try:

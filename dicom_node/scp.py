@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"
 # Per association already served: how long a receiver process lets idle ones accept first.
 BUSY_ACCEPT_DELAY_S = 0.002
-# node.tls.certificate expiring within this many days: a WARNING at each start.
+# node.tls.certificate expiring within this many days: a WARNING at start and twice a day.
 CERTIFICATE_RENEWAL_DAYS = 30
 
 # Accepted as sent: uncompressed, deflated, and the common compressed syntaxes.
@@ -297,36 +297,65 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
-def check_certificate_dates(settings: Settings) -> None:
+def check_certificate_dates(settings: Settings) -> datetime | None:
     """``node.tls.certificate``, where the node uses it (its TLS port, peers with ``tls``):
-    ConfigError if expired or not yet valid, a WARNING when it expires within
-    ``CERTIFICATE_RENEWAL_DAYS``. OpenSSL loads an expired certificate without a word, and
-    every sender and PACS then refused the node's handshakes."""
-    tls = settings.node.tls
-    if tls.certificate is None or not (tls.enabled or any(p.tls for p in settings.peers)):
-        return
-    validity = certificate_validity(tls.certificate)
+    ConfigError if expired or not yet valid; else its notAfter (None when it is not used,
+    or not in the form read here). OpenSSL loads an expired certificate without a word, and
+    every sender and PACS then refused the node's handshakes. That it expires soon is
+    ``warn_of_certificate_expiry``'s to say, at start and while the node runs."""
+    certificate = certificate_in_use(settings)
+    if certificate is None:
+        return None
+    validity = certificate_validity(certificate)
     if validity is None:
-        return  # loaded by OpenSSL, but not in the form read here: its handshakes will tell
+        return None  # loaded by OpenSSL, but not in the form read here: its handshakes will tell
     not_before, not_after = validity
     now = datetime.now(UTC)
     if now > not_after:
         raise ConfigError(
-            f"node.tls.certificate {tls.certificate} expired on {not_after:%Y-%m-%d %H:%M} UTC:"
+            f"node.tls.certificate {certificate} expired on {not_after:%Y-%m-%d %H:%M} UTC:"
             " senders and peers refuse it; install a renewed certificate"
         )
     if now < not_before:
         raise ConfigError(
-            f"node.tls.certificate {tls.certificate} is valid only from"
+            f"node.tls.certificate {certificate} is valid only from"
             f" {not_before:%Y-%m-%d %H:%M} UTC (is this machine's clock right?)"
         )
+    return not_after
+
+
+def certificate_in_use(settings: Settings) -> Path | None:
+    """``node.tls.certificate`` where the node uses it: its TLS port, peers with ``tls``."""
+    tls = settings.node.tls
+    if tls.certificate is None or not (tls.enabled or any(p.tls for p in settings.peers)):
+        return None
+    return tls.certificate
+
+
+def warn_of_certificate_expiry(
+    certificate: Path, not_after: datetime, now: datetime | None = None
+) -> None:
+    """A WARNING when the certificate the node loaded at start expires within
+    ``CERTIFICATE_RENEWAL_DAYS``, an ERROR once it has expired: a node runs for months, and
+    it reads its certificate only when it starts."""
+    now = now or datetime.now(UTC)
+    when = f"{not_after:%Y-%m-%d %H:%M}"
+    if now > not_after:
+        logger.error(
+            "node.tls.certificate %s expired on %s UTC: senders and peers refuse the node's "
+            "TLS handshakes; install a renewed certificate and restart the node",
+            certificate,
+            when,
+        )
+        return
     left = not_after - now
     if left < timedelta(days=CERTIFICATE_RENEWAL_DAYS):
         logger.warning(
-            "node.tls.certificate %s expires on %s UTC, in %d days: renew it before then "
-            "(senders and peers refuse an expired certificate)",
-            tls.certificate,
-            f"{not_after:%Y-%m-%d %H:%M}",
+            "node.tls.certificate %s expires on %s UTC, in %d days: renew it before then, "
+            "and restart the node (it reads the certificate when it starts); senders and "
+            "peers refuse an expired certificate",
+            certificate,
+            when,
             left.days,
         )
 

@@ -7,6 +7,7 @@ acknowledged, stop the background parts, exit 0.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import multiprocessing
@@ -31,8 +32,15 @@ from dicom_node.config import Settings
 from dicom_node.errors import ConfigError, DeliveryError, StorageError
 from dicom_node.index_outage import log_failure
 from dicom_node.logging_setup import configure_logging
+from dicom_node.periodic import Periodic
 from dicom_node.receive import Receiver
-from dicom_node.scp import RunningSCP, check_certificate_dates, start_scp
+from dicom_node.scp import (
+    RunningSCP,
+    certificate_in_use,
+    check_certificate_dates,
+    start_scp,
+    warn_of_certificate_expiry,
+)
 from storage.database import Index, warn_of_clock_skew
 from storage.filestore import REMOVING_DIR, RESULTS_DIR, FileStore
 from storage.instances import CompletedSeries
@@ -41,6 +49,8 @@ from storage.retention import finish_removals
 logger = logging.getLogger(__name__)
 
 STORE_DRAIN_TIMEOUT_S = 30.0
+# How often a running node looks at its certificate's expiry (and says so, when near).
+CERTIFICATE_CHECK_INTERVAL_S = 12 * 3600.0
 
 
 class Component(Protocol):
@@ -103,10 +113,21 @@ class Service:
         self._children: list[multiprocessing.process.BaseProcess] = []
         self._restarts: list[Restarts] = []
         self._stopped = threading.Event()
+        self._certificate_check: Periodic | None = None
 
     def start(self) -> None:
         _check_client_tls(self.settings)
-        check_certificate_dates(self.settings)
+        certificate_expires = check_certificate_dates(self.settings)
+        certificate = certificate_in_use(self.settings)
+        if certificate_expires is not None and certificate is not None:
+            self._certificate_check = Periodic(
+                "certificate-expiry",
+                functools.partial(warn_of_certificate_expiry, certificate, certificate_expires),
+                CERTIFICATE_CHECK_INTERVAL_S,
+                failure="certificate expiry check failed",
+                log=logger,
+            )
+            self._certificate_check.start()
         processes = self.settings.node.receiver_processes
         # Each process takes the full max_associations: which process accepts a connection
         # is a race, so an even split could refuse senders while others had room.
@@ -202,6 +223,8 @@ class Service:
                 component.stop()
             except Exception as exc:  # index away: the next start releases interrupted jobs
                 log_failure(logger, exc, "error while stopping %s", type(component).__name__)
+        if self._certificate_check is not None:
+            self._certificate_check.stop()
         self.completion.stop()
         self.index.dispose()
         logger.info("stopped")

@@ -363,6 +363,63 @@ def test_serve_refuses_node_tls_files_it_cannot_use(tmp_path: Path, case: str) -
     assert "listening as AE" not in run.stderr, run.stderr
 
 
+def test_a_running_node_warns_as_its_certificate_nears_expiry_and_once_it_expired(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node runs for months and reads its certificate once, at start: the start's check
+    alone never said that a certificate valid then had since come within 30 days of
+    expiring, or expired (every TLS sender and peer then refused the node)."""
+    import logging
+    from datetime import timedelta
+
+    from dicom_node.scp import warn_of_certificate_expiry
+
+    pki = make_tls_files(tmp_path / "pki")
+    certificate, _key = _server_certificate(pki, "running", "-days", "60")
+    validity = certificate_validity(certificate)
+    assert validity is not None
+    _not_before, not_after = validity
+    caplog.set_level(logging.WARNING, logger="dicom_node.scp")
+    warn_of_certificate_expiry(certificate, not_after, not_after - timedelta(days=45))
+    assert caplog.records == []
+    warn_of_certificate_expiry(certificate, not_after, not_after - timedelta(days=9, hours=1))
+    (soon,) = caplog.records
+    assert soon.levelname == "WARNING", soon
+    assert ", in 9 days: renew it before then, and restart the node" in soon.getMessage()
+    caplog.clear()
+    warn_of_certificate_expiry(certificate, not_after, not_after + timedelta(minutes=1))
+    (expired,) = caplog.records
+    assert expired.levelname == "ERROR", expired
+    assert f"{certificate} expired on {not_after:%Y-%m-%d %H:%M} UTC" in expired.getMessage()
+    assert "install a renewed certificate and restart the node" in expired.getMessage()
+
+
+def test_metrics_give_the_node_certificates_expiry(tmp_path: Path) -> None:
+    """For the alerting an administrator sets on certificates (Prometheus): when the
+    certificate the node loaded expires; no such metric where the node uses none."""
+    from dicom_node.metrics import IndexCollector
+    from storage.database import Index
+    from storage.filestore import FileStore
+
+    pki = make_tls_files(tmp_path / "pki")
+    certificate, key = _server_certificate(pki, "metrics", "-days", "60")
+    validity = certificate_validity(certificate)
+    assert validity is not None
+    tls = TLSSettings(enabled=True, certificate=certificate, key=key, ca_certificate=pki.ca_cert)
+    index = Index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    name = "dicom_node_tls_certificate_expiry_timestamp_seconds"
+    try:
+        for settings, expected in [
+            (Settings(node=NodeSettings(tls=tls)), validity[1].timestamp()),
+            (Settings(), None),
+        ]:
+            collector = IndexCollector(settings, index, FileStore(tmp_path / "store", 0))
+            samples = {s.name: s.value for f in collector.collect() for s in f.samples}
+            assert samples.get(name) == expected
+    finally:
+        index.dispose()
+
+
 def test_serve_warns_of_a_node_certificate_about_to_expire(
     node_factory: NodeFactory, tmp_path: Path
 ) -> None:
@@ -373,7 +430,7 @@ def test_serve_warns_of_a_node_certificate_about_to_expire(
     node.start()
     line = node.wait_for_log("soon.pem expires on")
     assert "WARNING" in line and "node.tls.certificate " in line, line
-    assert ", in 9 days: renew it before then" in line, line
+    assert ", in 9 days: renew it before then, and restart the node" in line, line
     client = ["+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca_cert)]
     assert echoscu(tls_port, extra_args=client).returncode == 0
 
