@@ -88,7 +88,7 @@ def _check_port(
         if tls is not None:
             # A node requiring client certificates from a CA that did not sign its own
             # refuses the check's handshake: it answers, which is what the check asks.
-            refusal = tls_refusal(host, port, tls, timeout_s)
+            refusal = tls_refusal(host, port, tls, None, timeout_s)
             if refusal is not None:
                 why = "answers TLS, but refused this check's certificate (node.tls.certificate)"
                 return PortAnswer(True, False, f"{why}: {refusal}")

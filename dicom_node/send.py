@@ -97,17 +97,32 @@ def client_tls(settings: Settings) -> ssl.SSLContext:
 
     The node's certificate is the client's where one is configured (``node.tls``); the
     peer's is checked against ``node.tls.ca_certificate`` alone where set, else against the
-    system's CAs.
+    system's CAs (``peer_tls`` adds the host name check those need). No host name check
+    here: DICOM peers are addressed by IP, and the hospital's own CA vouches for them.
     """
     try:
         context = node_tls_context(settings.node.tls, ssl.Purpose.SERVER_AUTH)
     except ValueError as exc:
         raise DeliveryError(f"cannot load node.tls certificate, key or CA: {exc}") from exc
-    context.check_hostname = False  # DICOM peers are addressed by IP; the CA vouches
+    context.check_hostname = False
     return context
 
 
-def tls_refusal(host: str, port: int, context: ssl.SSLContext, timeout_s: float) -> str | None:
+def peer_tls(settings: Settings, peer: PeerSettings) -> tuple[ssl.SSLContext, str | None]:
+    """The context and server name for a TLS association with ``peer``. Checked against the
+    system's CAs (no ``node.tls.ca_certificate``), the peer's certificate must also name
+    ``peer.host`` (a DNS name or IP address in its subjectAltName): any holder of a public
+    CA's certificate for any name would otherwise pass as the PACS."""
+    context = client_tls(settings)
+    if settings.node.tls.ca_certificate is not None:
+        return context, None
+    context.check_hostname = True
+    return context, peer.host
+
+
+def tls_refusal(
+    host: str, port: int, context: ssl.SSLContext, server_name: str | None, timeout_s: float
+) -> str | None:
     """Why a TLS handshake with ``host:port`` fails; None if it succeeds or TCP fails.
 
     pynetdicom logs such a failure but reports only that there is no association; this
@@ -121,7 +136,7 @@ def tls_refusal(host: str, port: int, context: ssl.SSLContext, timeout_s: float)
         return None
     done = False
     try:
-        with raw, context.wrap_socket(raw) as wrapped:
+        with raw, context.wrap_socket(raw, server_hostname=server_name) as wrapped:
             done = True
             wrapped.recv(1)
     except ssl.SSLCertVerificationError as exc:
@@ -153,7 +168,7 @@ def set_nodelay(assoc: Association) -> None:
 def associate(ae: AE, settings: Settings, peer: PeerSettings) -> Association:
     kwargs: dict[str, Any] = {"ae_title": peer.ae_title}
     if peer.tls:
-        kwargs["tls_args"] = (client_tls(settings), None)
+        kwargs["tls_args"] = peer_tls(settings, peer)
     assoc = keep_responses_for_sender(ae.associate(peer.host, peer.port, **kwargs))
     if assoc.is_established:
         set_nodelay(assoc)
@@ -174,7 +189,14 @@ def no_association(settings: Settings, peer: PeerSettings, assoc: Association) -
         # "calling AE title not recognised": the PACS has not registered this node's AE title.
         return f"rejected the association: {reason}" if reason else "rejected the association"
     if peer.tls:
-        refusal = tls_refusal(peer.host, peer.port, client_tls(settings), 5.0)
+        context, server_name = peer_tls(settings, peer)
+        refusal = tls_refusal(peer.host, peer.port, context, server_name, 5.0)
+        if refusal is not None and server_name is not None and "mismatch" in refusal:
+            refusal += (
+                f" (checked against the system's CAs, node.tls.ca_certificate being unset, "
+                f"the certificate must name the peer's host {server_name} in its "
+                "subjectAltName; or set node.tls.ca_certificate to the CA that signed it)"
+            )
         if refusal is not None:
             return f"failed the TLS handshake: {refusal}"
     # pynetdicom reports a refused connection and an unanswered A-ASSOCIATE-RQ alike

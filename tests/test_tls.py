@@ -247,6 +247,36 @@ def test_a_tls_peer_is_trusted_by_node_tls_ca_certificate_alone(
     assert list((tmp_path / "received").iterdir()) == []
 
 
+def test_a_tls_peer_checked_against_the_systems_cas_must_be_named_in_its_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without node.tls.ca_certificate the system's CAs are trusted, and host names were not
+    checked: any holder of a public CA's certificate, for any name, passed as the PACS and
+    received the SEG. Now the certificate must name the peer's host."""
+    public = make_tls_files(tmp_path / "public")
+    monkeypatch.setenv("SSL_CERT_FILE", str(public.ca_cert))
+    certificate, key = _certificate(
+        public, "elsewhere", "-days", "30", ext="subjectAltName=DNS:elsewhere.example"
+    )
+    image = make_mr_series(tmp_path / "gen", 1).paths[0]
+    server = ["+tls", str(key), str(certificate), "-ic"]
+    with storescp_to(tmp_path / "received", *server) as port:
+        with pytest.raises(DeliveryError) as caught:
+            store_seg(_settings(public, ca=None), _peer(port), image)
+        message = str(caught.value)
+        assert "failed the TLS handshake: CERTIFICATE_VERIFY_FAILED" in message, message
+        assert "IP address mismatch" in message, message
+        assert "must name the peer's host" in message, message
+        echoed = echo_peer(_settings(public, ca=None), _peer(port))
+        assert not echoed["ok"] and "IP address mismatch" in str(echoed["detail"]), echoed
+    assert list((tmp_path / "received").iterdir()) == []
+    # A certificate naming the host (IP:127.0.0.1) passes, as in the test above.
+    server = ["+tls", str(public.server_key), str(public.server_cert), "-ic"]
+    with storescp_to(tmp_path / "received-named", *server) as port:
+        store_seg(_settings(public, ca=None), _peer(port), image)
+    assert len(list((tmp_path / "received-named").iterdir())) == 1
+
+
 def test_a_tls_peer_with_an_expired_certificate_fails_the_delivery_with_the_reason(
     tmp_path: Path,
 ) -> None:
