@@ -95,7 +95,13 @@ def _readable(store: FileStore, paths: Iterable[str], result: Repair) -> Iterato
     for path in paths:
         try:
             yield _read_record(store, path)
-        except (InvalidDicomError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        except InvalidDicomError:
+            # The receiver writes every image as a Part 10 file (pydicom's "use force=True"
+            # is no advice for an administrator).
+            why = "not a DICOM file (no Part 10 header): the node did not write it"
+            result.unreadable.append((path, why))
+            logger.error("store check: %s cannot be indexed, left in place: %s", path, why)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             result.unreadable.append((path, str(exc) or type(exc).__name__))
             logger.error("store check: %s cannot be indexed, left in place: %s", path, exc)
 

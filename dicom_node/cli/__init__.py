@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import sqlite3
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from sqlalchemy import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import Settings, load_settings
-from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.errors import ConfigError, DicomNodeError, StorageError
 from dicom_node.logging_setup import configure_logging
 
 app = typer.Typer(
@@ -51,6 +56,54 @@ def _main(
     configure_logging(settings.logging)
     ctx.obj = settings
     ctx.meta["config_path"] = config  # for `serve`'s first log line
+    ctx.with_resource(_index_faults_explained(settings))
+
+
+class IndexFault(StorageError):
+    """An index this release cannot use as it is; the message says what to do."""
+
+
+# SQLite's result codes (and their extended forms) for a file damaged or not a database.
+_DAMAGED = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
+def index_fault(exc: BaseException, settings: Settings) -> IndexFault | None:
+    """``exc`` told with what to do, where it comes from a SQLite index file damaged on
+    disk or an index a newer release migrated; None for any other error. Every command
+    opens the index: without this, a damaged one was a traceback or "cannot migrate"."""
+    from alembic.util.exc import CommandError
+
+    url = make_url(settings.storage.effective_database_url)
+    seen: BaseException | None = exc
+    while seen is not None and not isinstance(seen, IndexFault):
+        if isinstance(seen, sqlite3.DatabaseError) and str(
+            getattr(seen, "sqlite_errorname", "")
+        ).startswith(_DAMAGED):
+            return IndexFault(
+                f"the index {url.database} is damaged ({seen}): stop the node, move "
+                f"{url.database}* aside and rebuild the index from the store with "
+                "`dicom-node store check --repair --grace-s 0` (README: Recovering from faults)"
+            )
+        if isinstance(seen, CommandError) and "Can't locate revision" in str(seen):
+            return IndexFault(
+                f"{seen}: the index at {url.render_as_string(hide_password=True)} was "
+                "migrated by a newer release of dicom-node: run that release, or restore the "
+                "index backed up before the upgrade (README: Upgrading the node)"
+            )
+        seen = seen.__cause__
+    return None
+
+
+@contextlib.contextmanager
+def _index_faults_explained(settings: Settings) -> Iterator[None]:
+    """Around the command (a resource of its context): see ``index_fault``."""
+    try:
+        yield
+    except (DicomNodeError, SQLAlchemyError) as exc:
+        fault = index_fault(exc, settings)
+        if fault is None:
+            raise
+        raise fault from exc
 
 
 def settings_of(ctx: typer.Context) -> Settings:

@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node.cli import print_json, settings_of
+from dicom_node.cli import index_fault, print_json, settings_of
 from dicom_node.config import PeerSettings
 from dicom_node.errors import ConfigError, DicomNodeError, validation_problems
 
@@ -40,9 +41,9 @@ def serve(ctx: typer.Context) -> None:
             components=components,
             config_path=ctx.meta.get("config_path"),
         ).run_until_signal()
-    except DicomNodeError as exc:
+    except (DicomNodeError, SQLAlchemyError) as exc:
         # Also in logging.file, where the start's own lines are: stderr alone had the reason.
-        logger.error("serve failed: %s", exc)
+        logger.error("serve failed: %s", index_fault(exc, settings) or exc)
         raise
 
 
@@ -176,8 +177,6 @@ def check(
                 f"forgot {repaired.forgotten} rows of missing files, "
                 f"finished {repaired.finished_removals} interrupted prunes or deletes"
             )
-            for path, why in repaired.unreadable:
-                typer.echo(f"  not indexed: {path}: {why}")
         typer.echo(
             f"checked {report.instances_checked} images and {report.seg_results_checked} SEGs"
             + (
@@ -190,7 +189,17 @@ def check(
             "images or SEGs missing or altered",
             [f"{m.path}: {m.what}: {m.problem}" for m in report.missing],
         )
-        _list("images no index row names (--repair indexes them)", report.unreferenced_images)
+        # What --repair has just left in place is not sent back to it: it would go round.
+        left = dict(repaired.unreadable) if repaired is not None else {}
+        _list(
+            "images no index row names (--repair indexes them)",
+            [path for path in report.unreferenced_images if path not in left],
+        )
+        _list(
+            "files --repair cannot index, left in place: inspect each (not DICOM, or a second "
+            "copy of an image indexed under another file) and move each out of the store",
+            [f"{path}: {left[path]}" for path in report.unreferenced_images if path in left],
+        )
         _list("SEGs of no job (--repair removes them)", report.unreferenced_results)
         _list("partial files from a crash (--repair removes them)", report.temporaries)
         _list(
