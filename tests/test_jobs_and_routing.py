@@ -1165,6 +1165,41 @@ def test_retrying_a_job_that_is_not_finished_says_its_state(index: Index, tmp_pa
     assert f"job {job_id} is queued: only a failed, cancelled or succeeded job" in run.stderr
 
 
+def test_retrying_a_job_a_later_version_superseded_says_which_job_to_retry(
+    index: Index, tmp_path: Path
+) -> None:
+    """Retried, version 1's job stopped at once with no SEG (version 2's job segments every
+    image), while its cancelled deliveries said "the new SEG is sent when it finishes"."""
+    first = create_job(index, _complete_series(index, n=6), JobSpec("r", "demo", {}, ["origin"]))
+    assert first is not None and claim_job(index, "host:1", heartbeat_timeout_s=60)
+    assert finish_job(index, first, seg_path="results/1/a.dcm", seg_sop_instance_uid="2.25.1",
+                      timings={}, deliveries=[("origin", "pacs")])  # fmt: skip
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage: {{data_dir: {tmp_path}}}\n")  # its index.sqlite
+
+    def retry() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(Path(sys.executable).with_name("dicom-node")), "-c", str(config), "jobs",
+             "retry", str(first)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    version_2 = _complete_series(index, n=2)  # two images sent again: version 2, no job yet
+    run = retry()
+    assert run.returncode == 2, run.stderr
+    assert f"job {first} is for version 1 of series 1.2.3, and version 2 came after it" in (
+        run.stderr
+    ), run.stderr
+    assert "`dicom-node series process 1.2.3` segments it" in run.stderr, run.stderr
+    second = create_job(index, version_2, JobSpec("r", "demo", {}, ["origin"]))
+    assert second is not None
+    run = retry()
+    assert run.returncode == 2 and f"`dicom-node jobs retry {second}` runs its job" in run.stderr
+    assert _job(index, first).state == JobState.SUCCEEDED  # left as it was
+    with index.session() as session:
+        assert session.scalars(select(Delivery.state)).all() == [DeliveryState.PENDING]
+
+
 def test_a_cancelled_job_stays_cancelled(index: Index) -> None:
     check_cancel(index)
 

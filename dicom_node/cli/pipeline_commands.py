@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.table import Table
@@ -13,6 +13,9 @@ from sqlalchemy import make_url, select
 from dicom_node.cli import MAX_ROW_ID, console, human, print_json, settings_of
 from dicom_node.errors import DicomNodeError, StorageError
 from storage.models import Delivery, DeliveryState, Job, JobState, Series, SeriesVersion
+
+if TYPE_CHECKING:
+    from storage.database import Index
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +201,7 @@ def jobs_retry(ctx: typer.Context, job_id: Annotated[int, typer.Argument(max=MAX
     from storage.queue import retry_job
 
     index, _ = _index(ctx)
+    _refuse_superseded(index, job_id)
     if not retry_job(index, job_id):
         with index.session() as session:
             state = session.scalar(select(Job.state).where(Job.id == job_id))
@@ -208,6 +212,44 @@ def jobs_retry(ctx: typer.Context, job_id: Annotated[int, typer.Argument(max=MAX
             "queued again"
         )
     typer.echo(f"job {job_id} queued again")
+
+
+def _refuse_superseded(index: Index, job_id: int) -> None:
+    """A job of a series version that a later one superseded would make no SEG when run
+    again (its worker stops: the later version's job segments every image), while its
+    cancelled deliveries said the new SEG was on its way."""
+    with index.session() as session:
+        row = session.execute(
+            select(SeriesVersion.version, Series.id, Series.series_instance_uid, Job.rule_name)
+            .join(SeriesVersion, Job.series_version_pk == SeriesVersion.id)
+            .join(Series, SeriesVersion.series_pk == Series.id)
+            .where(Job.id == job_id)
+        ).first()
+        if row is None:
+            return  # retry_job's own answer: no such job
+        version, series_pk, series_uid, rule_name = row
+        later = session.execute(
+            select(SeriesVersion.version, Job.id)
+            .outerjoin(
+                Job, (Job.series_version_pk == SeriesVersion.id) & (Job.rule_name == rule_name)
+            )
+            .where(SeriesVersion.series_pk == series_pk, SeriesVersion.version > version)
+            .order_by(SeriesVersion.version.desc())
+            .limit(1)
+        ).first()
+    if later is None:
+        return
+    newest, newest_job = later
+    then = (
+        f"`dicom-node jobs retry {newest_job}` runs its job again"
+        if newest_job is not None
+        else f"`dicom-node series process {series_uid}` segments it"
+    )
+    raise DicomNodeError(
+        f"job {job_id} is for version {version} of series {series_uid}, and version {newest} "
+        f"came after it: run again, it would make no SEG (the newest version's job segments "
+        f"every image of the series); {then}"
+    )
 
 
 def jobs_cancel(ctx: typer.Context, job_id: Annotated[int, typer.Argument(max=MAX_ROW_ID)]) -> None:
