@@ -129,6 +129,39 @@ def test_one_bad_record_fails_alone(index: Index) -> None:
     assert _counts(index) == {("1.2.3", 1): (2, 2, "receiving")}
 
 
+def test_a_batch_whose_commit_outcome_is_unknown_is_not_recorded_again(index: Index) -> None:
+    """The connection lost during a batch's COMMIT: its rows may have committed. Recorded
+    again one by one, each record would fail against the same lost index before its own
+    commit and so be told its row surely did not commit (its store then removes its file)."""
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    from storage.instances import CommitOutcomeUnknown
+
+    gone = threading.Event()
+
+    def commit_then_lose_the_connection(conn: object) -> None:
+        conn.connection.dbapi_connection.commit()  # type: ignore[attr-defined]
+        gone.set()
+        raise OperationalError("COMMIT", None, Exception("server closed the connection"))
+
+    def refused(*_args: object) -> None:
+        if gone.is_set():  # the index stays away: later statements fail before any commit
+            raise OperationalError("SELECT", None, Exception("connection refused"))
+
+    committer = GroupCommitter(index)
+    pending = [_Pending(_rec("1.2.5", i)) for i in range(3)]
+    event.listen(index.engine, "commit", commit_then_lose_the_connection)
+    event.listen(index.engine, "before_cursor_execute", refused)
+    try:
+        committer._commit_batch(pending)
+    finally:
+        event.remove(index.engine, "commit", commit_then_lose_the_connection)
+        event.remove(index.engine, "before_cursor_execute", refused)
+    assert [type(p.error) for p in pending] == [CommitOutcomeUnknown] * 3
+    assert _counts(index) == {("1.2.5", 1): (3, 3, "receiving")}  # it had committed
+
+
 def test_rows_wait_for_their_files(index: Index) -> None:
     """A file still being synced on another thread holds its row back; a failed one drops it."""
     committer = GroupCommitter(index)
