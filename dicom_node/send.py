@@ -193,8 +193,8 @@ def no_association(settings: Settings, peer: PeerSettings, assoc: Association) -
         refusal = tls_refusal(peer.host, peer.port, context, server_name, 5.0)
         if refusal is not None and server_name is not None and "mismatch" in refusal:
             refusal += (
-                f" (checked against the system's CAs, node.tls.ca_certificate being unset, "
-                f"the certificate must name the peer's host {server_name} in its "
+                " (node.tls.ca_certificate is not set, so the certificate is checked against "
+                f"the system's CAs and must name the peer's host {server_name} in its "
                 "subjectAltName; or set node.tls.ca_certificate to the CA that signed it)"
             )
         if refusal is not None:
