@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -37,6 +38,11 @@ from storage.models import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Series whose receiving version an InstanceWriter remembers: the latest stored to. A few
+# are receiving at any time (max_associations per process); kept for every series ever
+# received, they grew each receiver process by ~0.5 KB a series for as long as it ran.
+KNOWN_SERIES = 1024
 
 
 @dataclass(frozen=True)
@@ -234,17 +240,18 @@ class CommitOutcomeUnknown(StorageError):
 class InstanceWriter:
     """Records received instances, several in one transaction when they arrive together.
 
-    Remembers, per process, each series' receiving version: an image of a known series
-    costs a guarded UPDATE of that version row (still receiving, still this series), the
-    instance lookup, its INSERT or UPDATE and the count increment, instead of five ORM
-    queries and a COUNT(*). Anything the guard does not confirm (completed version, pruned
-    series, a version opened by another process) falls back to reading the rows.
+    Remembers, per process, the receiving version of the ``KNOWN_SERIES`` series stored to
+    last: an image of a known series costs a guarded UPDATE of that version row (still
+    receiving, still this series), the instance lookup, its INSERT or UPDATE and the count
+    increment, instead of five ORM queries and a COUNT(*). Anything the guard does not
+    confirm (completed version, pruned series, a version opened by another process) falls
+    back to reading the rows, as does a series stored to longer ago.
     Callers serialise calls (the group committer does).
     """
 
     def __init__(self, index: Index) -> None:
         self.index = index
-        self._known: dict[str, _Current] = {}
+        self._known: OrderedDict[str, _Current] = OrderedDict()
 
     def record(
         self,
@@ -285,9 +292,16 @@ class InstanceWriter:
                 # Every pooled connection busy for the pool's whole wait (30 s).
                 raise StorageError(f"index unavailable: {unavailable_reason(exc)}") from exc
             # Only committed rows are remembered: a rolled-back primary key can be reused.
-            self._known.update(staged)
+            self._remember(staged)
             return results
         raise StorageError(f"index write kept conflicting: {last_exc}")
+
+    def _remember(self, staged: dict[str, _Current]) -> None:
+        for uid, current in staged.items():
+            self._known[uid] = current
+            self._known.move_to_end(uid)
+        while len(self._known) > KNOWN_SERIES:
+            self._known.popitem(last=False)  # the series stored to longest ago
 
     def _record(
         self, conn: Connection, records: Sequence[InstanceRecord], staged: dict[str, _Current]
