@@ -1,11 +1,17 @@
-"""pydicom's complaints about header values, summed up in one log line per series.
+"""pydicom's complaints about header values, summed up in a log line per series.
 
 pydicom checks every value it reads or writes against its VR and, for each one that does
 not conform, logs a line and raises a warning: a series whose UIDs are longer than DICOM's
 64 characters gave 180 identical-looking lines while it was read and encoded, none saying
 which series or job. Within ``summarised_value_warnings`` they are counted instead, and one
 line with the job's tag says how many there were and of which kinds. The values themselves
-are kept as sent.
+are kept as sent. So do its complaints about text its Specific Character Set does not
+describe, in a line of their own: a misspelled character set ("ISO-IR 100") gave some 75
+lines per image of a job, one per text value pydicom decoded.
+
+``quiet_value_warnings`` keeps pydicom's lines from the log in one thread: the index reads
+header values of every image received, and a line per value and image said nothing a job
+does not say once.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -26,6 +33,14 @@ _VALUE_PROBLEM = re.compile(
     r"|A value of type '\w+' cannot be assigned|Unable to convert non-conformant",
     re.DOTALL,
 )
+# The messages of pydicom.charset on text its Specific Character Set does not describe
+# (pydicom 3). Not "Failed to encode value": that changes what is written.
+_CHARSET_PROBLEM = re.compile(
+    r"Incorrect value for Specific Character Set|Unknown encoding '"
+    r"|Failed to decode byte string|Found unknown escape sequence"
+    r"|Value '.*' (for Specific Character Set does not allow|cannot be used as code extension)",
+    re.DOTALL,
+)
 _NUMBERS = re.compile(r"\(\d+\)")
 _MOST_KINDS = 3
 
@@ -34,13 +49,52 @@ class _Counting(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.kinds: Counter[str] = Counter()
+        self.charset_kinds: Counter[str] = Counter()
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if not _VALUE_PROBLEM.match(message):
+        if _VALUE_PROBLEM.match(message):
+            self.kinds[_kind(message)] += 1
+        elif _CHARSET_PROBLEM.match(message):
+            self.charset_kinds[message] += 1
+        else:
             return True
-        self.kinds[_kind(message)] += 1
         return False
+
+
+class _QuietInItsThread(logging.Filter):
+    """Drops pydicom's lines in a thread within ``quiet_value_warnings``, handing them to
+    it; every other thread's pass (records are filtered in the thread that logs them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        heard: list[str] | None = getattr(self.local, "heard", None)
+        if heard is None:
+            return True
+        heard.append(record.getMessage())
+        return False
+
+
+_QUIET = _QuietInItsThread()
+_PYDICOM_LOGGER = logging.getLogger("pydicom")
+
+
+@contextlib.contextmanager
+def quiet_value_warnings() -> Iterator[list[str]]:
+    """Within, in this thread: pydicom's lines are not logged but collected in the list
+    yielded (pydicom's warnings, shown once per place by Python, are left as they are)."""
+    # For good (addFilter does not add a filter twice): it passes other threads' lines.
+    _PYDICOM_LOGGER.addFilter(_QUIET)
+    outer = getattr(_QUIET.local, "heard", None)
+    heard: list[str] = []
+    _QUIET.local.heard = heard
+    try:
+        yield heard
+    finally:
+        _QUIET.local.heard = outer
 
 
 def _kind(message: str) -> str:
@@ -51,8 +105,9 @@ def _kind(message: str) -> str:
 
 @contextlib.contextmanager
 def summarised_value_warnings(tag: str | Callable[[], str]) -> Iterator[None]:
-    """Within: pydicom's value warnings counted, not logged one by one; after: one line,
-    starting with ``tag`` (or what it returns then: a job's tag grows as it is read)."""
+    """Within: pydicom's value warnings counted, not logged one by one; after: one line for
+    values, one for character sets, starting with ``tag`` (or what it returns then: a job's
+    tag grows as it is read)."""
     counting = _Counting()
     pydicom_logger = logging.getLogger("pydicom")
     pydicom_logger.addFilter(counting)
@@ -60,18 +115,29 @@ def summarised_value_warnings(tag: str | Callable[[], str]) -> Iterator[None]:
         with warnings.catch_warnings():
             # The same messages again, as warnings (logged by captureWarnings, or printed).
             warnings.filterwarnings("ignore", message=_VALUE_PROBLEM.pattern)
+            warnings.filterwarnings("ignore", message=_CHARSET_PROBLEM.pattern)
             yield
     finally:
         pydicom_logger.removeFilter(counting)
+        name = tag if isinstance(tag, str) else tag()
         if counting.kinds:
-            kinds = "; ".join(
-                f"{kind} ({count}x)" for kind, count in counting.kinds.most_common(_MOST_KINDS)
-            )
-            more = len(counting.kinds) - _MOST_KINDS
             logger.warning(
-                "%s: %d header values do not conform to their VR, kept as sent: %s%s",
-                tag if isinstance(tag, str) else tag(),
+                "%s: %d header values do not conform to their VR, kept as sent: %s",
+                name,
                 sum(counting.kinds.values()),
-                kinds,
-                f"; and {more} more kinds" if more > 0 else "",
+                _most_common(counting.kinds),
             )
+        if counting.charset_kinds:
+            logger.warning(
+                "%s: %d reads of header text that does not match its Specific Character Set,"
+                " kept as sent: %s",
+                name,
+                sum(counting.charset_kinds.values()),
+                _most_common(counting.charset_kinds),
+            )
+
+
+def _most_common(kinds: Counter[str]) -> str:
+    listed = "; ".join(f"{kind} ({count}x)" for kind, count in kinds.most_common(_MOST_KINDS))
+    more = len(kinds) - _MOST_KINDS
+    return listed + (f"; and {more} more kinds" if more > 0 else "")

@@ -1,0 +1,442 @@
+"""Patient, study and series texts in the character sets sites send, through the node.
+
+Latin-1 and UTF-8 (Europe), ISO 2022 with escape sequences (Japan, PS3.5 Annex H), Cyrillic,
+and devices that declare no character set or another than they write: each image is stored
+as sent, indexed and printed as the text meant, its problems logged once per job rather than
+once per value and image, and its names copied into the SEG so that pydicom and dciodvfy
+read the source's name back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sqlite3
+import subprocess
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from inprocess import MR_IMAGE_STORAGE, inprocess_node, minimal_mr_dataset, mr_store_association
+from peers import dataset_bytes, storescu
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.uid import generate_uid
+from pynetdicom import _config as pynetdicom_config
+from seg_fixtures import Charset, seg_file_of, stored_series, write_series
+from validators import dciodvfy
+
+from dicom_node.value_warnings import quiet_value_warnings, summarised_value_warnings
+from dicom_node.volume import volume_from_folder
+
+DICOM_NODE = Path(sys.executable).parent / "dicom-node"
+
+# PS3.5 H.3.2: half-width katakana (ISO 2022 IR 13), kanji and hiragana (IR 87).
+YAMADA = (
+    b"\xd4\xcf\xc0\xde^\xc0\xdb\xb3=\x1b$B;3ED\x1b(J^\x1b$BB@O:\x1b(J"
+    b"=\x1b$B$d$^$@\x1b(J^\x1b$B$?$m$&\x1b(J"
+)
+# PS3.5 H.3.1: romaji in the default repertoire, kanji and hiragana (IR 87).
+YAMADA_ROMAJI = (
+    b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B=\x1b$B$d$^$@\x1b(B^\x1b$B$?$m$&\x1b(B"
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    charset: Charset
+    patient_name: bytes
+    series_description: bytes
+    protocol_name: bytes
+    # What the index holds and the CLI prints: the text meant.
+    name_text: str
+    description_text: str
+    protocol_text: str
+
+
+CASES: dict[str, Case] = {
+    "latin-1": Case(
+        "ISO_IR 100",
+        "Müller^Jürgen".encode("latin-1"),
+        "Schädel nativ".encode("latin-1"),
+        "t1_mprage_sag_ü".encode("latin-1"),
+        "Müller^Jürgen",
+        "Schädel nativ",
+        "t1_mprage_sag_ü",
+    ),
+    "utf-8": Case(
+        "ISO_IR 192",
+        "Müller^Jürgen".encode(),
+        "頭部 T1".encode(),
+        "Голова нативно".encode(),
+        "Müller^Jürgen",
+        "頭部 T1",
+        "Голова нативно",
+    ),
+    "japanese-katakana-kanji": Case(
+        ["ISO 2022 IR 13", "ISO 2022 IR 87"],
+        YAMADA,
+        b"\x1b$BF,It\x1b(J T1",
+        b"\xc4\xb3\xcc\xde",
+        "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう",
+        "頭部 T1",
+        "ﾄｳﾌﾞ",
+    ),
+    "japanese-romaji-kanji": Case(
+        ["", "ISO 2022 IR 87"],
+        YAMADA_ROMAJI,
+        b"\x1b$BF,It\x1b(B T1",
+        b"T1 \x1b$BF,It\x1b(B",
+        "Yamada^Tarou=山田^太郎=やまだ^たろう",
+        "頭部 T1",
+        "T1 頭部",
+    ),
+    "cyrillic": Case(
+        "ISO_IR 144",
+        "Иванов^Иван".encode("iso8859_5"),
+        "Голова нативно".encode("iso8859_5"),
+        "череп сагиттально".encode("iso8859_5"),
+        "Иванов^Иван",
+        "Голова нативно",
+        "череп сагиттально",
+    ),
+    # A device that declares no character set and writes Latin-1, as pydicom reads it.
+    "no-character-set-latin-1": Case(
+        None,
+        "Müller^Jürgen".encode("latin-1"),
+        "Schädel".encode("latin-1"),
+        b"T1",
+        "Müller^Jürgen",
+        "Schädel",
+        "T1",
+    ),
+    # ... and one that writes UTF-8: indexed as "MÃ¼ller^JÃ¼rgen" (Latin-1), so a rule
+    # matching "Schädel" did not match its series.
+    "no-character-set-utf-8": Case(
+        None,
+        "Müller^Jürgen".encode(),
+        "Schädel".encode(),
+        b"T1",
+        "Müller^Jürgen",
+        "Schädel",
+        "T1",
+    ),
+    # UTF-8 declared, Latin-1 written: indexed as "M\ufffdller^J\ufffdrgen".
+    "utf-8-declared-latin-1-written": Case(
+        "ISO_IR 192",
+        "Müller^Jürgen".encode("latin-1"),
+        "Schädel".encode("latin-1"),
+        "Kopf ü".encode("latin-1"),
+        "Müller^Jürgen",
+        "Schädel",
+        "Kopf ü",
+    ),
+}
+# A kanji run not switched back to ASCII before the padding: pydicom's decoder gives up and
+# leaves the escape sequence in the text, which `series show` wrote to the terminal.
+UNDECODED_ESCAPE = Case(
+    ["", "ISO 2022 IR 87"], b"Yamada^Tarou", b"\x1b$BF,It", b"T1", "Yamada^Tarou", "", "T1"
+)
+
+
+def _image_file(folder: Path, case: Case, study: str, series: str, number: int) -> Path:
+    """One MR image holding ``case``'s texts as these bytes, written as a Part 10 file."""
+    ds = minimal_mr_dataset()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.InstanceNumber = number
+    ds.file_meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if case.charset is not None:
+        ds.SpecificCharacterSet = case.charset
+    values = {
+        "PatientName": case.patient_name,
+        "PatientID": b"CS-1",
+        "SeriesDescription": case.series_description,
+        "ProtocolName": case.protocol_name,
+    }
+    for keyword, value in values.items():
+        tag = tag_for_keyword(keyword)
+        assert tag is not None
+        ds[tag] = DataElement(tag, dictionary_VR(tag), value)  # bytes: written as they are
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _series_files(folder: Path, case: Case, count: int = 2) -> tuple[str, list[Path]]:
+    folder.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    return series, [_image_file(folder, case, study, series, n + 1) for n in range(count)]
+
+
+@dataclass(frozen=True)
+class Received:
+    data_dir: Path
+    series: dict[str, str]  # case -> Series Instance UID
+    sent: dict[str, list[Path]]
+
+
+@pytest.fixture(scope="module")
+def received(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Received]:
+    """Every case's series, sent by pynetdicom as its files' bytes to a node."""
+    root = tmp_path_factory.mktemp("charsets")
+    series: dict[str, str] = {}
+    sent: dict[str, list[Path]] = {}
+    cases = {**CASES, "undecoded-escape": UNDECODED_ESCAPE}
+    for name, case in cases.items():
+        series[name], sent[name] = _series_files(root / name, case)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pynetdicom_config, "LOG_HANDLER_LEVEL", "none")
+        patch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)  # as they are
+        with (
+            warnings.catch_warnings(),  # pydicom's on the undecodable text, once per place
+            inprocess_node(root / "data") as node,
+            mr_store_association(node.port) as assoc,
+        ):
+            warnings.simplefilter("ignore")
+            for paths in sent.values():
+                for path in paths:
+                    assert assoc.send_c_store(path).Status == 0x0000, path
+    yield Received(root / "data", series, sent)
+
+
+def _index_rows(data_dir: Path) -> dict[str, tuple[str, str, str]]:
+    """Series Instance UID -> (patient name, series description, protocol) in the index."""
+    with sqlite3.connect(f"file:{data_dir / 'index.sqlite'}?mode=ro", uri=True) as conn:
+        rows = conn.execute(
+            "SELECT se.series_instance_uid, p.patient_name, se.series_description, "
+            "se.protocol_name FROM series se JOIN studies st ON se.study_pk = st.id "
+            "JOIN patients p ON st.patient_pk = p.id"
+        ).fetchall()
+    return {uid: (name, description, protocol) for uid, name, description, protocol in rows}
+
+
+def _dicom_node(data_dir: Path, *args: str) -> str:
+    """``dicom-node ARGS``'s standard output, on the node whose data is in ``data_dir``."""
+    config = data_dir.parent / "config.yaml"
+    config.write_text(f"storage:\n  data_dir: {data_dir}\n")
+    run = subprocess.run(
+        [str(DICOM_NODE), "-c", str(config), *args],
+        capture_output=True,
+        encoding="utf-8",
+        timeout=120,
+        check=False,
+        env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"},
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    return run.stdout
+
+
+@pytest.mark.parametrize("case", [*CASES, "undecoded-escape"])
+def test_each_image_is_stored_as_sent(received: Received, case: str) -> None:
+    stored = sorted((received.data_dir / "store").rglob("*.dcm"))
+    by_bytes = {dataset_bytes(path) for path in stored}
+    for path in received.sent[case]:
+        assert dataset_bytes(path) in by_bytes, path
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_index_holds_the_text_meant(received: Received, case: str) -> None:
+    expected = CASES[case]
+    row = _index_rows(received.data_dir)[received.series[case]]
+    assert row == (expected.name_text, expected.description_text, expected.protocol_text)
+
+
+def test_an_escape_sequence_left_undecoded_is_neither_indexed_nor_printed(
+    received: Received,
+) -> None:
+    uid = received.series["undecoded-escape"]
+    name, description, _ = _index_rows(received.data_dir)[uid]
+    assert name == "Yamada^Tarou"
+    assert description.endswith("$BF,It") and "\x1b" not in description, repr(description)
+    shown = _dicom_node(received.data_dir, "series", "show", uid)
+    assert f"series_description: {description}" in shown
+    assert "\x1b" not in shown, repr(shown)
+
+
+def test_series_list_and_show_print_the_text_meant(received: Received) -> None:
+    listed = json.loads(_dicom_node(received.data_dir, "series", "list", "--json"))
+    descriptions = {item["series_instance_uid"]: item["series_description"] for item in listed}
+    table = _dicom_node(received.data_dir, "series", "list")
+    assert "\x1b" not in table, repr(table)
+    for name, case in CASES.items():
+        assert descriptions[received.series[name]] == case.description_text, name
+        assert case.description_text in table, name
+    uid = received.series["japanese-katakana-kanji"]
+    shown = _dicom_node(received.data_dir, "series", "show", uid)
+    assert "series_description: 頭部 T1\nprotocol_name: ﾄｳﾌﾞ\n" in shown, shown
+
+
+@pytest.mark.peers
+def test_storescu_sends_are_stored_as_sent_and_indexed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DCMTK as the sending modality, one series of each case in one association."""
+    monkeypatch.setattr(pynetdicom_config, "LOG_HANDLER_LEVEL", "none")
+    series: dict[str, str] = {}
+    sent: list[Path] = []
+    for name, case in CASES.items():
+        series[name], paths = _series_files(tmp_path / "sent" / name, case, count=1)
+        sent += paths
+    with inprocess_node(tmp_path / "data") as node:
+        run = storescu(node.port, [tmp_path / "sent"])
+        assert run.returncode == 0, run.stdout + run.stderr
+    stored = {dataset_bytes(path) for path in (tmp_path / "data" / "store").rglob("*.dcm")}
+    assert {dataset_bytes(path) for path in sent} == stored
+    rows = _index_rows(tmp_path / "data")
+    for name, case in CASES.items():
+        assert rows[series[name]] == (case.name_text, case.description_text, case.protocol_text)
+
+
+# ISO 2022 IR 87 declared, a Latin-1 name written: pydicom cannot decode it.
+NOT_IN_ITS_CHARACTER_SET = Case(
+    "ISO 2022 IR 87",
+    "Müller^Jürgen".encode("latin-1"),
+    "Schädel".encode("latin-1"),
+    "Kopf ü".encode("latin-1"),
+    "M\ufffdller^J\ufffdrgen",
+    "Sch\ufffddel",
+    "Kopf \ufffd",
+)
+
+
+@pytest.mark.filterwarnings("ignore")  # pydicom warns too: shown once per place by Python
+def test_the_receiver_logs_no_line_per_value_and_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pydicom logged a WARNING for each text value of each image it could not decode
+    while the index read it (three per image here). The file keeps the bytes, and the job
+    says it once for the series."""
+    monkeypatch.setattr(pynetdicom_config, "LOG_HANDLER_LEVEL", "none")
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    uid, paths = _series_files(tmp_path / "sent", NOT_IN_ITS_CHARACTER_SET, count=5)
+    with (
+        caplog.at_level(logging.WARNING),
+        inprocess_node(tmp_path / "data") as node,
+        mr_store_association(node.port) as assoc,
+    ):
+        for path in paths:
+            assert assoc.send_c_store(path).Status == 0x0000
+    assert [r.getMessage() for r in caplog.records if r.name == "pydicom"] == []
+    case = NOT_IN_ITS_CHARACTER_SET
+    expected = (case.name_text, case.description_text, case.protocol_text)
+    assert _index_rows(tmp_path / "data")[uid] == expected
+
+
+def test_quiet_value_warnings_keeps_the_lines_of_other_threads(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pydicom_logger = logging.getLogger("pydicom")
+    entered, logged = threading.Event(), threading.Event()
+    heard_there: list[str] = []
+
+    def quiet_thread() -> None:
+        with quiet_value_warnings() as heard:
+            pydicom_logger.warning("in the quiet thread")
+            entered.set()
+            logged.wait(10)
+        heard_there.extend(heard)
+
+    thread = threading.Thread(target=quiet_thread)
+    with caplog.at_level(logging.WARNING):
+        thread.start()
+        assert entered.wait(10)
+        pydicom_logger.warning("in another thread meanwhile")
+        logged.set()
+        thread.join(10)
+    assert [r.getMessage() for r in caplog.records] == ["in another thread meanwhile"]
+    assert heard_there == ["in the quiet thread"]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_job_sums_up_text_its_character_set_does_not_describe(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A misspelled character set ("ISO-IR 100"; pydicom reads it as ISO_IR 100): each
+    value pydicom decoded logged a line, dozens per image while a job read the series and
+    encoded its SEG."""
+    sources = stored_series(
+        "ISO-IR 100", {"PatientName": "Müller^Jürgen".encode("latin-1")}
+    )  # read back as a job reads its files
+    folder = tmp_path / "series"
+    write_series(sources, folder)
+    caplog.clear()  # what writing the files logged
+    with caplog.at_level(logging.WARNING), summarised_value_warnings("job 7 series 1.2"):
+        volume_from_folder(folder)
+        seg = pydicom.dcmread(
+            io.BytesIO(seg_file_of([pydicom.dcmread(p) for p in sorted(folder.iterdir())]))
+        )
+    assert [r.getMessage() for r in caplog.records if r.name == "pydicom"] == []
+    (summary,) = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "dicom_node.value_warnings" and "Specific Character Set" in r.getMessage()
+    ]
+    assert summary.startswith("job 7 series 1.2: "), summary
+    assert "reads of header text that does not match its Specific Character Set" in summary
+    assert "Incorrect value for Specific Character Set 'ISO-IR 100'" in summary
+    assert str(seg.PatientName) == "Müller^Jürgen"
+
+
+# What the SEG's patient and study texts read as, with the SEG's character set.
+SEG_CASES: dict[str, tuple[Charset, bytes, bytes, Charset, str]] = {
+    "latin-1": (
+        "ISO_IR 100",
+        "Müller^Jürgen".encode("latin-1"),
+        "Schädel MRT".encode("latin-1"),
+        "ISO_IR 100",
+        "Müller^Jürgen",
+    ),
+    "utf-8": ("ISO_IR 192", "山田^太郎".encode(), "頭部 MRI".encode(), "ISO_IR 192", "山田^太郎"),
+    "japanese-katakana-kanji": (
+        ["ISO 2022 IR 13", "ISO 2022 IR 87"],
+        YAMADA,
+        b"\x1b$BF,It\x1b(J MRI",
+        ["ISO 2022 IR 13", "ISO 2022 IR 87"],
+        "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう",
+    ),
+    "japanese-romaji-kanji": (
+        ["", "ISO 2022 IR 87"],
+        YAMADA_ROMAJI,
+        b"\x1b$BF,It\x1b(B MRI",
+        ["ISO 2022 IR 6", "ISO 2022 IR 87"],
+        "Yamada^Tarou=山田^太郎=やまだ^たろう",
+    ),
+    "cyrillic": (
+        "ISO_IR 144",
+        "Иванов^Иван".encode("iso8859_5"),
+        "Голова нативно".encode("iso8859_5"),
+        "ISO_IR 144",
+        "Иванов^Иван",
+    ),
+}
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("case", SEG_CASES)
+def test_the_seg_reads_as_its_source_in_pydicom_and_dciodvfy(tmp_path: Path, case: str) -> None:
+    charset, name, study_description, seg_charset, name_text = SEG_CASES[case]
+    sources = stored_series(charset, {"PatientName": name, "StudyDescription": study_description})
+    path = tmp_path / "seg.dcm"
+    path.write_bytes(seg_file_of(sources))
+    output = dciodvfy(path)
+    # dciodvfy prints the name as its bytes: the source's, under the source's character set.
+    assert "Character invalid" not in output, output
+    seg = pydicom.dcmread(path)
+    assert seg.get("SpecificCharacterSet") == seg_charset
+    assert str(seg.PatientName) == name_text == str(sources[0].PatientName)
+    assert seg.StudyDescription == sources[0].StudyDescription
+    # The SEG's own texts: LO values of at most 64 characters, without a backslash.
+    for text in (
+        seg.SeriesDescription,
+        seg.ContentDescription,
+        seg.SegmentSequence[0].SegmentLabel,
+    ):
+        assert len(text) <= 64 and "\\" not in text, text
