@@ -7,6 +7,7 @@ import datetime as dt
 import fcntl
 import logging
 import os
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -103,13 +104,39 @@ def retried_on_conflict(call: Callable[[], _T], tries: int = 3) -> _T:
     return call()
 
 
+# SQLite's result codes (and their extended forms) for a file damaged or not a database.
+_DAMAGED = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
+def damaged_sqlite_index(exc: BaseException) -> str | None:
+    """SQLite's own words when ``exc`` (or one it was raised from) says the index file is
+    damaged on disk or is not a database; None otherwise."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        orig = getattr(seen, "orig", None)
+        for error in (seen, orig):
+            if isinstance(error, sqlite3.DatabaseError) and str(
+                getattr(error, "sqlite_errorname", "")
+            ).startswith(_DAMAGED):
+                return str(error)
+        seen = seen.__cause__
+    return None
+
+
 def unavailable_reason(exc: BaseException) -> str | None:
-    """Why the index cannot be reached, when ``exc`` (or an exception it was raised from)
+    """Why the index cannot be used, when ``exc`` (or an exception it was raised from)
     says so: a refused or lost connection, a server shutting down, a database file that
-    cannot be opened, locked or written, no pooled connection free within the pool's wait.
-    None for any other error, including a transaction the server rolled back for a conflict
-    (SQLSTATE class 40), which a retry resolves.
+    cannot be opened, locked or written, or is damaged, no pooled connection free within
+    the pool's wait. None for any other error, including a transaction the server rolled
+    back for a conflict (SQLSTATE class 40), which a retry resolves.
     """
+    damaged = damaged_sqlite_index(exc)
+    if damaged is not None:
+        # Every statement fails alike until it is rebuilt: an outage, not a defect.
+        return (
+            f"{damaged}: the SQLite index file is damaged; stop the node and rebuild the index "
+            "(README: Recovering from faults)"
+        )
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, DBAPIError) and (

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from sqlalchemy import Connection, Table, bindparam, func, insert, select, text, update
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from dicom_node.errors import StorageError
@@ -291,6 +291,11 @@ class InstanceWriter:
             except PoolTimeoutError as exc:
                 # Every pooled connection busy for the pool's whole wait (30 s).
                 raise StorageError(f"index unavailable: {unavailable_reason(exc)}") from exc
+            except DatabaseError as exc:  # a SQLite file damaged on disk, among others
+                reason = unavailable_reason(exc)
+                if reason is None:
+                    raise
+                raise StorageError(f"index unavailable: {reason}") from exc
             # Only committed rows are remembered: a rolled-back primary key can be reused.
             self._remember(staged)
             return results

@@ -115,3 +115,15 @@ def test_a_one_off_failure_names_the_outage_or_keeps_the_traceback(
     assert outage.exc_info is None  # one line: no traceback
     assert defect.getMessage() == "could not record release of association a1"
     assert defect.exc_info is not None and defect.exc_info[0] is ValueError
+
+
+def test_a_damaged_sqlite_file_is_an_outage_with_what_to_do(tmp_path: Path) -> None:
+    """Not an OperationalError: every loop logged a traceback each round (twice a second)."""
+    not_a_database = tmp_path / "index.sqlite"
+    not_a_database.write_bytes(b"this is no SQLite file" * 300)
+    error = _raised(f"sqlite:///{not_a_database}", "SELECT * FROM sqlite_master")
+    assert not isinstance(error, OperationalError), error
+    reason = unavailable_reason(error)
+    assert reason is not None and reason.startswith("file is not a database: "), reason
+    assert "the SQLite index file is damaged; stop the node and rebuild the index" in reason
+    assert IndexOutage("completion", logging.getLogger("test")).failed(error)

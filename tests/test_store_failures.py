@@ -90,6 +90,33 @@ def test_a_row_that_cannot_be_committed_leaves_no_file(
     assert _rows(index) == 0
 
 
+def test_an_index_file_damaged_on_disk_refuses_stores_with_one_line_each(
+    scp_in_process: InProcessNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite's "database disk image is malformed" is no OperationalError: it escaped the
+    index writer, and each store was refused as an internal error with a traceback."""
+    import random
+
+    port, index = scp_in_process.port, scp_in_process.index
+    for _ in range(20):  # rows on enough pages that damaging the later ones is seen
+        assert _store(port, minimal_mr_dataset()).Status == 0x0000
+    with index.engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    index.engine.dispose()  # pooled connections would answer from their page cache
+    path = Path(str(index.engine.url.database))
+    size = path.stat().st_size
+    with path.open("r+b") as damaged:  # every page but the first three
+        damaged.seek(3 * 4096)
+        damaged.write(random.Random(0).randbytes(size - 3 * 4096))
+    with caplog.at_level(logging.INFO):
+        rsp = _store(port, minimal_mr_dataset())
+    assert rsp.Status == 0xA700
+    assert rsp.ErrorComment.startswith("index unavailable: database disk image is malformed")
+    (refusal,) = [r for r in caplog.records if "refused (0xA700)" in r.getMessage()]
+    assert "the SQLite index file is damaged; stop the node and rebuild" in refusal.getMessage()
+    assert not [r for r in caplog.records if r.exc_info], caplog.text  # no traceback
+
+
 def test_both_durable_before_success(scp_in_process: InProcessNode) -> None:
     port, index, store = scp_in_process.port, scp_in_process.index, scp_in_process.store
     assert _store(port, minimal_mr_dataset()).Status == 0x0000

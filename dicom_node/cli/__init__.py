@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,24 +62,21 @@ class IndexFault(StorageError):
     """An index this release cannot use as it is; the message says what to do."""
 
 
-# SQLite's result codes (and their extended forms) for a file damaged or not a database.
-_DAMAGED = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
-
-
 def index_fault(exc: BaseException, settings: Settings) -> IndexFault | None:
     """``exc`` told with what to do, where it comes from a SQLite index file damaged on
     disk or an index a newer release migrated; None for any other error. Every command
     opens the index: without this, a damaged one was a traceback or "cannot migrate"."""
     from alembic.util.exc import CommandError
 
+    from storage.database import damaged_sqlite_index
+
     url = make_url(settings.storage.effective_database_url)
     seen: BaseException | None = exc
     while seen is not None and not isinstance(seen, IndexFault):
-        if isinstance(seen, sqlite3.DatabaseError) and str(
-            getattr(seen, "sqlite_errorname", "")
-        ).startswith(_DAMAGED):
+        damaged = damaged_sqlite_index(seen)
+        if damaged is not None:
             return IndexFault(
-                f"the index {url.database} is damaged ({seen}): stop the node, move "
+                f"the index {url.database} is damaged ({damaged}): stop the node, move "
                 f"{url.database}* aside and rebuild the index from the store with "
                 "`dicom-node store check --repair --grace-s 0` (README: Recovering from faults)"
             )
