@@ -7,30 +7,20 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import test_cli
 from peers import make_mr_series
 
 from storage.database import Index
 from storage.filestore import FileStore
 
-DICOM_NODE = Path(sys.executable).parent / "dicom-node"
 REBUILD = "dicom-node store check --repair --grace-s 0"
 
 
 def _dicom_node(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    config = data_dir.parent / "config.yaml"
-    config.write_text(f"storage:\n  data_dir: {data_dir}\n  min_free_disk_mb: 0\n")
-    return subprocess.run(
-        [str(DICOM_NODE), "-c", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"},
-    )
+    return test_cli._dicom_node(data_dir, *args, storage="  min_free_disk_mb: 0\n")
 
 
 def _old(path: Path) -> None:
