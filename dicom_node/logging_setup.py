@@ -40,9 +40,9 @@ def configure_logging(settings: LoggingSettings) -> None:
     if settings.file is not None:
         try:
             settings.file.parent.mkdir(parents=True, exist_ok=True)
-            handlers.append(
-                logging.handlers.WatchedFileHandler(settings.file)  # logrotate-friendly
-            )
+            # logrotate-friendly. UTF-8 whatever the locale: under the C locale a line
+            # holding a patient's name was lost ("--- Logging error ---").
+            handlers.append(logging.handlers.WatchedFileHandler(settings.file, encoding="utf-8"))
         except OSError as exc:
             # Every command logs, the health check too: say which setting, not a traceback.
             raise ConfigError(

@@ -26,6 +26,7 @@ from dicom_node.index_outage import log_failure
 from dicom_node.instance_attributes import REQUIRED_UIDS, TAG, check_complete, instance_record
 from dicom_node.part10 import file_header
 from dicom_node.reactor import is_dicom_application_context
+from dicom_node.value_warnings import quiet_value_warnings
 from storage.committer import GroupCommitter
 from storage.database import Index
 from storage.filestore import FileStore, WrittenFile
@@ -264,9 +265,14 @@ class Receiver:
             logger.error("C-STORE from %s refused (0xA700): %s", who, exc)
             return _failure(OUT_OF_RESOURCES, "out of disk space")
         try:
-            ds = event.dataset
-            check_complete(ds)
-            uids = {name: text(ds, tag) for name, tag in REQUIRED_UIDS}
+            # pydicom complains of a misspelled or unknown Specific Character Set on each
+            # read: a line per image of such a device. The job sums it up for its series.
+            with quiet_value_warnings() as complaints:
+                ds = event.dataset
+                check_complete(ds)
+                uids = {name: text(ds, tag) for name, tag in REQUIRED_UIDS}
+            if complaints:
+                logger.debug("C-STORE from %s: %s", who, "; ".join(dict.fromkeys(complaints)))
         except Exception as exc:
             stats.failed += 1
             logger.warning(

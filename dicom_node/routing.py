@@ -140,36 +140,43 @@ def facts_from_folder(path: Path, calling_ae_title: str = "") -> SeriesFacts:
     from pydicom.errors import InvalidDicomError
 
     from dicom_node.errors import SeriesError
+    from dicom_node.header_values import text
+    from dicom_node.instance_attributes import REQUIRED_UIDS, TAG
+    from dicom_node.value_warnings import quiet_value_warnings
 
+    series_tag = dict(REQUIRED_UIDS)["SeriesInstanceUID"]
     first = None
     count = 0
     series_uids: set[str] = set()
     sop_classes: set[str] = set()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         try:
-            ds = dcmread(file, stop_before_pixels=True)
+            # pydicom complains of a misspelled Specific Character Set on each read: a line
+            # per file on the terminal, which the node does not log either.
+            with quiet_value_warnings():
+                ds = dcmread(file, stop_before_pixels=True)
         except (InvalidDicomError, OSError):
             continue
         if "SOPClassUID" not in ds:
             continue
-        series_uids.add(str(ds.get("SeriesInstanceUID", "")))
-        sop_classes.add(str(ds.SOPClassUID))
+        series_uids.add(text(ds, series_tag))
+        sop_classes.add(text(ds, TAG["SOPClassUID"]))
         count += 1
         first = first or ds
     if first is None:
         raise SeriesError(f"no DICOM images under {path}")
     if len(series_uids) > 1:
         raise SeriesError(f"{path} holds {len(series_uids)} series; give one series' folder")
-    image_type = first.get("ImageType", [])
-    if isinstance(image_type, str):  # a single value is not a MultiValue
-        image_type = [image_type]
+    # Read as the node indexes a received series (header_values.text), so that the same
+    # series matches the same rules: pydicom read UTF-8 with no declared set as Latin-1.
+    image_type = text(first, TAG["ImageType"])
     return SeriesFacts(
-        series_instance_uid=str(first.get("SeriesInstanceUID", "")),
-        modality=str(first.get("Modality", "")),
-        series_description=str(first.get("SeriesDescription", "")),
-        protocol_name=str(first.get("ProtocolName", "")),
-        image_type=tuple(str(v) for v in image_type),
-        body_part_examined=str(first.get("BodyPartExamined", "")),
+        series_instance_uid=text(first, series_tag),
+        modality=text(first, TAG["Modality"]),
+        series_description=text(first, TAG["SeriesDescription"]),
+        protocol_name=text(first, TAG["ProtocolName"]),
+        image_type=tuple(v for v in image_type.split("\\") if v),  # as facts_from_index
+        body_part_examined=text(first, TAG["BodyPartExamined"]),
         calling_ae_title=calling_ae_title,
         image_count=count,
         sop_class_uids=tuple(sorted(sop_classes)),

@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from dicom_node.header_values import text
 from dicom_node.instance_attributes import REQUIRED_UIDS, TAG, check_complete, instance_record
+from dicom_node.value_warnings import quiet_value_warnings
 from storage.consistency import (
     StoreReport,
     forget_missing,
@@ -108,9 +109,14 @@ def _readable(store: FileStore, paths: Iterable[str], result: Repair) -> Iterato
 
 def _read_record(store: FileStore, relative: str) -> InstanceRecord:
     path = store.absolute(relative)
-    ds = dcmread(path)  # Part 10 as stored: the receiver wrote the file meta
-    check_complete(ds)
-    uids = {name: text(ds, tag) for name, tag in REQUIRED_UIDS}
+    # pydicom complains of a misspelled or unknown Specific Character Set on each read: a
+    # line per image of such a device, as the receiver logs none (the file keeps it).
+    with quiet_value_warnings() as complaints:
+        ds = dcmread(path)  # Part 10 as stored: the receiver wrote the file meta
+        check_complete(ds)
+        uids = {name: text(ds, tag) for name, tag in REQUIRED_UIDS}
+    if complaints:
+        logger.debug("store check: %s: %s", relative, "; ".join(dict.fromkeys(complaints)))
     absent = [name for name, value in uids.items() if not value]
     if absent:
         raise ValueError(f"{', '.join(absent)} missing or empty")

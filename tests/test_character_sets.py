@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -32,8 +33,13 @@ from pynetdicom import _config as pynetdicom_config
 from seg_fixtures import Charset, seg_file_of, stored_series, write_series
 from validators import dciodvfy
 
+from dicom_node.routing import facts_from_folder
+from dicom_node.store_check import repair_store
 from dicom_node.value_warnings import quiet_value_warnings, summarised_value_warnings
 from dicom_node.volume import volume_from_folder
+from storage.consistency import check_store
+from storage.database import Index
+from storage.filestore import FileStore
 
 DICOM_NODE = Path(sys.executable).parent / "dicom-node"
 
@@ -383,6 +389,159 @@ def test_a_job_sums_up_text_its_character_set_does_not_describe(
     assert "reads of header text that does not match its Specific Character Set" in summary
     assert "Incorrect value for Specific Character Set 'ISO-IR 100'" in summary
     assert str(seg.PatientName) == "Müller^Jürgen"
+
+
+# A device that misspells its character set, and one that names a set DICOM does not have:
+# pydicom reads both as Latin-1 and complains of the value each time it reads the dataset.
+MISNAMED_CHARACTER_SETS = {
+    "misspelled": Case(
+        "ISO-IR 100",
+        "Müller^Jürgen".encode("latin-1"),
+        "Schädel".encode("latin-1"),
+        b"T1",
+        "Müller^Jürgen",
+        "Schädel",
+        "T1",
+    ),
+    "unknown": Case(
+        "ISO_IR 999",
+        "Müller^Jürgen".encode("latin-1"),
+        "Schädel".encode("latin-1"),
+        b"T1",
+        "Müller^Jürgen",
+        "Schädel",
+        "T1",
+    ),
+}
+
+
+def _pydicom_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("pydicom")]
+
+
+@pytest.mark.filterwarnings("ignore")  # pydicom warns too: shown once per place by Python
+@pytest.mark.parametrize("case", MISNAMED_CHARACTER_SETS)
+def test_a_misnamed_character_set_logs_no_line_per_received_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    """pynetdicom's decoding of each received dataset logged pydicom's complaints about
+    its Specific Character Set: two lines per image."""
+    monkeypatch.setattr(pynetdicom_config, "LOG_HANDLER_LEVEL", "none")
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    sent = MISNAMED_CHARACTER_SETS[case]
+    uid, paths = _series_files(tmp_path / "sent", sent, count=3)
+    caplog.clear()  # what writing the files logged
+    with (
+        caplog.at_level(logging.WARNING),
+        inprocess_node(tmp_path / "data") as node,
+        mr_store_association(node.port) as assoc,
+    ):
+        for path in paths:
+            assert assoc.send_c_store(path).Status == 0x0000
+    assert _pydicom_lines(caplog) == []
+    expected = (sent.name_text, sent.description_text, sent.protocol_text)
+    assert _index_rows(tmp_path / "data")[uid] == expected
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_store_check_logs_no_line_per_image_of_a_misnamed_character_set(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`store check --repair` reads each file the index lost: pydicom's complaints about
+    a misspelled character set gave lines per image."""
+    sent = MISNAMED_CHARACTER_SETS["misspelled"]
+    uid, paths = _series_files(tmp_path / "sent", sent, count=3)
+    store = FileStore(tmp_path / "data" / "store", fsync=False)
+    for path in paths:  # files as the receiver wrote them, no row names them
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        stored = store.absolute(
+            store.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        )
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, stored)
+    index = Index(f"sqlite:///{tmp_path / 'data' / 'index.sqlite'}", fsync=False)
+    try:
+        report = check_store(index, store, grace_s=0)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            repaired = repair_store(index, store, report)
+    finally:
+        index.dispose()
+    assert _pydicom_lines(caplog) == []
+    assert (repaired.indexed, repaired.unreadable) == (3, [])
+    expected = (sent.name_text, sent.description_text, sent.protocol_text)
+    assert _index_rows(tmp_path / "data")[uid] == expected
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rules_test_of_a_folder_sees_the_text_the_node_indexes(
+    received: Received, case: str
+) -> None:
+    """`rules test FOLDER` read the files' texts with pydicom ("SchÃ¤del" for UTF-8 where
+    no character set is declared): a rule on "Schädel" matched the series received, not
+    its folder."""
+    folder = received.sent[case][0].parent
+    facts = facts_from_folder(folder)
+    _, description, protocol = _index_rows(received.data_dir)[received.series[case]]
+    assert (facts.series_description, facts.protocol_name) == (description, protocol)
+    assert facts.series_instance_uid == received.series[case]
+    assert facts.modality == "MR"
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_rules_test_of_a_folder_logs_no_line_per_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sent = MISNAMED_CHARACTER_SETS["misspelled"]
+    _series_files(tmp_path / "series", sent, count=3)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        facts = facts_from_folder(tmp_path / "series")
+    assert _pydicom_lines(caplog) == []
+    assert (facts.series_description, facts.image_count) == ("Schädel", 3)
+
+
+def test_the_log_file_is_utf_8_whatever_the_locale(tmp_path: Path) -> None:
+    """Under the C locale (no UTF-8 mode) the log file was opened as ASCII: a line holding
+    a patient's name was lost with "--- Logging error ---". The console (stderr) keeps it,
+    escaped."""
+    log_file = tmp_path / "node.log"
+    message = "series Schädel of Müller^Jürgen, 頭部"
+    script = (  # ASCII: the command line is read in the locale's encoding too
+        "import logging\n"
+        "from dicom_node.config import LoggingSettings\n"
+        "from dicom_node.logging_setup import configure_logging\n"
+        f"configure_logging(LoggingSettings(file={str(log_file)!r}))\n"
+        f"logging.getLogger('dicom_node.jobs').warning({message!a})\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        timeout=60,
+        check=True,
+        env={"LC_ALL": "C", "PYTHONUTF8": "0", "PATH": "/usr/bin:/bin"},
+    )
+    assert b"Logging error" not in run.stderr, run.stderr
+    assert b"series Sch\\xe4del of M\\xfcller^J\\xfcrgen, \\u982d\\u90e8" in run.stderr
+    (line,) = log_file.read_text(encoding="utf-8").splitlines()
+    assert line.endswith(f"dicom_node.jobs: {message}"), line
+
+
+def test_series_list_and_show_name_the_patient(received: Received) -> None:
+    """A PACS administrator finds a series by patient name, study date and description:
+    `series list` and `series show` gave none of the patient's name."""
+    listed = json.loads(_dicom_node(received.data_dir, "series", "list", "--json"))
+    names = {item["series_instance_uid"]: item["patient_name"] for item in listed}
+    for name, case in CASES.items():
+        assert names[received.series[name]] == case.name_text, name
+    assert all("study_date" in item for item in listed)
+    uid = received.series["utf-8"]
+    shown = _dicom_node(received.data_dir, "series", "show", uid)
+    assert "\npatient_name: Müller^Jürgen\n" in shown, shown
+    data = json.loads(_dicom_node(received.data_dir, "series", "show", uid, "--json"))
+    assert data["patient_name"] == "Müller^Jürgen"
+    assert "study_date" in data
+    assert data["versions"][0]["patient_name"] == "Müller^Jürgen"
 
 
 # What the SEG's patient and study texts read as, with the SEG's character set.

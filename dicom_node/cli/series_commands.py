@@ -27,6 +27,9 @@ def _summary(series: Series, study: Study, version: SeriesVersion) -> dict[str, 
         "series_instance_uid": series.series_instance_uid,
         "study_instance_uid": study.study_instance_uid,
         "patient_id": study.patient.patient_id,
+        # With the description: how a PACS administrator finds the series there.
+        "patient_name": study.patient.patient_name,
+        "study_date": study.study_date,
         "modality": series.modality,
         "series_description": series.series_description,
         "calling_ae_title": series.calling_ae_title,
@@ -93,6 +96,7 @@ def show_series(
         if series is None:
             raise DicomNodeError(f"no series {uid!r} in the index (see `dicom-node series list`)")
         study = series.study
+        patient = study.patient  # loaded while the session is open
         versions = [_summary(series, study, v) for v in series.versions]
         instances = [
             {
@@ -114,6 +118,8 @@ def show_series(
     data = {
         "series_instance_uid": uid,
         "study_instance_uid": study.study_instance_uid,
+        "patient_name": patient.patient_name,
+        "study_date": study.study_date,
         "modality": series.modality,
         "series_description": series.series_description,
         "protocol_name": series.protocol_name,
@@ -130,6 +136,8 @@ def show_series(
     for key in (
         "series_instance_uid",
         "study_instance_uid",
+        "patient_name",
+        "study_date",
         "modality",
         "series_description",
         "protocol_name",
