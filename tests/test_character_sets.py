@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import test_cli
 from inprocess import MR_IMAGE_STORAGE, inprocess_node, minimal_mr_dataset, mr_store_association
 from peers import dataset_bytes, storescu
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -223,18 +224,9 @@ def _index_rows(data_dir: Path) -> dict[str, tuple[str, str, str]]:
     return {uid: (name, description, protocol) for uid, name, description, protocol in rows}
 
 
-def _dicom_node(data_dir: Path, *args: str) -> str:
+def _dicom_node(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> str:
     """``dicom-node ARGS``'s standard output, on the node whose data is in ``data_dir``."""
-    config = data_dir.parent / "config.yaml"
-    config.write_text(f"storage:\n  data_dir: {data_dir}\n")
-    run = subprocess.run(
-        [str(DICOM_NODE), "-c", str(config), *args],
-        capture_output=True,
-        encoding="utf-8",
-        timeout=120,
-        check=False,
-        env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"},
-    )
+    run = test_cli._dicom_node(data_dir, *args, env=env)
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr, run.stderr
     return run.stdout
@@ -542,6 +534,19 @@ def test_series_list_and_show_name_the_patient(received: Received) -> None:
     assert data["patient_name"] == "Müller^Jürgen"
     assert "study_date" in data
     assert data["versions"][0]["patient_name"] == "Müller^Jürgen"
+
+
+def test_the_cli_prints_text_its_terminal_cannot_encode_escaped(received: Received) -> None:
+    """A terminal whose locale cannot encode a description (the C locale without Python's
+    UTF-8 mode): `series list`'s table was a UnicodeEncodeError traceback."""
+    ascii_terminal = {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    listed = _dicom_node(received.data_dir, "series", "list", env=ascii_terminal)
+    assert "\\x" in listed or "\\u" in listed, listed  # escaped, e.g. Sch\xe4del
+    shown = _dicom_node(
+        received.data_dir, "series", "show", received.series["utf-8"], env=ascii_terminal
+    )
+    # click writes UTF-8 to an ASCII terminal; escaped would do as well.
+    assert "patient_name: Müller^Jürgen" in shown or "M\\xfcller^J\\xfcrgen" in shown, shown
 
 
 # What the SEG's patient and study texts read as, with the SEG's character set.

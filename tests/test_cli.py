@@ -104,18 +104,21 @@ def test_a_data_dir_that_is_a_file_is_named(tmp_path: Path) -> None:
     assert f"storage.data_dir {tmp_path / 'data'} is a file, not a folder" in run.stderr
 
 
-def _dicom_node(data_dir: Path, *args: str, storage: str = "") -> subprocess.CompletedProcess[str]:
+def _dicom_node(
+    data_dir: Path, *args: str, storage: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """``dicom-node ARGS`` as an administrator runs it, on a node whose data is in
-    ``data_dir`` (``storage``: more ``storage:`` lines), in a wide terminal."""
+    ``data_dir`` (``storage``: more ``storage:`` lines), in a wide terminal (``env``: more
+    environment)."""
     config = data_dir.parent / "config.yaml"
     config.write_text(f"storage:\n  data_dir: {data_dir}\n{storage}")
     return subprocess.run(
         [str(DICOM_NODE), "-c", str(config), *args],
         capture_output=True,
-        text=True,
+        encoding="utf-8",
         timeout=120,
         check=False,
-        env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"},
+        env={"COLUMNS": "400", "PATH": "/usr/bin:/bin", **(env or {})},
     )
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import datetime as dt
+import io
 import json
 import sys
 from collections.abc import Iterator
@@ -189,6 +191,11 @@ def config_first(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # A terminal whose locale cannot encode a patient's name or a description (LANG=C
+    # with PYTHONUTF8=0, a Latin-1 locale and a Japanese name): escaped, not a traceback.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and codecs.lookup(stream.encoding).name != "utf-8":
+            stream.reconfigure(errors="backslashreplace")
     try:
         app(args=config_first(sys.argv[1:] if argv is None else argv), prog_name="dicom-node")
     except DicomNodeError as exc:
