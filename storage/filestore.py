@@ -362,14 +362,15 @@ class WrittenFile:
 
 
 class TakenByRemoval(StorageError):
-    """A received image's file was taken by a removal of its series before its row
-    committed: the image is not stored (the sender is told to send it again)."""
+    """A received image's file was removed before its row committed: by a removal of its
+    series, or by the store of this image under another series, which removes the image's
+    earlier file. The image is not stored (the sender is told to send it again)."""
 
     def __init__(self, path: Path) -> None:
-        # The reason first: a C-STORE response's Error Comment keeps 64 characters.
+        # The outcome first: a C-STORE response's Error Comment keeps 64 characters.
         super().__init__(
-            "taken by a removal of its series (a prune or series delete) as it was stored: "
-            f"not stored, send it again ({path.name})"
+            "file removed as it was stored: not stored, send it again (taken by a prune or "
+            f"series delete, or by this image stored again under another series; {path.name})"
         )
 
 

@@ -371,6 +371,8 @@ def test_a_copy_renamed_to_a_moved_images_old_path_as_it_is_removed_is_refused(
     x.join(30)
     assert statuses["X"].Status == 0x0000
     assert statuses["Y"].Status == 0xA700, "Y was acknowledged; its file went with X's removal"
+    # Not "taken by a removal of its series (a prune or series delete)": there was none.
+    assert statuses["Y"].ErrorComment.startswith("file removed as it was stored: not stored")
     assert _indexed_paths(node.index) == [second]
     assert _files(node.store) == [node.store.absolute(second)]
     assert check_store(node.index, node.store, grace_s=0).consistent
