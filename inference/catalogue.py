@@ -8,6 +8,7 @@ DICOM side never guesses meanings from label names.
 from __future__ import annotations
 
 import logging
+import unicodedata
 from pathlib import Path
 from typing import Annotated
 
@@ -43,6 +44,15 @@ def _default_repertoire(text: str) -> str:
 
 
 DicomText = Annotated[str, AfterValidator(_default_repertoire)]
+
+
+def to_dicom_text(text: str, max_length: int = 64) -> str:
+    """``text`` made valid as ``DicomText`` of at most ``max_length`` characters: accents
+    dropped (``Läsion`` -> ``Lasion``), a backslash as ``/``, other characters outside
+    printable ASCII as spaces; empty when nothing of it is ASCII (``肝臓``)."""
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    kept = "".join("/" if ch == "\\" else ch if " " <= ch <= "~" else " " for ch in folded)
+    return " ".join(kept.split())[:max_length].strip()
 
 
 class _Strict(BaseModel):

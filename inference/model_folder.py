@@ -31,6 +31,9 @@ FOLD_RE = re.compile(r"^fold_(\d+|all)$")
 # dataset.json and plans.json: results, not a second model.
 CROSSVAL_PREFIX = "crossval_results"
 MACOS_METADATA = "__MACOSX"  # macOS Finder adds it to every zip it makes
+# What nnU-Net's trainer writes at the end of training and at its best validation Dice
+# (checkpoint_latest.pth is an unfinished training's, not offered).
+NNUNET_CHECKPOINTS = ("checkpoint_best.pth", "checkpoint_final.pth")
 
 Fold = int | Literal["all"]
 
@@ -46,6 +49,8 @@ class NnunetFolder:
     trainer: str | None
     plans: str | None
     configuration: str | None
+    # Other configurations of the same training beside it, not chosen (e.g. 2d, 3d_lowres).
+    other_configurations: tuple[str, ...] = ()
 
     @property
     def is_zip(self) -> bool:
@@ -125,6 +130,26 @@ def _split_trainer_folder_name(name: str) -> tuple[str | None, str | None, str |
     return None, None, None
 
 
+def _other_checkpoints_hint(
+    files: set[PurePosixPath], folder: PurePosixPath, fold_dirs: list[str], checkpoint: str
+) -> str:
+    """What to give ``--checkpoint`` when the folds hold another nnU-Net checkpoint (a model
+    shared with checkpoint_best.pth only), else nothing."""
+    names = sorted(
+        {
+            p.name
+            for p in files
+            if p.parent.name in fold_dirs
+            and p.parent.parent == folder
+            and p.name in NNUNET_CHECKPOINTS
+            and p.name != checkpoint
+        }
+    )
+    if not names:
+        return ""
+    return f"; the folds hold {', '.join(names)}: install it with --checkpoint {names[0]}"
+
+
 def find_nnunet_folder(
     path: Path,
     folds: Iterable[Fold] | None = None,
@@ -137,8 +162,10 @@ def find_nnunet_folder(
     ``Dataset291_X/nnUNetTrainer__nnUNetPlans__3d_fullres``), three when everything sits in
     one wrapping folder (a zip made of the folder holding the dataset). A trained-model folder
     has plans.json, dataset.json and fold_N/; ``crossval_results_*`` folders and a stray
-    dataset.json beside the trainer folder are not one. Raises ``ModelError`` naming what
-    is missing: plans.json, dataset.json, a fold_N folder, or a fold's checkpoint.
+    dataset.json beside the trainer folder are not one. Of several configurations of one
+    training side by side, ``configuration`` is taken, by default 3d_fullres (the others are
+    in ``other_configurations``). Raises ``ModelError`` naming what is missing: plans.json,
+    dataset.json, a fold_N folder, or a fold's checkpoint.
     """
     path = Path(path)
     files = set(_list_files(path))
@@ -170,15 +197,27 @@ def find_nnunet_folder(
             and FOLD_RE.match(p.name)
         )
 
+    def configuration_of(folder: PurePosixPath) -> str | None:
+        return _split_trainer_folder_name(folder.name if folder != root else path.name)[2]
+
     markers = ("plans.json", "dataset.json")
     marked = [c for c in candidates if any(has(c, m) for m in markers) or fold_dirs(c)]
-    if configuration is not None:
-        marked = [c for c in marked if _split_trainer_folder_name(c.name)[2] == configuration] or [
-            c for c in marked if c == root
-        ]
     # A folder with all three is the model; the others only explain what is missing.
     complete = [c for c in marked if all(has(c, m) for m in markers) and fold_dirs(c)]
-    marked = complete or marked
+    if configuration is not None and marked:
+        pool = complete or marked
+        named = [c for c in pool if configuration_of(c) == configuration]
+        # A folder renamed from nnU-Net's pattern says no configuration: its checkpoint does.
+        named = named or [c for c in pool if configuration_of(c) is None]
+        if not named:
+            present = sorted({str(configuration_of(c)) for c in pool})
+            raise ModelError(
+                f"{path} holds no {configuration} configuration (it holds "
+                f"{', '.join(present)}): choose one of those with --configuration"
+            )
+        marked = named
+    else:
+        marked = complete or marked
     if not marked:
         raise ModelError(
             f"{path} holds no nnU-Net trained-model folder (nothing with plans.json, dataset.json "
@@ -186,16 +225,34 @@ def find_nnunet_folder(
             "<trainer>__<plans>__<configuration> folder or the zip made by "
             "nnUNetv2_export_model_to_zip"
         )
+    others: list[str] = []
     if len(marked) > 1:
-        # An export zip can hold several configurations; 3d_fullres is the usual choice.
-        full = [c for c in marked if _split_trainer_folder_name(c.name)[2] == "3d_fullres"]
-        if len(full) != 1:
+        listed = ", ".join(map(str, marked))
+        configurations = [configuration_of(c) for c in marked]
+        # Configurations of one training sit side by side in its dataset folder; folders
+        # in two places are two models, whatever their configurations.
+        siblings = len({c.parent for c in marked}) == 1 and None not in configurations
+        if not siblings or len(set(configurations)) < len(configurations):
+            unpack = " (unpack the zip first)" if path.is_file() else ""
             raise ModelError(
-                f"{path} holds several trained-model folders ({', '.join(map(str, marked))}): "
-                "give one of them directly"
+                f"{path} holds several trained-model folders ({listed}): give one of them "
+                f"directly{unpack}"
             )
-        logger.info("%s holds several configurations; using %s", path, full[0])
-        marked = full
+        if "3d_fullres" not in configurations:
+            raise ModelError(
+                f"{path} holds several configurations of one model "
+                f"({', '.join(map(str, configurations))}): choose one with --configuration"
+            )
+        # An export zip holds every configuration trained; 3d_fullres is the usual choice.
+        chosen = marked[configurations.index("3d_fullres")]
+        others = sorted(str(c) for c in configurations if c != "3d_fullres")
+        logger.info(
+            "%s holds several configurations; using %s (others: %s)",
+            path,
+            chosen,
+            ", ".join(others),
+        )
+        marked = [chosen]
     folder = marked[0]
     where = f"{path}" if folder == root else f"{path} (in {folder})"
     for required in ("plans.json", "dataset.json"):
@@ -211,7 +268,10 @@ def find_nnunet_folder(
         wanted = numbered or wanted
         with_ckpt = [f for f in wanted if has(folder / fold_dir(f), checkpoint)]
         if not with_ckpt:
-            raise ModelError(f"{where}: no fold has {checkpoint} (looked in {', '.join(present)})")
+            raise ModelError(
+                f"{where}: no fold has {checkpoint} (looked in {', '.join(present)})"
+                + _other_checkpoints_hint(files, folder, present, checkpoint)
+            )
         if len(with_ckpt) < len(wanted):
             skipped = sorted(set(map(str, wanted)) - set(map(str, with_ckpt)))
             logger.warning("%s: folds %s have no %s; using the others", where, skipped, checkpoint)
@@ -224,7 +284,10 @@ def find_nnunet_folder(
                     f"{where}: {fold_dir(f)} is missing (present: {', '.join(present)})"
                 )
             if not has(folder / fold_dir(f), checkpoint):
-                raise ModelError(f"{where}: checkpoint {fold_dir(f)}/{checkpoint} is missing")
+                raise ModelError(
+                    f"{where}: checkpoint {fold_dir(f)}/{checkpoint} is missing"
+                    + _other_checkpoints_hint(files, folder, [fold_dir(f)], checkpoint)
+                )
     trainer, plans, cfg = _split_trainer_folder_name(folder.name if folder != root else path.name)
     return NnunetFolder(
         source=path,
@@ -234,6 +297,7 @@ def find_nnunet_folder(
         trainer=trainer,
         plans=plans,
         configuration=cfg,
+        other_configurations=tuple(others),
     )
 
 

@@ -54,6 +54,7 @@ from inference.catalogue import (
     load_catalogue,
     parse_catalogue,
     shipped_catalogues,
+    to_dicom_text,
 )
 from inference.model_folder import (
     Fold,
@@ -74,6 +75,7 @@ BUILTIN_MODELS: dict[str, Path] = {"demo": Path(__file__).resolve().parent / "de
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PRIVATE_SCHEME = "99DICOMNODE"  # DICOM reserves "99..." for private coding schemes
+IGNORE_LABEL = "ignore"  # nnU-Net's label for unannotated voxels: trained around, never predicted
 
 DEFAULT_ORIENTATION = "LPS"  # the node's volumes: x to the patient's left, y posterior, z up
 _AXIS_PAIRS = ("LR", "PA", "SI")
@@ -378,21 +380,61 @@ def _channels(dataset: dict[str, Any]) -> list[str]:
 
 
 def _dataset_labels(dataset: dict[str, Any]) -> dict[int, str]:
+    """dataset.json's labels by id, without the background and nnU-Net's ignore label."""
     labels = dataset.get("labels")
     if not isinstance(labels, dict):
         raise ModelError("dataset.json has no labels")
+    order = _region_values(dataset)
+    if order is not None:
+        regions = "; ".join(
+            f"{name}: {value}" for name, value in labels.items() if name != "background"
+        )
+        raise ModelError(
+            f"dataset.json trains overlapping regions ({regions}), not one label per voxel: "
+            f"nnU-Net writes their prediction as the values of regions_class_order {order}, "
+            "each voxel the value of the last region in that order that holds it. Give a "
+            f"catalogue (--catalogue FILE) whose labels {order} name what those voxels are"
+        )
     out: dict[int, str] = {}
     for name, value in labels.items():
-        if isinstance(value, (list, tuple)):
+        if name == IGNORE_LABEL:
+            continue
+        if isinstance(value, (list, tuple)) and len(value) == 1:
+            value = value[0]  # one value in a list: nnU-Net reads it as a plain label
+        try:
+            label_id = int(value)
+        except (TypeError, ValueError):
             raise ModelError(
-                "dataset.json uses region-based labels; give a catalogue (--catalogue) whose ids "
-                "follow regions_class_order"
-            )
-        if int(value) != 0:
-            out[int(value)] = str(name)
+                f"dataset.json label {name!r} is {value!r}, not a label value"
+            ) from None
+        if label_id != 0:
+            out[label_id] = str(name)
     if not out:
         raise ModelError("dataset.json labels hold only the background")
     return out
+
+
+def _region_values(dataset: dict[str, Any]) -> list[int] | None:
+    """The values a region-trained model's label map holds (``regions_class_order``), or
+    None for a model of one label per voxel."""
+    labels = dataset.get("labels")
+    if not isinstance(labels, dict) or not any(
+        isinstance(v, (list, tuple)) and len(v) > 1 for k, v in labels.items() if k != IGNORE_LABEL
+    ):
+        return None  # as nnU-Net's LabelManager tells region-based training
+    order = dataset.get("regions_class_order")
+    regions = [k for k, v in labels.items() if k not in ("background", IGNORE_LABEL)]
+    if (
+        not isinstance(order, list)
+        or len(order) != len(regions)
+        or not all(isinstance(v, int) and v > 0 for v in order)
+    ):
+        raise ModelError(
+            f"dataset.json trains {len(regions)} regions but its regions_class_order "
+            f"({order!r}) does not give a positive label value for each: nnU-Net cannot "
+            "predict with it"
+        )
+    return list(order)
 
 
 def _generic_colour(index: int) -> list[int]:
@@ -401,36 +443,57 @@ def _generic_colour(index: int) -> list[int]:
     return [round(r * 255), round(g * 255), round(b * 255)]
 
 
+def _private_code(label_name: str) -> Code:
+    """A code in this node's private scheme for a structure no catalogue knows."""
+    value = label_name
+    if len(value) > 16:  # a code value is at most 16 characters (SH)
+        # Cut alone, "lesion_category_1" and "lesion_category_2" got one code: two
+        # structures no reader of the SEG could tell apart.
+        digest = hashlib.sha256(label_name.encode("utf-8")).hexdigest()[:5]
+        value = f"{label_name[:10].rstrip()}-{digest}"
+    return Code(scheme=PRIVATE_SCHEME, code=value, meaning=label_name)
+
+
 def catalogue_from_dataset(dataset: dict[str, Any], name: str) -> tuple[str | None, Catalogue]:
     """A catalogue for dataset.json's labels: a shipped one when ids and names all match,
     else one built from shipped codes where names are known and private codes where not.
+    Names match as ``label_map_for`` matches them (ignoring case, spaces and dashes).
 
     Returns (shipped name or None, catalogue).
     """
     labels = {i: n for i, n in _dataset_labels(dataset).items() if not _marked_unused(n)}
+    keys = {i: _label_key(n) for i, n in labels.items()}
     shipped = {n: load_catalogue(n) for n in shipped_catalogues()}
     for cat_name, cat in shipped.items():
-        if {lab.id: lab.name for lab in cat.labels} == labels:
+        if {lab.id: _label_key(lab.name) for lab in cat.labels} == keys:
             return cat_name, cat
     known: dict[str, Label] = {}
     for cat in shipped.values():
         for lab in cat.labels:
-            known.setdefault(lab.name, lab)
+            known.setdefault(_label_key(lab.name), lab)
     built: list[Label] = []
     unknown: list[str] = []
     for index, (label_id, label_name) in enumerate(sorted(labels.items())):
-        if label_name in known:
-            built.append(known[label_name].model_copy(update={"id": label_id}))
+        # The SEG writes names in DICOM's default character set, at most 64 characters.
+        text = to_dicom_text(label_name)
+        if keys[label_id] in known:  # the codes of a shipped label, under the model's name
+            built.append(known[keys[label_id]].model_copy(update={"id": label_id, "name": text}))
             continue
+        if not keys[label_id]:
+            raise ModelError(
+                f"dataset.json label {label_id} {label_name!r} has no ASCII letters or digits "
+                "to name a SEG segment with (DICOM's default character set): give a catalogue "
+                "naming the model's labels (--catalogue FILE --trust-label-ids)"
+            )
         unknown.append(label_name)
-        words = label_name.lower().replace("-", "_").split("_")
+        words = keys[label_id].split("_")
         side = LEFT if "left" in words else RIGHT if "right" in words else None
         built.append(
             Label(
                 id=label_id,
-                name=label_name,
+                name=text,
                 category=ANATOMICAL_STRUCTURE,
-                type=Code(scheme=PRIVATE_SCHEME, code=label_name[:16], meaning=label_name[:64]),
+                type=_private_code(text),
                 modifier=side,
                 color=_generic_colour(index),
                 code_note="No published code known: private code from the dataset.json label name.",
@@ -444,12 +507,19 @@ def catalogue_from_dataset(dataset: dict[str, Any], name: str) -> tuple[str | No
             unknown,
             PRIVATE_SCHEME,
         )
-    return None, Catalogue(
-        name=f"{name}-labels",
-        description=f"Built from dataset.json of model {name} at install.",
-        source="dataset.json labels; codes from shipped catalogues where the name matched",
-        labels=built,
-    )
+    try:
+        catalogue = Catalogue(
+            name=f"{name}-labels",
+            description=f"Built from dataset.json of model {name} at install.",
+            source="dataset.json labels; codes from shipped catalogues where the name matched",
+            labels=built,
+        )
+    except ValidationError as exc:  # two labels of one name once made DICOM text
+        raise ModelError(
+            f"the labels of dataset.json make no catalogue:\n{validation_problems(exc)}\n"
+            "Give a catalogue naming the model's labels (--catalogue FILE)"
+        ) from exc
+    return None, catalogue
 
 
 def _resolve_catalogue(descriptor: ModelDescriptor, root: Path) -> Catalogue:
@@ -457,8 +527,9 @@ def _resolve_catalogue(descriptor: ModelDescriptor, root: Path) -> Catalogue:
 
 
 def _label_key(name: str) -> str:
-    # "Kidney Left", "kidney-left" and "kidney_left" are one structure.
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    # "Kidney Left", "kidney-left" and "kidney_left" are one structure; "Läsion" is the
+    # "Lasion" a catalogue can hold (catalogue_from_dataset names it so).
+    return re.sub(r"[^a-z0-9]+", "_", to_dicom_text(name).lower()).strip("_")
 
 
 def _marked_unused(name: str) -> bool:
@@ -481,12 +552,29 @@ def label_map_for(
     Ids whose names match are kept; otherwise each name is looked up in the catalogue and
     the ids mapped. Names the catalogue lacks are an error unless ``trust_ids`` (the operator
     vouches that only the spelling differs). Labels named ``unused...`` that the catalogue
-    lacks map to 0 (background).
+    lacks map to 0 (background). A region-trained model's label map holds the values of its
+    ``regions_class_order``, which no dataset.json name describes: the catalogue must have
+    each of them, and they are kept.
     """
-    try:
-        labels = _dataset_labels(dataset)
-    except ModelError:
-        return None  # region-based: the catalogue's ids are the caller's responsibility
+    order = _region_values(dataset)
+    if order is not None:
+        missing = sorted(set(order) - set(catalogue.by_id()))
+        if missing:
+            # Installed, every job would fail on a value the SEG cannot describe.
+            raise ModelError(
+                f"{where}: the model predicts regions written as the values of "
+                f"regions_class_order {order}; catalogue {catalogue.name!r} has no label "
+                f"{', '.join(map(str, missing))}: give a catalogue whose labels {order} name "
+                "what those voxels are"
+            )
+        logger.info(
+            "%s: region-based model; catalogue %r names its label values %s",
+            where,
+            catalogue.name,
+            ", ".join(f"{i} {catalogue.label(i).name}" for i in order),
+        )
+        return None
+    labels = _dataset_labels(dataset)
     by_id = catalogue.by_id()
     by_name = {_label_key(lab.name): lab.id for lab in catalogue.labels}
     dropped = {
@@ -892,8 +980,8 @@ def _check_checkpoint(checkpoint: str | None) -> str | None:
         raise ModelError(f"{exc} (checkpoint_final.pth or checkpoint_best.pth)") from exc
 
 
-def _config_spacing(plans: dict[str, Any], configuration: str | None) -> list[float] | None:
-    """The target spacing of a configuration in plans.json (following ``inherits_from``)."""
+def _config_value(plans: dict[str, Any], configuration: str | None, key: str) -> Any:
+    """A configuration's ``key`` in plans.json, following ``inherits_from`` as nnU-Net does."""
     configs = plans.get("configurations")
     seen: set[str] = set()
     while (
@@ -906,11 +994,41 @@ def _config_spacing(plans: dict[str, Any], configuration: str | None) -> list[fl
         config = configs[configuration]
         if not isinstance(config, dict):
             return None
-        spacing = config.get("spacing")
-        if isinstance(spacing, list) and all(isinstance(v, (int, float)) for v in spacing):
-            return [float(v) for v in spacing]
+        if key in config:
+            return config[key]
         configuration = config.get("inherits_from")
     return None
+
+
+def _config_spacing(plans: dict[str, Any], configuration: str | None) -> list[float] | None:
+    """The target spacing of a configuration in plans.json."""
+    spacing = _config_value(plans, configuration, "spacing")
+    if isinstance(spacing, list) and all(isinstance(v, (int, float)) for v in spacing):
+        return [float(v) for v in spacing]
+    return None
+
+
+def _check_configuration(plans: dict[str, Any], configuration: str | None, where: str) -> None:
+    """Refuse at install a configuration a job could not run (found when loading otherwise)."""
+    if configuration is None:
+        return  # a renamed trainer folder: the checkpoint names it when loaded
+    configs = plans.get("configurations")
+    if not isinstance(configs, dict) or configuration not in configs:
+        names = ", ".join(configs) if isinstance(configs, dict) else "none"
+        raise ModelError(
+            f"{where}: the trained-model folder is of configuration {configuration!r} but its "
+            f"plans.json has no such configuration (it has: {names}); copy the folder again "
+            "from where the model was trained"
+        )
+    previous = _config_value(plans, configuration, "previous_stage")
+    if previous is not None:
+        # Its network takes the previous stage's segmentation as extra input channels.
+        raise ModelError(
+            f"{where}: {configuration} is the second stage of nnU-Net's cascade: it needs the "
+            f"{previous} configuration's segmentation of each series as input, which the node "
+            f"does not run. Install the {previous} or the 3d_fullres configuration instead "
+            "(--configuration)"
+        )
 
 
 def _default_tile_step_size(
@@ -994,6 +1112,7 @@ def install_model(
     modality: Literal["MR", "CT"] | None = None,
     folds: Iterable[Fold] | None = None,
     checkpoint: str | None = None,
+    configuration: str | None = None,
     tile_step_size: float | None = None,
     use_mirroring: bool | None = None,
     description: str | None = None,
@@ -1010,6 +1129,8 @@ def install_model(
     else one built from ``dataset.json`` labels. The weights' sha256 is cached in model.yaml.
     ``orientation`` (e.g. RAS) overrides what is derived from the model's files
     (``_choose_orientation``); an assumed one is in the returned info's ``notes``.
+    ``configuration`` (e.g. 2d) chooses among the configurations an export zip or dataset
+    folder holds; by default 3d_fullres, the others named in ``notes``.
 
     Several sources make one model of parts (``install_parts``).
     """
@@ -1043,6 +1164,7 @@ def install_model(
             catalogue=catalogue,
             folds=folds,
             checkpoint=checkpoint,
+            configuration=configuration,
             orientation=orientation,
             overwrite=overwrite,
             **overrides,
@@ -1050,7 +1172,7 @@ def install_model(
     source = sources[0]
     ckpt = checkpoint or (existing.checkpoint if existing else "checkpoint_final.pth")
     fold_choice = folds if folds is not None else (existing.folds if existing else None)
-    found = find_nnunet_folder(source, fold_choice, ckpt)
+    found = find_nnunet_folder(source, fold_choice, ckpt, configuration)
     model_name = _check_name(name or (existing.name if existing else _default_name(source, found)))
 
     with _installing(models_dir, model_name, overwrite) as staging:
@@ -1111,6 +1233,7 @@ def install_model(
                 "orientation": model_orientation,
             }
         )
+        _check_configuration(plans, fields["configuration"], str(source))
         fields["weights_sha256"] = compute_weights_sha256(nnunet_dest, found.folds, ckpt)
         _write_new_descriptor(fields, overrides, len(channels), staging)
     info = _load_from_root(models_dir / model_name)
@@ -1124,6 +1247,12 @@ def install_model(
         info.weights_sha256[:12],
     )
     notes = [note] if note else []
+    if found.other_configurations:
+        notes.append(
+            f"{source.name} also holds the {', '.join(found.other_configurations)} "
+            f"configuration(s) of this model; {found.configuration} was installed (choose "
+            "another with --configuration NAME --replace)"
+        )
     roi = dataset.get("roi")
     if roi is not None and info.descriptor.roi_model is None:
         # TotalVibeSegmentator's way of saying its second input is another model's output.
@@ -1173,6 +1302,7 @@ def install_parts(
     catalogue: str | Path | None = None,
     folds: Iterable[Fold] | None = None,
     checkpoint: str | None = None,
+    configuration: str | None = None,
     orientation: str | None = None,
     overwrite: bool = False,
     **overrides: Any,
@@ -1213,6 +1343,7 @@ def install_parts(
                 source,
                 fold_choice if fold_choice is not None else (old.folds if old else None),
                 checkpoint or (old.checkpoint if old else "checkpoint_final.pth"),
+                configuration,
             ),
         )
         for source, old in specs
@@ -1271,6 +1402,10 @@ def install_parts(
                 )
             )
         _check_distinct_weights(parts, founds)
+        for index, ((source, _, _), part, part_plans) in enumerate(
+            zip(founds, parts, plans, strict=True), start=1
+        ):
+            _check_configuration(part_plans, part.configuration, f"{source} (part {index})")
         model_orientation, note = _choose_orientation(
             model_name,
             orientation,

@@ -58,6 +58,14 @@ def add_model(
             "checkpoint_best.pth"
         ),
     ] = None,
+    configuration: Annotated[
+        str | None,
+        typer.Option(
+            help="the nnU-Net configuration to install where the zip or folder holds several "
+            "(2d, 3d_lowres, 3d_fullres; default: 3d_fullres). The cascade's "
+            "3d_cascade_fullres is refused: the node does not run its first stage"
+        ),
+    ] = None,
     orientation: Annotated[
         str | None,
         typer.Option(
@@ -107,6 +115,7 @@ def add_model(
         modality=mod,
         folds=fold_list,
         checkpoint=checkpoint,
+        configuration=configuration,
         orientation=orientation,
         roi_model=roi_model,
         overwrite=replace,
@@ -116,7 +125,7 @@ def add_model(
     if why is not None:
         # Installed all the same (a later node may feed it), but not silently: every job
         # routed to it would fail.
-        notes.append(f"{why}: jobs routed to it fail (README, Known limits)")
+        notes.append(f"{why}: jobs routed to it fail (README, Series the node refuses to segment)")
     if replace:
         # Workers keep each model loaded: they read the new files only when started again.
         notes.append(
