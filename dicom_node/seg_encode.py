@@ -57,7 +57,9 @@ from pydicom.valuerep import PersonName
 
 from dicom_node import __version__
 from dicom_node.errors import DicomNodeError
+from dicom_node.header_values import text as header_text
 from dicom_node.seg_source_text import SourceText, restore_source_text, source_text
+from inference.catalogue import to_dicom_text
 from inference.log_context import LabelFilter
 
 logger = logging.getLogger(__name__)
@@ -266,9 +268,21 @@ def _code(code: CodeLike) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=code.code, scheme_designator=code.scheme, meaning=code.meaning)
 
 
+_SERIES_DESCRIPTION = 0x0008103E
+
+
 def _lo(text: str) -> str:
     """Fit a value into an LO element (64 characters, no backslash)."""
     return text.replace("\\", "/")[:_LO_MAX]
+
+
+def _seg_series_description(model_name: str, model_version: str, source: Dataset) -> str:
+    """``SEG <model> <version>: <source series description>``: in a study browser, which
+    shows a series' description and not what it references, a radiologist sees which
+    series a SEG segments (a study of several SEGs showed each as ``SEG vibe 1.0``). The
+    source's text in DICOM's default characters: the SEG's own are written in them."""
+    described = to_dicom_text(header_text(source, _SERIES_DESCRIPTION))
+    return _lo(f"SEG {model_name} {model_version}" + (f": {described}" if described else ""))
 
 
 def _content_label(model_name: str) -> str:
@@ -691,7 +705,7 @@ def encode_seg(
         content_description=_lo(f"{model_name} {model_version}" + (f"; {stack}" if stack else "")),
         content_creator_name=_person_name(content_creator),
         content_label=_content_label(model_name),
-        series_description=_lo(f"SEG {model_name} {model_version}"),
+        series_description=_seg_series_description(model_name, model_version, first),
         transfer_syntax_uid=_TRANSFER_SYNTAX[comp],
         omit_empty_frames=True,
         workers=workers if comp is not SegCompression.NONE else 0,

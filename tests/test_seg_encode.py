@@ -329,6 +329,28 @@ def test_segments_carry_catalogue_codes_colours_and_algorithm(
     assert seg.FrameOfReferenceUID == series[0].FrameOfReferenceUID
 
 
+@pytest.mark.filterwarnings("ignore:The value length")  # the 80 characters of a source
+@pytest.mark.parametrize(
+    ("source_description", "expected"),
+    [
+        ("t1_vibe_dixon_tra_W", "SEG demo 1.0: t1_vibe_dixon_tra_W"),
+        ("Schädel MRT", "SEG demo 1.0: Schadel MRT"),  # in the SEG's default characters
+        ("x" * 80, "SEG demo 1.0: " + "x" * 50),  # LO: 64 characters
+    ],
+)
+def test_the_seg_series_description_names_the_series_it_segments(
+    series: list[Dataset], label_map: np.ndarray, source_description: str, expected: str
+) -> None:
+    """A study browser shows a series' description, not what it references: a study with
+    SEGs of its T1 and its water image showed two alike 'SEG demo 1.0'."""
+    described = copy.deepcopy(series)
+    for source in described:
+        source.SpecificCharacterSet = "ISO_IR 192"
+        source.SeriesDescription = source_description
+    seg = _encode(label_map, described)
+    assert seg.SeriesDescription == expected
+
+
 def test_labelmap_adds_background_segment_zero(
     series: list[Dataset], label_map: np.ndarray
 ) -> None:
