@@ -52,14 +52,17 @@ class _Counting(logging.Filter):
         self.charset_kinds: Counter[str] = Counter()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        return not self.count(record.getMessage())
+
+    def count(self, message: str) -> bool:
+        """Whether ``message`` is one of the complaints counted here (and now counted)."""
         if _VALUE_PROBLEM.match(message):
             self.kinds[_kind(message)] += 1
         elif _CHARSET_PROBLEM.match(message):
             self.charset_kinds[message] += 1
         else:
-            return True
-        return False
+            return False
+        return True
 
 
 class _QuietInItsThread(logging.Filter):
@@ -74,7 +77,13 @@ class _QuietInItsThread(logging.Filter):
         heard: list[str] | None = getattr(self.local, "heard", None)
         if heard is None:
             return True
-        heard.append(record.getMessage())
+        message = record.getMessage()
+        heard.append(message)
+        # This filter comes before a summary's (added for good, once): the line it drops
+        # would not reach the summary of this thread's job, which must still count it.
+        counting: _Counting | None = getattr(self.local, "counting", None)
+        if counting is not None:
+            counting.count(message)
         return False
 
 
@@ -111,6 +120,8 @@ def summarised_value_warnings(tag: str | Callable[[], str]) -> Iterator[None]:
     counting = _Counting()
     pydicom_logger = logging.getLogger("pydicom")
     pydicom_logger.addFilter(counting)
+    outer = getattr(_QUIET.local, "counting", None)
+    _QUIET.local.counting = counting  # what this thread's quiet reads drop, it counts
     try:
         with warnings.catch_warnings():
             # The same messages again, as warnings (logged by captureWarnings, or printed).
@@ -118,6 +129,7 @@ def summarised_value_warnings(tag: str | Callable[[], str]) -> Iterator[None]:
             warnings.filterwarnings("ignore", message=_CHARSET_PROBLEM.pattern)
             yield
     finally:
+        _QUIET.local.counting = outer
         pydicom_logger.removeFilter(counting)
         name = tag if isinstance(tag, str) else tag()
         if counting.kinds:

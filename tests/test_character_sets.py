@@ -34,6 +34,7 @@ from pynetdicom import _config as pynetdicom_config
 from seg_fixtures import Charset, seg_file_of, stored_series, write_series
 from validators import dciodvfy
 
+from dicom_node.header_values import text as header_text
 from dicom_node.routing import facts_from_folder
 from dicom_node.store_check import repair_store
 from dicom_node.value_warnings import quiet_value_warnings, summarised_value_warnings
@@ -381,6 +382,30 @@ def test_a_job_sums_up_text_its_character_set_does_not_describe(
     assert "reads of header text that does not match its Specific Character Set" in summary
     assert "Incorrect value for Specific Character Set 'ISO-IR 100'" in summary
     assert str(seg.PatientName) == "Müller^Jürgen"
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_job_sums_up_what_it_read_as_the_index_reads_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A job reads some header text as the index does (the SEG's Series Description):
+    pydicom's complaint then reached ``quiet_value_warnings``, which dropped it, before the
+    job's count saw it, once anything in the process had been quiet before (an earlier
+    job's SEG, an image received): only a worker's first job summed it up."""
+    ds = pydicom.Dataset()
+    ds.SpecificCharacterSet = "ISO 2022 IR 87"
+    ds.add_new(0x0008103E, "LO", b"T1 \x1b$)Zabc")  # an escape sequence of no set
+    buffer = io.BytesIO()
+    ds.save_as(buffer, implicit_vr=False, little_endian=True)
+    read = pydicom.dcmread(io.BytesIO(buffer.getvalue()), force=True)
+    with quiet_value_warnings():
+        pass  # as an earlier job did in this process
+    with caplog.at_level(logging.WARNING), summarised_value_warnings("job 7 series 1.2"):
+        assert header_text(read, 0x0008103E) == "T1 \ufffdabc"
+    assert _pydicom_lines(caplog) == []
+    (summary,) = [r.getMessage() for r in caplog.records if r.name == "dicom_node.value_warnings"]
+    assert summary.startswith("job 7 series 1.2: 1 reads of header text"), summary
+    assert "Found unknown escape sequence" in summary
 
 
 # A device that misspells its character set, and one that names a set DICOM does not have:
