@@ -164,8 +164,9 @@ def find_nnunet_folder(
     has plans.json, dataset.json and fold_N/; ``crossval_results_*`` folders and a stray
     dataset.json beside the trainer folder are not one. Of several configurations of one
     training side by side, ``configuration`` is taken, by default 3d_fullres (the others are
-    in ``other_configurations``). Raises ``ModelError`` naming what is missing: plans.json,
-    dataset.json, a fold_N folder, or a fold's checkpoint.
+    in ``other_configurations``); a folder whose name gives no configuration (renamed) is
+    of ``configuration`` when one is given. Raises ``ModelError`` naming what is missing:
+    plans.json, dataset.json, a fold_N folder, or a fold's checkpoint.
     """
     path = Path(path)
     files = set(_list_files(path))
@@ -197,8 +198,11 @@ def find_nnunet_folder(
             and FOLD_RE.match(p.name)
         )
 
+    def name_parts(folder: PurePosixPath) -> tuple[str | None, str | None, str | None]:
+        return _split_trainer_folder_name(folder.name if folder != root else path.name)
+
     def configuration_of(folder: PurePosixPath) -> str | None:
-        return _split_trainer_folder_name(folder.name if folder != root else path.name)[2]
+        return name_parts(folder)[2]
 
     markers = ("plans.json", "dataset.json")
     marked = [c for c in candidates if any(has(c, m) for m in markers) or fold_dirs(c)]
@@ -231,7 +235,13 @@ def find_nnunet_folder(
         configurations = [configuration_of(c) for c in marked]
         # Configurations of one training sit side by side in its dataset folder; folders
         # in two places are two models, whatever their configurations.
-        siblings = len({c.parent for c in marked}) == 1 and None not in configurations
+        # Trainer or plans differing are two trainings, not two configurations of one.
+        trainings = {name_parts(c)[:2] for c in marked}
+        siblings = (
+            len({c.parent for c in marked}) == 1
+            and None not in configurations
+            and len(trainings) == 1
+        )
         if not siblings or len(set(configurations)) < len(configurations):
             unpack = " (unpack the zip first)" if path.is_file() else ""
             raise ModelError(
@@ -288,7 +298,11 @@ def find_nnunet_folder(
                     f"{where}: checkpoint {fold_dir(f)}/{checkpoint} is missing"
                     + _other_checkpoints_hint(files, folder, [fold_dir(f)], checkpoint)
                 )
-    trainer, plans, cfg = _split_trainer_folder_name(folder.name if folder != root else path.name)
+    trainer, plans, cfg = name_parts(folder)
+    if cfg is None:
+        # A renamed folder: the configuration asked for is the model's (model.yaml's
+        # configuration goes before the checkpoint's), checked against plans.json at install.
+        cfg = configuration
     return NnunetFolder(
         source=path,
         inner=folder,

@@ -587,12 +587,17 @@ def label_map_for(
             [f"{i} {labels[i]}" for i in sorted(dropped)],
         )
         labels = {i: n for i, n in labels.items() if i not in dropped}
-    unmatched = {i: n for i, n in labels.items() if _label_key(n) not in by_name}
+    matched = {i: by_name[_label_key(n)] for i, n in labels.items() if _label_key(n) in by_name}
+    targets = list(matched.values())
+    # Names compare in their first 64 ASCII characters: two structures alike in those match
+    # one catalogue label and would share its segment.
+    shared = {i: c for i, c in matched.items() if targets.count(c) > 1}
+    unmatched = {i: n for i, n in labels.items() if i not in matched or i in shared}
     mapping: dict[int, int] | None
     if all(i in by_id and _label_key(by_id[i].name) == _label_key(n) for i, n in labels.items()):
         mapping = None
     elif not unmatched:
-        mapping = {i: by_name[_label_key(n)] for i, n in sorted(labels.items())}
+        mapping = dict(sorted(matched.items()))
         logger.info(
             "%s: dataset.json label ids differ from catalogue %r; matched by name: %s",
             where,
@@ -616,7 +621,10 @@ def label_map_for(
         mapping = None
     else:
         problems = [
-            f"label {i} is {n!r} in dataset.json but {by_id[i].name!r} in the catalogue"
+            f"label {i} {n!r} matches catalogue label {shared[i]} {by_id[shared[i]].name!r}, "
+            "as another label does"
+            if i in shared
+            else f"label {i} is {n!r} in dataset.json but {by_id[i].name!r} in the catalogue"
             if i in by_id
             else f"label {i} {n!r} is not in the catalogue"
             for i, n in sorted(unmatched.items())
@@ -1233,6 +1241,8 @@ def install_model(
                 "orientation": model_orientation,
             }
         )
+        if configuration is not None:  # asked for: before what the source's model.yaml says
+            fields["configuration"] = found.configuration
         _check_configuration(plans, fields["configuration"], str(source))
         fields["weights_sha256"] = compute_weights_sha256(nnunet_dest, found.folds, ckpt)
         _write_new_descriptor(fields, overrides, len(channels), staging)

@@ -391,3 +391,58 @@ def test_known_structures_spelled_otherwise_get_their_snomed_codes(tmp_path: Pat
     assert _seg_codes(info) == [("Liver", "SCT", "10200004"), ("Kidney-Left", "SCT", "64033007")]
     kidney = info.catalogue.label(2)
     assert kidney.modifier is not None and kidney.modifier.meaning == "Left"
+
+
+# --- review of the variants -------------------------------------------------------------------
+
+
+def test_the_configuration_asked_for_a_renamed_trainer_folder_is_kept(tmp_path: Path) -> None:
+    """A trainer folder renamed from nnU-Net's pattern names no configuration: --configuration
+    2d was dropped without a word (model.yaml had none, so jobs ran the checkpoint's), and one
+    plans.json lacks installed."""
+    src = make_model(tmp_path / "src")
+    plans_file = src / TRAINER_DIR / "plans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["2d"] = plans["configurations"]["3d_fullres"]
+    plans_file.write_text(json.dumps(plans))
+    renamed = (src / TRAINER_DIR).rename(src / "hospital_model")
+    models = tmp_path / "models"
+    assert install_model(renamed, models, "plain").descriptor.configuration is None
+    info = install_model(renamed, models, "two-d", configuration="2d")
+    assert info.descriptor.configuration == "2d"
+    with pytest.raises(ModelError, match=r"'3d_foo' but its plans\.json has no such"):
+        install_model(renamed, models, "foo", configuration="3d_foo")
+    # Installed again from the node's folder of it (model.yaml says 2d): the option decides.
+    again = install_model(info.root, tmp_path / "other", "full", configuration="3d_fullres")
+    assert again.descriptor.configuration == "3d_fullres"
+
+
+def test_two_trainings_side_by_side_are_two_models(tmp_path: Path) -> None:
+    """Folders of another trainer or plans beside 3d_fullres are another training, not its
+    configurations: the 3d_fullres one was installed with a note calling the other 'the 2d
+    configuration of this model'."""
+    src = make_model(tmp_path / "src")
+    shutil.copytree(src / TRAINER_DIR, src / "nnUNetTrainer__nnUNetResEncUNetMPlans__2d")
+    zipped = export_zip(src, tmp_path / "export.zip")
+    with pytest.raises(ModelError, match=r"several trained-model folders .*unpack the zip first"):
+        install_model(zipped, tmp_path / "models", "m")
+    chosen = install_model(zipped, tmp_path / "models", "full", configuration="3d_fullres")
+    assert chosen.descriptor.plans == "nnUNetPlans"
+    assert not [n for n in chosen.notes if "configuration" in n], chosen.notes
+
+
+def test_two_labels_matching_one_catalogue_label_are_refused(tmp_path: Path) -> None:
+    """Names compare in their first 64 characters (a SEG's limit): two long names alike in
+    those were both mapped to one catalogue label, two structures under one segment."""
+    stem = "lesion of the " + "very " * 12
+    labels = {"background": 0, stem + "left kidney": 1, stem + "right kidney": 2}
+    src = _edit_dataset(make_model(tmp_path / "src"), labels=labels)
+    catalogue = _catalogue_file(tmp_path / "lesions.yaml", [stem[:64].strip(), "cyst"])
+    with pytest.raises(
+        ModelError, match=r"label 1 'lesion.*left kidney' matches catalogue label 1 .*as another"
+    ):
+        install_model(src, tmp_path / "models", "m", catalogue=str(catalogue))
+    info = install_model(
+        src, tmp_path / "models", "m", catalogue=str(catalogue), trust_label_ids=True
+    )
+    assert info.descriptor.label_map is None
