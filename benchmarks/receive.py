@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/receive.py [--images 300] [--rss-images 1000] [--size 512]
         [--parallel 4] [--fsync both|on|off] [--max-associations 16] [--rounds 1]
-        [--receiver-processes 1,2,4]
+        [--receiver-processes 1,2,4] [--database-url postgresql+psycopg://...]
 
 Sender: DCMTK ``storescu +sd +r -xe`` (TCP_NODELAY=1), files in Explicit VR Little Endian.
 1. one association, ``--images`` 512x512 16-bit MR images, to: the node (1 receiver
@@ -25,6 +25,8 @@ on a machine of few cores their sum bounds the images per second: the end gives,
 the four-association ratio the node would reach if it kept every core busy;
 3. the node's peak RSS (its whole process tree, sampled every 50 ms with psutil) while it
    receives ``--rss-images`` images on one association.
+``--database-url`` runs every node on PostgreSQL (a new database each) instead of its
+SQLite index: the index several machines share, with its per-image lock.
 
 Targets: one association node >= 1.0x Orthanc; four associations node >= 0.5x
 ``storescp --fork``; node RSS < 300 MB. The machine is shared: compare the ratios of one
@@ -168,12 +170,39 @@ class PeakRss:
         self._thread.join()
 
 
+# --database-url: a PostgreSQL server's URL; each node gets a new database on it.
+DATABASE_SERVER: str | None = None
+
+
+def fresh_database(name: str) -> str:
+    """A new, empty database on ``DATABASE_SERVER`` for one node; its URL."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    assert DATABASE_SERVER is not None
+    server = make_url(DATABASE_SERVER)
+    database = "bench_" + "".join(c if c.isalnum() else "_" for c in name).lower()
+    engine = create_engine(server, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{database}"'))
+            conn.execute(text(f'CREATE DATABASE "{database}"'))
+    finally:
+        engine.dispose()
+    return server.set(database=database).render_as_string(hide_password=False)
+
+
 def node(workdir: Path, processes: int, max_associations: int, fsync: bool) -> NodeProcess:
     overrides: dict[str, Any] = {
         "node": {"receiver_processes": processes, "max_associations": max_associations}
     }
+    storage: dict[str, Any] = {}
     if not fsync:
-        overrides["storage"] = {"fsync": False}
+        storage["fsync"] = False
+    if DATABASE_SERVER is not None:
+        storage["database_url"] = fresh_database(workdir.name)
+    if storage:
+        overrides["storage"] = storage
     started = NodeProcess(workdir, quiet_period_s=30, overrides=overrides).start()
     # The node answers C-ECHO as soon as its first process listens; spawned receiver
     # processes import for a second or two more: wait for all, or they are timed starting.
@@ -355,7 +384,15 @@ def main() -> None:
         help="receiver_processes values to try with parallel senders, e.g. 1,2,4 "
         "(default: 1, the number of cores, --parallel)",
     )
+    parser.add_argument(
+        "--database-url",
+        default=None,
+        help="run the node on PostgreSQL: a server URL (postgresql+psycopg://user@host:port/"
+        "postgres) on which each node gets a new database; default SQLite",
+    )
     args = parser.parse_args()
+    global DATABASE_SERVER
+    DATABASE_SERVER = args.database_url
     processes_tried: list[int] = args.receiver_processes or sorted({1, CORES, args.parallel})
     modes = {"both": [True, False], "on": [True], "off": [False]}[args.fsync]
     maxa = args.max_associations
