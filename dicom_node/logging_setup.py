@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import logging.handlers
+import os
 import sys
 
 from pynetdicom import _config as pynetdicom_config
@@ -32,6 +34,89 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(line)
 
 
+_RECOVERED = "logging.file %s written again; %d line(s) before this one are on stderr only"
+
+
+class _LogFile(logging.handlers.WatchedFileHandler):
+    """``logging.file``, reopened after logrotate, that never fails the code that logs.
+
+    WatchedFileHandler raised into the caller when the rotated file could not be opened
+    again (logrotate's ``create`` with another owner, a read-only volume): every association
+    was aborted while negotiating. And a full disk printed a traceback to stderr per line.
+    Now a file that cannot be written costs its lines (stderr has them all), with one line
+    on stderr when it starts and one in the file when it ends.
+    """
+
+    def __init__(self, filename: os.PathLike[str]) -> None:
+        super().__init__(filename, encoding="utf-8")
+        self._lost = 0  # lines not written since the file could last be written
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)  # a bad message, not the file: as logging does
+            return
+        try:
+            self.reopenIfNeeded()
+            if self.stream is None:  # dropped after a failure, or reopening failed
+                self.stream = self._open()
+                self._statstream()
+            if self._lost:
+                text = self._recovered() + text
+            self.stream.write(text)
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception as exc:
+            self._failed(exc)
+        else:
+            if self._lost:  # said once written, not per line tried on a disk still full
+                self._to_stderr(logging.WARNING, _RECOVERED, self.baseFilename, self._lost)
+            self._lost = 0
+
+    def _failed(self, exc: Exception) -> None:
+        if self.stream is not None:
+            # Unwritten bytes would be retried with every line, and reopening (after a
+            # rotation) flushes them first: drop them, open afresh at the next line.
+            with contextlib.suppress(Exception):  # the same failure again, reported below
+                self.stream.close()
+            self.stream = None
+        if not self._lost:
+            self._to_stderr(
+                logging.ERROR,
+                "logging.file %s cannot be written (%s: %s): its lines are on stderr only "
+                "until it can",
+                self.baseFilename,
+                type(exc).__name__,
+                exc,
+            )
+        self._lost += 1
+
+    def _recovered(self) -> str:
+        notice = self._record(logging.WARNING, _RECOVERED, self.baseFilename, self._lost)
+        # A line cut short by the full disk: start on a line of its own.
+        return ("" if self._ends_a_line() else "\n") + self.format(notice) + self.terminator
+
+    def _ends_a_line(self) -> bool:
+        try:
+            with open(self.baseFilename, "rb") as file:
+                if file.seek(0, os.SEEK_END) == 0:
+                    return True
+                file.seek(-1, os.SEEK_END)
+                return file.read(1) == b"\n"
+        except OSError:
+            return True
+
+    def _record(self, level: int, msg: str, *args: object) -> logging.LogRecord:
+        return logging.getLogger(__name__).makeRecord(__name__, level, __file__, 0, msg, args, None)
+
+    def _to_stderr(self, level: int, msg: str, *args: object) -> None:
+        with contextlib.suppress(Exception):  # stderr gone too: nowhere left to say it
+            sys.stderr.write(self.format(self._record(level, msg, *args)) + self.terminator)
+            sys.stderr.flush()
+
+
 def configure_logging(settings: LoggingSettings) -> None:
     formatter: logging.Formatter = (
         _JsonFormatter() if settings.json_lines else logging.Formatter(FORMAT)
@@ -42,7 +127,7 @@ def configure_logging(settings: LoggingSettings) -> None:
             settings.file.parent.mkdir(parents=True, exist_ok=True)
             # logrotate-friendly. UTF-8 whatever the locale: under the C locale a line
             # holding a patient's name was lost ("--- Logging error ---").
-            handlers.append(logging.handlers.WatchedFileHandler(settings.file, encoding="utf-8"))
+            handlers.append(_LogFile(settings.file))
         except OSError as exc:
             # Every command logs, the health check too: say which setting, not a traceback.
             raise ConfigError(
