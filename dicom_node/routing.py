@@ -77,15 +77,9 @@ def _check(match: RuleMatch, facts: SeriesFacts) -> tuple[bool, list[str]]:
             f"modality {facts.modality!r} in {match.modality}",
         )
     if match.series_description is not None:
-        note(
-            re.search(match.series_description, facts.series_description) is not None,
-            f"series description {facts.series_description!r} ~ /{match.series_description}/",
-        )
+        note(*_searched("series description", match.series_description, facts.series_description))
     if match.protocol_name is not None:
-        note(
-            re.search(match.protocol_name, facts.protocol_name) is not None,
-            f"protocol name {facts.protocol_name!r} ~ /{match.protocol_name}/",
-        )
+        note(*_searched("protocol name", match.protocol_name, facts.protocol_name))
     if match.image_type_contains is not None:
         have = {v.upper() for v in facts.image_type}
         want = [v.upper() for v in match.image_type_contains]
@@ -96,10 +90,15 @@ def _check(match: RuleMatch, facts: SeriesFacts) -> tuple[bool, list[str]]:
             f"body part {facts.body_part_examined!r} in {match.body_part_examined}",
         )
     if match.calling_ae_title is not None:
-        note(
-            facts.calling_ae_title in match.calling_ae_title,
-            f"calling AE {facts.calling_ae_title!r} in {match.calling_ae_title}",
-        )
+        # Spaces around an AE title are not significant (PS3.5 6.2); the index strips them.
+        titles = {t.strip() for t in match.calling_ae_title}
+        text = f"calling AE {facts.calling_ae_title!r} in {match.calling_ae_title}"
+        passed = facts.calling_ae_title.strip() in titles
+        if not passed and facts.calling_ae_title.strip().upper() in {t.upper() for t in titles}:
+            # Else the rule never fires and nothing says why: AE titles are compared
+            # exactly, as the node admits callers (peers' ae_title).
+            text += " (only the case differs: AE titles are compared exactly)"
+        note(passed, text)
     if match.min_images is not None:
         note(
             facts.image_count >= match.min_images,
@@ -113,6 +112,17 @@ def _check(match: RuleMatch, facts: SeriesFacts) -> tuple[bool, list[str]]:
     if not reasons:
         reasons.append("matches every series")
     return ok, reasons
+
+
+def _searched(what: str, pattern: str, value: str) -> tuple[bool, str]:
+    """Whether the regular expression is found in the value, and the reason to show."""
+    found = re.search(pattern, value) is not None
+    text = f"{what} {value!r} ~ /{pattern}/"
+    if not found and re.search(pattern, value, re.IGNORECASE) is not None:
+        # Modality, body part and Image Type are matched without regard to case, these are
+        # not: a rule written `vibe` for `t1_VIBE_...` otherwise never fires, unexplained.
+        text += f" (only the case differs: /(?i){pattern}/ ignores it)"
+    return found, text
 
 
 def route(rules: list[RuleSettings], facts: SeriesFacts) -> RoutingDecision:
