@@ -31,6 +31,26 @@ def rule_model_problems(settings: Settings) -> list[RuleProblem]:
     return [p for rule in settings.rules for p in rule_problems(rule, settings.models_dir, models)]
 
 
+def rule_caller_problems(settings: Settings) -> list[RuleProblem]:
+    """Rules on a calling AE title no peer has, where only peers are admitted: they never
+    fire for it (``[ct1]`` for the peer ``CT1``: AE titles are compared exactly)."""
+    if settings.node.accept_unknown_callers:
+        return []
+    known = {peer.ae_title.strip() for peer in settings.peers}
+    out: list[RuleProblem] = []
+    for rule in settings.rules:
+        strangers = [t for t in rule.match.calling_ae_title or [] if t.strip() not in known]
+        if strangers:
+            text = (
+                f"rule {rule.name!r}: calling AE {', '.join(map(repr, strangers))} is no "
+                "peer's ae_title, and only peers are admitted (node.accept_unknown_callers: "
+                "false): it never matches such a caller (AE titles are compared exactly, "
+                "case included)"
+            )
+            out.append(RuleProblem(text, stops_jobs=False))
+    return out
+
+
 def rule_problems(
     rule: RuleSettings, models_dir: Path, models: dict[str, ModelInfo | ModelError] | None = None
 ) -> list[RuleProblem]:

@@ -133,3 +133,28 @@ def test_rules_test_explains_rules_written_in_the_wrong_case(tmp_path: Path) -> 
     # ... and the later ones say why they were not tried.
     assert lines[4] == "no    late: not evaluated: an earlier rule matched"
     assert lines[5] == "-> all-mr"
+
+
+def test_a_rule_on_a_calling_ae_no_peer_has_is_reported(tmp_path: Path) -> None:
+    """Only peers are admitted, and AE titles are compared exactly: a rule on `ct1` for the
+    peer `CT1` never fired, and nothing said so at start or in `status`."""
+    from dicom_node.rule_models import rule_caller_problems
+
+    def problems(rules: str, accept_unknown: bool = False) -> list[str]:
+        config = _config(tmp_path, rules)
+        if accept_unknown:
+            config.write_text(config.read_text() + "node: {accept_unknown_callers: true}\n")
+        return [str(p) for p in rule_caller_problems(load_settings(config))]
+
+    rule = "  - {name: ct, model: demo, match: {calling_ae_title: [%s]}}\n"
+    (said,) = problems(rule % "ct1, CT1")
+    assert said.startswith("rule 'ct': calling AE 'ct1' is no peer's ae_title"), said
+    assert problems(rule % "CT1") == []
+    assert problems(rule % "ct1", accept_unknown=True) == []
+    # What `status` lists (and the node logs at start).
+    config = _config(tmp_path, rule % "ct1")
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("dicom-node")), "-c", str(config), "status", "--json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert "rule 'ct': calling AE 'ct1' is no peer's ae_title" in run.stdout, run.stdout

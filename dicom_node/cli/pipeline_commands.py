@@ -387,7 +387,7 @@ def status(
 def _index_status(ctx: typer.Context, *, must_exist: bool) -> dict[str, Any]:
     """What `status` says from the index; StorageError where it cannot be read, or, with
     ``must_exist`` (the health check), where a SQLite index is not there yet."""
-    from dicom_node.rule_models import rule_model_problems
+    from dicom_node.rule_models import rule_caller_problems, rule_model_problems
     from storage.stats import index_counts
 
     settings = settings_of(ctx)
@@ -434,7 +434,9 @@ def _index_status(ctx: typer.Context, *, must_exist: bool) -> dict[str, Any]:
         "last_job_errors": failed_jobs,
         "last_delivery_errors": failed_deliveries,
         # A rule's model not installed here, unusable or of another modality (logged at start).
-        "rule_problems": [str(p) for p in rule_model_problems(settings)],
+        "rule_problems": [
+            str(p) for p in rule_model_problems(settings) + rule_caller_problems(settings)
+        ],
     }
 
 
