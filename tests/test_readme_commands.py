@@ -21,9 +21,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # Code blocks (```...```) and inline code spans (`...`, across a line break).
 _BLOCK = re.compile(r"```[a-z]*\n(.*?)```", re.DOTALL)
 _SPAN = re.compile(r"`([^`]+)`")
-# `dicom-node` where it is run: at the start of a line or span, after a space, or as a path
-# ending in bin/ (not /var/lib/dicom-node, the data folder, nor `-u dicom-node`, the user).
-_RUN = re.compile(r"(?:^|(?<=[\s(])|(?<=bin/))dicom-node(?=\s|$)")
+# `dicom-node` where it is run: at the start of a line or span, after a shell separator, or
+# as a path ending in bin/; not the user or group (`-u dicom-node`, `create 0640 dicom-node
+# dicom-node`) nor the data folder (/var/lib/dicom-node).
+_RUN = re.compile(r"(?:^\s*|(?<=&& )|(?<=; )|(?<=\| )|(?<=bin/))dicom-node(?=\s|$)")
 
 
 def _invocations(text: str) -> list[str]:
