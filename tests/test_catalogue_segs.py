@@ -19,6 +19,7 @@ import pytest
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from seg_fixtures import WEIGHTS_SHA256, mr_series, write_series
+from test_seg_encode import _segimage2itkimage
 from validators import dcentvfy, dciodvfy
 
 from dicom_node.seg_encode import SegFormat, encode_seg, segment_mapping
@@ -156,15 +157,6 @@ def _expected(catalogue: Catalogue) -> dict[int, dict[str, object]]:
                 described[keyword] = (code.scheme, code.code, code.meaning)
         expected[numbers[label.id]] = described
     return expected
-
-
-def _segimage2itkimage() -> str:
-    exe = shutil.which("segimage2itkimage") or str(
-        Path(__file__).resolve().parents[1] / ".venv" / "bin" / "segimage2itkimage"
-    )
-    if not Path(exe).exists():
-        pytest.skip("segimage2itkimage not installed (PyPI package dcmqi)")
-    return exe
 
 
 def _dcmqi_read(path: Path, out: Path) -> tuple[dict[int, dict[str, object]], np.ndarray]:

@@ -307,6 +307,13 @@ NOT_IN_ITS_CHARACTER_SET = Case(
 
 
 @pytest.mark.filterwarnings("ignore")  # pydicom warns too: shown once per place by Python
+def _store_in_process(data_dir: Path, paths: list[Path]) -> None:
+    """Each file sent on one association to the node's SCP in this process: all stored."""
+    with inprocess_node(data_dir) as node, mr_store_association(node.port) as assoc:
+        for path in paths:
+            assert assoc.send_c_store(path).Status == 0x0000
+
+
 def test_the_receiver_logs_no_line_per_value_and_image(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -316,13 +323,8 @@ def test_the_receiver_logs_no_line_per_value_and_image(
     monkeypatch.setattr(pynetdicom_config, "LOG_HANDLER_LEVEL", "none")
     monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
     uid, paths = _series_files(tmp_path / "sent", NOT_IN_ITS_CHARACTER_SET, count=5)
-    with (
-        caplog.at_level(logging.WARNING),
-        inprocess_node(tmp_path / "data") as node,
-        mr_store_association(node.port) as assoc,
-    ):
-        for path in paths:
-            assert assoc.send_c_store(path).Status == 0x0000
+    with caplog.at_level(logging.WARNING):
+        _store_in_process(tmp_path / "data", paths)
     assert [r.getMessage() for r in caplog.records if r.name == "pydicom"] == []
     case = NOT_IN_ITS_CHARACTER_SET
     expected = (case.name_text, case.description_text, case.protocol_text)
@@ -448,13 +450,8 @@ def test_a_misnamed_character_set_logs_no_line_per_received_image(
     sent = MISNAMED_CHARACTER_SETS[case]
     uid, paths = _series_files(tmp_path / "sent", sent, count=3)
     caplog.clear()  # what writing the files logged
-    with (
-        caplog.at_level(logging.WARNING),
-        inprocess_node(tmp_path / "data") as node,
-        mr_store_association(node.port) as assoc,
-    ):
-        for path in paths:
-            assert assoc.send_c_store(path).Status == 0x0000
+    with caplog.at_level(logging.WARNING):
+        _store_in_process(tmp_path / "data", paths)
     assert _pydicom_lines(caplog) == []
     expected = (sent.name_text, sent.description_text, sent.protocol_text)
     assert _index_rows(tmp_path / "data")[uid] == expected
