@@ -68,6 +68,19 @@ class Case:
     protocol_text: str
 
 
+def _schaedel_in_latin_1(character_set: Charset) -> Case:
+    """Latin-1 name and description under ``character_set``, read as Latin-1 (as meant)."""
+    return Case(
+        character_set,
+        "Müller^Jürgen".encode("latin-1"),
+        "Schädel".encode("latin-1"),
+        b"T1",
+        "Müller^Jürgen",
+        "Schädel",
+        "T1",
+    )
+
+
 CASES: dict[str, Case] = {
     "latin-1": Case(
         "ISO_IR 100",
@@ -115,15 +128,7 @@ CASES: dict[str, Case] = {
         "череп сагиттально",
     ),
     # A device that declares no character set and writes Latin-1, as pydicom reads it.
-    "no-character-set-latin-1": Case(
-        None,
-        "Müller^Jürgen".encode("latin-1"),
-        "Schädel".encode("latin-1"),
-        b"T1",
-        "Müller^Jürgen",
-        "Schädel",
-        "T1",
-    ),
+    "no-character-set-latin-1": _schaedel_in_latin_1(None),
     # ... and one that writes UTF-8: indexed as "MÃ¼ller^JÃ¼rgen" (Latin-1), so a rule
     # matching "Schädel" did not match its series.
     "no-character-set-utf-8": Case(
@@ -413,24 +418,8 @@ def test_a_job_sums_up_what_it_read_as_the_index_reads_it(
 # A device that misspells its character set, and one that names a set DICOM does not have:
 # pydicom reads both as Latin-1 and complains of the value each time it reads the dataset.
 MISNAMED_CHARACTER_SETS = {
-    "misspelled": Case(
-        "ISO-IR 100",
-        "Müller^Jürgen".encode("latin-1"),
-        "Schädel".encode("latin-1"),
-        b"T1",
-        "Müller^Jürgen",
-        "Schädel",
-        "T1",
-    ),
-    "unknown": Case(
-        "ISO_IR 999",
-        "Müller^Jürgen".encode("latin-1"),
-        "Schädel".encode("latin-1"),
-        b"T1",
-        "Müller^Jürgen",
-        "Schädel",
-        "T1",
-    ),
+    "misspelled": _schaedel_in_latin_1("ISO-IR 100"),
+    "unknown": _schaedel_in_latin_1("ISO_IR 999"),
 }
 
 

@@ -40,6 +40,13 @@ def _store(port: int, ds: Dataset) -> Dataset:
         return assoc.send_c_store(ds)
 
 
+def _storing(port: int, ds: Dataset, statuses: dict[str, Dataset], name: str) -> threading.Thread:
+    """``_store`` on a thread of its own, started; its response in ``statuses[name]``."""
+    thread = threading.Thread(target=lambda: statuses.__setitem__(name, _store(port, ds)))
+    thread.start()
+    return thread
+
+
 def _files(store: FileStore) -> list[Path]:
     return [p for p in store.root.rglob("*") if p.is_file()]
 
@@ -151,13 +158,9 @@ def test_one_image_sent_on_two_associations_at_once_is_never_lost(
     monkeypatch.setattr(FileStore, "write_atomic", ordered)
     statuses: dict[str, Dataset] = {}
 
-    def send(name: str) -> None:
-        statuses[name] = _store(port, copy.deepcopy(image))
-
-    b = threading.Thread(target=send, args=("B",))
-    b.start()
+    b = _storing(port, copy.deepcopy(image), statuses, "B")
     assert b_writing.wait(30)
-    send("A")
+    statuses["A"] = _store(port, copy.deepcopy(image))
     b.join(30)
     assert statuses["B"].Status == 0x0000
     assert statuses["A"].Status == 0xA700
@@ -314,11 +317,7 @@ def test_an_image_moved_to_another_series_leaves_a_copy_stored_at_its_old_path(
     monkeypatch.setattr(Receiver, "_wait_for_index", x_pauses_after_its_commit)
     statuses: dict[str, Dataset] = {}
 
-    def send_x() -> None:
-        statuses["X"] = _store(node.port, moved)
-
-    x = threading.Thread(target=send_x)
-    x.start()
+    x = _storing(node.port, moved, statuses, "X")
     assert x_committed.wait(30)
     statuses["Y"] = _store(node.port, copy.deepcopy(image))  # its row names the old path
     y_done.set()
@@ -360,11 +359,7 @@ def test_a_copy_renamed_to_a_moved_images_old_path_as_it_is_removed_is_refused(
     monkeypatch.setattr(FileStore, "write_atomic", y_signals_its_rename)
     statuses: dict[str, Dataset] = {}
 
-    def send_x() -> None:
-        statuses["X"] = _store(node.port, moved)
-
-    x = threading.Thread(target=send_x)
-    x.start()
+    x = _storing(node.port, moved, statuses, "X")
     assert x_removing.wait(30)
     statuses["Y"] = _store(node.port, copy.deepcopy(image))
     y_answered.set()
@@ -424,11 +419,7 @@ def test_a_refused_copy_never_removes_a_copy_whose_row_commits_meanwhile(
     monkeypatch.setattr(Receiver, "_discard", a_discards)
     statuses: dict[str, Dataset] = {}
 
-    def send_a() -> None:
-        statuses["A"] = _store(node.port, copy.deepcopy(image))
-
-    a = threading.Thread(target=send_a)
-    a.start()
+    a = _storing(node.port, copy.deepcopy(image), statuses, "A")
     assert a_refused.wait(30) and a_writing.wait(30)
     statuses["B"] = _store(node.port, copy.deepcopy(image))
     a.join(30)
