@@ -122,23 +122,29 @@ def dcmtk_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
+def listening(command: Sequence[str], port: int, what: str, **popen: Any) -> Iterator[int]:
+    """``command`` started (output discarded) until the block ends; yields ``port`` once it
+    accepts connections."""
+    server = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen
+    )
+    try:
+        wait_until(lambda: port_open(port), timeout_s=10, what=f"{what} listening")
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@contextlib.contextmanager
 def storescp_to(folder: Path, *args: str) -> Iterator[int]:
     """DCMTK storescp (AE PACS) writing what it receives to ``folder``, with extra arguments
     (e.g. ``+tls``: its default profile is BCP 195's); yields its port."""
     port = free_port()
     folder.mkdir(parents=True)
-    scp = subprocess.Popen(
-        [require_binary(STORESCP), "-aet", "PACS", *args, "-od", str(folder), str(port)],
-        env=dcmtk_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until(lambda: port_open(port), timeout_s=10, what="storescp listening")
-        yield port
-    finally:
-        scp.terminate()
-        scp.wait(timeout=10)
+    command = [require_binary(STORESCP), "-aet", "PACS", *args, "-od", str(folder), str(port)]
+    with listening(command, port, "storescp", env=dcmtk_env()) as listening_port:
+        yield listening_port
 
 
 def echoscu(

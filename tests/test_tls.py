@@ -21,9 +21,9 @@ from peers import (
     TlsFiles,
     echoscu,
     free_port,
+    listening,
     make_mr_series,
     make_tls_files,
-    port_open,
     require_binary,
     storescp_to,
     wait_until,
@@ -202,19 +202,11 @@ def test_tls_client_certificates_refused_with_their_reason_and_ae_titles_still_c
 def _s_server(certificate: Path, key: Path, *args: str) -> Iterator[int]:
     """``openssl s_server`` as a TLS peer restricted by ``args`` (versions, cipher suites)."""
     port = free_port()
-    server = subprocess.Popen(
-        [require_binary(OPENSSL), "s_server", "-accept", str(port), "-cert", str(certificate),
-         "-key", str(key), *args],
-        stdin=subprocess.PIPE,  # open: s_server ends a connection at the end of its input
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_until(lambda: port_open(port), timeout_s=10, what="s_server listening")
-        yield port
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    command = [require_binary(OPENSSL), "s_server", "-accept", str(port), "-cert",
+               str(certificate), "-key", str(key), *args]  # fmt: skip
+    # stdin open: s_server ends a connection at the end of its input.
+    with listening(command, port, "s_server", stdin=subprocess.PIPE) as listening_port:
+        yield listening_port
 
 
 def _settings(pki: TlsFiles, *, ca: Path | None) -> Settings:
