@@ -6,9 +6,11 @@ check, fast, what it found.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import test_committer
 from sqlalchemy import text
 
 from storage import instances
@@ -17,17 +19,8 @@ from storage.instances import InstanceRecord, InstanceWriter
 
 
 def _rec(series: str, i: int, association: int) -> InstanceRecord:
-    return InstanceRecord(
-        sop_instance_uid=f"{series}.{i}",
-        series_instance_uid=series,
-        study_instance_uid="1.2.3",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        path=f"1.2.3/{series}/{i}.dcm",
-        size_bytes=1,
-        calling_ae_title="SCU",
-        peer_address=f"127.0.0.1:{40000 + association}",  # each association its own port
-    )
+    # Each association its own port.
+    return replace(test_committer._rec(series, i), peer_address=f"127.0.0.1:{40000 + association}")
 
 
 def _series(first: int, count: int) -> list[InstanceRecord]:
