@@ -89,14 +89,14 @@ class _QuietInItsThread(logging.Filter):
 
 _QUIET = _QuietInItsThread()
 _PYDICOM_LOGGER = logging.getLogger("pydicom")
+# For good, first: it passes every line of a thread outside quiet_value_warnings.
+_PYDICOM_LOGGER.addFilter(_QUIET)
 
 
 @contextlib.contextmanager
 def quiet_value_warnings() -> Iterator[list[str]]:
     """Within, in this thread: pydicom's lines are not logged but collected in the list
     yielded (pydicom's warnings, shown once per place by Python, are left as they are)."""
-    # For good (addFilter does not add a filter twice): it passes other threads' lines.
-    _PYDICOM_LOGGER.addFilter(_QUIET)
     outer = getattr(_QUIET.local, "heard", None)
     heard: list[str] = []
     _QUIET.local.heard = heard
@@ -118,8 +118,7 @@ def summarised_value_warnings(tag: str | Callable[[], str]) -> Iterator[None]:
     values, one for character sets, starting with ``tag`` (or what it returns then: a job's
     tag grows as it is read)."""
     counting = _Counting()
-    pydicom_logger = logging.getLogger("pydicom")
-    pydicom_logger.addFilter(counting)
+    _PYDICOM_LOGGER.addFilter(counting)
     outer = getattr(_QUIET.local, "counting", None)
     _QUIET.local.counting = counting  # what this thread's quiet reads drop, it counts
     try:
@@ -130,7 +129,7 @@ def summarised_value_warnings(tag: str | Callable[[], str]) -> Iterator[None]:
             yield
     finally:
         _QUIET.local.counting = outer
-        pydicom_logger.removeFilter(counting)
+        _PYDICOM_LOGGER.removeFilter(counting)
         name = tag if isinstance(tag, str) else tag()
         if counting.kinds:
             logger.warning(
