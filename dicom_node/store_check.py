@@ -6,7 +6,10 @@ crash between a file's rename and its row's COMMIT) are read and indexed as rece
 Their series versions are marked complete and routed, because what the node knew of them
 is gone: they are not segmented and sent again by themselves (``series process`` does
 that for one). Partial files and SEGs of jobs no row names are removed. Rows whose file
-is gone are only reported unless the operator forgets them explicitly.
+is gone are only reported unless the operator forgets them explicitly. A file of another
+size than its row's is re-indexed only when it is a whole copy of the row's image: a
+re-send that replaced the file and whose own row update then failed (its sender was
+refused, so the row still describes the earlier copy).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass, field
 from itertools import groupby
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
@@ -24,6 +29,7 @@ from dicom_node.header_values import text
 from dicom_node.instance_attributes import REQUIRED_UIDS, TAG, check_complete, instance_record
 from dicom_node.value_warnings import quiet_value_warnings
 from storage.consistency import (
+    MissingFile,
     StoreReport,
     forget_missing,
     remove_files,
@@ -31,13 +37,19 @@ from storage.consistency import (
 )
 from storage.database import Index
 from storage.filestore import FileStore
-from storage.instances import InstanceRecord, InstanceWriter
+from storage.instances import InstanceRecord, InstanceWriter, refresh_instance_rows
 from storage.models import Instance
 from storage.retention import finish_removals
 
 logger = logging.getLogger(__name__)
 
 COMPLETION_REASON = "indexed by store check"
+COMPLETE_COPY = (
+    "the file is a whole copy of this image, as a re-send whose index update failed leaves "
+    "it: --repair indexes it"
+)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_DELIMITER = 8  # the item that ends an undefined-length value
 _BATCH = 200  # rows per transaction: short write locks while a node receives
 
 
@@ -49,6 +61,7 @@ class Repair:
     removed: list[str] = field(default_factory=list)  # partial files, SEGs of no job
     forgotten: int = 0  # rows of missing files removed (--forget-missing)
     finished_removals: int = 0  # prunes or deletes a crash interrupted, finished
+    refreshed: list[str] = field(default_factory=list)  # rows re-read from a whole copy
 
 
 def repair_store(
@@ -62,6 +75,12 @@ def repair_store(
     result = Repair()
     # First: their files are not lost images (the report left them out) and go.
     result.finished_removals = finish_removals(index, store)
+    copies = complete_copies(store, report.missing)
+    if copies:
+        refresh_instance_rows(index, list(copies.values()))
+        result.refreshed = sorted(copies)
+        for path in result.refreshed:
+            logger.info("store check: re-indexed %s from the whole copy it holds", path)
     leftovers = report.temporaries + report.unreferenced_results
     remove_files(store, leftovers)
     result.removed = leftovers
@@ -92,6 +111,38 @@ def repair_store(
     return result
 
 
+def complete_copies(store: FileStore, missing: list[MissingFile]) -> dict[str, InstanceRecord]:
+    """Of the images whose file has another size than their row says, those whose file is
+    a whole, readable copy of the same image (path -> its record, read from the file).
+    Damage (cut short, bytes added, another image) is not."""
+    copies: dict[str, InstanceRecord] = {}
+    for m in missing:
+        if m.kind != "instance" or not m.problem.startswith("size "):
+            continue
+        try:
+            rec = _read_record(store, m.path, to_its_end=True)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, InvalidDicomError):
+            continue
+        if rec.sop_instance_uid == m.sop_instance_uid:
+            copies[m.path] = rec
+    return copies
+
+
+def _ends_with_its_last_element(ds: Dataset, size: int) -> bool:
+    """Does the file end where its last element does? Read as written, with nothing after it."""
+    tags = list(ds.keys())
+    if not tags:
+        return False
+    last = ds.get_item(max(tags))
+    if not isinstance(last, RawDataElement) or last.value is None:
+        return False
+    if last.length == _UNDEFINED_LENGTH:
+        end = last.value_tell + len(last.value) + _DELIMITER
+    else:
+        end = last.value_tell + last.length
+    return end == size
+
+
 def _readable(store: FileStore, paths: Iterable[str], result: Repair) -> Iterator[InstanceRecord]:
     for path in paths:
         try:
@@ -107,12 +158,14 @@ def _readable(store: FileStore, paths: Iterable[str], result: Repair) -> Iterato
             logger.error("store check: %s cannot be indexed, left in place: %s", path, exc)
 
 
-def _read_record(store: FileStore, relative: str) -> InstanceRecord:
+def _read_record(store: FileStore, relative: str, *, to_its_end: bool = False) -> InstanceRecord:
     path = store.absolute(relative)
     # pydicom complains of a misspelled or unknown Specific Character Set on each read: a
     # line per image of such a device, as the receiver logs none (the file keeps it).
     with quiet_value_warnings() as complaints:
         ds = dcmread(path)  # Part 10 as stored: the receiver wrote the file meta
+        if to_its_end and not _ends_with_its_last_element(ds, path.stat().st_size):
+            raise ValueError("bytes after its last element")
         check_complete(ds)
         uids = {name: text(ds, tag) for name, tag in REQUIRED_UIDS}
     if complaints:

@@ -30,6 +30,7 @@ class MissingFile:
     path: str  # relative to the store root
     what: str  # "instance <SOP UID> of series <UID>" or "SEG of job <id>"
     problem: str  # "missing" or "size 1234, indexed as 5678"
+    sop_instance_uid: str = ""  # of an instance's row
 
 
 @dataclass
@@ -102,7 +103,9 @@ def check_store(index: Index, store: FileStore, grace_s: float = 60.0) -> StoreR
             continue  # the removal's to settle: gone at its commit, put back otherwise
         if problem:
             report.missing.append(
-                MissingFile("instance", path, f"instance {sop} of series {series_uid}", problem)
+                MissingFile(
+                    "instance", path, f"instance {sop} of series {series_uid}", problem, sop
+                )
             )
     for job_id, seg_path in sorted(jobs.items()):
         if seg_path:

@@ -544,6 +544,27 @@ def _instance_fields(rec: InstanceRecord, cur: _Current, now: dt.datetime) -> di
     return fields
 
 
+def refresh_instance_rows(index: Index, records: Sequence[InstanceRecord]) -> int:
+    """Update the rows of images whose file was replaced by a complete copy of the same
+    image (a re-send whose own row update failed) from that file: size, transfer syntax,
+    geometry. The sender's address and association stay those of the row."""
+    kept = {"path", "peer_address", "association_id"}
+    refreshed = 0
+    with index.session() as session, session.begin():
+        for rec in records:
+            values = {name: getattr(rec, name) for name in _INSTANCE_COPIED if name not in kept}
+            result = session.execute(
+                update(_instances)
+                .where(
+                    _instances.c.path == rec.path,
+                    _instances.c.sop_instance_uid == rec.sop_instance_uid,
+                )
+                .values(**values)
+            )
+            refreshed += result.rowcount  # type: ignore[attr-defined]
+    return refreshed
+
+
 # pg_advisory_xact_lock(class, key): the class keeps these apart from other advisory locks.
 _IMAGE_LOCK_CLASS = 0x64636D69  # "dcmi"
 

@@ -287,3 +287,60 @@ def test_a_link_that_loops_in_the_store_is_left_out_with_a_warning(
     assert "store check: left out 1.2/1.2.3/loop.dcm: Too many levels of symbolic links" in (
         caplog.text
     )
+
+
+def test_a_whole_copy_of_an_image_in_place_of_its_file_is_indexed_by_repair(
+    tmp_path: Path,
+) -> None:
+    """A re-send of an image with other bytes replaces its file; if its row update then
+    fails (index outage: the sender gets 0xA700), the row describes the earlier copy.
+    `store check` called that file altered, and `--repair` left it for ever. Damage (cut
+    short, bytes added, another image's file) is still only reported."""
+    from pydicom import dcmread
+
+    from test_cli import _dicom_node
+
+    from dicom_node.store_check import COMPLETE_COPY, complete_copies
+    from storage.models import Instance
+
+    data = tmp_path / "data"  # the layout of storage.data_dir, for the CLI
+    index = Index(f"sqlite:///{data / 'index.sqlite'}")
+    store = FileStore(data / "store", 0, fsync=False)
+    generated = make_mr_series(tmp_path / "generated", 5)
+    paths = []
+    for source, sop in zip(generated.paths, generated.sop_instance_uids, strict=True):
+        relative = store.relative_path(
+            generated.study_instance_uid, generated.series_instance_uid, sop
+        )
+        store.write_atomic(relative, source.read_bytes())
+        paths.append(relative)
+    assert repair_store(index, store, check_store(index, store, grace_s=0)).indexed == 5
+
+    resent, cut, padded, other = (store.absolute(p) for p in paths[:4])
+    ds = dcmread(resent)
+    ds.ImageComments = "sent again with a corrected header"
+    ds.save_as(resent, enforce_file_format=True)
+    with cut.open("r+b") as f:
+        f.truncate(cut.stat().st_size - 100)
+    with padded.open("ab") as f:
+        f.write(b"\0" * 16)
+    shutil.copyfile(store.absolute(paths[4]), other)
+
+    report = check_store(index, store, grace_s=0)
+    assert sorted(m.path for m in report.missing) == sorted(paths[:3])  # other: same size
+    assert list(complete_copies(store, report.missing)) == [paths[0]]
+    listed = _dicom_node(data, "store", "check", "--grace-s", "0")
+    assert listed.returncode == 1, listed.stderr
+    lines = {line.strip().split(":")[0]: line for line in listed.stdout.splitlines()}
+    assert lines[paths[0]].endswith(COMPLETE_COPY)
+    assert not lines[paths[1]].endswith(COMPLETE_COPY)
+    assert not lines[paths[2]].endswith(COMPLETE_COPY)
+
+    repaired = repair_store(index, store, report)
+    assert repaired.refreshed == [paths[0]]
+    with index.session() as session:
+        size = session.scalar(select(Instance.size_bytes).where(Instance.path == paths[0]))
+    assert size == resent.stat().st_size
+    after = check_store(index, store, grace_s=0)
+    assert sorted(m.path for m in after.missing) == sorted(paths[1:3])
+    assert complete_copies(store, after.missing) == {}

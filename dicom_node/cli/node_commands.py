@@ -152,7 +152,7 @@ def check(
     from dataclasses import asdict
 
     from dicom_node.service import open_store
-    from dicom_node.store_check import repair_store
+    from dicom_node.store_check import COMPLETE_COPY, complete_copies, repair_store
     from storage.consistency import check_store
 
     index, store = open_store(settings_of(ctx))
@@ -161,11 +161,15 @@ def check(
     if repair or forget_missing:
         repaired = repair_store(index, store, report, forget=forget_missing)
         report = check_store(index, store, grace_s)
+    # Files of another size that --repair would re-index (they hold a whole copy): read
+    # only for rows whose size differs, which are few.
+    copies = complete_copies(store, report.missing)
     if as_json:
         print_json(
             {
                 "consistent": report.consistent,
                 "report": asdict(report),
+                "complete_copies": sorted(copies),
                 "repaired": asdict(repaired) if repaired else None,
             }
         )
@@ -174,6 +178,7 @@ def check(
             typer.echo(
                 f"repaired: indexed {repaired.indexed} images of {len(repaired.series)} series, "
                 f"removed {len(repaired.removed)} leftover files, "
+                f"re-indexed {len(repaired.refreshed)} images from whole copies, "
                 f"forgot {repaired.forgotten} rows of missing files, "
                 f"finished {repaired.finished_removals} interrupted prunes or deletes"
             )
@@ -187,7 +192,11 @@ def check(
         )
         _list(
             "images or SEGs missing or altered",
-            [f"{m.path}: {m.what}: {m.problem}" for m in report.missing],
+            [
+                f"{m.path}: {m.what}: {m.problem}"
+                + (f": {COMPLETE_COPY}" if m.path in copies else "")
+                for m in report.missing
+            ],
         )
         # What --repair has just left in place is not sent back to it: it would go round.
         left = dict(repaired.unreadable) if repaired is not None else {}
