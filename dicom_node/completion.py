@@ -5,17 +5,56 @@ All state lives in the index, so a restarted node resumes every pending series.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import time
 from collections.abc import Callable
+
+from sqlalchemy import and_, select, update
 
 from dicom_node.config import CompletionSettings
 from dicom_node.periodic import Periodic
-from storage.database import Index
+from storage.database import CLOCK_SKEW_LIMIT_S, Index, retried_on_conflict
 from storage.instances import CompletedSeries, complete_due_series
+from storage.models import SeriesState, SeriesVersion, utcnow
 
 logger = logging.getLogger(__name__)
 
 CompletionListener = Callable[[CompletedSeries], None]
+
+# A machine sharing the index whose clock runs ahead stamps every image ahead: the line
+# would come every check while it receives.
+_AHEAD_WARNING_EVERY_S = 600.0
+
+
+def restart_quiet_periods_ahead(index: Index) -> int:
+    """Receiving versions whose last image is stamped ahead of this clock (by more than the
+    skew machines sharing an index are warned of) count as quiet from now; returns how many.
+
+    The clock was set back since (NTP): a version would otherwise wait out the step as well
+    as its quiet period, minutes. The image arrived before now, so the quiet period it waits
+    from now is never shorter than the one it is owed."""
+    now = utcnow()
+    ahead = and_(
+        SeriesVersion.state == SeriesState.RECEIVING,
+        SeriesVersion.last_received_at > now + dt.timedelta(seconds=CLOCK_SKEW_LIMIT_S),
+    )
+    with index.session() as session:
+        # Read first: an UPDATE at each check would take SQLite's write lock from receivers.
+        if session.scalar(select(SeriesVersion.id).where(ahead).limit(1)) is None:
+            return 0
+
+    def restart() -> int:
+        with index.session() as session, session.begin():
+            result = session.execute(
+                update(SeriesVersion)
+                .where(ahead)
+                .values(last_received_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
+    return retried_on_conflict(restart)
 
 
 class CompletionMonitor:
@@ -28,6 +67,7 @@ class CompletionMonitor:
         self.index = index
         self.settings = settings
         self.listeners = list(listeners or [])
+        self._ahead_warned_at: float | None = None
         self._rounds = Periodic(
             "completion",
             self.check_once,
@@ -37,6 +77,21 @@ class CompletionMonitor:
         )
 
     def check_once(self) -> list[CompletedSeries]:
+        restarted = restart_quiet_periods_ahead(self.index)
+        if restarted:
+            now = time.monotonic()
+            quiet = self._ahead_warned_at is not None and (
+                now - self._ahead_warned_at < _AHEAD_WARNING_EVERY_S
+            )
+            if not quiet:
+                self._ahead_warned_at = now
+            logger.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "%d receiving series have images stamped ahead of this machine's clock (it "
+                "was set back, or another machine's runs ahead): their quiet period counts "
+                "from now",
+                restarted,
+            )
         done = complete_due_series(
             self.index,
             self.settings.quiet_period_s,
