@@ -46,6 +46,7 @@ from storage.queue import (
     index_job_tag,
     job_state,
     job_tag,
+    taken_over,
     worker_label,
 )
 
@@ -581,6 +582,19 @@ class WorkerPool:
                     )
                     slot.current.value = 0
                     stopped = True
+            elif job and (holder := self._taken_over(job, slot)) is not None:
+                # Its heartbeat looked lapsed (the index was away, or a clock stepped): the
+                # other run stands, this one's result would not be recorded. Run on, the
+                # job would take two machines' time at once.
+                if self._kill_running(slot, job):
+                    logger.warning(
+                        "%s was taken over by worker %s (this worker's heartbeat looked "
+                        "lapsed: an index outage or a clock step); stopping this worker's run",
+                        index_job_tag(self.index, job),
+                        worker_label(holder),
+                    )
+                    slot.current.value = 0
+                    stopped = True
             elif job and now - slot.job_since > timeout and self._kill_running(slot, job):
                 logger.error(
                     "%s exceeded workers.job_timeout_s=%.0f s; stopping it",
@@ -658,6 +672,15 @@ class WorkerPool:
             )
         else:
             logger.warning("worker %s exited (code %s); %s", slot.process.name, code, again)
+
+    def _taken_over(self, job_id: int, slot: _Slot) -> str | None:
+        identity = _identity(slot)
+        if identity is None:
+            return None
+        try:
+            return taken_over(self.index, job_id, identity)
+        except Exception:  # the index may be briefly locked: look again next round
+            return None
 
     def _cancelled(self, job_id: int) -> bool:
         try:

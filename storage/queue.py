@@ -345,6 +345,14 @@ def job_state(index: Index, job_id: int) -> JobState | None:
         return session.scalar(select(Job.state).where(Job.id == job_id))
 
 
+def taken_over(index: Index, job_id: int, worker: str) -> str | None:
+    """The worker that holds a job ``worker`` was running, once another took it over (its
+    heartbeat looked lapsed: an index outage, or a clock step); None while it is its own."""
+    with index.session() as session:
+        holder = session.scalar(select(Job.worker).where(Job.id == job_id))
+    return holder if holder is not None and holder != worker else None
+
+
 def cancel_requested(index: Index, job_id: int) -> bool:
     """Was this job cancelled by the operator (its worker should stop)?"""
     return job_state(index, job_id) == JobState.CANCELLED

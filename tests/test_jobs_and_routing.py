@@ -1437,6 +1437,74 @@ def test_a_supervisor_leaves_a_job_its_dead_worker_lost_to_another_machine(
     assert not pool._to_fail
 
 
+class _LiveWorker(_DeadWorker):
+    """A worker process still running its job; records being killed."""
+
+    exitcode = None  # type: ignore[assignment]
+
+    def __init__(self, name: str, pid: int | None) -> None:
+        super().__init__(name, pid)
+        self.killed = False
+
+    def is_alive(self) -> bool:
+        return not self.killed
+
+    def kill(self) -> None:
+        self.killed = True
+
+
+def test_a_worker_whose_job_was_taken_over_is_stopped_not_run_on(
+    index: Index, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its heartbeat looked lapsed (an index outage; a clock stepped 45 s or more) and a
+    worker elsewhere took the job: the first ran on to the end, two machines segmenting one
+    series at once, and only then found its result not recorded. Its own running job is
+    left alone."""
+    import multiprocessing
+
+    from dicom_node import worker
+
+    pid = _no_such_pid()
+    with monkeypatch.context() as patch:
+        patch.setattr(worker.os, "getpid", lambda: pid)
+        ours = worker.worker_id()
+    first = create_job(index, _complete_series(index), JobSpec("r", "demo", {}, []))
+    assert first is not None and claim_job(index, ours, heartbeat_timeout_s=60) is not None
+    context = multiprocessing.get_context("spawn")
+    process = _LiveWorker("worker-1", pid)
+    slot = _Slot(process, context.Value("i", first), context.Value("i", 0))  # type: ignore[arg-type]
+
+    class Pool(WorkerPool):
+        def _spawn(self, number: int) -> _Slot:
+            return _Slot(
+                _LiveWorker("worker-2", None), context.Value("i", 0), context.Value("i", 0)
+            )  # type: ignore[arg-type]
+
+    pool = Pool(Settings(), index, 1)
+    pool._slots = [slot]
+    caplog.set_level(logging.INFO, logger="dicom_node.worker")
+    pool._supervise_once()  # its own job: runs on
+    assert not process.killed and pool._slots[0] is slot
+
+    with index.session() as session, session.begin():
+        session.execute(update(Job).values(heartbeat_at=utcnow() - dt.timedelta(hours=1)))
+    assert claim_job(index, "elsewhere:7/0a1b2c3d4e5f", heartbeat_timeout_s=60) is not None
+    pool._supervise_once()
+    assert process.killed and pool._slots[0] is not slot
+    assert re.search(
+        rf"job {first} .* was taken over by worker elsewhere:7 \(.*\); stopping this "
+        "worker's run",
+        caplog.text,
+    )
+    job = _job(index, first)
+    assert (job.state, job.worker, job.attempts) == (
+        JobState.RUNNING,
+        "elsewhere:7/0a1b2c3d4e5f",
+        2,
+    )
+    assert not pool._to_fail and "died" not in caplog.text
+
+
 def test_the_outbox_records_which_process_sends_a_delivery(
     index: Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
