@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
 import logging.handlers
 import os
 import sys
+import time
 
 from pynetdicom import _config as pynetdicom_config
 
@@ -17,10 +19,25 @@ from dicom_node.errors import ConfigError
 FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
 
 
+class _TextFormatter(logging.Formatter):
+    """Local time with its UTC offset: without it, the hour that repeats when daylight
+    saving time ends reads the same twice, and lines do not compare with the CLI's UTC."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        local = time.localtime(record.created)
+        return (
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', local)},{int(record.msecs):03d}"
+            f"{time.strftime('%z', local)}"
+        )
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, str | None] = {
-            "time": self.formatTime(record),
+            # ISO 8601 with the offset, as log shippers parse it.
+            "time": dt.datetime.fromtimestamp(record.created)
+            .astimezone()
+            .isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "process": record.processName,
             "logger": record.name,
@@ -119,7 +136,7 @@ class _LogFile(logging.handlers.WatchedFileHandler):
 
 def configure_logging(settings: LoggingSettings) -> None:
     formatter: logging.Formatter = (
-        _JsonFormatter() if settings.json_lines else logging.Formatter(FORMAT)
+        _JsonFormatter() if settings.json_lines else _TextFormatter(FORMAT)
     )
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if settings.file is not None:

@@ -56,6 +56,35 @@ def test_json_lines_keep_the_traceback(tmp_path: Path) -> None:
     assert "Traceback" in record["exc_info"]
 
 
+@pytest.mark.parametrize("json_lines", [False, True])
+def test_log_times_carry_their_utc_offset(tmp_path: Path, json_lines: bool) -> None:
+    """Lines were stamped in local time without an offset: the hour that repeats when
+    daylight saving time ends (Berlin, 25 October 2026: 02:30 twice) read the same twice,
+    and lines could not be set beside the CLI's UTC times."""
+    log_file = tmp_path / "node.log"
+    script = (
+        "import logging\n"
+        "from dicom_node.config import LoggingSettings\n"
+        "from dicom_node.logging_setup import configure_logging\n"
+        f"configure_logging(LoggingSettings(json_lines={json_lines}, file={str(log_file)!r}))\n"
+        "for utc in (1792888200.25, 1792891800.25):  # 00:30 and 01:30 UTC\n"
+        "    record = logging.makeLogRecord({'name': 'dicom_node.x', 'levelno': 20,\n"
+        "        'levelname': 'INFO', 'msg': 'm', 'created': utc, 'msecs': 250.0})\n"
+        "    logging.getLogger().handle(record)\n"
+    )
+    env = {"TZ": "Europe/Berlin", "PATH": "/usr/bin:/bin"}
+    subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=60, check=True, env=env
+    )
+    lines = log_file.read_text().splitlines()
+    if json_lines:
+        stamps = [json.loads(line)["time"] for line in lines]
+        assert stamps == ["2026-10-25T02:30:00.250+02:00", "2026-10-25T02:30:00.250+01:00"]
+    else:
+        stamps = [line.split(" INFO ")[0] for line in lines]
+        assert stamps == ["2026-10-25 02:30:00,250+0200", "2026-10-25 02:30:00,250+0100"]
+
+
 def test_a_log_file_that_cannot_be_written_is_a_config_error(tmp_path: Path) -> None:
     """Every command logs, the health check too: a log folder on a read-only volume (or
     under a file) stopped each with a raw traceback."""

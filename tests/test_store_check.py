@@ -297,7 +297,6 @@ def test_a_whole_copy_of_an_image_in_place_of_its_file_is_indexed_by_repair(
     `store check` called that file altered, and `--repair` left it for ever. Damage (cut
     short, bytes added, another image's file) is still only reported."""
     from pydicom import dcmread
-
     from test_cli import _dicom_node
 
     from dicom_node.store_check import COMPLETE_COPY, complete_copies
