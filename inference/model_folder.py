@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 import re
 import shutil
 import stat
@@ -30,6 +31,10 @@ FOLD_RE = re.compile(r"^fold_(\d+|all)$")
 # nnUNetv2_find_best_configuration writes these beside the folds, each with its own
 # dataset.json and plans.json: results, not a second model.
 CROSSVAL_PREFIX = "crossval_results"
+# nnUNetv2_export_model_to_zip adds <dataset>/ensembles/ensemble___<model>___<model>___<folds>
+# (with the cross-validation predictions: dataset.json and plans.json, no fold): an ensemble
+# of several configurations, which the node does not run (it serves one of them).
+ENSEMBLES_DIR = "ensembles"
 MACOS_METADATA = "__MACOSX"  # macOS Finder adds it to every zip it makes
 # What nnU-Net's trainer writes at the end of training and at its best validation Dice
 # (checkpoint_latest.pth is an unfinished training's, not offered).
@@ -182,8 +187,16 @@ def find_nnunet_folder(
             if len(p.parts) <= max_depth
             and p.parts[0] != MACOS_METADATA
             and not any(part.startswith(CROSSVAL_PREFIX) for part in p.parts)
+            and ENSEMBLES_DIR not in p.parts
         ),
     ]
+    ensembles = sorted({str(p.parent) for p in files if p.parent.parent.name == ENSEMBLES_DIR})
+    if ensembles:
+        logger.info(
+            "%s: ignoring nnU-Net ensemble folders %s: the node runs one trainer and configuration",
+            path,
+            ", ".join(ensembles),
+        )
 
     def has(folder: PurePosixPath, name: str) -> bool:
         return (folder / name if folder != root else PurePosixPath(name)) in files
@@ -313,6 +326,72 @@ def find_nnunet_folder(
         configuration=cfg,
         other_configurations=tuple(others),
     )
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+class _Opaque:
+    """Stands for any object of a checkpoint's pickle other than plain data (tensors, numpy
+    values, the trainer's own classes): nothing is imported and no code of the file runs."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> _Opaque:
+        return super().__new__(cls)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
+
+    def append(self, value: object) -> None:
+        pass
+
+    def extend(self, values: object) -> None:
+        pass
+
+
+class _StateDict(dict[object, object]):
+    """A state dict (an OrderedDict with attributes, torch's ``_metadata``)."""
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> type:
+        if (module, name) == ("collections", "OrderedDict"):
+            return _StateDict
+        return _Opaque
+
+    def persistent_load(self, pid: object) -> None:
+        return None  # a tensor's storage: its bytes are not read
+
+
+def checkpoint_configuration(file: Path) -> str | None:
+    """The configuration an nnU-Net checkpoint was trained in (``init_args``), which a job
+    loads when model.yaml gives none; None when the file does not say.
+
+    Read from the pickle inside the checkpoint's zip without loading tensors or running the
+    file's code, so that a large checkpoint costs no memory at install.
+    """
+    try:
+        with zipfile.ZipFile(file) as zf:
+            name = next(
+                (n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None
+            )
+            if name is None:
+                return None
+            with zf.open(name) as fh:
+                data = _PlainDataUnpickler(fh).load()
+    except Exception as exc:  # any pickle at all may be in a file the operator brings
+        logger.debug("cannot read the configuration of checkpoint %s: %s", file, exc)
+        return None
+    init_args = data.get("init_args") if isinstance(data, dict) else None
+    value = init_args.get("configuration") if isinstance(init_args, dict) else None
+    if value is None and isinstance(data, dict):
+        value = data.get("configuration")
+    return value if isinstance(value, str) and value else None
 
 
 # --- hashing --------------------------------------------------------------------------------

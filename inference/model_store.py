@@ -59,6 +59,7 @@ from inference.catalogue import (
 from inference.model_folder import (
     Fold,
     NnunetFolder,
+    checkpoint_configuration,
     compute_weights_sha256,
     copy_model_files,
     find_nnunet_folder,
@@ -1016,6 +1017,16 @@ def _config_spacing(plans: dict[str, Any], configuration: str | None) -> list[fl
     return None
 
 
+def _loaded_configuration(
+    configuration: str | None, nnunet_dir: Path, folds: Sequence[Fold], checkpoint: str
+) -> str | None:
+    """The configuration a job loads: model.yaml's, else (a renamed trainer folder names
+    none) the first checkpoint's, as the predictor reads it."""
+    if configuration is not None or not folds:
+        return configuration
+    return checkpoint_configuration(nnunet_dir / fold_dir(folds[0]) / checkpoint)
+
+
 def _check_configuration(plans: dict[str, Any], configuration: str | None, where: str) -> None:
     """Refuse at install a configuration a job could not run (found when loading otherwise)."""
     if configuration is None:
@@ -1243,7 +1254,11 @@ def install_model(
         )
         if configuration is not None:  # asked for: before what the source's model.yaml says
             fields["configuration"] = found.configuration
-        _check_configuration(plans, fields["configuration"], str(source))
+        _check_configuration(
+            plans,
+            _loaded_configuration(fields["configuration"], nnunet_dest, found.folds, ckpt),
+            str(source),
+        )
         fields["weights_sha256"] = compute_weights_sha256(nnunet_dest, found.folds, ckpt)
         _write_new_descriptor(fields, overrides, len(channels), staging)
     info = _load_from_root(models_dir / model_name)
@@ -1257,12 +1272,7 @@ def install_model(
         info.weights_sha256[:12],
     )
     notes = [note] if note else []
-    if found.other_configurations:
-        notes.append(
-            f"{source.name} also holds the {', '.join(found.other_configurations)} "
-            f"configuration(s) of this model; {found.configuration} was installed (choose "
-            "another with --configuration NAME --replace)"
-        )
+    notes += _other_configurations_notes([(source.name, found)])
     roi = dataset.get("roi")
     if roi is not None and info.descriptor.roi_model is None:
         # TotalVibeSegmentator's way of saying its second input is another model's output.
@@ -1272,6 +1282,17 @@ def install_model(
             "--roi-model NAME --replace"
         )
     return dataclasses.replace(info, notes=tuple(notes))
+
+
+def _other_configurations_notes(founds: Sequence[tuple[str, NnunetFolder]]) -> list[str]:
+    """What each source (``where``) holds beside the configuration installed from it."""
+    return [
+        f"{where} also holds the {', '.join(found.other_configurations)} configuration(s) of "
+        f"this model; {found.configuration} was installed (choose another with "
+        "--configuration NAME --replace)"
+        for where, found in founds
+        if found.other_configurations
+    ]
 
 
 def _catalogue_for_parts(
@@ -1367,13 +1388,7 @@ def install_parts(
             copy_model_files(found, staging / PARTS_SUBDIR / folder)
             folders.append(folder)
             datasets.append(_read_json(staging / PARTS_SUBDIR / folder / "dataset.json"))
-        part_labels: list[dict[int, str]] = []
         plans = [_read_json(staging / PARTS_SUBDIR / f / "plans.json") for f in folders]
-        for (source, _, _), dataset in zip(founds, datasets, strict=True):
-            try:
-                part_labels.append(_dataset_labels(dataset))
-            except ModelError as exc:
-                raise ModelError(f"{source}: {exc}") from exc
         channels = [_channels(d) for d in datasets]
         for (source, _, _), chans in zip(founds[1:], channels[1:], strict=True):
             if [c.lower() for c in chans] != [c.lower() for c in channels[0]]:
@@ -1389,6 +1404,14 @@ def install_parts(
         elif existing is not None:
             cat_ref, cat_obj = _install_catalogue(existing.catalogue, staging, base_dir=sources[0])
         else:
+            # Only here are the parts' own label names needed: a given catalogue is matched
+            # to each part (a region-trained part's values included) by label_map_for.
+            part_labels: list[dict[int, str]] = []
+            for (source, _, _), dataset in zip(founds, datasets, strict=True):
+                try:
+                    part_labels.append(_dataset_labels(dataset))
+                except ModelError as exc:
+                    raise ModelError(f"{source}: {exc}") from exc
             cat_ref, cat_obj = _catalogue_for_parts(part_labels, model_name, staging)
 
         parts: list[PartDescriptor] = []
@@ -1415,7 +1438,16 @@ def install_parts(
         for index, ((source, _, _), part, part_plans) in enumerate(
             zip(founds, parts, plans, strict=True), start=1
         ):
-            _check_configuration(part_plans, part.configuration, f"{source} (part {index})")
+            _check_configuration(
+                part_plans,
+                _loaded_configuration(
+                    part.configuration,
+                    staging / PARTS_SUBDIR / part.folder,
+                    part.folds,
+                    part.checkpoint,
+                ),
+                f"{source} (part {index})",
+            )
         model_orientation, note = _choose_orientation(
             model_name,
             orientation,
@@ -1434,8 +1466,8 @@ def install_parts(
                 ],
             ),
         )
-        covered = {_label_key(n) for labels in part_labels for n in labels.values()}
-        uncovered = [lab.name for lab in cat_obj.labels if _label_key(lab.name) not in covered]
+        covered = {i for part in parts for i in (part.label_map or {}).values()}
+        uncovered = [lab.name for lab in cat_obj.labels if lab.id not in covered]
         if uncovered:
             logger.warning(
                 "model %s: no part segments %d of catalogue %r's labels: %s",
@@ -1479,7 +1511,11 @@ def install_parts(
         info.descriptor.orientation,
         info.weights_sha256[:12],
     )
-    return dataclasses.replace(info, notes=(note,) if note else ())
+    notes = [note] if note else []
+    notes += _other_configurations_notes(
+        [(f"{source.name} (part {i})", found) for i, (source, _, found) in enumerate(founds, 1)]
+    )
+    return dataclasses.replace(info, notes=tuple(notes))
 
 
 def _check_distinct_sources(sources: Sequence[Path]) -> None:
@@ -1512,7 +1548,9 @@ def _part_label_map(catalogue: Catalogue, dataset: dict[str, Any], where: str) -
     mapping = label_map_for(catalogue, dataset, where)
     if mapping is not None:
         return mapping
-    return {i: i for i in _dataset_labels(dataset)}
+    # A region-trained part writes the values of regions_class_order: the catalogue's ids.
+    values = _region_values(dataset) or _dataset_labels(dataset)
+    return {i: i for i in values}
 
 
 def _install_catalogue(ref: str | Path, staging: Path, base_dir: Path) -> tuple[str, Catalogue]:

@@ -446,3 +446,118 @@ def test_two_labels_matching_one_catalogue_label_are_refused(tmp_path: Path) -> 
         src, tmp_path / "models", "m", catalogue=str(catalogue), trust_label_ids=True
     )
     assert info.descriptor.label_map is None
+
+
+# --- second review of the variants ------------------------------------------------------------
+
+
+def _set_checkpoint_configuration(folder: Path, configuration: str) -> Path:
+    """What nnU-Net's trainer writes into each checkpoint: the configuration it trained."""
+    for file in folder.glob("fold_*/checkpoint_final.pth"):
+        checkpoint = torch.load(file, weights_only=False)
+        checkpoint["init_args"]["configuration"] = configuration
+        torch.save(checkpoint, file)
+    return folder
+
+
+def test_a_renamed_cascade_folder_is_refused_at_install(tmp_path: Path) -> None:
+    """A renamed trainer folder names no configuration; its checkpoint does, when a job loads
+    it. Renamed from 3d_cascade_fullres and installed without --configuration, it installed
+    and every job failed: its network takes the 3d_lowres segmentation as extra inputs."""
+    src = _configurations(tmp_path / "src")
+    cascade = (src / "nnUNetTrainer__nnUNetPlans__3d_cascade_fullres").rename(tmp_path / "ours")
+    _set_checkpoint_configuration(cascade, "3d_cascade_fullres")
+    models = tmp_path / "models"
+    with pytest.raises(ModelError, match=r"3d_cascade_fullres is the second stage .*3d_lowres"):
+        install_model(cascade, models, "cascade")
+    zipped = _zip(tmp_path / "ours.zip", [(cascade, "")])
+    with pytest.raises(ModelError, match="second stage of nnU-Net's cascade"):
+        install_model(zipped, models, "zipped")
+    other = make_model(tmp_path / "other", folds=(1,))
+    with pytest.raises(ModelError, match=r"\(part 1\): 3d_cascade_fullres is the second stage"):
+        install_model([cascade, other], models, "parts")
+    assert not models.exists() or not [p for p in models.iterdir() if p.name[0] != "."]
+    # The lowres stage renamed so installs and runs: its checkpoint's configuration is checked.
+    lowres = (src / "nnUNetTrainer__nnUNetPlans__3d_lowres").rename(tmp_path / "low")
+    info = install_model(_set_checkpoint_configuration(lowres, "3d_lowres"), models, "low")
+    assert Segmenter(info, device="cpu").predict(_random_volume(), (2.0, 2.0, 2.0)).shape == (
+        20,
+        20,
+        20,
+    )
+
+
+def test_the_parts_install_names_the_other_configurations(tmp_path: Path) -> None:
+    """A single install says which other configurations the zip holds; a model of parts
+    installed from such zips said nothing."""
+    first = export_zip(_configurations(tmp_path / "first"), tmp_path / "first.zip")
+    second = make_model(tmp_path / "second", folds=(1,))
+    info = install_model([first, second], tmp_path / "models", "parts", catalogue="demo")
+    assert [p.configuration for p in info.parts] == ["3d_fullres", "3d_fullres"]
+    assert any(
+        "first.zip (part 1) also holds the 2d, 3d_cascade_fullres, 3d_lowres configuration(s)"
+        in note
+        and "--configuration" in note
+        for note in info.notes
+    ), info.notes
+    added = _cli(tmp_path, "add", str(first), str(second), "--name", "cli", "--catalogue", "demo")
+    assert added.exit_code == 0, added.output
+    assert "note: first.zip (part 1) also holds the 2d" in added.output
+
+
+def test_a_region_trained_part_takes_the_catalogue_given(tmp_path: Path) -> None:
+    """A region-trained part of a model of parts was refused with 'Give a catalogue
+    (--catalogue FILE)' although a catalogue naming its values was given."""
+    regions = _edit_dataset(
+        make_model(tmp_path / "regions"), labels=REGIONS, regions_class_order=[1, 2, 3]
+    )
+    organs = _edit_dataset(
+        make_model(tmp_path / "organs", folds=(1,)),
+        labels={"background": 0, "liver": 1, "spleen": 2},
+    )
+    models = tmp_path / "models"
+    with pytest.raises(ModelError, match=r"Tiny: .*regions_class_order \[1, 2, 3\].*--catalogue"):
+        install_model([regions, organs], models, "none")
+    short = _catalogue_file(tmp_path / "short.yaml", ["edema", "necrosis"])
+    with pytest.raises(ModelError, match=r"\(part 1\): .*catalogue 'short' has no label 3"):
+        install_model([regions, organs], models, "short", catalogue=str(short))
+    names = ["edema", "necrosis", "enhancing", "liver", "spleen"]
+    catalogue = _catalogue_file(tmp_path / "tumour.yaml", names)
+    info = install_model([regions, organs], models, "tumour", catalogue=str(catalogue))
+    assert [p.label_map for p in info.parts] == [{1: 1, 2: 2, 3: 3}, {1: 4, 2: 5}]
+    label_map = Segmenter(info, device="cpu").predict(_random_volume(), (2.0, 2.0, 2.0))
+    assert set(np.unique(label_map)) <= {0, 1, 2, 3, 4, 5}
+
+
+def test_ensemble_folders_of_an_export_zip_are_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nnUNetv2_export_model_to_zip adds <dataset>/ensembles/ensemble___...: with the
+    cross-validation predictions, each holds dataset.json and plans.json but no fold. The
+    node runs one trainer and configuration: they are no model, and not a second one."""
+    src = _configurations(tmp_path / "src")
+    ensemble = (
+        src / "ensembles" / "ensemble___nnUNetTrainer__nnUNetPlans__2d___nnUNetTrainer__"
+        "nnUNetPlans__3d_fullres___0"
+    )
+    ensemble.mkdir(parents=True)
+    for name in ("dataset.json", "plans.json"):
+        shutil.copyfile(src / TRAINER_DIR / name, ensemble / name)
+    (ensemble / "summary.json").write_text("{}")
+    zipped = export_zip(src, tmp_path / "export.zip")
+    models = tmp_path / "models"
+    with caplog.at_level("INFO", logger="inference.model_folder"):
+        info = install_model(zipped, models, "m")
+    assert info.descriptor.configuration == "3d_fullres"
+    assert any(
+        "ignoring nnU-Net ensemble" in r.getMessage() and ensemble.name in r.getMessage()
+        for r in caplog.records
+    ), caplog.text
+    assert install_model(zipped, models, "low", configuration="3d_lowres").descriptor.plans
+    # What is missing from the trainer folder is said, not 'several trained-model folders'.
+    (src / TRAINER_DIR / "plans.json").unlink()
+    for name in ("2d", "3d_lowres", "3d_cascade_fullres"):
+        shutil.rmtree(src / f"nnUNetTrainer__nnUNetPlans__{name}")
+    broken = export_zip(src, tmp_path / "broken.zip")
+    with pytest.raises(ModelError, match=r"plans\.json is missing from the trained-model folder"):
+        install_model(broken, models, "broken")
