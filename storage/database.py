@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
@@ -152,6 +154,11 @@ def unavailable_reason(exc: BaseException) -> str | None:
     return None
 
 
+def _at_head(connection: Any, cfg: AlembicConfig) -> bool:
+    current = MigrationContext.configure(connection).get_current_heads()
+    return set(current) == set(ScriptDirectory.from_config(cfg).get_heads())
+
+
 def upgrade(engine: Engine) -> None:
     """Bring the schema to the newest migration (idempotent, safe at every start, and on
     PostgreSQL safe for several nodes starting at once)."""
@@ -167,6 +174,16 @@ def upgrade(engine: Engine) -> None:
                 connection.execute(
                     text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
                 )
+            elif connection.dialect.name == "sqlite":
+                if _at_head(connection, cfg):
+                    return  # every start and CLI command: no write lock to read a version
+                # Python's sqlite3 opens a transaction only before INSERT/UPDATE/DELETE, so
+                # each ALTER/CREATE committed on its own: a node killed between a migration's
+                # DDL and its alembic_version update could not start again ("duplicate
+                # column name"). An explicit BEGIN makes the whole upgrade one transaction;
+                # IMMEDIATE takes the write lock first, so processes starting at once migrate
+                # one after the other (busy_timeout) and the later one finds it current.
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
     except SQLAlchemyError as exc:

@@ -29,7 +29,12 @@ depends_on = None
 def upgrade() -> None:
     # A nullable column without a default: an ALTER TABLE ... ADD COLUMN on both databases,
     # no table copy. Deliveries claimed before it are NULL (no process known).
-    op.add_column("deliveries", sa.Column("sender", sa.String(length=128), nullable=True))
+    # An SQLite index whose upgrade was killed after this ALTER committed on its own (before
+    # storage.database.upgrade ran it in one transaction) has the column and is at 0002:
+    # adding it again failed every start with "duplicate column name".
+    columns = {column["name"] for column in sa.inspect(op.get_bind()).get_columns("deliveries")}
+    if "sender" not in columns:
+        op.add_column("deliveries", sa.Column("sender", sa.String(length=128), nullable=True))
     if op.get_bind().dialect.name != "sqlite":
         op.alter_column(
             "instances",
