@@ -1256,13 +1256,20 @@ class _StandInPool(WorkerPool):
     first_job = 0
 
     def _spawn(self, number: int) -> _Slot:
+        from dicom_node.worker import worker_id
+
         current = self._context.Value("i", self.first_job)
         stop = self._context.Value("i", 0)
-        self.first_job = 0  # a respawned worker starts idle
         process = self._context.Process(
             target=_sleep_until_stopped, args=(stop,), name=f"worker-{number}"
         )
         process.start()
+        if self.first_job:
+            # Claimed as the worker claims it: under its own identity (a job another
+            # worker holds is stopped as taken over).
+            claimed = claim_job(self.index, worker_id(process.pid), heartbeat_timeout_s=60)
+            assert claimed is not None and claimed.id == self.first_job
+        self.first_job = 0  # a respawned worker starts idle
         return _Slot(process, current, stop)
 
 
@@ -1272,9 +1279,8 @@ def test_cancelling_a_running_job_stops_its_worker(
     version_pk = _complete_series(index)
     job_id = create_job(index, version_pk, JobSpec("r", "demo", {}, []))
     assert job_id is not None
-    assert claim_job(index, "host:1", heartbeat_timeout_s=60) is not None
     pool = _StandInPool(Settings(), index, 1)
-    pool.first_job = job_id
+    pool.first_job = job_id  # claimed by the worker it starts
     caplog.set_level(logging.INFO, logger="dicom_node.worker")
     pool.start()
     try:
