@@ -254,6 +254,14 @@ class RuleMatch(_Strict):
             )
         return self
 
+    @field_validator("min_images", "max_images", mode="before")
+    @classmethod
+    def _no_yes_or_no(cls, value: object) -> object:
+        # YAML's true/false: pydantic took them for 1 and 0 (true as "at least one image").
+        if isinstance(value, bool):
+            raise ValueError(f"give a number of images, not {str(value).lower()}")
+        return value
+
     @field_validator("image_type_contains")
     @classmethod
     def _image_type_values(cls, values: list[str] | None) -> list[str] | None:

@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dicom_node.config import RuleMatch, RuleSettings
+from dicom_node.modalities import unknown_modality
 from dicom_node.sop_classes import not_segmentable
+
+NOT_EVALUATED = "not evaluated: an earlier rule matched"  # a later rule's only reason
 
 
 @dataclass(frozen=True)
@@ -72,10 +75,12 @@ def _check(match: RuleMatch, facts: SeriesFacts) -> tuple[bool, list[str]]:
         reasons.append(("" if passed else "NOT ") + text)
 
     if match.modality is not None:
-        note(
-            facts.modality.upper() in {m.upper() for m in match.modality},
-            f"modality {facts.modality!r} in {match.modality}",
-        )
+        passed = facts.modality.upper() in {m.upper() for m in match.modality}
+        text = f"modality {facts.modality!r} in {match.modality}"
+        unknown = [why for m in match.modality if (why := unknown_modality(m)) is not None]
+        if not passed and unknown:  # `MRI`: no device sends it
+            text += f" ({'; '.join(unknown)})"
+        note(passed, text)
     if match.series_description is not None:
         note(*_searched("series description", match.series_description, facts.series_description))
     if match.protocol_name is not None:
@@ -114,6 +119,52 @@ def _check(match: RuleMatch, facts: SeriesFacts) -> tuple[bool, list[str]]:
     return ok, reasons
 
 
+def glob_as_regex(pattern: str) -> str | None:
+    """The regular expression meant, where ``pattern`` reads as a shell wildcard; else None.
+
+    ``t1*dixon`` is a valid regex ("t", any number of "1", "dixon") that never finds
+    ``t1_vibe_dixon``; ``*vibe*`` is no regex at all. Only a ``*`` after a letter or digit,
+    or with nothing to repeat, counts: ``.*``, ``\\*``, ``[...]*``, ``(...)*`` and ``\\w*``
+    are regex as meant. (``vibe?`` finds what the wildcard would, and more.)
+    """
+    out: list[str] = []
+    globbed = False
+    class_from = -1  # where the open character class's members start; -1: none open
+    i = 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":  # an escape and what it escapes: \* and \w are no wildcard
+            out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if class_from >= 0:
+            if char == "]" and i > class_from:  # first in a class (`[]a]`), `]` is a member
+                class_from = -1
+        elif char == "[":
+            class_from = i + 1 + (pattern[i + 1 : i + 2] == "^")
+        elif char == "*" and _wildcard_star(pattern, i):
+            out.append(".")
+            globbed = True
+        out.append(char)
+        i += 1
+    return "".join(out) if globbed else None
+
+
+def _wildcard_star(pattern: str, i: int) -> bool:
+    """Whether the (unescaped, unbracketed) ``*`` at ``i`` repeats a letter or digit, or
+    nothing (first, or after ``(`` or ``|``: no regex)."""
+    if i == 0:
+        return True
+    before = pattern[i - 1]
+    return (before.isalnum() or before in "(|") and not _escaped(pattern, i - 1)
+
+
+def _escaped(pattern: str, i: int) -> bool:
+    """Whether the character at ``i`` is escaped (an odd run of backslashes before it)."""
+    run = len(pattern[:i]) - len(pattern[:i].rstrip("\\"))
+    return run % 2 == 1
+
+
 def _searched(what: str, pattern: str, value: str) -> tuple[bool, str]:
     """Whether the regular expression is found in the value, and the reason to show."""
     found = re.search(pattern, value) is not None
@@ -122,6 +173,8 @@ def _searched(what: str, pattern: str, value: str) -> tuple[bool, str]:
         # Modality, body part and Image Type are matched without regard to case, these are
         # not: a rule written `vibe` for `t1_VIBE_...` otherwise never fires, unexplained.
         text += f" (only the case differs: /(?i){pattern}/ ignores it)"
+    elif not found and (regex := glob_as_regex(pattern)) is not None:
+        text += f" (a shell wildcard? as a regular expression: /{regex}/)"
     return found, text
 
 
@@ -133,9 +186,7 @@ def route(rules: list[RuleSettings], facts: SeriesFacts) -> RoutingDecision:
     chosen: RuleSettings | None = None
     for rule in rules:
         if chosen is not None:
-            verdicts.append(
-                RuleVerdict(rule.name, False, ["not evaluated: an earlier rule matched"])
-            )
+            verdicts.append(RuleVerdict(rule.name, False, [NOT_EVALUATED]))
             continue
         matched, reasons = _check(rule.match, facts)
         verdicts.append(RuleVerdict(rule.name, matched, reasons))

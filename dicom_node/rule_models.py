@@ -13,6 +13,8 @@ from pathlib import Path
 
 from dicom_node.config import RuleSettings, Settings
 from dicom_node.errors import ModelError
+from dicom_node.modalities import unknown_modality
+from dicom_node.routing import glob_as_regex
 from inference.model_store import ModelInfo, load_model_info
 
 
@@ -48,6 +50,31 @@ def rule_caller_problems(settings: Settings) -> list[RuleProblem]:
                 "case included)"
             )
             out.append(RuleProblem(text, stops_jobs=False))
+    return out
+
+
+def rule_match_problems(settings: Settings) -> list[RuleProblem]:
+    """Rules written so that they never fire, or not as meant, though the configuration
+    loads: a shell wildcard for a regular expression (``t1*dixon``), a modality code DICOM
+    does not define (``MRI``). Warned, not refused: such a rule may still fire for some
+    series (``t1*dixon`` for ``t11dixon``; a device's own code)."""
+    out: list[RuleProblem] = []
+    for rule in settings.rules:
+        where = f"rule {rule.name!r}: "
+        for key in ("series_description", "protocol_name"):
+            pattern = getattr(rule.match, key)
+            regex = None if pattern is None else glob_as_regex(pattern)
+            if regex is not None:
+                text = (
+                    f"{key} {pattern!r} reads as a shell wildcard, but is a regular expression "
+                    f"searched in the text: write {regex!r}"
+                )
+                out.append(RuleProblem(where + text, stops_jobs=False))
+        for code in rule.match.modality or []:
+            unknown = unknown_modality(code)
+            if unknown is not None:
+                text = f"modality {unknown}: only a device sending that very code matches"
+                out.append(RuleProblem(where + text, stops_jobs=False))
     return out
 
 

@@ -17,7 +17,11 @@ from dicom_node.config import RuleSettings, Settings
 from dicom_node.errors import DicomNodeError
 from dicom_node.periodic import Periodic
 from dicom_node.routing import SeriesFacts, route
-from dicom_node.rule_models import rule_caller_problems, rule_model_problems
+from dicom_node.rule_models import (
+    rule_caller_problems,
+    rule_match_problems,
+    rule_model_problems,
+)
 from storage.database import Index
 from storage.instances import up_to_version
 from storage.models import Instance, Job, JobState, Series, SeriesState, SeriesVersion, utcnow
@@ -261,7 +265,7 @@ class Scheduler:
                 logger.warning("%s: its jobs will fail", problem)
             else:
                 logger.warning("%s", problem)
-        for problem in rule_caller_problems(self.settings):
+        for problem in rule_caller_problems(self.settings) + rule_match_problems(self.settings):
             logger.warning("%s", problem)
         self._rounds.start()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,10 @@ def _config(tmp_path: Path, rules: str) -> Path:
          "max_images: Input should be greater than or equal to 1"),
         ("  - {name: a, model: demo, match: {min_images: -1}}",
          "min_images: Input should be greater than or equal to 1"),
+        ("  - {name: a, model: demo, match: {min_images: true}}",
+         "min_images: give a number of images, not true"),
+        ("  - {name: a, model: demo, match: {max_images: false}}",
+         "max_images: give a number of images, not false"),
         ("  - {name: a, model: demo, match: {min_images: 9, max_images: 3}}",
          "the rule could never match"),
         ("  - {name: a, model: demo, match: {image_type_contains: ['ORIGINAL\\\\W']}}",
@@ -158,3 +163,114 @@ def test_a_rule_on_a_calling_ae_no_peer_has_is_reported(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert "rule 'ct': calling AE 'ct1' is no peer's ae_title" in run.stdout, run.stdout
+
+
+def _match_problems(tmp_path: Path, rules: str) -> list[str]:
+    from dicom_node.rule_models import rule_match_problems
+
+    return [str(p) for p in rule_match_problems(load_settings(_config(tmp_path, rules)))]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "meant"),
+    [("t1*dixon", "t1.*dixon"), ("T1*", "T1.*"), ("(?i)T1*dixon", "(?i)T1.*dixon")],
+)
+def test_a_shell_wildcard_is_reported_with_the_regex_to_write(
+    tmp_path: Path, pattern: str, meant: str
+) -> None:
+    """`t1*dixon` is a valid regex ("t", any number of "1", "dixon"): it loaded, and never
+    fired for `t1_vibe_dixon_tra`, unexplained (`T1*` fired for any "T")."""
+    rules = f"  - {{name: a, model: demo, match: {{protocol_name: '{pattern}'}}}}\n"
+    (said,) = _match_problems(tmp_path, rules)
+    assert said == (
+        f"rule 'a': protocol_name {pattern!r} reads as a shell wildcard, but is a regular "
+        f"expression searched in the text: write {meant!r}"
+    )
+
+
+def test_a_shell_wildcard_that_finds_nothing_says_the_regex() -> None:
+    facts = SeriesFacts("1.2.3", protocol_name="t1_vibe_dixon_tra")
+    rule: dict[str, object] = {"name": "a", "model": "demo"}
+    # Matching is as before (a regex); the reason says what to write.
+    matched, why = _reasons({**rule, "match": {"protocol_name": "t1*dixon"}}, facts)
+    assert not matched
+    assert "(a shell wildcard? as a regular expression: /t1.*dixon/)" in why
+    matched, _ = _reasons({**rule, "match": {"protocol_name": "t1.*dixon"}}, facts)
+    assert matched
+
+
+@pytest.mark.parametrize(
+    "pattern", [".*", "t1.*dixon", "\\*", "[_ ]*", "(ab)*", "\\w*", "[a*]", "vibe?", "t1_?"]
+)
+def test_regex_repeats_are_no_wildcard(tmp_path: Path, pattern: str) -> None:
+    rules = f"  - {{name: a, model: demo, match: {{series_description: '{pattern}'}}}}\n"
+    assert _match_problems(tmp_path, rules) == []
+
+
+def test_a_modality_dicom_does_not_define_is_reported(tmp_path: Path) -> None:
+    """`MRI` loaded and never matched: devices send `MR`. Case is not a mistake (`mr`
+    matches `MR`), nor are retired codes older devices still send (`ST`)."""
+    rules = "  - {name: a, model: demo, match: {modality: [MRI, mr, SEG, RTSTRUCT, OT, ST]}}\n"
+    (said,) = _match_problems(tmp_path, rules)
+    assert said == (
+        "rule 'a': modality 'MRI' is no DICOM modality code (did you mean 'MR'?): "
+        "only a device sending that very code matches"
+    )
+    matched, why = _reasons(
+        {"name": "a", "model": "demo", "match": {"modality": ["MRI"]}},
+        SeriesFacts("1.2.3", modality="MR"),
+    )
+    assert not matched and "'MRI' is no DICOM modality code (did you mean 'MR'?)" in why
+
+
+def test_status_lists_rules_that_cannot_match_as_written(tmp_path: Path) -> None:
+    rules = (
+        "  - {name: glob, model: demo, match: {series_description: 't1*dixon'}}\n"
+        "  - {name: mri, model: demo, match: {modality: [MRI]}}\n"
+    )
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("dicom-node")), "-c", str(_config(tmp_path, rules)),
+         "status", "--json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert "rule 'glob': series_description 't1*dixon' reads as a shell wildcard" in run.stdout
+    assert "rule 'mri': modality 'MRI' is no DICOM modality code" in run.stdout, run.stdout
+
+
+def test_the_node_warns_at_start_of_rules_that_cannot_match_as_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dicom_node.scheduler import Scheduler
+    from storage.database import Index
+
+    rules = (
+        "  - {name: glob, model: demo, match: {series_description: 't1*dixon'}}\n"
+        "  - {name: mri, model: demo, match: {modality: [MRI]}}\n"
+    )
+    settings = load_settings(_config(tmp_path, rules))
+    scheduler = Scheduler(settings, Index(f"sqlite:///{tmp_path / 'index.sqlite'}"))
+    with caplog.at_level(logging.WARNING, logger="dicom_node.scheduler"):
+        scheduler.start()
+        scheduler.stop()
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith("rule 'glob': series_description 't1*dixon' reads") for m in said)
+    assert any(m.startswith("rule 'mri': modality 'MRI' is no DICOM modality") for m in said)
+
+
+def test_rules_test_of_a_folder_says_the_calling_ae_is_not_known(tmp_path: Path) -> None:
+    """A folder's files do not say who sent them: a rule on a calling AE cannot match."""
+    make_mr_series(tmp_path / "series", 3, series_description="t1_vibe")
+    rules = (
+        "  - {name: by-ae, model: demo, match: {calling_ae_title: [CT1]}}\n"
+        "  - {name: by-desc, model: demo, match: {series_description: tse}}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "-c", str(_config(tmp_path, rules)),
+         "rules", "test", str(tmp_path / "series")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("no    by-ae: NOT calling AE '' in ['CT1']"), lines
+    assert lines[1].endswith("; calling AE not known for a folder: give --calling-ae")
+    assert "calling AE not known" not in lines[2]

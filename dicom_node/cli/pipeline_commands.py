@@ -51,7 +51,7 @@ def rules_test(
     calling_ae: Annotated[str, typer.Option(help="calling AE to assume for a folder")] = "",
 ) -> None:
     """Show which routing rule fires for a series, and why."""
-    from dicom_node.routing import facts_from_folder, route
+    from dicom_node.routing import NOT_EVALUATED, facts_from_folder, route
     from dicom_node.rule_models import rule_problems
     from dicom_node.scheduler import facts_from_index
 
@@ -83,6 +83,13 @@ def rules_test(
         f"calling AE {facts.calling_ae_title!r}, {facts.image_count} images"
     )
     decision = route(settings.rules, facts)
+    if path.is_dir() and not calling_ae.strip():
+        # A folder's files do not say who would send them: such a rule never matches here,
+        # whatever it would do for the series sent by its AE.
+        by_ae = {rule.name for rule in settings.rules if rule.match.calling_ae_title}
+        for verdict in decision.verdicts:
+            if verdict.rule in by_ae and not verdict.matched and verdict.reasons != [NOT_EVALUATED]:
+                verdict.reasons.append("calling AE not known for a folder: give --calling-ae")
     typer.echo(decision.explain())
     if decision.rule is not None:
         for problem in rule_problems(decision.rule, settings.models_dir):
@@ -387,7 +394,11 @@ def status(
 def _index_status(ctx: typer.Context, *, must_exist: bool) -> dict[str, Any]:
     """What `status` says from the index; StorageError where it cannot be read, or, with
     ``must_exist`` (the health check), where a SQLite index is not there yet."""
-    from dicom_node.rule_models import rule_caller_problems, rule_model_problems
+    from dicom_node.rule_models import (
+        rule_caller_problems,
+        rule_match_problems,
+        rule_model_problems,
+    )
     from storage.stats import index_counts
 
     settings = settings_of(ctx)
@@ -433,9 +444,13 @@ def _index_status(ctx: typer.Context, *, must_exist: bool) -> dict[str, Any]:
         "free_disk_mb": store.free_bytes() // (1024 * 1024),
         "last_job_errors": failed_jobs,
         "last_delivery_errors": failed_deliveries,
-        # A rule's model not installed here, unusable or of another modality (logged at start).
+        # A rule's model not installed here, unusable or of another modality; a rule that
+        # cannot match as written (logged at start).
         "rule_problems": [
-            str(p) for p in rule_model_problems(settings) + rule_caller_problems(settings)
+            str(p)
+            for p in rule_model_problems(settings)
+            + rule_caller_problems(settings)
+            + rule_match_problems(settings)
         ],
     }
 
