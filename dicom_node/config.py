@@ -336,6 +336,9 @@ class OutboxSettings(_Strict):
 
 class LoggingSettings(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # pynetdicom's own lines (associations, every PDU and DIMSE message at DEBUG). None: as
+    # ``level`` at DEBUG, else its warnings only.
+    network_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None
     file: Path | None = None  # None: stderr only
     json_lines: bool = False
 

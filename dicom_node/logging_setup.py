@@ -163,12 +163,15 @@ def configure_logging(settings: LoggingSettings) -> None:
     logging.captureWarnings(True)
     # pynetdicom logs every PDU at INFO; keep its association summaries only, unless
     # someone reads DEBUG: then its PDU and DIMSE lines too (its handlers are bound below).
-    debug = root.level <= logging.DEBUG
-    logging.getLogger("pynetdicom").setLevel(
-        logging.DEBUG if debug else max(logging.WARNING, root.level)
-    )
+    # logging.network_level sets it apart: DEBUG for the node without the PDU dumps, or the
+    # dumps of one misbehaving sender without the node's own DEBUG lines.
+    if settings.network_level is not None:
+        network = logging.getLevelNamesMapping()[settings.network_level]
+    else:
+        network = logging.DEBUG if root.level <= logging.DEBUG else max(logging.WARNING, root.level)
+    logging.getLogger("pynetdicom").setLevel(network)
     # Its per-PDU/DIMSE log handlers decode every message only to log it at INFO/DEBUG,
-    # ~3% of a C-STORE's time: bind them only when someone reads DEBUG (before servers start).
-    pynetdicom_config.LOG_HANDLER_LEVEL = "standard" if debug else "none"
+    # ~3% of a C-STORE's time: bind them only when those lines are read (before servers start).
+    pynetdicom_config.LOG_HANDLER_LEVEL = "standard" if network <= logging.INFO else "none"
     logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))

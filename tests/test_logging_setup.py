@@ -34,6 +34,28 @@ def test_pynetdicom_message_handlers_follow_the_log_level(level: str, handlers: 
     assert not pynetdicom.isEnabledFor(logging.INFO) or level == "DEBUG"
 
 
+@pytest.mark.parametrize(
+    ("level", "network", "handlers", "pynetdicom_from"),
+    [
+        ("DEBUG", "WARNING", "none", logging.WARNING),  # a job chased, no PDU dumps
+        ("INFO", "DEBUG", "standard", logging.DEBUG),  # a sender's PDUs alone
+        ("WARNING", "INFO", "standard", logging.INFO),  # a line per DIMSE message
+        ("INFO", None, "none", logging.WARNING),
+    ],
+)
+def test_pynetdicom_lines_have_their_own_level(
+    level: str, network: str | None, handlers: str, pynetdicom_from: int
+) -> None:
+    """DEBUG for the node's own lines always brought every PDU of every association with
+    it: chasing a job on a busy node meant reading through the PDU dumps."""
+    configure_logging(LoggingSettings(level=level, network_level=network))  # type: ignore[arg-type]
+    assert handlers == pynetdicom_config.LOG_HANDLER_LEVEL
+    assert logging.getLogger("pynetdicom").getEffectiveLevel() == pynetdicom_from
+    assert (
+        logging.getLogger("dicom_node").getEffectiveLevel() == logging.getLevelNamesMapping()[level]
+    )
+
+
 def test_json_lines_keep_the_traceback(tmp_path: Path) -> None:
     """An unexpected error's traceback, which the text format prints below its line, was
     dropped from JSON lines: the operator had the message and nothing of where it came from."""
