@@ -51,6 +51,39 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(line)
 
 
+class _JournalPriority(logging.Formatter):
+    """Under systemd, stderr lines prefixed with their syslog priority (``<3>``), which
+    journald reads and strips: every line was stored at info, and ``journalctl -p warning``
+    showed none of the node's warnings."""
+
+    # (level, syslog priority), highest first
+    _PRIORITIES = (
+        (logging.CRITICAL, 2),
+        (logging.ERROR, 3),
+        (logging.WARNING, 4),
+        (logging.INFO, 6),
+    )
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for level, p in self._PRIORITIES if record.levelno >= level), 7)
+        return f"<{priority}>{self.inner.format(record)}"
+
+
+def _stderr_is_the_journal() -> bool:
+    """systemd sets JOURNAL_STREAM to the device and inode of the journal's stream."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
 _RECOVERED = "logging.file %s written again; %d line(s) before this one are on stderr only"
 
 
@@ -138,7 +171,9 @@ def configure_logging(settings: LoggingSettings) -> None:
     formatter: logging.Formatter = (
         _JsonFormatter() if settings.json_lines else _TextFormatter(FORMAT)
     )
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(_JournalPriority(formatter) if _stderr_is_the_journal() else formatter)
+    handlers: list[logging.Handler] = [console]
     if settings.file is not None:
         try:
             settings.file.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +190,8 @@ def configure_logging(settings: LoggingSettings) -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     for handler in handlers:
-        handler.setFormatter(formatter)
+        if handler.formatter is None:
+            handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(settings.level)
     # Libraries' warnings (highdicom's on a source's odd Patient Name, ...) become log lines

@@ -56,6 +56,35 @@ def test_pynetdicom_lines_have_their_own_level(
     )
 
 
+@pytest.mark.parametrize("journal", [True, False])
+def test_lines_to_the_journal_carry_their_priority(tmp_path: Path, journal: bool) -> None:
+    """Under systemd, journald stored every stderr line at priority info: `journalctl -p
+    warning` showed none of the node's warnings. Elsewhere stderr lines stay as they were."""
+    stderr = tmp_path / "stderr"
+    stderr.touch()
+    st = stderr.stat()
+    script = (
+        "import logging\n"
+        "from dicom_node.config import LoggingSettings\n"
+        "from dicom_node.logging_setup import configure_logging\n"
+        "configure_logging(LoggingSettings(level='DEBUG', network_level='WARNING'))\n"
+        "log = logging.getLogger('dicom_node.x')\n"
+        "log.debug('d'); log.info('i'); log.warning('w'); log.error('e'); log.critical('c')\n"
+    )
+    env = {"PATH": "/usr/bin:/bin"}
+    if journal:
+        env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    with stderr.open("w") as err:
+        subprocess.run([sys.executable, "-c", script], stderr=err, timeout=60, check=True, env=env)
+    lines = stderr.read_text().splitlines()
+    assert [line.rsplit(": ", 1)[1] for line in lines] == ["d", "i", "w", "e", "c"]
+    prefixes = [line[:3] for line in lines]
+    if journal:
+        assert prefixes == ["<7>", "<6>", "<4>", "<3>", "<2>"]
+    else:
+        assert all(line[0].isdigit() for line in lines)  # the time first, as before
+
+
 def test_json_lines_keep_the_traceback(tmp_path: Path) -> None:
     """An unexpected error's traceback, which the text format prints below its line, was
     dropped from JSON lines: the operator had the message and nothing of where it came from."""
