@@ -26,7 +26,7 @@ from dicom_node.volume import (
     volume_from_series,
 )
 from inference.log_context import LabelFilter
-from inference.model_store import ModelInfo, load_model_info
+from inference.model_store import DESCRIPTOR, ModelInfo, load_model_info
 from inference.predictor import Segmenter
 
 logger = logging.getLogger(__name__)
@@ -45,20 +45,69 @@ class SegmentResult:
     notes: list[str] = field(default_factory=list)  # images left out as copies, and why
 
 
+# Which version of an installed model is on disk: `models add --replace` renames another
+# folder in, a hand edit changes model.yaml; None where none is installed (a built-in one).
+Installed = tuple[int, int, int, int, int] | None
+
+LOAD_ATTEMPTS = 5  # a replace while loading is rare; one swapping without end is refused
+
+
+def installed_version(root: Path) -> Installed:
+    try:
+        folder = root.stat()
+        descriptor = (root / DESCRIPTOR).stat()
+    except OSError:
+        return None
+    return (
+        folder.st_dev,
+        folder.st_ino,
+        descriptor.st_ino,
+        descriptor.st_mtime_ns,
+        descriptor.st_size,
+    )
+
+
 class ModelCache:
-    """Models loaded once per worker process and kept (nnU-Net predictors are slow to build)."""
+    """Models loaded once per worker process and kept (nnU-Net predictors are slow to build),
+    until the model on disk changes: each job runs the model installed when it started, read
+    whole from one version of its folder."""
 
     def __init__(self, models_dir: Path, settings: InferenceSettings) -> None:
         self.models_dir = models_dir
         self.settings = settings
-        self._loaded: dict[str, tuple[ModelInfo, Segmenter]] = {}
+        self._loaded: dict[str, tuple[Installed, ModelInfo, Segmenter]] = {}
 
     def get(self, name: str) -> tuple[ModelInfo, Segmenter]:
-        if name not in self._loaded:
-            info = load_model_info(name, self.models_dir)
-            segmenter = Segmenter(info, self.settings)  # it logs the load, its device and time
-            self._loaded[name] = (info, segmenter)
-        return self._loaded[name]
+        root = self.models_dir / name
+        version = installed_version(root)
+        cached = self._loaded.get(name)
+        if cached is not None:
+            if cached[0] == version:
+                return cached[1], cached[2]
+            # Dropped before loading again: two versions of a large model may not fit.
+            del self._loaded[name]
+            logger.info("model %s changed on disk (replaced, edited or removed): loading it", name)
+        for _ in range(LOAD_ATTEMPTS):
+            try:
+                info = load_model_info(name, self.models_dir)
+                segmenter = Segmenter(info, self.settings)  # it logs the load, device and time
+            except (ModelError, OSError):
+                # Read while `models add --replace` swapped the folders: load the new one.
+                after = installed_version(root)
+                if after == version:
+                    raise
+                version = after
+                continue
+            after = installed_version(root)
+            if after == version:  # model.yaml, plans and weights all of one version
+                self._loaded[name] = (version, info, segmenter)
+                return info, segmenter
+            logger.info("model %s was replaced while it loaded: loading the new version", name)
+            version = after
+        raise ModelError(
+            f"model {name!r} changed on disk during each of {LOAD_ATTEMPTS} loads: "
+            "wait for its installs to end"
+        )
 
 
 def _sources_in_slice_order(volume: Volume) -> Sequence[Dataset] | Dataset:

@@ -929,7 +929,7 @@ def _installing(models_dir: Path, model_name: str, overwrite: bool) -> Iterator[
     try:
         yield staging
         _make_readable(staging)
-        if final.exists():
+        if overwrite and final.exists():
             # Never a moment without a whole model: the old one is set aside, not deleted,
             # until the new one is in (a killed install puts it back next time).
             aside = models_dir / f"{ASIDE_PREFIX}{owner}{secrets.token_hex(4)}"
@@ -941,7 +941,16 @@ def _installing(models_dir: Path, model_name: str, overwrite: bool) -> Iterator[
                 raise
             shutil.rmtree(aside, ignore_errors=True)
         else:
-            staging.rename(final)
+            try:
+                staging.rename(final)  # refused where a model came meanwhile: never replaced
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                raise ModelError(
+                    f"model {model_name!r} was installed at {final} by another install while "
+                    "this one copied: it is left as that install made it; install over it "
+                    "with replace (dicom-node models add --replace), or choose another name"
+                ) from exc
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise _install_failed(exc, model_name, models_dir) from exc

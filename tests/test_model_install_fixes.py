@@ -242,15 +242,18 @@ def test_zips_with_a_wrapping_folder_or_backslashes_install(tmp_path: Path) -> N
         assert info.descriptor.configuration == "3d_fullres"
 
 
-# --- 8: --replace says that workers need a restart -----------------------------------------
+# --- 8: --replace says when workers take the new version ----------------------------------
 
 
-def test_replace_says_running_workers_keep_the_old_weights(tmp_path: Path) -> None:
+def test_replace_says_when_workers_take_the_new_version(tmp_path: Path) -> None:
+    """Workers load a replaced model at their next job of it (tests/test_model_changes.py);
+    the note used to say a restart was needed."""
     src = make_model(tmp_path / "src")
     assert _cli(tmp_path, "add", str(src), "--name", "m").exit_code == 0
     replaced = _cli(tmp_path, "add", str(src), "--name", "m", "--replace")
     assert replaced.exit_code == 0, replaced.output
-    assert "until `dicom-node serve` is restarted" in replaced.output
+    assert "jobs running now finish with the previous version" in replaced.output
+    assert "each worker loads this one for its next job of the model" in replaced.output
 
 
 # --- 9: disk full -----------------------------------------------------------------------

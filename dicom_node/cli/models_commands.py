@@ -127,9 +127,10 @@ def add_model(
         # routed to it would fail.
         notes.append(f"{why}: jobs routed to it fail (README, Series the node refuses to segment)")
     if replace:
-        # Workers keep each model loaded: they read the new files only when started again.
+        # Workers notice the new folder at their next job of it (dicom_node.segment.ModelCache).
         notes.append(
-            "running workers keep the previous weights until `dicom-node serve` is restarted"
+            "jobs running now finish with the previous version; each worker loads this one "
+            "for its next job of the model"
         )
     if as_json:
         print_json({**info.summary(), "notes": notes})

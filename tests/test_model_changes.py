@@ -1,0 +1,167 @@
+"""Models changed on a running node: replaced, removed or edited while workers hold them.
+
+Each test stands for one defect found in an audit of changing models under a running node;
+the worker runs each job on ``ModelCache.get``, as these tests do.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from test_models import TRAINER_DIR, _weights, make_model
+
+import dicom_node.segment as segment
+import inference.model_store as model_store
+from dicom_node.config import InferenceSettings
+from dicom_node.errors import ModelError
+from dicom_node.segment import ModelCache
+from inference.model_store import install_model, load_model_info
+from inference.predictor import Segmenter
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two versions of one model: the same files but for the weights."""
+    base = tmp_path_factory.mktemp("sources")
+    old, new = make_model(base / "old"), make_model(base / "new")
+    checkpoint = new / TRAINER_DIR / "fold_0" / "checkpoint_final.pth"
+    saved = torch.load(checkpoint, weights_only=False)
+    saved["network_weights"] = _weights(seed=7)
+    torch.save(saved, checkpoint)
+    return old, new
+
+
+def _first_weights(segmenter: Segmenter) -> torch.Tensor:
+    return next(iter(segmenter._parts[0].predictor.list_of_parameters[0].values()))
+
+
+NEW_FIRST_WEIGHTS = next(iter(_weights(seed=7).values()))
+
+
+def _cache(models: Path) -> ModelCache:
+    return ModelCache(models, InferenceSettings(device="cpu"))
+
+
+def _once_before_load(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> None:
+    """``action`` runs between the worker's read of model.yaml and its read of the weights."""
+
+    def building(info: model_store.ModelInfo, settings: InferenceSettings) -> Segmenter:
+        monkeypatch.setattr(segment, "Segmenter", Segmenter)
+        action()
+        return Segmenter(info, settings)
+
+    monkeypatch.setattr(segment, "Segmenter", building)
+
+
+def test_a_replace_while_a_worker_loads_never_mixes_versions(
+    tmp_path: Path, sources: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old model.yaml (its weights hash, written into the SEG) with the new weights:
+    the SEG named weights it was not made with."""
+    old, new = sources
+    models = tmp_path / "models"
+    install_model(old, models, "m")
+    installed: list[str] = []
+    _once_before_load(
+        monkeypatch,
+        lambda: installed.append(install_model(new, models, "m", overwrite=True).weights_sha256),
+    )
+    info, segmenter = _cache(models).get("m")
+    assert info.weights_sha256 == installed[0]
+    assert torch.equal(_first_weights(segmenter), NEW_FIRST_WEIGHTS)
+
+
+def test_a_load_during_the_swap_of_folders_does_not_fail_the_job(
+    tmp_path: Path, sources: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between `--replace`'s two renames no folder is there: the job failed for good
+    (``cannot read plans/dataset json``), though the new version came a moment later."""
+    old, new = sources
+    models = tmp_path / "models"
+    install_model(old, models, "m")
+    real = segment.Segmenter
+
+    def in_the_gap(info: model_store.ModelInfo, settings: InferenceSettings) -> Segmenter:
+        monkeypatch.setattr(segment, "Segmenter", real)
+        (models / "m").rename(tmp_path / "aside")  # the old version set aside
+        try:
+            return real(info, settings)
+        finally:
+            install_model(new, models, "m")  # the new one renamed in
+            shutil.rmtree(tmp_path / "aside")
+
+    monkeypatch.setattr(segment, "Segmenter", in_the_gap)
+    info, segmenter = _cache(models).get("m")
+    assert info.weights_sha256 == load_model_info("m", models).weights_sha256
+    assert torch.equal(_first_weights(segmenter), NEW_FIRST_WEIGHTS)
+
+
+def test_the_next_job_after_a_replace_runs_the_new_version(
+    tmp_path: Path, sources: tuple[Path, Path]
+) -> None:
+    """Workers kept the weights they had loaded until restarted, while a worker started later
+    (another process, one restarted after a crash) ran the new ones: two versions at once."""
+    old, new = sources
+    models = tmp_path / "models"
+    before = install_model(old, models, "m").weights_sha256
+    cache = _cache(models)
+    held_info, held = cache.get("m")
+    assert cache.get("m")[1] is held  # unchanged on disk: kept loaded
+    after = install_model(new, models, "m", overwrite=True).weights_sha256
+    info, segmenter = cache.get("m")
+    assert (held_info.weights_sha256, info.weights_sha256) == (before, after)
+    assert torch.equal(_first_weights(segmenter), NEW_FIRST_WEIGHTS)
+    assert not torch.equal(_first_weights(held), NEW_FIRST_WEIGHTS)  # a running job's stays
+
+
+def test_a_removed_model_fails_the_next_job_with_why(
+    tmp_path: Path, sources: tuple[Path, Path]
+) -> None:
+    models = tmp_path / "models"
+    install_model(sources[0], models, "m")
+    cache = _cache(models)
+    cache.get("m")
+    shutil.rmtree(models / "m")
+    with pytest.raises(ModelError, match="model 'm' is not installed in "):
+        cache.get("m")
+
+
+def test_a_model_yaml_broken_by_hand_fails_the_next_job_with_why(
+    tmp_path: Path, sources: tuple[Path, Path]
+) -> None:
+    """A loaded model went on running as if its model.yaml were whole; the next worker to
+    start failed on it."""
+    models = tmp_path / "models"
+    install_model(sources[0], models, "m")
+    cache = _cache(models)
+    cache.get("m")
+    (models / "m" / "model.yaml").write_text("name: [m\n")
+    with pytest.raises(ModelError, match=r"model\.yaml cannot be read"):
+        cache.get("m")
+
+
+def test_two_installs_of_one_name_at_once_one_is_refused(
+    tmp_path: Path, sources: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --replace, the install that finished last replaced the other's model (both
+    said `installed`): the operator of the first was told of weights no longer there."""
+    old, new = sources
+    models = tmp_path / "models"
+    real = model_store._make_readable
+    others: list[str] = []
+
+    def readable(folder: Path) -> None:
+        monkeypatch.setattr(model_store, "_make_readable", real)
+        # The second shell's install ends while this one still copies.
+        others.append(install_model(new, models, "m").weights_sha256)
+        real(folder)
+
+    monkeypatch.setattr(model_store, "_make_readable", readable)
+    with pytest.raises(ModelError, match=r"installed at .* by another install while this one"):
+        install_model(old, models, "m")
+    assert load_model_info("m", models).weights_sha256 == others[0]
+    assert sorted(p.name for p in models.iterdir()) == ["m"]  # nothing half-made left
