@@ -825,8 +825,9 @@ def _check_name(model_name: str) -> str:
 
 STAGING_PREFIX = ".install-"
 ASIDE_PREFIX = ".replaced-"  # the previous version during --replace, deleted after
+REMOVING_PREFIX = ".removing-"  # a removed model, renamed out of sight, then deleted
 # <prefix><model>-<host>-<pid>-<random>: which process on which machine owns the folder.
-_OWNED_RE = re.compile(r"^\.(install|replaced)-(.+)-([A-Za-z0-9]+)-(\d+)-[a-z0-9_]+$")
+_OWNED_RE = re.compile(r"^\.(install|replaced|removing)-(.+)-([A-Za-z0-9]+)-(\d+)-[a-z0-9_]+$")
 # Staging folders of versions that did not record their process: surely dead after a day.
 _UNOWNED_STAGING_AGE_S = 24 * 3600
 
@@ -885,6 +886,27 @@ def _clean_interrupted_installs(models_dir: Path) -> None:
                 logger.info("removed %s, left by an install that was stopped", entry)
         except OSError as exc:
             logger.warning("cannot tidy %s, left by an install that was stopped: %s", entry, exc)
+
+
+def remove_model(models_dir: Path, name: str) -> Path:
+    """Take an installed model out of ``models_dir``: renamed out of sight at once (a worker
+    finds it gone at its next job of it; a job running now finishes), then deleted. A stopped
+    removal's folder is deleted by the next ``models add``. Returns where it was."""
+    final = models_dir / name
+    if not NAME_RE.match(name) or not final.is_dir():
+        built_in = " (it is built in, and cannot be removed)" if name in BUILTIN_MODELS else ""
+        raise ModelError(f"model {name!r} is not installed in {models_dir}{built_in}")
+    owner = f"{name}-{_host_tag()}-{os.getpid()}-"
+    aside = models_dir / f"{REMOVING_PREFIX}{owner}{secrets.token_hex(4)}"
+    try:
+        final.rename(aside)
+    except OSError as exc:
+        raise ModelError(
+            f"cannot remove model {name!r} from {final}: {exc.strerror or exc}"
+        ) from exc
+    shutil.rmtree(aside, ignore_errors=True)
+    logger.info("model %s removed from %s", name, final)
+    return final
 
 
 def _make_readable(folder: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_models import TRAINER_DIR, _weights, make_model
+from typer.testing import CliRunner, Result
 
 import dicom_node.segment as segment
 import inference.model_store as model_store
@@ -165,3 +166,70 @@ def test_two_installs_of_one_name_at_once_one_is_refused(
         install_model(old, models, "m")
     assert load_model_info("m", models).weights_sha256 == others[0]
     assert sorted(p.name for p in models.iterdir()) == ["m"]  # nothing half-made left
+
+
+def _models_cli(config: Path, *args: str) -> Result:
+    from dicom_node.cli import app
+
+    return CliRunner().invoke(app, ["--config", str(config), "models", *args])
+
+
+def test_models_remove_takes_a_model_out_unless_rules_or_jobs_need_it(
+    tmp_path: Path, sources: tuple[Path, Path]
+) -> None:
+    """There was no way to remove a model but deleting its folder by hand, which no check
+    stood before: the rules routing to it and the jobs waiting for it failed unannounced."""
+    from test_jobs_and_routing import _complete_series
+
+    from storage.database import Index
+    from storage.queue import JobSpec, create_job
+
+    data = tmp_path / "var"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"storage: {{data_dir: {data}}}\n"
+        "rules:\n  - {name: liver, model: m, match: {modality: [MR]}}\n"
+    )
+    install_model(sources[0], data / "models", "m")
+    install_model(sources[0], data / "models", "spare")
+
+    refused = _models_cli(config, "remove", "m")
+    assert refused.exit_code == 1
+    assert "model m not removed: rule(s) liver route series to it" in refused.output
+    assert (data / "models" / "m" / "model.yaml").is_file()
+
+    index = Index(f"sqlite:///{data / 'index.sqlite'}")
+    assert create_job(index, _complete_series(index), JobSpec("r", "spare", {}, [])) is not None
+    waiting = _models_cli(config, "remove", "spare")
+    assert waiting.exit_code == 1
+    assert "1 job(s) are queued, running or waiting to retry on it" in waiting.output
+    assert (data / "models" / "spare").is_dir()
+
+    forced = _models_cli(config, "remove", "m", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert f"removed m from {data / 'models' / 'm'}" in forced.output
+    assert "note: rule(s) liver route series to it: they fail" in forced.output
+    assert sorted(p.name for p in (data / "models").iterdir()) == ["spare"]  # nothing hidden
+    with pytest.raises(ModelError, match="'m' is not installed"):
+        load_model_info("m", data / "models")
+
+    gone = _models_cli(config, "remove", "m")
+    assert (
+        gone.exit_code != 0
+        and "model 'm' is not installed" in str(gone.exception or "") + gone.output
+    )
+    builtin = _models_cli(config, "remove", "demo")
+    assert "it is built in, and cannot be removed" in str(builtin.exception or "") + builtin.output
+
+
+def test_a_stopped_removal_is_finished_by_the_next_install(
+    tmp_path: Path, sources: tuple[Path, Path]
+) -> None:
+    """Renamed aside, then killed before its deletion: it must not come back, as a model a
+    stopped --replace set aside does."""
+    models = tmp_path / "models"
+    install_model(sources[0], models, "m")
+    left = models / f"{model_store.REMOVING_PREFIX}m-{model_store._host_tag()}-999999999-abcd1234"
+    (models / "m").rename(left)
+    install_model(sources[0], models, "other")
+    assert sorted(p.name for p in models.iterdir()) == ["other"]

@@ -14,10 +14,13 @@ from dicom_node.cli import console, print_json, settings_of
 
 
 def register(app: typer.Typer) -> None:
-    models_app = typer.Typer(help="nnU-Net v2 models: install, list, check.", no_args_is_help=True)
+    models_app = typer.Typer(
+        help="nnU-Net v2 models: install, list, check, remove.", no_args_is_help=True
+    )
     models_app.command("add")(add_model)
     models_app.command("list")(list_models_command)
     models_app.command("check")(check_model)
+    models_app.command("remove")(remove_model_command)
     app.add_typer(models_app, name="models")
 
 
@@ -183,6 +186,55 @@ def list_models_command(
         typer.echo(f"problem: {problem}")
     if not models:
         typer.echo(f"no models in {settings.models_dir}; add one with `dicom-node models add PATH`")
+
+
+def remove_model_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="model name")],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="remove it although rules route to it or jobs wait for it (they fail)"
+        ),
+    ] = False,
+) -> None:
+    """Remove an installed model (its folder in inference.models_dir)."""
+    from sqlalchemy import func, select
+
+    from dicom_node.service import open_store
+    from inference.model_store import remove_model
+    from storage.models import Job, JobState
+
+    settings = settings_of(ctx)
+    if not (settings.models_dir / name).is_dir():
+        remove_model(settings.models_dir, name)  # says why it cannot
+    rules = [rule.name for rule in settings.rules if rule.model == name]
+    index, _ = open_store(settings)
+    with index.session() as session:
+        waiting = session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(
+                Job.model_name == name,
+                Job.state.in_([JobState.QUEUED, JobState.RUNNING, JobState.RETRY_WAIT]),
+            )
+        )
+    uses = []
+    if rules:
+        uses.append(f"rule(s) {', '.join(rules)} route series to it")
+    if waiting:
+        uses.append(f"{waiting} job(s) are queued, running or waiting to retry on it")
+    if uses and not force:
+        typer.echo(
+            f"model {name} not removed: {'; '.join(uses)}, and would fail. Change the rules "
+            "(and restart the node) or cancel the jobs first, or give --force",
+            err=True,
+        )
+        raise typer.Exit(1)
+    where = remove_model(settings.models_dir, name)
+    typer.echo(f"removed {name} from {where}")
+    for use in uses:
+        typer.echo(f"note: {use}: they fail with `model {name!r} is not installed`")
 
 
 def check_model(
