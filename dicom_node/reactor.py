@@ -243,8 +243,12 @@ class _EventDrivenDUL(DULServiceProvider):
             # closed, as the ARTIM timer would close it.
             self.event_queue.put("Evt17")
             return None
+        # Its first byte is here: not idle. The association's thread checks the network
+        # timeout from the last PDU at any moment, also while this one arrives.
+        self._idle_timer.restart()
+        deadline = self._pdu_deadline()
         try:
-            head = sock.recv(PDU_HEADER.size)
+            head = _receive(sock, PDU_HEADER.size, deadline)
             if len(head) < PDU_HEADER.size:
                 self.event_queue.put("Evt17")  # transport connection closed
                 return None
@@ -276,7 +280,20 @@ class _EventDrivenDUL(DULServiceProvider):
                 )
                 self.event_queue.put("Evt19")
                 return None
-            body = sock.recv(length)
+            body = _receive(sock, length, deadline)
+        except _PDUTooSlow as exc:
+            requesting = self.state_machine.current_state == "Sta2"
+            logger.error(
+                "the peer did not send a whole %s within %g s of %s (%s; %d bytes of it "
+                "came): aborting association",
+                "association request" if requesting else "PDU",
+                (self.artim_timer if requesting else self._idle_timer).timeout,
+                "connecting" if requesting else "its first byte",
+                "min(30 s, node.network_timeout_s)" if requesting else "node.network_timeout_s",
+                exc.received,
+            )
+            self.event_queue.put("Evt17")
+            return None
         except TimeoutError:
             logger.error(
                 "the peer sent nothing for %g s inside a PDU (node.network_timeout_s): "
@@ -296,6 +313,26 @@ class _EventDrivenDUL(DULServiceProvider):
             self.event_queue.put("Evt17")
             return None
         return head, body
+
+    def _pdu_deadline(self) -> float | None:
+        """When the PDU about to be read must have arrived whole (``time.monotonic()``): an
+        association request within the ARTIM timer (the ACSE timeout from the connection),
+        any other PDU within the network timeout from its first byte (an association kept
+        open between images may have been quiet for most of it: its next image gets the
+        whole timeout).
+
+        pynetdicom checks its timers only between PDUs: a peer sending a byte now and then
+        (slowloris) held its connection and association slot for as long as it liked, and
+        ``node.max_associations`` such peers shut every sender out, before any AE title was
+        checked. ``None``: no timeout set.
+        """
+        if self.state_machine.current_state == "Sta2":
+            timeout = self.artim_timer.timeout
+            if timeout is None:
+                return None
+            return time.monotonic() + max(0.0, self.artim_timer.remaining)
+        timeout = self._idle_timer.timeout
+        return None if timeout is None else time.monotonic() + timeout
 
     def _log_cut(self, message: str, *args: object) -> None:
         """A connection cut mid-PDU: an ERROR, unless the node's own stop cut it."""
@@ -477,6 +514,20 @@ class _EventDrivenDUL(DULServiceProvider):
         self._kill_thread = True
 
 
+class _PDUTooSlow(TimeoutError):
+    """A PDU did not arrive whole by its deadline (``_EventDrivenDUL._pdu_deadline``)."""
+
+    def __init__(self, received: int) -> None:
+        super().__init__(f"{received} bytes received by the deadline")
+        self.received = received
+
+
+def _receive(sock: AssociationSocket, nr_bytes: int, deadline: float | None) -> bytearray:
+    if isinstance(sock, _LargeReadSocket):
+        return sock.recv_by(nr_bytes, deadline)
+    return sock.recv(nr_bytes)
+
+
 class _LargeReadSocket(AssociationSocket):
     """Reads a PDU with as few system calls as the socket allows.
 
@@ -486,19 +537,40 @@ class _LargeReadSocket(AssociationSocket):
     """
 
     def recv(self, nr_bytes: int) -> bytearray:
+        return self.recv_by(nr_bytes, None)
+
+    def recv_by(self, nr_bytes: int, deadline: float | None) -> bytearray:
+        """``nr_bytes`` (fewer if the connection closes); ``_PDUTooSlow`` if they have not
+        all come by ``deadline`` (``time.monotonic()``; ``None``: the socket's own timeout
+        for each read only)."""
         sock = self.socket
         if sock is None:
             return super().recv(nr_bytes)
+        timeout = sock.gettimeout()
         buffer = bytearray(min(nr_bytes, READ_CHUNK))
         nr_read = 0
-        while nr_read < nr_bytes:
-            if nr_read == len(buffer):  # more than READ_CHUNK: grow as the bytes arrive
-                buffer.extend(bytes(min(nr_bytes - nr_read, READ_CHUNK)))
-            with memoryview(buffer) as view:
-                received = sock.recv_into(view[nr_read:], len(buffer) - nr_read)
-            if not received:
-                break  # connection closed: the caller sees a short PDU, as before
-            nr_read += received
+        try:
+            while nr_read < nr_bytes:
+                if nr_read == len(buffer):  # more than READ_CHUNK: grow as the bytes arrive
+                    buffer.extend(bytes(min(nr_bytes - nr_read, READ_CHUNK)))
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise _PDUTooSlow(nr_read)
+                    sock.settimeout(left if timeout is None else min(timeout, left))
+                try:
+                    with memoryview(buffer) as view:
+                        received = sock.recv_into(view[nr_read:], len(buffer) - nr_read)
+                except TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise _PDUTooSlow(nr_read) from None
+                    raise
+                if not received:
+                    break  # connection closed: the caller sees a short PDU, as before
+                nr_read += received
+        finally:
+            if deadline is not None:
+                sock.settimeout(timeout)
         if nr_read < nr_bytes:
             del buffer[nr_read:]
         return buffer

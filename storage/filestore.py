@@ -45,6 +45,10 @@ REMOVING_DIR = ".removing"
 # <folder>/.removing-<record id>-<name>: an image a removal took from its path before its
 # commit (``take_aside``), until the commit (then it goes) or a rollback (then it is back).
 ASIDE_PREFIX = ".removing-"
+# Patient images, SEGs and their folders: the service's user and its group (administrators
+# added to it), never every local user. The umask may narrow these further, not widen them.
+FILE_MODE = 0o640
+FOLDER_MODE = 0o750
 _UID_SAFE = re.compile(r"[^0-9A-Za-z.\-]")
 # Used as they are: at most 64 safe characters, no '_' (a digest name has one).
 _UID_PLAIN = re.compile(r"[0-9A-Za-z\-]([0-9A-Za-z.\-]{0,62}[0-9A-Za-z\-])?")
@@ -62,7 +66,9 @@ def sanitise_uid(uid: str) -> str:
     stripped = uid.strip().rstrip("\x00")
     if not stripped:
         raise ValueError(f"UID {uid!r} is empty")
-    if _UID_PLAIN.fullmatch(stripped):
+    if _UID_PLAIN.fullmatch(stripped) and stripped != RESULTS_DIR:
+        # The store's own folder is not a study's: an image of Study "results", Series "7"
+        # lay in job 7's results folder, removed as an earlier result when the job ran.
         return stripped
     cleaned = _UID_SAFE.sub("_", stripped).strip(".")
     digest = hashlib.sha256(stripped.encode("utf-8", "surrogateescape")).hexdigest()[:16]
@@ -82,7 +88,7 @@ class FileStore:
         self.root = root
         self.min_free_bytes = min_free_disk_mb * 1024 * 1024
         self.fsync = fsync
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=FOLDER_MODE)
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
         return "/".join(
@@ -129,8 +135,8 @@ class FileStore:
                 folders = (folder, folder.parent)
                 if not folder.parent.is_dir():
                     folders = (folder, folder.parent, folder.parent.parent)
-                folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                _make_folders(folder)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
             try:
                 for part in parts:  # written in turn: no joined copy of a large image
                     view = memoryview(part)
@@ -384,6 +390,17 @@ class ReplacedMeanwhile(StorageError):
             "replaced by another copy of this image stored at the same moment: not stored, "
             f"send it again ({path.name})"
         )
+
+
+def _make_folders(folder: Path) -> None:
+    """``folder`` and its missing parents, each ``FOLDER_MODE`` (``Path.mkdir(parents=True)``
+    makes the parents with the default mode)."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for each in reversed(missing):
+        each.mkdir(mode=FOLDER_MODE, exist_ok=True)  # another writer may have made it
 
 
 def _remove_empty_folders(path: Path) -> None:
