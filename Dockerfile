@@ -24,8 +24,9 @@ RUN python scripts/docker_constraints.py constraints.txt /tmp/constraints.txt \
 RUN sed -i 's|^  data_dir: var |  data_dir: /data|' /app/config.yaml \
     && grep -q 'data_dir: /data' /app/config.yaml
 
+# Patient data: the service's user only (the node also runs with umask 027 at least).
 RUN useradd --system --uid 1000 --home /data dicomnode && mkdir -p /data \
-    && chown dicomnode /data
+    && chown dicomnode /data && chmod 0750 /data
 USER 1000
 VOLUME ["/data"]
 EXPOSE 11112 2762

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -363,3 +366,36 @@ def test_images_segs_and_their_folders_are_not_readable_by_every_user(
     modes = {p.relative_to(root).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in written}
     assert {oct(modes[p.relative_to(root).as_posix()]) for p in files} == {"0o640"}, modes
     assert {oct(modes[p.relative_to(root).as_posix()]) for p in folders} == {"0o750"}, modes
+
+
+def test_the_index_log_and_data_folder_are_not_readable_by_every_user(tmp_path: Path) -> None:
+    """The index (patient names and IDs), the log (UIDs, AE titles, some header values) and
+    the data folder were made 0644/0755 under the usual umask 022. Commands now run with
+    umask 027 at least, and the umask the shell had is kept where it is stricter."""
+    data = tmp_path / "data"
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage: {{data_dir: {data}}}\nlogging: {{file: {tmp_path / 'n.log'}}}\n")
+    command = [str(Path(sys.executable).with_name("dicom-node")), "-c", str(config)]
+    for umask, index_mode, folder_mode in ((0o022, 0o640, 0o750), (0o077, 0o600, 0o700)):
+        shutil.rmtree(data, ignore_errors=True)
+        (tmp_path / "n.log").unlink(missing_ok=True)
+        run = subprocess.run(
+            ["sh", "-c", f'umask {umask:03o} && exec "$@"', "sh", *command, "store", "check"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        modes = {
+            name: stat.S_IMODE(path.stat().st_mode)
+            for name, path in (
+                ("index", data / "index.sqlite"),
+                ("log", tmp_path / "n.log"),
+                ("data", data),
+                ("store", data / "store"),
+            )
+        }
+        assert modes == {
+            "index": index_mode,
+            "log": index_mode,
+            "data": folder_mode,
+            "store": folder_mode,
+        }, (oct(umask), {k: oct(v) for k, v in modes.items()})

@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import io
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ app = typer.Typer(
 )
 
 DEFAULT_CONFIG = Path("config.yaml")
+PRIVATE_UMASK = 0o027  # no write for the group, nothing for other users
 MAX_ROW_ID = 2**63 - 1  # an index key (and LIMIT): a larger number fails in the database driver
 
 
@@ -53,6 +55,12 @@ def _main(
 ) -> None:
     if config is None and DEFAULT_CONFIG.exists():
         config = DEFAULT_CONFIG
+    # Patient data: the index, the log, images and SEGs are for the node's user and group,
+    # whatever the login's umask (022 left them readable by every local user). A stricter
+    # umask stays as it is. Put back after the command (tests run commands in-process).
+    previous = os.umask(PRIVATE_UMASK)
+    os.umask(previous | PRIVATE_UMASK)
+    ctx.call_on_close(lambda: os.umask(previous))
     settings = load_settings(config)
     configure_logging(settings.logging)
     ctx.obj = settings
