@@ -184,6 +184,11 @@ class InferenceSettings(_Strict):
     use_mirroring: bool | None = None  # None: the model's descriptor
     perform_everything_on_device: bool = True
     cpu_threads: int = Field(0, ge=0)  # 0: all cores
+    # nnU-Net brings every label's scores back to the series' grid before its argmax: labels
+    # x voxels x 2 bytes (TotalSegmentator `total` on a 512x512x600 CT: 37 GB). Above this,
+    # they come back one label at a time: the same label map in a few volumes of memory,
+    # slower by a little. 0: always so.
+    scores_back_limit_mb: int = Field(2048, ge=0)
 
 
 # What the SEG encoder writes (dicom_node.seg_encode.ALLOWED_COMPRESSIONS, which a test keeps

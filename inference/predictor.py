@@ -121,6 +121,7 @@ class _Options:
     tile_step_size: float
     use_mirroring: bool
     perform_everything_on_device: bool
+    scores_back_limit_bytes: int
 
 
 def model_spacing_zyx(predictor: Any) -> list[float]:
@@ -172,6 +173,7 @@ class Segmenter:
             perform_everything_on_device=bool(
                 pick(perform_everything_on_device, "perform_everything_on_device", True)
             ),
+            scores_back_limit_bytes=int(pick(None, "scores_back_limit_mb", 2048)) * 1024 * 1024,
         )
         started = time.perf_counter()
         self.output_dtype: type[np.unsignedinteger[Any]] = (
@@ -382,12 +384,33 @@ class Segmenter:
             result = predictor.predict_single_npy_array(data, {"spacing": spacing})
         return np.asarray(result)
 
+    def _run_sized(self, predictor: Any, data: np.ndarray, spacing: list[float]) -> np.ndarray:
+        """``_run``, or, where nnU-Net's scores of every label on this grid would take more
+        than ``inference.scores_back_limit_mb``, the same label map made one label at a time
+        (``inference.scores_back``)."""
+        from inference.scores_back import predict_by_label, scores_bytes_back
+
+        needed = scores_bytes_back(predictor, data.shape[1:])
+        if needed <= self.options.scores_back_limit_bytes:
+            return self._run(predictor, data, spacing)
+        logger.info(
+            "model %s: the scores of its %d labels on the grid %s would take %.1f GB "
+            "(inference.scores_back_limit_mb %d): brought back one label at a time",
+            self.model.name,
+            predictor.label_manager.num_segmentation_heads,
+            tuple(data.shape[1:]),
+            needed / 1e9,
+            self.options.scores_back_limit_bytes // (1024 * 1024),
+        )
+        with _nnunet_output_to_log():
+            return predict_by_label(predictor, data, spacing)
+
     def _predict_with_fallback(
         self, predictor: Any, data: np.ndarray, spacing: list[float]
     ) -> np.ndarray:
         """CUDA out of memory: retry with logits on the CPU, then entirely on the CPU."""
         try:
-            return self._run(predictor, data, spacing)
+            return self._run_sized(predictor, data, spacing)
         except torch.cuda.OutOfMemoryError:
             if self.device.type != "cuda":
                 raise
@@ -400,7 +423,7 @@ class Segmenter:
         saved = predictor.perform_everything_on_device
         predictor.perform_everything_on_device = False
         try:
-            return self._run(predictor, data, spacing)
+            return self._run_sized(predictor, data, spacing)
         except torch.cuda.OutOfMemoryError:
             logger.warning(
                 "model %s: still out of CUDA memory; running this volume on the CPU",
@@ -412,7 +435,7 @@ class Segmenter:
         predictor.device = torch.device("cpu")
         predictor.perform_everything_on_device = False
         try:
-            return self._run(predictor, data, spacing)
+            return self._run_sized(predictor, data, spacing)
         finally:
             # The next volume may fit again: go back to the GPU.
             predictor.device = self.device
