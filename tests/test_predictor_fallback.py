@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,8 @@ class GpuPredictorStandIn:
         self.fails_with_cpu_logits = fails_with_cpu_logits
         self.calls: list[tuple[str, bool]] = []
         self.network = self
+        # As nnUNetPredictor's: the Segmenter sizes the scores brought back by it.
+        self.label_manager = SimpleNamespace(num_segmentation_heads=2)
 
     def to(self, device: Any) -> GpuPredictorStandIn:  # network.to(device)
         return self
