@@ -27,17 +27,25 @@ CompletionListener = Callable[[CompletedSeries], None]
 _AHEAD_WARNING_EVERY_S = 600.0
 
 
-def restart_quiet_periods_ahead(index: Index) -> int:
-    """Receiving versions whose last image is stamped ahead of this clock (by more than the
-    skew machines sharing an index are warned of) count as quiet from now; returns how many.
+# Stamps ahead of this clock by less are left alone: another machine on the index whose
+# clock runs a little ahead (warned of at its start) measures its own series' quiet period
+# from them, and a stamp moved back to this machine's "now" completed its series early.
+AHEAD_AT_LEAST_S = 60.0
+
+
+def restart_quiet_periods_ahead(index: Index, quiet_period_s: float = 0.0) -> int:
+    """Receiving versions whose last image is stamped ahead of this clock by more than
+    ``max(AHEAD_AT_LEAST_S, quiet_period_s)`` count as quiet from now; returns how many.
 
     The clock was set back since (NTP): a version would otherwise wait out the step as well
-    as its quiet period, minutes. The image arrived before now, so the quiet period it waits
-    from now is never shorter than the one it is owed."""
+    as its quiet period. A smaller step costs at most that much more waiting. The image
+    arrived before now, so the quiet period it waits from now is never shorter than the one
+    it is owed."""
     now = utcnow()
+    margin = max(AHEAD_AT_LEAST_S, quiet_period_s, CLOCK_SKEW_LIMIT_S)
     ahead = and_(
         SeriesVersion.state == SeriesState.RECEIVING,
-        SeriesVersion.last_received_at > now + dt.timedelta(seconds=CLOCK_SKEW_LIMIT_S),
+        SeriesVersion.last_received_at > now + dt.timedelta(seconds=margin),
     )
     with index.session() as session:
         # Read first: an UPDATE at each check would take SQLite's write lock from receivers.
@@ -77,7 +85,7 @@ class CompletionMonitor:
         )
 
     def check_once(self) -> list[CompletedSeries]:
-        restarted = restart_quiet_periods_ahead(self.index)
+        restarted = restart_quiet_periods_ahead(self.index, self.settings.quiet_period_s)
         if restarted:
             now = time.monotonic()
             quiet = self._ahead_warned_at is not None and (

@@ -83,11 +83,15 @@ def test_a_step_back_holds_a_series_for_its_quiet_period_not_the_step(
     assert _state(index, pk) == SeriesState.COMPLETE
 
 
-def test_a_small_skew_ahead_is_left_alone(index: Index, clock: SteppedClock) -> None:
-    """A receiver whose clock runs a second ahead (several machines, one index): its
-    series wait their quiet period as stamped, not restarted at every check."""
+@pytest.mark.parametrize("ahead_s", [1, 20, 59])
+def test_a_small_skew_ahead_is_left_alone(
+    index: Index, clock: SteppedClock, ahead_s: float
+) -> None:
+    """A receiver whose clock runs seconds ahead (several machines, one index): its series
+    wait their quiet period as stamped. Moved back to this machine's "now", a series 20 s
+    ahead was complete by its own clock 10 s after its last image, while it still received."""
     monitor = CompletionMonitor(index, CompletionSettings(quiet_period_s=QUIET_S))
-    stamped = clock.now + dt.timedelta(seconds=1)
+    stamped = clock.now + dt.timedelta(seconds=ahead_s)
     pk = _receiving(index, stamped)
     assert monitor.check_once() == []
     with index.session() as session:
@@ -95,24 +99,24 @@ def test_a_small_skew_ahead_is_left_alone(index: Index, clock: SteppedClock) -> 
             session.scalar(select(SeriesVersion.last_received_at).where(SeriesVersion.id == pk))
             == stamped
         )
-    clock.advance(QUIET_S + 1)
+    clock.advance(ahead_s + QUIET_S + 1)
     assert [c.series_version_pk for c in monitor.check_once()] == [pk]
 
 
 def test_images_stamped_ahead_are_warned_of_once_not_at_every_check(
     index: Index, clock: SteppedClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Another machine on the index whose clock runs 5 s ahead stamps each image ahead:
-    a WARNING per check (every 0.5 s) for as long as it receives would bury the log."""
+    """Images stamped ahead (another machine on the index whose clock runs minutes ahead,
+    or this clock set back): a WARNING per check (every 0.5 s) would bury the log."""
     monitor = CompletionMonitor(index, CompletionSettings(quiet_period_s=QUIET_S))
-    pk = _receiving(index, clock.now + dt.timedelta(seconds=5))
+    pk = _receiving(index, clock.now + dt.timedelta(seconds=120))
     with caplog.at_level(logging.DEBUG, logger="dicom_node.completion"):
         assert monitor.check_once() == []
         for _ in range(3):
             with index.session() as session, session.begin():
                 version = session.get(SeriesVersion, pk)
                 assert version is not None
-                version.last_received_at = clock.now + dt.timedelta(seconds=5)
+                version.last_received_at = clock.now + dt.timedelta(seconds=120)
             assert monitor.check_once() == []
     ahead = [r for r in caplog.records if "stamped ahead" in r.getMessage()]
     assert [r.levelno for r in ahead] == [logging.WARNING] + [logging.DEBUG] * 3
