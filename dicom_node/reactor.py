@@ -95,6 +95,10 @@ MAX_CONTROL_PDU = 1024 * 1024
 # A PDU's buffer grows by at most this much ahead of the bytes received: its header's
 # length alone must not make the node allocate (a 6-byte header announced 3.75 GiB).
 READ_CHUNK = 4 * 1024 * 1024
+# Bytes a second that move a PDU's deadline on as they arrive: a large PDU (node.max_pdu_bytes
+# 0 puts a whole image in one) arriving steadily over a slow link is not cut off, and a peer
+# trickling bytes is, network_timeout_s after its first.
+MIN_PDU_RATE = 16 * 1024
 # Handlers that watch PDUs or DIMSE messages go by if a C-STORE bypasses pynetdicom's
 # decoding: with any bound, every message takes pynetdicom's own path.
 _OBSERVERS = (
@@ -248,7 +252,11 @@ class _EventDrivenDUL(DULServiceProvider):
         self._idle_timer.restart()
         deadline = self._pdu_deadline()
         try:
-            head = _receive(sock, PDU_HEADER.size, deadline)
+            rate = None if self.state_machine.current_state == "Sta2" else MIN_PDU_RATE
+            # Bytes coming: not idle (the association's thread would abort a long PDU's
+            # arrival for its network timeout).
+            arriving = self._idle_timer.restart
+            head = _receive(sock, PDU_HEADER.size, deadline, rate, arriving)
             if len(head) < PDU_HEADER.size:
                 self.event_queue.put("Evt17")  # transport connection closed
                 return None
@@ -280,7 +288,7 @@ class _EventDrivenDUL(DULServiceProvider):
                 )
                 self.event_queue.put("Evt19")
                 return None
-            body = _receive(sock, length, deadline)
+            body = _receive(sock, length, deadline, rate, arriving)
         except _PDUTooSlow as exc:
             requesting = self.state_machine.current_state == "Sta2"
             logger.error(
@@ -289,7 +297,9 @@ class _EventDrivenDUL(DULServiceProvider):
                 "association request" if requesting else "PDU",
                 (self.artim_timer if requesting else self._idle_timer).timeout,
                 "connecting" if requesting else "its first byte",
-                "min(30 s, node.network_timeout_s)" if requesting else "node.network_timeout_s",
+                "min(30 s, node.network_timeout_s)"
+                if requesting
+                else "node.network_timeout_s, and a second more for each 16 KiB that came",
                 exc.received,
             )
             self.event_queue.put("Evt17")
@@ -522,9 +532,15 @@ class _PDUTooSlow(TimeoutError):
         self.received = received
 
 
-def _receive(sock: AssociationSocket, nr_bytes: int, deadline: float | None) -> bytearray:
+def _receive(
+    sock: AssociationSocket,
+    nr_bytes: int,
+    deadline: float | None,
+    rate: float | None,
+    arriving: Callable[[], None] | None = None,
+) -> bytearray:
     if isinstance(sock, _LargeReadSocket):
-        return sock.recv_by(nr_bytes, deadline)
+        return sock.recv_by(nr_bytes, deadline, rate, arriving)
     return sock.recv(nr_bytes)
 
 
@@ -537,12 +553,19 @@ class _LargeReadSocket(AssociationSocket):
     """
 
     def recv(self, nr_bytes: int) -> bytearray:
-        return self.recv_by(nr_bytes, None)
+        return self.recv_by(nr_bytes, None, None)
 
-    def recv_by(self, nr_bytes: int, deadline: float | None) -> bytearray:
+    def recv_by(
+        self,
+        nr_bytes: int,
+        deadline: float | None,
+        rate: float | None,
+        arriving: Callable[[], None] | None = None,
+    ) -> bytearray:
         """``nr_bytes`` (fewer if the connection closes); ``_PDUTooSlow`` if they have not
         all come by ``deadline`` (``time.monotonic()``; ``None``: the socket's own timeout
-        for each read only)."""
+        for each read only), moved on by a second for each ``rate`` bytes received.
+        ``arriving`` is called as bytes come."""
         sock = self.socket
         if sock is None:
             return super().recv(nr_bytes)
@@ -553,8 +576,11 @@ class _LargeReadSocket(AssociationSocket):
             while nr_read < nr_bytes:
                 if nr_read == len(buffer):  # more than READ_CHUNK: grow as the bytes arrive
                     buffer.extend(bytes(min(nr_bytes - nr_read, READ_CHUNK)))
-                if deadline is not None:
-                    left = deadline - time.monotonic()
+                due = deadline
+                if due is not None and rate:
+                    due += nr_read / rate
+                if due is not None:
+                    left = due - time.monotonic()
                     if left <= 0:
                         raise _PDUTooSlow(nr_read)
                     sock.settimeout(left if timeout is None else min(timeout, left))
@@ -562,12 +588,14 @@ class _LargeReadSocket(AssociationSocket):
                     with memoryview(buffer) as view:
                         received = sock.recv_into(view[nr_read:], len(buffer) - nr_read)
                 except TimeoutError:
-                    if deadline is not None and time.monotonic() >= deadline:
+                    if due is not None and time.monotonic() >= due:
                         raise _PDUTooSlow(nr_read) from None
                     raise
                 if not received:
                     break  # connection closed: the caller sees a short PDU, as before
                 nr_read += received
+                if arriving is not None:
+                    arriving()
         finally:
             if deadline is not None:
                 sock.settimeout(timeout)

@@ -31,6 +31,7 @@ from inprocess import (
     association_request,
     inprocess_node,
     minimal_mr_dataset,
+    mr_image,
     mr_store_association,
     store_command_set,
 )
@@ -343,6 +344,31 @@ def test_an_image_after_a_quiet_spell_gets_the_whole_timeout_to_arrive(
             quiet_from = time.monotonic()
             assert _read_pdu(sock)[0] == A_ABORT  # quiet for good: an idle association ends
             assert 1.5 < time.monotonic() - quiet_from < 10
+    assert "did not send a whole PDU" not in _messages(caplog)
+
+
+def test_a_whole_image_in_one_pdu_arriving_steadily_over_a_slow_link_is_stored(
+    tmp_path: Path, quiet_pynetdicom: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """node.max_pdu_bytes 0 (unlimited): senders put a whole image in one PDU. One arriving
+    steadily but taking longer than node.network_timeout_s (a 1 GB tomosynthesis image over
+    100 Mbit/s: 80 s) was cut off as a trickling peer, and sent again for ever. A PDU's
+    deadline moves on a second for each 16 KiB that comes."""
+    node_settings = {"network_timeout_s": 1.0, "max_pdu_bytes": 0}
+    with inprocess_node(tmp_path / "data", node=node_settings) as node:
+        ds = mr_image(512, seed=3)  # 512 KiB of pixels
+        command = encode(store_command_set(ds), True, True)
+        assert command is not None
+        whole = _p_data(0x02, _explicit(ds))
+        with _associate(node.port) as sock:
+            sock.sendall(_p_data(0x03, command))
+            step = len(whole) // 20 + 1
+            for start in range(0, len(whole), step):  # ~350 KiB/s: 1.5 s in all
+                sock.sendall(whole[start : start + step])
+                time.sleep(0.075)
+            pdu_type, body = _read_pdu(sock)
+            assert pdu_type == P_DATA_TF, (pdu_type, _messages(caplog))
+            assert read_dataset(BytesIO(body[6:]), True, True).Status == 0x0000
     assert "did not send a whole PDU" not in _messages(caplog)
 
 
