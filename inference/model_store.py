@@ -909,6 +909,20 @@ def remove_model(models_dir: Path, name: str) -> Path:
     return final
 
 
+def _make_models_dir(models_dir: Path) -> None:
+    """``models_dir`` and the parents it lacks, each readable by all: the commands run with
+    umask 027 (patient data), and the service may run as another user than the one
+    installing (root, with sudo): it could not reach any model."""
+    missing = []
+    folder = models_dir
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for each in reversed(missing):
+        each.mkdir(exist_ok=True)
+        each.chmod(0o755)
+
+
 def _make_readable(folder: Path) -> None:
     # The service may run as another user than the one installing: it must read the model.
     for path in (folder, *folder.rglob("*")):
@@ -932,7 +946,7 @@ def _installing(models_dir: Path, model_name: str, overwrite: bool) -> Iterator[
     """A staging folder beside the models, renamed to ``<models_dir>/<name>`` only when the
     body succeeds: a failed install leaves nothing behind and an installed model untouched."""
     try:
-        models_dir.mkdir(parents=True, exist_ok=True)
+        _make_models_dir(models_dir)
     except OSError as exc:
         raise _install_failed(exc, model_name, models_dir) from exc
     _clean_interrupted_installs(models_dir)

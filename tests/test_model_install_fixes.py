@@ -66,6 +66,30 @@ def test_installed_model_is_readable_by_the_service_user(tmp_path: Path) -> None
         assert mode & wanted == wanted, f"{path} is {oct(mode)}"
 
 
+def test_a_models_folder_made_by_models_add_is_reachable_by_the_service_user(
+    tmp_path: Path,
+) -> None:
+    """Commands run with umask 027 (patient data): `sudo dicom-node models add` into a new
+    inference.models_dir made it and its parents 0750, owned by root, and the service's
+    user could reach no model, though each model folder was readable by all."""
+    config = tmp_path / "config.yaml"
+    shared = tmp_path / "shared"
+    config.write_text(
+        f"storage: {{data_dir: {tmp_path / 'var'}}}\n"
+        f"inference: {{models_dir: {shared / 'models'}, device: cpu}}\n"
+    )
+    src = make_model(tmp_path / "src")
+    command = [str(Path(sys.executable).with_name("dicom-node")), "-c", str(config)]
+    run = subprocess.run(
+        ["sh", "-c", 'umask 022 && exec "$@"', "sh", *command, "models", "add", str(src)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    for folder in (shared, shared / "models"):
+        mode = stat.S_IMODE(folder.stat().st_mode)
+        assert mode & 0o055 == 0o055, f"{folder} is {oct(mode)}"
+
+
 def test_an_unreadable_model_folder_is_reported_not_fatal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
