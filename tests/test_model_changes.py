@@ -233,3 +233,22 @@ def test_a_stopped_removal_is_finished_by_the_next_install(
     (models / "m").rename(left)
     install_model(sources[0], models, "other")
     assert sorted(p.name for p in models.iterdir()) == ["other"]
+
+
+def test_models_remove_refuses_a_model_another_runs_first_as_its_roi_model(
+    tmp_path: Path, sources: tuple[Path, Path]
+) -> None:
+    """TotalVibeSegmentator runs its ROI model first on each job: removing that one failed
+    every job of the other, and nothing said so."""
+    data = tmp_path / "var"
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage: {{data_dir: {data}}}\n")
+    install_model(sources[0], data / "models", "roi")
+    install_model(
+        make_model(tmp_path / "two", channels=2), data / "models", "vibe2", roi_model="roi"
+    )
+    refused = _models_cli(config, "remove", "roi")
+    assert refused.exit_code == 1
+    assert "model(s) vibe2 run it first as their ROI model" in refused.output
+    assert (data / "models" / "roi").is_dir()
+    assert _models_cli(config, "remove", "roi", "--force").exit_code == 0

@@ -202,13 +202,15 @@ def remove_model_command(
     from sqlalchemy import func, select
 
     from dicom_node.service import open_store
-    from inference.model_store import remove_model
+    from inference.model_store import remove_model, scan_models
     from storage.models import Job, JobState
 
     settings = settings_of(ctx)
     if not (settings.models_dir / name).is_dir():
         remove_model(settings.models_dir, name)  # says why it cannot
     rules = [rule.name for rule in settings.rules if rule.model == name]
+    # TotalVibeSegmentator's way: another model runs this one first, on each of its jobs.
+    takers = [m.name for m in scan_models(settings.models_dir)[0] if m.descriptor.roi_model == name]
     index, _ = open_store(settings)
     with index.session() as session:
         waiting = session.scalar(
@@ -222,6 +224,8 @@ def remove_model_command(
     uses = []
     if rules:
         uses.append(f"rule(s) {', '.join(rules)} route series to it")
+    if takers:
+        uses.append(f"model(s) {', '.join(takers)} run it first as their ROI model")
     if waiting:
         uses.append(f"{waiting} job(s) are queued, running or waiting to retry on it")
     if uses and not force:
