@@ -119,8 +119,9 @@ def _check(match: RuleMatch, facts: SeriesFacts) -> tuple[bool, list[str]]:
     return ok, reasons
 
 
-def glob_as_regex(pattern: str) -> str | None:
+def glob_as_regex(pattern: str, *, literal: bool = False) -> str | None:
     """The regular expression meant, where ``pattern`` reads as a shell wildcard; else None.
+    ``literal``: the one for a ``*`` meant as itself instead (``T2\\*``, T2-star).
 
     ``t1*dixon`` is a valid regex ("t", any number of "1", "dixon") that never finds
     ``t1_vibe_dixon``; ``*vibe*`` is no regex at all. Only a ``*`` after a letter or digit,
@@ -143,7 +144,7 @@ def glob_as_regex(pattern: str) -> str | None:
         elif char == "[":
             class_from = i + 1 + (pattern[i + 1 : i + 2] == "^")
         elif char == "*" and _wildcard_star(pattern, i):
-            out.append(".")
+            out.append("\\" if literal else ".")
             globbed = True
         out.append(char)
         i += 1

@@ -69,6 +69,9 @@ def rule_match_problems(settings: Settings) -> list[RuleProblem]:
                     f"{key} {pattern!r} reads as a shell wildcard, but is a regular expression "
                     f"searched in the text: write {regex!r}"
                 )
+                if pattern[:1] != "*":  # `T2*`: a wildcard, or T2-star?
+                    literal = glob_as_regex(pattern, literal=True)
+                    text += f" (or {literal!r} for the text with its *)"
                 out.append(RuleProblem(where + text, stops_jobs=False))
         for code in rule.match.modality or []:
             unknown = unknown_modality(code)

@@ -172,19 +172,25 @@ def _match_problems(tmp_path: Path, rules: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("pattern", "meant"),
-    [("t1*dixon", "t1.*dixon"), ("T1*", "T1.*"), ("(?i)T1*dixon", "(?i)T1.*dixon")],
+    ("pattern", "meant", "literal"),
+    [
+        ("t1*dixon", "t1.*dixon", "t1\\*dixon"),
+        ("T2*", "T2.*", "T2\\*"),  # or T2-star, the sequence: both are offered
+        ("(?i)T1*dixon", "(?i)T1.*dixon", "(?i)T1\\*dixon"),
+    ],
 )
 def test_a_shell_wildcard_is_reported_with_the_regex_to_write(
-    tmp_path: Path, pattern: str, meant: str
+    tmp_path: Path, pattern: str, meant: str, literal: str
 ) -> None:
     """`t1*dixon` is a valid regex ("t", any number of "1", "dixon"): it loaded, and never
-    fired for `t1_vibe_dixon_tra`, unexplained (`T1*` fired for any "T")."""
+    fired for `t1_vibe_dixon_tra`, unexplained (`T1*` fired for any "T"). `T2*` may mean
+    T2-star: the warning offered only `T2.*`, which also fires for T2 series."""
     rules = f"  - {{name: a, model: demo, match: {{protocol_name: '{pattern}'}}}}\n"
     (said,) = _match_problems(tmp_path, rules)
     assert said == (
         f"rule 'a': protocol_name {pattern!r} reads as a shell wildcard, but is a regular "
-        f"expression searched in the text: write {meant!r}"
+        f"expression searched in the text: write {meant!r} (or {literal!r} for the text "
+        "with its *)"
     )
 
 
