@@ -26,6 +26,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
+import test_upper_layer
 from inprocess import (
     InProcessNode,
     association_request,
@@ -40,7 +41,6 @@ from pydicom import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
-from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dsutils import encode
 from pynetdicom.presentation import build_context
 
@@ -51,16 +51,9 @@ EXPLICIT = "1.2.840.10008.1.2.1"
 A_ASSOCIATE_AC, P_DATA_TF, A_ABORT = 0x02, 0x04, 0x07
 
 
-@pytest.fixture
-def quiet_pynetdicom(monkeypatch: pytest.MonkeyPatch) -> None:
-    # As the node runs at its INFO log level: pynetdicom's per-message log handlers unbound.
-    monkeypatch.setattr(pynetdicom_config, "LOG_HANDLER_LEVEL", "none")
-
-
-@pytest.fixture
-def node(tmp_path: Path, quiet_pynetdicom: None) -> Iterator[InProcessNode]:
-    with inprocess_node(tmp_path / "data", node={"max_pdu_bytes": 16384}) as running:
-        yield running
+# test_upper_layer's: pynetdicom's log handlers unbound, as at INFO; a node of 16 KiB PDUs.
+quiet_pynetdicom = test_upper_layer.quiet_pynetdicom
+node = test_upper_layer.node
 
 
 @pytest.fixture
@@ -81,20 +74,10 @@ def _request() -> bytes:
 
 def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
     """The next PDU's type and body; type 0 when the connection closed."""
-    data = b""
-    while len(data) < 6:
-        chunk = sock.recv(6 - len(data))
-        if not chunk:
-            return 0, b""
-        data += chunk
-    pdu_type, _, length = struct.unpack(">BBI", data)
-    body = b""
-    while len(body) < length:
-        chunk = sock.recv(length - len(body))
-        if not chunk:
-            return 0, b""
-        body += chunk
-    return pdu_type, body
+    try:
+        return test_upper_layer._read_pdu(sock)
+    except EOFError:
+        return 0, b""
 
 
 def _answer(sock: socket.socket) -> int:

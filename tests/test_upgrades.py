@@ -11,17 +11,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import test_multi_node_postgres
 import test_postgres
 from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.script import ScriptDirectory
 from peers import make_mr_series, storescp_to, wait_until
 from sqlalchemy import Engine, text
 from test_cli import DICOM_NODE
 
 from dicom_node.config import Settings
 from dicom_node.outbox import Outbox, release_interrupted
-from storage.database import MIGRATIONS_DIR, Index, create_index_engine
+from storage.database import Index, create_index_engine
 from storage.filestore import FileStore
 from storage.instances import complete_due_series
 from storage.models import utcnow
@@ -34,14 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 TABLES = ("patients", "studies", "series", "series_versions", "instances", "jobs", "deliveries")
 
 
-def _alembic() -> AlembicConfig:
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    return cfg
-
-
-def _head() -> str | None:
-    return ScriptDirectory.from_config(_alembic()).get_current_head()
+_alembic = test_multi_node_postgres._alembic
+_head = test_multi_node_postgres._head
 
 
 def _migrate_to(url: str, revision: str) -> None:
