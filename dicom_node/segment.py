@@ -138,13 +138,22 @@ InputModels = Callable[[str], tuple[ModelInfo, Segmenter]]
 
 
 def _segment_in(
-    volume: Volume, segmenter: Segmenter, axes: str, second: np.ndarray | None = None
+    volume: Volume,
+    segmenter: Segmenter,
+    axes: str,
+    second: np.ndarray | None = None,
+    *,
+    release_pixels: bool = False,
 ) -> np.ndarray:
     """``segmenter``'s label map of ``volume`` (with ``second``, a label map on the volume's
     grid, as its second channel), on the volume's grid: the volume is turned to the patient
-    directions ``axes`` its array axes x, y, z were trained on, and the result back."""
+    directions ``axes`` its array axes x, y, z were trained on, and the result back.
+    ``release_pixels``: the volume's own array is dropped once a turned copy is made (the
+    caller needs only its geometry after): one float32 volume less at the peak."""
     turn = closest_canonical_reorientation(volume.affine, volume.array.shape[:3], axes)
     data = turn.apply(volume.array)
+    if release_pixels and data is not volume.array:
+        volume.array = np.empty((0, 0, 0), dtype=volume.array.dtype)
     if second is not None:
         data = np.stack([data, turn.apply(second).astype(np.float32)])
     affine = volume.affine @ turn.transform()
@@ -178,9 +187,12 @@ def segment_volume(
     weights_sha256: str | None = None,
     instance_number: int = 1,
     input_models: InputModels | None = None,
+    release_pixels: bool = False,
 ) -> SegmentResult:
     """``input_models``: gives a model by name, for a model whose second input is another
-    model's segmentation of the image (``roi_model`` in its model.yaml)."""
+    model's segmentation of the image (``roi_model`` in its model.yaml). ``release_pixels``:
+    the volume's pixels may be dropped while it is segmented (the caller does not read them
+    after)."""
     if volume.modality and volume.modality != info.descriptor.modality:
         logger.warning(
             "series %s is %s but model %s was trained on %s",
@@ -197,7 +209,11 @@ def segment_volume(
     )
     # Turned to the patient directions the model was trained on (model.yaml orientation).
     label_map = _segment_in(
-        volume, segmenter, str(getattr(info.descriptor, "orientation", "LPS")), roi
+        volume,
+        segmenter,
+        str(getattr(info.descriptor, "orientation", "LPS")),
+        roi,
+        release_pixels=release_pixels,
     )
     timings["inference_s"] = time.monotonic() - started
 
@@ -264,6 +280,8 @@ def segment_series(
     started = time.monotonic()
     volume = volume_from_series(list(paths), stack or StackChoice(), versions)
     load_s = time.monotonic() - started
-    result = segment_volume(volume, info, segmenter, **options)  # type: ignore[arg-type]
+    # Its own volume: its pixels go once turned to the model's axes (a copy), one float32
+    # volume less at the peak for a non-axial series or a RAS model (TotalSegmentator's).
+    result = segment_volume(volume, info, segmenter, release_pixels=True, **options)  # type: ignore[arg-type]
     result.timings["load_s"] = load_s
     return result
