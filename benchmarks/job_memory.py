@@ -183,6 +183,9 @@ def _job(folder: Path, out: Path) -> None:
         turn = closest_canonical_reorientation(volume.affine, volume.array.shape, orientation)
         data = turn.apply(volume.array)
         affine = volume.affine @ turn.transform()
+        volume_bytes = volume.array.nbytes
+        if data is not volume.array:  # as segment_series: the series' own array goes
+            volume.array = np.empty((0, 0, 0), dtype=volume.array.dtype)
     z, y, x = (float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)[::-1])
     with stage("predict"):
         predicted = segmenter.predict(data, (z, y, x))
@@ -209,8 +212,8 @@ def _job(folder: Path, out: Path) -> None:
     peaks.close()
 
     mib = 1 << 20
-    volume_mib = volume.array.nbytes / mib
-    print(f"volume {volume.array.shape} (z, y, x); one float32 copy = {volume_mib:.0f} MiB")
+    volume_mib = volume_bytes / mib
+    print(f"volume {label_map.shape} (z, y, x); one float32 copy = {volume_mib:.0f} MiB")
     print(f"rss after model load: {baseline / mib:.0f} MiB")
     # "rise": the stage's peak above its start, in float32 volumes (its own temporaries).
     print(
