@@ -14,7 +14,7 @@ from sqlalchemy import and_, select, update
 
 from dicom_node.config import CompletionSettings
 from dicom_node.periodic import Periodic
-from storage.database import CLOCK_SKEW_LIMIT_S, Index, retried_on_conflict
+from storage.database import Index, retried_on_conflict
 from storage.instances import CompletedSeries, complete_due_series
 from storage.models import SeriesState, SeriesVersion, utcnow
 
@@ -25,7 +25,6 @@ CompletionListener = Callable[[CompletedSeries], None]
 # A machine sharing the index whose clock runs ahead stamps every image ahead: the line
 # would come every check while it receives.
 _AHEAD_WARNING_EVERY_S = 600.0
-
 
 # Stamps ahead of this clock by less are left alone: another machine on the index whose
 # clock runs a little ahead (warned of at its start) measures its own series' quiet period
@@ -42,7 +41,7 @@ def restart_quiet_periods_ahead(index: Index, quiet_period_s: float = 0.0) -> in
     arrived before now, so the quiet period it waits from now is never shorter than the one
     it is owed."""
     now = utcnow()
-    margin = max(AHEAD_AT_LEAST_S, quiet_period_s, CLOCK_SKEW_LIMIT_S)
+    margin = max(AHEAD_AT_LEAST_S, quiet_period_s)
     ahead = and_(
         SeriesVersion.state == SeriesState.RECEIVING,
         SeriesVersion.last_received_at > now + dt.timedelta(seconds=margin),

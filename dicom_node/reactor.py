@@ -250,9 +250,10 @@ class _EventDrivenDUL(DULServiceProvider):
         # Its first byte is here: not idle. The association's thread checks the network
         # timeout from the last PDU at any moment, also while this one arrives.
         self._idle_timer.restart()
-        deadline = self._pdu_deadline()
+        requesting = self.state_machine.current_state == "Sta2"  # an association request
+        deadline = self._pdu_deadline(requesting)
         try:
-            rate = None if self.state_machine.current_state == "Sta2" else MIN_PDU_RATE
+            rate = None if requesting else MIN_PDU_RATE
             # Bytes coming: not idle (the association's thread would abort a long PDU's
             # arrival for its network timeout).
             arriving = self._idle_timer.restart
@@ -290,7 +291,6 @@ class _EventDrivenDUL(DULServiceProvider):
                 return None
             body = _receive(sock, length, deadline, rate, arriving)
         except _PDUTooSlow as exc:
-            requesting = self.state_machine.current_state == "Sta2"
             logger.error(
                 "the peer did not send a whole %s within %g s of %s (%s; %d bytes of it "
                 "came): aborting association",
@@ -299,7 +299,8 @@ class _EventDrivenDUL(DULServiceProvider):
                 "connecting" if requesting else "its first byte",
                 "min(30 s, node.network_timeout_s)"
                 if requesting
-                else "node.network_timeout_s, and a second more for each 16 KiB that came",
+                else f"node.network_timeout_s, and a second more for each "
+                f"{MIN_PDU_RATE // 1024} KiB that came",
                 exc.received,
             )
             self.event_queue.put("Evt17")
@@ -324,7 +325,7 @@ class _EventDrivenDUL(DULServiceProvider):
             return None
         return head, body
 
-    def _pdu_deadline(self) -> float | None:
+    def _pdu_deadline(self, requesting: bool) -> float | None:
         """When the PDU about to be read must have arrived whole (``time.monotonic()``): an
         association request within the ARTIM timer (the ACSE timeout from the connection),
         any other PDU within the network timeout from its first byte (an association kept
@@ -336,9 +337,8 @@ class _EventDrivenDUL(DULServiceProvider):
         ``node.max_associations`` such peers shut every sender out, before any AE title was
         checked. ``None``: no timeout set.
         """
-        if self.state_machine.current_state == "Sta2":
-            timeout = self.artim_timer.timeout
-            if timeout is None:
+        if requesting:
+            if self.artim_timer.timeout is None:
                 return None
             return time.monotonic() + max(0.0, self.artim_timer.remaining)
         timeout = self._idle_timer.timeout

@@ -54,6 +54,16 @@ def _head() -> str | None:
     return ScriptDirectory.from_config(_alembic()).get_current_head()
 
 
+def _migrate_to(url: str, revision: str) -> None:
+    """The index as an older release left it."""
+    engine = create_index_engine(url)
+    with engine.begin() as connection:
+        cfg = _alembic()
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, revision)
+    engine.dispose()
+
+
 def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
     deadline = utcnow() + dt.timedelta(seconds=timeout_s)
     while not condition():
@@ -93,12 +103,7 @@ def test_nodes_starting_at_once_migrate_the_index_one_after_the_other(
     ran migration 0002 beside the first and could not move alembic_version from 0001
     (alembic's CommandError, not even a StorageError): that node did not start."""
     if index_at != "nothing":
-        setup = create_index_engine(fresh_db)
-        with setup.begin() as connection:
-            cfg = _alembic()
-            cfg.attributes["connection"] = connection
-            command.upgrade(cfg, index_at)
-        setup.dispose()
+        _migrate_to(fresh_db, index_at)
     processes = multiprocessing.get_context("spawn")
     inside, go, outcome = processes.Event(), processes.Event(), processes.Queue()
     first = processes.Process(target=_start_node, args=(fresh_db, inside, go, outcome))

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import test_multi_node_postgres
 import test_postgres
-from alembic import command
 from peers import make_mr_series, storescp_to, wait_until
 from sqlalchemy import Engine, text
 from test_cli import DICOM_NODE
@@ -33,18 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 TABLES = ("patients", "studies", "series", "series_versions", "instances", "jobs", "deliveries")
 
 
-_alembic = test_multi_node_postgres._alembic
 _head = test_multi_node_postgres._head
-
-
-def _migrate_to(url: str, revision: str) -> None:
-    """The index as an older release left it."""
-    engine = create_index_engine(url)
-    with engine.begin() as connection:
-        cfg = _alembic()
-        cfg.attributes["connection"] = connection
-        command.upgrade(cfg, revision)
-    engine.dispose()
+_migrate_to = test_multi_node_postgres._migrate_to
 
 
 def _version(url: str) -> str | None:
